@@ -1,0 +1,162 @@
+//! The command line, defined with clap. Man pages and shell completions are generated
+//! from [`Cli`], so this file is the single source of the CLI's documentation.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+/// Point-in-time copies of single files, directory trees or a whole volume, by
+/// copy-on-write at track granularity, served over FUSE.
+#[derive(Debug, Parser)]
+#[command(name = "pairfs", version, about, long_about = None, propagate_version = true)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub cmd: Cmd,
+}
+
+/// Where a volume's files are.
+#[derive(Debug, Args, Clone)]
+pub struct VolumeArgs {
+    /// The volume image (a file or block device).
+    pub volume: PathBuf,
+    /// Metadata database [default: VOLUME.meta].
+    #[arg(long, value_name = "PATH")]
+    pub meta: Option<PathBuf>,
+    /// Copy image [default: VOLUME.copy].
+    #[arg(long, value_name = "PATH")]
+    pub copy: Option<PathBuf>,
+}
+
+/// Subcommands. Exit codes: 0 success, 1 failure (fsck: problems found), 2 usage error.
+#[derive(Debug, Subcommand)]
+pub enum Cmd {
+    /// Make a new volume: sparse image, copy image and metadata database.
+    Mkfs {
+        /// Volume files.
+        #[command(flatten)]
+        vol: VolumeArgs,
+        /// Volume size, e.g. 10G.
+        #[arg(long, value_parser = parse_size_arg)]
+        size: u64,
+        /// Track size: the unit of copying, a power of two from 4K to 1M.
+        #[arg(long, default_value = "64K", value_parser = parse_size_arg)]
+        track_size: u64,
+        /// Overwrite existing files.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Mount a volume (foreground unless --daemon; SIGINT/SIGTERM unmount cleanly).
+    Mount {
+        /// Volume files.
+        #[command(flatten)]
+        vol: VolumeArgs,
+        /// Where to mount it.
+        mountpoint: PathBuf,
+        /// Also serve the frozen copies, read-only, at this directory.
+        #[arg(long, value_name = "DIR")]
+        copy_mount: Option<PathBuf>,
+        /// FUSE worker threads.
+        #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
+        threads: u16,
+        /// Detach once the mount is ready.
+        #[arg(long)]
+        daemon: bool,
+        /// Mount options (comma separated): ro, allow_other, default_permissions,
+        /// copy_mount=DIR, threads=N, commit_ms=N; others are passed to FUSE.
+        #[arg(short = 'o', value_name = "OPTIONS")]
+        options: Vec<String>,
+        /// Milliseconds between background metadata commits.
+        #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=60000))]
+        commit_ms: u64,
+    },
+    /// Serve only the frozen copies, read-only, while the main mount is down.
+    MountCopy {
+        /// Volume files.
+        #[command(flatten)]
+        vol: VolumeArgs,
+        /// Where to mount the copies.
+        mountpoint: PathBuf,
+        /// Detach once the mount is ready.
+        #[arg(long)]
+        daemon: bool,
+    },
+    /// Unmount a pairfs mount and wait for its daemon to finish its last commit.
+    Umount {
+        /// The mountpoint.
+        mountpoint: PathBuf,
+    },
+    /// Pair a file or directory with its copy (forming).
+    Pair(PathArgs),
+    /// Freeze the copy of a file or directory now (creates the pair if needed).
+    Split(WaitArgs),
+    /// Refresh the frozen copy to now, copying only changed tracks.
+    Update(WaitArgs),
+    /// Leave the frozen state and converge back to formed.
+    Resync(WaitArgs),
+    /// Delete the pair and its frozen copy.
+    Release(PathArgs),
+    /// Show pairs: states, progress, rate and ETA, pinned space.
+    Status {
+        /// A file or directory on a pairfs mount, or a mountpoint (all its pairs).
+        /// Without it: every pairfs mount.
+        path: Option<PathBuf>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        /// Refresh every second until interrupted.
+        #[arg(long)]
+        watch: bool,
+    },
+    /// Check a volume that is not mounted.
+    Fsck {
+        /// Volume files.
+        #[command(flatten)]
+        vol: VolumeArgs,
+        /// Apply the safe fixes.
+        #[arg(long)]
+        repair: bool,
+    },
+    /// Generate man pages or shell completions.
+    Gen {
+        /// What to generate.
+        #[command(subcommand)]
+        what: Gen,
+    },
+}
+
+/// A path argument.
+#[derive(Debug, Args)]
+pub struct PathArgs {
+    /// A regular file or directory on a pairfs mount.
+    pub path: PathBuf,
+}
+
+/// A path and --wait.
+#[derive(Debug, Args)]
+pub struct WaitArgs {
+    /// A regular file or directory on a pairfs mount.
+    pub path: PathBuf,
+    /// Block until the background copy is complete, showing progress on a terminal.
+    #[arg(long)]
+    pub wait: bool,
+}
+
+/// Generators.
+#[derive(Debug, Subcommand)]
+pub enum Gen {
+    /// Write man pages into DIR.
+    Man {
+        /// Output directory.
+        dir: PathBuf,
+    },
+    /// Print a completion script.
+    Completions {
+        /// bash, zsh or fish.
+        shell: clap_complete::Shell,
+    },
+}
+
+fn parse_size_arg(s: &str) -> Result<u64, String> {
+    crate::size::parse_size(s).map_err(|e| e.to_string())
+}

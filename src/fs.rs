@@ -1,0 +1,1380 @@
+//! The filesystem core: POSIX operations on in-memory inodes, data on a [`Volume`],
+//! metadata committed to SQLite in batches. No FUSE types here: every operation takes
+//! plain arguments and returns [`Result`]; `fuse_main` converts and replies.
+//!
+//! Concurrency (lock order, outermost first):
+//! `barrier` (split instants) → inode `data_lock` → `st` (namespace, inodes, allocator)
+//! → pair `gate` → pair state → `meta`. Data I/O runs with only the first two held, so
+//! reads and writes of different files (and of the same file) run in parallel.
+//!
+//! Write ordering (see `docs/design.md`):
+//! 1. new tracks are allocated and zeroed (discarded) before data is written into them;
+//! 2. copy-on-write copies are durable on the copy image, with their bits durably
+//!    cleared, before the host data is written over them ([`crate::engine`]);
+//! 3. a metadata commit syncs the volume and copy image first, then writes the batch;
+//! 4. freed tracks are reused only after the commit that frees them is durable.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use crate::alloc::Allocator;
+use crate::engine::Engine;
+use crate::error::{Error, Result};
+use crate::extent::{Extent, Segment};
+use crate::inode::Inode;
+use crate::meta::{Batch, Geometry, InodeRow, Loaded, Meta, PairDelta};
+use crate::volume::{Checked, Volume};
+
+/// Root inode number.
+pub const ROOT: u64 = 1;
+/// Longest name.
+pub const NAME_MAX: usize = 255;
+/// Largest file size (8 EiB would overflow track math; 2^62 is plenty).
+pub const MAX_FILE_SIZE: u64 = 1 << 62;
+/// Most names one inode may have.
+pub const LINK_MAX: u32 = 65000;
+/// Largest xattr value.
+pub const XATTR_SIZE_MAX: usize = 65536;
+
+/// Now, in ns since the epoch.
+pub fn now_ns() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as i64)
+}
+
+/// Who is asking.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Ctx {
+    /// User id.
+    pub uid: u32,
+    /// Group id.
+    pub gid: u32,
+}
+
+/// Attributes returned to the adapter.
+#[derive(Debug, Clone)]
+pub struct Attr {
+    /// The inode row.
+    pub row: InodeRow,
+    /// Allocated bytes.
+    pub allocated: u64,
+}
+
+/// Attribute changes of `setattr`.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SetAttr {
+    /// New mode (permission bits).
+    pub mode: Option<u32>,
+    /// New owner.
+    pub uid: Option<u32>,
+    /// New group.
+    pub gid: Option<u32>,
+    /// New size.
+    pub size: Option<u64>,
+    /// New atime (ns); `Some(None)` means now.
+    pub atime: Option<Option<i64>>,
+    /// New mtime (ns); `Some(None)` means now.
+    pub mtime: Option<Option<i64>>,
+    /// New ctime.
+    pub ctime: Option<i64>,
+}
+
+/// Free space report.
+#[derive(Debug, Clone, Copy)]
+pub struct StatFs {
+    /// Tracks on the volume.
+    pub tracks: u64,
+    /// Free tracks.
+    pub free: u64,
+    /// Track size.
+    pub track_size: u64,
+    /// Inodes in use.
+    pub inodes: u64,
+}
+
+/// How a directory entry changed, for the batch.
+#[derive(Debug, Default)]
+pub(crate) struct Dirty {
+    pub inodes: HashSet<u64>,
+    pub deleted: HashSet<u64>,
+    pub dirents: HashMap<(u64, Vec<u8>), Option<u64>>,
+}
+
+/// Everything behind the state lock.
+pub struct State {
+    /// Inodes by number.
+    pub inodes: HashMap<u64, Inode>,
+    /// Track allocator.
+    pub alloc: Allocator,
+    pub(crate) next_ino: u64,
+    pub(crate) dirty: Dirty,
+    pub(crate) handles: HashMap<u64, u64>,
+    pub(crate) next_fh: u64,
+}
+
+impl State {
+    /// An inode or ENOENT.
+    pub fn get(&self, ino: u64) -> Result<&Inode> {
+        self.inodes
+            .get(&ino)
+            .ok_or_else(|| Error::NotFound(format!("inode {ino}")))
+    }
+    /// A mutable inode or ENOENT.
+    pub fn get_mut(&mut self, ino: u64) -> Result<&mut Inode> {
+        self.inodes
+            .get_mut(&ino)
+            .ok_or_else(|| Error::NotFound(format!("inode {ino}")))
+    }
+    /// Marks an inode for the next commit.
+    pub fn touch(&mut self, ino: u64) {
+        self.dirty.inodes.insert(ino);
+    }
+    fn set_dirent(&mut self, parent: u64, name: &[u8], ino: Option<u64>) {
+        self.dirty.dirents.insert((parent, name.to_vec()), ino);
+    }
+    fn dir_lookup(&self, parent: u64, name: &[u8]) -> Result<u64> {
+        let p = self.get(parent)?;
+        let d = p.dir.as_ref().ok_or(Error::NotDir)?;
+        d.get(name)
+            .ok_or_else(|| Error::NotFound(String::from_utf8_lossy(name).into_owned()))
+    }
+
+    /// Path of an inode relative to the root (`a/b`), following first links.
+    pub fn path_of(&self, mut ino: u64) -> String {
+        let mut parts = Vec::new();
+        let mut guard = 0;
+        while ino != ROOT && guard < 4096 {
+            let Some(i) = self.inodes.get(&ino) else { break };
+            let Some((p, n)) = i.links.first() else { break };
+            parts.push(String::from_utf8_lossy(n).into_owned());
+            ino = *p;
+            guard += 1;
+        }
+        parts.reverse();
+        parts.join("/")
+    }
+
+    /// Every inode beneath (and including) `top`, depth first, with paths.
+    pub fn subtree(&self, top: u64) -> Vec<u64> {
+        let mut out = vec![top];
+        let mut i = 0;
+        while i < out.len() {
+            if let Some(d) = self.inodes.get(&out[i]).and_then(|n| n.dir.as_ref()) {
+                for (_, child) in d.iter() {
+                    out.push(child);
+                }
+            }
+            i += 1;
+        }
+        let mut seen = HashSet::new();
+        out.retain(|x| seen.insert(*x));
+        out
+    }
+}
+
+/// Options of an open filesystem.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Seconds between background metadata commits.
+    pub commit_interval: Duration,
+    /// Open read-only.
+    pub readonly: bool,
+    /// Path of the metadata database (for the whole-volume snapshot).
+    pub meta_path: Option<std::path::PathBuf>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            commit_interval: Duration::from_millis(1000),
+            readonly: false,
+            meta_path: None,
+        }
+    }
+}
+
+/// The filesystem core.
+pub struct Fs {
+    /// Geometry.
+    pub geo: Geometry,
+    /// Track size.
+    pub ts: u64,
+    /// The volume image.
+    pub vol: Checked,
+    /// The copy image.
+    pub copy: Checked,
+    /// State.
+    pub st: Mutex<State>,
+    /// Split instants take this exclusively; every data-changing operation shares it.
+    pub barrier: RwLock<()>,
+    /// The metadata store.
+    pub meta: Mutex<Meta>,
+    commit_lock: Mutex<()>,
+    /// Pairs.
+    pub engine: Engine,
+    /// Options.
+    pub opts: Options,
+    /// Set when a metadata commit failed: later changes are refused.
+    meta_failed: AtomicBool,
+    stop: Mutex<bool>,
+    stop_cv: Condvar,
+    /// Commits done (statistics).
+    pub commits: AtomicU64,
+}
+
+fn inode_from_row(row: InodeRow) -> Inode {
+    Inode::new(row)
+}
+
+impl Fs {
+    /// Builds the core from loaded metadata and open images.
+    pub fn new(
+        meta: Meta,
+        loaded: Loaded,
+        vol: Box<dyn Volume>,
+        copy: Box<dyn Volume>,
+        opts: Options,
+    ) -> Result<Fs> {
+        let geo = meta.geometry().clone();
+        let ts = geo.track_size;
+        let mut alloc = Allocator::new(geo.tracks());
+        let mut inodes: HashMap<u64, Inode> = HashMap::new();
+        for row in loaded.inodes {
+            if row.ino == 0 {
+                return Err(Error::Corrupt("inode number 0".into()));
+            }
+            inodes.insert(row.ino, inode_from_row(row));
+        }
+        if !inodes.get(&ROOT).is_some_and(|r| r.is_dir()) {
+            return Err(Error::Corrupt("the root directory is missing".into()));
+        }
+        for (ino, e) in loaded.extents {
+            let i = inodes
+                .get_mut(&ino)
+                .ok_or_else(|| Error::Corrupt(format!("extent of missing inode {ino}")))?;
+            if !i.is_file()
+                || e.len == 0
+                || i.extents.segments(e.file, e.len).iter().any(|s| s.vol.is_some())
+            {
+                return Err(Error::Corrupt(format!("bad extent {e:?} of inode {ino}")));
+            }
+            alloc.mark_used(e.vol, e.len)?;
+            i.extents.insert(e.file, e.vol, e.len);
+        }
+        for (ino, n, v) in loaded.xattrs {
+            if let Some(i) = inodes.get_mut(&ino) {
+                i.xattrs.insert(n, v);
+            }
+        }
+        let mut dirents = loaded.dirents;
+        dirents.sort();
+        for (parent, name, ino) in dirents {
+            if !inodes.contains_key(&ino) {
+                return Err(Error::Corrupt(format!(
+                    "entry {:?} in directory {parent} points to missing inode {ino}",
+                    String::from_utf8_lossy(&name)
+                )));
+            }
+            let p = inodes
+                .get_mut(&parent)
+                .and_then(|p| p.dir.as_mut())
+                .ok_or_else(|| Error::Corrupt(format!("entry in non-directory {parent}")))?;
+            p.insert(name.clone(), ino);
+            inodes.get_mut(&ino).expect("checked").links.push((parent, name));
+        }
+        let mut st = State {
+            inodes,
+            alloc,
+            next_ino: loaded.next_ino.max(2),
+            dirty: Dirty::default(),
+            handles: HashMap::new(),
+            next_fh: 1,
+        };
+        // Orphans: inodes with no name left (unlinked while open, then a crash).
+        let orphans: Vec<u64> = st
+            .inodes
+            .iter()
+            .filter(|(ino, i)| **ino != ROOT && i.links.is_empty())
+            .map(|(&ino, _)| ino)
+            .collect();
+        for ino in orphans {
+            log::info!("removing orphan inode {ino}");
+            let i = st.inodes.remove(&ino).expect("listed");
+            for e in i.extents.iter() {
+                st.alloc.free(e.vol, e.len);
+            }
+            st.dirty.deleted.insert(ino);
+        }
+        let fs = Fs {
+            geo,
+            ts,
+            vol: Checked::new(vol, "volume"),
+            copy: Checked::new(copy, "copy image"),
+            st: Mutex::new(st),
+            barrier: RwLock::new(()),
+            meta: Mutex::new(meta),
+            commit_lock: Mutex::new(()),
+            engine: Engine::default(),
+            opts,
+            meta_failed: AtomicBool::new(false),
+            stop: Mutex::new(false),
+            stop_cv: Condvar::new(),
+            commits: AtomicU64::new(0),
+        };
+        fs.engine
+            .load(&fs, loaded.pairs, loaded.clean, loaded.next_pair)?;
+        Ok(fs)
+    }
+
+    /// Locks the state.
+    pub fn state(&self) -> MutexGuard<'_, State> {
+        self.st.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn check_writable(&self) -> Result<()> {
+        if self.opts.readonly {
+            return Err(Error::ReadOnly);
+        }
+        if self.meta_failed.load(Ordering::Acquire) {
+            return Err(Error::Poisoned("metadata database"));
+        }
+        Ok(())
+    }
+
+    fn attr_of(&self, i: &Inode) -> Attr {
+        Attr {
+            row: i.row.clone(),
+            allocated: i.extents.tracks() * self.ts,
+        }
+    }
+
+    /// Attributes of an inode.
+    pub fn getattr(&self, ino: u64) -> Result<Attr> {
+        let st = self.state();
+        Ok(self.attr_of(st.get(ino)?))
+    }
+
+    /// Looks a name up in a directory.
+    pub fn lookup(&self, parent: u64, name: &[u8]) -> Result<Attr> {
+        if name.len() > NAME_MAX {
+            return Err(Error::NameTooLong);
+        }
+        let st = self.state();
+        let ino = st.dir_lookup(parent, name)?;
+        Ok(self.attr_of(st.get(ino)?))
+    }
+
+    fn check_name(name: &[u8]) -> Result<()> {
+        if name.len() > NAME_MAX {
+            return Err(Error::NameTooLong);
+        }
+        if name.is_empty() || name == b"." || name == b".." || name.contains(&b'/') {
+            return Err(Error::invalid("bad name"));
+        }
+        Ok(())
+    }
+
+    /// Creates an inode of type `kind` (S_IFREG, S_IFDIR, ...) named `name`.
+    pub fn create_node(
+        &self,
+        ctx: Ctx,
+        parent: u64,
+        name: &[u8],
+        kind: u32,
+        perm: u32,
+        rdev: u32,
+        target: Option<Vec<u8>>,
+    ) -> Result<Attr> {
+        self.check_writable()?;
+        Self::check_name(name)?;
+        let now = now_ns();
+        let mut st = self.state();
+        let p = st.get(parent)?;
+        let pdir = p.dir.as_ref().ok_or(Error::NotDir)?;
+        if pdir.get(name).is_some() {
+            return Err(Error::Exists(String::from_utf8_lossy(name).into_owned()));
+        }
+        if p.row.nlink == 0 {
+            return Err(Error::NotFound("directory was removed".into()));
+        }
+        if kind == libc::S_IFDIR && p.row.nlink >= LINK_MAX {
+            return Err(Error::TooManyLinks);
+        }
+        let mut perm = perm & 0o7777;
+        // BSD/SysV group semantics: a set-gid directory passes its group on.
+        let gid = if p.row.perm & libc::S_ISGID != 0 {
+            if kind == libc::S_IFDIR {
+                perm |= libc::S_ISGID;
+            }
+            p.row.gid
+        } else {
+            ctx.gid
+        };
+        let pair = p.pair.filter(|&pid| self.engine.inherits(pid));
+        let ino = st.next_ino;
+        st.next_ino += 1;
+        let row = InodeRow {
+            ino,
+            kind,
+            perm,
+            uid: ctx.uid,
+            gid,
+            nlink: if kind == libc::S_IFDIR { 2 } else { 1 },
+            size: target.as_ref().map_or(0, |t| t.len() as u64),
+            atime: now,
+            mtime: now,
+            ctime: now,
+            rdev,
+            target,
+        };
+        let mut inode = Inode::new(row);
+        inode.links.push((parent, name.to_vec()));
+        inode.pair = pair;
+        let attr = self.attr_of(&inode);
+        st.inodes.insert(ino, inode);
+        let p = st.get_mut(parent)?;
+        p.dir.as_mut().expect("dir").insert(name.to_vec(), ino);
+        if kind == libc::S_IFDIR {
+            p.row.nlink += 1;
+        }
+        p.row.mtime = now;
+        p.row.ctime = now;
+        st.touch(parent);
+        st.touch(ino);
+        st.set_dirent(parent, name, Some(ino));
+        Ok(attr)
+    }
+
+    /// Reads a symlink.
+    pub fn readlink(&self, ino: u64) -> Result<Vec<u8>> {
+        let st = self.state();
+        st.get(ino)?
+            .row
+            .target
+            .clone()
+            .ok_or_else(|| Error::invalid("not a symlink"))
+    }
+
+    /// Adds a hard link.
+    pub fn link(&self, ino: u64, newparent: u64, newname: &[u8]) -> Result<Attr> {
+        self.check_writable()?;
+        Self::check_name(newname)?;
+        let now = now_ns();
+        let mut st = self.state();
+        let i = st.get(ino)?;
+        if i.is_dir() {
+            return Err(Error::NotPermitted);
+        }
+        if i.row.nlink >= LINK_MAX {
+            return Err(Error::TooManyLinks);
+        }
+        let p = st.get(newparent)?;
+        let d = p.dir.as_ref().ok_or(Error::NotDir)?;
+        if d.get(newname).is_some() {
+            return Err(Error::Exists(String::from_utf8_lossy(newname).into_owned()));
+        }
+        if p.row.nlink == 0 {
+            return Err(Error::NotFound("directory was removed".into()));
+        }
+        let p = st.get_mut(newparent)?;
+        p.dir.as_mut().expect("dir").insert(newname.to_vec(), ino);
+        p.row.mtime = now;
+        p.row.ctime = now;
+        let i = st.get_mut(ino)?;
+        i.row.nlink += 1;
+        i.row.ctime = now;
+        i.links.push((newparent, newname.to_vec()));
+        let attr = self.attr_of(i);
+        st.touch(ino);
+        st.touch(newparent);
+        st.set_dirent(newparent, newname, Some(ino));
+        Ok(attr)
+    }
+
+    /// Removes a name; frees the inode when its last name and handle are gone.
+    pub fn unlink(&self, parent: u64, name: &[u8], dir: bool) -> Result<()> {
+        self.check_writable()?;
+        let _b = self.barrier.read().unwrap_or_else(|p| p.into_inner());
+        let now = now_ns();
+        let mut st = self.state();
+        let ino = st.dir_lookup(parent, name)?;
+        let i = st.get(ino)?;
+        if dir {
+            let d = i.dir.as_ref().ok_or(Error::NotDir)?;
+            if !d.is_empty() {
+                return Err(Error::NotEmpty);
+            }
+            if ino == ROOT {
+                return Err(Error::Busy("root".into()));
+            }
+        } else if i.is_dir() {
+            return Err(Error::IsDir);
+        }
+        self.remove_entry(&mut st, parent, name, ino, now);
+        Ok(())
+    }
+
+    fn remove_entry(&self, st: &mut State, parent: u64, name: &[u8], ino: u64, now: i64) {
+        let is_dir = st.inodes[&ino].is_dir();
+        let p = st.inodes.get_mut(&parent).expect("parent exists");
+        p.dir.as_mut().expect("dir").remove(name);
+        p.row.mtime = now;
+        p.row.ctime = now;
+        if is_dir {
+            p.row.nlink -= 1;
+        }
+        st.touch(parent);
+        st.set_dirent(parent, name, None);
+        let i = st.inodes.get_mut(&ino).expect("inode exists");
+        if let Some(pos) = i.links.iter().position(|l| l.0 == parent && l.1 == name) {
+            i.links.remove(pos);
+        }
+        i.row.ctime = now;
+        i.row.nlink = if is_dir { 0 } else { i.row.nlink.saturating_sub(1) };
+        st.touch(ino);
+        self.maybe_free(st, ino);
+    }
+
+    /// Frees an inode with no names and no open handles.
+    fn maybe_free(&self, st: &mut State, ino: u64) {
+        let Some(i) = st.inodes.get(&ino) else { return };
+        if i.row.nlink > 0 || i.open > 0 || !i.links.is_empty() {
+            return;
+        }
+        let i = st.inodes.remove(&ino).expect("exists");
+        let freed: Vec<u64> = i.extents.vol_tracks().collect();
+        for e in i.extents.iter() {
+            st.alloc.free(e.vol, e.len);
+        }
+        if let Some(pid) = i.pair {
+            self.engine.freed(pid, &freed);
+        }
+        st.dirty.inodes.remove(&ino);
+        st.dirty.deleted.insert(ino);
+    }
+
+    /// Renames, with `RENAME_NOREPLACE` and `RENAME_EXCHANGE` support.
+    pub fn rename(
+        &self,
+        parent: u64,
+        name: &[u8],
+        newparent: u64,
+        newname: &[u8],
+        flags: u32,
+    ) -> Result<()> {
+        self.check_writable()?;
+        Self::check_name(newname)?;
+        let _b = self.barrier.read().unwrap_or_else(|p| p.into_inner());
+        let noreplace = flags & libc::RENAME_NOREPLACE != 0;
+        let exchange = flags & libc::RENAME_EXCHANGE != 0;
+        if flags & !(libc::RENAME_NOREPLACE | libc::RENAME_EXCHANGE) != 0 || (noreplace && exchange)
+        {
+            return Err(Error::invalid("unsupported rename flags"));
+        }
+        let now = now_ns();
+        let mut st = self.state();
+        let src = st.dir_lookup(parent, name)?;
+        st.get(newparent)?.dir.as_ref().ok_or(Error::NotDir)?;
+        let dst = st.get(newparent)?.dir.as_ref().expect("dir").get(newname);
+        let src_dir = st.get(src)?.is_dir();
+        // A directory may not move beneath itself.
+        if src_dir {
+            let mut a = newparent;
+            let mut guard = 0;
+            while a != ROOT && guard < 100_000 {
+                if a == src {
+                    return Err(Error::invalid("cannot move a directory beneath itself"));
+                }
+                a = st.get(a)?.parent().unwrap_or(ROOT);
+                guard += 1;
+            }
+        }
+        if exchange {
+            let dst = dst.ok_or_else(|| Error::NotFound("exchange target".into()))?;
+            let dst_dir = st.get(dst)?.is_dir();
+            if dst_dir {
+                let mut a = parent;
+                while a != ROOT {
+                    if a == dst {
+                        return Err(Error::invalid("cannot move a directory beneath itself"));
+                    }
+                    a = st.get(a)?.parent().unwrap_or(ROOT);
+                }
+            }
+            st.get_mut(parent)?.dir.as_mut().expect("dir").insert(name.to_vec(), dst);
+            st.get_mut(newparent)?
+                .dir
+                .as_mut()
+                .expect("dir")
+                .insert(newname.to_vec(), src);
+            for (ino, from, fname, to, tname) in [
+                (src, parent, name, newparent, newname),
+                (dst, newparent, newname, parent, name),
+            ] {
+                let i = st.get_mut(ino)?;
+                if let Some(l) = i.links.iter_mut().find(|l| l.0 == from && l.1 == fname) {
+                    *l = (to, tname.to_vec());
+                }
+                i.row.ctime = now;
+                st.touch(ino);
+            }
+            if src_dir != dst_dir && parent != newparent {
+                let (a, b) = if src_dir { (parent, newparent) } else { (newparent, parent) };
+                st.get_mut(a)?.row.nlink -= 1;
+                st.get_mut(b)?.row.nlink += 1;
+            }
+            for p in [parent, newparent] {
+                let pi = st.get_mut(p)?;
+                pi.row.mtime = now;
+                pi.row.ctime = now;
+                st.touch(p);
+            }
+            st.set_dirent(parent, name, Some(dst));
+            st.set_dirent(newparent, newname, Some(src));
+            return Ok(());
+        }
+        if let Some(dst) = dst {
+            if dst == src {
+                return Ok(());
+            }
+            if noreplace {
+                return Err(Error::Exists(String::from_utf8_lossy(newname).into_owned()));
+            }
+            let d = st.get(dst)?;
+            match (src_dir, d.is_dir()) {
+                (true, false) => return Err(Error::NotDir),
+                (false, true) => return Err(Error::IsDir),
+                (true, true) if !d.dir.as_ref().expect("dir").is_empty() => {
+                    return Err(Error::NotEmpty);
+                }
+                _ => {}
+            }
+            self.remove_entry(&mut st, newparent, newname, dst, now);
+        }
+        // Move.
+        let p = st.get_mut(parent)?;
+        p.dir.as_mut().expect("dir").remove(name);
+        p.row.mtime = now;
+        p.row.ctime = now;
+        if src_dir {
+            p.row.nlink -= 1;
+        }
+        let np = st.get_mut(newparent)?;
+        np.dir.as_mut().expect("dir").insert(newname.to_vec(), src);
+        np.row.mtime = now;
+        np.row.ctime = now;
+        if src_dir {
+            np.row.nlink += 1;
+        }
+        let np_pair = np.pair;
+        let i = st.get_mut(src)?;
+        if let Some(l) = i.links.iter_mut().find(|l| l.0 == parent && l.1 == name) {
+            *l = (newparent, newname.to_vec());
+        }
+        i.row.ctime = now;
+        // Moving into a directory pair joins it (unless the file has a pair of its own).
+        let join = i.pair.is_none() && np_pair.is_some_and(|p| self.engine.inherits(p));
+        if join {
+            let pid = np_pair.expect("checked");
+            let sub = st.subtree(src);
+            for ino in sub {
+                let n = st.get_mut(ino)?;
+                if n.pair.is_none() {
+                    n.pair = Some(pid);
+                    let tracks: Vec<u64> = n.extents.vol_tracks().collect();
+                    self.engine.written(pid, &tracks);
+                }
+            }
+        }
+        st.touch(src);
+        st.touch(parent);
+        st.touch(newparent);
+        st.set_dirent(parent, name, None);
+        st.set_dirent(newparent, newname, Some(src));
+        Ok(())
+    }
+
+    /// Changes attributes; a size change truncates or extends.
+    pub fn setattr(&self, ctx: Ctx, ino: u64, a: SetAttr) -> Result<Attr> {
+        let changes = a.mode.is_some()
+            || a.uid.is_some()
+            || a.gid.is_some()
+            || a.size.is_some()
+            || a.atime.is_some()
+            || a.mtime.is_some()
+            || a.ctime.is_some();
+        if changes {
+            self.check_writable()?;
+        }
+        if let Some(size) = a.size {
+            self.truncate(ino, size)?;
+        }
+        let now = now_ns();
+        let mut st = self.state();
+        let i = st.get_mut(ino)?;
+        if let Some(m) = a.mode {
+            i.row.perm = m & 0o7777;
+            i.row.ctime = now;
+        }
+        let owner_change = a.uid.is_some_and(|u| u != i.row.uid) || a.gid.is_some_and(|g| g != i.row.gid);
+        if let Some(u) = a.uid {
+            i.row.uid = u;
+            i.row.ctime = now;
+        }
+        if let Some(g) = a.gid {
+            i.row.gid = g;
+            i.row.ctime = now;
+        }
+        if owner_change && !i.is_dir() && (ctx.uid != 0 || i.row.perm & 0o111 != 0) {
+            // chown clears set-user-id, and set-group-id when group-executable.
+            i.row.perm &= !libc::S_ISUID;
+            if i.row.perm & libc::S_IXGRP != 0 {
+                i.row.perm &= !libc::S_ISGID;
+            }
+        }
+        if let Some(t) = a.atime {
+            i.row.atime = t.unwrap_or(now);
+            i.row.ctime = now;
+        }
+        if let Some(t) = a.mtime {
+            i.row.mtime = t.unwrap_or(now);
+            i.row.ctime = now;
+        }
+        if let Some(t) = a.ctime {
+            i.row.ctime = t;
+        }
+        let attr = self.attr_of(i);
+        st.touch(ino);
+        Ok(attr)
+    }
+
+    fn data_lock(&self, ino: u64) -> Result<Arc<RwLock<()>>> {
+        Ok(self.state().get(ino)?.data_lock.clone())
+    }
+
+    /// Sets the size of a regular file.
+    pub fn truncate(&self, ino: u64, size: u64) -> Result<()> {
+        self.check_writable()?;
+        if size > MAX_FILE_SIZE {
+            return Err(Error::TooBig);
+        }
+        let _b = self.barrier.read().unwrap_or_else(|p| p.into_inner());
+        let dl = self.data_lock(ino)?;
+        let _d = dl.write().unwrap_or_else(|p| p.into_inner());
+        let ts = self.ts;
+        let now = now_ns();
+        let (zero, pid) = {
+            let mut st = self.state();
+            let i = st.get(ino)?;
+            if i.is_dir() {
+                return Err(Error::IsDir);
+            }
+            if !i.is_file() {
+                return Err(Error::invalid("truncate of a special file"));
+            }
+            let old = i.row.size;
+            let pid = i.pair;
+            let mut zero = None;
+            if size < old {
+                let keep = size.div_ceil(ts);
+                let freed = self.unmap(&mut st, ino, keep, u64::MAX - keep)?;
+                if let Some(pid) = pid {
+                    self.engine.freed(pid, &freed);
+                }
+                if size % ts != 0
+                    && let Some(v) = st.get(ino)?.extents.lookup(size / ts)
+                {
+                    let end = ((size / ts) + 1) * ts;
+                    zero = Some((v, size % ts, end.min(old.div_ceil(ts) * ts) - size));
+                }
+            }
+            let i = st.get_mut(ino)?;
+            if size != old {
+                i.row.size = size;
+                i.row.mtime = now;
+                i.row.ctime = now;
+            }
+            st.touch(ino);
+            (zero, pid)
+        };
+        if let Some((v, off_in_track, len)) = zero {
+            self.write_tracks_zero(pid, v, off_in_track, len)?;
+        }
+        Ok(())
+    }
+
+    /// Zeroes part of one mapped track (copy-on-write first if a pair needs it).
+    fn write_tracks_zero(&self, pid: Option<u64>, v: u64, off: u64, len: u64) -> Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        if let Some(pid) = pid {
+            self.engine.cow(self, pid, &[v])?;
+        }
+        let zeros = vec![0u8; len as usize];
+        self.vol.write_at(v * self.ts + off, &zeros)?;
+        if let Some(pid) = pid {
+            self.engine.written(pid, &[v]);
+        }
+        Ok(())
+    }
+
+    /// Unmaps file tracks `[f, f+n)`, freeing them. Returns the volume tracks freed.
+    fn unmap(&self, st: &mut State, ino: u64, f: u64, n: u64) -> Result<Vec<u64>> {
+        let runs = st.get_mut(ino)?.extents.remove(f, n);
+        let mut freed = Vec::new();
+        for (v, l) in runs {
+            st.alloc.free(v, l);
+            freed.extend(v..v + l);
+        }
+        Ok(freed)
+    }
+
+    /// Maps every hole of file tracks `[f0, f0+n)`. New tracks are zeroed, except
+    /// those in `covered` (file tracks the caller overwrites completely). Returns the
+    /// volume tracks allocated.
+    fn map_range(
+        &self,
+        st: &mut State,
+        ino: u64,
+        f0: u64,
+        n: u64,
+        covered: std::ops::Range<u64>,
+    ) -> Result<Vec<u64>> {
+        let holes: Vec<Segment> = st
+            .get(ino)?
+            .extents
+            .segments(f0, n)
+            .into_iter()
+            .filter(|s| s.vol.is_none())
+            .collect();
+        let need: u64 = holes.iter().map(|s| s.len).sum();
+        if need == 0 {
+            return Ok(Vec::new());
+        }
+        if st.alloc.free_tracks() < need {
+            return Err(Error::NoSpace("volume"));
+        }
+        let mut new = Vec::new();
+        for h in holes {
+            let goal = st.get(ino)?.extents.goal_for(h.file);
+            let runs = st.alloc.allocate(goal, h.len)?;
+            let mut f = h.file;
+            for (v, l) in runs {
+                st.get_mut(ino)?.extents.insert(f, v, l);
+                for k in 0..l {
+                    if !covered.contains(&(f + k)) {
+                        self.vol.discard((v + k) * self.ts, self.ts)?;
+                    }
+                    new.push(v + k);
+                }
+                f += l;
+            }
+        }
+        Ok(new)
+    }
+
+    /// Reads up to `size` bytes at `off`.
+    pub fn read(&self, ino: u64, off: u64, size: u32) -> Result<Vec<u8>> {
+        let dl = self.data_lock(ino)?;
+        let _d = dl.read().unwrap_or_else(|p| p.into_inner());
+        let ts = self.ts;
+        let (segs, len) = {
+            let st = self.state();
+            let i = st.get(ino)?;
+            if i.is_dir() {
+                return Err(Error::IsDir);
+            }
+            if off >= i.row.size {
+                return Ok(Vec::new());
+            }
+            let len = (size as u64).min(i.row.size - off);
+            let f0 = off / ts;
+            let f1 = (off + len - 1) / ts;
+            (i.extents.segments(f0, f1 - f0 + 1), len)
+        };
+        let mut buf = vec![0u8; len as usize];
+        for s in segs {
+            let Some(v) = s.vol else { continue };
+            let seg_start = s.file * ts;
+            let seg_end = (s.file + s.len) * ts;
+            let a = seg_start.max(off);
+            let b = seg_end.min(off + len);
+            if a >= b {
+                continue;
+            }
+            let voff = v * ts + (a - seg_start);
+            self.vol
+                .read_at(voff, &mut buf[(a - off) as usize..(b - off) as usize])?;
+        }
+        Ok(buf)
+    }
+
+    /// Writes `data` at `off`.
+    pub fn write(&self, ino: u64, off: u64, data: &[u8]) -> Result<usize> {
+        self.check_writable()?;
+        if data.is_empty() {
+            return Ok(0);
+        }
+        let end = off
+            .checked_add(data.len() as u64)
+            .filter(|&e| e <= MAX_FILE_SIZE)
+            .ok_or(Error::TooBig)?;
+        let _b = self.barrier.read().unwrap_or_else(|p| p.into_inner());
+        let dl = self.data_lock(ino)?;
+        let _d = dl.read().unwrap_or_else(|p| p.into_inner());
+        let ts = self.ts;
+        let f0 = off / ts;
+        let f1 = (end - 1) / ts;
+        let now = now_ns();
+        let (segs, pid, touched) = {
+            let mut st = self.state();
+            let i = st.get(ino)?;
+            if !i.is_file() {
+                return Err(if i.is_dir() { Error::IsDir } else { Error::invalid("not a regular file") });
+            }
+            // File tracks this write covers completely need no zeroing.
+            let c0 = off.div_ceil(ts);
+            let c1 = end / ts;
+            let new = self.map_range(&mut st, ino, f0, f1 - f0 + 1, c0..c1)?;
+            let i = st.get_mut(ino)?;
+            if end > i.row.size {
+                i.row.size = end;
+            }
+            i.row.mtime = now;
+            i.row.ctime = now;
+            let segs = i.extents.segments(f0, f1 - f0 + 1);
+            let pid = i.pair;
+            st.touch(ino);
+            let touched: Vec<u64> = segs
+                .iter()
+                .flat_map(|s| {
+                    let v = s.vol.expect("mapped");
+                    v..v + s.len
+                })
+                .collect();
+            let _ = new;
+            (segs, pid, touched)
+        };
+        if let Some(pid) = pid {
+            self.engine.cow(self, pid, &touched)?;
+        }
+        for s in &segs {
+            let v = s.vol.expect("mapped");
+            let seg_start = s.file * ts;
+            let a = seg_start.max(off);
+            let b = ((s.file + s.len) * ts).min(end);
+            self.vol.write_at(
+                v * ts + (a - seg_start),
+                &data[(a - off) as usize..(b - off) as usize],
+            )?;
+        }
+        if let Some(pid) = pid {
+            self.engine.written(pid, &touched);
+        }
+        self.engine.host_io();
+        Ok(data.len())
+    }
+
+    /// `fallocate(2)`: plain, `KEEP_SIZE`, `PUNCH_HOLE`, `ZERO_RANGE`.
+    pub fn fallocate(&self, ino: u64, off: u64, len: u64, mode: i32) -> Result<()> {
+        self.check_writable()?;
+        let keep = mode & libc::FALLOC_FL_KEEP_SIZE != 0;
+        let punch = mode & libc::FALLOC_FL_PUNCH_HOLE != 0;
+        let zero = mode & libc::FALLOC_FL_ZERO_RANGE != 0;
+        if mode & !(libc::FALLOC_FL_KEEP_SIZE | libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_ZERO_RANGE) != 0 {
+            return Err(Error::NotSupported("fallocate mode"));
+        }
+        if punch && !keep {
+            return Err(Error::NotSupported("punch hole needs KEEP_SIZE"));
+        }
+        if len == 0 {
+            return Err(Error::invalid("fallocate length 0"));
+        }
+        let end = off
+            .checked_add(len)
+            .filter(|&e| e <= MAX_FILE_SIZE)
+            .ok_or(Error::TooBig)?;
+        if punch || zero {
+            self.punch(ino, off, end)?;
+        }
+        if punch {
+            return Ok(());
+        }
+        let _b = self.barrier.read().unwrap_or_else(|p| p.into_inner());
+        let dl = self.data_lock(ino)?;
+        let _d = dl.write().unwrap_or_else(|p| p.into_inner());
+        let ts = self.ts;
+        let now = now_ns();
+        let mut st = self.state();
+        if !st.get(ino)?.is_file() {
+            return Err(Error::NotSupported("fallocate on a non-regular file"));
+        }
+        let f0 = off / ts;
+        let f1 = (end - 1) / ts;
+        let new = self.map_range(&mut st, ino, f0, f1 - f0 + 1, 0..0)?;
+        let i = st.get_mut(ino)?;
+        if !keep && end > i.row.size {
+            i.row.size = end;
+        }
+        i.row.ctime = now;
+        if !keep {
+            i.row.mtime = now;
+        }
+        let pid = i.pair;
+        st.touch(ino);
+        drop(st);
+        if let Some(pid) = pid {
+            self.engine.written(pid, &new);
+        }
+        Ok(())
+    }
+
+    /// Makes `[off, end)` a hole: whole tracks are unmapped, partial ones zeroed.
+    fn punch(&self, ino: u64, off: u64, end: u64) -> Result<()> {
+        let _b = self.barrier.read().unwrap_or_else(|p| p.into_inner());
+        let dl = self.data_lock(ino)?;
+        let _d = dl.write().unwrap_or_else(|p| p.into_inner());
+        let ts = self.ts;
+        let mut zeros = Vec::new();
+        let pid = {
+            let mut st = self.state();
+            let i = st.get(ino)?;
+            if !i.is_file() {
+                return Err(Error::NotSupported("punch on a non-regular file"));
+            }
+            let end = end.min(i.row.size.max(off));
+            if end <= off {
+                return Ok(());
+            }
+            let pid = i.pair;
+            let c0 = off.div_ceil(ts);
+            let c1 = end / ts;
+            if c1 > c0 {
+                let freed = self.unmap(&mut st, ino, c0, c1 - c0)?;
+                if let Some(pid) = pid {
+                    self.engine.freed(pid, &freed);
+                }
+            }
+            let i = st.get(ino)?;
+            // Partial head and tail tracks.
+            let mut parts = vec![(off, (c0 * ts).min(end))];
+            if c1 >= c0 {
+                parts.push(((c1 * ts).max(off), end));
+            }
+            for (a, b) in parts {
+                if a < b
+                    && let Some(v) = i.extents.lookup(a / ts)
+                {
+                    zeros.push((v, a % ts, b - a));
+                }
+            }
+            zeros.dedup();
+            let now = now_ns();
+            let i = st.get_mut(ino)?;
+            i.row.mtime = now;
+            i.row.ctime = now;
+            st.touch(ino);
+            pid
+        };
+        for (v, o, l) in zeros {
+            self.write_tracks_zero(pid, v, o, l)?;
+        }
+        Ok(())
+    }
+
+    /// `SEEK_DATA` / `SEEK_HOLE`.
+    pub fn lseek(&self, ino: u64, off: u64, whence: i32) -> Result<u64> {
+        let st = self.state();
+        let i = st.get(ino)?;
+        let size = i.row.size;
+        if off >= size {
+            return Err(Error::NoSuchOffset);
+        }
+        let ts = self.ts;
+        match whence {
+            libc::SEEK_DATA => {
+                let f = i.extents.next_data(off / ts).ok_or(Error::NoSuchOffset)?;
+                let pos = (f * ts).max(off);
+                if pos >= size {
+                    Err(Error::NoSuchOffset)
+                } else {
+                    Ok(pos)
+                }
+            }
+            libc::SEEK_HOLE => {
+                let f = i.extents.next_hole(off / ts);
+                Ok((f * ts).max(off).min(size))
+            }
+            _ => Err(Error::invalid("whence")),
+        }
+    }
+
+    /// Opens a file: returns a handle.
+    pub fn open(&self, ino: u64, write: bool) -> Result<u64> {
+        if write {
+            self.check_writable()?;
+        }
+        let mut st = self.state();
+        let i = st.get_mut(ino)?;
+        i.open += 1;
+        let fh = st.next_fh;
+        st.next_fh += 1;
+        st.handles.insert(fh, ino);
+        Ok(fh)
+    }
+
+    /// Closes a handle; frees an unlinked inode on its last close.
+    pub fn release(&self, fh: u64) -> Result<()> {
+        let mut st = self.state();
+        let ino = st.handles.remove(&fh).ok_or(Error::BadHandle)?;
+        if let Ok(i) = st.get_mut(ino) {
+            i.open = i.open.saturating_sub(1);
+        }
+        self.maybe_free(&mut st, ino);
+        Ok(())
+    }
+
+    /// Directory entries after `cookie`: (cookie, ino, kind, name).
+    pub fn readdir(&self, ino: u64, cookie: u64) -> Result<Vec<(u64, Attr, Vec<u8>)>> {
+        let st = self.state();
+        let i = st.get(ino)?;
+        let d = i.dir.as_ref().ok_or(Error::NotDir)?;
+        let mut out = Vec::new();
+        if cookie < 1 {
+            out.push((1, self.attr_of(i), b".".to_vec()));
+        }
+        if cookie < 2 {
+            let p = i.parent().unwrap_or(ROOT);
+            out.push((2, self.attr_of(st.get(p).unwrap_or(i)), b"..".to_vec()));
+        }
+        for (c, name, child) in d.after(cookie.max(2)).take(1024) {
+            out.push((c, self.attr_of(st.get(child)?), name.to_vec()));
+        }
+        Ok(out)
+    }
+
+    /// Free space and inode counts.
+    pub fn statfs(&self) -> StatFs {
+        let st = self.state();
+        StatFs {
+            tracks: st.alloc.total(),
+            free: st.alloc.free_tracks(),
+            track_size: self.ts,
+            inodes: st.inodes.len() as u64,
+        }
+    }
+
+    /// Sets an ordinary xattr.
+    pub fn setxattr(&self, ino: u64, name: &[u8], value: &[u8], flags: i32) -> Result<()> {
+        self.check_writable()?;
+        if name.is_empty() || name.len() > 255 {
+            return Err(if name.is_empty() { Error::invalid("empty xattr name") } else { Error::Range });
+        }
+        if value.len() > XATTR_SIZE_MAX {
+            return Err(Error::TooBig);
+        }
+        if !name.starts_with(b"user.") && !name.starts_with(b"trusted.") {
+            return Err(Error::NotSupported("only user.* and trusted.* xattrs"));
+        }
+        let mut st = self.state();
+        let i = st.get_mut(ino)?;
+        if name.starts_with(b"user.") && !(i.is_file() || i.is_dir()) {
+            return Err(Error::NotPermitted);
+        }
+        let exists = i.xattrs.contains_key(name);
+        if flags & libc::XATTR_CREATE != 0 && exists {
+            return Err(Error::Exists("xattr".into()));
+        }
+        if flags & libc::XATTR_REPLACE != 0 && !exists {
+            return Err(Error::NoData);
+        }
+        i.xattrs.insert(name.to_vec(), value.to_vec());
+        i.row.ctime = now_ns();
+        st.touch(ino);
+        Ok(())
+    }
+
+    /// Gets an ordinary xattr.
+    pub fn getxattr(&self, ino: u64, name: &[u8]) -> Result<Vec<u8>> {
+        let st = self.state();
+        st.get(ino)?.xattrs.get(name).cloned().ok_or(Error::NoData)
+    }
+
+    /// Lists xattr names (NUL-terminated, concatenated).
+    pub fn listxattr(&self, ino: u64) -> Result<Vec<u8>> {
+        let st = self.state();
+        let mut out = Vec::new();
+        for n in st.get(ino)?.xattrs.keys() {
+            out.extend_from_slice(n);
+            out.push(0);
+        }
+        Ok(out)
+    }
+
+    /// Removes an xattr.
+    pub fn removexattr(&self, ino: u64, name: &[u8]) -> Result<()> {
+        self.check_writable()?;
+        let mut st = self.state();
+        let i = st.get_mut(ino)?;
+        i.xattrs.remove(name).ok_or(Error::NoData)?;
+        i.row.ctime = now_ns();
+        st.touch(ino);
+        Ok(())
+    }
+
+    /// Copies a range between files by reading and writing (the kernel falls back to
+    /// this when it is refused, but doing it here saves round trips).
+    pub fn copy_file_range(&self, ino_in: u64, off_in: u64, ino_out: u64, off_out: u64, len: u64) -> Result<u64> {
+        let mut done = 0u64;
+        while done < len {
+            let n = (len - done).min(1 << 20) as u32;
+            let buf = self.read(ino_in, off_in + done, n)?;
+            if buf.is_empty() {
+                break;
+            }
+            self.write(ino_out, off_out + done, &buf)?;
+            done += buf.len() as u64;
+        }
+        Ok(done)
+    }
+
+    /// Builds the batch of everything dirty. Takes the held-track list with it.
+    fn take_batch(&self) -> (Batch, Vec<(u64, u64)>) {
+        let mut st = self.state();
+        let dirty = std::mem::take(&mut st.dirty);
+        let mut b = Batch {
+            next_ino: st.next_ino,
+            ..Batch::default()
+        };
+        for ino in dirty.inodes {
+            if let Some(i) = st.inodes.get(&ino) {
+                let exts: Vec<Extent> = i.extents.iter().collect();
+                let xs = i.xattrs.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+                b.inodes.push((i.row.clone(), exts, xs));
+            }
+        }
+        b.deleted = dirty.deleted.into_iter().collect();
+        for ((p, n), v) in dirty.dirents {
+            match v {
+                Some(ino) => b.put_dirents.push((p, n, ino)),
+                None => b.del_dirents.push((p, n)),
+            }
+        }
+        let held = st.alloc.take_held();
+        (b, held)
+    }
+
+    /// Commits everything: syncs both images, then writes the metadata batch (plus
+    /// `extra` pair changes) in one transaction. After it returns, all data written
+    /// before the call and all metadata are durable.
+    pub fn commit(&self, extra: Vec<PairDelta>) -> Result<()> {
+        if self.opts.readonly {
+            return Ok(());
+        }
+        let _c = self.commit_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let (mut batch, held) = self.take_batch();
+        self.vol.sync()?;
+        self.copy.sync()?;
+        let mut meta = self.meta.lock().unwrap_or_else(|p| p.into_inner());
+        // Pair chunks are taken under the metadata lock so that two commits can never
+        // write a pair's chunks out of order.
+        batch.pairs = self.engine.take_dirty_pairs();
+        batch.pairs.extend(extra);
+        let r = meta.commit(&batch);
+        drop(meta);
+        if let Err(e) = r {
+            log::error!("metadata commit failed: {e}; refusing further changes until remount");
+            self.meta_failed.store(true, Ordering::Release);
+            return Err(e);
+        }
+        self.commits.fetch_add(1, Ordering::Relaxed);
+        self.state().alloc.release_held(&held);
+        Ok(())
+    }
+
+    /// True if a commit has something to write.
+    pub fn has_dirty(&self) -> bool {
+        let st = self.state();
+        !st.dirty.inodes.is_empty() || !st.dirty.deleted.is_empty() || !st.dirty.dirents.is_empty()
+    }
+
+    /// Background commit loop (one thread). Returns when [`Fs::shutdown`] is called.
+    pub fn run_flusher(&self) {
+        let mut stop = self.stop.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            let (g, _) = self
+                .stop_cv
+                .wait_timeout(stop, self.opts.commit_interval)
+                .unwrap_or_else(|p| p.into_inner());
+            stop = g;
+            if *stop {
+                return;
+            }
+            drop(stop);
+            if (self.has_dirty() || self.engine.any_dirty())
+                && let Err(e) = self.commit(Vec::new())
+            {
+                log::error!("background commit: {e}");
+            }
+            stop = self.stop.lock().unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    /// Asks the flusher and copier to stop.
+    pub fn request_stop(&self) {
+        *self.stop.lock().unwrap_or_else(|p| p.into_inner()) = true;
+        self.stop_cv.notify_all();
+        self.engine.stop();
+    }
+
+    /// True once [`Fs::request_stop`] was called.
+    pub fn stopping(&self) -> bool {
+        *self.stop.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Final commit and clean flag.
+    pub fn shutdown(&self) -> Result<()> {
+        self.request_stop();
+        if self.opts.readonly {
+            return Ok(());
+        }
+        self.commit(Vec::new())?;
+        self.meta
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .set_clean(true)?;
+        Ok(())
+    }
+
+    /// Tracks of live files in a set of inodes.
+    pub fn tracks_of(st: &State, inos: &[u64]) -> crate::trackset::TrackSet {
+        let mut s = crate::trackset::TrackSet::new();
+        for ino in inos {
+            if let Some(i) = st.inodes.get(ino) {
+                for t in i.extents.vol_tracks() {
+                    s.insert(t);
+                }
+            }
+        }
+        s
+    }
+
+    /// Where the metadata snapshot of a whole-volume split goes.
+    pub fn snapshot_path(&self, _id: u64) -> Option<std::path::PathBuf> {
+        self.opts.meta_path.as_ref().map(|m| {
+            let mut s = m.clone().into_os_string();
+            s.push(".snapshot");
+            s.into()
+        })
+    }
+
+    /// Number of inodes (statistics).
+    pub fn inode_count(&self) -> usize {
+        self.state().inodes.len()
+    }
+}
+

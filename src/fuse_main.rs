@@ -1,0 +1,566 @@
+//! FUSE adapter of the main mount: converts kernel requests to [`Fs`] calls and the
+//! results to replies. No filesystem logic lives here, apart from routing the
+//! `user.pairfs.*` control attributes to the pair engine.
+
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use fuser::{
+    AccessFlags, CopyFileRangeFlags, Errno, FileAttr, FileHandle, FileType, Filesystem,
+    FopenFlags, Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags,
+    RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus,
+    ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr,
+    Request, TimeOrNow, WriteFlags,
+};
+
+use crate::engine::Op;
+use crate::error::Error;
+use crate::fs::{Attr, Ctx, Fs, SetAttr};
+
+const TTL: Duration = Duration::from_secs(1);
+/// Prefix of the control attributes.
+pub const CONTROL_PREFIX: &str = "user.pairfs.";
+
+/// Converts ns since the epoch to `SystemTime`.
+pub fn systime(ns: i64) -> SystemTime {
+    if ns >= 0 {
+        UNIX_EPOCH + Duration::from_nanos(ns as u64)
+    } else {
+        UNIX_EPOCH - Duration::from_nanos(ns.unsigned_abs())
+    }
+}
+
+fn ns_of(t: SystemTime) -> i64 {
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => d.as_nanos() as i64,
+        Err(e) => -(e.duration().as_nanos() as i64),
+    }
+}
+
+/// File type from `S_IFMT` bits.
+pub fn file_type(kind: u32) -> FileType {
+    match kind {
+        libc::S_IFDIR => FileType::Directory,
+        libc::S_IFLNK => FileType::Symlink,
+        libc::S_IFIFO => FileType::NamedPipe,
+        libc::S_IFSOCK => FileType::Socket,
+        libc::S_IFCHR => FileType::CharDevice,
+        libc::S_IFBLK => FileType::BlockDevice,
+        _ => FileType::RegularFile,
+    }
+}
+
+/// Converts core attributes to FUSE attributes.
+pub fn fuse_attr(a: &Attr) -> FileAttr {
+    let r = &a.row;
+    FileAttr {
+        ino: INodeNo(r.ino),
+        size: r.size,
+        blocks: a.allocated / 512,
+        atime: systime(r.atime),
+        mtime: systime(r.mtime),
+        ctime: systime(r.ctime),
+        crtime: systime(r.ctime),
+        kind: file_type(r.kind),
+        perm: r.perm as u16,
+        nlink: r.nlink,
+        uid: r.uid,
+        gid: r.gid,
+        rdev: r.rdev,
+        blksize: 65536,
+        flags: 0,
+    }
+}
+
+fn errno(e: &Error, op: &str) -> Errno {
+    let n = e.errno();
+    match n {
+        libc::ENOENT | libc::EEXIST | libc::ENODATA | libc::ENOTEMPTY | libc::ENXIO => {
+            log::trace!("{op}: {e}")
+        }
+        libc::EIO => log::error!("{op}: {e}"),
+        _ => log::debug!("{op}: {e}"),
+    }
+    Errno::from_i32(n)
+}
+
+fn ctx(req: &Request) -> Ctx {
+    Ctx {
+        uid: req.uid(),
+        gid: req.gid(),
+    }
+}
+
+/// The main mount.
+pub struct MainFs {
+    fs: Arc<Fs>,
+}
+
+impl MainFs {
+    /// Wraps the core.
+    pub fn new(fs: Arc<Fs>) -> Self {
+        MainFs { fs }
+    }
+
+    fn entry(&self, r: crate::Result<Attr>, reply: ReplyEntry, op: &str) {
+        match r {
+            Ok(a) => reply.entry(&TTL, &fuse_attr(&a), Generation(0)),
+            Err(e) => reply.error(errno(&e, op)),
+        }
+    }
+
+    fn control_set(&self, ino: u64, name: &str) -> crate::Result<()> {
+        let op = Op::parse(name).ok_or_else(|| {
+            Error::invalid(format!("unknown control attribute {CONTROL_PREFIX}{name}"))
+        })?;
+        let r = self.fs.engine.control(&self.fs, ino, op);
+        if let Err(e) = &r {
+            log::warn!("{CONTROL_PREFIX}{name} on inode {ino}: {e}");
+        }
+        r
+    }
+
+    fn control_get(&self, ino: u64, name: &str) -> crate::Result<Vec<u8>> {
+        if name == "pairs" {
+            let mut out = String::new();
+            for s in self.fs.engine.all_status(&self.fs) {
+                out.push_str(&format!("{} path={}\n", s.line(), s.path));
+            }
+            return Ok(out.into_bytes());
+        }
+        if name != "state" {
+            return Err(Error::invalid(format!(
+                "unknown control attribute {CONTROL_PREFIX}{name}"
+            )));
+        }
+        let line = match self.fs.engine.status_of(&self.fs, ino)? {
+            Some(s) => s.line(),
+            None => "none".to_string(),
+        };
+        Ok(line.into_bytes())
+    }
+}
+
+fn reply_xattr(reply: ReplyXattr, size: u32, data: crate::Result<Vec<u8>>, op: &str) {
+    match data {
+        Ok(d) if size == 0 => reply.size(d.len() as u32),
+        Ok(d) if d.len() > size as usize => reply.error(Errno::from_i32(libc::ERANGE)),
+        Ok(d) => reply.data(&d),
+        Err(e) => reply.error(errno(&e, op)),
+    }
+}
+
+impl Filesystem for MainFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        let _ = config.set_max_write(1 << 20);
+        let _ = config.set_max_readahead(1 << 20);
+        let _ = config.add_capabilities(
+            InitFlags::FUSE_PARALLEL_DIROPS
+                | InitFlags::FUSE_ASYNC_READ
+                | InitFlags::FUSE_MAX_PAGES
+                | InitFlags::FUSE_DO_READDIRPLUS
+                | InitFlags::FUSE_READDIRPLUS_AUTO,
+        );
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        self.entry(self.fs.lookup(parent.0, name.as_bytes()), reply, "lookup");
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.fs.getattr(ino.0) {
+            Ok(a) => reply.attr(&TTL, &fuse_attr(&a)),
+            Err(e) => reply.error(errno(&e, "getattr")),
+        }
+    }
+
+    fn setattr(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        ctime: Option<SystemTime>,
+        _fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        let t = |x: Option<TimeOrNow>| {
+            x.map(|t| match t {
+                TimeOrNow::Now => None,
+                TimeOrNow::SpecificTime(s) => Some(ns_of(s)),
+            })
+        };
+        let a = SetAttr {
+            mode,
+            uid,
+            gid,
+            size,
+            atime: t(atime),
+            mtime: t(mtime),
+            ctime: ctime.map(ns_of),
+        };
+        match self.fs.setattr(ctx(req), ino.0, a) {
+            Ok(a) => reply.attr(&TTL, &fuse_attr(&a)),
+            Err(e) => reply.error(errno(&e, "setattr")),
+        }
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        match self.fs.readlink(ino.0) {
+            Ok(t) => reply.data(&t),
+            Err(e) => reply.error(errno(&e, "readlink")),
+        }
+    }
+
+    fn mknod(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        let kind = mode & libc::S_IFMT;
+        let kind = if kind == 0 { libc::S_IFREG } else { kind };
+        let r = match kind {
+            libc::S_IFREG | libc::S_IFIFO | libc::S_IFSOCK | libc::S_IFCHR | libc::S_IFBLK => self
+                .fs
+                .create_node(ctx(req), parent.0, name.as_bytes(), kind, mode & !umask & 0o7777, rdev, None),
+            _ => Err(Error::invalid("mknod of this type")),
+        };
+        self.entry(r, reply, "mknod");
+    }
+
+    fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, reply: ReplyEntry) {
+        let r = self.fs.create_node(
+            ctx(req),
+            parent.0,
+            name.as_bytes(),
+            libc::S_IFDIR,
+            mode & !umask & 0o7777,
+            0,
+            None,
+        );
+        self.entry(r, reply, "mkdir");
+    }
+
+    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        match self.fs.unlink(parent.0, name.as_bytes(), false) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(&e, "unlink")),
+        }
+    }
+
+    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        match self.fs.unlink(parent.0, name.as_bytes(), true) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(&e, "rmdir")),
+        }
+    }
+
+    fn symlink(&self, req: &Request, parent: INodeNo, link_name: &OsStr, target: &Path, reply: ReplyEntry) {
+        let t = target.as_os_str().as_bytes().to_vec();
+        if t.len() > 4095 {
+            reply.error(Errno::from_i32(libc::ENAMETOOLONG));
+            return;
+        }
+        let r = self
+            .fs
+            .create_node(ctx(req), parent.0, link_name.as_bytes(), libc::S_IFLNK, 0o777, 0, Some(t));
+        self.entry(r, reply, "symlink");
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        match self
+            .fs
+            .rename(parent.0, name.as_bytes(), newparent.0, newname.as_bytes(), flags.bits())
+        {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(&e, "rename")),
+        }
+    }
+
+    fn link(&self, _req: &Request, ino: INodeNo, newparent: INodeNo, newname: &OsStr, reply: ReplyEntry) {
+        self.entry(self.fs.link(ino.0, newparent.0, newname.as_bytes()), reply, "link");
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let write = flags.0 & libc::O_ACCMODE != libc::O_RDONLY;
+        // O_TRUNC arrives as a separate setattr (no FUSE_ATOMIC_O_TRUNC).
+        match self.fs.open(ino.0, write) {
+            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+            Err(e) => reply.error(errno(&e, "open")),
+        }
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        match self.fs.read(ino.0, offset, size) {
+            Ok(d) => reply.data(&d),
+            Err(e) => reply.error(errno(&e, "read")),
+        }
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        match self.fs.write(ino.0, offset, data) {
+            Ok(n) => reply.written(n as u32),
+            Err(e) => reply.error(errno(&e, "write")),
+        }
+    }
+
+    fn flush(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _lo: LockOwner, reply: ReplyEmpty) {
+        reply.ok();
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        match self.fs.release(fh.0) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(&e, "release")),
+        }
+    }
+
+    fn fsync(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+        match self.fs.commit(Vec::new()) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(&e, "fsync")),
+        }
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        match self.fs.getattr(ino.0) {
+            Ok(a) if a.row.kind == libc::S_IFDIR => reply.opened(FileHandle(0), FopenFlags::empty()),
+            Ok(_) => reply.error(Errno::from_i32(libc::ENOTDIR)),
+            Err(e) => reply.error(errno(&e, "opendir")),
+        }
+    }
+
+    fn readdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+        match self.fs.readdir(ino.0, offset) {
+            Ok(entries) => {
+                for (cookie, a, name) in entries {
+                    if reply.add(INodeNo(a.row.ino), cookie, file_type(a.row.kind), OsStr::from_bytes(&name)) {
+                        break;
+                    }
+                }
+                reply.ok();
+            }
+            Err(e) => reply.error(errno(&e, "readdir")),
+        }
+    }
+
+    fn readdirplus(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectoryPlus) {
+        match self.fs.readdir(ino.0, offset) {
+            Ok(entries) => {
+                for (cookie, a, name) in entries {
+                    let n = OsStr::from_bytes(&name);
+                    if name == b"." || name == b".." {
+                        // Entries for . and .. must not add lookup counts.
+                        let mut fa = fuse_attr(&a);
+                        fa.ino = INodeNo(a.row.ino);
+                        if reply.add(INodeNo(a.row.ino), cookie, n, &Duration::ZERO, &fa, Generation(0)) {
+                            break;
+                        }
+                        continue;
+                    }
+                    if reply.add(INodeNo(a.row.ino), cookie, n, &TTL, &fuse_attr(&a), Generation(0)) {
+                        break;
+                    }
+                }
+                reply.ok();
+            }
+            Err(e) => reply.error(errno(&e, "readdirplus")),
+        }
+    }
+
+    fn fsyncdir(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+        match self.fs.commit(Vec::new()) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(&e, "fsyncdir")),
+        }
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        let s = self.fs.statfs();
+        let blocks = s.tracks * s.track_size / 4096;
+        let free = s.free * s.track_size / 4096;
+        let files = 1 << 32;
+        reply.statfs(blocks, free, free, files, files - s.inodes, 4096, 255, 4096);
+    }
+
+    fn setxattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        let n = name.as_bytes();
+        let r = match std::str::from_utf8(n).ok().and_then(|s| s.strip_prefix(CONTROL_PREFIX)) {
+            Some(op) => self.control_set(ino.0, op),
+            None => self.fs.setxattr(ino.0, n, value, flags),
+        };
+        match r {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(&e, "setxattr")),
+        }
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let n = name.as_bytes();
+        let r = match std::str::from_utf8(n).ok().and_then(|s| s.strip_prefix(CONTROL_PREFIX)) {
+            Some(op) => self.control_get(ino.0, op),
+            None => self.fs.getxattr(ino.0, n),
+        };
+        reply_xattr(reply, size, r, "getxattr");
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        reply_xattr(reply, size, self.fs.listxattr(ino.0), "listxattr");
+    }
+
+    fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let n = name.as_bytes();
+        if n.starts_with(CONTROL_PREFIX.as_bytes()) {
+            reply.error(Errno::from_i32(libc::EINVAL));
+            return;
+        }
+        match self.fs.removexattr(ino.0, n) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(&e, "removexattr")),
+        }
+    }
+
+    fn access(&self, _req: &Request, ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
+        // Permission checks are the kernel's (default_permissions); this only checks
+        // that the inode exists.
+        match self.fs.getattr(ino.0) {
+            Ok(_) => reply.ok(),
+            Err(e) => reply.error(errno(&e, "access")),
+        }
+    }
+
+    fn create(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        flags: i32,
+        reply: ReplyCreate,
+    ) {
+        let r = self
+            .fs
+            .create_node(ctx(req), parent.0, name.as_bytes(), libc::S_IFREG, mode & !umask & 0o7777, 0, None)
+            .and_then(|a| {
+                let write = flags & libc::O_ACCMODE != libc::O_RDONLY;
+                Ok((self.fs.open(a.row.ino, write)?, a))
+            });
+        match r {
+            Ok((fh, a)) => reply.created(&TTL, &fuse_attr(&a), Generation(0), FileHandle(fh), FopenFlags::empty()),
+            Err(e) => reply.error(errno(&e, "create")),
+        }
+    }
+
+    fn fallocate(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        match self.fs.fallocate(ino.0, offset, length, mode) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(&e, "fallocate")),
+        }
+    }
+
+    fn lseek(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: i64, whence: i32, reply: ReplyLseek) {
+        if offset < 0 {
+            reply.error(Errno::from_i32(libc::EINVAL));
+            return;
+        }
+        match self.fs.lseek(ino.0, offset as u64, whence) {
+            Ok(o) => reply.offset(o as i64),
+            Err(e) => reply.error(errno(&e, "lseek")),
+        }
+    }
+
+    fn copy_file_range(
+        &self,
+        _req: &Request,
+        ino_in: INodeNo,
+        _fh_in: FileHandle,
+        offset_in: u64,
+        ino_out: INodeNo,
+        _fh_out: FileHandle,
+        offset_out: u64,
+        len: u64,
+        _flags: CopyFileRangeFlags,
+        reply: ReplyWrite,
+    ) {
+        let len = len.min(u32::MAX as u64 & !0xfff);
+        match self.fs.copy_file_range(ino_in.0, offset_in, ino_out.0, offset_out, len) {
+            Ok(n) => reply.written(n as u32),
+            Err(e) => reply.error(errno(&e, "copy_file_range")),
+        }
+    }
+}

@@ -1,0 +1,788 @@
+//! The metadata store: SQLite (WAL mode) holding inodes, directory entries, extents,
+//! xattrs, pairs, pair bitmaps and frozen maps.
+//!
+//! The core keeps all of it in memory and hands this module *batches* of changed rows
+//! ([`Batch`]); one batch is one transaction. The store never decides anything: it
+//! checks the schema version and the volume UUID on open, loads rows, and writes what
+//! it is given. See `docs/design.md` for the order in which batches are committed
+//! relative to data writes.
+
+use std::path::Path;
+
+use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
+
+use crate::error::{Error, Result};
+use crate::extent::{Extent, ExtentMap};
+use crate::pair::{Frozen, FrozenAttr, FrozenKind, Pair, PairId, Progress, Scope, State};
+use crate::trackset::TrackSet;
+
+/// Schema version written by this build.
+pub const SCHEMA_VERSION: u32 = 1;
+
+const SCHEMA: &str = "
+CREATE TABLE super(key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE inodes(ino INTEGER PRIMARY KEY, kind INTEGER NOT NULL, perm INTEGER NOT NULL,
+  uid INTEGER NOT NULL, gid INTEGER NOT NULL, nlink INTEGER NOT NULL, size INTEGER NOT NULL,
+  atime INTEGER NOT NULL, mtime INTEGER NOT NULL, ctime INTEGER NOT NULL, rdev INTEGER NOT NULL,
+  target BLOB);
+CREATE TABLE dirents(parent INTEGER NOT NULL, name BLOB NOT NULL, ino INTEGER NOT NULL,
+  PRIMARY KEY(parent, name)) WITHOUT ROWID;
+CREATE TABLE extents(ino INTEGER NOT NULL, ftrack INTEGER NOT NULL, vtrack INTEGER NOT NULL,
+  len INTEGER NOT NULL, PRIMARY KEY(ino, ftrack)) WITHOUT ROWID;
+CREATE TABLE xattrs(ino INTEGER NOT NULL, name BLOB NOT NULL, value BLOB NOT NULL,
+  PRIMARY KEY(ino, name)) WITHOUT ROWID;
+CREATE TABLE pairs(id INTEGER PRIMARY KEY, scope_kind TEXT NOT NULL, scope_ino INTEGER NOT NULL,
+  path TEXT NOT NULL, state TEXT NOT NULL, split_ns INTEGER NOT NULL, error TEXT,
+  total INTEGER NOT NULL, copied INTEGER NOT NULL, last_copied INTEGER NOT NULL,
+  started_ns INTEGER NOT NULL);
+CREATE TABLE bitmaps(pair INTEGER NOT NULL, which INTEGER NOT NULL, chunk INTEGER NOT NULL,
+  bits BLOB NOT NULL, PRIMARY KEY(pair, which, chunk)) WITHOUT ROWID;
+CREATE TABLE frozen(pair INTEGER NOT NULL, seq INTEGER NOT NULL, ino INTEGER NOT NULL,
+  path TEXT NOT NULL, kind INTEGER NOT NULL, perm INTEGER NOT NULL, uid INTEGER NOT NULL,
+  gid INTEGER NOT NULL, size INTEGER NOT NULL, atime INTEGER NOT NULL, mtime INTEGER NOT NULL,
+  ctime INTEGER NOT NULL, target BLOB NOT NULL, extents BLOB NOT NULL,
+  PRIMARY KEY(pair, seq)) WITHOUT ROWID;
+";
+
+/// Geometry and identity of a volume, stored in the `super` table and the image headers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Geometry {
+    /// Volume UUID (hex, 32 chars).
+    pub uuid: String,
+    /// Volume size in bytes (a multiple of the track size).
+    pub size: u64,
+    /// Track size in bytes.
+    pub track_size: u64,
+}
+
+impl Geometry {
+    /// Number of tracks.
+    pub fn tracks(&self) -> u64 {
+        self.size / self.track_size
+    }
+}
+
+/// One persisted inode.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InodeRow {
+    /// Inode number.
+    pub ino: u64,
+    /// File type as the `S_IFMT` bits (e.g. `libc::S_IFREG`).
+    pub kind: u32,
+    /// Permission bits (07777).
+    pub perm: u32,
+    /// Owner.
+    pub uid: u32,
+    /// Group.
+    pub gid: u32,
+    /// Link count.
+    pub nlink: u32,
+    /// Size in bytes.
+    pub size: u64,
+    /// Times in ns since the epoch.
+    pub atime: i64,
+    /// Modification time.
+    pub mtime: i64,
+    /// Change time.
+    pub ctime: i64,
+    /// Device number.
+    pub rdev: u32,
+    /// Symlink target.
+    pub target: Option<Vec<u8>>,
+}
+
+/// Rows changed since the last commit. Committed in one transaction.
+#[derive(Debug, Default)]
+pub struct Batch {
+    /// Inodes to insert or replace (with their extents and xattrs replaced too).
+    pub inodes: Vec<(InodeRow, Vec<Extent>, Vec<(Vec<u8>, Vec<u8>)>)>,
+    /// Inodes to delete.
+    pub deleted: Vec<u64>,
+    /// Directory entries to insert or replace.
+    pub put_dirents: Vec<(u64, Vec<u8>, u64)>,
+    /// Directory entries to delete.
+    pub del_dirents: Vec<(u64, Vec<u8>)>,
+    /// Next inode number.
+    pub next_ino: u64,
+    /// Pairs whose row changes (state, progress), with their dirty bitmap chunks.
+    pub pairs: Vec<PairDelta>,
+}
+
+impl Batch {
+    /// True if nothing would be written.
+    pub fn is_empty(&self) -> bool {
+        self.inodes.is_empty()
+            && self.deleted.is_empty()
+            && self.put_dirents.is_empty()
+            && self.del_dirents.is_empty()
+            && self.pairs.is_empty()
+    }
+}
+
+/// Changes of one pair.
+#[derive(Debug, Default)]
+pub struct PairDelta {
+    /// The pair row (None: only bitmaps changed... or deleted, see `delete`).
+    pub row: Option<PairRow>,
+    /// Pair id.
+    pub id: PairId,
+    /// Delete the pair and everything of it.
+    pub delete: bool,
+    /// Dirty bitmap chunks: (which 0..3, chunk, bytes or None to delete).
+    pub chunks: Vec<(u8, u64, Option<Vec<u8>>)>,
+    /// Replace the frozen map with this one.
+    pub frozen: Option<Vec<Frozen>>,
+}
+
+/// The scalar fields of a pair.
+#[derive(Debug, Clone)]
+pub struct PairRow {
+    /// Scope.
+    pub scope: Scope,
+    /// Display path.
+    pub path: String,
+    /// State.
+    pub state: State,
+    /// Split instant.
+    pub split_ns: i64,
+    /// Error text.
+    pub error: Option<String>,
+    /// Progress.
+    pub progress: Progress,
+}
+
+impl PairRow {
+    /// The row of a pair.
+    pub fn of(p: &Pair) -> PairRow {
+        PairRow {
+            scope: p.scope,
+            path: p.path.clone(),
+            state: p.state,
+            split_ns: p.split_ns,
+            error: p.error.clone(),
+            progress: p.progress,
+        }
+    }
+}
+
+/// Takes every dirty chunk of a pair's three bitmaps.
+pub fn take_dirty_chunks(p: &mut Pair) -> Vec<(u8, u64, Option<Vec<u8>>)> {
+    let mut out = Vec::new();
+    for (w, set) in [&mut p.forming, &mut p.split_diff, &mut p.update_diff]
+        .into_iter()
+        .enumerate()
+    {
+        for (ci, b) in set.take_dirty() {
+            out.push((w as u8, ci, b));
+        }
+    }
+    out
+}
+
+/// Everything loaded at mount.
+#[derive(Debug, Default)]
+pub struct Loaded {
+    /// Inodes.
+    pub inodes: Vec<InodeRow>,
+    /// Extents per inode.
+    pub extents: Vec<(u64, Extent)>,
+    /// Xattrs.
+    pub xattrs: Vec<(u64, Vec<u8>, Vec<u8>)>,
+    /// Directory entries.
+    pub dirents: Vec<(u64, Vec<u8>, u64)>,
+    /// Pairs.
+    pub pairs: Vec<Pair>,
+    /// Next inode number.
+    pub next_ino: u64,
+    /// Next pair id.
+    pub next_pair: u64,
+    /// False if the last mount did not end cleanly.
+    pub clean: bool,
+}
+
+/// The open metadata database.
+pub struct Meta {
+    conn: Connection,
+    geometry: Geometry,
+}
+
+fn corrupt(msg: impl Into<String>) -> Error {
+    Error::Corrupt(msg.into())
+}
+
+impl Meta {
+    /// Creates a new database for `geometry`; refuses an existing file.
+    pub fn create(path: &Path, geometry: &Geometry, now: i64) -> Result<Meta> {
+        if path.exists() {
+            return Err(Error::Exists(path.display().to_string()));
+        }
+        let conn = Connection::open(path)?;
+        Self::pragmas(&conn)?;
+        conn.execute_batch(SCHEMA)?;
+        let tx = conn.unchecked_transaction()?;
+        for (k, v) in [
+            ("format", "pairfs".to_string()),
+            ("schema_version", SCHEMA_VERSION.to_string()),
+            ("uuid", geometry.uuid.clone()),
+            ("volume_size", geometry.size.to_string()),
+            ("track_size", geometry.track_size.to_string()),
+            ("next_ino", "2".to_string()),
+            ("next_pair", "1".to_string()),
+            ("clean", "1".to_string()),
+        ] {
+            tx.execute("INSERT INTO super(key, value) VALUES (?1, ?2)", params![k, v])?;
+        }
+        tx.execute(
+            "INSERT INTO inodes VALUES (1, ?1, ?2, 0, 0, 2, 0, ?3, ?3, ?3, 0, NULL)",
+            params![libc::S_IFDIR, 0o755, now],
+        )?;
+        tx.commit()?;
+        Ok(Meta {
+            conn,
+            geometry: geometry.clone(),
+        })
+    }
+
+    /// An in-memory database (tests).
+    pub fn in_memory(geometry: &Geometry) -> Result<Meta> {
+        let conn = Connection::open_in_memory()?;
+        conn.execute_batch(SCHEMA)?;
+        for (k, v) in [
+            ("format", "pairfs".to_string()),
+            ("schema_version", SCHEMA_VERSION.to_string()),
+            ("uuid", geometry.uuid.clone()),
+            ("volume_size", geometry.size.to_string()),
+            ("track_size", geometry.track_size.to_string()),
+            ("next_ino", "2".to_string()),
+            ("next_pair", "1".to_string()),
+            ("clean", "1".to_string()),
+        ] {
+            conn.execute("INSERT INTO super(key, value) VALUES (?1, ?2)", params![k, v])?;
+        }
+        conn.execute(
+            "INSERT INTO inodes VALUES (1, ?1, ?2, 0, 0, 2, 0, 0, 0, 0, 0, NULL)",
+            params![libc::S_IFDIR, 0o755],
+        )?;
+        Ok(Meta {
+            conn,
+            geometry: geometry.clone(),
+        })
+    }
+
+    fn pragmas(conn: &Connection) -> Result<()> {
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.pragma_update(None, "foreign_keys", "OFF")?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        Ok(())
+    }
+
+    /// Opens an existing database and checks it is a pairfs database of a supported
+    /// schema version. Read-only opens never modify the file.
+    pub fn open(path: &Path, readonly: bool) -> Result<Meta> {
+        if !path.exists() {
+            return Err(Error::NotFound(format!(
+                "metadata database {} (made by `pairfs mkfs`)",
+                path.display()
+            )));
+        }
+        let flags = if readonly {
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX
+        } else {
+            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX
+        };
+        let conn = Connection::open_with_flags(path, flags).map_err(|e| {
+            corrupt(format!("{} is not a pairfs database: {e}", path.display()))
+        })?;
+        let get = |k: &str| -> Result<String> {
+            conn.query_row("SELECT value FROM super WHERE key = ?1", [k], |r| r.get(0))
+                .optional()
+                .map_err(|e| corrupt(format!("{} is not a pairfs database: {e}", path.display())))?
+                .ok_or_else(|| corrupt(format!("{}: missing super key {k}", path.display())))
+        };
+        if get("format")? != "pairfs" {
+            return Err(corrupt(format!("{} is not a pairfs database", path.display())));
+        }
+        let ver: u32 = get("schema_version")?
+            .parse()
+            .map_err(|_| corrupt("schema_version is not a number"))?;
+        if ver != SCHEMA_VERSION {
+            return Err(corrupt(format!(
+                "{}: schema version {ver}, this pairfs reads version {SCHEMA_VERSION}",
+                path.display()
+            )));
+        }
+        let num = |k: &str| -> Result<u64> {
+            get(k)?
+                .parse()
+                .map_err(|_| corrupt(format!("super key {k} is not a number")))
+        };
+        let geometry = Geometry {
+            uuid: get("uuid")?,
+            size: num("volume_size")?,
+            track_size: num("track_size")?,
+        };
+        if !geometry.track_size.is_power_of_two()
+            || !(4096..=1 << 20).contains(&geometry.track_size)
+            || geometry.size % geometry.track_size != 0
+            || geometry.size < 2 * geometry.track_size
+        {
+            return Err(corrupt(format!("impossible geometry {geometry:?}")));
+        }
+        if !readonly {
+            Self::pragmas(&conn)?;
+        }
+        Ok(Meta { conn, geometry })
+    }
+
+    /// Volume geometry and identity.
+    pub fn geometry(&self) -> &Geometry {
+        &self.geometry
+    }
+
+    /// Sets the clean-shutdown flag (durably).
+    pub fn set_clean(&self, clean: bool) -> Result<()> {
+        self.conn.execute(
+            "UPDATE super SET value = ?1 WHERE key = 'clean'",
+            [if clean { "1" } else { "0" }],
+        )?;
+        Ok(())
+    }
+
+    /// Loads everything, validating as it goes.
+    pub fn load(&self) -> Result<Loaded> {
+        let c = &self.conn;
+        let get = |k: &str| -> Result<u64> {
+            let v: String = c.query_row("SELECT value FROM super WHERE key = ?1", [k], |r| r.get(0))?;
+            v.parse()
+                .map_err(|_| corrupt(format!("super key {k} is not a number")))
+        };
+        let mut out = Loaded {
+            next_ino: get("next_ino")?,
+            next_pair: get("next_pair")?,
+            clean: get("clean")? == 1,
+            ..Loaded::default()
+        };
+        let mut st = c.prepare(
+            "SELECT ino, kind, perm, uid, gid, nlink, size, atime, mtime, ctime, rdev, target FROM inodes",
+        )?;
+        let rows = st.query_map([], |r| {
+            Ok(InodeRow {
+                ino: r.get(0)?,
+                kind: r.get(1)?,
+                perm: r.get(2)?,
+                uid: r.get(3)?,
+                gid: r.get(4)?,
+                nlink: r.get(5)?,
+                size: r.get(6)?,
+                atime: r.get(7)?,
+                mtime: r.get(8)?,
+                ctime: r.get(9)?,
+                rdev: r.get(10)?,
+                target: r.get(11)?,
+            })
+        })?;
+        for r in rows {
+            out.inodes.push(r.map_err(|e| corrupt(format!("bad inode row: {e}")))?);
+        }
+        let mut st = c.prepare("SELECT ino, ftrack, vtrack, len FROM extents ORDER BY ino, ftrack")?;
+        let rows = st.query_map([], |r| {
+            Ok((
+                r.get::<_, u64>(0)?,
+                Extent {
+                    file: r.get(1)?,
+                    vol: r.get(2)?,
+                    len: r.get(3)?,
+                },
+            ))
+        })?;
+        for r in rows {
+            out.extents.push(r.map_err(|e| corrupt(format!("bad extent row: {e}")))?);
+        }
+        let mut st = c.prepare("SELECT ino, name, value FROM xattrs")?;
+        let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+        for r in rows {
+            out.xattrs.push(r.map_err(|e| corrupt(format!("bad xattr row: {e}")))?);
+        }
+        let mut st = c.prepare("SELECT parent, name, ino FROM dirents")?;
+        let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+        for r in rows {
+            out.dirents.push(r.map_err(|e| corrupt(format!("bad dirent row: {e}")))?);
+        }
+        out.pairs = self.load_pairs()?;
+        Ok(out)
+    }
+
+    fn load_pairs(&self) -> Result<Vec<Pair>> {
+        let c = &self.conn;
+        let mut st = c.prepare(
+            "SELECT id, scope_kind, scope_ino, path, state, split_ns, error, total, copied, last_copied, started_ns FROM pairs ORDER BY id",
+        )?;
+        let rows = st.query_map([], |r| {
+            Ok((
+                r.get::<_, u64>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, u64>(2)?,
+                r.get::<_, String>(3)?,
+                r.get::<_, String>(4)?,
+                r.get::<_, i64>(5)?,
+                r.get::<_, Option<String>>(6)?,
+                [r.get::<_, u64>(7)?, r.get(8)?, r.get(9)?],
+                r.get::<_, i64>(10)?,
+            ))
+        })?;
+        let mut pairs = Vec::new();
+        for r in rows {
+            let (id, kind, ino, path, state, split_ns, error, prog, started_ns) =
+                r.map_err(|e| corrupt(format!("bad pair row: {e}")))?;
+            let scope = match kind.as_str() {
+                "file" => Scope::File(ino),
+                "dir" => Scope::Dir(ino),
+                "root" => Scope::Root,
+                k => return Err(corrupt(format!("pair {id}: unknown scope kind {k:?}"))),
+            };
+            let state = State::parse(&state)
+                .ok_or_else(|| corrupt(format!("pair {id}: unknown state {state:?}")))?;
+            let mut p = Pair::new(id, scope, path, TrackSet::new(), started_ns);
+            p.state = state;
+            p.split_ns = split_ns;
+            p.error = error;
+            p.progress = Progress {
+                total: prog[0],
+                copied: prog[1],
+                last_copied: prog[2],
+                started_ns,
+            };
+            let mut bs = c.prepare("SELECT which, chunk, bits FROM bitmaps WHERE pair = ?1")?;
+            let rows = bs.query_map([id], |r| {
+                Ok((r.get::<_, u8>(0)?, r.get::<_, u64>(1)?, r.get::<_, Vec<u8>>(2)?))
+            })?;
+            for r in rows {
+                let (which, chunk, bits) = r?;
+                let set = match which {
+                    0 => &mut p.forming,
+                    1 => &mut p.split_diff,
+                    2 => &mut p.update_diff,
+                    w => return Err(corrupt(format!("pair {id}: unknown bitmap {w}"))),
+                };
+                set.load_chunk(chunk, &bits)
+                    .map_err(|e| corrupt(format!("pair {id}: {e}")))?;
+            }
+            for set in [&mut p.forming, &mut p.split_diff, &mut p.update_diff] {
+                set.take_dirty();
+            }
+            let mut fs = c.prepare(
+                "SELECT ino, path, kind, perm, uid, gid, size, atime, mtime, ctime, target, extents FROM frozen WHERE pair = ?1 ORDER BY seq",
+            )?;
+            let rows = fs.query_map([id], |r| {
+                Ok((
+                    r.get::<_, u64>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, u8>(2)?,
+                    [r.get::<_, u32>(3)?, r.get(4)?, r.get(5)?],
+                    r.get::<_, u64>(6)?,
+                    [r.get::<_, i64>(7)?, r.get(8)?, r.get(9)?],
+                    r.get::<_, Vec<u8>>(10)?,
+                    r.get::<_, Vec<u8>>(11)?,
+                ))
+            })?;
+            for r in rows {
+                let (ino, path, kind, pug, size, t, target, ext) = r?;
+                let kind = match kind {
+                    0 => FrozenKind::File,
+                    1 => FrozenKind::Dir,
+                    2 => FrozenKind::Symlink,
+                    k => return Err(corrupt(format!("pair {id}: frozen kind {k}"))),
+                };
+                p.frozen.push(Frozen {
+                    ino,
+                    path,
+                    attr: FrozenAttr {
+                        kind,
+                        perm: pug[0],
+                        uid: pug[1],
+                        gid: pug[2],
+                        size,
+                        atime: t[0],
+                        mtime: t[1],
+                        ctime: t[2],
+                    },
+                    extents: decode_extents(&ext)
+                        .map_err(|e| corrupt(format!("pair {id}: frozen extents: {e}")))?,
+                    target,
+                });
+            }
+            pairs.push(p);
+        }
+        Ok(pairs)
+    }
+
+    /// Writes one batch in one transaction (durable when this returns).
+    pub fn commit(&mut self, b: &Batch) -> Result<()> {
+        let tx = self.conn.transaction()?;
+        {
+            let mut del_ext = tx.prepare_cached("DELETE FROM extents WHERE ino = ?1")?;
+            let mut del_x = tx.prepare_cached("DELETE FROM xattrs WHERE ino = ?1")?;
+            let mut put_i = tx.prepare_cached(
+                "INSERT OR REPLACE INTO inodes VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+            )?;
+            let mut put_e = tx.prepare_cached("INSERT INTO extents VALUES (?1, ?2, ?3, ?4)")?;
+            let mut put_x = tx.prepare_cached("INSERT INTO xattrs VALUES (?1, ?2, ?3)")?;
+            for (i, exts, xattrs) in &b.inodes {
+                put_i.execute(params![
+                    i.ino, i.kind, i.perm, i.uid, i.gid, i.nlink, i.size, i.atime, i.mtime,
+                    i.ctime, i.rdev, i.target
+                ])?;
+                del_ext.execute([i.ino])?;
+                for e in exts {
+                    put_e.execute(params![i.ino, e.file, e.vol, e.len])?;
+                }
+                del_x.execute([i.ino])?;
+                for (n, v) in xattrs {
+                    put_x.execute(params![i.ino, n, v])?;
+                }
+            }
+            let mut del_i = tx.prepare_cached("DELETE FROM inodes WHERE ino = ?1")?;
+            for &ino in &b.deleted {
+                del_i.execute([ino])?;
+                del_ext.execute([ino])?;
+                del_x.execute([ino])?;
+            }
+            let mut del_d = tx.prepare_cached("DELETE FROM dirents WHERE parent = ?1 AND name = ?2")?;
+            for (p, n) in &b.del_dirents {
+                del_d.execute(params![p, n])?;
+            }
+            let mut put_d = tx.prepare_cached("INSERT OR REPLACE INTO dirents VALUES (?1, ?2, ?3)")?;
+            for (p, n, i) in &b.put_dirents {
+                put_d.execute(params![p, n, i])?;
+            }
+            if b.next_ino > 0 {
+                tx.execute(
+                    "UPDATE super SET value = ?1 WHERE key = 'next_ino'",
+                    [b.next_ino.to_string()],
+                )?;
+            }
+        }
+        for d in &b.pairs {
+            Self::write_pair(&tx, d)?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn write_pair(tx: &rusqlite::Transaction<'_>, d: &PairDelta) -> Result<()> {
+        if d.delete {
+            tx.execute("DELETE FROM pairs WHERE id = ?1", [d.id])?;
+            tx.execute("DELETE FROM bitmaps WHERE pair = ?1", [d.id])?;
+            tx.execute("DELETE FROM frozen WHERE pair = ?1", [d.id])?;
+            return Ok(());
+        }
+        if let Some(r) = &d.row {
+            tx.execute(
+                "INSERT OR REPLACE INTO pairs VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+                params![
+                    d.id,
+                    r.scope.kind(),
+                    r.scope.ino(),
+                    r.path,
+                    r.state.name(),
+                    r.split_ns,
+                    r.error,
+                    r.progress.total,
+                    r.progress.copied,
+                    r.progress.last_copied,
+                    r.progress.started_ns
+                ],
+            )?;
+            tx.execute(
+                "UPDATE super SET value = max(CAST(value AS INTEGER), ?1) WHERE key = 'next_pair'",
+                [d.id + 1],
+            )?;
+        }
+        {
+            let mut put = tx.prepare_cached("INSERT OR REPLACE INTO bitmaps VALUES (?1, ?2, ?3, ?4)")?;
+            let mut del = tx.prepare_cached("DELETE FROM bitmaps WHERE pair = ?1 AND which = ?2 AND chunk = ?3")?;
+            for (w, ci, bits) in &d.chunks {
+                match bits {
+                    Some(b) => put.execute(params![d.id, w, ci, b])?,
+                    None => del.execute(params![d.id, w, ci])?,
+                };
+            }
+        }
+        if let Some(frozen) = &d.frozen {
+            tx.execute("DELETE FROM frozen WHERE pair = ?1", [d.id])?;
+            let mut put = tx.prepare_cached(
+                "INSERT INTO frozen VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
+            )?;
+            for (seq, f) in frozen.iter().enumerate() {
+                let kind = match f.attr.kind {
+                    FrozenKind::File => 0,
+                    FrozenKind::Dir => 1,
+                    FrozenKind::Symlink => 2,
+                };
+                put.execute(params![
+                    d.id,
+                    seq as u64,
+                    f.ino,
+                    f.path,
+                    kind,
+                    f.attr.perm,
+                    f.attr.uid,
+                    f.attr.gid,
+                    f.attr.size,
+                    f.attr.atime,
+                    f.attr.mtime,
+                    f.attr.ctime,
+                    f.target,
+                    encode_extents(&f.extents)
+                ])?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Copies the whole database to `dest` (a consistent snapshot, via `VACUUM INTO`).
+    pub fn snapshot_to(&self, dest: &Path) -> Result<()> {
+        let _ = std::fs::remove_file(dest);
+        self.conn
+            .execute("VACUUM INTO ?1", [dest.to_string_lossy()])?;
+        Ok(())
+    }
+
+    /// Runs SQLite's own integrity check.
+    pub fn integrity_check(&self) -> Result<Vec<String>> {
+        let mut st = self.conn.prepare("PRAGMA integrity_check")?;
+        let rows = st.query_map([], |r| r.get::<_, String>(0))?;
+        let mut out = Vec::new();
+        for r in rows {
+            let s = r?;
+            if s != "ok" {
+                out.push(s);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Raw connection (fsck repairs, tests).
+    pub fn conn(&self) -> &Connection {
+        &self.conn
+    }
+}
+
+/// Encodes an extent map as little-endian (file, vol, len) triples.
+pub fn encode_extents(m: &ExtentMap) -> Vec<u8> {
+    let mut out = Vec::with_capacity(m.iter().count() * 24);
+    for e in m.iter() {
+        out.extend_from_slice(&e.file.to_le_bytes());
+        out.extend_from_slice(&e.vol.to_le_bytes());
+        out.extend_from_slice(&e.len.to_le_bytes());
+    }
+    out
+}
+
+/// Decodes [`encode_extents`], refusing malformed input.
+pub fn decode_extents(b: &[u8]) -> std::result::Result<ExtentMap, String> {
+    if b.len() % 24 != 0 {
+        return Err(format!("{} bytes is not a whole number of extents", b.len()));
+    }
+    let word = |c: &[u8]| u64::from_le_bytes(c.try_into().expect("8 bytes"));
+    ExtentMap::from_extents(b.chunks_exact(24).map(|c| Extent {
+        file: word(&c[0..8]),
+        vol: word(&c[8..16]),
+        len: word(&c[16..24]),
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn geo() -> Geometry {
+        Geometry {
+            uuid: "00112233445566778899aabbccddeeff".into(),
+            size: 1 << 24,
+            track_size: 65536,
+        }
+    }
+
+    #[test]
+    fn batch_round_trip_in_memory() {
+        let mut m = Meta::in_memory(&geo()).unwrap();
+        let row = InodeRow {
+            ino: 2,
+            kind: libc::S_IFREG,
+            perm: 0o644,
+            uid: 1,
+            gid: 2,
+            nlink: 1,
+            size: 100,
+            atime: 1,
+            mtime: 2,
+            ctime: 3,
+            rdev: 0,
+            target: None,
+        };
+        let mut b = Batch {
+            next_ino: 3,
+            ..Batch::default()
+        };
+        b.inodes.push((
+            row.clone(),
+            vec![Extent { file: 0, vol: 5, len: 1 }],
+            vec![(b"user.a".to_vec(), b"v".to_vec())],
+        ));
+        b.put_dirents.push((1, b"f".to_vec(), 2));
+        let mut p = Pair::new(7, Scope::File(2), "/f".into(), [5u64].into_iter().collect(), 0);
+        b.pairs.push(PairDelta {
+            id: 7,
+            row: Some(PairRow::of(&p)),
+            chunks: take_dirty_chunks(&mut p),
+            frozen: Some(vec![]),
+            ..PairDelta::default()
+        });
+        m.commit(&b).unwrap();
+        let l = m.load().unwrap();
+        assert_eq!(l.inodes.iter().find(|i| i.ino == 2), Some(&row));
+        assert_eq!(l.extents, vec![(2, Extent { file: 0, vol: 5, len: 1 })]);
+        assert_eq!(l.dirents, vec![(1, b"f".to_vec(), 2)]);
+        assert_eq!(l.next_ino, 3);
+        assert_eq!(l.next_pair, 8);
+        assert_eq!(l.pairs.len(), 1);
+        assert!(l.pairs[0].forming.contains(5));
+        let mut d = Batch::default();
+        d.deleted.push(2);
+        d.del_dirents.push((1, b"f".to_vec()));
+        m.commit(&d).unwrap();
+        let l = m.load().unwrap();
+        assert_eq!(l.inodes.len(), 1);
+        assert!(l.extents.is_empty());
+    }
+
+    #[test]
+    fn refuses_foreign_and_future_databases() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("x.meta");
+        std::fs::write(&p, b"this is not sqlite at all, just text padding padding").unwrap();
+        assert!(matches!(Meta::open(&p, true), Err(Error::Corrupt(_))));
+        let q = dir.path().join("y.meta");
+        drop(Meta::create(&q, &geo(), 0).unwrap());
+        let c = Connection::open(&q).unwrap();
+        c.execute("UPDATE super SET value = '99' WHERE key = 'schema_version'", [])
+            .unwrap();
+        drop(c);
+        let e = Meta::open(&q, false).err().unwrap();
+        assert!(e.to_string().contains("schema version 99"), "{e}");
+        assert!(matches!(
+            Meta::open(&dir.path().join("missing"), false),
+            Err(Error::NotFound(_))
+        ));
+    }
+
+    #[test]
+    fn extent_blob_is_validated() {
+        assert!(decode_extents(&[0u8; 23]).is_err());
+        let mut m = ExtentMap::new();
+        m.insert(0, 3, 2);
+        assert_eq!(decode_extents(&encode_extents(&m)).unwrap(), m);
+    }
+}

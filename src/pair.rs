@@ -1,0 +1,495 @@
+//! The pair state machine and its three bitmaps (seed 004, first embodiment). Pure:
+//! no I/O, no locks; the engine ([`crate::engine`]) drives it and does the copying.
+//!
+//! ```text
+//!   pair ──► forming ──(copied)──► formed ──split──► splitting ──(copied)──► split
+//!               ▲                                                    │  ▲
+//!               └───────── formed ◄──(copied)── resyncing ◄─resync──┘  │ (copied: split-diff := update-diff)
+//!                                                          update ──► updating
+//!   release: from any state.   error: a failed copy; update or resync recovers.
+//! ```
+//!
+//! Bitmaps are indexed by *volume track* ([`TrackSet`]):
+//! - **forming-diff**: tracks whose copy is stale while forming/formed/resyncing, and
+//!   the tracks still to copy at the split instant (the *pending* set of `splitting`);
+//! - **split-diff**: tracks written since the split; the pending set of `updating`;
+//! - **update-diff**: tracks written while updating; becomes split-diff at the end.
+//!
+//! The rule that makes the frozen copy exact: in `splitting` and `updating`, a host
+//! write to a track whose pending bit is set must first copy the old track to the copy
+//! image and clear the bit *durably* ([`Pair::cow_needed`] says which tracks), then
+//! write. A frozen file reads a track from the volume while its pending bit is set (the
+//! volume still holds the split-time data) and from the copy image once it is clear.
+
+use std::collections::BTreeSet;
+
+use crate::error::{Error, Result};
+use crate::extent::ExtentMap;
+use crate::trackset::TrackSet;
+
+/// Pair identifier.
+pub type PairId = u64;
+
+/// What a pair covers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// One regular file.
+    File(u64),
+    /// Every regular file beneath a directory (a consistency group).
+    Dir(u64),
+    /// The whole volume.
+    Root,
+}
+
+impl Scope {
+    /// Kind name for display and storage.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Scope::File(_) => "file",
+            Scope::Dir(_) => "dir",
+            Scope::Root => "root",
+        }
+    }
+    /// The inode at the top of the scope.
+    pub fn ino(&self) -> u64 {
+        match *self {
+            Scope::File(i) | Scope::Dir(i) => i,
+            Scope::Root => 1,
+        }
+    }
+}
+
+/// Pair states.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    /// Initial copy running.
+    Forming,
+    /// Copy mirrors the volume (writes are tracked in forming-diff).
+    Formed,
+    /// Frozen; tracks still to copy.
+    Splitting,
+    /// Frozen and complete.
+    Split,
+    /// Frozen copy being refreshed to the update instant.
+    Updating,
+    /// Leaving the frozen state; back to formed when copied.
+    Resyncing,
+    /// A copy failed; the frozen copy is not offered. Update or resync recovers.
+    Error,
+}
+
+impl State {
+    /// The word `user.pairfs.state` starts with.
+    pub fn name(&self) -> &'static str {
+        match self {
+            State::Forming => "forming",
+            State::Formed => "formed",
+            State::Splitting => "splitting",
+            State::Split => "split",
+            State::Updating => "updating",
+            State::Resyncing => "resyncing",
+            State::Error => "error",
+        }
+    }
+
+    /// Parses [`State::name`].
+    pub fn parse(s: &str) -> Option<State> {
+        Some(match s {
+            "forming" => State::Forming,
+            "formed" => State::Formed,
+            "splitting" => State::Splitting,
+            "split" => State::Split,
+            "updating" => State::Updating,
+            "resyncing" => State::Resyncing,
+            "error" => State::Error,
+            _ => return None,
+        })
+    }
+
+    /// True while a frozen copy exists and is offered.
+    pub fn is_frozen(&self) -> bool {
+        matches!(self, State::Splitting | State::Split | State::Updating)
+    }
+
+    /// True while the copier has work for this state.
+    pub fn is_copying(&self) -> bool {
+        matches!(
+            self,
+            State::Forming | State::Splitting | State::Updating | State::Resyncing
+        )
+    }
+}
+
+/// Kind of a frozen object.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FrozenKind {
+    /// Regular file (has an extent map).
+    File,
+    /// Directory.
+    Dir,
+    /// Symbolic link.
+    Symlink,
+}
+
+/// Split-time attributes of a frozen object.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FrozenAttr {
+    /// Kind.
+    pub kind: FrozenKind,
+    /// Permission bits (07777).
+    pub perm: u32,
+    /// Owner.
+    pub uid: u32,
+    /// Group.
+    pub gid: u32,
+    /// Size in bytes.
+    pub size: u64,
+    /// Access time (ns since the epoch).
+    pub atime: i64,
+    /// Modification time (ns).
+    pub mtime: i64,
+    /// Change time (ns).
+    pub ctime: i64,
+}
+
+/// One object of a frozen copy, at its split-time path (relative to the copy mount).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Frozen {
+    /// Inode on the main volume.
+    pub ino: u64,
+    /// Relative path (`a/b/c`), no leading slash; empty for the scope's top directory.
+    pub path: String,
+    /// Attributes at the split instant.
+    pub attr: FrozenAttr,
+    /// Extents at the split instant (regular files).
+    pub extents: ExtentMap,
+    /// Symlink target.
+    pub target: Vec<u8>,
+}
+
+/// Progress counters of the current copy operation.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Progress {
+    /// Tracks to copy when the operation started.
+    pub total: u64,
+    /// Tracks copied so far by the copier or by copy-on-write.
+    pub copied: u64,
+    /// Tracks copied by the last finished operation.
+    pub last_copied: u64,
+    /// Wall time (ns) when the operation started.
+    pub started_ns: i64,
+}
+
+/// One pair.
+#[derive(Debug, Clone)]
+pub struct Pair {
+    /// Identifier.
+    pub id: PairId,
+    /// What it covers.
+    pub scope: Scope,
+    /// Path of the scope when the pair was made (display).
+    pub path: String,
+    /// State.
+    pub state: State,
+    /// Forming-diff bitmap.
+    pub forming: TrackSet,
+    /// Split-diff bitmap.
+    pub split_diff: TrackSet,
+    /// Update-diff bitmap.
+    pub update_diff: TrackSet,
+    /// The frozen copy (empty unless frozen).
+    pub frozen: Vec<Frozen>,
+    /// Time of the split/update instant (ns).
+    pub split_ns: i64,
+    /// Last error, in state `error`.
+    pub error: Option<String>,
+    /// Progress.
+    pub progress: Progress,
+}
+
+/// Pin changes the caller must apply to the allocator.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Pins {
+    /// Tracks to pin now.
+    pub pin: Vec<u64>,
+    /// Tracks to unpin now.
+    pub unpin: Vec<u64>,
+}
+
+fn frozen_tracks(frozen: &[Frozen]) -> BTreeSet<u64> {
+    frozen.iter().flat_map(|f| f.extents.vol_tracks()).collect()
+}
+
+impl Pair {
+    /// A new pair in `forming`: every current track of the scope is to copy.
+    pub fn new(id: PairId, scope: Scope, path: String, current: TrackSet, now: i64) -> Pair {
+        let total = current.count();
+        Pair {
+            id,
+            scope,
+            path,
+            state: State::Forming,
+            forming: current,
+            split_diff: TrackSet::new(),
+            update_diff: TrackSet::new(),
+            frozen: Vec::new(),
+            split_ns: 0,
+            error: None,
+            progress: Progress {
+                total,
+                copied: 0,
+                last_copied: 0,
+                started_ns: now,
+            },
+        }
+    }
+
+    fn wrong_state(&self, op: &str) -> Error {
+        match self.state {
+            s if s.is_copying() && op != "release" => Error::Busy(format!(
+                "{op}: pair {} is {} (wait for it to finish)",
+                self.path,
+                s.name()
+            )),
+            s => Error::invalid(format!(
+                "{op} is not allowed in state {} of pair {}",
+                s.name(),
+                self.path
+            )),
+        }
+    }
+
+    fn start_op(&mut self, total: u64, now: i64) {
+        self.progress.total = total;
+        self.progress.copied = 0;
+        self.progress.started_ns = now;
+    }
+
+    /// Tracks the copier must copy now (None when nothing is pending in this state).
+    pub fn pending(&self) -> Option<&TrackSet> {
+        match self.state {
+            State::Forming | State::Splitting | State::Resyncing => Some(&self.forming),
+            State::Updating => Some(&self.split_diff),
+            _ => None,
+        }
+    }
+
+    fn pending_mut(&mut self) -> Option<&mut TrackSet> {
+        match self.state {
+            State::Forming | State::Splitting | State::Resyncing => Some(&mut self.forming),
+            State::Updating => Some(&mut self.split_diff),
+            _ => None,
+        }
+    }
+
+    /// Split: freeze `frozen` (the scope as of now). O(1) in data: nothing is copied
+    /// here. Allowed from forming and formed (forming: the tracks not copied yet are
+    /// simply still pending).
+    pub fn split(&mut self, frozen: Vec<Frozen>, now: i64) -> Result<Pins> {
+        if !matches!(self.state, State::Forming | State::Formed) {
+            return Err(self.wrong_state("split"));
+        }
+        let pins = Pins {
+            pin: frozen_tracks(&frozen).into_iter().collect(),
+            unpin: Vec::new(),
+        };
+        // Pending tracks outside the frozen maps do not need copying any more.
+        let keep: BTreeSet<u64> = pins.pin.iter().copied().collect();
+        let drop: Vec<u64> = self.forming.iter().filter(|t| !keep.contains(t)).collect();
+        for t in drop {
+            self.forming.remove(t);
+        }
+        self.frozen = frozen;
+        self.split_ns = now;
+        self.split_diff.clear();
+        self.update_diff.clear();
+        self.state = State::Splitting;
+        self.start_op(self.forming.count(), now);
+        self.finish_if_done();
+        Ok(pins)
+    }
+
+    /// Update: refresh the frozen copy to `frozen` (the scope as of now), copying only
+    /// split-diff tracks and tracks new since the last instant. From `error`, this is a
+    /// fresh split of every track.
+    pub fn update(&mut self, frozen: Vec<Frozen>, now: i64) -> Result<Pins> {
+        let old = match self.state {
+            State::Split => frozen_tracks(&self.frozen),
+            State::Error => BTreeSet::new(),
+            _ => return Err(self.wrong_state("update")),
+        };
+        let new = frozen_tracks(&frozen);
+        let mut pending = TrackSet::new();
+        for t in new.iter().copied() {
+            if self.split_diff.contains(t) || !old.contains(&t) {
+                pending.insert(t);
+            }
+        }
+        self.split_diff.clear();
+        self.split_diff.union_with(&pending);
+        self.update_diff.clear();
+        self.forming.clear();
+        let pins = Pins {
+            pin: new.difference(&old).copied().collect(),
+            unpin: old.difference(&new).copied().collect(),
+        };
+        self.frozen = frozen;
+        self.split_ns = now;
+        self.error = None;
+        self.state = State::Updating;
+        self.start_op(self.split_diff.count(), now);
+        self.finish_if_done();
+        Ok(pins)
+    }
+
+    /// Resync: drop the frozen copy and converge back to `formed`. `current` is every
+    /// track of the scope's live files now.
+    pub fn resync(&mut self, current: &TrackSet, now: i64) -> Result<Pins> {
+        if !matches!(self.state, State::Split | State::Error) {
+            return Err(self.wrong_state("resync"));
+        }
+        let old = frozen_tracks(&self.frozen);
+        let error = self.state == State::Error;
+        self.forming.clear();
+        for t in current.iter() {
+            if error || self.split_diff.contains(t) || !old.contains(&t) {
+                self.forming.insert(t);
+            }
+        }
+        self.split_diff.clear();
+        self.update_diff.clear();
+        self.frozen.clear();
+        self.error = None;
+        self.state = State::Resyncing;
+        self.start_op(self.forming.count(), now);
+        self.finish_if_done();
+        Ok(Pins {
+            pin: Vec::new(),
+            unpin: old.into_iter().collect(),
+        })
+    }
+
+    /// Release: the pins to drop. The caller deletes the pair.
+    pub fn release(&self) -> Pins {
+        Pins {
+            pin: Vec::new(),
+            unpin: frozen_tracks(&self.frozen).into_iter().collect(),
+        }
+    }
+
+    /// A copy failed: enter `error`, drop the frozen copy (it can no longer be trusted).
+    pub fn fail(&mut self, msg: String) -> Pins {
+        let unpin = frozen_tracks(&self.frozen).into_iter().collect();
+        self.frozen.clear();
+        self.forming.clear();
+        self.split_diff.clear();
+        self.update_diff.clear();
+        self.error = Some(msg);
+        self.state = State::Error;
+        Pins {
+            pin: Vec::new(),
+            unpin,
+        }
+    }
+
+    /// Of the tracks a host write is about to change, those that must be copied to the
+    /// copy image first (copy-on-write).
+    pub fn cow_needed(&self, tracks: &[u64]) -> Vec<u64> {
+        match self.state {
+            State::Splitting | State::Updating => {
+                let p = self.pending().expect("pending in this state");
+                tracks.iter().copied().filter(|&t| p.contains(t)).collect()
+            }
+            _ => Vec::new(),
+        }
+    }
+
+    /// Records that the host wrote (or allocated) `tracks` inside the scope. Must be
+    /// called after the data reached the volume and after any copy-on-write.
+    pub fn written(&mut self, tracks: &[u64]) {
+        let set = match self.state {
+            State::Forming | State::Formed | State::Resyncing => &mut self.forming,
+            State::Splitting | State::Split => &mut self.split_diff,
+            State::Updating => &mut self.update_diff,
+            State::Error => return,
+        };
+        for &t in tracks {
+            set.insert(t);
+        }
+        if self.state == State::Forming || self.state == State::Resyncing {
+            self.progress.total = self.progress.copied + self.forming.count();
+        }
+    }
+
+    /// Records that a live file of the scope no longer maps `tracks`. In the unfrozen
+    /// states they need no copy any more; frozen maps keep (and pin) theirs.
+    pub fn freed(&mut self, tracks: &[u64]) {
+        if matches!(
+            self.state,
+            State::Forming | State::Formed | State::Resyncing
+        ) {
+            for &t in tracks {
+                self.forming.remove(t);
+            }
+        }
+    }
+
+    /// Records that `tracks` are now on the copy image (durably). Advances the state
+    /// when nothing is left to copy.
+    pub fn copied(&mut self, tracks: &[u64]) {
+        let mut n = 0;
+        if let Some(p) = self.pending_mut() {
+            for &t in tracks {
+                if p.remove(t) {
+                    n += 1;
+                }
+            }
+        }
+        self.progress.copied += n;
+        self.finish_if_done();
+    }
+
+    fn finish_if_done(&mut self) {
+        if self.pending().is_some_and(|p| p.is_empty()) {
+            self.progress.last_copied = self.progress.copied;
+            self.state = match self.state {
+                State::Forming | State::Resyncing => State::Formed,
+                State::Splitting => State::Split,
+                State::Updating => {
+                    self.split_diff = std::mem::take(&mut self.update_diff);
+                    self.split_diff.mark_all_dirty();
+                    State::Split
+                }
+                s => s,
+            };
+        }
+    }
+
+    /// After an unclean shutdown the bitmap that records host writes (not written
+    /// through synchronously) may have lost bits: assume every current track changed.
+    pub fn recover_unclean(&mut self, current: &TrackSet) {
+        let set = match self.state {
+            State::Forming | State::Formed | State::Resyncing => &mut self.forming,
+            State::Splitting | State::Split => &mut self.split_diff,
+            State::Updating => &mut self.update_diff,
+            State::Error => return,
+        };
+        set.union_with(current);
+        if self.state == State::Formed {
+            self.state = State::Forming;
+        }
+    }
+
+    /// Tracks pinned by the frozen copy.
+    pub fn pinned_tracks(&self) -> BTreeSet<u64> {
+        frozen_tracks(&self.frozen)
+    }
+
+    /// Reads of a frozen track come from the volume while this is true.
+    pub fn read_from_volume(&self, t: u64) -> bool {
+        self.pending().is_some_and(|p| p.contains(t)) && self.state.is_frozen()
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,531 @@
+//! Subcommand implementations behind the CLI: mkfs, mount (with daemon mode, signals
+//! and clean shutdown), mount-copy, umount, the xattr-based control commands, status,
+//! fsck and the generators.
+
+use std::ffi::CString;
+use std::io::{Read, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::io::FromRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use fuser::{Config, MountOption, SessionACL};
+
+use crate::cli::{Cli, Cmd, Gen, VolumeArgs};
+use crate::error::{Error, Result};
+use crate::fs::Options;
+use crate::volfile::{self, Paths};
+
+fn paths(v: &VolumeArgs) -> Paths {
+    Paths::new(&v.volume, v.meta.as_deref(), v.copy.as_deref())
+}
+
+/// Runs one command; returns the exit code.
+pub fn run(cli: Cli) -> Result<u8> {
+    match cli.cmd {
+        Cmd::Mkfs { vol, size, track_size, force } => {
+            let p = paths(&vol);
+            let g = volfile::mkfs(&p, size, track_size, force)?;
+            println!(
+                "made pairfs volume {} ({}, {} tracks of {}), uuid {}",
+                p.volume.display(),
+                crate::size::format_size(g.size),
+                g.tracks(),
+                crate::size::format_size(g.track_size),
+                g.uuid
+            );
+            println!("metadata {}, copy image {}", p.meta.display(), p.copy.display());
+            Ok(0)
+        }
+        Cmd::Mount { vol, mountpoint, copy_mount, threads, daemon, options, commit_ms } => {
+            let mut m = MountSpec {
+                paths: paths(&vol),
+                mountpoint,
+                copy_mount,
+                threads: threads as usize,
+                readonly: false,
+                fuse_opts: Vec::new(),
+                commit_ms,
+                copy_only: false,
+            };
+            m.parse_options(&options)?;
+            mount(m, daemon)
+        }
+        Cmd::MountCopy { vol, mountpoint, daemon } => {
+            let m = MountSpec {
+                paths: paths(&vol),
+                mountpoint: mountpoint.clone(),
+                copy_mount: Some(mountpoint),
+                threads: 2,
+                readonly: true,
+                fuse_opts: Vec::new(),
+                commit_ms: 1000,
+                copy_only: true,
+            };
+            mount(m, daemon)
+        }
+        Cmd::Umount { mountpoint } => {
+            umount_and_wait(&mountpoint)?;
+            Ok(0)
+        }
+        Cmd::Pair(a) => control(&a.path, "pair", false),
+        Cmd::Release(a) => control(&a.path, "release", false),
+        Cmd::Split(a) => control(&a.path, "split", a.wait),
+        Cmd::Update(a) => control(&a.path, "update", a.wait),
+        Cmd::Resync(a) => control(&a.path, "resync", a.wait),
+        Cmd::Status { path, json, watch } => crate::status::status(path.as_deref(), json, watch),
+        Cmd::Fsck { vol, repair } => {
+            let r = crate::fsck::fsck(&paths(&vol), repair)?;
+            for (k, v) in &r.stats {
+                println!("{k}: {v}");
+            }
+            for p in &r.problems {
+                println!("PROBLEM: {p}");
+            }
+            for f in &r.fixed {
+                println!("FIXED: {f}");
+            }
+            if r.problems.is_empty() {
+                println!("clean");
+                Ok(0)
+            } else if repair && !r.fixed.is_empty() {
+                println!("{} problems, {} fixes applied; run fsck again", r.problems.len(), r.fixed.len());
+                Ok(1)
+            } else {
+                println!("{} problems found", r.problems.len());
+                Ok(1)
+            }
+        }
+        Cmd::Gen { what } => {
+            match what {
+                Gen::Man { dir } => crate::manpages::write_all(&dir)?,
+                Gen::Completions { shell } => {
+                    let mut cmd = <Cli as clap::CommandFactory>::command();
+                    clap_complete::generate(shell, &mut cmd, "pairfs", &mut std::io::stdout());
+                }
+            }
+            Ok(0)
+        }
+    }
+}
+
+/// What to mount.
+#[derive(Debug, Clone)]
+pub struct MountSpec {
+    /// Volume files.
+    pub paths: Paths,
+    /// Main mountpoint (or the copy mountpoint with `copy_only`).
+    pub mountpoint: PathBuf,
+    /// Copy mount directory.
+    pub copy_mount: Option<PathBuf>,
+    /// FUSE threads.
+    pub threads: usize,
+    /// Read-only main mount.
+    pub readonly: bool,
+    /// Extra FUSE options.
+    pub fuse_opts: Vec<String>,
+    /// Commit interval.
+    pub commit_ms: u64,
+    /// Serve only the copy mount.
+    pub copy_only: bool,
+}
+
+impl MountSpec {
+    /// Applies `-o` options.
+    pub fn parse_options(&mut self, opts: &[String]) -> Result<()> {
+        for o in opts.iter().flat_map(|s| s.split(',')) {
+            let o = o.trim();
+            if o.is_empty() {
+                continue;
+            }
+            let (k, v) = o.split_once('=').map_or((o, None), |(k, v)| (k, Some(v)));
+            match (k, v) {
+                ("ro", None) => self.readonly = true,
+                ("rw", None) => self.readonly = false,
+                ("copy_mount", Some(d)) => self.copy_mount = Some(PathBuf::from(d)),
+                ("threads", Some(n)) => {
+                    self.threads = n
+                        .parse()
+                        .ok()
+                        .filter(|n| (1..=64).contains(n))
+                        .ok_or_else(|| Error::invalid(format!("threads={n}: expected 1..64")))?
+                }
+                ("commit_ms", Some(n)) => {
+                    self.commit_ms = n
+                        .parse()
+                        .ok()
+                        .filter(|n| (1..=60000).contains(n))
+                        .ok_or_else(|| Error::invalid(format!("commit_ms={n}: expected 1..60000")))?
+                }
+                // Options mount(8) passes that mean nothing here.
+                ("defaults" | "auto" | "noauto" | "user" | "nouser" | "_netdev" | "nofail", _) => {}
+                ("allow_other" | "default_permissions" | "allow_root", None) => {}
+                (k, _) if k.starts_with("x-") => {}
+                ("dev" | "nodev" | "suid" | "nosuid" | "exec" | "noexec" | "atime" | "noatime" | "async" | "sync" | "dirsync", None) => {
+                    self.fuse_opts.push(k.to_string())
+                }
+                _ => return Err(Error::invalid(format!("unknown mount option {o:?}"))),
+            }
+        }
+        Ok(())
+    }
+}
+
+fn fuse_option(o: &str) -> MountOption {
+    match o {
+        "dev" => MountOption::Dev,
+        "nodev" => MountOption::NoDev,
+        "suid" => MountOption::Suid,
+        "nosuid" => MountOption::NoSuid,
+        "exec" => MountOption::Exec,
+        "noexec" => MountOption::NoExec,
+        "atime" => MountOption::Atime,
+        "noatime" => MountOption::NoAtime,
+        "sync" => MountOption::Sync,
+        "async" => MountOption::Async,
+        "dirsync" => MountOption::DirSync,
+        other => MountOption::CUSTOM(other.to_string()),
+    }
+}
+
+fn config(spec: &MountSpec, copy: bool) -> Config {
+    let mut c = Config::default();
+    let name = format!("pairfs:{}", spec.paths.volume.display());
+    c.mount_options = vec![
+        MountOption::FSName(if copy { format!("{name}:copy") } else { name }),
+        MountOption::Subtype("pairfs".to_string()),
+        MountOption::DefaultPermissions,
+    ];
+    if copy || spec.readonly {
+        c.mount_options.push(MountOption::RO);
+    }
+    for o in &spec.fuse_opts {
+        c.mount_options.push(fuse_option(o));
+    }
+    // Root mounts serve every user, with the kernel checking permissions as on ext4.
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        c.acl = SessionACL::All;
+    }
+    c.n_threads = Some(if copy { 2 } else { spec.threads });
+    c.clone_fd = true;
+    c
+}
+
+fn check_mountpoint(p: &Path) -> Result<()> {
+    match std::fs::metadata(p) {
+        Ok(m) if m.is_dir() => Ok(()),
+        Ok(_) => Err(Error::NotDir),
+        Err(_) => Err(Error::NotFound(format!("mountpoint {}", p.display()))),
+    }
+}
+
+/// Blocks SIGINT/SIGTERM/SIGHUP in this thread (and the threads it spawns later) and
+/// returns the set, for `sigwait`.
+fn block_signals() -> libc::sigset_t {
+    // SAFETY: sigset manipulation on a local, then pthread_sigmask on the current thread.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGHUP);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
+    }
+}
+
+/// Unmounts a FUSE mount: umount(2) as root, else fusermount3 -u; lazily if busy.
+pub fn unmount(p: &Path) -> Result<()> {
+    let c = CString::new(p.as_os_str().as_bytes()).map_err(|_| Error::invalid("path with NUL"))?;
+    // SAFETY: valid C string.
+    if unsafe { libc::umount2(c.as_ptr(), 0) } == 0 {
+        return Ok(());
+    }
+    let err = std::io::Error::last_os_error();
+    match err.raw_os_error() {
+        Some(libc::EBUSY) => {
+            log::warn!("{} is busy; detaching it (lazy unmount)", p.display());
+            // SAFETY: valid C string.
+            if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } == 0 {
+                return Ok(());
+            }
+            Err(Error::io("unmount", std::io::Error::last_os_error()))
+        }
+        Some(libc::EPERM) => {
+            let st = std::process::Command::new("fusermount3")
+                .arg("-u")
+                .arg(p)
+                .status()
+                .map_err(|e| Error::io("fusermount3", e))?;
+            if st.success() {
+                Ok(())
+            } else {
+                Err(Error::Busy(format!("fusermount3 -u {} failed", p.display())))
+            }
+        }
+        _ => Err(Error::io("unmount", err)),
+    }
+}
+
+/// The pairfs mounts in /proc/self/mountinfo: (mountpoint, fsname).
+pub fn pairfs_mounts() -> Vec<(PathBuf, String)> {
+    let Ok(s) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for line in s.lines() {
+        let f: Vec<&str> = line.split(' ').collect();
+        let Some(dash) = f.iter().position(|x| *x == "-") else { continue };
+        if f.get(dash + 1) == Some(&"fuse.pairfs") {
+            let unescape = |x: &str| x.replace("\\040", " ").replace("\\011", "\t").replace("\\134", "\\");
+            out.push((PathBuf::from(unescape(f[4])), unescape(f.get(dash + 2).copied().unwrap_or(""))));
+        }
+    }
+    out
+}
+
+fn umount_and_wait(mnt: &Path) -> Result<()> {
+    let mnt = std::fs::canonicalize(mnt).unwrap_or_else(|_| mnt.to_path_buf());
+    let src = pairfs_mounts()
+        .into_iter()
+        .find(|(m, _)| *m == mnt)
+        .map(|(_, s)| s)
+        .ok_or_else(|| Error::invalid(format!("{} is not a pairfs mount", mnt.display())))?;
+    unmount(&mnt)?;
+    // Wait for the daemon to commit and release the volume lock.
+    let vol = src.trim_start_matches("pairfs:").trim_end_matches(":copy").to_string();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        // Another mount of the same volume (the copy mount) keeps the daemon alive.
+        if pairfs_mounts().iter().any(|(_, s)| s.trim_start_matches("pairfs:").trim_end_matches(":copy") == vol) {
+            return Ok(());
+        }
+        match std::fs::File::open(&vol) {
+            Ok(f) => {
+                // SAFETY: flock on a valid fd.
+                let r = unsafe { libc::flock(std::os::unix::io::AsRawFd::as_raw_fd(&f), libc::LOCK_EX | libc::LOCK_NB) };
+                if r == 0 {
+                    return Ok(());
+                }
+            }
+            Err(_) => return Ok(()),
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Err(Error::Busy(format!("the daemon of {vol} did not exit within 60 s")))
+}
+
+/// Mounts and serves until unmounted or signalled.
+fn mount(spec: MountSpec, daemon: bool) -> Result<u8> {
+    check_mountpoint(&spec.mountpoint)?;
+    if let Some(c) = &spec.copy_mount {
+        check_mountpoint(c)?;
+        if !spec.copy_only && c == &spec.mountpoint {
+            return Err(Error::invalid("the copy mount must differ from the mountpoint"));
+        }
+    }
+    if !daemon {
+        return serve(spec, None);
+    }
+    // Fork before any thread exists; the parent waits for "ready" or an error text.
+    let mut fds = [0; 2];
+    // SAFETY: pipe into a local array.
+    if unsafe { libc::pipe(fds.as_mut_ptr()) } != 0 {
+        return Err(Error::io("pipe", std::io::Error::last_os_error()));
+    }
+    // SAFETY: single-threaded here; the child continues with its own copy.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(Error::io("fork", std::io::Error::last_os_error()));
+    }
+    if pid > 0 {
+        // SAFETY: we own fds[0]; close our copy of the write end.
+        let mut r = unsafe {
+            libc::close(fds[1]);
+            std::fs::File::from_raw_fd(fds[0])
+        };
+        let mut msg = String::new();
+        let _ = r.read_to_string(&mut msg);
+        if msg.starts_with("ready") {
+            return Ok(0);
+        }
+        eprintln!("pairfs: {}", if msg.is_empty() { "the daemon exited before the mount was ready" } else { msg.trim() });
+        return Ok(1);
+    }
+    // Child.
+    // SAFETY: we own fds[1]; setsid has no preconditions.
+    let w = unsafe {
+        libc::close(fds[0]);
+        libc::setsid();
+        std::fs::File::from_raw_fd(fds[1])
+    };
+    let code = match serve(spec, Some(w)) {
+        Ok(c) => c,
+        Err(e) => {
+            log::error!("{e}");
+            1
+        }
+    };
+    std::process::exit(code as i32);
+}
+
+fn serve(spec: MountSpec, mut ready: Option<std::fs::File>) -> Result<u8> {
+    let fail = |ready: &mut Option<std::fs::File>, e: Error| -> Result<u8> {
+        if let Some(w) = ready.as_mut() {
+            let _ = writeln!(w, "{e}");
+        }
+        Err(e)
+    };
+    let opts = Options {
+        commit_interval: Duration::from_millis(spec.commit_ms),
+        readonly: spec.readonly || spec.copy_only,
+        meta_path: None,
+    };
+    let (fs, _lock) = match volfile::open(&spec.paths, opts) {
+        Ok(x) => x,
+        Err(e) => return fail(&mut ready, e),
+    };
+    let fs = Arc::new(fs);
+    let sigs = block_signals();
+    let mut sessions = Vec::new();
+    let mut points = Vec::new();
+    if !spec.copy_only {
+        match fuser::Session::new(
+            crate::fuse_main::MainFs::new(fs.clone()),
+            &spec.mountpoint,
+            &config(&spec, false),
+        )
+        .and_then(|s| s.spawn())
+        {
+            Ok(s) => {
+                sessions.push(s);
+                points.push(spec.mountpoint.clone());
+            }
+            Err(e) => return fail(&mut ready, Error::io("mount", e)),
+        }
+    }
+    if let Some(c) = &spec.copy_mount {
+        match fuser::Session::new(crate::fuse_copy::CopyFs::new(fs.clone()), c, &config(&spec, true))
+            .and_then(|s| s.spawn())
+        {
+            Ok(s) => {
+                sessions.push(s);
+                points.push(c.clone());
+            }
+            Err(e) => {
+                for p in &points {
+                    let _ = unmount(p);
+                }
+                return fail(&mut ready, Error::io("copy mount", e));
+            }
+        }
+    }
+    let mut workers = Vec::new();
+    if !fs.opts.readonly {
+        let f = fs.clone();
+        workers.push(std::thread::Builder::new().name("pairfs-flush".into()).spawn(move || f.run_flusher()).map_err(|e| Error::io("thread", e))?);
+        let f = fs.clone();
+        workers.push(std::thread::Builder::new().name("pairfs-copier".into()).spawn(move || f.engine.run_copier(&f)).map_err(|e| Error::io("thread", e))?);
+    }
+    log::info!(
+        "mounted {} on {}{}",
+        spec.paths.volume.display(),
+        points.first().map_or_else(String::new, |p| p.display().to_string()),
+        spec.copy_mount.as_ref().map_or_else(String::new, |c| format!(" (copies on {})", c.display()))
+    );
+    if let Some(mut w) = ready.take() {
+        let _ = w.write_all(b"ready\n");
+        // Detach stdio so the parent's terminal is free.
+        if let Ok(null) = std::fs::OpenOptions::new().read(true).open("/dev/null") {
+            // SAFETY: dup2 onto stdin with a valid fd.
+            unsafe { libc::dup2(std::os::unix::io::AsRawFd::as_raw_fd(&null), 0) };
+        }
+    }
+    // Signal thread: unmount everything on SIGINT/SIGTERM/SIGHUP.
+    let sig_points = points.clone();
+    std::thread::Builder::new()
+        .name("pairfs-signals".into())
+        .spawn(move || {
+            let mut sig = 0;
+            // SAFETY: sigwait on a set blocked in every thread.
+            unsafe { libc::sigwait(&sigs, &mut sig) };
+            log::info!("signal {sig}: unmounting");
+            for p in &sig_points {
+                if let Err(e) = unmount(p) {
+                    log::warn!("unmount {}: {e}", p.display());
+                }
+            }
+        })
+        .map_err(|e| Error::io("thread", e))?;
+    // Serve until the first session ends (unmounted), then take the others down.
+    let mut first = true;
+    for s in sessions {
+        if !first {
+            for p in &points {
+                let _ = unmount(p);
+            }
+        }
+        first = false;
+        if let Err(e) = s.join() {
+            log::warn!("session ended with {e}");
+        }
+    }
+    fs.request_stop();
+    for w in workers {
+        let _ = w.join();
+    }
+    fs.shutdown()?;
+    log::info!("unmounted {} cleanly", spec.paths.volume.display());
+    Ok(0)
+}
+
+/// Sets `user.pairfs.<op>` on a path (the CLI wrappers of the control interface).
+pub fn setxattr_control(path: &Path, op: &str) -> Result<()> {
+    let c = CString::new(path.as_os_str().as_bytes()).map_err(|_| Error::invalid("path with NUL"))?;
+    let name = CString::new(format!("user.pairfs.{op}")).expect("no NUL");
+    // SAFETY: valid C strings, empty value.
+    let r = unsafe { libc::setxattr(c.as_ptr(), name.as_ptr(), std::ptr::null(), 0, 0) };
+    if r != 0 {
+        let e = std::io::Error::last_os_error();
+        let hint = match e.raw_os_error() {
+            Some(libc::EINVAL) => " (wrong state for this operation; see `pairfs status`)",
+            Some(libc::EBUSY) => " (an operation is running or the path is inside another pair)",
+            Some(libc::ENOTSUP) => " (not a pairfs mount?)",
+            _ => "",
+        };
+        return Err(Error::invalid(format!("{op} {}: {e}{hint}", path.display())));
+    }
+    Ok(())
+}
+
+/// Reads `user.pairfs.state` of a path.
+pub fn getxattr_state(path: &Path) -> Result<String> {
+    let c = CString::new(path.as_os_str().as_bytes()).map_err(|_| Error::invalid("path with NUL"))?;
+    let name = CString::new("user.pairfs.state").expect("no NUL");
+    let mut buf = vec![0u8; 4096];
+    // SAFETY: valid C strings and a buffer of the length passed.
+    let n = unsafe { libc::getxattr(c.as_ptr(), name.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    if n < 0 {
+        return Err(Error::invalid(format!(
+            "{}: {} (not on a pairfs mount?)",
+            path.display(),
+            std::io::Error::last_os_error()
+        )));
+    }
+    buf.truncate(n as usize);
+    Ok(String::from_utf8_lossy(&buf).into_owned())
+}
+
+fn control(path: &Path, op: &str, wait: bool) -> Result<u8> {
+    setxattr_control(path, op)?;
+    let state = getxattr_state(path)?;
+    if !wait {
+        println!("{}: {}", path.display(), state);
+        return Ok(0);
+    }
+    crate::status::wait_until_done(path)?;
+    println!("{}: {}", path.display(), getxattr_state(path)?);
+    Ok(0)
+}

@@ -1,0 +1,230 @@
+//! `pairfs status` and `--wait`: read `user.pairfs.state` / `user.pairfs.pairs` from a
+//! mount and show them as a table, JSON, or progress bars.
+
+use std::ffi::CString;
+use std::io::IsTerminal;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::error::{Error, Result};
+use crate::run::{getxattr_state, pairfs_mounts};
+
+/// One parsed state line: the state word and its `key=value` fields.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StateLine {
+    /// First word.
+    pub state: String,
+    /// Fields in order.
+    pub fields: Vec<(String, String)>,
+}
+
+impl StateLine {
+    /// Parses `state k=v k="quoted v" ...`.
+    pub fn parse(line: &str) -> StateLine {
+        let line = line.trim();
+        let (state, mut rest) = line.split_once(' ').unwrap_or((line, ""));
+        let mut fields = Vec::new();
+        while let Some((k, r)) = rest.trim_start().split_once('=') {
+            let (v, r2) = if let Some(q) = r.strip_prefix('"') {
+                let end = q.find('"').unwrap_or(q.len());
+                (q[..end].to_string(), q.get(end + 1..).unwrap_or(""))
+            } else {
+                let end = r.find(' ').unwrap_or(r.len());
+                (r[..end].to_string(), &r[end..])
+            };
+            fields.push((k.trim().to_string(), v));
+            rest = r2;
+        }
+        StateLine {
+            state: state.to_string(),
+            fields,
+        }
+    }
+
+    /// A field's value.
+    pub fn get(&self, k: &str) -> Option<&str> {
+        self.fields.iter().find(|f| f.0 == k).map(|f| f.1.as_str())
+    }
+
+    /// As a JSON object (numbers where the value is numeric).
+    pub fn json(&self) -> serde_json::Value {
+        let mut m = serde_json::Map::new();
+        m.insert("state".into(), self.state.clone().into());
+        for (k, v) in &self.fields {
+            let v = v.trim_end_matches('%');
+            let val = if let Ok(n) = v.parse::<u64>() {
+                n.into()
+            } else if let Ok(f) = v.parse::<f64>() {
+                serde_json::Value::from(f)
+            } else {
+                v.to_string().into()
+            };
+            m.insert(k.clone(), val);
+        }
+        serde_json::Value::Object(m)
+    }
+}
+
+fn get_pairs(mnt: &Path) -> Result<Vec<StateLine>> {
+    let c = CString::new(mnt.as_os_str().as_bytes()).map_err(|_| Error::invalid("path with NUL"))?;
+    let name = CString::new("user.pairfs.pairs").expect("no NUL");
+    let mut buf = vec![0u8; 1 << 20];
+    // SAFETY: valid C strings and a buffer of the length passed.
+    let n = unsafe { libc::getxattr(c.as_ptr(), name.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    if n < 0 {
+        return Err(Error::invalid(format!("{}: {}", mnt.display(), std::io::Error::last_os_error())));
+    }
+    buf.truncate(n as usize);
+    Ok(String::from_utf8_lossy(&buf).lines().map(StateLine::parse).collect())
+}
+
+fn collect(path: Option<&Path>) -> Result<Vec<(PathBuf, StateLine)>> {
+    let mounts: Vec<PathBuf> = pairfs_mounts()
+        .into_iter()
+        .filter(|(_, s)| !s.ends_with(":copy"))
+        .map(|(m, _)| m)
+        .collect();
+    let mut out = Vec::new();
+    match path {
+        Some(p) => {
+            let canon = std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+            if mounts.contains(&canon) {
+                for l in get_pairs(&canon)? {
+                    out.push((canon.clone(), l));
+                }
+            } else {
+                out.push((p.to_path_buf(), StateLine::parse(&getxattr_state(p)?)));
+            }
+        }
+        None => {
+            for m in mounts {
+                for l in get_pairs(&m)? {
+                    out.push((m.clone(), l));
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn human_bytes(s: Option<&str>) -> String {
+    s.and_then(|v| v.parse::<f64>().ok())
+        .map_or_else(|| "-".into(), |b| crate::size::format_size(b as u64))
+}
+
+fn print_table(rows: &[(PathBuf, StateLine)]) {
+    println!(
+        "{:<10} {:>8} {:>10} {:>10} {:>12} {:>8} {:>10}  PATH",
+        "STATE", "PROGRESS", "TO_COPY", "DIRTY", "RATE", "ETA", "PINNED"
+    );
+    for (p, l) in rows {
+        let path = l.get("path").map_or_else(|| p.display().to_string(), str::to_string);
+        println!(
+            "{:<10} {:>8} {:>10} {:>10} {:>12} {:>8} {:>10}  {}",
+            l.state,
+            l.get("progress").unwrap_or("-"),
+            l.get("to_copy").unwrap_or("-"),
+            l.get("dirty_tracks").unwrap_or("-"),
+            l.get("rate_bps").map_or_else(|| "-".into(), |_| format!("{}/s", human_bytes(l.get("rate_bps")))),
+            l.get("eta_s").map_or_else(|| "-".into(), |e| format!("{e}s")),
+            human_bytes(l.get("pinned_bytes")),
+            path
+        );
+        if let Some(e) = l.get("error") {
+            println!("           error: {e}");
+        }
+    }
+}
+
+/// `pairfs status`.
+pub fn status(path: Option<&Path>, json: bool, watch: bool) -> Result<u8> {
+    loop {
+        let rows = collect(path)?;
+        if json {
+            let v: Vec<serde_json::Value> = rows
+                .iter()
+                .map(|(p, l)| {
+                    let mut j = l.json();
+                    if j.get("path").is_none() {
+                        j["path"] = p.display().to_string().into();
+                    }
+                    j
+                })
+                .collect();
+            println!("{}", serde_json::to_string_pretty(&v).expect("json"));
+        } else {
+            if watch {
+                print!("\x1b[2J\x1b[H");
+            }
+            if rows.is_empty() {
+                println!("no pairs");
+            } else {
+                print_table(&rows);
+            }
+        }
+        if !watch {
+            return Ok(0);
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
+/// Blocks until the pair at `path` has no copy running; shows a progress bar on a
+/// terminal. Fails if the pair ends in `error`.
+pub fn wait_until_done(path: &Path) -> Result<()> {
+    let bar = std::io::stderr().is_terminal().then(|| {
+        let b = indicatif::ProgressBar::new(100);
+        b.set_style(
+            indicatif::ProgressStyle::with_template("{spinner} {msg} [{bar:40}] {pos}% {elapsed} (eta {eta})")
+                .expect("template")
+                .progress_chars("=> "),
+        );
+        b
+    });
+    loop {
+        let l = StateLine::parse(&getxattr_state(path)?);
+        match l.state.as_str() {
+            "forming" | "splitting" | "updating" | "resyncing" => {
+                if let Some(b) = &bar {
+                    let pct: f64 = l.get("progress").and_then(|p| p.trim_end_matches('%').parse().ok()).unwrap_or(0.0);
+                    b.set_position(pct as u64);
+                    b.set_message(format!("{} {}", l.state, human_bytes(l.get("rate_bps"))) + "/s");
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            "error" => {
+                if let Some(b) = &bar {
+                    b.abandon();
+                }
+                return Err(Error::invalid(format!(
+                    "{}: pair is in error: {}",
+                    path.display(),
+                    l.get("error").unwrap_or("?")
+                )));
+            }
+            _ => {
+                if let Some(b) = &bar {
+                    b.finish_and_clear();
+                }
+                return Ok(());
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_state_lines() {
+        let l = StateLine::parse("split pair=3 progress=100.0% to_copy=0 error=\"a b\" x=y");
+        assert_eq!(l.state, "split");
+        assert_eq!(l.get("pair"), Some("3"));
+        assert_eq!(l.get("error"), Some("a b"));
+        assert_eq!(l.get("x"), Some("y"));
+        assert_eq!(l.json()["to_copy"], 0);
+        assert_eq!(StateLine::parse("none").state, "none");
+    }
+}

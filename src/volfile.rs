@@ -1,0 +1,252 @@
+//! The files of a volume (image, copy image, metadata database): naming, `mkfs`, the
+//! image headers, the mount lock and opening everything into an [`Fs`].
+//!
+//! Image header (track 0 of the volume and of the copy image, 64 bytes, little endian):
+//!
+//! | offset | size | field |
+//! |---|---|---|
+//! | 0 | 8 | magic `PAIRFSV1` (volume) or `PAIRFSC1` (copy image) |
+//! | 8 | 16 | volume UUID |
+//! | 24 | 8 | volume size in bytes |
+//! | 32 | 8 | track size in bytes |
+//! | 40 | 8 | FNV-1a hash of bytes 0..40 |
+//!
+//! Track 0 is never allocated to a file and never copied.
+
+use std::fs::File;
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, Result};
+use crate::fs::{Fs, Options, now_ns};
+use crate::meta::{Geometry, Meta};
+use crate::volume::{FileVolume, Volume};
+
+const MAGIC_VOL: &[u8; 8] = b"PAIRFSV1";
+const MAGIC_COPY: &[u8; 8] = b"PAIRFSC1";
+
+/// Paths of the three files of a volume.
+#[derive(Debug, Clone)]
+pub struct Paths {
+    /// The volume image.
+    pub volume: PathBuf,
+    /// The metadata database (default `VOLUME.meta`).
+    pub meta: PathBuf,
+    /// The copy image (default `VOLUME.copy`).
+    pub copy: PathBuf,
+}
+
+impl Paths {
+    /// Defaults beside `volume`, overridden where given.
+    pub fn new(volume: &Path, meta: Option<&Path>, copy: Option<&Path>) -> Paths {
+        let beside = |ext: &str| {
+            let mut s = volume.as_os_str().to_owned();
+            s.push(ext);
+            PathBuf::from(s)
+        };
+        Paths {
+            volume: volume.to_path_buf(),
+            meta: meta.map_or_else(|| beside(".meta"), Path::to_path_buf),
+            copy: copy.map_or_else(|| beside(".copy"), Path::to_path_buf),
+        }
+    }
+}
+
+fn fnv(b: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf29ce484222325;
+    for &x in b {
+        h ^= x as u64;
+        h = h.wrapping_mul(0x100000001b3);
+    }
+    h
+}
+
+fn uuid_bytes(hex: &str) -> Result<[u8; 16]> {
+    let u = uuid::Uuid::parse_str(hex).map_err(|_| Error::Corrupt(format!("bad uuid {hex:?}")))?;
+    Ok(*u.as_bytes())
+}
+
+/// Encodes an image header.
+pub fn header(magic: &[u8; 8], g: &Geometry) -> Result<[u8; 64]> {
+    let mut h = [0u8; 64];
+    h[0..8].copy_from_slice(magic);
+    h[8..24].copy_from_slice(&uuid_bytes(&g.uuid)?);
+    h[24..32].copy_from_slice(&g.size.to_le_bytes());
+    h[32..40].copy_from_slice(&g.track_size.to_le_bytes());
+    let sum = fnv(&h[0..40]);
+    h[40..48].copy_from_slice(&sum.to_le_bytes());
+    Ok(h)
+}
+
+/// Checks an image header against the geometry from the database.
+pub fn check_header(h: &[u8], magic: &[u8; 8], g: &Geometry, what: &str) -> Result<()> {
+    if h.len() < 48 || &h[0..8] != magic {
+        return Err(Error::Corrupt(format!("{what} is not a pairfs {what} (bad magic)")));
+    }
+    let sum = u64::from_le_bytes(h[40..48].try_into().expect("8 bytes"));
+    if sum != fnv(&h[0..40]) {
+        return Err(Error::Corrupt(format!("{what} header checksum mismatch")));
+    }
+    if h[8..24] != uuid_bytes(&g.uuid)? {
+        return Err(Error::Corrupt(format!(
+            "{what} belongs to another volume (UUID differs from the metadata's {})",
+            g.uuid
+        )));
+    }
+    let size = u64::from_le_bytes(h[24..32].try_into().expect("8 bytes"));
+    let ts = u64::from_le_bytes(h[32..40].try_into().expect("8 bytes"));
+    if size != g.size || ts != g.track_size {
+        return Err(Error::Corrupt(format!(
+            "{what} geometry ({size} bytes, {ts}-byte tracks) differs from the metadata ({} bytes, {}-byte tracks)",
+            g.size, g.track_size
+        )));
+    }
+    Ok(())
+}
+
+/// `pairfs mkfs`: creates the image, the copy image and the database.
+pub fn mkfs(p: &Paths, size: u64, track_size: u64, force: bool) -> Result<Geometry> {
+    if !track_size.is_power_of_two() || !(4096..=1 << 20).contains(&track_size) {
+        return Err(Error::invalid(format!(
+            "track size {track_size} must be a power of two between 4K and 1M"
+        )));
+    }
+    let size = size / track_size * track_size;
+    if size < 16 * track_size {
+        return Err(Error::invalid(format!(
+            "volume size must be at least 16 tracks ({} bytes)",
+            16 * track_size
+        )));
+    }
+    for f in [&p.volume, &p.meta, &p.copy] {
+        if f.exists() && !force {
+            return Err(Error::Exists(format!("{} (use --force to overwrite)", f.display())));
+        }
+    }
+    if force {
+        for f in [&p.volume, &p.meta, &p.copy] {
+            let is_blockdev = std::fs::metadata(f)
+                .map(|m| std::os::unix::fs::FileTypeExt::is_block_device(&m.file_type()))
+                .unwrap_or(false);
+            if !is_blockdev {
+                let _ = std::fs::remove_file(f);
+            }
+        }
+        for ext in ["-wal", "-shm", ".snapshot"] {
+            let mut s = p.meta.as_os_str().to_owned();
+            s.push(ext);
+            let _ = std::fs::remove_file(PathBuf::from(s));
+        }
+    }
+    let g = Geometry {
+        uuid: uuid::Uuid::new_v4().simple().to_string(),
+        size,
+        track_size,
+    };
+    let vol = FileVolume::create(&p.volume, size, "volume")?;
+    vol.write_at(0, &header(MAGIC_VOL, &g)?)?;
+    vol.sync()?;
+    let copy = FileVolume::create(&p.copy, size, "copy image")?;
+    copy.write_at(0, &header(MAGIC_COPY, &g)?)?;
+    copy.sync()?;
+    Meta::create(&p.meta, &g, now_ns())?;
+    Ok(g)
+}
+
+/// An exclusive (read-write) or shared (read-only) lock on the volume image, held for
+/// the life of the mount.
+#[derive(Debug)]
+pub struct VolumeLock {
+    _file: File,
+}
+
+fn lock(path: &Path, exclusive: bool) -> Result<VolumeLock> {
+    let file = File::open(path).map_err(|e| Error::io("volume", e))?;
+    let op = if exclusive { libc::LOCK_EX } else { libc::LOCK_SH } | libc::LOCK_NB;
+    // SAFETY: flock on a valid fd owned by `file`.
+    if unsafe { libc::flock(file.as_raw_fd(), op) } != 0 {
+        return Err(Error::Locked(format!(
+            "{} is in use by another pairfs process (already mounted?)",
+            path.display()
+        )));
+    }
+    Ok(VolumeLock { _file: file })
+}
+
+/// Opens a volume for mounting (or for fsck): checks lock, headers and geometry.
+pub fn open(p: &Paths, mut opts: Options) -> Result<(Fs, VolumeLock)> {
+    if !p.volume.exists() {
+        return Err(Error::NotFound(format!("volume image {}", p.volume.display())));
+    }
+    let lk = lock(&p.volume, !opts.readonly)?;
+    let meta = Meta::open(&p.meta, opts.readonly)?;
+    let g = meta.geometry().clone();
+    let vol = FileVolume::open(&p.volume, !opts.readonly, "volume")?;
+    if vol.len() < g.size {
+        return Err(Error::Corrupt(format!(
+            "volume image is {} bytes, the metadata says {} (truncated image?)",
+            vol.len(),
+            g.size
+        )));
+    }
+    let mut h = [0u8; 64];
+    vol.read_at(0, &mut h)?;
+    check_header(&h, MAGIC_VOL, &g, "volume image")?;
+    if !p.copy.exists() {
+        return Err(Error::NotFound(format!(
+            "copy image {} (pairfs mkfs makes it; restore it or point --copy at it)",
+            p.copy.display()
+        )));
+    }
+    let copy = FileVolume::open(&p.copy, !opts.readonly, "copy image")?;
+    if copy.len() != g.size {
+        return Err(Error::Corrupt(format!(
+            "copy image {} is {} bytes, the volume is {} bytes",
+            p.copy.display(),
+            copy.len(),
+            g.size
+        )));
+    }
+    copy.read_at(0, &mut h)?;
+    check_header(&h, MAGIC_COPY, &g, "copy image")?;
+    let loaded = meta.load()?;
+    if !opts.readonly {
+        meta.set_clean(false)?;
+    }
+    opts.meta_path = Some(p.meta.clone());
+    let fs = Fs::new(meta, loaded, Box::new(vol), Box::new(copy), opts)?;
+    Ok((fs, lk))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_round_trip_and_mismatch() {
+        let g = Geometry {
+            uuid: uuid::Uuid::new_v4().simple().to_string(),
+            size: 1 << 30,
+            track_size: 65536,
+        };
+        let h = header(MAGIC_VOL, &g).unwrap();
+        check_header(&h, MAGIC_VOL, &g, "volume").unwrap();
+        assert!(check_header(&h, MAGIC_COPY, &g, "copy").is_err());
+        let mut other = g.clone();
+        other.uuid = uuid::Uuid::new_v4().simple().to_string();
+        assert!(check_header(&h, MAGIC_VOL, &other, "volume").is_err());
+        let mut bad = h;
+        bad[30] ^= 1;
+        assert!(check_header(&bad, MAGIC_VOL, &g, "volume").is_err());
+    }
+
+    #[test]
+    fn mkfs_refuses_overwrite_and_open_refuses_second_mount() {
+        let d = tempfile::tempdir().unwrap();
+        let p = Paths::new(&d.path().join("v.img"), None, None);
+        mkfs(&p, 64 << 20, 65536, false).unwrap();
+        assert!(matches!(mkfs(&p, 64 << 20, 65536, false), Err(Error::Exists(_))));
+        let (_fs, _lk) = open(&p, Options::default()).unwrap();
+        assert!(matches!(open(&p, Options::default()), Err(Error::Locked(_))));
+    }
+}
