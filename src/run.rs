@@ -191,7 +191,8 @@ fn fuse_option(o: &str) -> MountOption {
 
 fn config(spec: &MountSpec, copy: bool) -> Config {
     let mut c = Config::default();
-    let name = format!("pairfs:{}", spec.paths.volume.display());
+    let vol = std::fs::canonicalize(&spec.paths.volume).unwrap_or_else(|_| spec.paths.volume.clone());
+    let name = format!("pairfs:{}", vol.display());
     c.mount_options = vec![
         MountOption::FSName(if copy { format!("{name}:copy") } else { name }),
         MountOption::Subtype("pairfs".to_string()),
@@ -278,7 +279,9 @@ pub fn pairfs_mounts() -> Vec<(PathBuf, String)> {
     for line in s.lines() {
         let f: Vec<&str> = line.split(' ').collect();
         let Some(dash) = f.iter().position(|x| *x == "-") else { continue };
-        if f.get(dash + 1) == Some(&"fuse.pairfs") {
+        let fstype = f.get(dash + 1).copied().unwrap_or("");
+        let source = f.get(dash + 2).copied().unwrap_or("");
+        if (fstype == "fuse" || fstype == "fuse.pairfs") && source.starts_with("pairfs:") {
             let unescape = |x: &str| x.replace("\\040", " ").replace("\\011", "\t").replace("\\134", "\\");
             out.push((PathBuf::from(unescape(f[4])), unescape(f.get(dash + 2).copied().unwrap_or(""))));
         }
