@@ -1,1 +1,373 @@
-// model test: see below
+//! Model test of the pair engine's rules, without I/O: a simulated volume and copy
+//! image (one token per track), the real [`Allocator`], [`ExtentMap`] and [`Pair`], and
+//! a model that remembers each file's content at its split or update instant.
+//!
+//! Every step checks: a frozen copy reads exactly its instant's content (tracks whose
+//! pending bit is set from the volume, the rest from the copy image); in the unfrozen
+//! states every track whose forming-diff bit is clear mirrors the volume.
+
+use super::*;
+use crate::alloc::Allocator;
+use crate::extent::ExtentMap;
+
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        // xorshift64*
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545F4914F6CDD1D)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+struct Sim {
+    vol: Vec<u64>,
+    copy: Vec<u64>,
+    alloc: Allocator,
+    files: [ExtentMap; 2],
+    sizes: [u64; 2],
+    pair: Option<Pair>,
+    /// File 0's content (per file track) at the split/update instant.
+    snapshot: Option<Vec<u64>>,
+    next_token: u64,
+    copies: u64,
+}
+
+const TRACKS: u64 = 64;
+
+impl Sim {
+    fn new() -> Sim {
+        Sim {
+            vol: vec![0; TRACKS as usize],
+            copy: vec![0; TRACKS as usize],
+            alloc: Allocator::new(TRACKS),
+            files: [ExtentMap::new(), ExtentMap::new()],
+            sizes: [0, 0],
+            pair: None,
+            snapshot: None,
+            next_token: 1,
+            copies: 0,
+        }
+    }
+
+    fn apply(&mut self, pins: Pins) {
+        for t in pins.pin {
+            self.alloc.pin(t);
+        }
+        for t in pins.unpin {
+            self.alloc.unpin(t);
+        }
+        let h = self.alloc.take_held();
+        self.alloc.release_held(&h);
+    }
+
+    fn content(&self, f: usize) -> Vec<u64> {
+        (0..self.sizes[f])
+            .map(|t| self.files[f].lookup(t).map_or(0, |v| self.vol[v as usize]))
+            .collect()
+    }
+
+    fn frozen(&self) -> Vec<Frozen> {
+        vec![Frozen {
+            ino: 2,
+            path: "f".into(),
+            attr: FrozenAttr {
+                kind: FrozenKind::File,
+                perm: 0o644,
+                uid: 0,
+                gid: 0,
+                size: self.sizes[0],
+                atime: 0,
+                mtime: 0,
+                ctime: 0,
+            },
+            extents: self.files[0].clone(),
+            target: Vec::new(),
+        }]
+    }
+
+    fn copy_track(&mut self, v: u64) {
+        self.copy[v as usize] = self.vol[v as usize];
+        self.copies += 1;
+    }
+
+    fn write(&mut self, f: usize, t: u64) -> bool {
+        let mut new = Vec::new();
+        let v = match self.files[f].lookup(t) {
+            Some(v) => v,
+            None => match self.alloc.allocate(self.files[f].goal_for(t), 1) {
+                Ok(r) => {
+                    self.files[f].insert(t, r[0].0, 1);
+                    new.push(r[0].0);
+                    r[0].0
+                }
+                Err(_) => return false,
+            },
+        };
+        let paired = f == 0 && self.pair.is_some();
+        if paired {
+            let p = self.pair.as_mut().unwrap();
+            let need = p.cow_needed(&[v]);
+            for &c in &need {
+                self.copy[c as usize] = self.vol[c as usize];
+                self.copies += 1;
+            }
+            self.pair.as_mut().unwrap().copied(&need);
+        }
+        self.vol[v as usize] = self.next_token;
+        self.next_token += 1;
+        if paired {
+            self.pair.as_mut().unwrap().written(&[v]);
+        }
+        self.sizes[f] = self.sizes[f].max(t + 1);
+        true
+    }
+
+    fn truncate(&mut self, f: usize, n: u64) {
+        let freed: Vec<u64> = self.files[f]
+            .remove(n, u64::MAX - n)
+            .into_iter()
+            .flat_map(|(v, l)| v..v + l)
+            .collect();
+        for &v in &freed {
+            self.alloc.free(v, 1);
+        }
+        let h = self.alloc.take_held();
+        self.alloc.release_held(&h);
+        if f == 0
+            && let Some(p) = self.pair.as_mut()
+        {
+            p.freed(&freed);
+        }
+        self.sizes[f] = self.sizes[f].min(n);
+    }
+
+    fn copier_step(&mut self, n: usize) {
+        let Some(p) = self.pair.as_mut() else { return };
+        let Some(pending) = p.pending() else { return };
+        let batch = pending.next_batch(0, n);
+        if p.state.is_frozen() {
+            for &v in &batch {
+                self.copy_track(v);
+            }
+            self.pair.as_mut().unwrap().copied(&batch);
+        } else {
+            p.copied(&batch);
+            for &v in &batch {
+                self.copy_track(v);
+            }
+        }
+    }
+
+    fn check(&self, seed: u64, step: usize) {
+        let Some(p) = &self.pair else { return };
+        if p.state.is_frozen() {
+            let snap = self.snapshot.as_ref().expect("frozen has a snapshot");
+            let f = &p.frozen[0];
+            assert_eq!(f.attr.size, snap.len() as u64, "seed {seed} step {step}: frozen size");
+            for (t, want) in snap.iter().enumerate() {
+                let got = match f.extents.lookup(t as u64) {
+                    None => 0,
+                    Some(v) if p.read_from_volume(v) => self.vol[v as usize],
+                    Some(v) => self.copy[v as usize],
+                };
+                assert_eq!(got, *want, "seed {seed} step {step}: frozen track {t} ({:?})", p.state);
+            }
+        } else if matches!(p.state, State::Forming | State::Formed | State::Resyncing) {
+            for v in self.files[0].vol_tracks() {
+                if !p.forming.contains(v) {
+                    assert_eq!(
+                        self.copy[v as usize], self.vol[v as usize],
+                        "seed {seed} step {step}: track {v} clear in forming-diff but stale"
+                    );
+                }
+            }
+        }
+        if p.state == State::Split {
+            // Every track changed since the instant (or new since) is in split-diff,
+            // so an update will copy it.
+            let snap = self.snapshot.as_ref().unwrap();
+            for e in self.files[0].iter() {
+                for k in 0..e.len {
+                    let (t, v) = (e.file + k, e.vol + k);
+                    let same_track = p.frozen[0].extents.lookup(t) == Some(v);
+                    let unchanged = snap.get(t as usize) == Some(&self.vol[v as usize]);
+                    if !(same_track && unchanged) {
+                        assert!(
+                            p.split_diff.contains(v),
+                            "seed {seed} step {step}: changed track {v} missing from split-diff"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    fn step(&mut self, rng: &mut Rng, seed: u64, step: usize) {
+        let now = step as i64;
+        match rng.below(20) {
+            0..=6 => {
+                let f = if rng.below(4) == 0 { 1 } else { 0 };
+                let t = rng.below(12);
+                self.write(f, t);
+            }
+            7 => {
+                let f = rng.below(2) as usize;
+                let n = rng.below(self.sizes[f] + 1);
+                self.truncate(f, n);
+            }
+            8..=11 => {
+                let n = 1 + rng.below(4) as usize;
+                self.copier_step(n);
+            }
+            12 => {
+                if self.pair.is_none() {
+                    let cur = self.files[0].vol_tracks().collect();
+                    self.pair = Some(Pair::new(1, Scope::File(2), "/f".into(), cur, now));
+                }
+            }
+            13 | 14 => {
+                if self.pair.is_none() {
+                    let cur = self.files[0].vol_tracks().collect();
+                    self.pair = Some(Pair::new(1, Scope::File(2), "/f".into(), cur, now));
+                }
+                let frozen = self.frozen();
+                let snap = self.content(0);
+                let r = self.pair.as_mut().unwrap().split(frozen, now);
+                if let Ok(pins) = r {
+                    self.apply(pins);
+                    self.snapshot = Some(snap);
+                }
+            }
+            15 | 16 => {
+                let frozen = vec![Sim::frozen_of(&self.files[0], self.sizes[0])];
+                let snap = self.content(0);
+                if let Some(p) = self.pair.as_mut() {
+                    if let Ok(pins) = p.update(frozen, now) {
+                        self.apply(pins);
+                        self.snapshot = Some(snap);
+                    }
+                }
+            }
+            17 => {
+                let cur: TrackSet = self.files[0].vol_tracks().collect();
+                if let Some(p) = self.pair.as_mut()
+                    && let Ok(pins) = p.resync(&cur, now)
+                {
+                    self.apply(pins);
+                    self.snapshot = None;
+                }
+            }
+            18 => {
+                if rng.below(4) == 0
+                    && let Some(p) = self.pair.take()
+                {
+                    let pins = p.release();
+                    self.apply(pins);
+                    self.snapshot = None;
+                }
+            }
+            _ => {
+                // Drain the copier completely.
+                for _ in 0..100 {
+                    self.copier_step(8);
+                }
+            }
+        }
+        self.check(seed, step);
+    }
+
+    fn frozen_of(m: &ExtentMap, size: u64) -> Frozen {
+        Frozen {
+            ino: 2,
+            path: "f".into(),
+            attr: FrozenAttr {
+                kind: FrozenKind::File,
+                perm: 0o644,
+                uid: 0,
+                gid: 0,
+                size,
+                atime: 0,
+                mtime: 0,
+                ctime: 0,
+            },
+            extents: m.clone(),
+            target: Vec::new(),
+        }
+    }
+}
+
+#[test]
+fn pair_engine_matches_the_model() {
+    let base = std::env::var("PAIRFS_MODEL_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0x9e37_79b9_7f4a_7c15u64);
+    let cases: u64 = std::env::var("PAIRFS_MODEL_CASES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3000);
+    println!("pair model: base seed {base:#x}, {cases} cases (PAIRFS_MODEL_SEED / PAIRFS_MODEL_CASES)");
+    let mut copies = 0;
+    let mut splits = 0;
+    for c in 0..cases {
+        let seed = base.wrapping_add(c.wrapping_mul(0x9E3779B97F4A7C15)) | 1;
+        let mut rng = Rng(seed);
+        let mut sim = Sim::new();
+        for step in 0..200 {
+            sim.step(&mut rng, seed, step);
+        }
+        copies += sim.copies;
+        splits += sim.snapshot.is_some() as u64;
+    }
+    println!("pair model: {cases} cases x 200 steps, {copies} track copies, {splits} ended frozen");
+    assert!(copies > 0 && splits > 0, "the model exercised nothing");
+}
+
+#[test]
+fn update_copies_only_changed_tracks() {
+    let mut s = Sim::new();
+    for t in 0..10 {
+        s.write(0, t);
+    }
+    let cur = s.files[0].vol_tracks().collect();
+    s.pair = Some(Pair::new(1, Scope::File(2), "/f".into(), cur, 0));
+    let frozen = s.frozen();
+    let pins = s.pair.as_mut().unwrap().split(frozen, 1).unwrap();
+    s.apply(pins);
+    for _ in 0..10 {
+        s.copier_step(16);
+    }
+    assert_eq!(s.pair.as_ref().unwrap().state, State::Split);
+    s.write(0, 3);
+    s.write(0, 7);
+    let before = s.copies;
+    let frozen = s.frozen();
+    let pins = s.pair.as_mut().unwrap().update(frozen, 2).unwrap();
+    s.apply(pins);
+    assert_eq!(s.pair.as_ref().unwrap().progress.total, 2);
+    for _ in 0..10 {
+        s.copier_step(16);
+    }
+    assert_eq!(s.copies - before, 2);
+    let p = s.pair.as_ref().unwrap();
+    assert_eq!(p.state, State::Split);
+    assert_eq!(p.progress.last_copied, 2);
+}
+
+#[test]
+fn wrong_state_transitions_are_refused() {
+    let mut p = Pair::new(1, Scope::File(2), "/f".into(), [5u64].into_iter().collect(), 0);
+    assert!(matches!(p.update(vec![], 0), Err(Error::Busy(_))));
+    p.copied(&[5]);
+    assert_eq!(p.state, State::Formed);
+    assert!(matches!(p.update(vec![], 0), Err(Error::Invalid(_))));
+    assert!(matches!(p.resync(&TrackSet::new(), 0), Err(Error::Invalid(_))));
+    p.split(vec![], 0).unwrap();
+    assert_eq!(p.state, State::Split);
+    assert!(matches!(p.split(vec![], 0), Err(Error::Invalid(_))));
+}
