@@ -230,11 +230,21 @@ mod tests {
         assert_eq!(m.next_hole(0), 2);
         assert_eq!(m.next_data(2), Some(4));
         assert_eq!(m.tracks(), 6);
-        assert!(ExtentMap::from_extents([
-            Extent { file: 0, vol: 1, len: 4 },
-            Extent { file: 2, vol: 9, len: 1 }
-        ])
-        .is_err());
+        assert!(
+            ExtentMap::from_extents([
+                Extent {
+                    file: 0,
+                    vol: 1,
+                    len: 4
+                },
+                Extent {
+                    file: 2,
+                    vol: 9,
+                    len: 1
+                }
+            ])
+            .is_err()
+        );
     }
 
     proptest! {

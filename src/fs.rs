@@ -147,7 +147,9 @@ impl State {
         let mut parts = Vec::new();
         let mut guard = 0;
         while ino != ROOT && guard < 4096 {
-            let Some(i) = self.inodes.get(&ino) else { break };
+            let Some(i) = self.inodes.get(&ino) else {
+                break;
+            };
             let Some((p, n)) = i.links.first() else { break };
             parts.push(String::from_utf8_lossy(n).into_owned());
             ino = *p;
@@ -257,7 +259,10 @@ impl Fs {
                 .ok_or_else(|| Error::Corrupt(format!("extent of missing inode {ino}")))?;
             if !i.is_file()
                 || e.len == 0
-                || i.extents.segments(e.file, e.len).iter().any(|s| s.vol.is_some())
+                || i.extents
+                    .segments(e.file, e.len)
+                    .iter()
+                    .any(|s| s.vol.is_some())
             {
                 return Err(Error::Corrupt(format!("bad extent {e:?} of inode {ino}")));
             }
@@ -283,7 +288,11 @@ impl Fs {
                 .and_then(|p| p.dir.as_mut())
                 .ok_or_else(|| Error::Corrupt(format!("entry in non-directory {parent}")))?;
             p.insert(name.clone(), ino);
-            inodes.get_mut(&ino).expect("checked").links.push((parent, name));
+            inodes
+                .get_mut(&ino)
+                .expect("checked")
+                .links
+                .push((parent, name));
         }
         let mut st = State {
             inodes,
@@ -533,7 +542,11 @@ impl Fs {
             i.links.remove(pos);
         }
         i.row.ctime = now;
-        i.row.nlink = if is_dir { 0 } else { i.row.nlink.saturating_sub(1) };
+        i.row.nlink = if is_dir {
+            0
+        } else {
+            i.row.nlink.saturating_sub(1)
+        };
         st.touch(ino);
         self.maybe_free(st, ino);
     }
@@ -604,7 +617,11 @@ impl Fs {
                     a = st.get(a)?.parent().unwrap_or(ROOT);
                 }
             }
-            st.get_mut(parent)?.dir.as_mut().expect("dir").insert(name.to_vec(), dst);
+            st.get_mut(parent)?
+                .dir
+                .as_mut()
+                .expect("dir")
+                .insert(name.to_vec(), dst);
             st.get_mut(newparent)?
                 .dir
                 .as_mut()
@@ -622,7 +639,11 @@ impl Fs {
                 st.touch(ino);
             }
             if src_dir != dst_dir && parent != newparent {
-                let (a, b) = if src_dir { (parent, newparent) } else { (newparent, parent) };
+                let (a, b) = if src_dir {
+                    (parent, newparent)
+                } else {
+                    (newparent, parent)
+                };
                 st.get_mut(a)?.row.nlink -= 1;
                 st.get_mut(b)?.row.nlink += 1;
             }
@@ -719,7 +740,8 @@ impl Fs {
             i.row.perm = m & 0o7777;
             i.row.ctime = now;
         }
-        let owner_change = a.uid.is_some_and(|u| u != i.row.uid) || a.gid.is_some_and(|g| g != i.row.gid);
+        let owner_change =
+            a.uid.is_some_and(|u| u != i.row.uid) || a.gid.is_some_and(|g| g != i.row.gid);
         if let Some(u) = a.uid {
             i.row.uid = u;
             i.row.ctime = now;
@@ -934,7 +956,11 @@ impl Fs {
             let mut st = self.state();
             let i = st.get(ino)?;
             if !i.is_file() {
-                return Err(if i.is_dir() { Error::IsDir } else { Error::invalid("not a regular file") });
+                return Err(if i.is_dir() {
+                    Error::IsDir
+                } else {
+                    Error::invalid("not a regular file")
+                });
             }
             // File tracks this write covers completely need no zeroing.
             let c0 = off.div_ceil(ts);
@@ -985,7 +1011,10 @@ impl Fs {
         let keep = mode & libc::FALLOC_FL_KEEP_SIZE != 0;
         let punch = mode & libc::FALLOC_FL_PUNCH_HOLE != 0;
         let zero = mode & libc::FALLOC_FL_ZERO_RANGE != 0;
-        if mode & !(libc::FALLOC_FL_KEEP_SIZE | libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_ZERO_RANGE) != 0 {
+        if mode
+            & !(libc::FALLOC_FL_KEEP_SIZE | libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_ZERO_RANGE)
+            != 0
+        {
             return Err(Error::NotSupported("fallocate mode"));
         }
         if punch && !keep {
@@ -1172,7 +1201,11 @@ impl Fs {
     pub fn setxattr(&self, ino: u64, name: &[u8], value: &[u8], flags: i32) -> Result<()> {
         self.check_writable()?;
         if name.is_empty() || name.len() > 255 {
-            return Err(if name.is_empty() { Error::invalid("empty xattr name") } else { Error::Range });
+            return Err(if name.is_empty() {
+                Error::invalid("empty xattr name")
+            } else {
+                Error::Range
+            });
         }
         if value.len() > XATTR_SIZE_MAX {
             return Err(Error::TooBig);
@@ -1228,7 +1261,14 @@ impl Fs {
 
     /// Copies a range between files by reading and writing (the kernel falls back to
     /// this when it is refused, but doing it here saves round trips).
-    pub fn copy_file_range(&self, ino_in: u64, off_in: u64, ino_out: u64, off_out: u64, len: u64) -> Result<u64> {
+    pub fn copy_file_range(
+        &self,
+        ino_in: u64,
+        off_in: u64,
+        ino_out: u64,
+        off_out: u64,
+        len: u64,
+    ) -> Result<u64> {
         let mut done = 0u64;
         while done < len {
             let n = (len - done).min(1 << 20) as u32;
@@ -1253,7 +1293,11 @@ impl Fs {
         for ino in dirty.inodes {
             if let Some(i) = st.inodes.get(&ino) {
                 let exts: Vec<Extent> = i.extents.iter().collect();
-                let xs = i.xattrs.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+                let xs = i
+                    .xattrs
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect();
                 b.inodes.push((i.row.clone(), exts, xs));
             }
         }
@@ -1377,4 +1421,3 @@ impl Fs {
         self.state().inodes.len()
     }
 }
-

@@ -9,11 +9,10 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fuser::{
-    AccessFlags, CopyFileRangeFlags, Errno, FileAttr, FileHandle, FileType, Filesystem,
-    FopenFlags, Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags,
-    RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus,
-    ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr,
-    Request, TimeOrNow, WriteFlags,
+    AccessFlags, CopyFileRangeFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags,
+    Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr,
+    ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLseek,
+    ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 
 use crate::engine::Op;
@@ -237,15 +236,31 @@ impl Filesystem for MainFs {
         let kind = mode & libc::S_IFMT;
         let kind = if kind == 0 { libc::S_IFREG } else { kind };
         let r = match kind {
-            libc::S_IFREG | libc::S_IFIFO | libc::S_IFSOCK | libc::S_IFCHR | libc::S_IFBLK => self
-                .fs
-                .create_node(ctx(req), parent.0, name.as_bytes(), kind, mode & !umask & 0o7777, rdev, None),
+            libc::S_IFREG | libc::S_IFIFO | libc::S_IFSOCK | libc::S_IFCHR | libc::S_IFBLK => {
+                self.fs.create_node(
+                    ctx(req),
+                    parent.0,
+                    name.as_bytes(),
+                    kind,
+                    mode & !umask & 0o7777,
+                    rdev,
+                    None,
+                )
+            }
             _ => Err(Error::invalid("mknod of this type")),
         };
         self.entry(r, reply, "mknod");
     }
 
-    fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, reply: ReplyEntry) {
+    fn mkdir(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        reply: ReplyEntry,
+    ) {
         let r = self.fs.create_node(
             ctx(req),
             parent.0,
@@ -272,15 +287,28 @@ impl Filesystem for MainFs {
         }
     }
 
-    fn symlink(&self, req: &Request, parent: INodeNo, link_name: &OsStr, target: &Path, reply: ReplyEntry) {
+    fn symlink(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        link_name: &OsStr,
+        target: &Path,
+        reply: ReplyEntry,
+    ) {
         let t = target.as_os_str().as_bytes().to_vec();
         if t.len() > 4095 {
             reply.error(Errno::from_i32(libc::ENAMETOOLONG));
             return;
         }
-        let r = self
-            .fs
-            .create_node(ctx(req), parent.0, link_name.as_bytes(), libc::S_IFLNK, 0o777, 0, Some(t));
+        let r = self.fs.create_node(
+            ctx(req),
+            parent.0,
+            link_name.as_bytes(),
+            libc::S_IFLNK,
+            0o777,
+            0,
+            Some(t),
+        );
         self.entry(r, reply, "symlink");
     }
 
@@ -294,17 +322,31 @@ impl Filesystem for MainFs {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
-        match self
-            .fs
-            .rename(parent.0, name.as_bytes(), newparent.0, newname.as_bytes(), flags.bits())
-        {
+        match self.fs.rename(
+            parent.0,
+            name.as_bytes(),
+            newparent.0,
+            newname.as_bytes(),
+            flags.bits(),
+        ) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(&e, "rename")),
         }
     }
 
-    fn link(&self, _req: &Request, ino: INodeNo, newparent: INodeNo, newname: &OsStr, reply: ReplyEntry) {
-        self.entry(self.fs.link(ino.0, newparent.0, newname.as_bytes()), reply, "link");
+    fn link(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        newparent: INodeNo,
+        newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
+        self.entry(
+            self.fs.link(ino.0, newparent.0, newname.as_bytes()),
+            reply,
+            "link",
+        );
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
@@ -351,7 +393,14 @@ impl Filesystem for MainFs {
         }
     }
 
-    fn flush(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _lo: LockOwner, reply: ReplyEmpty) {
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lo: LockOwner,
+        reply: ReplyEmpty,
+    ) {
         reply.ok();
     }
 
@@ -371,7 +420,14 @@ impl Filesystem for MainFs {
         }
     }
 
-    fn fsync(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+    fn fsync(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
         match self.fs.commit(Vec::new()) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(&e, "fsync")),
@@ -380,17 +436,31 @@ impl Filesystem for MainFs {
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         match self.fs.getattr(ino.0) {
-            Ok(a) if a.row.kind == libc::S_IFDIR => reply.opened(FileHandle(0), FopenFlags::empty()),
+            Ok(a) if a.row.kind == libc::S_IFDIR => {
+                reply.opened(FileHandle(0), FopenFlags::empty())
+            }
             Ok(_) => reply.error(Errno::from_i32(libc::ENOTDIR)),
             Err(e) => reply.error(errno(&e, "opendir")),
         }
     }
 
-    fn readdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
         match self.fs.readdir(ino.0, offset) {
             Ok(entries) => {
                 for (cookie, a, name) in entries {
-                    if reply.add(INodeNo(a.row.ino), cookie, file_type(a.row.kind), OsStr::from_bytes(&name)) {
+                    if reply.add(
+                        INodeNo(a.row.ino),
+                        cookie,
+                        file_type(a.row.kind),
+                        OsStr::from_bytes(&name),
+                    ) {
                         break;
                     }
                 }
@@ -400,7 +470,14 @@ impl Filesystem for MainFs {
         }
     }
 
-    fn readdirplus(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectoryPlus) {
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
         match self.fs.readdir(ino.0, offset) {
             Ok(entries) => {
                 for (cookie, a, name) in entries {
@@ -409,12 +486,26 @@ impl Filesystem for MainFs {
                         // Entries for . and .. must not add lookup counts.
                         let mut fa = fuse_attr(&a);
                         fa.ino = INodeNo(a.row.ino);
-                        if reply.add(INodeNo(a.row.ino), cookie, n, &Duration::ZERO, &fa, Generation(0)) {
+                        if reply.add(
+                            INodeNo(a.row.ino),
+                            cookie,
+                            n,
+                            &Duration::ZERO,
+                            &fa,
+                            Generation(0),
+                        ) {
                             break;
                         }
                         continue;
                     }
-                    if reply.add(INodeNo(a.row.ino), cookie, n, &TTL, &fuse_attr(&a), Generation(0)) {
+                    if reply.add(
+                        INodeNo(a.row.ino),
+                        cookie,
+                        n,
+                        &TTL,
+                        &fuse_attr(&a),
+                        Generation(0),
+                    ) {
                         break;
                     }
                 }
@@ -424,7 +515,14 @@ impl Filesystem for MainFs {
         }
     }
 
-    fn fsyncdir(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+    fn fsyncdir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
         match self.fs.commit(Vec::new()) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(&e, "fsyncdir")),
@@ -450,7 +548,10 @@ impl Filesystem for MainFs {
         reply: ReplyEmpty,
     ) {
         let n = name.as_bytes();
-        let r = match std::str::from_utf8(n).ok().and_then(|s| s.strip_prefix(CONTROL_PREFIX)) {
+        let r = match std::str::from_utf8(n)
+            .ok()
+            .and_then(|s| s.strip_prefix(CONTROL_PREFIX))
+        {
             Some(op) => self.control_set(ino.0, op),
             None => self.fs.setxattr(ino.0, n, value, flags),
         };
@@ -462,7 +563,10 @@ impl Filesystem for MainFs {
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
         let n = name.as_bytes();
-        let r = match std::str::from_utf8(n).ok().and_then(|s| s.strip_prefix(CONTROL_PREFIX)) {
+        let r = match std::str::from_utf8(n)
+            .ok()
+            .and_then(|s| s.strip_prefix(CONTROL_PREFIX))
+        {
             Some(op) => self.control_get(ino.0, op),
             None => self.fs.getxattr(ino.0, n),
         };
@@ -506,13 +610,27 @@ impl Filesystem for MainFs {
     ) {
         let r = self
             .fs
-            .create_node(ctx(req), parent.0, name.as_bytes(), libc::S_IFREG, mode & !umask & 0o7777, 0, None)
+            .create_node(
+                ctx(req),
+                parent.0,
+                name.as_bytes(),
+                libc::S_IFREG,
+                mode & !umask & 0o7777,
+                0,
+                None,
+            )
             .and_then(|a| {
                 let write = flags & libc::O_ACCMODE != libc::O_RDONLY;
                 Ok((self.fs.open(a.row.ino, write)?, a))
             });
         match r {
-            Ok((fh, a)) => reply.created(&TTL, &fuse_attr(&a), Generation(0), FileHandle(fh), FopenFlags::empty()),
+            Ok((fh, a)) => reply.created(
+                &TTL,
+                &fuse_attr(&a),
+                Generation(0),
+                FileHandle(fh),
+                FopenFlags::empty(),
+            ),
             Err(e) => reply.error(errno(&e, "create")),
         }
     }
@@ -533,7 +651,15 @@ impl Filesystem for MainFs {
         }
     }
 
-    fn lseek(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: i64, whence: i32, reply: ReplyLseek) {
+    fn lseek(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: i64,
+        whence: i32,
+        reply: ReplyLseek,
+    ) {
         if offset < 0 {
             reply.error(Errno::from_i32(libc::EINVAL));
             return;
@@ -558,7 +684,10 @@ impl Filesystem for MainFs {
         reply: ReplyWrite,
     ) {
         let len = len.min(u32::MAX as u64 & !0xfff);
-        match self.fs.copy_file_range(ino_in.0, offset_in, ino_out.0, offset_out, len) {
+        match self
+            .fs
+            .copy_file_range(ino_in.0, offset_in, ino_out.0, offset_out, len)
+        {
             Ok(n) => reply.written(n as u32),
             Err(e) => reply.error(errno(&e, "copy_file_range")),
         }

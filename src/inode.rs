@@ -124,7 +124,12 @@ mod tests {
             d.insert(vec![b'a' + i], i as u64 + 10);
         }
         let first: Vec<u64> = d.after(0).take(3).map(|e| e.0).collect();
-        for (_, n, _) in d.after(0).take(3).map(|(c, n, i)| (c, n.to_vec(), i)).collect::<Vec<_>>() {
+        for (_, n, _) in d
+            .after(0)
+            .take(3)
+            .map(|(c, n, i)| (c, n.to_vec(), i))
+            .collect::<Vec<_>>()
+        {
             d.remove(&n);
         }
         // Continuing after the last cookie seen returns the other 7 entries.
