@@ -146,6 +146,8 @@ impl Allocator {
         if let Some(g) = goal.filter(|&g| g > 0 && g < total) {
             let len = self.free_run_at(g, n);
             if len > 0 {
+                // Taken at once: the searches below must not find these tracks again.
+                self.take(g, len);
                 runs.push((g, len));
             }
         }
@@ -154,11 +156,9 @@ impl Allocator {
         if need > 0
             && let Some(start) = self.find_run(need)
         {
+            self.take(start, need);
             runs.push((start, need));
             need = 0;
-        }
-        for &(s, l) in &runs {
-            self.take(s, l);
         }
         // 3. Fragments.
         let mut pos = self.cursor;
@@ -207,6 +207,10 @@ impl Allocator {
                     return Some(s);
                 }
                 pos = s + len;
+                if pos >= to {
+                    // This run crosses `to` (the cursor, in the second pass) and is short.
+                    break;
+                }
                 let skip = self.busy[pos as usize..to as usize]
                     .first_zero()
                     .unwrap_or((to - pos) as usize);
@@ -276,6 +280,22 @@ mod tests {
     }
 
     #[test]
+    fn a_partial_goal_run_is_not_handed_out_twice() {
+        // Tracks 5..8 are free and the goal; the rest of the request must come from
+        // elsewhere, not from 5..8 again (the next-fit search used to find them too).
+        let mut a = Allocator::new(20);
+        a.allocate(None, 19).unwrap();
+        a.free(5, 3);
+        a.free(12, 4);
+        let h = a.take_held();
+        a.release_held(&h);
+        a.cursor = 1;
+        let runs = a.allocate(Some(5), 5).unwrap();
+        assert_eq!(runs, vec![(5, 3), (12, 2)]);
+        assert_eq!(a.free_tracks(), 2);
+    }
+
+    #[test]
     fn freed_tracks_wait_for_the_commit() {
         let mut a = Allocator::new(10);
         let r = a.allocate(None, 9).unwrap();
@@ -324,7 +344,14 @@ mod tests {
             for (alloc, n, pick) in ops {
                 if alloc {
                     let free = a.free_tracks();
-                    match a.allocate(owned.last().map(|r| r.0 + r.1), n) {
+                    // Goals both right after the last run (usually busy) and anywhere
+                    // (often a free run shorter than n).
+                    let goal = if pick % 2 == 0 {
+                        owned.last().map(|r| r.0 + r.1)
+                    } else {
+                        Some(pick as u64 * 7 % total)
+                    };
+                    match a.allocate(goal, n) {
                         Ok(runs) => {
                             prop_assert!(free >= n);
                             prop_assert_eq!(runs.iter().map(|r| r.1).sum::<u64>(), n);
