@@ -440,10 +440,22 @@ fn serve(spec: MountSpec, mut ready: Option<std::fs::File>) -> Result<u8> {
     );
     if let Some(mut w) = ready.take() {
         let _ = w.write_all(b"ready\n");
-        // Detach stdio so the parent's terminal is free.
-        if let Ok(null) = std::fs::OpenOptions::new().read(true).open("/dev/null") {
-            // SAFETY: dup2 onto stdin with a valid fd.
-            unsafe { libc::dup2(std::os::unix::io::AsRawFd::as_raw_fd(&null), 0) };
+        // Detach stdio so the parent's terminal (or pipe) is released. Logs go to
+        // $PAIRFS_LOG_FILE when set, else nowhere (run in the foreground under systemd
+        // to keep them in the journal).
+        let null = std::fs::OpenOptions::new().read(true).write(true).open("/dev/null");
+        let log = std::env::var_os("PAIRFS_LOG_FILE").and_then(|p| {
+            std::fs::OpenOptions::new().create(true).append(true).open(p).ok()
+        });
+        if let Ok(null) = &null {
+            use std::os::unix::io::AsRawFd;
+            let out = log.as_ref().map_or(null.as_raw_fd(), |l| l.as_raw_fd());
+            // SAFETY: dup2 of valid fds onto the standard descriptors.
+            unsafe {
+                libc::dup2(null.as_raw_fd(), 0);
+                libc::dup2(out, 1);
+                libc::dup2(out, 2);
+            }
         }
     }
     // Signal thread: unmount everything on SIGINT/SIGTERM/SIGHUP.

@@ -1,0 +1,138 @@
+//! Shared helpers of the mount tests: a volume in a temp dir, mounted through
+//! /dev/fuse with the real binary, unmounted when the guard drops.
+#![allow(dead_code)]
+
+use std::ffi::CString;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_pairfs");
+
+pub struct Vol {
+    pub dir: tempfile::TempDir,
+    pub img: PathBuf,
+    pub mnt: PathBuf,
+    pub copy: PathBuf,
+    mounted: bool,
+}
+
+pub fn pairfs(args: &[&str]) -> std::process::Output {
+    let out = Command::new(BIN).args(args).output().expect("run pairfs");
+    out
+}
+
+impl Vol {
+    /// mkfs a volume of `size` (e.g. "4G") in a fresh directory on the real disk.
+    pub fn new(size: &str) -> Vol {
+        let base = std::env::var("PAIRFS_TEST_DIR").unwrap_or_else(|_| "/var/tmp".into());
+        std::fs::create_dir_all(&base).unwrap();
+        let dir = tempfile::Builder::new().prefix("pairfs-test").tempdir_in(base).unwrap();
+        let img = dir.path().join("vol.img");
+        let mnt = dir.path().join("mnt");
+        let copy = dir.path().join("copy");
+        std::fs::create_dir(&mnt).unwrap();
+        std::fs::create_dir(&copy).unwrap();
+        let out = pairfs(&["mkfs", img.to_str().unwrap(), "--size", size]);
+        assert!(out.status.success(), "mkfs: {}", String::from_utf8_lossy(&out.stderr));
+        Vol { dir, img, mnt, copy, mounted: false }
+    }
+
+    pub fn mount(&mut self) {
+        let out = pairfs(&[
+            "mount",
+            self.img.to_str().unwrap(),
+            self.mnt.to_str().unwrap(),
+            "--copy-mount",
+            self.copy.to_str().unwrap(),
+            "--daemon",
+        ]);
+        assert!(out.status.success(), "mount: {}", String::from_utf8_lossy(&out.stderr));
+        self.mounted = true;
+    }
+
+    pub fn umount(&mut self) {
+        let out = pairfs(&["umount", self.mnt.to_str().unwrap()]);
+        assert!(out.status.success(), "umount: {}", String::from_utf8_lossy(&out.stderr));
+        self.mounted = false;
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.mnt.join(rel)
+    }
+
+    pub fn copy_path(&self, rel: &str) -> PathBuf {
+        self.copy.join(rel)
+    }
+
+    pub fn fsck(&self) -> String {
+        let out = pairfs(&["fsck", self.img.to_str().unwrap()]);
+        let s = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(out.status.success(), "fsck found problems:\n{s}");
+        s
+    }
+}
+
+impl Drop for Vol {
+    fn drop(&mut self) {
+        if self.mounted {
+            let _ = Command::new(BIN).args(["umount", self.mnt.to_str().unwrap()]).output();
+            let _ = Command::new("umount").arg("-l").arg(&self.mnt).output();
+            let _ = Command::new("umount").arg("-l").arg(&self.copy).output();
+        }
+    }
+}
+
+pub fn setx(p: &Path, name: &str) -> std::io::Result<()> {
+    let c = CString::new(p.as_os_str().as_bytes()).unwrap();
+    let n = CString::new(name).unwrap();
+    // SAFETY: valid C strings, empty value.
+    let r = unsafe { libc::setxattr(c.as_ptr(), n.as_ptr(), std::ptr::null(), 0, 0) };
+    if r == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
+}
+
+pub fn state(p: &Path) -> String {
+    let c = CString::new(p.as_os_str().as_bytes()).unwrap();
+    let n = CString::new("user.pairfs.state").unwrap();
+    let mut buf = vec![0u8; 4096];
+    // SAFETY: valid C strings, buffer of the given length.
+    let r = unsafe { libc::getxattr(c.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    assert!(r >= 0, "getxattr state of {}: {}", p.display(), std::io::Error::last_os_error());
+    buf.truncate(r as usize);
+    String::from_utf8(buf).unwrap()
+}
+
+pub fn field(state: &str, key: &str) -> Option<u64> {
+    state
+        .split(' ')
+        .find_map(|kv| kv.strip_prefix(&format!("{key}=")))
+        .and_then(|v| v.trim_end_matches('%').parse().ok())
+}
+
+/// Waits until the pair's state word is `want`.
+pub fn wait_state(p: &Path, want: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let s = state(p);
+        if s.split(' ').next() == Some(want) {
+            return s;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {want}: {s}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Deterministic block content.
+pub fn block(id: u64, version: u64, len: usize) -> Vec<u8> {
+    let mut x = id.wrapping_mul(0x9E3779B97F4A7C15) ^ version.wrapping_mul(0xD1B54A32D192ED03) | 1;
+    let mut v = Vec::with_capacity(len);
+    while v.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        v.extend_from_slice(&x.to_le_bytes());
+    }
+    v.truncate(len);
+    v
+}

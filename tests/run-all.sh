@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Every test of pairfs, in one command (README: "run all tests"). Run as root on a machine
+# set up by .ci/run (fuse3, attr, restic, pjdfstest, fsx, users nobody/tests).
+#
+#   1. cargo fmt --check and cargo clippy -D warnings   (the gate)
+#   2. man pages regenerated from the CLI and compared with man/ (drift check)
+#   3. cargo test --release: unit tests (allocator, extent maps, bitmaps, pair model,
+#      metadata store in memory) and the mount tests in tests/*.rs
+#   4. tests/fs_suites.sh: pjdfstest and fsx against a live mount
+#   5. examples/demo.sh: the README demo, end to end
+#   6. bench/run.sh --quick, if present: checks the benchmarks still run (no timing asserts)
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+step() { printf '\n==> %s\n' "$*"; }
+
+step "cargo fmt --check"
+cargo fmt --all -- --check
+
+step "cargo clippy -D warnings"
+cargo clippy --release --all-targets -- -D warnings
+
+step "cargo build --release"
+cargo build --release
+
+step "man pages match the CLI"
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+target/release/pairfs gen man "$tmp"
+for f in "$tmp"/*.8; do
+    if ! cmp -s "$f" "man/$(basename "$f")"; then
+        echo "man/$(basename "$f") is out of date: run 'target/release/pairfs gen man man/'" >&2
+        exit 1
+    fi
+done
+man -l man/pairfs.8 >/dev/null 2>&1 || MANWIDTH=80 groff -man -Tutf8 man/pairfs.8 >/dev/null
+
+step "cargo test --release (unit + mount tests)"
+cargo test --release -- --test-threads=2
+
+step "pjdfstest + fsx on a live mount"
+PAIRFS_BIN=target/release/pairfs bash tests/fs_suites.sh
+
+step "README demo"
+bash examples/demo.sh
+
+if [ -x bench/run.sh ] || [ -f bench/run.sh ]; then
+    step "benchmarks, quick mode (no timing asserts)"
+    bash bench/run.sh --quick
+fi
+step "all tests passed"
