@@ -386,17 +386,18 @@ impl Fs {
         Ok(())
     }
 
-    /// Creates an inode of type `kind` (S_IFREG, S_IFDIR, ...) named `name`.
+    /// Creates an inode named `name`; `mode` is the type (`S_IFREG`, `S_IFDIR`, ...)
+    /// and the permission bits.
     pub fn create_node(
         &self,
         ctx: Ctx,
         parent: u64,
         name: &[u8],
-        kind: u32,
-        perm: u32,
+        mode: u32,
         rdev: u32,
         target: Option<Vec<u8>>,
     ) -> Result<Attr> {
+        let kind = mode & libc::S_IFMT;
         self.check_writable()?;
         Self::check_name(name)?;
         let now = now_ns();
@@ -412,7 +413,7 @@ impl Fs {
         if kind == libc::S_IFDIR && p.row.nlink >= LINK_MAX {
             return Err(Error::TooManyLinks);
         }
-        let mut perm = perm & 0o7777;
+        let mut perm = mode & 0o7777;
         // BSD/SysV group semantics: a set-gid directory passes its group on.
         let gid = if p.row.perm & libc::S_ISGID != 0 {
             if kind == libc::S_IFDIR {
@@ -806,7 +807,7 @@ impl Fs {
                 if let Some(pid) = pid {
                     self.engine.freed(pid, &freed);
                 }
-                if size % ts != 0
+                if !size.is_multiple_of(ts)
                     && let Some(v) = st.get(ino)?.extents.lookup(size / ts)
                 {
                     let end = ((size / ts) + 1) * ts;

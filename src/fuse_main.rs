@@ -241,8 +241,7 @@ impl Filesystem for MainFs {
                     ctx(req),
                     parent.0,
                     name.as_bytes(),
-                    kind,
-                    mode & !umask & 0o7777,
+                    kind | (mode & !umask & 0o7777),
                     rdev,
                     None,
                 )
@@ -265,8 +264,7 @@ impl Filesystem for MainFs {
             ctx(req),
             parent.0,
             name.as_bytes(),
-            libc::S_IFDIR,
-            mode & !umask & 0o7777,
+            libc::S_IFDIR | (mode & !umask & 0o7777),
             0,
             None,
         );
@@ -304,8 +302,7 @@ impl Filesystem for MainFs {
             ctx(req),
             parent.0,
             link_name.as_bytes(),
-            libc::S_IFLNK,
-            0o777,
+            libc::S_IFLNK | 0o777,
             0,
             Some(t),
         );
@@ -614,8 +611,7 @@ impl Filesystem for MainFs {
                 ctx(req),
                 parent.0,
                 name.as_bytes(),
-                libc::S_IFREG,
-                mode & !umask & 0o7777,
+                libc::S_IFREG | (mode & !umask & 0o7777),
                 0,
                 None,
             )
