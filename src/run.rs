@@ -237,8 +237,9 @@ fn block_signals() -> libc::sigset_t {
     }
 }
 
-/// Unmounts a FUSE mount: umount(2) as root, else fusermount3 -u; lazily if busy.
-pub fn unmount(p: &Path) -> Result<()> {
+/// Unmounts a FUSE mount: umount(2) as root, else fusermount3 -u. If it is busy,
+/// `lazy` detaches it (the daemon exits when the last file closes); otherwise EBUSY.
+pub fn unmount(p: &Path, lazy: bool) -> Result<()> {
     let c = CString::new(p.as_os_str().as_bytes()).map_err(|_| Error::invalid("path with NUL"))?;
     // SAFETY: valid C string.
     if unsafe { libc::umount2(c.as_ptr(), 0) } == 0 {
@@ -246,6 +247,10 @@ pub fn unmount(p: &Path) -> Result<()> {
     }
     let err = std::io::Error::last_os_error();
     match err.raw_os_error() {
+        Some(libc::EBUSY) if !lazy => Err(Error::Busy(format!(
+            "{} (files are open on it; close them or use umount -l)",
+            p.display()
+        ))),
         Some(libc::EBUSY) => {
             log::warn!("{} is busy; detaching it (lazy unmount)", p.display());
             // SAFETY: valid C string.
@@ -296,24 +301,31 @@ fn umount_and_wait(mnt: &Path) -> Result<()> {
         .find(|(m, _)| *m == mnt)
         .map(|(_, s)| s)
         .ok_or_else(|| Error::invalid(format!("{} is not a pairfs mount", mnt.display())))?;
-    unmount(&mnt)?;
-    // Wait for the daemon to commit and release the volume lock.
-    let vol = src.trim_start_matches("pairfs:").trim_end_matches(":copy").to_string();
+    unmount(&mnt, false)?;
+    if src.ends_with(":copy") {
+        // The daemon keeps serving the main mount.
+        return Ok(());
+    }
+    // Wait for the daemon to unmount the copy mount, commit and release the volume lock.
+    let vol = src.trim_start_matches("pairfs:").to_string();
     let deadline = Instant::now() + Duration::from_secs(60);
     while Instant::now() < deadline {
-        // Another mount of the same volume (the copy mount) keeps the daemon alive.
-        if pairfs_mounts().iter().any(|(_, s)| s.trim_start_matches("pairfs:").trim_end_matches(":copy") == vol) {
-            return Ok(());
-        }
-        match std::fs::File::open(&vol) {
-            Ok(f) => {
-                // SAFETY: flock on a valid fd.
-                let r = unsafe { libc::flock(std::os::unix::io::AsRawFd::as_raw_fd(&f), libc::LOCK_EX | libc::LOCK_NB) };
-                if r == 0 {
-                    return Ok(());
+        let still_mounted = pairfs_mounts()
+            .iter()
+            .any(|(_, s)| s.trim_start_matches("pairfs:").trim_end_matches(":copy") == vol);
+        if !still_mounted {
+            match std::fs::File::open(&vol) {
+                Ok(f) => {
+                    // SAFETY: flock on a valid fd.
+                    let r = unsafe {
+                        libc::flock(std::os::unix::io::AsRawFd::as_raw_fd(&f), libc::LOCK_EX | libc::LOCK_NB)
+                    };
+                    if r == 0 {
+                        return Ok(());
+                    }
                 }
+                Err(_) => return Ok(()),
             }
-            Err(_) => return Ok(()),
         }
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -419,7 +431,7 @@ fn serve(spec: MountSpec, mut ready: Option<std::fs::File>) -> Result<u8> {
             }
             Err(e) => {
                 for p in &points {
-                    let _ = unmount(p);
+                    let _ = unmount(p, true);
                 }
                 return fail(&mut ready, Error::io("copy mount", e));
             }
@@ -468,7 +480,7 @@ fn serve(spec: MountSpec, mut ready: Option<std::fs::File>) -> Result<u8> {
             unsafe { libc::sigwait(&sigs, &mut sig) };
             log::info!("signal {sig}: unmounting");
             for p in &sig_points {
-                if let Err(e) = unmount(p) {
+                if let Err(e) = unmount(p, true) {
                     log::warn!("unmount {}: {e}", p.display());
                 }
             }
@@ -479,7 +491,7 @@ fn serve(spec: MountSpec, mut ready: Option<std::fs::File>) -> Result<u8> {
     for s in sessions {
         if !first {
             for p in &points {
-                let _ = unmount(p);
+                let _ = unmount(p, true);
             }
         }
         first = false;

@@ -25,9 +25,9 @@ fn read_all(p: &std::path::Path) -> Vec<u8> {
 fn split_under_a_running_writer_is_exact() {
     let mut v = Vol::new("4G");
     v.mount();
-    let size = 1024 * MIB;
     let bs: u64 = 96 * 1024; // deliberately not track aligned
-    let nblocks = size / bs;
+    let nblocks = 1024 * MIB / bs;
+    let size = nblocks * bs;
     let path = v.path("big");
     {
         let f = OpenOptions::new().create(true).write(true).open(&path).unwrap();
@@ -110,6 +110,7 @@ fn split_under_a_running_writer_is_exact() {
         assert!(buf == block(b, newest[b as usize], bs as usize), "original block {b} lost a write");
     }
     println!("{} writes logged, {after_writes} after the split, {inflight_seen} in flight at the instant", log.len());
+    drop((orig, copy));
     v.umount();
     v.fsck();
 }
