@@ -1,14 +1,55 @@
 //! The `pairfs` binary: parses the command line and runs one subcommand.
+//!
+//! Also the mount helper: invoked as `mount.fuse.pairfs SOURCE DIR [-o OPTS]` (by
+//! `mount -t fuse.pairfs` and `/etc/fstab`), or as `pairfs SOURCE DIR -o OPTS` (by
+//! fuse3's `mount.fuse3`), it mounts in the background like any mount helper.
 
+use std::ffi::OsString;
 use std::process::ExitCode;
 
 use clap::Parser;
+
+/// Rewrites mount-helper invocations into `pairfs mount SOURCE DIR --daemon ...`.
+fn helper_args(mut args: Vec<OsString>) -> Vec<OsString> {
+    let argv0 = args
+        .first()
+        .and_then(|a| std::path::Path::new(a).file_name().map(|f| f.to_string_lossy().into_owned()))
+        .unwrap_or_default();
+    let first = args.get(1).map(|a| a.to_string_lossy().into_owned()).unwrap_or_default();
+    let as_helper = argv0.starts_with("mount.fuse.pairfs")
+        || argv0.starts_with("mount.pairfs")
+        || (args.len() >= 3 && first.contains('/') && std::path::Path::new(&first).exists());
+    if !as_helper {
+        return args;
+    }
+    let mut out: Vec<OsString> = vec!["pairfs".into(), "mount".into()];
+    let rest = args.split_off(1);
+    let mut it = rest.into_iter();
+    let mut positional = Vec::new();
+    while let Some(a) = it.next() {
+        match a.to_str() {
+            Some("-o") => {
+                if let Some(o) = it.next() {
+                    out.push("-o".into());
+                    out.push(o);
+                }
+            }
+            // mount(8) flags for helpers: fake, sloppy, verbose, no mtab.
+            Some("-f" | "-s" | "-v" | "-n") => {}
+            _ => positional.push(a),
+        }
+    }
+    out.extend(positional);
+    out.push("--daemon".into());
+    out
+}
 
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
         .format_timestamp_millis()
         .init();
-    let cli = pairfs::cli::Cli::parse();
+    let args = helper_args(std::env::args_os().collect());
+    let cli = pairfs::cli::Cli::parse_from(args);
     match pairfs::run::run(cli) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {

@@ -159,7 +159,7 @@ impl MountSpec {
                         .ok_or_else(|| Error::invalid(format!("commit_ms={n}: expected 1..60000")))?
                 }
                 // Options mount(8) passes that mean nothing here.
-                ("defaults" | "auto" | "noauto" | "user" | "nouser" | "_netdev" | "nofail", _) => {}
+                ("defaults" | "auto" | "noauto" | "user" | "users" | "nouser" | "_netdev" | "nofail" | "relatime" | "strictatime" | "lazytime" | "nodiratime", _) => {}
                 ("allow_other" | "default_permissions" | "allow_root", None) => {}
                 (k, _) if k.starts_with("x-") => {}
                 ("dev" | "nodev" | "suid" | "nosuid" | "exec" | "noexec" | "atime" | "noatime" | "async" | "sync" | "dirsync", None) => {
