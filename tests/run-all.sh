@@ -32,7 +32,10 @@ for f in "$tmp"/*.8; do
         exit 1
     fi
 done
-man -l man/pairfs.8 >/dev/null 2>&1 || MANWIDTH=80 groff -man -Tutf8 man/pairfs.8 >/dev/null
+for f in man/*.[78]; do
+    out=$(MANWIDTH=80 man -l "$f" 2>&1 >/dev/null)
+    [ -z "$out" ] || { echo "$f: $out" >&2; exit 1; }
+done
 
 step "cargo test --release (unit + mount tests)"
 cargo test --release -- --test-threads=2
