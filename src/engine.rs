@@ -739,12 +739,13 @@ impl Engine {
     }
 
     fn status(&self, fs: &Fs, s: &Slot) -> PairStatus {
-        let p = s.lock();
-        let pinned = p.pinned_tracks();
+        // Lock order is state -> pair: count pinned tracks before locking the pair.
+        let pinned = s.lock().pinned_tracks();
         let pinned_only = {
             let st = fs.state();
             pinned.iter().filter(|&&t| !st.alloc.is_used(t)).count() as u64
         };
+        let p = s.lock();
         let dirty = match p.state {
             State::Updating => p.update_diff.count(),
             State::Splitting | State::Split => p.split_diff.count(),
