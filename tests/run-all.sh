@@ -43,8 +43,10 @@ cargo test --release -- --test-threads=2
 step "pjdfstest + fsx on a live mount"
 PAIRFS_BIN=target/release/pairfs bash tests/fs_suites.sh
 
-step "README demo"
+step "README demo and the backup recipe"
 bash examples/demo.sh
+PAIRFS_BIN=target/release/pairfs bash examples/backup-sqlite-restic.sh
+cargo run --release --example library
 
 if [ -x bench/run.sh ] || [ -f bench/run.sh ]; then
     step "benchmarks, quick mode (no timing asserts)"
