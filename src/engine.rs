@@ -503,8 +503,27 @@ impl Engine {
         }
     }
 
-    /// The background copier loop: round-robin over pairs with pending tracks, one
-    /// batch each, yielding to host I/O. Returns when the engine stops.
+    /// One copier round: one batch of every pair with pending tracks, round-robin.
+    /// Returns the number of tracks copied (0: nothing to do).
+    pub fn copy_round(&self, fs: &Fs, cursors: &mut BTreeMap<PairId, u64>) -> usize {
+        let mut did = 0;
+        for s in self.slots() {
+            if self.stopping.load(Ordering::Acquire) {
+                break;
+            }
+            // Host first: while the host is busy, pace the copier.
+            let idle_ns = now_ns() - self.last_host_io.load(Ordering::Relaxed);
+            if idle_ns < 2_000_000 {
+                std::thread::sleep(Duration::from_micros(500));
+            }
+            let c = cursors.entry(s.id).or_insert(0);
+            did += self.copy_batch(fs, &s, c);
+        }
+        did
+    }
+
+    /// The background copier loop: [`Engine::copy_round`] until nothing is pending,
+    /// then sleep until woken. Returns when the engine stops.
     pub fn run_copier(&self, fs: &Fs) {
         let mut cursors: BTreeMap<PairId, u64> = BTreeMap::new();
         loop {
@@ -512,22 +531,9 @@ impl Engine {
                 return;
             }
             let seen = *self.work.lock().unwrap_or_else(|p| p.into_inner());
-            let mut did = 0;
-            for s in self.slots() {
-                if self.stopping.load(Ordering::Acquire) {
-                    return;
-                }
-                // Host first: while the host is busy, pace the copier.
-                let idle_ns = now_ns() - self.last_host_io.load(Ordering::Relaxed);
-                if idle_ns < 2_000_000 {
-                    std::thread::sleep(Duration::from_micros(500));
-                }
-                let c = cursors.entry(s.id).or_insert(0);
-                did += self.copy_batch(fs, &s, c);
-            }
-            if did == 0 {
+            if self.copy_round(fs, &mut cursors) == 0 {
                 let w = self.work.lock().unwrap_or_else(|p| p.into_inner());
-                if *w == seen {
+                if *w == seen && !self.stopping.load(Ordering::Acquire) {
                     let _ = self
                         .work_cv
                         .wait_timeout(w, Duration::from_millis(500))

@@ -219,6 +219,111 @@ impl Volume for MemVolume {
     }
 }
 
+impl<V: Volume + ?Sized> Volume for std::sync::Arc<V> {
+    fn read_at(&self, off: u64, buf: &mut [u8]) -> Result<()> {
+        (**self).read_at(off, buf)
+    }
+    fn write_at(&self, off: u64, buf: &[u8]) -> Result<()> {
+        (**self).write_at(off, buf)
+    }
+    fn discard(&self, off: u64, len: u64) -> Result<()> {
+        (**self).discard(off, len)
+    }
+    fn sync(&self) -> Result<()> {
+        (**self).sync()
+    }
+    fn len(&self) -> u64 {
+        (**self).len()
+    }
+    fn allocated(&self) -> Option<u64> {
+        (**self).allocated()
+    }
+}
+
+/// A volume for power-loss tests: it keeps the bytes as of the last `sync` and the
+/// log of writes since, and builds crash images in which an arbitrary subset of the
+/// unsynced writes reached the medium, in any order ([`CrashVolume::crash_image`]).
+#[derive(Debug)]
+pub struct CrashVolume {
+    inner: Mutex<CrashInner>,
+}
+
+#[derive(Debug)]
+struct CrashInner {
+    live: Vec<u8>,
+    durable: Vec<u8>,
+    pending: Vec<(u64, Vec<u8>)>,
+}
+
+impl CrashVolume {
+    /// A zeroed volume, or one starting from `image`.
+    pub fn new(image: Vec<u8>) -> Self {
+        CrashVolume {
+            inner: Mutex::new(CrashInner {
+                durable: image.clone(),
+                live: image,
+                pending: Vec::new(),
+            }),
+        }
+    }
+
+    /// Number of writes not yet synced.
+    pub fn unsynced(&self) -> usize {
+        self.inner.lock().unwrap().pending.len()
+    }
+
+    /// The image after a power loss now: the synced bytes plus the unsynced writes for
+    /// which `keep(i)` is true, applied in the order of `order` (a permutation of the
+    /// kept indices is allowed: a disk may reorder unsynced writes).
+    pub fn crash_image(&self, keep: &mut dyn FnMut(usize) -> bool, reverse: bool) -> Vec<u8> {
+        let g = self.inner.lock().unwrap();
+        let mut img = g.durable.clone();
+        let mut idx: Vec<usize> = (0..g.pending.len()).filter(|&i| keep(i)).collect();
+        if reverse {
+            idx.reverse();
+        }
+        for i in idx {
+            let (off, data) = &g.pending[i];
+            img[*off as usize..*off as usize + data.len()].copy_from_slice(data);
+        }
+        img
+    }
+
+    /// The current (live) bytes.
+    pub fn live_image(&self) -> Vec<u8> {
+        self.inner.lock().unwrap().live.clone()
+    }
+}
+
+impl Volume for CrashVolume {
+    fn read_at(&self, off: u64, buf: &mut [u8]) -> Result<()> {
+        let g = self.inner.lock().unwrap();
+        check_range("crash volume", off, buf.len() as u64, g.live.len() as u64)?;
+        buf.copy_from_slice(&g.live[off as usize..off as usize + buf.len()]);
+        Ok(())
+    }
+    fn write_at(&self, off: u64, buf: &[u8]) -> Result<()> {
+        let mut g = self.inner.lock().unwrap();
+        check_range("crash volume", off, buf.len() as u64, g.live.len() as u64)?;
+        g.live[off as usize..off as usize + buf.len()].copy_from_slice(buf);
+        g.pending.push((off, buf.to_vec()));
+        Ok(())
+    }
+    fn discard(&self, off: u64, len: u64) -> Result<()> {
+        self.write_at(off, &vec![0u8; len as usize])
+    }
+    fn sync(&self) -> Result<()> {
+        let mut g = self.inner.lock().unwrap();
+        let live = g.live.clone();
+        g.durable = live;
+        g.pending.clear();
+        Ok(())
+    }
+    fn len(&self) -> u64 {
+        self.inner.lock().unwrap().live.len() as u64
+    }
+}
+
 /// Which calls a [`FaultVolume`] fails.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Faults {
