@@ -360,6 +360,7 @@ impl Pair {
         self.update_diff.clear();
         self.frozen.clear();
         self.error = None;
+        self.split_ns = 0;
         self.state = State::Resyncing;
         self.start_op(self.forming.count(), now);
         self.finish_if_done();
@@ -478,6 +479,7 @@ impl Pair {
         if self.state == State::Formed {
             self.state = State::Forming;
         }
+        self.finish_if_done();
     }
 
     /// Tracks pinned by the frozen copy.
