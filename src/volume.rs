@@ -333,6 +333,8 @@ pub struct Faults {
     pub write: bool,
     /// Fail syncs with EIO.
     pub sync: bool,
+    /// Fail writes with ENOSPC instead (a full backing store).
+    pub full: bool,
 }
 
 /// Wraps a volume and fails the selected calls with `EIO` until the faults are cleared.
@@ -381,7 +383,12 @@ impl<V: Volume> Volume for FaultVolume<V> {
         self.inner.read_at(off, buf)
     }
     fn write_at(&self, off: u64, buf: &[u8]) -> Result<()> {
-        if self.faults.lock().unwrap().write {
+        let f = *self.faults.lock().unwrap();
+        if f.full {
+            self.injected.fetch_add(1, Ordering::Relaxed);
+            return Err(Error::io("volume", std::io::Error::from_raw_os_error(libc::ENOSPC)));
+        }
+        if f.write {
             return Err(self.fail());
         }
         self.inner.write_at(off, buf)
