@@ -161,18 +161,20 @@ impl State {
 
     /// Every inode beneath (and including) `top`, depth first, with paths.
     pub fn subtree(&self, top: u64) -> Vec<u64> {
+        // Breadth first; `seen` also stops at cycles a corrupt database could contain.
         let mut out = vec![top];
+        let mut seen: HashSet<u64> = out.iter().copied().collect();
         let mut i = 0;
         while i < out.len() {
             if let Some(d) = self.inodes.get(&out[i]).and_then(|n| n.dir.as_ref()) {
                 for (_, child) in d.iter() {
-                    out.push(child);
+                    if seen.insert(child) {
+                        out.push(child);
+                    }
                 }
             }
             i += 1;
         }
-        let mut seen = HashSet::new();
-        out.retain(|x| seen.insert(*x));
         out
     }
 }
