@@ -304,6 +304,27 @@ impl Fs {
             handles: HashMap::new(),
             next_fh: 1,
         };
+        // The tree must be a tree: a directory has one name, the root none, and every
+        // named inode is reachable from the root (no detached cycles).
+        for (ino, i) in &st.inodes {
+            let want = usize::from(*ino != ROOT);
+            if i.is_dir() && i.links.len() != want {
+                return Err(Error::Corrupt(format!(
+                    "directory {ino} has {} names (expected {want})",
+                    i.links.len()
+                )));
+            }
+        }
+        let reachable: HashSet<u64> = st.subtree(ROOT).into_iter().collect();
+        if let Some((ino, _)) = st
+            .inodes
+            .iter()
+            .find(|(ino, i)| !i.links.is_empty() && !reachable.contains(ino))
+        {
+            return Err(Error::Corrupt(format!(
+                "inode {ino} is not reachable from the root (directory cycle)"
+            )));
+        }
         // Orphans: inodes with no name left (unlinked while open, then a crash).
         let orphans: Vec<u64> = st
             .inodes
