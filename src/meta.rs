@@ -465,6 +465,9 @@ impl Meta {
                     2 => &mut p.update_diff,
                     w => return Err(corrupt(format!("pair {id}: unknown bitmap {w}"))),
                 };
+                if chunk > self.geometry.tracks() / crate::trackset::CHUNK_BITS {
+                    return Err(corrupt(format!("pair {id}: bitmap chunk {chunk} beyond the volume")));
+                }
                 set.load_chunk(chunk, &bits)
                     .map_err(|e| corrupt(format!("pair {id}: {e}")))?;
             }
@@ -507,8 +510,17 @@ impl Meta {
                         mtime: t[1],
                         ctime: t[2],
                     },
-                    extents: decode_extents(&ext)
-                        .map_err(|e| corrupt(format!("pair {id}: frozen extents: {e}")))?,
+                    extents: {
+                        let m = decode_extents(&ext)
+                            .map_err(|e| corrupt(format!("pair {id}: frozen extents: {e}")))?;
+                        let tracks = self.geometry.tracks();
+                        if let Some(e) = m.iter().find(|e| e.vol == 0 || e.vol + e.len > tracks) {
+                            return Err(corrupt(format!(
+                                "pair {id}: frozen extent {e:?} lies outside the volume"
+                            )));
+                        }
+                        m
+                    },
                     target,
                 });
             }
