@@ -28,8 +28,12 @@ use crate::pair::{Frozen, FrozenAttr, FrozenKind, Pair, PairId, Pins, Scope, Sta
 use crate::trackset::TrackSet;
 use crate::volume::Volume;
 
-/// Largest copier batch in bytes (bounded memory).
-pub const COPY_BATCH_BYTES: u64 = 4 << 20;
+/// Largest copier batch in bytes (bounded memory; a host copy-on-write waits for at
+/// most one batch).
+pub const COPY_BATCH_BYTES: u64 = 1 << 20;
+/// In the frozen states the copier syncs the copy image and commits the cleared bits
+/// once per this many bytes copied, not per batch.
+pub const CONFIRM_BYTES: u64 = 64 << 20;
 
 /// One pair with its locks.
 pub struct Slot {
@@ -41,6 +45,10 @@ pub struct Slot {
     /// The pair.
     pub p: Mutex<Pair>,
     dirty: AtomicBool,
+    /// Frozen states: tracks the copier wrote to the copy image but whose pending bits
+    /// stay set until the copy image is synced and the clear committed
+    /// ([`Engine::confirm`]). Only touched under `gate`.
+    unconfirmed: Mutex<Vec<u64>>,
 }
 
 impl Slot {
@@ -268,6 +276,7 @@ impl Engine {
                 gate: Mutex::new(()),
                 p: Mutex::new(p),
                 dirty: AtomicBool::new(!clean),
+                unconfirmed: Mutex::new(Vec::new()),
             });
             self.pairs
                 .write()
@@ -386,6 +395,7 @@ impl Engine {
 
     /// A copy failed: the pair goes to `error`, its pins are dropped.
     fn fail(&self, fs: &Fs, slot: &Slot, e: &Error) {
+        slot.unconfirmed.lock().unwrap_or_else(|p| p.into_inner()).clear();
         let msg = format!("copy to the copy image failed: {e}; run update or resync to recover");
         let pins = slot.lock().fail(msg.clone());
         log::error!("pair {}: state error: {msg}", slot.id);
@@ -423,7 +433,10 @@ impl Engine {
         let before = slot.lock().state;
         match Self::copy_tracks(fs, &need).and_then(|_| fs.copy.sync()) {
             Ok(()) => {
-                slot.lock().copied(&need);
+                // The sync also makes the copier's unconfirmed tracks durable.
+                let mut done = std::mem::take(&mut *slot.unconfirmed.lock().unwrap_or_else(|p| p.into_inner()));
+                done.extend_from_slice(&need);
+                slot.lock().copied(&done);
                 self.cow_total.fetch_add(need.len() as u64, Ordering::Relaxed);
                 self.copied_total.fetch_add(need.len() as u64, Ordering::Relaxed);
                 // The cleared bits must be durable before the host overwrites the track.
@@ -449,6 +462,21 @@ impl Engine {
         }
     }
 
+    /// Makes the copier's unconfirmed tracks durable: sync the copy image, clear their
+    /// pending bits and commit. Call with the gate held.
+    fn confirm(&self, fs: &Fs, slot: &Slot) -> Result<()> {
+        let tracks = std::mem::take(&mut *slot.unconfirmed.lock().unwrap_or_else(|p| p.into_inner()));
+        if tracks.is_empty() {
+            return Ok(());
+        }
+        let before = slot.lock().state;
+        fs.copy.sync()?;
+        slot.lock().copied(&tracks);
+        self.persist(fs, slot, false)?;
+        self.log_transition(slot, before);
+        Ok(())
+    }
+
     /// One copier batch for one pair. Returns the number of tracks copied.
     fn copy_batch(&self, fs: &Fs, slot: &Slot, cursor: &mut u64) -> usize {
         let _g = slot.gate();
@@ -456,15 +484,28 @@ impl Engine {
         let (batch, frozen, before) = {
             let mut p = slot.lock();
             let Some(pending) = p.pending() else { return 0 };
-            let mut batch = pending.next_batch(*cursor, max);
+            let unconfirmed = slot.unconfirmed.lock().unwrap_or_else(|p| p.into_inner());
+            let skip = |t: &u64| !unconfirmed.contains(t);
+            let mut batch: Vec<u64> = pending.next_batch(*cursor, max + unconfirmed.len().min(4096));
+            batch.retain(skip);
+            batch.truncate(max);
             if batch.is_empty() {
-                batch = pending.next_batch(0, max);
-            }
-            if batch.is_empty() {
-                return 0;
+                batch = pending.next_batch(0, max + unconfirmed.len());
+                batch.retain(skip);
+                batch.truncate(max);
             }
             let frozen = p.state.is_frozen();
             let before = p.state;
+            if batch.is_empty() {
+                drop(unconfirmed);
+                drop(p);
+                // Everything left is copied: make it durable.
+                if let Err(e) = self.confirm(fs, slot) {
+                    self.fail(fs, slot, &e);
+                }
+                return 0;
+            }
+            drop(unconfirmed);
             if !frozen {
                 // Forming: clear first; a concurrent host write sets the bit again.
                 p.copied(&batch);
@@ -473,26 +514,27 @@ impl Engine {
             (batch, frozen, before)
         };
         *cursor = batch.last().map_or(0, |t| t + 1);
-        let r = Self::copy_tracks(fs, &batch).and_then(|_| {
-            if frozen {
-                fs.copy.sync()
-            } else {
-                Ok(())
-            }
-        });
-        match r {
+        match Self::copy_tracks(fs, &batch) {
             Ok(()) => {
-                if frozen {
-                    slot.lock().copied(&batch);
-                    if let Err(e) = self.persist(fs, slot, false) {
-                        log::error!("pair {}: cannot record copy progress: {e}", slot.id);
-                    }
-                }
                 self.copied_total.fetch_add(batch.len() as u64, Ordering::Relaxed);
-                self.log_transition(slot, before);
-                if slot.lock().state != before {
-                    // Record the new state promptly.
-                    let _ = self.persist(fs, slot, false);
+                if frozen {
+                    let n = {
+                        let mut u = slot.unconfirmed.lock().unwrap_or_else(|p| p.into_inner());
+                        u.extend_from_slice(&batch);
+                        u.len() as u64
+                    };
+                    if n * fs.ts >= CONFIRM_BYTES
+                        && let Err(e) = self.confirm(fs, slot)
+                    {
+                        self.fail(fs, slot, &e);
+                        return 0;
+                    }
+                } else {
+                    self.log_transition(slot, before);
+                    if slot.lock().state != before {
+                        // Record the new state promptly.
+                        let _ = self.persist(fs, slot, false);
+                    }
                 }
                 batch.len()
             }
@@ -528,6 +570,12 @@ impl Engine {
         let mut cursors: BTreeMap<PairId, u64> = BTreeMap::new();
         loop {
             if self.stopping.load(Ordering::Acquire) {
+                for s in self.slots() {
+                    let _g = s.gate();
+                    if let Err(e) = self.confirm(fs, &s) {
+                        log::warn!("pair {}: copies of the last round not confirmed: {e}", s.id);
+                    }
+                }
                 return;
             }
             let seen = *self.work.lock().unwrap_or_else(|p| p.into_inner());
@@ -601,6 +649,10 @@ impl Engine {
             return Ok(());
         }
         let _g = slot.gate();
+        // Copies made for the current instant become durable before it changes.
+        if let Err(e) = self.confirm(fs, &slot) {
+            self.fail(fs, &slot, &e);
+        }
         let before = slot.lock().state;
         let now = now_ns();
         let scope = slot.lock().scope;
@@ -722,6 +774,7 @@ impl Engine {
             gate: Mutex::new(()),
             p: Mutex::new(p),
             dirty: AtomicBool::new(true),
+            unconfirmed: Mutex::new(Vec::new()),
         });
         self.pairs
             .write()
