@@ -244,7 +244,7 @@ impl Engine {
             let top = p.scope.ino();
             if !st.inodes.contains_key(&top) {
                 log::warn!("pair {} ({}): its scope is gone; releasing it", p.id, p.path);
-                for t in p.pinned_tracks() {
+                for t in p.pinned_tracks().iter() {
                     st.alloc.pin(t);
                 }
             }
@@ -254,7 +254,7 @@ impl Engine {
                     i.pair = Some(p.id);
                 }
             }
-            for t in p.pinned_tracks() {
+            for t in p.pinned_tracks().iter() {
                 if t == 0 || t >= st.alloc.total() {
                     return Err(Error::Corrupt(format!("pair {}: frozen track {t} outside the volume", p.id)));
                 }
@@ -646,6 +646,9 @@ impl Engine {
             (None, _) => return Err(Error::invalid("no pair here (pair or split it first)")),
         };
         if op == Op::Pair {
+            // The new pair (state, bitmaps, memberships) is durable before we return.
+            fs.commit(Vec::new())?;
+            self.wake();
             return Ok(());
         }
         let _g = slot.gate();
@@ -802,7 +805,7 @@ impl Engine {
         let pinned = s.lock().pinned_tracks();
         let pinned_only = {
             let st = fs.state();
-            pinned.iter().filter(|&&t| !st.alloc.is_used(t)).count() as u64
+            pinned.iter().filter(|&t| !st.alloc.is_used(t)).count() as u64
         };
         let p = s.lock();
         let dirty = match p.state {
@@ -821,7 +824,7 @@ impl Engine {
             last_copied: p.progress.last_copied,
             started_ns: p.progress.started_ns,
             split_ns: p.split_ns,
-            frozen_tracks: pinned.len() as u64,
+            frozen_tracks: pinned.count(),
             dirty,
             pinned_bytes: pinned_only * fs.ts,
             files: p.frozen.iter().filter(|f| f.attr.kind == FrozenKind::File).count(),

@@ -1423,8 +1423,8 @@ impl Fs {
         let mut s = crate::trackset::TrackSet::new();
         for ino in inos {
             if let Some(i) = st.inodes.get(ino) {
-                for t in i.extents.vol_tracks() {
-                    s.insert(t);
+                for e in i.extents.iter() {
+                    s.insert_range(e.vol, e.len);
                 }
             }
         }

@@ -76,7 +76,7 @@ pub fn fsck(p: &Paths, repair: bool) -> Result<Report> {
     }
     let mut pinned = HashSet::new();
     for pair in &l.pairs {
-        for t in pair.pinned_tracks() {
+        for t in pair.pinned_tracks().iter() {
             if t == 0 || t >= tracks {
                 r.problems.push(format!("pair {}: frozen track {t} outside the volume", pair.id));
             } else {

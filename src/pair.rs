@@ -21,8 +21,6 @@
 //! write. A frozen file reads a track from the volume while its pending bit is set (the
 //! volume still holds the split-time data) and from the copy image once it is clear.
 
-use std::collections::BTreeSet;
-
 use crate::error::{Error, Result};
 use crate::extent::ExtentMap;
 use crate::trackset::TrackSet;
@@ -216,8 +214,14 @@ pub struct Pins {
     pub unpin: Vec<u64>,
 }
 
-fn frozen_tracks(frozen: &[Frozen]) -> BTreeSet<u64> {
-    frozen.iter().flat_map(|f| f.extents.vol_tracks()).collect()
+fn frozen_tracks(frozen: &[Frozen]) -> TrackSet {
+    let mut s = TrackSet::new();
+    for f in frozen {
+        for e in f.extents.iter() {
+            s.insert_range(e.vol, e.len);
+        }
+    }
+    s
 }
 
 impl Pair {
@@ -289,16 +293,14 @@ impl Pair {
         if !matches!(self.state, State::Forming | State::Formed) {
             return Err(self.wrong_state("split"));
         }
+        let keep = frozen_tracks(&frozen);
+        // Pending tracks outside the frozen maps do not need copying any more.
+        let pending = self.forming.intersection(&keep);
+        self.forming.assign(pending);
         let pins = Pins {
-            pin: frozen_tracks(&frozen).into_iter().collect(),
+            pin: keep.iter().collect(),
             unpin: Vec::new(),
         };
-        // Pending tracks outside the frozen maps do not need copying any more.
-        let keep: BTreeSet<u64> = pins.pin.iter().copied().collect();
-        let drop: Vec<u64> = self.forming.iter().filter(|t| !keep.contains(t)).collect();
-        for t in drop {
-            self.forming.remove(t);
-        }
         self.frozen = frozen;
         self.split_ns = now;
         self.split_diff.clear();
@@ -315,23 +317,18 @@ impl Pair {
     pub fn update(&mut self, frozen: Vec<Frozen>, now: i64) -> Result<Pins> {
         let old = match self.state {
             State::Split => frozen_tracks(&self.frozen),
-            State::Error => BTreeSet::new(),
+            State::Error => TrackSet::new(),
             _ => return Err(self.wrong_state("update")),
         };
         let new = frozen_tracks(&frozen);
-        let mut pending = TrackSet::new();
-        for t in new.iter().copied() {
-            if self.split_diff.contains(t) || !old.contains(&t) {
-                pending.insert(t);
-            }
-        }
-        self.split_diff.clear();
-        self.split_diff.union_with(&pending);
+        // To copy: tracks of the new instant written since the last one, or new to it.
+        let pending = self.split_diff.intersection(&new).union(&new.difference(&old));
+        self.split_diff.assign(pending);
         self.update_diff.clear();
         self.forming.clear();
         let pins = Pins {
-            pin: new.difference(&old).copied().collect(),
-            unpin: old.difference(&new).copied().collect(),
+            pin: new.difference(&old).iter().collect(),
+            unpin: old.difference(&new).iter().collect(),
         };
         self.frozen = frozen;
         self.split_ns = now;
@@ -349,13 +346,14 @@ impl Pair {
             return Err(self.wrong_state("resync"));
         }
         let old = frozen_tracks(&self.frozen);
-        let error = self.state == State::Error;
-        self.forming.clear();
-        for t in current.iter() {
-            if error || self.split_diff.contains(t) || !old.contains(&t) {
-                self.forming.insert(t);
-            }
-        }
+        let forming = if self.state == State::Error {
+            current.clone()
+        } else {
+            current
+                .intersection(&self.split_diff)
+                .union(&current.difference(&old))
+        };
+        self.forming.assign(forming);
         self.split_diff.clear();
         self.update_diff.clear();
         self.frozen.clear();
@@ -366,7 +364,7 @@ impl Pair {
         self.finish_if_done();
         Ok(Pins {
             pin: Vec::new(),
-            unpin: old.into_iter().collect(),
+            unpin: old.iter().collect(),
         })
     }
 
@@ -374,13 +372,13 @@ impl Pair {
     pub fn release(&self) -> Pins {
         Pins {
             pin: Vec::new(),
-            unpin: frozen_tracks(&self.frozen).into_iter().collect(),
+            unpin: frozen_tracks(&self.frozen).iter().collect(),
         }
     }
 
     /// A copy failed: enter `error`, drop the frozen copy (it can no longer be trusted).
     pub fn fail(&mut self, msg: String) -> Pins {
-        let unpin = frozen_tracks(&self.frozen).into_iter().collect();
+        let unpin = frozen_tracks(&self.frozen).iter().collect();
         self.frozen.clear();
         self.forming.clear();
         self.split_diff.clear();
@@ -483,7 +481,7 @@ impl Pair {
     }
 
     /// Tracks pinned by the frozen copy.
-    pub fn pinned_tracks(&self) -> BTreeSet<u64> {
+    pub fn pinned_tracks(&self) -> TrackSet {
         frozen_tracks(&self.frozen)
     }
 

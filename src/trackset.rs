@@ -66,11 +66,76 @@ impl TrackSet {
         true
     }
 
-    /// Sets `len` tracks from `start`.
+    /// Sets `len` tracks from `start`, a chunk at a time.
     pub fn insert_range(&mut self, start: u64, len: u64) {
-        for t in start..start + len {
-            self.insert(t);
+        let end = start.saturating_add(len);
+        let mut t = start;
+        while t < end {
+            let ci = t / CHUNK_BITS;
+            let a = (t % CHUNK_BITS) as usize;
+            let b = ((end - ci * CHUNK_BITS).min(CHUNK_BITS)) as usize;
+            let c = self.chunks.entry(ci).or_insert_with(|| BitArray::ZERO);
+            let before = c.count_ones() as u64;
+            c[a..b].fill(true);
+            self.count += c.count_ones() as u64 - before;
+            self.dirty.insert(ci);
+            t = (ci + 1) * CHUNK_BITS;
         }
+    }
+
+    fn combine(&self, other: &TrackSet, op: impl Fn(u64, u64) -> u64, keep_missing: bool) -> TrackSet {
+        let mut out = TrackSet::new();
+        let zero: Chunk = BitArray::ZERO;
+        let keys: BTreeSet<u64> = if keep_missing {
+            self.chunks.keys().chain(other.chunks.keys()).copied().collect()
+        } else {
+            self.chunks.keys().copied().collect()
+        };
+        for ci in keys {
+            let a = self.chunks.get(&ci).unwrap_or(&zero);
+            let b = other.chunks.get(&ci).unwrap_or(&zero);
+            let mut c: Chunk = BitArray::ZERO;
+            for ((w, x), y) in c
+                .as_raw_mut_slice()
+                .iter_mut()
+                .zip(a.as_raw_slice())
+                .zip(b.as_raw_slice())
+            {
+                *w = op(*x, *y);
+            }
+            let n = c.count_ones() as u64;
+            if n > 0 {
+                out.chunks.insert(ci, c);
+                out.count += n;
+                out.dirty.insert(ci);
+            }
+        }
+        out
+    }
+
+    /// Bits set in both.
+    pub fn intersection(&self, other: &TrackSet) -> TrackSet {
+        self.combine(other, |a, b| a & b, false)
+    }
+
+    /// Bits set in `self` but not in `other`.
+    pub fn difference(&self, other: &TrackSet) -> TrackSet {
+        self.combine(other, |a, b| a & !b, false)
+    }
+
+    /// Bits set in either.
+    pub fn union(&self, other: &TrackSet) -> TrackSet {
+        self.combine(other, |a, b| a | b, true)
+    }
+
+    /// Replaces the content with `other`'s, marking every chunk that changed (or
+    /// vanished) dirty so it is persisted.
+    pub fn assign(&mut self, other: TrackSet) {
+        let old: Vec<u64> = self.chunks.keys().copied().collect();
+        self.dirty.extend(old);
+        self.dirty.extend(other.chunks.keys().copied());
+        self.chunks = other.chunks;
+        self.count = other.count;
     }
 
     /// Clears one track; returns true if it was set.
@@ -216,6 +281,32 @@ mod tests {
             }
             prop_assert_eq!(copy.iter().collect::<Vec<_>>(), m.iter().copied().collect::<Vec<_>>());
             prop_assert_eq!(copy.count(), m.len() as u64);
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn set_operations_match_btreesets(
+            a in proptest::collection::vec(0u64..12_000, 0..200),
+            b in proptest::collection::vec(0u64..12_000, 0..200),
+            r in (0u64..12_000, 0u64..9_000),
+        ) {
+            let (sa, sb): (TrackSet, TrackSet) = (a.iter().copied().collect(), b.iter().copied().collect());
+            let (ma, mb): (BTreeSet<u64>, BTreeSet<u64>) = (a.into_iter().collect(), b.into_iter().collect());
+            let v = |s: &TrackSet| s.iter().collect::<Vec<_>>();
+            prop_assert_eq!(v(&sa.intersection(&sb)), ma.intersection(&mb).copied().collect::<Vec<_>>());
+            prop_assert_eq!(v(&sa.difference(&sb)), ma.difference(&mb).copied().collect::<Vec<_>>());
+            prop_assert_eq!(v(&sa.union(&sb)), ma.union(&mb).copied().collect::<Vec<_>>());
+            prop_assert_eq!(sa.union(&sb).count(), ma.union(&mb).count() as u64);
+            let mut x = sa.clone();
+            x.insert_range(r.0, r.1);
+            let mut mx = ma.clone();
+            mx.extend(r.0..r.0 + r.1);
+            prop_assert_eq!(v(&x), mx.iter().copied().collect::<Vec<_>>());
+            prop_assert_eq!(x.count(), mx.len() as u64);
+            let mut y = sb.clone();
+            y.assign(sa.clone());
+            prop_assert_eq!(v(&y), v(&sa));
         }
     }
 

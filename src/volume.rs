@@ -417,6 +417,8 @@ impl<V: Volume> Volume for FaultVolume<V> {
 pub struct Checked {
     inner: Box<dyn Volume>,
     poisoned: AtomicBool,
+    /// A write or discard happened since the last successful sync began.
+    unsynced: AtomicBool,
     what: &'static str,
 }
 
@@ -426,6 +428,7 @@ impl Checked {
         Checked {
             inner,
             poisoned: AtomicBool::new(false),
+            unsynced: AtomicBool::new(true),
             what,
         }
     }
@@ -466,17 +469,27 @@ impl Volume for Checked {
     }
     fn write_at(&self, off: u64, buf: &[u8]) -> Result<()> {
         self.guard()?;
+        self.unsynced.store(true, Ordering::Release);
         let r = self.inner.write_at(off, buf);
         self.poison_on_err(r)
     }
     fn discard(&self, off: u64, len: u64) -> Result<()> {
         self.guard()?;
+        self.unsynced.store(true, Ordering::Release);
         let r = self.inner.discard(off, len);
         self.poison_on_err(r)
     }
     fn sync(&self) -> Result<()> {
         self.guard()?;
+        // Nothing written since the last sync began: nothing to make durable (a split or
+        // a commit of metadata only then costs no fsync of the image).
+        if !self.unsynced.swap(false, Ordering::AcqRel) {
+            return Ok(());
+        }
         let r = self.inner.sync();
+        if r.is_err() {
+            self.unsynced.store(true, Ordering::Release);
+        }
         self.poison_on_err(r)
     }
     fn len(&self) -> u64 {
