@@ -131,6 +131,73 @@ impl Allocator {
         }
     }
 
+    /// Pins every track of `set`, a 64-bit word at a time. Tracks outside the volume
+    /// are ignored.
+    pub fn pin_set(&mut self, set: &crate::trackset::TrackSet) {
+        let nwords = self.pinned.as_raw_slice().len();
+        for (w0, words) in set.words() {
+            for (k, &bits) in words.iter().enumerate() {
+                let w = w0 as usize + k;
+                if bits == 0 || w >= nwords {
+                    continue;
+                }
+                let bits = bits & self.valid_mask(w);
+                self.pinned.as_raw_mut_slice()[w] |= bits;
+                self.refresh_word(w);
+            }
+        }
+    }
+
+    /// Unpins every track of `set`; those no file uses become free after the next
+    /// commit (held until then, like any freed track).
+    pub fn unpin_set(&mut self, set: &crate::trackset::TrackSet) {
+        let nwords = self.pinned.as_raw_slice().len();
+        for (w0, words) in set.words() {
+            for (k, &bits) in words.iter().enumerate() {
+                let w = w0 as usize + k;
+                if bits == 0 || w >= nwords {
+                    continue;
+                }
+                let was = self.pinned.as_raw_slice()[w] & bits;
+                if was == 0 {
+                    continue;
+                }
+                self.pinned.as_raw_mut_slice()[w] &= !was;
+                let freed = was & !self.used.as_raw_slice()[w];
+                self.held.as_raw_mut_slice()[w] |= freed;
+                let mut f = freed;
+                while f != 0 {
+                    let b = f.trailing_zeros() as u64;
+                    self.held_list.push((w as u64 * 64 + b, 1));
+                    f &= f - 1;
+                }
+                self.refresh_word(w);
+            }
+        }
+    }
+
+    /// Bits of word `w` that are real tracks (the last word may be partial).
+    fn valid_mask(&self, w: usize) -> u64 {
+        let total = self.used.len();
+        let start = w * 64;
+        if start + 64 <= total {
+            u64::MAX
+        } else if start >= total {
+            0
+        } else {
+            (1u64 << (total - start)) - 1
+        }
+    }
+
+    fn refresh_word(&mut self, w: usize) {
+        let b = self.used.as_raw_slice()[w] | self.pinned.as_raw_slice()[w] | self.held.as_raw_slice()[w];
+        let old = self.busy.as_raw_slice()[w];
+        if b != old {
+            self.busy_count = self.busy_count + b.count_ones() as u64 - old.count_ones() as u64;
+            self.busy.as_raw_mut_slice()[w] = b;
+        }
+    }
+
     /// Allocates `n` tracks, trying to start at `goal`. All or nothing: `ENOSPC` if
     /// fewer than `n` tracks are free. Returns runs `(start, len)`.
     pub fn allocate(&mut self, goal: Option<u64>, n: u64) -> Result<Vec<(u64, u64)>> {
@@ -322,6 +389,32 @@ mod tests {
         let h = a.take_held();
         a.release_held(&h);
         assert_eq!(a.allocate(None, 1).unwrap(), vec![(2, 1)]);
+    }
+
+    #[test]
+    fn pin_and_unpin_sets_match_per_track_calls() {
+        let mut a = Allocator::new(10_000);
+        let mut b = a.clone();
+        a.allocate(None, 300).unwrap();
+        b.allocate(None, 300).unwrap();
+        let set: crate::trackset::TrackSet = (250..5000u64).step_by(3).chain([9999]).collect();
+        a.pin_set(&set);
+        for t in set.iter() {
+            b.pin(t);
+        }
+        assert_eq!(a.free_tracks(), b.free_tracks());
+        assert_eq!(a.pinned_only(), b.pinned_only());
+        a.unpin_set(&set);
+        for t in set.iter() {
+            b.unpin(t);
+        }
+        assert_eq!(a.free_tracks(), b.free_tracks());
+        let (ha, hb) = (a.take_held(), b.take_held());
+        assert_eq!(ha.len(), hb.len());
+        a.release_held(&ha);
+        b.release_held(&hb);
+        assert_eq!(a.free_tracks(), 10_000 - 301);
+        assert_eq!(b.free_tracks(), 10_000 - 301);
     }
 
     #[test]

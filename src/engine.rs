@@ -408,12 +408,8 @@ impl Engine {
 
     fn apply_pins(fs: &Fs, pins: &Pins) {
         let mut st = fs.state();
-        for &t in &pins.pin {
-            st.alloc.pin(t);
-        }
-        for &t in &pins.unpin {
-            st.alloc.unpin(t);
-        }
+        st.alloc.pin_set(&pins.pin);
+        st.alloc.unpin_set(&pins.unpin);
     }
 
     /// Copy-on-write before a host write to `tracks` of pair `id`. Never fails the host

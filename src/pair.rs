@@ -209,9 +209,9 @@ pub struct Pair {
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Pins {
     /// Tracks to pin now.
-    pub pin: Vec<u64>,
+    pub pin: TrackSet,
     /// Tracks to unpin now.
-    pub unpin: Vec<u64>,
+    pub unpin: TrackSet,
 }
 
 fn frozen_tracks(frozen: &[Frozen]) -> TrackSet {
@@ -298,8 +298,8 @@ impl Pair {
         let pending = self.forming.intersection(&keep);
         self.forming.assign(pending);
         let pins = Pins {
-            pin: keep.iter().collect(),
-            unpin: Vec::new(),
+            pin: keep,
+            unpin: TrackSet::new(),
         };
         self.frozen = frozen;
         self.split_ns = now;
@@ -327,8 +327,8 @@ impl Pair {
         self.update_diff.clear();
         self.forming.clear();
         let pins = Pins {
-            pin: new.difference(&old).iter().collect(),
-            unpin: old.difference(&new).iter().collect(),
+            pin: new.difference(&old),
+            unpin: old.difference(&new),
         };
         self.frozen = frozen;
         self.split_ns = now;
@@ -363,22 +363,22 @@ impl Pair {
         self.start_op(self.forming.count(), now);
         self.finish_if_done();
         Ok(Pins {
-            pin: Vec::new(),
-            unpin: old.iter().collect(),
+            pin: TrackSet::new(),
+            unpin: old,
         })
     }
 
     /// Release: the pins to drop. The caller deletes the pair.
     pub fn release(&self) -> Pins {
         Pins {
-            pin: Vec::new(),
-            unpin: frozen_tracks(&self.frozen).iter().collect(),
+            pin: TrackSet::new(),
+            unpin: frozen_tracks(&self.frozen),
         }
     }
 
     /// A copy failed: enter `error`, drop the frozen copy (it can no longer be trusted).
     pub fn fail(&mut self, msg: String) -> Pins {
-        let unpin = frozen_tracks(&self.frozen).iter().collect();
+        let unpin = frozen_tracks(&self.frozen);
         self.frozen.clear();
         self.forming.clear();
         self.split_diff.clear();
@@ -386,7 +386,7 @@ impl Pair {
         self.error = Some(msg);
         self.state = State::Error;
         Pins {
-            pin: Vec::new(),
+            pin: TrackSet::new(),
             unpin,
         }
     }

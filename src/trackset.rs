@@ -196,6 +196,14 @@ impl TrackSet {
         }
     }
 
+    /// The set as raw 64-bit words: (index of the chunk's first word, 64 words), where
+    /// bit `b` of word `w` is track `w * 64 + b`.
+    pub fn words(&self) -> impl Iterator<Item = (u64, &[u64])> + '_ {
+        self.chunks
+            .iter()
+            .map(|(ci, c)| (ci * (CHUNK_BITS / 64), c.as_raw_slice()))
+    }
+
     /// Chunks changed since the last [`TrackSet::take_dirty`]: (chunk index, bytes or
     /// `None` if the chunk is now empty and its row should be deleted).
     pub fn take_dirty(&mut self) -> Vec<(u64, Option<Vec<u8>>)> {

@@ -55,12 +55,8 @@ impl Sim {
     }
 
     fn apply(&mut self, pins: Pins) {
-        for t in pins.pin {
-            self.alloc.pin(t);
-        }
-        for t in pins.unpin {
-            self.alloc.unpin(t);
-        }
+        self.alloc.pin_set(&pins.pin);
+        self.alloc.unpin_set(&pins.unpin);
         let h = self.alloc.take_held();
         self.alloc.release_held(&h);
     }
