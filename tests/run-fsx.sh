@@ -4,7 +4,7 @@
 #
 #   tests/run-fsx.sh DIR
 #
-# Each seed works on its own file DIR/fsx.SEED (removed after a successful run). The operation
+# Each seed works on its own file DIR/fsx.SEED (removed after a successful run unless FSX_KEEP=1). The operation
 # mix is tests/fsx.toml: read, write, mmap read, mmap write, truncate, posix_fallocate, punch
 # hole, copy_file_range, sendfile, close/open, msync(MS_INVALIDATE), fsync, fdatasync, fadvise.
 #
@@ -15,6 +15,8 @@
 #   FSX_OPS        operations per seed (default: 10000)
 #   FSX_TIMEOUT    seconds allowed per seed before it counts as a hang (default: 900; run in
 #                  the foreground process group so that ^C reaches fsx)
+#   FSX_KEEP=1     keep each seed's file after it passed (default: remove it; fs_suites.sh
+#                  keeps them so that its offline fsck sees the extent maps fsx left)
 #   FSX_ARTIFACTS  directory for failure artifacts (default: a new temporary directory under
 #                  ${TMPDIR:-/tmp}, i.e. outside the file system under test; removed if all pass)
 #
@@ -78,7 +80,7 @@ for seed in "${seeds[@]}"; do
         echo "fsx: FAIL at seed $seed ($n/${#seeds[@]}, exit $rc) on $dir ($fstype) after $((t1 - start))s"
         exit "$rc"
     fi
-    rm -f -- "$file"
+    [ "${FSX_KEEP:-0}" = 1 ] || rm -f -- "$file"
     echo "fsx: seed $seed ok ($((t1 - t0))s)"
 done
 
