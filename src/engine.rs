@@ -31,6 +31,8 @@ use crate::volume::Volume;
 /// Largest copier batch in bytes (bounded memory; a host copy-on-write waits for at
 /// most one batch).
 pub const COPY_BATCH_BYTES: u64 = 1 << 20;
+/// Copy-on-write also copies the other pending tracks of the same aligned group.
+pub const COW_GROUP_BYTES: u64 = 1 << 20;
 /// In the frozen states the copier syncs the copy image and commits the cleared bits
 /// once per this many bytes copied, not per batch.
 pub const CONFIRM_BYTES: u64 = 64 << 20;
@@ -49,6 +51,9 @@ pub struct Slot {
     /// stay set until the copy image is synced and the clear committed
     /// ([`Engine::confirm`]). Only touched under `gate`.
     unconfirmed: Mutex<Vec<u64>>,
+    /// Tracks host writes are waiting to have copied (group commit: the next holder of
+    /// `gate` copies all of them with one sync and one commit).
+    cow_queue: Mutex<Vec<u64>>,
 }
 
 impl Slot {
@@ -277,6 +282,7 @@ impl Engine {
                 p: Mutex::new(p),
                 dirty: AtomicBool::new(!clean),
                 unconfirmed: Mutex::new(Vec::new()),
+                cow_queue: Mutex::new(Vec::new()),
             });
             self.pairs
                 .write()
@@ -387,7 +393,12 @@ impl Engine {
             let len = ((j - i) as u64 * ts) as usize;
             buf.resize(len, 0);
             fs.vol.read_at(tracks[i] * ts, &mut buf)?;
-            fs.copy.write_at(tracks[i] * ts, &buf)?;
+            if buf.iter().all(|&b| b == 0) {
+                // Never-written (fallocated or punched) tracks: keep the copy sparse.
+                fs.copy.discard(tracks[i] * ts, len as u64)?;
+            } else {
+                fs.copy.write_at(tracks[i] * ts, &buf)?;
+            }
             i = j;
         }
         Ok(())
@@ -418,11 +429,32 @@ impl Engine {
         let Some(slot) = self.slot(id) else {
             return Ok(());
         };
-        if slot.lock().cow_needed(tracks).is_empty() {
+        let mine = slot.lock().cow_needed(tracks);
+        if mine.is_empty() {
             return Ok(());
         }
+        // Group commit: queue our tracks; whoever holds the gate next copies every
+        // queued track with one sync of the copy image and one metadata commit.
+        slot.cow_queue
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend_from_slice(&mine);
         let _g = slot.gate();
-        let need = slot.lock().cow_needed(tracks);
+        let mut want = std::mem::take(&mut *slot.cow_queue.lock().unwrap_or_else(|p| p.into_inner()));
+        want.extend_from_slice(&mine);
+        let need = {
+            let p = slot.lock();
+            // Copy ahead: the pending tracks of the same aligned group (up to 1 MiB)
+            // cost little more to copy now and spare later writes a sync each.
+            let group = (COW_GROUP_BYTES / fs.ts).max(1);
+            let mut around = std::collections::BTreeSet::new();
+            for &t in &want {
+                let g0 = t - t % group;
+                around.extend(g0..g0 + group);
+            }
+            let around: Vec<u64> = around.into_iter().collect();
+            p.cow_needed(&around)
+        };
         if need.is_empty() {
             return Ok(());
         }
@@ -686,6 +718,25 @@ impl Engine {
             Op::Release => {
                 let pins = slot.lock().release();
                 Self::apply_pins(fs, &pins);
+                // Give the copy image's space back: the frozen tracks and the mirror
+                // of the scope's current tracks.
+                let mirror = {
+                    let st = fs.state();
+                    Fs::tracks_of(&st, &Self::members(&st, scope))
+                };
+                let mut runs: Vec<(u64, u64)> = Vec::new();
+                for t in pins.unpin.union(&mirror).iter() {
+                    match runs.last_mut() {
+                        Some((s, l)) if *s + *l == t => *l += 1,
+                        _ => runs.push((t, 1)),
+                    }
+                }
+                for (t, n) in runs {
+                    if let Err(e) = fs.copy.discard(t * fs.ts, n * fs.ts) {
+                        log::warn!("pair {}: could not release copy-image space: {e}", slot.id);
+                        break;
+                    }
+                }
                 {
                     let mut st = fs.state();
                     for i in st.inodes.values_mut() {
@@ -774,6 +825,7 @@ impl Engine {
             p: Mutex::new(p),
             dirty: AtomicBool::new(true),
             unconfirmed: Mutex::new(Vec::new()),
+            cow_queue: Mutex::new(Vec::new()),
         });
         self.pairs
             .write()

@@ -45,7 +45,7 @@ fn helper_args(mut args: Vec<OsString>) -> Vec<OsString> {
 }
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info,fuser=error"))
         .format_timestamp_millis()
         .init();
     let args = helper_args(std::env::args_os().collect());
