@@ -190,7 +190,9 @@ impl Allocator {
     }
 
     fn refresh_word(&mut self, w: usize) {
-        let b = self.used.as_raw_slice()[w] | self.pinned.as_raw_slice()[w] | self.held.as_raw_slice()[w];
+        let b = self.used.as_raw_slice()[w]
+            | self.pinned.as_raw_slice()[w]
+            | self.held.as_raw_slice()[w];
         let old = self.busy.as_raw_slice()[w];
         if b != old {
             self.busy_count = self.busy_count + b.count_ones() as u64 - old.count_ones() as u64;
