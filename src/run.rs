@@ -437,6 +437,9 @@ fn serve(spec: MountSpec, mut ready: Option<std::fs::File>) -> Result<u8> {
             }
         }
     }
+    for p in &points {
+        raise_readahead(p);
+    }
     let mut workers = Vec::new();
     if !fs.opts.readonly {
         let f = fs.clone();
@@ -506,6 +509,20 @@ fn serve(spec: MountSpec, mut ready: Option<std::fs::File>) -> Result<u8> {
     fs.shutdown()?;
     log::info!("unmounted {} cleanly", spec.paths.volume.display());
     Ok(0)
+}
+
+/// FUSE mounts start with the kernel's default read-ahead (128 KiB) whatever the
+/// filesystem asks for at init; raise the mount's backing-device read-ahead to 1 MiB so
+/// sequential reads arrive as large requests. Best effort (needs root).
+fn raise_readahead(mnt: &Path) {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(m) = std::fs::metadata(mnt) else { return };
+    let dev = m.dev();
+    let (maj, min) = (libc::major(dev), libc::minor(dev));
+    let knob = format!("/sys/class/bdi/{maj}:{min}/read_ahead_kb");
+    if let Err(e) = std::fs::write(&knob, "1024") {
+        log::debug!("read-ahead of {}: {knob}: {e}", mnt.display());
+    }
 }
 
 /// Sets `user.pairfs.<op>` on a path (the CLI wrappers of the control interface).
