@@ -15,7 +15,14 @@ fn main() -> pairfs::Result<()> {
     let (fs, _lock) = volfile::open(&paths, Options::default())?;
 
     let root = Ctx { uid: 0, gid: 0 };
-    let f = fs.create_node(root, pairfs::fs::ROOT, b"report.txt", libc::S_IFREG | 0o644, 0, None)?;
+    let f = fs.create_node(
+        root,
+        pairfs::fs::ROOT,
+        b"report.txt",
+        libc::S_IFREG | 0o644,
+        0,
+        None,
+    )?;
     let ino = f.row.ino;
     fs.write(ino, 0, b"version 1: the numbers as of the split")?;
 
@@ -32,9 +39,16 @@ fn main() -> pairfs::Result<()> {
         .expect("a frozen copy");
     let copy = fs.engine.read_frozen(&fs, pair, idx, 0, 4096)?;
     let now = fs.read(ino, 0, 4096)?;
-    println!("frozen copy ({}): {}", frozen.path, String::from_utf8_lossy(&copy));
+    println!(
+        "frozen copy ({}): {}",
+        frozen.path,
+        String::from_utf8_lossy(&copy)
+    );
     println!("file now          : {}", String::from_utf8_lossy(&now));
-    println!("state: {}", fs.engine.status_of(&fs, ino)?.expect("paired").line());
+    println!(
+        "state: {}",
+        fs.engine.status_of(&fs, ino)?.expect("paired").line()
+    );
     assert!(copy.starts_with(b"version 1"));
     fs.shutdown()?;
     let _ = std::fs::remove_dir_all(&dir);

@@ -248,7 +248,11 @@ impl Engine {
         for mut p in pairs {
             let top = p.scope.ino();
             if !st.inodes.contains_key(&top) {
-                log::warn!("pair {} ({}): its scope is gone; releasing it", p.id, p.path);
+                log::warn!(
+                    "pair {} ({}): its scope is gone; releasing it",
+                    p.id,
+                    p.path
+                );
                 for t in p.pinned_tracks().iter() {
                     st.alloc.pin(t);
                 }
@@ -261,7 +265,10 @@ impl Engine {
             }
             for t in p.pinned_tracks().iter() {
                 if t == 0 || t >= st.alloc.total() {
-                    return Err(Error::Corrupt(format!("pair {}: frozen track {t} outside the volume", p.id)));
+                    return Err(Error::Corrupt(format!(
+                        "pair {}: frozen track {t} outside the volume",
+                        p.id
+                    )));
                 }
                 st.alloc.pin(t);
             }
@@ -406,7 +413,10 @@ impl Engine {
 
     /// A copy failed: the pair goes to `error`, its pins are dropped.
     fn fail(&self, fs: &Fs, slot: &Slot, e: &Error) {
-        slot.unconfirmed.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        slot.unconfirmed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
         let msg = format!("copy to the copy image failed: {e}; run update or resync to recover");
         let pins = slot.lock().fail(msg.clone());
         log::error!("pair {}: state error: {msg}", slot.id);
@@ -440,7 +450,8 @@ impl Engine {
             .unwrap_or_else(|p| p.into_inner())
             .extend_from_slice(&mine);
         let _g = slot.gate();
-        let mut want = std::mem::take(&mut *slot.cow_queue.lock().unwrap_or_else(|p| p.into_inner()));
+        let mut want =
+            std::mem::take(&mut *slot.cow_queue.lock().unwrap_or_else(|p| p.into_inner()));
         want.extend_from_slice(&mine);
         let need = {
             let p = slot.lock();
@@ -462,11 +473,15 @@ impl Engine {
         match Self::copy_tracks(fs, &need).and_then(|_| fs.copy.sync()) {
             Ok(()) => {
                 // The sync also makes the copier's unconfirmed tracks durable.
-                let mut done = std::mem::take(&mut *slot.unconfirmed.lock().unwrap_or_else(|p| p.into_inner()));
+                let mut done = std::mem::take(
+                    &mut *slot.unconfirmed.lock().unwrap_or_else(|p| p.into_inner()),
+                );
                 done.extend_from_slice(&need);
                 slot.lock().copied(&done);
-                self.cow_total.fetch_add(need.len() as u64, Ordering::Relaxed);
-                self.copied_total.fetch_add(need.len() as u64, Ordering::Relaxed);
+                self.cow_total
+                    .fetch_add(need.len() as u64, Ordering::Relaxed);
+                self.copied_total
+                    .fetch_add(need.len() as u64, Ordering::Relaxed);
                 // The cleared bits must be durable before the host overwrites the track.
                 self.persist(fs, &slot, false)?;
                 self.log_transition(&slot, before);
@@ -493,7 +508,8 @@ impl Engine {
     /// Makes the copier's unconfirmed tracks durable: sync the copy image, clear their
     /// pending bits and commit. Call with the gate held.
     fn confirm(&self, fs: &Fs, slot: &Slot) -> Result<()> {
-        let tracks = std::mem::take(&mut *slot.unconfirmed.lock().unwrap_or_else(|p| p.into_inner()));
+        let tracks =
+            std::mem::take(&mut *slot.unconfirmed.lock().unwrap_or_else(|p| p.into_inner()));
         if tracks.is_empty() {
             return Ok(());
         }
@@ -514,7 +530,8 @@ impl Engine {
             let Some(pending) = p.pending() else { return 0 };
             let unconfirmed = slot.unconfirmed.lock().unwrap_or_else(|p| p.into_inner());
             let skip = |t: &u64| !unconfirmed.contains(t);
-            let mut batch: Vec<u64> = pending.next_batch(*cursor, max + unconfirmed.len().min(4096));
+            let mut batch: Vec<u64> =
+                pending.next_batch(*cursor, max + unconfirmed.len().min(4096));
             batch.retain(skip);
             batch.truncate(max);
             if batch.is_empty() {
@@ -544,7 +561,8 @@ impl Engine {
         *cursor = batch.last().map_or(0, |t| t + 1);
         match Self::copy_tracks(fs, &batch) {
             Ok(()) => {
-                self.copied_total.fetch_add(batch.len() as u64, Ordering::Relaxed);
+                self.copied_total
+                    .fetch_add(batch.len() as u64, Ordering::Relaxed);
                 if frozen {
                     let n = {
                         let mut u = slot.unconfirmed.lock().unwrap_or_else(|p| p.into_inner());
@@ -623,7 +641,9 @@ impl Engine {
     fn freeze(st: &crate::fs::State, members: &[u64]) -> Vec<Frozen> {
         let mut out = Vec::new();
         for &ino in members {
-            let Some(i) = st.inodes.get(&ino) else { continue };
+            let Some(i) = st.inodes.get(&ino) else {
+                continue;
+            };
             let kind = match i.row.kind {
                 libc::S_IFREG => FrozenKind::File,
                 libc::S_IFDIR => FrozenKind::Dir,
@@ -643,7 +663,11 @@ impl Engine {
                     mtime: i.row.mtime,
                     ctime: i.row.ctime,
                 },
-                extents: if kind == FrozenKind::File { i.extents.clone() } else { Default::default() },
+                extents: if kind == FrozenKind::File {
+                    i.extents.clone()
+                } else {
+                    Default::default()
+                },
                 target: i.row.target.clone().unwrap_or_default(),
             });
         }
@@ -659,11 +683,15 @@ impl Engine {
         let existing = fs.state().get(ino)?.pair;
         let slot = match (existing, op) {
             (Some(id), _) => {
-                let s = self.slot(id).ok_or_else(|| Error::NotFound(format!("pair {id}")))?;
+                let s = self
+                    .slot(id)
+                    .ok_or_else(|| Error::NotFound(format!("pair {id}")))?;
                 let top = s.lock().scope.ino();
                 if top != ino {
                     let path = s.lock().path.clone();
-                    return Err(Error::Busy(format!("inside the scope of pair {id} ({path})")));
+                    return Err(Error::Busy(format!(
+                        "inside the scope of pair {id} ({path})"
+                    )));
                 }
                 if op == Op::Pair {
                     return Err(Error::invalid("already paired"));
@@ -754,7 +782,12 @@ impl Engine {
                     delete: true,
                     ..PairDelta::default()
                 }])?;
-                log::info!("pair {} ({}): {} -> released", slot.id, slot.lock().path, before.name());
+                log::info!(
+                    "pair {} ({}): {} -> released",
+                    slot.id,
+                    slot.lock().path,
+                    before.name()
+                );
                 return Ok(());
             }
             Op::Pair => unreachable!("handled above"),
@@ -772,7 +805,13 @@ impl Engine {
             self.snapshot_meta(fs, slot.id)?;
         }
         let after = slot.lock().state;
-        log::info!("pair {} ({}): {} -> {} ({op:?})", slot.id, slot.lock().path, before.name(), after.name());
+        log::info!(
+            "pair {} ({}): {} -> {} ({op:?})",
+            slot.id,
+            slot.lock().path,
+            before.name(),
+            after.name()
+        );
         self.wake();
         Ok(())
     }
@@ -797,7 +836,11 @@ impl Engine {
             libc::S_IFREG => Scope::File(ino),
             libc::S_IFDIR if ino == ROOT => Scope::Root,
             libc::S_IFDIR => Scope::Dir(ino),
-            _ => return Err(Error::invalid("only regular files and directories can be paired")),
+            _ => {
+                return Err(Error::invalid(
+                    "only regular files and directories can be paired",
+                ));
+            }
         };
         let members = Self::members(&st, scope);
         for &m in &members {
@@ -875,7 +918,11 @@ impl Engine {
             frozen_tracks: pinned.count(),
             dirty,
             pinned_bytes: pinned_only * fs.ts,
-            files: p.frozen.iter().filter(|f| f.attr.kind == FrozenKind::File).count(),
+            files: p
+                .frozen
+                .iter()
+                .filter(|f| f.attr.kind == FrozenKind::File)
+                .count(),
             error: p.error.clone(),
             track_size: fs.ts,
         }
@@ -896,15 +943,27 @@ impl Engine {
     }
 
     /// Reads frozen file `idx` of pair `id` as of its split instant.
-    pub fn read_frozen(&self, fs: &Fs, id: PairId, idx: usize, off: u64, size: u32) -> Result<Vec<u8>> {
-        let slot = self.slot(id).ok_or_else(|| Error::NotFound(format!("pair {id}")))?;
+    pub fn read_frozen(
+        &self,
+        fs: &Fs,
+        id: PairId,
+        idx: usize,
+        off: u64,
+        size: u32,
+    ) -> Result<Vec<u8>> {
+        let slot = self
+            .slot(id)
+            .ok_or_else(|| Error::NotFound(format!("pair {id}")))?;
         let ts = fs.ts;
         let (segs, len) = {
             let p = slot.lock();
             if !p.state.is_frozen() {
                 return Err(Error::NotFound("the frozen copy is gone".into()));
             }
-            let f = p.frozen.get(idx).ok_or_else(|| Error::NotFound("frozen file".into()))?;
+            let f = p
+                .frozen
+                .get(idx)
+                .ok_or_else(|| Error::NotFound("frozen file".into()))?;
             if off >= f.attr.size {
                 return Ok(Vec::new());
             }

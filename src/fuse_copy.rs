@@ -138,16 +138,17 @@ impl CopyFs {
                         i
                     }
                 };
-                if !t.nodes.contains_key(&ino) {
-                    t.nodes.insert(
-                        ino,
-                        Entry {
-                            node: Node::Dir(BTreeMap::new()),
-                            attr: dir_attr(ino, f.attr.ctime),
-                            parent: cur,
-                        },
-                    );
-                    if let Some(Entry { node: Node::Dir(ch), .. }) = t.nodes.get_mut(&cur) {
+                if let std::collections::hash_map::Entry::Vacant(v) = t.nodes.entry(ino) {
+                    v.insert(Entry {
+                        node: Node::Dir(BTreeMap::new()),
+                        attr: dir_attr(ino, f.attr.ctime),
+                        parent: cur,
+                    });
+                    if let Some(Entry {
+                        node: Node::Dir(ch),
+                        ..
+                    }) = t.nodes.get_mut(&cur)
+                    {
                         ch.insert(part.as_bytes().to_vec(), ino);
                     }
                 }
@@ -203,7 +204,10 @@ impl Filesystem for CopyFs {
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         let r = self.with_tree(|t| match t.nodes.get(&parent.0).map(|e| &e.node) {
-            Some(Node::Dir(ch)) => ch.get(name.as_bytes()).and_then(|i| t.nodes.get(i)).map(|e| e.attr),
+            Some(Node::Dir(ch)) => ch
+                .get(name.as_bytes())
+                .and_then(|i| t.nodes.get(i))
+                .map(|e| e.attr),
             _ => None,
         });
         match r {
@@ -265,7 +269,14 @@ impl Filesystem for CopyFs {
         }
     }
 
-    fn flush(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _lo: LockOwner, reply: ReplyEmpty) {
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lo: LockOwner,
+        reply: ReplyEmpty,
+    ) {
         reply.ok();
     }
 
@@ -290,7 +301,14 @@ impl Filesystem for CopyFs {
         }
     }
 
-    fn readdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
         let entries = self.with_tree(|t| {
             let e = t.nodes.get(&ino.0)?;
             let Node::Dir(ch) = &e.node else { return None };
@@ -323,7 +341,14 @@ impl Filesystem for CopyFs {
         reply.statfs(blocks, 0, 0, 0, 0, 4096, 255, 4096);
     }
 
-    fn getxattr(&self, _req: &Request, _ino: INodeNo, _name: &OsStr, _size: u32, reply: ReplyXattr) {
+    fn getxattr(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _name: &OsStr,
+        _size: u32,
+        reply: ReplyXattr,
+    ) {
         reply.error(Errno::from_i32(libc::ENODATA));
     }
 

@@ -91,11 +91,14 @@ pub struct InodeRow {
     pub target: Option<Vec<u8>>,
 }
 
+/// One inode's rows: the inode, its extents, its xattrs.
+pub type InodeRows = (InodeRow, Vec<Extent>, Vec<(Vec<u8>, Vec<u8>)>);
+
 /// Rows changed since the last commit. Committed in one transaction.
 #[derive(Debug, Default)]
 pub struct Batch {
     /// Inodes to insert or replace (with their extents and xattrs replaced too).
-    pub inodes: Vec<(InodeRow, Vec<Extent>, Vec<(Vec<u8>, Vec<u8>)>)>,
+    pub inodes: Vec<InodeRows>,
     /// Inodes to delete.
     pub deleted: Vec<u64>,
     /// Directory entries to insert or replace.
@@ -230,7 +233,10 @@ impl Meta {
             ("next_pair", "1".to_string()),
             ("clean", "1".to_string()),
         ] {
-            tx.execute("INSERT INTO super(key, value) VALUES (?1, ?2)", params![k, v])?;
+            tx.execute(
+                "INSERT INTO super(key, value) VALUES (?1, ?2)",
+                params![k, v],
+            )?;
         }
         tx.execute(
             "INSERT INTO inodes VALUES (1, ?1, ?2, 0, 0, 2, 0, ?3, ?3, ?3, 0, NULL)",
@@ -257,7 +263,10 @@ impl Meta {
             ("next_pair", "1".to_string()),
             ("clean", "1".to_string()),
         ] {
-            conn.execute("INSERT INTO super(key, value) VALUES (?1, ?2)", params![k, v])?;
+            conn.execute(
+                "INSERT INTO super(key, value) VALUES (?1, ?2)",
+                params![k, v],
+            )?;
         }
         conn.execute(
             "INSERT INTO inodes VALUES (1, ?1, ?2, 0, 0, 2, 0, 0, 0, 0, 0, NULL)",
@@ -291,9 +300,8 @@ impl Meta {
         } else {
             OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX
         };
-        let conn = Connection::open_with_flags(path, flags).map_err(|e| {
-            corrupt(format!("{} is not a pairfs database: {e}", path.display()))
-        })?;
+        let conn = Connection::open_with_flags(path, flags)
+            .map_err(|e| corrupt(format!("{} is not a pairfs database: {e}", path.display())))?;
         let get = |k: &str| -> Result<String> {
             conn.query_row("SELECT value FROM super WHERE key = ?1", [k], |r| r.get(0))
                 .optional()
@@ -301,7 +309,10 @@ impl Meta {
                 .ok_or_else(|| corrupt(format!("{}: missing super key {k}", path.display())))
         };
         if get("format")? != "pairfs" {
-            return Err(corrupt(format!("{} is not a pairfs database", path.display())));
+            return Err(corrupt(format!(
+                "{} is not a pairfs database",
+                path.display()
+            )));
         }
         let ver: u32 = get("schema_version")?
             .parse()
@@ -324,7 +335,7 @@ impl Meta {
         };
         if !geometry.track_size.is_power_of_two()
             || !(4096..=1 << 20).contains(&geometry.track_size)
-            || geometry.size % geometry.track_size != 0
+            || !geometry.size.is_multiple_of(geometry.track_size)
             || geometry.size < 2 * geometry.track_size
         {
             return Err(corrupt(format!("impossible geometry {geometry:?}")));
@@ -353,7 +364,8 @@ impl Meta {
     pub fn load(&self) -> Result<Loaded> {
         let c = &self.conn;
         let get = |k: &str| -> Result<u64> {
-            let v: String = c.query_row("SELECT value FROM super WHERE key = ?1", [k], |r| r.get(0))?;
+            let v: String =
+                c.query_row("SELECT value FROM super WHERE key = ?1", [k], |r| r.get(0))?;
             v.parse()
                 .map_err(|_| corrupt(format!("super key {k} is not a number")))
         };
@@ -383,9 +395,11 @@ impl Meta {
             })
         })?;
         for r in rows {
-            out.inodes.push(r.map_err(|e| corrupt(format!("bad inode row: {e}")))?);
+            out.inodes
+                .push(r.map_err(|e| corrupt(format!("bad inode row: {e}")))?);
         }
-        let mut st = c.prepare("SELECT ino, ftrack, vtrack, len FROM extents ORDER BY ino, ftrack")?;
+        let mut st =
+            c.prepare("SELECT ino, ftrack, vtrack, len FROM extents ORDER BY ino, ftrack")?;
         let rows = st.query_map([], |r| {
             Ok((
                 r.get::<_, u64>(0)?,
@@ -397,17 +411,20 @@ impl Meta {
             ))
         })?;
         for r in rows {
-            out.extents.push(r.map_err(|e| corrupt(format!("bad extent row: {e}")))?);
+            out.extents
+                .push(r.map_err(|e| corrupt(format!("bad extent row: {e}")))?);
         }
         let mut st = c.prepare("SELECT ino, name, value FROM xattrs")?;
         let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
         for r in rows {
-            out.xattrs.push(r.map_err(|e| corrupt(format!("bad xattr row: {e}")))?);
+            out.xattrs
+                .push(r.map_err(|e| corrupt(format!("bad xattr row: {e}")))?);
         }
         let mut st = c.prepare("SELECT parent, name, ino FROM dirents")?;
         let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
         for r in rows {
-            out.dirents.push(r.map_err(|e| corrupt(format!("bad dirent row: {e}")))?);
+            out.dirents
+                .push(r.map_err(|e| corrupt(format!("bad dirent row: {e}")))?);
         }
         out.pairs = self.load_pairs()?;
         Ok(out)
@@ -455,7 +472,11 @@ impl Meta {
             };
             let mut bs = c.prepare("SELECT which, chunk, bits FROM bitmaps WHERE pair = ?1")?;
             let rows = bs.query_map([id], |r| {
-                Ok((r.get::<_, u8>(0)?, r.get::<_, u64>(1)?, r.get::<_, Vec<u8>>(2)?))
+                Ok((
+                    r.get::<_, u8>(0)?,
+                    r.get::<_, u64>(1)?,
+                    r.get::<_, Vec<u8>>(2)?,
+                ))
             })?;
             for r in rows {
                 let (which, chunk, bits) = r?;
@@ -466,7 +487,9 @@ impl Meta {
                     w => return Err(corrupt(format!("pair {id}: unknown bitmap {w}"))),
                 };
                 if chunk > self.geometry.tracks() / crate::trackset::CHUNK_BITS {
-                    return Err(corrupt(format!("pair {id}: bitmap chunk {chunk} beyond the volume")));
+                    return Err(corrupt(format!(
+                        "pair {id}: bitmap chunk {chunk} beyond the volume"
+                    )));
                 }
                 set.load_chunk(chunk, &bits)
                     .map_err(|e| corrupt(format!("pair {id}: {e}")))?;
@@ -560,11 +583,13 @@ impl Meta {
                 del_ext.execute([ino])?;
                 del_x.execute([ino])?;
             }
-            let mut del_d = tx.prepare_cached("DELETE FROM dirents WHERE parent = ?1 AND name = ?2")?;
+            let mut del_d =
+                tx.prepare_cached("DELETE FROM dirents WHERE parent = ?1 AND name = ?2")?;
             for (p, n) in &b.del_dirents {
                 del_d.execute(params![p, n])?;
             }
-            let mut put_d = tx.prepare_cached("INSERT OR REPLACE INTO dirents VALUES (?1, ?2, ?3)")?;
+            let mut put_d =
+                tx.prepare_cached("INSERT OR REPLACE INTO dirents VALUES (?1, ?2, ?3)")?;
             for (p, n, i) in &b.put_dirents {
                 put_d.execute(params![p, n, i])?;
             }
@@ -612,8 +637,11 @@ impl Meta {
             )?;
         }
         {
-            let mut put = tx.prepare_cached("INSERT OR REPLACE INTO bitmaps VALUES (?1, ?2, ?3, ?4)")?;
-            let mut del = tx.prepare_cached("DELETE FROM bitmaps WHERE pair = ?1 AND which = ?2 AND chunk = ?3")?;
+            let mut put =
+                tx.prepare_cached("INSERT OR REPLACE INTO bitmaps VALUES (?1, ?2, ?3, ?4)")?;
+            let mut del = tx.prepare_cached(
+                "DELETE FROM bitmaps WHERE pair = ?1 AND which = ?2 AND chunk = ?3",
+            )?;
             for (w, ci, bits) in &d.chunks {
                 match bits {
                     Some(b) => put.execute(params![d.id, w, ci, b])?,
@@ -694,8 +722,11 @@ pub fn encode_extents(m: &ExtentMap) -> Vec<u8> {
 
 /// Decodes [`encode_extents`], refusing malformed input.
 pub fn decode_extents(b: &[u8]) -> std::result::Result<ExtentMap, String> {
-    if b.len() % 24 != 0 {
-        return Err(format!("{} bytes is not a whole number of extents", b.len()));
+    if !b.len().is_multiple_of(24) {
+        return Err(format!(
+            "{} bytes is not a whole number of extents",
+            b.len()
+        ));
     }
     let word = |c: &[u8]| u64::from_le_bytes(c.try_into().expect("8 bytes"));
     ExtentMap::from_extents(b.chunks_exact(24).map(|c| Extent {
@@ -740,11 +771,21 @@ mod tests {
         };
         b.inodes.push((
             row.clone(),
-            vec![Extent { file: 0, vol: 5, len: 1 }],
+            vec![Extent {
+                file: 0,
+                vol: 5,
+                len: 1,
+            }],
             vec![(b"user.a".to_vec(), b"v".to_vec())],
         ));
         b.put_dirents.push((1, b"f".to_vec(), 2));
-        let mut p = Pair::new(7, Scope::File(2), "/f".into(), [5u64].into_iter().collect(), 0);
+        let mut p = Pair::new(
+            7,
+            Scope::File(2),
+            "/f".into(),
+            [5u64].into_iter().collect(),
+            0,
+        );
         b.pairs.push(PairDelta {
             id: 7,
             row: Some(PairRow::of(&p)),
@@ -755,7 +796,17 @@ mod tests {
         m.commit(&b).unwrap();
         let l = m.load().unwrap();
         assert_eq!(l.inodes.iter().find(|i| i.ino == 2), Some(&row));
-        assert_eq!(l.extents, vec![(2, Extent { file: 0, vol: 5, len: 1 })]);
+        assert_eq!(
+            l.extents,
+            vec![(
+                2,
+                Extent {
+                    file: 0,
+                    vol: 5,
+                    len: 1
+                }
+            )]
+        );
         assert_eq!(l.dirents, vec![(1, b"f".to_vec(), 2)]);
         assert_eq!(l.next_ino, 3);
         assert_eq!(l.next_pair, 8);
@@ -779,8 +830,11 @@ mod tests {
         let q = dir.path().join("y.meta");
         drop(Meta::create(&q, &geo(), 0).unwrap());
         let c = Connection::open(&q).unwrap();
-        c.execute("UPDATE super SET value = '99' WHERE key = 'schema_version'", [])
-            .unwrap();
+        c.execute(
+            "UPDATE super SET value = '99' WHERE key = 'schema_version'",
+            [],
+        )
+        .unwrap();
         drop(c);
         let e = Meta::open(&q, false).err().unwrap();
         assert!(e.to_string().contains("schema version 99"), "{e}");

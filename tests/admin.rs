@@ -17,7 +17,11 @@ fn run(cmd: &mut Command) -> (bool, String, String) {
 }
 
 fn refused(args: &[&str]) -> String {
-    let o = Command::new(BIN).args(args).env("RUST_LOG", "off").output().unwrap();
+    let o = Command::new(BIN)
+        .args(args)
+        .env("RUST_LOG", "off")
+        .output()
+        .unwrap();
     let err = String::from_utf8_lossy(&o.stderr).into_owned();
     assert!(!o.status.success(), "pairfs {args:?} should fail");
     assert!(!err.contains("panicked"), "pairfs {args:?} panicked: {err}");
@@ -32,7 +36,11 @@ fn mount_helper_and_fstab_style_mount() {
     let helper = v.dir.path().join("mount.fuse.pairfs");
     std::os::unix::fs::symlink(BIN, &helper).unwrap();
     let opts = format!("rw,relatime,copy_mount={},threads=2", v.copy.display());
-    let (ok, _, err) = run(Command::new(&helper).arg(&v.img).arg(&v.mnt).arg("-o").arg(&opts));
+    let (ok, _, err) = run(Command::new(&helper)
+        .arg(&v.img)
+        .arg(&v.mnt)
+        .arg("-o")
+        .arg(&opts));
     assert!(ok, "helper mount failed: {err}");
     std::fs::write(v.mnt.join("x"), b"fstab").unwrap();
     setx(&v.mnt.join("x"), "user.pairfs.split").unwrap();
@@ -82,7 +90,10 @@ fn status_json_and_completions() {
     assert!(ok && out.contains("split"), "{out}");
     for sh in ["bash", "zsh", "fish"] {
         let (ok, out, _) = run(Command::new(BIN).args(["gen", "completions", sh]));
-        assert!(ok && out.contains("split") && out.len() > 500, "{sh} completions");
+        assert!(
+            ok && out.contains("split") && out.len() > 500,
+            "{sh} completions"
+        );
     }
     v.umount();
 }
@@ -106,21 +117,42 @@ fn bad_input_is_refused_with_one_line() {
     // Missing image, missing mountpoint.
     let e = refused(&["mount", &p("missing.img"), &mnt]);
     assert!(e.contains("missing.img"), "{e}");
-    assert!(Command::new(BIN).args(["mkfs", &p("v"), "--size", "256M"]).output().unwrap().status.success());
+    assert!(
+        Command::new(BIN)
+            .args(["mkfs", &p("v"), "--size", "256M"])
+            .output()
+            .unwrap()
+            .status
+            .success()
+    );
     let e = refused(&["mount", &p("v"), &p("nowhere")]);
     assert!(e.contains("nowhere"), "{e}");
     // Existing volume without --force.
     refused(&["mkfs", &p("v"), "--size", "256M"]);
     // A foreign image (another volume's), nothing modified.
-    assert!(Command::new(BIN).args(["mkfs", &p("w"), "--size", "256M"]).output().unwrap().status.success());
+    assert!(
+        Command::new(BIN)
+            .args(["mkfs", &p("w"), "--size", "256M"])
+            .output()
+            .unwrap()
+            .status
+            .success()
+    );
     let before = std::fs::read(p("v.meta")).unwrap();
     let e = refused(&["mount", &p("v"), &mnt, "--copy", &p("w.copy")]);
     assert!(e.contains("another volume"), "{e}");
     let e = refused(&["mount", &p("w"), &mnt, "--meta", &p("v.meta")]);
     assert!(e.contains("another volume") || e.contains("UUID"), "{e}");
-    assert_eq!(std::fs::read(p("v.meta")).unwrap(), before, "a refused mount modified the database");
+    assert_eq!(
+        std::fs::read(p("v.meta")).unwrap(),
+        before,
+        "a refused mount modified the database"
+    );
     // A truncated image, a wrong-size copy image.
-    let f = std::fs::OpenOptions::new().write(true).open(p("w")).unwrap();
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(p("w"))
+        .unwrap();
     f.set_len(1 << 20).unwrap();
     let e = refused(&["mount", &p("w"), &mnt]);
     assert!(e.contains("truncated") || e.contains("bytes"), "{e}");
@@ -129,10 +161,21 @@ fn bad_input_is_refused_with_one_line() {
     assert_eq!(o.status.code(), Some(1), "fsck of a truncated image: {out}");
     assert!(out.contains("PROBLEM: volume image is"), "{out}");
     // A corrupt database, and one of a future schema version.
-    std::fs::write(p("v.meta"), b"garbage garbage garbage garbage garbage garbage garbage").unwrap();
+    std::fs::write(
+        p("v.meta"),
+        b"garbage garbage garbage garbage garbage garbage garbage",
+    )
+    .unwrap();
     let e = refused(&["mount", &p("v"), &mnt]);
     assert!(e.contains("not a pairfs database"), "{e}");
-    assert!(Command::new(BIN).args(["mkfs", &p("u"), "--size", "256M"]).output().unwrap().status.success());
+    assert!(
+        Command::new(BIN)
+            .args(["mkfs", &p("u"), "--size", "256M"])
+            .output()
+            .unwrap()
+            .status
+            .success()
+    );
     let c = rusqlite_free_update(&p("u.meta"));
     assert!(c, "could not edit the schema version");
     let e = refused(&["mount", &p("u"), &mnt]);

@@ -76,10 +76,17 @@ fn read_file(fs: &Fs, ino: u64) -> Vec<u8> {
 }
 
 fn read_frozen(fs: &Fs, ino: u64) -> Option<Vec<u8>> {
-    let (pair, idx, f) = fs.engine.frozen_objects().into_iter().find(|o| o.2.ino == ino)?;
+    let (pair, idx, f) = fs
+        .engine
+        .frozen_objects()
+        .into_iter()
+        .find(|o| o.2.ino == ino)?;
     let mut out = Vec::new();
     while (out.len() as u64) < f.attr.size {
-        let d = fs.engine.read_frozen(fs, pair, idx, out.len() as u64, 1 << 20).unwrap();
+        let d = fs
+            .engine
+            .read_frozen(fs, pair, idx, out.len() as u64, 1 << 20)
+            .unwrap();
         assert!(!d.is_empty());
         out.extend(d);
     }
@@ -108,6 +115,7 @@ fn copy_db(paths: &Paths, to: &Paths) {
     let _ = std::fs::remove_file(shm);
 }
 
+#[allow(clippy::too_many_arguments)]
 fn check_crash(
     seed: u64,
     point: usize,
@@ -139,12 +147,22 @@ fn check_crash(
         let (fs, _lock) = volfile::open(&cp, Options::default())
             .unwrap_or_else(|e| panic!("{ctx}: the crash image does not mount: {e}"));
         for (ino, want) in &exp.frozen {
-            let got = read_frozen(&fs, *ino).unwrap_or_else(|| panic!("{ctx}: frozen copy of inode {ino} lost"));
-            assert!(got == *want, "{ctx}: frozen copy of inode {ino} differs after the crash");
+            let got = read_frozen(&fs, *ino)
+                .unwrap_or_else(|| panic!("{ctx}: frozen copy of inode {ino} lost"));
+            assert!(
+                got == *want,
+                "{ctx}: frozen copy of inode {ino} differs after the crash"
+            );
         }
         for (n, want) in &exp.durable {
-            let a = fs.lookup(ROOT, n).unwrap_or_else(|e| panic!("{ctx}: fsync'd {:?} lost: {e}", String::from_utf8_lossy(n)));
-            assert!(read_file(&fs, a.row.ino) == *want, "{ctx}: fsync'd {:?} differs", String::from_utf8_lossy(n));
+            let a = fs.lookup(ROOT, n).unwrap_or_else(|e| {
+                panic!("{ctx}: fsync'd {:?} lost: {e}", String::from_utf8_lossy(n))
+            });
+            assert!(
+                read_file(&fs, a.row.ino) == *want,
+                "{ctx}: fsync'd {:?} differs",
+                String::from_utf8_lossy(n)
+            );
         }
         let mut cursors = BTreeMap::new();
         for _ in 0..10_000 {
@@ -162,7 +180,10 @@ fn check_crash(
         }
         for (ino, want) in &exp.frozen {
             let got = read_frozen(&fs, *ino).unwrap();
-            assert!(got == *want, "{ctx}: frozen copy of inode {ino} differs after the copier finished");
+            assert!(
+                got == *want,
+                "{ctx}: frozen copy of inode {ino} differs after the copier finished"
+            );
         }
         fs.shutdown().unwrap();
     }
@@ -171,7 +192,10 @@ fn check_crash(
 }
 
 fn workload(seed: u64, ops: usize) -> usize {
-    let dir = tempfile::tempdir_in(std::env::var("PAIRFS_TEST_DIR").unwrap_or_else(|_| "/dev/shm".into())).unwrap();
+    let dir = tempfile::tempdir_in(
+        std::env::var("PAIRFS_TEST_DIR").unwrap_or_else(|_| "/dev/shm".into()),
+    )
+    .unwrap();
     let cdir = dir.path().join("crash");
     std::fs::create_dir(&cdir).unwrap();
     let (paths, _g, vol, copy) = new_volume(dir.path());
@@ -184,7 +208,9 @@ fn workload(seed: u64, ops: usize) -> usize {
     let mut cursors = BTreeMap::new();
     let mut points = 0;
     for i in 0..FILES {
-        let a = fs.create_node(ctx, ROOT, &name(i), libc::S_IFREG | 0o644, 0, None).unwrap();
+        let a = fs
+            .create_node(ctx, ROOT, &name(i), libc::S_IFREG | 0o644, 0, None)
+            .unwrap();
         files.insert(i, (a.row.ino, Vec::new(), true));
     }
     let mut token = 1u8;
@@ -228,7 +254,13 @@ fn workload(seed: u64, ops: usize) -> usize {
                 }
                 let off = rng.below(f.1.len() as u64);
                 let len = 1 + rng.below(3 * TS);
-                fs.fallocate(f.0, off, len, libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE).unwrap();
+                fs.fallocate(
+                    f.0,
+                    off,
+                    len,
+                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                )
+                .unwrap();
                 let end = ((off + len) as usize).min(f.1.len());
                 f.1[off as usize..end].fill(0);
                 f.2 = true;
@@ -241,7 +273,9 @@ fn workload(seed: u64, ops: usize) -> usize {
                 if files.remove(&i).is_some() {
                     fs.unlink(ROOT, &name(i), false).unwrap();
                     // Recreate at once so the slot keeps being exercised.
-                    let a = fs.create_node(ctx, ROOT, &name(i), libc::S_IFREG | 0o644, 0, None).unwrap();
+                    let a = fs
+                        .create_node(ctx, ROOT, &name(i), libc::S_IFREG | 0o644, 0, None)
+                        .unwrap();
                     files.insert(i, (a.row.ino, Vec::new(), true));
                 }
             }
@@ -264,7 +298,11 @@ fn workload(seed: u64, ops: usize) -> usize {
             13 => {
                 let Some(f) = files.get(&i) else { continue };
                 let ino = f.0;
-                let op = if rng.below(2) == 0 { Op::Resync } else { Op::Release };
+                let op = if rng.below(2) == 0 {
+                    Op::Resync
+                } else {
+                    Op::Release
+                };
                 if fs.engine.control(&fs, ino, op).is_ok() {
                     frozen.remove(&ino);
                     commit_all(&mut files);

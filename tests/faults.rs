@@ -29,24 +29,55 @@ fn rig(tracks: u64) -> Rig {
     let loaded = meta.load().unwrap();
     let vol = Arc::new(FaultVolume::new(MemVolume::new((tracks * TS) as usize)));
     let copy = Arc::new(FaultVolume::new(MemVolume::new((tracks * TS) as usize)));
-    let fs = Fs::new(meta, loaded, Box::new(vol.clone()), Box::new(copy.clone()), Options::default()).unwrap();
-    Rig { _dir: dir, fs, vol, copy }
+    let fs = Fs::new(
+        meta,
+        loaded,
+        Box::new(vol.clone()),
+        Box::new(copy.clone()),
+        Options::default(),
+    )
+    .unwrap();
+    Rig {
+        _dir: dir,
+        fs,
+        vol,
+        copy,
+    }
 }
 
 fn file(fs: &Fs, name: &str) -> u64 {
-    fs.create_node(Ctx::default(), ROOT, name.as_bytes(), libc::S_IFREG | 0o644, 0, None)
-        .unwrap()
-        .row
-        .ino
+    fs.create_node(
+        Ctx::default(),
+        ROOT,
+        name.as_bytes(),
+        libc::S_IFREG | 0o644,
+        0,
+        None,
+    )
+    .unwrap()
+    .row
+    .ino
 }
 
 fn frozen(fs: &Fs, ino: u64) -> Option<Vec<u8>> {
-    let (p, i, f) = fs.engine.frozen_objects().into_iter().find(|o| o.2.ino == ino)?;
-    Some(fs.engine.read_frozen(fs, p, i, 0, f.attr.size as u32).unwrap())
+    let (p, i, f) = fs
+        .engine
+        .frozen_objects()
+        .into_iter()
+        .find(|o| o.2.ino == ino)?;
+    Some(
+        fs.engine
+            .read_frozen(fs, p, i, 0, f.attr.size as u32)
+            .unwrap(),
+    )
 }
 
 fn state(fs: &Fs, ino: u64) -> String {
-    fs.engine.status_of(fs, ino).unwrap().map(|s| s.line()).unwrap_or_default()
+    fs.engine
+        .status_of(fs, ino)
+        .unwrap()
+        .map(|s| s.line())
+        .unwrap_or_default()
 }
 
 #[test]
@@ -56,11 +87,25 @@ fn copy_image_failure_puts_the_pair_in_error_and_update_recovers() {
     r.fs.write(ino, 0, &vec![1u8; 8 * TS as usize]).unwrap();
     r.fs.engine.control(&r.fs, ino, Op::Split).unwrap();
     // The copy image fails: the copy-on-write of the next write cannot be made.
-    r.copy.set_faults(Faults { write: true, ..Faults::default() });
-    r.fs.write(ino, 0, &vec![2u8; TS as usize]).expect("the original keeps working");
-    assert!(state(&r.fs, ino).starts_with("error"), "{}", state(&r.fs, ino));
-    assert!(state(&r.fs, ino).contains("update or resync"), "the error says what to do");
-    assert!(frozen(&r.fs, ino).is_none(), "an untrustworthy frozen copy is withdrawn");
+    r.copy.set_faults(Faults {
+        write: true,
+        ..Faults::default()
+    });
+    r.fs.write(ino, 0, &vec![2u8; TS as usize])
+        .expect("the original keeps working");
+    assert!(
+        state(&r.fs, ino).starts_with("error"),
+        "{}",
+        state(&r.fs, ino)
+    );
+    assert!(
+        state(&r.fs, ino).contains("update or resync"),
+        "the error says what to do"
+    );
+    assert!(
+        frozen(&r.fs, ino).is_none(),
+        "an untrustworthy frozen copy is withdrawn"
+    );
     assert_eq!(r.fs.read(ino, 0, 1).unwrap(), vec![2u8]);
     assert!(r.copy.injected() > 0);
     // Fault cleared: update recovers; the copy is the file as of the update.
@@ -69,10 +114,17 @@ fn copy_image_failure_puts_the_pair_in_error_and_update_recovers() {
     r.fs.write(ino, TS, &vec![3u8; TS as usize]).unwrap();
     let mut c = std::collections::BTreeMap::new();
     while r.fs.engine.copy_round(&r.fs, &mut c) > 0 {}
-    assert!(state(&r.fs, ino).starts_with("split"), "{}", state(&r.fs, ino));
+    assert!(
+        state(&r.fs, ino).starts_with("split"),
+        "{}",
+        state(&r.fs, ino)
+    );
     let f = frozen(&r.fs, ino).unwrap();
     assert_eq!(&f[..TS as usize], &vec![2u8; TS as usize][..]);
-    assert_eq!(&f[TS as usize..2 * TS as usize], &vec![1u8; TS as usize][..]);
+    assert_eq!(
+        &f[TS as usize..2 * TS as usize],
+        &vec![1u8; TS as usize][..]
+    );
 }
 
 #[test]
@@ -80,16 +132,27 @@ fn a_full_copy_image_fails_the_pair_not_the_host() {
     let r = rig(256);
     let ino = file(&r.fs, "f");
     r.fs.write(ino, 0, &vec![5u8; 16 * TS as usize]).unwrap();
-    r.copy.set_faults(Faults { full: true, ..Faults::default() });
+    r.copy.set_faults(Faults {
+        full: true,
+        ..Faults::default()
+    });
     r.fs.engine.control(&r.fs, ino, Op::Split).unwrap();
     let mut c = std::collections::BTreeMap::new();
     r.fs.engine.copy_round(&r.fs, &mut c);
-    assert!(state(&r.fs, ino).starts_with("error"), "{}", state(&r.fs, ino));
+    assert!(
+        state(&r.fs, ino).starts_with("error"),
+        "{}",
+        state(&r.fs, ino)
+    );
     r.fs.write(ino, 0, b"still writable").unwrap();
     r.copy.set_faults(Faults::default());
     r.fs.engine.control(&r.fs, ino, Op::Resync).unwrap();
     while r.fs.engine.copy_round(&r.fs, &mut c) > 0 {}
-    assert!(state(&r.fs, ino).starts_with("formed"), "{}", state(&r.fs, ino));
+    assert!(
+        state(&r.fs, ino).starts_with("formed"),
+        "{}",
+        state(&r.fs, ino)
+    );
 }
 
 #[test]
@@ -97,7 +160,10 @@ fn failed_volume_sync_poisons_and_fails_fsync() {
     let r = rig(64);
     let ino = file(&r.fs, "f");
     r.fs.write(ino, 0, b"hello").unwrap();
-    r.vol.set_faults(Faults { sync: true, ..Faults::default() });
+    r.vol.set_faults(Faults {
+        sync: true,
+        ..Faults::default()
+    });
     let e = r.fs.commit(Vec::new()).unwrap_err();
     assert_eq!(e.errno(), libc::EIO);
     r.vol.set_faults(Faults::default());
@@ -113,9 +179,15 @@ fn read_and_write_errors_reach_the_caller() {
     let r = rig(64);
     let ino = file(&r.fs, "f");
     r.fs.write(ino, 0, &vec![1u8; TS as usize]).unwrap();
-    r.vol.set_faults(Faults { read: true, ..Faults::default() });
+    r.vol.set_faults(Faults {
+        read: true,
+        ..Faults::default()
+    });
     assert_eq!(r.fs.read(ino, 0, 10).unwrap_err().errno(), libc::EIO);
-    r.vol.set_faults(Faults { write: true, ..Faults::default() });
+    r.vol.set_faults(Faults {
+        write: true,
+        ..Faults::default()
+    });
     assert_eq!(r.fs.write(ino, 0, b"y").unwrap_err().errno(), libc::EIO);
 }
 
@@ -143,7 +215,11 @@ fn pinned_space_is_counted_and_freed_by_release() {
     r.fs.truncate(ino, 0).unwrap();
     r.fs.commit(Vec::new()).unwrap();
     let free_pinned = r.fs.statfs().free;
-    assert_eq!(free_pinned, 64 - 1 - 10, "frozen tracks stay in use after the file shrinks");
+    assert_eq!(
+        free_pinned,
+        64 - 1 - 10,
+        "frozen tracks stay in use after the file shrinks"
+    );
     assert!(state(&r.fs, ino).contains(&format!("pinned_bytes={}", 10 * TS)));
     assert_eq!(frozen(&r.fs, ino).unwrap(), vec![1u8; 10 * TS as usize]);
     r.fs.engine.control(&r.fs, ino, Op::Release).unwrap();

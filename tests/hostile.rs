@@ -59,13 +59,22 @@ fn sample(dir: &Path) -> Paths {
     volfile::mkfs(&p, 4 << 20, 4096, false).unwrap();
     let (fs, lock) = volfile::open(&p, Options::default()).unwrap();
     let c = Ctx::default();
-    let d = fs.create_node(c, ROOT, b"d", libc::S_IFDIR | 0o755, 0, None).unwrap().row.ino;
+    let d = fs
+        .create_node(c, ROOT, b"d", libc::S_IFDIR | 0o755, 0, None)
+        .unwrap()
+        .row
+        .ino;
     for k in 0..4u8 {
-        let f = fs.create_node(c, d, &[b'f', b'0' + k], libc::S_IFREG | 0o644, 0, None).unwrap().row.ino;
+        let f = fs
+            .create_node(c, d, &[b'f', b'0' + k], libc::S_IFREG | 0o644, 0, None)
+            .unwrap()
+            .row
+            .ino;
         fs.write(f, 0, &vec![k; 10_000 * (k as usize + 1)]).unwrap();
         fs.setxattr(f, b"user.k", &[k], 0).unwrap();
     }
-    fs.create_node(c, d, b"s", libc::S_IFLNK | 0o777, 0, Some(b"f0".to_vec())).unwrap();
+    fs.create_node(c, d, b"s", libc::S_IFLNK | 0o777, 0, Some(b"f0".to_vec()))
+        .unwrap();
     fs.engine.control(&fs, d, Op::Split).unwrap();
     fs.shutdown().unwrap();
     drop((fs, lock));
@@ -120,7 +129,21 @@ fn corrupted_metadata_rows_never_panic() {
     let base = tempfile::tempdir().unwrap();
     let good = sample(base.path());
     let mut x = X(0xC0FFEE);
-    let values = ["-1", "0", "1", "2", "3", "4095", "1023", "9223372036854775807", "'x'", "NULL", "X'00ff'", "16384", "40960"];
+    let values = [
+        "-1",
+        "0",
+        "1",
+        "2",
+        "3",
+        "4095",
+        "1023",
+        "9223372036854775807",
+        "'x'",
+        "NULL",
+        "X'00ff'",
+        "16384",
+        "40960",
+    ];
     let stmts = [
         "UPDATE inodes SET kind = {v} WHERE ino = (SELECT ino FROM inodes ORDER BY random() LIMIT 1)",
         "UPDATE inodes SET size = {v} WHERE ino = (SELECT ino FROM inodes ORDER BY random() LIMIT 1)",
@@ -149,13 +172,20 @@ fn corrupted_metadata_rows_never_panic() {
         "UPDATE xattrs SET name = {v}",
         "DROP TABLE frozen",
     ];
-    let cases: u64 = std::env::var("PAIRFS_HOSTILE_CASES").ok().and_then(|s| s.parse().ok()).unwrap_or(400);
+    let cases: u64 = std::env::var("PAIRFS_HOSTILE_CASES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(400);
     let (mut refused, mut accepted) = (0, 0);
     for case in 0..cases {
         let dir = base.path().join(format!("c{case}"));
         std::fs::create_dir(&dir).unwrap();
         let p = Paths::new(&dir.join("v"), None, None);
-        for (a, b) in [(&good.volume, &p.volume), (&good.copy, &p.copy), (&good.meta, &p.meta)] {
+        for (a, b) in [
+            (&good.volume, &p.volume),
+            (&good.copy, &p.copy),
+            (&good.meta, &p.meta),
+        ] {
             std::fs::copy(a, b).unwrap();
         }
         let n = 1 + x.next() % 3;
@@ -175,7 +205,9 @@ fn corrupted_metadata_rows_never_panic() {
         }
         std::fs::remove_dir_all(&dir).unwrap();
     }
-    println!("corrupted metadata: {cases} cases, {refused} refused with an error, {accepted} accepted, 0 panics");
+    println!(
+        "corrupted metadata: {cases} cases, {refused} refused with an error, {accepted} accepted, 0 panics"
+    );
     assert!(refused > 0 && accepted > 0);
 }
 
@@ -213,7 +245,10 @@ fn truncated_or_scribbled_files_are_refused() {
                 let mut h = img_head.clone();
                 let i = (x.next() % 48) as usize;
                 h[i] ^= 1 << (x.next() % 8);
-                let f = std::fs::OpenOptions::new().write(true).open(&p.volume).unwrap();
+                let f = std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(&p.volume)
+                    .unwrap();
                 std::os::unix::fs::FileExt::write_all_at(&f, &h, 0).unwrap();
             }
         }
@@ -221,7 +256,10 @@ fn truncated_or_scribbled_files_are_refused() {
         let r = catch_unwind(AssertUnwindSafe(|| walk(&p)));
         assert!(r.is_ok(), "case {case}: panic");
         if case % 3 == 2 {
-            assert!(r.unwrap().is_err(), "case {case}: a flipped header bit was accepted");
+            assert!(
+                r.unwrap().is_err(),
+                "case {case}: a flipped header bit was accepted"
+            );
         }
         n += 1;
         std::fs::remove_dir_all(&dir).unwrap();
@@ -235,13 +273,17 @@ fn xattr_names_and_values() {
     let p = Paths::new(&base.path().join("v"), None, None);
     volfile::mkfs(&p, 1 << 20, 4096, false).unwrap();
     let (fs, _l) = volfile::open(&p, Options::default()).unwrap();
-    let f = fs.create_node(Ctx::default(), ROOT, b"f", libc::S_IFREG | 0o644, 0, None).unwrap().row.ino;
+    let f = fs
+        .create_node(Ctx::default(), ROOT, b"f", libc::S_IFREG | 0o644, 0, None)
+        .unwrap()
+        .row
+        .ino;
     let mut x = X(77);
     let mut ok = 0;
     for _ in 0..3000 {
         let nl = (x.next() % 300) as usize;
         let mut name: Vec<u8> = (0..nl).map(|_| x.next() as u8).collect();
-        if x.next() % 2 == 0 {
+        if x.next().is_multiple_of(2) {
             let mut n = b"user.".to_vec();
             n.extend(name);
             name = n;

@@ -30,7 +30,12 @@ fn split_under_a_running_writer_is_exact() {
     let size = nblocks * bs;
     let path = v.path("big");
     {
-        let f = OpenOptions::new().create(true).write(true).open(&path).unwrap();
+        let f = OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
         let mut w = std::io::BufWriter::with_capacity(8 << 20, &f);
         for i in 0..nblocks {
             w.write_all(&block(i, 0, bs as usize)).unwrap();
@@ -75,7 +80,10 @@ fn split_under_a_running_writer_is_exact() {
     wait_state(&path, "split");
     let log = log.lock().unwrap().clone();
     let after_writes = log.iter().filter(|w| w.2 > s1).count();
-    assert!(after_writes > 0, "the writer must keep writing after the split");
+    assert!(
+        after_writes > 0,
+        "the writer must keep writing after the split"
+    );
     // For every block: the set of acceptable versions in the copy.
     let mut must: Vec<u64> = vec![0; nblocks as usize]; // latest completed before s0
     let mut may: Vec<Vec<u64>> = vec![Vec::new(); nblocks as usize]; // in flight
@@ -95,8 +103,13 @@ fn split_under_a_running_writer_is_exact() {
         if buf == block(b, must[b as usize], bs as usize) {
             continue;
         }
-        let hit = may[b as usize].iter().any(|&ver| ver > must[b as usize] && buf == block(b, ver, bs as usize));
-        assert!(hit, "block {b} of the frozen copy is neither its split-time content nor a whole in-flight write");
+        let hit = may[b as usize]
+            .iter()
+            .any(|&ver| ver > must[b as usize] && buf == block(b, ver, bs as usize));
+        assert!(
+            hit,
+            "block {b} of the frozen copy is neither its split-time content nor a whole in-flight write"
+        );
         inflight_seen += 1;
     }
     // The original has the newest version of every block.
@@ -107,9 +120,15 @@ fn split_under_a_running_writer_is_exact() {
     let orig = std::fs::File::open(&path).unwrap();
     for b in 0..nblocks {
         orig.read_exact_at(&mut buf, b * bs).unwrap();
-        assert!(buf == block(b, newest[b as usize], bs as usize), "original block {b} lost a write");
+        assert!(
+            buf == block(b, newest[b as usize], bs as usize),
+            "original block {b} lost a write"
+        );
     }
-    println!("{} writes logged, {after_writes} after the split, {inflight_seen} in flight at the instant", log.len());
+    println!(
+        "{} writes logged, {after_writes} after the split, {inflight_seen} in flight at the instant",
+        log.len()
+    );
     drop((orig, copy));
     v.umount();
     v.fsck();
@@ -139,17 +158,26 @@ fn update_copies_only_changed_tracks() {
             f.write_all_at(b"changed!", t * ts + 100).unwrap();
         }
     }
-    assert_eq!(field(&state(&path), "dirty_tracks"), Some(changed.len() as u64));
+    assert_eq!(
+        field(&state(&path), "dirty_tracks"),
+        Some(changed.len() as u64)
+    );
     setx(&path, "user.pairfs.update").unwrap();
     let s = wait_state(&path, "split");
     assert_eq!(field(&s, "last_copied"), Some(changed.len() as u64), "{s}");
     assert_eq!(read_all(&v.copy_path("f")), read_all(&path));
     // Wrong-state transitions.
     setx(&path, "user.pairfs.split").expect_err("split of a split pair");
-    assert_eq!(setx(&path, "user.pairfs.bogus").unwrap_err().raw_os_error(), Some(libc::EINVAL));
+    assert_eq!(
+        setx(&path, "user.pairfs.bogus").unwrap_err().raw_os_error(),
+        Some(libc::EINVAL)
+    );
     setx(&path, "user.pairfs.resync").unwrap();
     wait_state(&path, "formed");
-    assert!(!v.copy_path("f").exists(), "resync withdraws the frozen copy");
+    assert!(
+        !v.copy_path("f").exists(),
+        "resync withdraws the frozen copy"
+    );
     setx(&path, "user.pairfs.release").unwrap();
     assert_eq!(state(&path), "none");
     v.umount();
@@ -172,12 +200,19 @@ fn directory_split_is_one_instant() {
         let (stop, dir) = (stop.clone(), dir.clone());
         std::thread::spawn(move || {
             let files: Vec<_> = (0..100)
-                .map(|k| OpenOptions::new().write(true).open(dir.join(format!("f{k:03}"))).unwrap())
+                .map(|k| {
+                    OpenOptions::new()
+                        .write(true)
+                        .open(dir.join(format!("f{k:03}")))
+                        .unwrap()
+                })
                 .collect();
             let mut g: u64 = 0;
             while !stop.load(Ordering::Relaxed) {
                 g += 1;
-                files[(g % 100) as usize].write_all_at(&g.to_le_bytes(), 0).unwrap();
+                files[(g % 100) as usize]
+                    .write_all_at(&g.to_le_bytes(), 0)
+                    .unwrap();
             }
             g
         })
@@ -195,7 +230,10 @@ fn directory_split_is_one_instant() {
         })
         .collect();
     let cut = *vals.iter().max().unwrap();
-    assert!(cut > 0 && cut < last, "the split fell inside the write stream (cut {cut}, last {last})");
+    assert!(
+        cut > 0 && cut < last,
+        "the split fell inside the write stream (cut {cut}, last {last})"
+    );
     for (k, &val) in vals.iter().enumerate() {
         // The newest generation <= cut written to file k.
         let want = if cut >= k as u64 {
@@ -204,7 +242,10 @@ fn directory_split_is_one_instant() {
             0
         };
         let want = if want == 0 && k != 0 { 0 } else { want };
-        assert_eq!(val, want, "file {k}: copies are not of one instant (cut {cut})");
+        assert_eq!(
+            val, want,
+            "file {k}: copies are not of one instant (cut {cut})"
+        );
     }
     v.umount();
     v.fsck();
@@ -214,7 +255,11 @@ fn directory_split_is_one_instant() {
 /// restore equals the split-time content.
 #[test]
 fn restic_backup_of_the_copy_mount_restores_split_content() {
-    if std::process::Command::new("restic").arg("version").output().is_err() {
+    if std::process::Command::new("restic")
+        .arg("version")
+        .output()
+        .is_err()
+    {
         panic!("restic is not installed (apt-get install restic)");
     }
     let mut v = Vol::new("2G");
@@ -235,7 +280,10 @@ fn restic_backup_of_the_copy_mount_restores_split_content() {
             let mut n = 2;
             while !stop.load(Ordering::Relaxed) {
                 for k in 0..20u64 {
-                    let mut f = OpenOptions::new().write(true).open(dir.join(format!("f{k}"))).unwrap();
+                    let mut f = OpenOptions::new()
+                        .write(true)
+                        .open(dir.join(format!("f{k}")))
+                        .unwrap();
                     f.seek(SeekFrom::Start(k * 1000)).unwrap();
                     f.write_all(&block(k, n, 70_000)).unwrap();
                 }
@@ -252,18 +300,40 @@ fn restic_backup_of_the_copy_mount_restores_split_content() {
             .env("RESTIC_CACHE_DIR", v.dir.path().join("cache"))
             .output()
             .unwrap();
-        assert!(out.status.success(), "restic {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "restic {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     };
     run(&["init", "--repo", repo.to_str().unwrap()]);
-    run(&["backup", "--repo", repo.to_str().unwrap(), v.copy_path("data").to_str().unwrap()]);
+    run(&[
+        "backup",
+        "--repo",
+        repo.to_str().unwrap(),
+        v.copy_path("data").to_str().unwrap(),
+    ]);
     stop.store(true, Ordering::Relaxed);
     writer.join().unwrap();
-    run(&["restore", "latest", "--repo", repo.to_str().unwrap(), "--target", restore.to_str().unwrap()]);
+    run(&[
+        "restore",
+        "latest",
+        "--repo",
+        repo.to_str().unwrap(),
+        "--target",
+        restore.to_str().unwrap(),
+    ]);
     let restored = restore.join(v.copy_path("data").strip_prefix("/").unwrap());
     for (k, content) in expect.iter().enumerate() {
         let got = std::fs::read(restored.join(format!("f{k}"))).unwrap();
-        assert!(got == *content, "restored f{k} differs from its split-time content");
-        assert!(std::fs::read(dir.join(format!("f{k}"))).unwrap() != *content, "the original was rewritten");
+        assert!(
+            got == *content,
+            "restored f{k} differs from its split-time content"
+        );
+        assert!(
+            std::fs::read(dir.join(format!("f{k}"))).unwrap() != *content,
+            "the original was rewritten"
+        );
     }
     v.umount();
 }
@@ -287,7 +357,10 @@ fn frozen_copy_survives_remount() {
     v.fsck();
     v.mount();
     wait_state(&path, "split");
-    assert!(read_all(&v.copy_path("f")) == original, "frozen copy changed across remount");
+    assert!(
+        read_all(&v.copy_path("f")) == original,
+        "frozen copy changed across remount"
+    );
     assert_eq!(std::fs::metadata(&path).unwrap().len(), 10 * MIB);
     v.umount();
 }

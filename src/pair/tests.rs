@@ -164,14 +164,22 @@ impl Sim {
         if p.state.is_frozen() {
             let snap = self.snapshot.as_ref().expect("frozen has a snapshot");
             let f = &p.frozen[0];
-            assert_eq!(f.attr.size, snap.len() as u64, "seed {seed} step {step}: frozen size");
+            assert_eq!(
+                f.attr.size,
+                snap.len() as u64,
+                "seed {seed} step {step}: frozen size"
+            );
             for (t, want) in snap.iter().enumerate() {
                 let got = match f.extents.lookup(t as u64) {
                     None => 0,
                     Some(v) if p.read_from_volume(v) => self.vol[v as usize],
                     Some(v) => self.copy[v as usize],
                 };
-                assert_eq!(got, *want, "seed {seed} step {step}: frozen track {t} ({:?})", p.state);
+                assert_eq!(
+                    got, *want,
+                    "seed {seed} step {step}: frozen track {t} ({:?})",
+                    p.state
+                );
             }
         } else if matches!(p.state, State::Forming | State::Formed | State::Resyncing) {
             for v in self.files[0].vol_tracks() {
@@ -242,11 +250,11 @@ impl Sim {
             15 | 16 => {
                 let frozen = vec![Sim::frozen_of(&self.files[0], self.sizes[0])];
                 let snap = self.content(0);
-                if let Some(p) = self.pair.as_mut() {
-                    if let Ok(pins) = p.update(frozen, now) {
-                        self.apply(pins);
-                        self.snapshot = Some(snap);
-                    }
+                if let Some(p) = self.pair.as_mut()
+                    && let Ok(pins) = p.update(frozen, now)
+                {
+                    self.apply(pins);
+                    self.snapshot = Some(snap);
                 }
             }
             17 => {
@@ -307,7 +315,9 @@ fn pair_engine_matches_the_model() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(3000);
-    println!("pair model: base seed {base:#x}, {cases} cases (PAIRFS_MODEL_SEED / PAIRFS_MODEL_CASES)");
+    println!(
+        "pair model: base seed {base:#x}, {cases} cases (PAIRFS_MODEL_SEED / PAIRFS_MODEL_CASES)"
+    );
     let mut copies = 0;
     let mut splits = 0;
     for c in 0..cases {
@@ -357,12 +367,21 @@ fn update_copies_only_changed_tracks() {
 
 #[test]
 fn wrong_state_transitions_are_refused() {
-    let mut p = Pair::new(1, Scope::File(2), "/f".into(), [5u64].into_iter().collect(), 0);
+    let mut p = Pair::new(
+        1,
+        Scope::File(2),
+        "/f".into(),
+        [5u64].into_iter().collect(),
+        0,
+    );
     assert!(matches!(p.update(vec![], 0), Err(Error::Busy(_))));
     p.copied(&[5]);
     assert_eq!(p.state, State::Formed);
     assert!(matches!(p.update(vec![], 0), Err(Error::Invalid(_))));
-    assert!(matches!(p.resync(&TrackSet::new(), 0), Err(Error::Invalid(_))));
+    assert!(matches!(
+        p.resync(&TrackSet::new(), 0),
+        Err(Error::Invalid(_))
+    ));
     p.split(vec![], 0).unwrap();
     assert_eq!(p.state, State::Split);
     assert!(matches!(p.split(vec![], 0), Err(Error::Invalid(_))));

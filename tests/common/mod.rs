@@ -19,8 +19,7 @@ pub struct Vol {
 }
 
 pub fn pairfs(args: &[&str]) -> std::process::Output {
-    let out = Command::new(BIN).args(args).output().expect("run pairfs");
-    out
+    Command::new(BIN).args(args).output().expect("run pairfs")
 }
 
 impl Vol {
@@ -28,15 +27,28 @@ impl Vol {
     pub fn new(size: &str) -> Vol {
         let base = std::env::var("PAIRFS_TEST_DIR").unwrap_or_else(|_| "/var/tmp".into());
         std::fs::create_dir_all(&base).unwrap();
-        let dir = tempfile::Builder::new().prefix("pairfs-test").tempdir_in(base).unwrap();
+        let dir = tempfile::Builder::new()
+            .prefix("pairfs-test")
+            .tempdir_in(base)
+            .unwrap();
         let img = dir.path().join("vol.img");
         let mnt = dir.path().join("mnt");
         let copy = dir.path().join("copy");
         std::fs::create_dir(&mnt).unwrap();
         std::fs::create_dir(&copy).unwrap();
         let out = pairfs(&["mkfs", img.to_str().unwrap(), "--size", size]);
-        assert!(out.status.success(), "mkfs: {}", String::from_utf8_lossy(&out.stderr));
-        Vol { dir, img, mnt, copy, mounted: false }
+        assert!(
+            out.status.success(),
+            "mkfs: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Vol {
+            dir,
+            img,
+            mnt,
+            copy,
+            mounted: false,
+        }
     }
 
     pub fn mount(&mut self) {
@@ -48,13 +60,21 @@ impl Vol {
             self.copy.to_str().unwrap(),
             "--daemon",
         ]);
-        assert!(out.status.success(), "mount: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "mount: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         self.mounted = true;
     }
 
     pub fn umount(&mut self) {
         let out = pairfs(&["umount", self.mnt.to_str().unwrap()]);
-        assert!(out.status.success(), "umount: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "umount: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         self.mounted = false;
     }
 
@@ -77,7 +97,9 @@ impl Vol {
 impl Drop for Vol {
     fn drop(&mut self) {
         if self.mounted {
-            let _ = Command::new(BIN).args(["umount", self.mnt.to_str().unwrap()]).output();
+            let _ = Command::new(BIN)
+                .args(["umount", self.mnt.to_str().unwrap()])
+                .output();
             let _ = Command::new("umount").arg("-l").arg(&self.mnt).output();
             let _ = Command::new("umount").arg("-l").arg(&self.copy).output();
         }
@@ -89,7 +111,11 @@ pub fn setx(p: &Path, name: &str) -> std::io::Result<()> {
     let n = CString::new(name).unwrap();
     // SAFETY: valid C strings, empty value.
     let r = unsafe { libc::setxattr(c.as_ptr(), n.as_ptr(), std::ptr::null(), 0, 0) };
-    if r == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
 }
 
 pub fn state(p: &Path) -> String {
@@ -98,7 +124,12 @@ pub fn state(p: &Path) -> String {
     let mut buf = vec![0u8; 4096];
     // SAFETY: valid C strings, buffer of the given length.
     let r = unsafe { libc::getxattr(c.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
-    assert!(r >= 0, "getxattr state of {}: {}", p.display(), std::io::Error::last_os_error());
+    assert!(
+        r >= 0,
+        "getxattr state of {}: {}",
+        p.display(),
+        std::io::Error::last_os_error()
+    );
     buf.truncate(r as usize);
     String::from_utf8(buf).unwrap()
 }
@@ -118,7 +149,10 @@ pub fn wait_state(p: &Path, want: &str) -> String {
         if s.split(' ').next() == Some(want) {
             return s;
         }
-        assert!(Instant::now() < deadline, "timed out waiting for {want}: {s}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {want}: {s}"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
