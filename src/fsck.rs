@@ -23,12 +23,24 @@ pub struct Report {
 /// Checks (and with `repair`, fixes) a volume that is not mounted.
 pub fn fsck(p: &Paths, repair: bool) -> Result<Report> {
     if !p.volume.exists() {
-        return Err(Error::NotFound(format!("volume image {}", p.volume.display())));
+        return Err(Error::NotFound(format!(
+            "volume image {}",
+            p.volume.display()
+        )));
     }
     let lockf = std::fs::File::open(&p.volume).map_err(|e| Error::io("volume", e))?;
     // SAFETY: flock on a valid fd owned by `lockf`.
-    if unsafe { libc::flock(std::os::unix::io::AsRawFd::as_raw_fd(&lockf), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        return Err(Error::Locked(format!("{} is mounted; unmount it first", p.volume.display())));
+    if unsafe {
+        libc::flock(
+            std::os::unix::io::AsRawFd::as_raw_fd(&lockf),
+            libc::LOCK_EX | libc::LOCK_NB,
+        )
+    } != 0
+    {
+        return Err(Error::Locked(format!(
+            "{} is mounted; unmount it first",
+            p.volume.display()
+        )));
     }
     let meta = Meta::open(&p.meta, !repair)?;
     let g = meta.geometry().clone();
@@ -36,12 +48,16 @@ pub fn fsck(p: &Paths, repair: bool) -> Result<Report> {
     for x in meta.integrity_check()? {
         r.problems.push(format!("sqlite: {x}"));
     }
-    for (path, magic, what) in [(&p.volume, b"PAIRFSV1", "volume image"), (&p.copy, b"PAIRFSC1", "copy image")] {
+    for (path, magic, what) in [
+        (&p.volume, b"PAIRFSV1", "volume image"),
+        (&p.copy, b"PAIRFSC1", "copy image"),
+    ] {
         match FileVolume::open(path, false, "image") {
             Ok(v) => {
                 let mut h = [0u8; 64];
                 if v.len() < g.size {
-                    r.problems.push(format!("{what} is {} bytes, expected {}", v.len(), g.size));
+                    r.problems
+                        .push(format!("{what} is {} bytes, expected {}", v.len(), g.size));
                 } else if let Err(e) = v
                     .read_at(0, &mut h)
                     .and_then(|_| crate::volfile::check_header(&h, magic, &g, what))
@@ -60,16 +76,20 @@ pub fn fsck(p: &Paths, repair: bool) -> Result<Report> {
     let mut used = 0u64;
     for (ino, e) in &l.extents {
         if !kinds.contains_key(ino) {
-            r.problems.push(format!("extent {e:?} belongs to missing inode {ino}"));
+            r.problems
+                .push(format!("extent {e:?} belongs to missing inode {ino}"));
             continue;
         }
         if e.len == 0 || e.vol == 0 || e.vol.checked_add(e.len).is_none_or(|end| end > tracks) {
-            r.problems.push(format!("inode {ino}: extent {e:?} lies outside the volume (1..{tracks})"));
+            r.problems.push(format!(
+                "inode {ino}: extent {e:?} lies outside the volume (1..{tracks})"
+            ));
             continue;
         }
         for t in e.vol..e.vol + e.len {
             if let Some(other) = owner.insert(t, *ino) {
-                r.problems.push(format!("track {t} is mapped by inodes {other} and {ino}"));
+                r.problems
+                    .push(format!("track {t} is mapped by inodes {other} and {ino}"));
             }
         }
         used += e.len;
@@ -78,7 +98,10 @@ pub fn fsck(p: &Paths, repair: bool) -> Result<Report> {
     for pair in &l.pairs {
         for t in pair.pinned_tracks().iter() {
             if t == 0 || t >= tracks {
-                r.problems.push(format!("pair {}: frozen track {t} outside the volume", pair.id));
+                r.problems.push(format!(
+                    "pair {}: frozen track {t} outside the volume",
+                    pair.id
+                ));
             } else {
                 pinned.insert(t);
             }
@@ -109,43 +132,68 @@ pub fn fsck(p: &Paths, repair: bool) -> Result<Report> {
     for i in &l.inodes {
         let n = links.get(&i.ino).copied().unwrap_or(0);
         if i.ino != 1 && n == 0 {
-            r.problems.push(format!("inode {} has no name (orphan)", i.ino));
+            r.problems
+                .push(format!("inode {} has no name (orphan)", i.ino));
             orphans.push(i.ino);
             continue;
         }
-        let want = if i.kind == libc::S_IFDIR { 2 + subdirs.get(&i.ino).copied().unwrap_or(0) } else { n };
+        let want = if i.kind == libc::S_IFDIR {
+            2 + subdirs.get(&i.ino).copied().unwrap_or(0)
+        } else {
+            n
+        };
         if i.nlink != want {
-            r.problems.push(format!("inode {}: link count {} should be {want}", i.ino, i.nlink));
+            r.problems.push(format!(
+                "inode {}: link count {} should be {want}",
+                i.ino, i.nlink
+            ));
             nlink_fix.push((i.ino, want));
         }
         if i.kind == libc::S_IFLNK && i.size != i.target.as_ref().map_or(0, |t| t.len() as u64) {
-            r.problems.push(format!("symlink {}: size {} does not match its target", i.ino, i.size));
+            r.problems.push(format!(
+                "symlink {}: size {} does not match its target",
+                i.ino, i.size
+            ));
         }
     }
     r.stats.insert("tracks", tracks);
     r.stats.insert("used_tracks", used);
     r.stats.insert("pinned_only_tracks", pinned_only);
-    r.stats.insert("free_tracks", tracks - 1 - used.min(tracks - 1) - pinned_only);
+    r.stats.insert(
+        "free_tracks",
+        tracks - 1 - used.min(tracks - 1) - pinned_only,
+    );
     r.stats.insert("inodes", l.inodes.len() as u64);
     r.stats.insert("pairs", l.pairs.len() as u64);
     if repair && !r.problems.is_empty() {
         let c = meta.conn();
         let tx = c.unchecked_transaction()?;
         for (p, n) in &dangling {
-            tx.execute("DELETE FROM dirents WHERE parent = ?1 AND name = ?2", rusqlite::params![p, n])?;
+            tx.execute(
+                "DELETE FROM dirents WHERE parent = ?1 AND name = ?2",
+                rusqlite::params![p, n],
+            )?;
             r.fixed.push(format!("removed dangling entry in {p}"));
         }
         for ino in &orphans {
             tx.execute("DELETE FROM inodes WHERE ino = ?1", [ino])?;
             tx.execute("DELETE FROM extents WHERE ino = ?1", [ino])?;
             tx.execute("DELETE FROM xattrs WHERE ino = ?1", [ino])?;
-            r.fixed.push(format!("removed orphan inode {ino} and freed its tracks"));
+            r.fixed
+                .push(format!("removed orphan inode {ino} and freed its tracks"));
         }
         for (ino, n) in &nlink_fix {
-            tx.execute("UPDATE inodes SET nlink = ?1 WHERE ino = ?2", rusqlite::params![n, ino])?;
-            r.fixed.push(format!("set link count of inode {ino} to {n}"));
+            tx.execute(
+                "UPDATE inodes SET nlink = ?1 WHERE ino = ?2",
+                rusqlite::params![n, ino],
+            )?;
+            r.fixed
+                .push(format!("set link count of inode {ino} to {n}"));
         }
-        tx.execute("DELETE FROM extents WHERE ino NOT IN (SELECT ino FROM inodes)", [])?;
+        tx.execute(
+            "DELETE FROM extents WHERE ino NOT IN (SELECT ino FROM inodes)",
+            [],
+        )?;
         tx.commit()?;
     }
     let _ = encode_extents;

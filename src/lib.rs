@@ -30,7 +30,7 @@ pub mod run;
 pub mod size;
 pub mod status;
 pub mod trackset;
-pub mod volume;
 pub mod volfile;
+pub mod volume;
 
 pub use error::{Error, Result};

@@ -13,9 +13,16 @@ use clap::Parser;
 fn helper_args(mut args: Vec<OsString>) -> Vec<OsString> {
     let argv0 = args
         .first()
-        .and_then(|a| std::path::Path::new(a).file_name().map(|f| f.to_string_lossy().into_owned()))
+        .and_then(|a| {
+            std::path::Path::new(a)
+                .file_name()
+                .map(|f| f.to_string_lossy().into_owned())
+        })
         .unwrap_or_default();
-    let first = args.get(1).map(|a| a.to_string_lossy().into_owned()).unwrap_or_default();
+    let first = args
+        .get(1)
+        .map(|a| a.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let as_helper = argv0.starts_with("mount.fuse.pairfs")
         || argv0.starts_with("mount.pairfs")
         || (args.len() >= 3 && first.contains('/') && std::path::Path::new(&first).exists());

@@ -322,7 +322,10 @@ impl Pair {
         };
         let new = frozen_tracks(&frozen);
         // To copy: tracks of the new instant written since the last one, or new to it.
-        let pending = self.split_diff.intersection(&new).union(&new.difference(&old));
+        let pending = self
+            .split_diff
+            .intersection(&new)
+            .union(&new.difference(&old));
         self.split_diff.assign(pending);
         self.update_diff.clear();
         self.forming.clear();

@@ -24,7 +24,12 @@ fn paths(v: &VolumeArgs) -> Paths {
 /// Runs one command; returns the exit code.
 pub fn run(cli: Cli) -> Result<u8> {
     match cli.cmd {
-        Cmd::Mkfs { vol, size, track_size, force } => {
+        Cmd::Mkfs {
+            vol,
+            size,
+            track_size,
+            force,
+        } => {
             let p = paths(&vol);
             let g = volfile::mkfs(&p, size, track_size, force)?;
             println!(
@@ -35,10 +40,22 @@ pub fn run(cli: Cli) -> Result<u8> {
                 crate::size::format_size(g.track_size),
                 g.uuid
             );
-            println!("metadata {}, copy image {}", p.meta.display(), p.copy.display());
+            println!(
+                "metadata {}, copy image {}",
+                p.meta.display(),
+                p.copy.display()
+            );
             Ok(0)
         }
-        Cmd::Mount { vol, mountpoint, copy_mount, threads, daemon, options, commit_ms } => {
+        Cmd::Mount {
+            vol,
+            mountpoint,
+            copy_mount,
+            threads,
+            daemon,
+            options,
+            commit_ms,
+        } => {
             let mut m = MountSpec {
                 paths: paths(&vol),
                 mountpoint,
@@ -52,7 +69,11 @@ pub fn run(cli: Cli) -> Result<u8> {
             m.parse_options(&options)?;
             mount(m, daemon)
         }
-        Cmd::MountCopy { vol, mountpoint, daemon } => {
+        Cmd::MountCopy {
+            vol,
+            mountpoint,
+            daemon,
+        } => {
             let m = MountSpec {
                 paths: paths(&vol),
                 mountpoint: mountpoint.clone(),
@@ -90,7 +111,11 @@ pub fn run(cli: Cli) -> Result<u8> {
                 println!("clean");
                 Ok(0)
             } else if repair && !r.fixed.is_empty() {
-                println!("{} problems, {} fixes applied; run fsck again", r.problems.len(), r.fixed.len());
+                println!(
+                    "{} problems, {} fixes applied; run fsck again",
+                    r.problems.len(),
+                    r.fixed.len()
+                );
                 Ok(1)
             } else {
                 println!("{} problems found", r.problems.len());
@@ -156,15 +181,23 @@ impl MountSpec {
                         .parse()
                         .ok()
                         .filter(|n| (1..=60000).contains(n))
-                        .ok_or_else(|| Error::invalid(format!("commit_ms={n}: expected 1..60000")))?
+                        .ok_or_else(|| {
+                            Error::invalid(format!("commit_ms={n}: expected 1..60000"))
+                        })?
                 }
                 // Options mount(8) passes that mean nothing here.
-                ("defaults" | "auto" | "noauto" | "user" | "users" | "nouser" | "_netdev" | "nofail" | "relatime" | "strictatime" | "lazytime" | "nodiratime", _) => {}
+                (
+                    "defaults" | "auto" | "noauto" | "user" | "users" | "nouser" | "_netdev"
+                    | "nofail" | "relatime" | "strictatime" | "lazytime" | "nodiratime",
+                    _,
+                ) => {}
                 ("allow_other" | "default_permissions" | "allow_root", None) => {}
                 (k, _) if k.starts_with("x-") => {}
-                ("dev" | "nodev" | "suid" | "nosuid" | "exec" | "noexec" | "atime" | "noatime" | "async" | "sync" | "dirsync", None) => {
-                    self.fuse_opts.push(k.to_string())
-                }
+                (
+                    "dev" | "nodev" | "suid" | "nosuid" | "exec" | "noexec" | "atime" | "noatime"
+                    | "async" | "sync" | "dirsync",
+                    None,
+                ) => self.fuse_opts.push(k.to_string()),
                 _ => return Err(Error::invalid(format!("unknown mount option {o:?}"))),
             }
         }
@@ -191,7 +224,8 @@ fn fuse_option(o: &str) -> MountOption {
 
 fn config(spec: &MountSpec, copy: bool) -> Config {
     let mut c = Config::default();
-    let vol = std::fs::canonicalize(&spec.paths.volume).unwrap_or_else(|_| spec.paths.volume.clone());
+    let vol =
+        std::fs::canonicalize(&spec.paths.volume).unwrap_or_else(|_| spec.paths.volume.clone());
     let name = format!("pairfs:{}", vol.display());
     c.mount_options = vec![
         MountOption::FSName(if copy { format!("{name}:copy") } else { name }),
@@ -268,7 +302,10 @@ pub fn unmount(p: &Path, lazy: bool) -> Result<()> {
             if st.success() {
                 Ok(())
             } else {
-                Err(Error::Busy(format!("fusermount3 -u {} failed", p.display())))
+                Err(Error::Busy(format!(
+                    "fusermount3 -u {} failed",
+                    p.display()
+                )))
             }
         }
         _ => Err(Error::io("unmount", err)),
@@ -283,12 +320,21 @@ pub fn pairfs_mounts() -> Vec<(PathBuf, String)> {
     let mut out = Vec::new();
     for line in s.lines() {
         let f: Vec<&str> = line.split(' ').collect();
-        let Some(dash) = f.iter().position(|x| *x == "-") else { continue };
+        let Some(dash) = f.iter().position(|x| *x == "-") else {
+            continue;
+        };
         let fstype = f.get(dash + 1).copied().unwrap_or("");
         let source = f.get(dash + 2).copied().unwrap_or("");
         if (fstype == "fuse" || fstype == "fuse.pairfs") && source.starts_with("pairfs:") {
-            let unescape = |x: &str| x.replace("\\040", " ").replace("\\011", "\t").replace("\\134", "\\");
-            out.push((PathBuf::from(unescape(f[4])), unescape(f.get(dash + 2).copied().unwrap_or(""))));
+            let unescape = |x: &str| {
+                x.replace("\\040", " ")
+                    .replace("\\011", "\t")
+                    .replace("\\134", "\\")
+            };
+            out.push((
+                PathBuf::from(unescape(f[4])),
+                unescape(f.get(dash + 2).copied().unwrap_or("")),
+            ));
         }
     }
     out
@@ -318,7 +364,10 @@ fn umount_and_wait(mnt: &Path) -> Result<()> {
                 Ok(f) => {
                     // SAFETY: flock on a valid fd.
                     let r = unsafe {
-                        libc::flock(std::os::unix::io::AsRawFd::as_raw_fd(&f), libc::LOCK_EX | libc::LOCK_NB)
+                        libc::flock(
+                            std::os::unix::io::AsRawFd::as_raw_fd(&f),
+                            libc::LOCK_EX | libc::LOCK_NB,
+                        )
                     };
                     if r == 0 {
                         return Ok(());
@@ -329,7 +378,9 @@ fn umount_and_wait(mnt: &Path) -> Result<()> {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    Err(Error::Busy(format!("the daemon of {vol} did not exit within 60 s")))
+    Err(Error::Busy(format!(
+        "the daemon of {vol} did not exit within 60 s"
+    )))
 }
 
 /// Mounts and serves until unmounted or signalled.
@@ -338,7 +389,9 @@ fn mount(spec: MountSpec, daemon: bool) -> Result<u8> {
     if let Some(c) = &spec.copy_mount {
         check_mountpoint(c)?;
         if !spec.copy_only && c == &spec.mountpoint {
-            return Err(Error::invalid("the copy mount must differ from the mountpoint"));
+            return Err(Error::invalid(
+                "the copy mount must differ from the mountpoint",
+            ));
         }
     }
     if !daemon {
@@ -366,7 +419,14 @@ fn mount(spec: MountSpec, daemon: bool) -> Result<u8> {
         if msg.starts_with("ready") {
             return Ok(0);
         }
-        eprintln!("pairfs: {}", if msg.is_empty() { "the daemon exited before the mount was ready" } else { msg.trim() });
+        eprintln!(
+            "pairfs: {}",
+            if msg.is_empty() {
+                "the daemon exited before the mount was ready"
+            } else {
+                msg.trim()
+            }
+        );
         return Ok(1);
     }
     // Child.
@@ -422,8 +482,12 @@ fn serve(spec: MountSpec, mut ready: Option<std::fs::File>) -> Result<u8> {
         }
     }
     if let Some(c) = &spec.copy_mount {
-        match fuser::Session::new(crate::fuse_copy::CopyFs::new(fs.clone()), c, &config(&spec, true))
-            .and_then(|s| s.spawn())
+        match fuser::Session::new(
+            crate::fuse_copy::CopyFs::new(fs.clone()),
+            c,
+            &config(&spec, true),
+        )
+        .and_then(|s| s.spawn())
         {
             Ok(s) => {
                 sessions.push(s);
@@ -443,24 +507,45 @@ fn serve(spec: MountSpec, mut ready: Option<std::fs::File>) -> Result<u8> {
     let mut workers = Vec::new();
     if !fs.opts.readonly {
         let f = fs.clone();
-        workers.push(std::thread::Builder::new().name("pairfs-flush".into()).spawn(move || f.run_flusher()).map_err(|e| Error::io("thread", e))?);
+        workers.push(
+            std::thread::Builder::new()
+                .name("pairfs-flush".into())
+                .spawn(move || f.run_flusher())
+                .map_err(|e| Error::io("thread", e))?,
+        );
         let f = fs.clone();
-        workers.push(std::thread::Builder::new().name("pairfs-copier".into()).spawn(move || f.engine.run_copier(&f)).map_err(|e| Error::io("thread", e))?);
+        workers.push(
+            std::thread::Builder::new()
+                .name("pairfs-copier".into())
+                .spawn(move || f.engine.run_copier(&f))
+                .map_err(|e| Error::io("thread", e))?,
+        );
     }
     log::info!(
         "mounted {} on {}{}",
         spec.paths.volume.display(),
-        points.first().map_or_else(String::new, |p| p.display().to_string()),
-        spec.copy_mount.as_ref().map_or_else(String::new, |c| format!(" (copies on {})", c.display()))
+        points
+            .first()
+            .map_or_else(String::new, |p| p.display().to_string()),
+        spec.copy_mount
+            .as_ref()
+            .map_or_else(String::new, |c| format!(" (copies on {})", c.display()))
     );
     if let Some(mut w) = ready.take() {
         let _ = w.write_all(b"ready\n");
         // Detach stdio so the parent's terminal (or pipe) is released. Logs go to
         // $PAIRFS_LOG_FILE when set, else nowhere (run in the foreground under systemd
         // to keep them in the journal).
-        let null = std::fs::OpenOptions::new().read(true).write(true).open("/dev/null");
+        let null = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/null");
         let log = std::env::var_os("PAIRFS_LOG_FILE").and_then(|p| {
-            std::fs::OpenOptions::new().create(true).append(true).open(p).ok()
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .ok()
         });
         if let Ok(null) = &null {
             use std::os::unix::io::AsRawFd;
@@ -516,7 +601,9 @@ fn serve(spec: MountSpec, mut ready: Option<std::fs::File>) -> Result<u8> {
 /// sequential reads arrive as large requests. Best effort (needs root).
 fn raise_readahead(mnt: &Path) {
     use std::os::unix::fs::MetadataExt;
-    let Ok(m) = std::fs::metadata(mnt) else { return };
+    let Ok(m) = std::fs::metadata(mnt) else {
+        return;
+    };
     let dev = m.dev();
     let (maj, min) = (libc::major(dev), libc::minor(dev));
     let knob = format!("/sys/class/bdi/{maj}:{min}/read_ahead_kb");
@@ -527,7 +614,8 @@ fn raise_readahead(mnt: &Path) {
 
 /// Sets `user.pairfs.<op>` on a path (the CLI wrappers of the control interface).
 pub fn setxattr_control(path: &Path, op: &str) -> Result<()> {
-    let c = CString::new(path.as_os_str().as_bytes()).map_err(|_| Error::invalid("path with NUL"))?;
+    let c =
+        CString::new(path.as_os_str().as_bytes()).map_err(|_| Error::invalid("path with NUL"))?;
     let name = CString::new(format!("user.pairfs.{op}")).expect("no NUL");
     // SAFETY: valid C strings, empty value.
     let r = unsafe { libc::setxattr(c.as_ptr(), name.as_ptr(), std::ptr::null(), 0, 0) };
@@ -539,18 +627,29 @@ pub fn setxattr_control(path: &Path, op: &str) -> Result<()> {
             Some(libc::ENOTSUP) => " (not a pairfs mount?)",
             _ => "",
         };
-        return Err(Error::invalid(format!("{op} {}: {e}{hint}", path.display())));
+        return Err(Error::invalid(format!(
+            "{op} {}: {e}{hint}",
+            path.display()
+        )));
     }
     Ok(())
 }
 
 /// Reads `user.pairfs.state` of a path.
 pub fn getxattr_state(path: &Path) -> Result<String> {
-    let c = CString::new(path.as_os_str().as_bytes()).map_err(|_| Error::invalid("path with NUL"))?;
+    let c =
+        CString::new(path.as_os_str().as_bytes()).map_err(|_| Error::invalid("path with NUL"))?;
     let name = CString::new("user.pairfs.state").expect("no NUL");
     let mut buf = vec![0u8; 4096];
     // SAFETY: valid C strings and a buffer of the length passed.
-    let n = unsafe { libc::getxattr(c.as_ptr(), name.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    let n = unsafe {
+        libc::getxattr(
+            c.as_ptr(),
+            name.as_ptr(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+        )
+    };
     if n < 0 {
         return Err(Error::invalid(format!(
             "{}: {} (not on a pairfs mount?)",

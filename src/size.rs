@@ -11,7 +11,9 @@ pub fn parse_size(s: &str) -> Result<u64> {
     }
     let digits_end = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     if digits_end == 0 {
-        return Err(Error::invalid(format!("size {s:?} does not start with a number")));
+        return Err(Error::invalid(format!(
+            "size {s:?} does not start with a number"
+        )));
     }
     let n: u64 = t[..digits_end]
         .parse()
@@ -66,7 +68,15 @@ mod tests {
 
     #[test]
     fn refuses_garbage() {
-        for bad in ["", "K", "-1", "1.5G", "10X", "99999999999999999999", "16777216P"] {
+        for bad in [
+            "",
+            "K",
+            "-1",
+            "1.5G",
+            "10X",
+            "99999999999999999999",
+            "16777216P",
+        ] {
             assert!(parse_size(bad).is_err(), "{bad} should be refused");
         }
     }

@@ -67,16 +67,31 @@ impl StateLine {
 }
 
 fn get_pairs(mnt: &Path) -> Result<Vec<StateLine>> {
-    let c = CString::new(mnt.as_os_str().as_bytes()).map_err(|_| Error::invalid("path with NUL"))?;
+    let c =
+        CString::new(mnt.as_os_str().as_bytes()).map_err(|_| Error::invalid("path with NUL"))?;
     let name = CString::new("user.pairfs.pairs").expect("no NUL");
     let mut buf = vec![0u8; 1 << 20];
     // SAFETY: valid C strings and a buffer of the length passed.
-    let n = unsafe { libc::getxattr(c.as_ptr(), name.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    let n = unsafe {
+        libc::getxattr(
+            c.as_ptr(),
+            name.as_ptr(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+        )
+    };
     if n < 0 {
-        return Err(Error::invalid(format!("{}: {}", mnt.display(), std::io::Error::last_os_error())));
+        return Err(Error::invalid(format!(
+            "{}: {}",
+            mnt.display(),
+            std::io::Error::last_os_error()
+        )));
     }
     buf.truncate(n as usize);
-    Ok(String::from_utf8_lossy(&buf).lines().map(StateLine::parse).collect())
+    Ok(String::from_utf8_lossy(&buf)
+        .lines()
+        .map(StateLine::parse)
+        .collect())
 }
 
 fn collect(path: Option<&Path>) -> Result<Vec<(PathBuf, StateLine)>> {
@@ -119,15 +134,21 @@ fn print_table(rows: &[(PathBuf, StateLine)]) {
         "STATE", "PROGRESS", "TO_COPY", "DIRTY", "RATE", "ETA", "PINNED"
     );
     for (p, l) in rows {
-        let path = l.get("path").map_or_else(|| p.display().to_string(), str::to_string);
+        let path = l
+            .get("path")
+            .map_or_else(|| p.display().to_string(), str::to_string);
         println!(
             "{:<10} {:>8} {:>10} {:>10} {:>12} {:>8} {:>10}  {}",
             l.state,
             l.get("progress").unwrap_or("-"),
             l.get("to_copy").unwrap_or("-"),
             l.get("dirty_tracks").unwrap_or("-"),
-            l.get("rate_bps").map_or_else(|| "-".into(), |_| format!("{}/s", human_bytes(l.get("rate_bps")))),
-            l.get("eta_s").map_or_else(|| "-".into(), |e| format!("{e}s")),
+            l.get("rate_bps").map_or_else(
+                || "-".into(),
+                |_| format!("{}/s", human_bytes(l.get("rate_bps")))
+            ),
+            l.get("eta_s")
+                .map_or_else(|| "-".into(), |e| format!("{e}s")),
             human_bytes(l.get("pinned_bytes")),
             path
         );
@@ -176,9 +197,11 @@ pub fn wait_until_done(path: &Path) -> Result<()> {
     let bar = std::io::stderr().is_terminal().then(|| {
         let b = indicatif::ProgressBar::new(100);
         b.set_style(
-            indicatif::ProgressStyle::with_template("{spinner} {msg} [{bar:40}] {pos}% {elapsed} (eta {eta})")
-                .expect("template")
-                .progress_chars("=> "),
+            indicatif::ProgressStyle::with_template(
+                "{spinner} {msg} [{bar:40}] {pos}% {elapsed} (eta {eta})",
+            )
+            .expect("template")
+            .progress_chars("=> "),
         );
         b
     });
@@ -187,7 +210,10 @@ pub fn wait_until_done(path: &Path) -> Result<()> {
         match l.state.as_str() {
             "forming" | "splitting" | "updating" | "resyncing" => {
                 if let Some(b) = &bar {
-                    let pct: f64 = l.get("progress").and_then(|p| p.trim_end_matches('%').parse().ok()).unwrap_or(0.0);
+                    let pct: f64 = l
+                        .get("progress")
+                        .and_then(|p| p.trim_end_matches('%').parse().ok())
+                        .unwrap_or(0.0);
                     b.set_position(pct as u64);
                     b.set_message(format!("{} {}", l.state, human_bytes(l.get("rate_bps"))) + "/s");
                 }

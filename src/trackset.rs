@@ -83,11 +83,20 @@ impl TrackSet {
         }
     }
 
-    fn combine(&self, other: &TrackSet, op: impl Fn(u64, u64) -> u64, keep_missing: bool) -> TrackSet {
+    fn combine(
+        &self,
+        other: &TrackSet,
+        op: impl Fn(u64, u64) -> u64,
+        keep_missing: bool,
+    ) -> TrackSet {
         let mut out = TrackSet::new();
         let zero: Chunk = BitArray::ZERO;
         let keys: BTreeSet<u64> = if keep_missing {
-            self.chunks.keys().chain(other.chunks.keys()).copied().collect()
+            self.chunks
+                .keys()
+                .chain(other.chunks.keys())
+                .copied()
+                .collect()
         } else {
             self.chunks.keys().copied().collect()
         };

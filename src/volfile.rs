@@ -81,7 +81,9 @@ pub fn header(magic: &[u8; 8], g: &Geometry) -> Result<[u8; 64]> {
 /// Checks an image header against the geometry from the database.
 pub fn check_header(h: &[u8], magic: &[u8; 8], g: &Geometry, what: &str) -> Result<()> {
     if h.len() < 48 || &h[0..8] != magic {
-        return Err(Error::Corrupt(format!("{what} is not a pairfs {what} (bad magic)")));
+        return Err(Error::Corrupt(format!(
+            "{what} is not a pairfs {what} (bad magic)"
+        )));
     }
     let sum = u64::from_le_bytes(h[40..48].try_into().expect("8 bytes"));
     if sum != fnv(&h[0..40]) {
@@ -120,7 +122,10 @@ pub fn mkfs(p: &Paths, size: u64, track_size: u64, force: bool) -> Result<Geomet
     }
     for f in [&p.volume, &p.meta, &p.copy] {
         if f.exists() && !force {
-            return Err(Error::Exists(format!("{} (use --force to overwrite)", f.display())));
+            return Err(Error::Exists(format!(
+                "{} (use --force to overwrite)",
+                f.display()
+            )));
         }
     }
     if force {
@@ -162,7 +167,11 @@ pub struct VolumeLock {
 
 fn lock(path: &Path, exclusive: bool) -> Result<VolumeLock> {
     let file = File::open(path).map_err(|e| Error::io("volume", e))?;
-    let op = if exclusive { libc::LOCK_EX } else { libc::LOCK_SH } | libc::LOCK_NB;
+    let op = if exclusive {
+        libc::LOCK_EX
+    } else {
+        libc::LOCK_SH
+    } | libc::LOCK_NB;
     // SAFETY: flock on a valid fd owned by `file`.
     if unsafe { libc::flock(file.as_raw_fd(), op) } != 0 {
         return Err(Error::Locked(format!(
@@ -176,7 +185,10 @@ fn lock(path: &Path, exclusive: bool) -> Result<VolumeLock> {
 /// Opens a volume for mounting (or for fsck): checks lock, headers and geometry.
 pub fn open(p: &Paths, mut opts: Options) -> Result<(Fs, VolumeLock)> {
     if !p.volume.exists() {
-        return Err(Error::NotFound(format!("volume image {}", p.volume.display())));
+        return Err(Error::NotFound(format!(
+            "volume image {}",
+            p.volume.display()
+        )));
     }
     let lk = lock(&p.volume, !opts.readonly)?;
     let meta = Meta::open(&p.meta, opts.readonly)?;
@@ -245,8 +257,14 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let p = Paths::new(&d.path().join("v.img"), None, None);
         mkfs(&p, 64 << 20, 65536, false).unwrap();
-        assert!(matches!(mkfs(&p, 64 << 20, 65536, false), Err(Error::Exists(_))));
+        assert!(matches!(
+            mkfs(&p, 64 << 20, 65536, false),
+            Err(Error::Exists(_))
+        ));
         let (_fs, _lk) = open(&p, Options::default()).unwrap();
-        assert!(matches!(open(&p, Options::default()), Err(Error::Locked(_))));
+        assert!(matches!(
+            open(&p, Options::default()),
+            Err(Error::Locked(_))
+        ));
     }
 }

@@ -386,7 +386,10 @@ impl<V: Volume> Volume for FaultVolume<V> {
         let f = *self.faults.lock().unwrap();
         if f.full {
             self.injected.fetch_add(1, Ordering::Relaxed);
-            return Err(Error::io("volume", std::io::Error::from_raw_os_error(libc::ENOSPC)));
+            return Err(Error::io(
+                "volume",
+                std::io::Error::from_raw_os_error(libc::ENOSPC),
+            ));
         }
         if f.write {
             return Err(self.fail());
