@@ -81,6 +81,18 @@ pub enum Cmd {
         #[arg(long)]
         daemon: bool,
     },
+    /// Mount the whole volume as of its last root split, read-only (copy image plus
+    /// the metadata snapshot), e.g. to back it all up or to recover from it.
+    MountSnapshot {
+        /// Volume files.
+        #[command(flatten)]
+        vol: VolumeArgs,
+        /// Where to mount it.
+        mountpoint: PathBuf,
+        /// Detach once the mount is ready.
+        #[arg(long)]
+        daemon: bool,
+    },
     /// Unmount a pairfs mount and wait for its daemon to finish its last commit.
     Umount {
         /// The mountpoint.

@@ -65,6 +65,7 @@ pub fn run(cli: Cli) -> Result<u8> {
                 fuse_opts: Vec::new(),
                 commit_ms,
                 copy_only: false,
+                snapshot: false,
             };
             m.parse_options(&options)?;
             mount(m, daemon)
@@ -83,6 +84,25 @@ pub fn run(cli: Cli) -> Result<u8> {
                 fuse_opts: Vec::new(),
                 commit_ms: 1000,
                 copy_only: true,
+                snapshot: false,
+            };
+            mount(m, daemon)
+        }
+        Cmd::MountSnapshot {
+            vol,
+            mountpoint,
+            daemon,
+        } => {
+            let m = MountSpec {
+                paths: paths(&vol),
+                mountpoint,
+                copy_mount: None,
+                threads: 2,
+                readonly: true,
+                fuse_opts: Vec::new(),
+                commit_ms: 1000,
+                copy_only: false,
+                snapshot: true,
             };
             mount(m, daemon)
         }
@@ -154,6 +174,8 @@ pub struct MountSpec {
     pub commit_ms: u64,
     /// Serve only the copy mount.
     pub copy_only: bool,
+    /// Serve the whole-volume snapshot (copy image + metadata snapshot), read-only.
+    pub snapshot: bool,
 }
 
 impl MountSpec {
@@ -228,7 +250,13 @@ fn config(spec: &MountSpec, copy: bool) -> Config {
         std::fs::canonicalize(&spec.paths.volume).unwrap_or_else(|_| spec.paths.volume.clone());
     let name = format!("pairfs:{}", vol.display());
     c.mount_options = vec![
-        MountOption::FSName(if copy { format!("{name}:copy") } else { name }),
+        MountOption::FSName(if copy {
+            format!("{name}:copy")
+        } else if spec.snapshot {
+            format!("{name}:snapshot")
+        } else {
+            name
+        }),
         MountOption::Subtype("pairfs".to_string()),
         MountOption::DefaultPermissions,
     ];
@@ -348,7 +376,7 @@ fn umount_and_wait(mnt: &Path) -> Result<()> {
         .map(|(_, s)| s)
         .ok_or_else(|| Error::invalid(format!("{} is not a pairfs mount", mnt.display())))?;
     unmount(&mnt, false)?;
-    if src.ends_with(":copy") {
+    if src.ends_with(":copy") || src.ends_with(":snapshot") {
         // The daemon keeps serving the main mount.
         return Ok(());
     }
@@ -458,7 +486,12 @@ fn serve(spec: MountSpec, mut ready: Option<std::fs::File>) -> Result<u8> {
         readonly: spec.readonly || spec.copy_only,
         meta_path: None,
     };
-    let (fs, _lock) = match volfile::open(&spec.paths, opts) {
+    let opened = if spec.snapshot {
+        volfile::open_snapshot(&spec.paths)
+    } else {
+        volfile::open(&spec.paths, opts)
+    };
+    let (fs, _lock) = match opened {
         Ok(x) => x,
         Err(e) => return fail(&mut ready, e),
     };

@@ -230,6 +230,68 @@ pub fn open(p: &Paths, mut opts: Options) -> Result<(Fs, VolumeLock)> {
     Ok((fs, lk))
 }
 
+/// Path of the metadata snapshot written by a whole-volume split.
+pub fn snapshot_path(p: &Paths) -> PathBuf {
+    let mut s = p.meta.clone().into_os_string();
+    s.push(".snapshot");
+    s.into()
+}
+
+/// Opens the whole volume as of its last root split, read-only: the copy image holds
+/// the data, `VOLUME.meta.snapshot` the metadata. Refused until the root pair is
+/// `split` (every track copied) and while the snapshot is not of that instant.
+pub fn open_snapshot(p: &Paths) -> Result<(Fs, VolumeLock)> {
+    let snap = snapshot_path(p);
+    if !snap.exists() {
+        return Err(Error::NotFound(format!(
+            "{} (split the mount root to make one)",
+            snap.display()
+        )));
+    }
+    let live = Meta::open(&p.meta, true)?.load()?;
+    let root = live
+        .pairs
+        .iter()
+        .find(|x| x.scope == crate::pair::Scope::Root)
+        .ok_or_else(|| Error::invalid("the volume has no whole-volume (root) pair"))?;
+    if root.state != crate::pair::State::Split {
+        return Err(Error::Busy(format!(
+            "the whole-volume copy is {} (wait for `pairfs split --wait MOUNTPOINT`)",
+            root.state.name()
+        )));
+    }
+    let lk = lock(&p.copy, false)?;
+    let meta = Meta::open(&snap, true)?;
+    let loaded = meta.load()?;
+    let snap_root = loaded
+        .pairs
+        .iter()
+        .find(|x| x.scope == crate::pair::Scope::Root);
+    if snap_root.map(|r| r.split_ns) != Some(root.split_ns) {
+        return Err(Error::Corrupt(format!(
+            "{} is not of the current split instant",
+            snap.display()
+        )));
+    }
+    let g = meta.geometry().clone();
+    let copy = FileVolume::open(&p.copy, false, "copy image")?;
+    if copy.len() != g.size {
+        return Err(Error::Corrupt(
+            "copy image size differs from the snapshot".into(),
+        ));
+    }
+    let mut h = [0u8; 64];
+    copy.read_at(0, &mut h)?;
+    check_header(&h, MAGIC_COPY, &g, "copy image")?;
+    let opts = Options {
+        readonly: true,
+        ..Options::default()
+    };
+    let none = crate::volume::MemVolume::new(0);
+    let fs = Fs::new(meta, loaded, Box::new(copy), Box::new(none), opts)?;
+    Ok((fs, lk))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

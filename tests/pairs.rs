@@ -364,3 +364,54 @@ fn frozen_copy_survives_remount() {
     assert_eq!(std::fs::metadata(&path).unwrap().len(), 10 * MIB);
     v.umount();
 }
+
+/// The mount root splits the whole volume; the copy image plus the metadata snapshot
+/// mount read-only as the volume as of the split.
+#[test]
+fn whole_volume_split_mounts_as_a_snapshot() {
+    let mut v = Vol::new("1G");
+    v.mount();
+    std::fs::create_dir_all(v.path("etc/app")).unwrap();
+    std::fs::write(v.path("etc/app/conf"), b"v1").unwrap();
+    std::fs::write(v.path("data"), block(9, 1, 5_000_000)).unwrap();
+    std::os::unix::fs::symlink("etc/app/conf", v.path("conf-link")).unwrap();
+    setx(&v.mnt, "user.pairfs.split").unwrap();
+    std::fs::write(v.path("etc/app/conf"), b"v2 after the split").unwrap();
+    std::fs::write(v.path("data"), b"rewritten").unwrap();
+    std::fs::write(v.path("new-file"), b"born after").unwrap();
+    wait_state(&v.mnt, "split");
+    let snap = v.dir.path().join("snap");
+    std::fs::create_dir(&snap).unwrap();
+    let out = pairfs(&[
+        "mount-snapshot",
+        v.img.to_str().unwrap(),
+        snap.to_str().unwrap(),
+        "--daemon",
+    ]);
+    assert!(
+        out.status.success(),
+        "mount-snapshot: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r = std::panic::catch_unwind(|| {
+        assert_eq!(std::fs::read(snap.join("etc/app/conf")).unwrap(), b"v1");
+        assert!(std::fs::read(snap.join("data")).unwrap() == block(9, 1, 5_000_000));
+        assert_eq!(std::fs::read(snap.join("conf-link")).unwrap(), b"v1");
+        assert!(!snap.join("new-file").exists());
+        assert!(
+            std::fs::write(snap.join("x"), b"no").is_err(),
+            "the snapshot is read-only"
+        );
+    });
+    let out = pairfs(&["umount", snap.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "umount snapshot: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    r.unwrap();
+    // The frozen copies are also on the copy mount at their paths.
+    assert_eq!(std::fs::read(v.copy_path("etc/app/conf")).unwrap(), b"v1");
+    v.umount();
+    v.fsck();
+}
