@@ -272,7 +272,10 @@ impl Pair {
     /// Tracks the copier must copy now (None when nothing is pending in this state).
     pub fn pending(&self) -> Option<&TrackSet> {
         match self.state {
-            State::Forming | State::Splitting | State::Resyncing => Some(&self.forming),
+            // Formed too: the copier keeps converging, so a later split has little to do.
+            State::Forming | State::Formed | State::Splitting | State::Resyncing => {
+                Some(&self.forming)
+            }
             State::Updating => Some(&self.split_diff),
             _ => None,
         }
@@ -280,7 +283,9 @@ impl Pair {
 
     fn pending_mut(&mut self) -> Option<&mut TrackSet> {
         match self.state {
-            State::Forming | State::Splitting | State::Resyncing => Some(&mut self.forming),
+            State::Forming | State::Formed | State::Splitting | State::Resyncing => {
+                Some(&mut self.forming)
+            }
             State::Updating => Some(&mut self.split_diff),
             _ => None,
         }
