@@ -707,6 +707,27 @@ impl Engine {
             self.wake();
             return Ok(());
         }
+        self.run_locked(fs, slot, op)
+    }
+
+    /// Runs `op` on pair `id` directly, e.g. to release a pair whose file was deleted
+    /// (`setfattr -n user.pairfs.release -v ID MOUNTPOINT`).
+    pub fn control_id(&self, fs: &Fs, id: PairId, op: Op) -> Result<()> {
+        if fs.opts.readonly {
+            return Err(Error::ReadOnly);
+        }
+        if op == Op::Pair {
+            return Err(Error::invalid("pair takes a path, not a pair id"));
+        }
+        let _b = fs.barrier.write().unwrap_or_else(|p| p.into_inner());
+        let slot = self
+            .slot(id)
+            .ok_or_else(|| Error::NotFound(format!("pair {id}")))?;
+        self.run_locked(fs, slot, op)
+    }
+
+    /// The body of a control operation; the caller holds the write barrier.
+    fn run_locked(&self, fs: &Fs, slot: Arc<Slot>, op: Op) -> Result<()> {
         let _g = slot.gate();
         // Copies made for the current instant become durable before it changes.
         if let Err(e) = self.confirm(fs, &slot) {

@@ -111,11 +111,24 @@ impl MainFs {
         }
     }
 
-    fn control_set(&self, ino: u64, name: &str) -> crate::Result<()> {
+    fn control_set(&self, ino: u64, name: &str, value: &[u8]) -> crate::Result<()> {
         let op = Op::parse(name).ok_or_else(|| {
             Error::invalid(format!("unknown control attribute {CONTROL_PREFIX}{name}"))
         })?;
-        let r = self.fs.engine.control(&self.fs, ino, op);
+        // On the mount root, a value names a pair by id (a pair whose file is gone).
+        let by_id = std::str::from_utf8(value)
+            .ok()
+            .map(|v| v.trim().trim_end_matches('\0'))
+            .filter(|v| !v.is_empty() && ino == crate::fs::ROOT);
+        let r = match by_id {
+            Some(v) => {
+                let id = v
+                    .parse()
+                    .map_err(|_| Error::invalid(format!("pair id {v:?} is not a number")))?;
+                self.fs.engine.control_id(&self.fs, id, op)
+            }
+            None => self.fs.engine.control(&self.fs, ino, op),
+        };
         if let Err(e) = &r {
             log::warn!("{CONTROL_PREFIX}{name} on inode {ino}: {e}");
         }
@@ -549,7 +562,7 @@ impl Filesystem for MainFs {
             .ok()
             .and_then(|s| s.strip_prefix(CONTROL_PREFIX))
         {
-            Some(op) => self.control_set(ino.0, op),
+            Some(op) => self.control_set(ino.0, op, value),
             None => self.fs.setxattr(ino.0, n, value, flags),
         };
         match r {

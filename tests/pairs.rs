@@ -415,3 +415,63 @@ fn whole_volume_split_mounts_as_a_snapshot() {
     v.umount();
     v.fsck();
 }
+
+/// A split file that is deleted keeps its frozen copy (its space pinned); the pair is
+/// released by id on the mount root, which frees the space.
+#[test]
+fn deleted_file_keeps_its_copy_until_released_by_id() {
+    let mut v = Vol::new("1G");
+    v.mount();
+    let content = block(5, 5, 32 * MIB as usize);
+    std::fs::write(v.path("gone"), &content).unwrap();
+    setx(&v.path("gone"), "user.pairfs.split").unwrap();
+    wait_state(&v.path("gone"), "split");
+    let free = |p: &std::path::Path| {
+        let out = std::process::Command::new("stat")
+            .args(["-f", "-c", "%a*%S"])
+            .arg(p)
+            .output()
+            .unwrap();
+        let s = String::from_utf8(out.stdout).unwrap();
+        let (a, b) = s.trim().split_once('*').unwrap();
+        a.parse::<u64>().unwrap() * b.parse::<u64>().unwrap()
+    };
+    let before = free(&v.mnt);
+    std::fs::remove_file(v.path("gone")).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(1500)); // one commit interval
+    assert!(
+        read_all(&v.copy_path("gone")) == content,
+        "the frozen copy must outlive the file"
+    );
+    assert!(
+        free(&v.mnt) <= before + MIB,
+        "pinned space must stay in use"
+    );
+    let pairs = String::from_utf8(
+        std::process::Command::new("getfattr")
+            .args(["--only-values", "-n", "user.pairfs.pairs"])
+            .arg(&v.mnt)
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap();
+    assert!(
+        pairs.contains(&format!("pinned_bytes={}", 32 * MIB)),
+        "{pairs}"
+    );
+    let id = field(&pairs, "pair").unwrap();
+    let st = std::process::Command::new("setfattr")
+        .args(["-n", "user.pairfs.release", "-v", &id.to_string()])
+        .arg(&v.mnt)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    assert!(!v.copy_path("gone").exists());
+    assert!(
+        free(&v.mnt) >= before + 30 * MIB,
+        "release must free the pinned space"
+    );
+    v.umount();
+    v.fsck();
+}
