@@ -14,7 +14,10 @@ work=$(mktemp -d /var/tmp/pairfs-recipe.XXXXXX)
 chmod 755 "$work"
 writer=
 cleanup() {
-    [ -n "$writer" ] && kill "$writer" 2>/dev/null && wait "$writer" 2>/dev/null
+    if [ -n "$writer" ]; then
+        kill "$writer" 2>/dev/null || true
+        wait "$writer" 2>/dev/null || true
+    fi
     "$pairfs" umount "$work/mnt" 2>/dev/null || umount -l "$work/mnt" 2>/dev/null || true
     rm -rf "$work"
 }
