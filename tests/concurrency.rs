@@ -63,16 +63,25 @@ fn writers_splitters_and_copy_readers_at_once() {
         }));
     }
     for _ in 0..2 {
-        let (stop, reads, copy) = (stop.clone(), reads.clone(), v.copy_path("d"));
+        let (stop, reads, copy, dir) = (stop.clone(), reads.clone(), v.copy_path("d"), dir.clone());
         threads.push(std::thread::spawn(move || {
+            // The split instant, read before and after each file: an update between the
+            // two legitimately changes the copy under the reader.
+            let instant = |d: &std::path::Path| {
+                let s = state(d);
+                s.split(' ')
+                    .find(|kv| kv.starts_with("split_time="))
+                    .map(str::to_string)
+            };
             while !stop.load(Ordering::Relaxed) {
                 for k in 0..FILES {
+                    let t0 = instant(&dir);
                     // The copy may be between instants (resync) or not there yet.
                     let Ok(b) = std::fs::read(copy.join(format!("f{k}"))) else {
                         continue;
                     };
-                    if b.len() != FILE {
-                        continue; // an update replaced the file while we read it
+                    if b.len() != FILE || t0.is_none() || instant(&dir) != t0 {
+                        continue;
                     }
                     let g = generations(&b);
                     assert_eq!(g.len(), 1, "frozen f{k} mixes generations {g:?}");
