@@ -19,7 +19,7 @@
 //! cargo build --release --examples && cargo test --release --test powerloss
 //! ```
 //!
-//! Environment: `PAIRFS_POWERLOSS_ROUNDS` (default 15), `PAIRFS_POWERLOSS_SEED` (default:
+//! Environment: `PAIRFS_POWERLOSS_ROUNDS` (default 40), `PAIRFS_POWERLOSS_SEED` (default:
 //! the clock; printed; lazyfs's seed for round r is derived from it, timing makes a rerun
 //! similar, not identical), `PAIRFS_POWERLOSS_KEEP=1` keeps the directory under /var/tmp
 //! (backing files, daemon and lazyfs logs), `LAZYFS_BIN` / `PAIRFS_BIN` other binaries.
@@ -1048,7 +1048,7 @@ fn power_loss_under_lazyfs() {
     let rounds: u64 = std::env::var("PAIRFS_POWERLOSS_ROUNDS")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(15);
+        .unwrap_or(40);
     let seed: u64 = std::env::var("PAIRFS_POWERLOSS_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
