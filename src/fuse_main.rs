@@ -19,7 +19,9 @@ use crate::engine::Op;
 use crate::error::Error;
 use crate::fs::{Attr, Ctx, Fs, SetAttr};
 
-const TTL: Duration = Duration::from_secs(1);
+/// Attribute and entry cache time. Every change goes through this daemon, so the
+/// kernel is told of it; a long TTL only saves lookups.
+const TTL: Duration = Duration::from_secs(10);
 /// Prefix of the control attributes.
 pub const CONTROL_PREFIX: &str = "user.pairfs.";
 

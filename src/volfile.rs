@@ -248,18 +248,31 @@ pub fn open_snapshot(p: &Paths) -> Result<(Fs, VolumeLock)> {
             snap.display()
         )));
     }
-    let live = Meta::open(&p.meta, true)?.load()?;
-    let root = live
-        .pairs
-        .iter()
-        .find(|x| x.scope == crate::pair::Scope::Root)
-        .ok_or_else(|| Error::invalid("the volume has no whole-volume (root) pair"))?;
-    if root.state != crate::pair::State::Split {
-        return Err(Error::Busy(format!(
-            "the whole-volume copy is {} (wait for `pairfs split --wait MOUNTPOINT`)",
-            root.state.name()
-        )));
-    }
+    // The live database says whether every track is copied. A copy that just finished
+    // is visible in `getfattr` a moment before its state row is committed: allow it 3 s.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+    let root = loop {
+        let live = Meta::open(&p.meta, true)?.load()?;
+        let root = live
+            .pairs
+            .into_iter()
+            .find(|x| x.scope == crate::pair::Scope::Root)
+            .ok_or_else(|| Error::invalid("the volume has no whole-volume (root) pair"))?;
+        let copying = matches!(
+            root.state,
+            crate::pair::State::Splitting | crate::pair::State::Updating
+        );
+        if root.state == crate::pair::State::Split {
+            break root;
+        }
+        if !copying || std::time::Instant::now() >= deadline {
+            return Err(Error::Busy(format!(
+                "the whole-volume copy is {} (wait for `pairfs split --wait MOUNTPOINT`)",
+                root.state.name()
+            )));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
     let lk = lock(&p.copy, false)?;
     let meta = Meta::open(&snap, true)?;
     let loaded = meta.load()?;
