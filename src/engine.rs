@@ -599,10 +599,11 @@ impl Engine {
             if self.stopping.load(Ordering::Acquire) {
                 break;
             }
-            // Host first: while the host is busy, pace the copier.
+            // Host first: while the host wrote in the last 5 ms, give it 2 ms between
+            // batches (one batch is at most 1 MiB).
             let idle_ns = now_ns() - self.last_host_io.load(Ordering::Relaxed);
-            if idle_ns < 2_000_000 {
-                std::thread::sleep(Duration::from_micros(500));
+            if idle_ns < 5_000_000 {
+                std::thread::sleep(Duration::from_millis(2));
             }
             let c = cursors.entry(s.id).or_insert(0);
             did += self.copy_batch(fs, &s, c);
