@@ -925,6 +925,7 @@ impl Fs {
 
     /// Reads up to `size` bytes at `off`.
     pub fn read(&self, ino: u64, off: u64, size: u32) -> Result<Vec<u8>> {
+        self.engine.host_io();
         let dl = self.data_lock(ino)?;
         let _d = dl.read().unwrap_or_else(|p| p.into_inner());
         let ts = self.ts;
