@@ -320,6 +320,12 @@ impl Allocator {
         std::mem::take(&mut self.held_list)
     }
 
+    /// Puts runs taken by [`Allocator::take_held`] back on the list (their commit
+    /// failed; they stay unavailable).
+    pub fn hold_again(&mut self, runs: Vec<(u64, u64)>) {
+        self.held_list.extend(runs);
+    }
+
     /// Makes held runs allocatable again (their freeing is durable now).
     pub fn release_held(&mut self, runs: &[(u64, u64)]) {
         for &(s, l) in runs {

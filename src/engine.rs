@@ -54,6 +54,8 @@ pub struct Slot {
     /// Tracks host writes are waiting to have copied (group commit: the next holder of
     /// `gate` copies all of them with one sync and one commit).
     cow_queue: Mutex<Vec<u64>>,
+    /// Set once the pair is released: the copier and persist leave it alone.
+    released: AtomicBool,
 }
 
 impl Slot {
@@ -241,27 +243,63 @@ impl Engine {
         }
     }
 
+    /// The inodes a pair covers now: the file, or the inodes beneath its directory
+    /// that carry this pair (a file with a pair of its own stays out).
+    fn members_of(st: &crate::fs::State, scope: Scope, id: PairId) -> Vec<u64> {
+        let mut v = Self::members(st, scope);
+        if !matches!(scope, Scope::File(_)) {
+            v.retain(|i| st.inodes.get(i).is_some_and(|n| n.pair == Some(id)));
+        }
+        v
+    }
+
     /// Installs loaded pairs: memberships, pins, and unclean-shutdown recovery.
-    pub fn load(&self, fs: &Fs, pairs: Vec<Pair>, clean: bool, next_pair: u64) -> Result<()> {
+    ///
+    /// Membership is not stored; it is rebuilt in two passes: first every pair claims
+    /// its top inode and the inodes of its frozen copy (they need copy-on-write wherever
+    /// they moved), then, most specific scope first, the unclaimed inodes beneath it.
+    pub fn load(&self, fs: &Fs, mut pairs: Vec<Pair>, clean: bool, next_pair: u64) -> Result<()> {
         let mut st = fs.state();
         let mut max = next_pair.max(1);
+        pairs.sort_by_key(|p| {
+            let rank = match p.scope {
+                Scope::File(_) => 0,
+                Scope::Dir(_) => 1,
+                Scope::Root => 2,
+            };
+            (rank, p.id)
+        });
+        for p in &pairs {
+            let claims = std::iter::once(p.scope.ino())
+                .filter(|_| !matches!(p.scope, Scope::Root))
+                .chain(p.frozen.iter().map(|f| f.ino));
+            for m in claims.collect::<Vec<_>>() {
+                if let Some(i) = st.inodes.get_mut(&m)
+                    && i.pair.is_none()
+                {
+                    i.pair = Some(p.id);
+                }
+            }
+        }
+        for p in &pairs {
+            for m in Self::members(&st, p.scope) {
+                if let Some(i) = st.inodes.get_mut(&m)
+                    && i.pair.is_none()
+                {
+                    i.pair = Some(p.id);
+                }
+            }
+        }
         for mut p in pairs {
             let top = p.scope.ino();
             if !st.inodes.contains_key(&top) {
                 log::warn!(
-                    "pair {} ({}): its scope is gone; releasing it",
+                    "pair {} ({}): its file is gone; its frozen copy stays until \
+                     `setfattr -n user.pairfs.release -v {} MOUNTPOINT`",
                     p.id,
-                    p.path
+                    p.path,
+                    p.id
                 );
-                for t in p.pinned_tracks().iter() {
-                    st.alloc.pin(t);
-                }
-            }
-            let members = Self::members(&st, p.scope);
-            for &m in &members {
-                if let Some(i) = st.inodes.get_mut(&m) {
-                    i.pair = Some(p.id);
-                }
             }
             for t in p.pinned_tracks().iter() {
                 if t == 0 || t >= st.alloc.total() {
@@ -273,6 +311,7 @@ impl Engine {
                 st.alloc.pin(t);
             }
             if !clean {
+                let members = Self::members_of(&st, p.scope, p.id);
                 let current = Fs::tracks_of(&st, &members);
                 p.recover_unclean(&current);
                 log::warn!(
@@ -290,6 +329,7 @@ impl Engine {
                 dirty: AtomicBool::new(!clean),
                 unconfirmed: Mutex::new(Vec::new()),
                 cow_queue: Mutex::new(Vec::new()),
+                released: AtomicBool::new(false),
             });
             self.pairs
                 .write()
@@ -368,6 +408,10 @@ impl Engine {
 
     /// Commits one pair's row and bitmaps now (durable on return).
     fn persist(&self, fs: &Fs, slot: &Slot, frozen: bool) -> Result<()> {
+        if slot.released.load(Ordering::Acquire) {
+            // Never resurrect the row of a released pair.
+            return Ok(());
+        }
         let mut meta = fs.meta.lock().unwrap_or_else(|p| p.into_inner());
         slot.dirty.store(false, Ordering::Release);
         let delta = {
@@ -380,10 +424,33 @@ impl Engine {
                 ..PairDelta::default()
             }
         };
-        meta.commit(&crate::meta::Batch {
+        let r = meta.commit(&crate::meta::Batch {
             pairs: vec![delta],
             ..Default::default()
-        })
+        });
+        if let Err(e) = &r {
+            // The taken chunks are lost and bits may be clear in memory only: refuse
+            // every further change rather than let a host write skip a copy.
+            log::error!(
+                "pair {}: metadata commit failed: {e}; refusing further changes",
+                slot.id
+            );
+            fs.poison_meta();
+            slot.lock().mark_all_dirty();
+            slot.dirty.store(true, Ordering::Release);
+        }
+        r
+    }
+
+    /// Puts every pair in `error` (the copy image failed a sync: none of the copies on
+    /// it can be trusted).
+    pub fn fail_all(&self, fs: &Fs, e: &Error) {
+        for s in self.slots() {
+            let st = s.lock().state;
+            if st != State::Error {
+                self.fail(fs, &s, e);
+            }
+        }
     }
 
     /// Copies volume tracks to the same addresses on the copy image.
@@ -420,10 +487,14 @@ impl Engine {
         let msg = format!("copy to the copy image failed: {e}; run update or resync to recover");
         let pins = slot.lock().fail(msg.clone());
         log::error!("pair {}: state error: {msg}", slot.id);
-        Self::apply_pins(fs, &pins);
         slot.dirty.store(true, Ordering::Release);
-        if let Err(e2) = self.persist(fs, slot, true) {
-            log::error!("pair {}: cannot record the error state: {e2}", slot.id);
+        // The error state (no frozen map) is durable before its tracks can be reused.
+        match self.persist(fs, slot, true) {
+            Ok(()) => Self::apply_pins(fs, &pins),
+            Err(e2) => log::error!(
+                "pair {}: cannot record the error state ({e2}); its tracks stay pinned",
+                slot.id
+            ),
         }
     }
 
@@ -450,6 +521,7 @@ impl Engine {
             .unwrap_or_else(|p| p.into_inner())
             .extend_from_slice(&mine);
         let _g = slot.gate();
+        fs.check_writable()?;
         let mut want =
             std::mem::take(&mut *slot.cow_queue.lock().unwrap_or_else(|p| p.into_inner()));
         want.extend_from_slice(&mine);
@@ -477,13 +549,15 @@ impl Engine {
                     &mut *slot.unconfirmed.lock().unwrap_or_else(|p| p.into_inner()),
                 );
                 done.extend_from_slice(&need);
-                slot.lock().copied(&done);
+                slot.lock().begin_clear(&done);
                 self.cow_total
                     .fetch_add(need.len() as u64, Ordering::Relaxed);
                 self.copied_total
                     .fetch_add(need.len() as u64, Ordering::Relaxed);
-                // The cleared bits must be durable before the host overwrites the track.
+                // The cleared bits must be durable before the host overwrites the track;
+                // until then `clearing` keeps other writers waiting on the gate.
                 self.persist(fs, &slot, false)?;
+                slot.lock().end_clear();
                 self.log_transition(&slot, before);
             }
             Err(e) => self.fail(fs, &slot, &e),
@@ -513,10 +587,14 @@ impl Engine {
         if tracks.is_empty() {
             return Ok(());
         }
+        if slot.released.load(Ordering::Acquire) {
+            return Ok(());
+        }
         let before = slot.lock().state;
         fs.copy.sync()?;
-        slot.lock().copied(&tracks);
+        slot.lock().begin_clear(&tracks);
         self.persist(fs, slot, false)?;
+        slot.lock().end_clear();
         self.log_transition(slot, before);
         Ok(())
     }
@@ -524,6 +602,9 @@ impl Engine {
     /// One copier batch for one pair. Returns the number of tracks copied.
     fn copy_batch(&self, fs: &Fs, slot: &Slot, cursor: &mut u64) -> usize {
         let _g = slot.gate();
+        if slot.released.load(Ordering::Acquire) {
+            return 0;
+        }
         let max = (COPY_BATCH_BYTES / fs.ts).max(1) as usize;
         let (batch, frozen, before) = {
             let mut p = slot.lock();
@@ -741,7 +822,7 @@ impl Engine {
             Op::Split | Op::Update => {
                 let frozen = {
                     let st = fs.state();
-                    Self::freeze(&st, &Self::members(&st, scope))
+                    Self::freeze(&st, &Self::members_of(&st, scope, slot.id))
                 };
                 let pins = {
                     let mut p = slot.lock();
@@ -758,7 +839,7 @@ impl Engine {
             Op::Resync => {
                 let current = {
                     let st = fs.state();
-                    Fs::tracks_of(&st, &Self::members(&st, scope))
+                    Fs::tracks_of(&st, &Self::members_of(&st, scope, slot.id))
                 };
                 let pins = slot.lock().resync(&current, now)?;
                 fs.copy.clear_poison();
@@ -766,13 +847,14 @@ impl Engine {
                 true
             }
             Op::Release => {
+                slot.released.store(true, Ordering::Release);
                 let pins = slot.lock().release();
                 Self::apply_pins(fs, &pins);
                 // Give the copy image's space back: the frozen tracks and the mirror
                 // of the scope's current tracks.
                 let mirror = {
                     let st = fs.state();
-                    Fs::tracks_of(&st, &Self::members(&st, scope))
+                    Fs::tracks_of(&st, &Self::members_of(&st, scope, slot.id))
                 };
                 let mut runs: Vec<(u64, u64)> = Vec::new();
                 for t in pins.unpin.union(&mirror).iter() {
@@ -891,6 +973,7 @@ impl Engine {
             dirty: AtomicBool::new(true),
             unconfirmed: Mutex::new(Vec::new()),
             cow_queue: Mutex::new(Vec::new()),
+            released: AtomicBool::new(false),
         });
         self.pairs
             .write()

@@ -366,7 +366,8 @@ impl Fs {
         self.st.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn check_writable(&self) -> Result<()> {
+    /// Refuses changes on a read-only mount or after a metadata failure.
+    pub fn check_writable(&self) -> Result<()> {
         if self.opts.readonly {
             return Err(Error::ReadOnly);
         }
@@ -879,17 +880,9 @@ impl Fs {
         Ok(freed)
     }
 
-    /// Maps every hole of file tracks `[f0, f0+n)`. New tracks are zeroed, except
-    /// those in `covered` (file tracks the caller overwrites completely). Returns the
+    /// Maps every hole of file tracks `[f0, f0+n)` to new, zeroed tracks. Returns the
     /// volume tracks allocated.
-    fn map_range(
-        &self,
-        st: &mut State,
-        ino: u64,
-        f0: u64,
-        n: u64,
-        covered: std::ops::Range<u64>,
-    ) -> Result<Vec<u64>> {
+    fn map_range(&self, st: &mut State, ino: u64, f0: u64, n: u64) -> Result<Vec<u64>> {
         let holes: Vec<Segment> = st
             .get(ino)?
             .extents
@@ -910,13 +903,13 @@ impl Fs {
             let runs = st.alloc.allocate(goal, h.len)?;
             let mut f = h.file;
             for (v, l) in runs {
+                // Zero every new track before it is mapped, even one the caller is about
+                // to overwrite whole: until that write lands (or if it fails, or the
+                // extent is committed first and we crash) readers must see zeros, never
+                // the data of the file that had the track before.
+                self.vol.discard(v * self.ts, l * self.ts)?;
                 st.get_mut(ino)?.extents.insert(f, v, l);
-                for k in 0..l {
-                    if !covered.contains(&(f + k)) {
-                        self.vol.discard((v + k) * self.ts, self.ts)?;
-                    }
-                    new.push(v + k);
-                }
+                new.extend(v..v + l);
                 f += l;
             }
         }
@@ -987,10 +980,7 @@ impl Fs {
                     Error::invalid("not a regular file")
                 });
             }
-            // File tracks this write covers completely need no zeroing.
-            let c0 = off.div_ceil(ts);
-            let c1 = end / ts;
-            let new = self.map_range(&mut st, ino, f0, f1 - f0 + 1, c0..c1)?;
+            let new = self.map_range(&mut st, ino, f0, f1 - f0 + 1)?;
             let i = st.get_mut(ino)?;
             if end > i.row.size {
                 i.row.size = end;
@@ -1069,7 +1059,7 @@ impl Fs {
         }
         let f0 = off / ts;
         let f1 = (end - 1) / ts;
-        let new = self.map_range(&mut st, ino, f0, f1 - f0 + 1, 0..0)?;
+        let new = self.map_range(&mut st, ino, f0, f1 - f0 + 1)?;
         let i = st.get_mut(ino)?;
         if !keep && end > i.row.size {
             i.row.size = end;
@@ -1337,6 +1327,33 @@ impl Fs {
         (b, held)
     }
 
+    /// Puts a batch that could not be committed back into the dirty sets (a change made
+    /// since wins) and its freed tracks back on hold.
+    fn restore_batch(&self, b: &Batch, held: Vec<(u64, u64)>) {
+        let mut st = self.state();
+        for (row, _, _) in &b.inodes {
+            if st.inodes.contains_key(&row.ino) {
+                st.dirty.inodes.insert(row.ino);
+            }
+        }
+        st.dirty.deleted.extend(b.deleted.iter().copied());
+        for (p, n, ino) in &b.put_dirents {
+            st.dirty
+                .dirents
+                .entry((*p, n.clone()))
+                .or_insert(Some(*ino));
+        }
+        for (p, n) in &b.del_dirents {
+            st.dirty.dirents.entry((*p, n.clone())).or_insert(None);
+        }
+        st.alloc.hold_again(held);
+    }
+
+    /// Marks the metadata store failed: every later change is refused with EIO.
+    pub fn poison_meta(&self) {
+        self.meta_failed.store(true, Ordering::Release);
+    }
+
     /// Commits everything: syncs both images, then writes the metadata batch (plus
     /// `extra` pair changes) in one transaction. After it returns, all data written
     /// before the call and all metadata are durable.
@@ -1346,8 +1363,16 @@ impl Fs {
         }
         let _c = self.commit_lock.lock().unwrap_or_else(|p| p.into_inner());
         let (mut batch, held) = self.take_batch();
-        self.vol.sync()?;
-        self.copy.sync()?;
+        if let Err(e) = self.vol.sync() {
+            // Nothing of the batch may be committed over data that is not durable; keep
+            // it dirty (the volume is poisoned now, so no commit succeeds until remount).
+            self.restore_batch(&batch, held);
+            return Err(e);
+        }
+        if let Err(e) = self.copy.sync() {
+            // The copy image may have lost copies: no frozen copy on it can be trusted.
+            self.engine.fail_all(self, &e);
+        }
         let mut meta = self.meta.lock().unwrap_or_else(|p| p.into_inner());
         // Pair chunks are taken under the metadata lock so that two commits can never
         // write a pair's chunks out of order.
@@ -1358,6 +1383,7 @@ impl Fs {
         if let Err(e) = r {
             log::error!("metadata commit failed: {e}; refusing further changes until remount");
             self.meta_failed.store(true, Ordering::Release);
+            self.restore_batch(&batch, held);
             return Err(e);
         }
         self.commits.fetch_add(1, Ordering::Relaxed);

@@ -203,6 +203,11 @@ pub struct Pair {
     pub error: Option<String>,
     /// Progress.
     pub progress: Progress,
+    /// Tracks whose pending bits are cleared in memory but whose clearing is not yet
+    /// committed (between [`Pair::begin_clear`] and [`Pair::end_clear`]): host writes
+    /// still treat them as needing copy-on-write, so they wait for the commit. Never
+    /// persisted.
+    pub clearing: TrackSet,
 }
 
 /// Pin changes the caller must apply to the allocator.
@@ -245,6 +250,7 @@ impl Pair {
                 last_copied: 0,
                 started_ns: now,
             },
+            clearing: TrackSet::new(),
         }
     }
 
@@ -402,13 +408,37 @@ impl Pair {
     /// Of the tracks a host write is about to change, those that must be copied to the
     /// copy image first (copy-on-write).
     pub fn cow_needed(&self, tracks: &[u64]) -> Vec<u64> {
-        match self.state {
-            State::Splitting | State::Updating => {
-                let p = self.pending().expect("pending in this state");
-                tracks.iter().copied().filter(|&t| p.contains(t)).collect()
-            }
-            _ => Vec::new(),
+        let pending = match self.state {
+            State::Splitting | State::Updating => self.pending(),
+            _ => None,
+        };
+        tracks
+            .iter()
+            .copied()
+            .filter(|&t| self.clearing.contains(t) || pending.is_some_and(|p| p.contains(t)))
+            .collect()
+    }
+
+    /// Frozen states: `tracks` are synced on the copy image; clear their pending bits
+    /// in memory (so the chunks to commit can be built) but keep them in `clearing`
+    /// until [`Pair::end_clear`], after the commit.
+    pub fn begin_clear(&mut self, tracks: &[u64]) {
+        for &t in tracks {
+            self.clearing.insert(t);
         }
+        self.copied(tracks);
+    }
+
+    /// Marks every bitmap chunk for rewriting (after a failed commit lost the list).
+    pub fn mark_all_dirty(&mut self) {
+        self.forming.mark_all_dirty();
+        self.split_diff.mark_all_dirty();
+        self.update_diff.mark_all_dirty();
+    }
+
+    /// The clearing of the bits is committed: host writes may go ahead.
+    pub fn end_clear(&mut self) {
+        self.clearing = TrackSet::new();
     }
 
     /// Records that the host wrote (or allocated) `tracks` inside the scope. Must be
@@ -463,8 +493,12 @@ impl Pair {
                 State::Forming | State::Resyncing => State::Formed,
                 State::Splitting => State::Split,
                 State::Updating => {
-                    self.split_diff = std::mem::take(&mut self.update_diff);
-                    self.split_diff.mark_all_dirty();
+                    // Hand-off through assign/clear so the rows of chunks that became
+                    // empty are deleted too (a stale set bit on disk would read as pending
+                    // after a crash).
+                    let written = self.update_diff.clone();
+                    self.update_diff.clear();
+                    self.split_diff.assign(written);
                     State::Split
                 }
                 s => s,
@@ -495,7 +529,8 @@ impl Pair {
 
     /// Reads of a frozen track come from the volume while this is true.
     pub fn read_from_volume(&self, t: u64) -> bool {
-        self.pending().is_some_and(|p| p.contains(t)) && self.state.is_frozen()
+        self.clearing.contains(t)
+            || (self.pending().is_some_and(|p| p.contains(t)) && self.state.is_frozen())
     }
 }
 

@@ -472,14 +472,17 @@ impl Volume for Checked {
     }
     fn write_at(&self, off: u64, buf: &[u8]) -> Result<()> {
         self.guard()?;
-        self.unsynced.store(true, Ordering::Release);
         let r = self.inner.write_at(off, buf);
+        // Set after the write landed: a sync that began earlier may have missed it, so
+        // the next sync must not be skipped. (Setting it before would let a concurrent
+        // sync clear the flag while the write was still in flight.)
+        self.unsynced.store(true, Ordering::Release);
         self.poison_on_err(r)
     }
     fn discard(&self, off: u64, len: u64) -> Result<()> {
         self.guard()?;
-        self.unsynced.store(true, Ordering::Release);
         let r = self.inner.discard(off, len);
+        self.unsynced.store(true, Ordering::Release);
         self.poison_on_err(r)
     }
     fn sync(&self) -> Result<()> {

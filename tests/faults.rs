@@ -225,3 +225,47 @@ fn pinned_space_is_counted_and_freed_by_release() {
     r.fs.engine.control(&r.fs, ino, Op::Release).unwrap();
     assert_eq!(r.fs.statfs().free, 64 - 1);
 }
+
+#[test]
+fn a_file_with_its_own_pair_moved_into_a_paired_directory_keeps_its_pair() {
+    let r = rig(256);
+    let c = Ctx::default();
+    let d =
+        r.fs.create_node(c, ROOT, b"d", libc::S_IFDIR | 0o755, 0, None)
+            .unwrap()
+            .row
+            .ino;
+    let g =
+        r.fs.create_node(c, d, b"g", libc::S_IFREG | 0o644, 0, None)
+            .unwrap()
+            .row
+            .ino;
+    r.fs.write(g, 0, &vec![4u8; 2 * TS as usize]).unwrap();
+    let f = file(&r.fs, "f");
+    r.fs.write(f, 0, &vec![7u8; 3 * TS as usize]).unwrap();
+    r.fs.engine.control(&r.fs, f, Op::Split).unwrap();
+    r.fs.engine.control(&r.fs, d, Op::Pair).unwrap();
+    r.fs.rename(ROOT, b"f", d, b"f", 0).unwrap();
+    r.fs.engine.control(&r.fs, d, Op::Split).unwrap();
+    let frozen_d: Vec<u64> =
+        r.fs.engine
+            .frozen_objects()
+            .iter()
+            .filter(|o| o.2.path.starts_with('d'))
+            .map(|o| o.2.ino)
+            .collect();
+    assert!(
+        frozen_d.contains(&g) && !frozen_d.contains(&f),
+        "{frozen_d:?}"
+    );
+    // Everything copied; then releasing the directory pair must not unpin or wipe the
+    // file's own frozen copy.
+    let mut cur = std::collections::BTreeMap::new();
+    while r.fs.engine.copy_round(&r.fs, &mut cur) > 0 {}
+    r.fs.engine.control(&r.fs, d, Op::Release).unwrap();
+    r.fs.write(f, 0, &vec![8u8; 3 * TS as usize]).unwrap();
+    let x = file(&r.fs, "x");
+    r.fs.write(x, 0, &vec![9u8; 200 * TS as usize]).unwrap();
+    while r.fs.engine.copy_round(&r.fs, &mut cur) > 0 {}
+    assert_eq!(frozen(&r.fs, f).unwrap(), vec![7u8; 3 * TS as usize]);
+}
