@@ -835,7 +835,11 @@ impl Fs {
                     && let Some(v) = st.get(ino)?.extents.lookup(size / ts)
                 {
                     let end = ((size / ts) + 1) * ts;
-                    zero = Some((v, size % ts, end.min(old.div_ceil(ts) * ts) - size));
+                    zero = Some((
+                        (ino, size / ts, v),
+                        size % ts,
+                        end.min(old.div_ceil(ts) * ts) - size,
+                    ));
                 }
             }
             let i = st.get_mut(ino)?;
@@ -847,22 +851,37 @@ impl Fs {
             st.touch(ino);
             (zero, pid)
         };
-        if let Some((v, off_in_track, len)) = zero {
-            self.write_tracks_zero(pid, v, off_in_track, len)?;
+        if let Some((at, off_in_track, len)) = zero {
+            self.write_tracks_zero(pid, at, off_in_track, len)?;
         }
         Ok(())
     }
 
     /// Zeroes part of one mapped track (copy-on-write first if a pair needs it).
-    fn write_tracks_zero(&self, pid: Option<u64>, v: u64, off: u64, len: u64) -> Result<()> {
+    fn write_tracks_zero(
+        &self,
+        pid: Option<u64>,
+        (ino, ftrack, v): (u64, u64, u64),
+        off: u64,
+        len: u64,
+    ) -> Result<()> {
         if len == 0 {
             return Ok(());
         }
         if let Some(pid) = pid {
             self.engine.cow(self, pid, &[v])?;
         }
-        let zeros = vec![0u8; len as usize];
-        self.vol.write_at(v * self.ts + off, &zeros)?;
+        {
+            // A truncate by path holds no open handle: the file may have lost its last
+            // name (and its tracks) while we waited for the copy. Zero only a track it
+            // still maps, under the state lock so it cannot be freed meanwhile.
+            let st = self.state();
+            if st.inodes.get(&ino).and_then(|i| i.extents.lookup(ftrack)) != Some(v) {
+                return Ok(());
+            }
+            let zeros = vec![0u8; len as usize];
+            self.vol.write_at(v * self.ts + off, &zeros)?;
+        }
         if let Some(pid) = pid {
             self.engine.written(pid, &[v]);
         }
@@ -1113,7 +1132,7 @@ impl Fs {
                 if a < b
                     && let Some(v) = i.extents.lookup(a / ts)
                 {
-                    zeros.push((v, a % ts, b - a));
+                    zeros.push(((ino, a / ts, v), a % ts, b - a));
                 }
             }
             zeros.dedup();
@@ -1124,8 +1143,8 @@ impl Fs {
             st.touch(ino);
             pid
         };
-        for (v, o, l) in zeros {
-            self.write_tracks_zero(pid, v, o, l)?;
+        for (at, o, l) in zeros {
+            self.write_tracks_zero(pid, at, o, l)?;
         }
         Ok(())
     }
