@@ -128,18 +128,30 @@ fn human_bytes(s: Option<&str>) -> String {
         .map_or_else(|| "-".into(), |b| crate::size::format_size(b as u64))
 }
 
+/// A text progress bar, e.g. `[######----]`.
+fn bar(progress: Option<&str>, width: usize) -> String {
+    let pct: f64 = progress
+        .and_then(|p| p.trim_end_matches('%').parse().ok())
+        .unwrap_or(0.0);
+    let done = ((pct / 100.0) * width as f64)
+        .round()
+        .clamp(0.0, width as f64) as usize;
+    format!("[{}{}]", "#".repeat(done), "-".repeat(width - done))
+}
+
 fn print_table(rows: &[(PathBuf, StateLine)]) {
     println!(
-        "{:<10} {:>8} {:>10} {:>10} {:>12} {:>8} {:>10}  PATH",
-        "STATE", "PROGRESS", "TO_COPY", "DIRTY", "RATE", "ETA", "PINNED"
+        "{:<10} {:<22} {:>8} {:>10} {:>10} {:>12} {:>8} {:>10}  PATH",
+        "STATE", "COPY", "PROGRESS", "TO_COPY", "DIRTY", "RATE", "ETA", "PINNED"
     );
     for (p, l) in rows {
         let path = l
             .get("path")
             .map_or_else(|| p.display().to_string(), str::to_string);
         println!(
-            "{:<10} {:>8} {:>10} {:>10} {:>12} {:>8} {:>10}  {}",
+            "{:<10} {:<22} {:>8} {:>10} {:>10} {:>12} {:>8} {:>10}  {}",
             l.state,
+            bar(l.get("progress"), 20),
             l.get("progress").unwrap_or("-"),
             l.get("to_copy").unwrap_or("-"),
             l.get("dirty_tracks").unwrap_or("-"),
@@ -252,5 +264,7 @@ mod tests {
         assert_eq!(l.get("x"), Some("y"));
         assert_eq!(l.json()["to_copy"], 0);
         assert_eq!(StateLine::parse("none").state, "none");
+        assert_eq!(bar(Some("50.0%"), 10), "[#####-----]");
+        assert_eq!(bar(None, 4), "[----]");
     }
 }
