@@ -27,20 +27,19 @@
 //! Needs /dev/fuse as root; skips with a message otherwise.
 
 use std::collections::BTreeMap;
-use std::ffi::CString;
 use std::io::Write as _;
-use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
-fn bin() -> PathBuf {
-    std::env::var_os("PAIRFS_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_pairfs")))
-}
+mod crashmodel;
+use crashmodel::{
+    Model, PAGE, PairM, Rng, build, check_copy, check_main, create_file, daemon_pids, detach,
+    env_seed, env_u64, force_unmount, fsck, get_state, mount_daemon, mounted, reap_daemons,
+    run_pairfs, say, set_control, splitmix, summarize, wait_dead, wait_unmounted, wait_word, word,
+};
 
 /// target/<profile>/examples/lazyfs, beside the pairfs binary cargo built (`cargo test`
 /// builds the examples too).
@@ -67,329 +66,7 @@ fn lazyfs_bin() -> PathBuf {
     p
 }
 
-const PAGE: usize = 4096;
 const MAGIC: &[u8; 8] = b"PFSPWRL1";
-
-fn say(s: &str) {
-    let _ = writeln!(std::io::stderr(), "{s}");
-}
-
-/// What the test knows about one file. Write ids are `tag << 40 | n`, unique across files,
-/// so a page of another file is recognized as misplaced.
-struct Model {
-    tag: u64,
-    /// Write id of each page as of the last write.
-    cur: Vec<u64>,
-    /// Write id of each page as of the last fsync (or the last verified state).
-    synced: Vec<u64>,
-    /// Local write n covered pages `log[n].0 .. log[n].0 + log[n].1`.
-    log: Vec<(u64, u64)>,
-}
-
-impl Model {
-    fn new(tag: u64, pages: usize) -> Model {
-        Model {
-            tag,
-            cur: vec![tag << 40; pages],
-            synced: vec![tag << 40; pages],
-            log: vec![(0, 0)],
-        }
-    }
-    fn new_write(&mut self, first: u64, n: u64) -> u64 {
-        self.log.push((first, n));
-        self.tag << 40 | (self.log.len() - 1) as u64
-    }
-    fn covers(&self, id: u64, page: u64) -> bool {
-        let local = id & ((1 << 40) - 1);
-        id >> 40 == self.tag
-            && self
-                .log
-                .get(local as usize)
-                .is_some_and(|&(f, n)| local != 0 && page >= f && page < f + n)
-    }
-}
-
-fn splitmix(mut z: u64) -> u64 {
-    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
-/// xorshift64*.
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Rng {
-        Rng(splitmix(seed) | 1)
-    }
-    fn next(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        self.0 = x;
-        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-    fn chance(&mut self, pct: u64) -> bool {
-        self.below(100) < pct
-    }
-    fn ms(&mut self, lo: u64, hi: u64) -> Duration {
-        Duration::from_millis(lo + self.below(hi - lo + 1))
-    }
-}
-
-/// The content of page `page` as written by write `id`.
-fn fill_page(page: u64, id: u64, out: &mut [u8]) {
-    debug_assert_eq!(out.len(), PAGE);
-    out[0..8].copy_from_slice(MAGIC);
-    out[8..16].copy_from_slice(&page.to_le_bytes());
-    out[16..24].copy_from_slice(&id.to_le_bytes());
-    let mut x = splitmix(page ^ id.rotate_left(29) ^ 0x5EED_F00D) | 1;
-    for c in out[24..].chunks_mut(8) {
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        c.copy_from_slice(&x.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes()[..c.len()]);
-    }
-}
-
-/// What a page read back holds.
-#[derive(Debug, PartialEq)]
-enum Found {
-    /// Intact content of write `id`.
-    Id(u64),
-    /// All zeros.
-    Zeros,
-    /// The intact content of another page (a misplaced write).
-    Misplaced { page: u64, id: u64 },
-    /// Anything else (torn or foreign bytes).
-    Garbage,
-}
-
-fn decode(page: u64, data: &[u8], scratch: &mut [u8]) -> Found {
-    if data.len() != PAGE {
-        return Found::Garbage;
-    }
-    if data.iter().all(|&b| b == 0) {
-        return Found::Zeros;
-    }
-    if &data[0..8] != MAGIC {
-        return Found::Garbage;
-    }
-    let p = u64::from_le_bytes(data[8..16].try_into().unwrap());
-    let id = u64::from_le_bytes(data[16..24].try_into().unwrap());
-    fill_page(p, id, scratch);
-    if scratch != data {
-        Found::Garbage
-    } else if p != page {
-        Found::Misplaced { page: p, id }
-    } else {
-        Found::Id(id)
-    }
-}
-
-fn build(first: u64, n: u64, id: u64) -> Vec<u8> {
-    let mut buf = vec![0u8; n as usize * PAGE];
-    for (k, c) in buf.chunks_mut(PAGE).enumerate() {
-        fill_page(first + k as u64, id, c);
-    }
-    buf
-}
-
-/// Problems of the main file after a crash: each page must hold its fsync'd content or
-/// that of a write issued after the fsync. Returns the ids found and the problems.
-fn check_main(data: &[u8], m: &Model) -> (Vec<u64>, Vec<String>) {
-    let pages = m.synced.len();
-    let mut found = vec![0; pages];
-    let mut probs = Vec::new();
-    if data.len() != pages * PAGE {
-        probs.push(format!(
-            "main file is {} bytes, expected {}",
-            data.len(),
-            pages * PAGE
-        ));
-    }
-    let mut scratch = vec![0u8; PAGE];
-    for (p, &want) in m.synced.iter().enumerate() {
-        let Some(d) = data.get(p * PAGE..(p + 1) * PAGE) else {
-            probs.push(format!(
-                "main page {p}: missing (file too short), fsync'd write {want}"
-            ));
-            continue;
-        };
-        match decode(p as u64, d, &mut scratch) {
-            Found::Id(id) if id == want || (id > want && m.covers(id, p as u64)) => found[p] = id,
-            f => probs.push(format!(
-                "main page {p} (offset {}): found {f:?}, expected the fsync'd write {want} or a later write to it",
-                p * PAGE
-            )),
-        }
-    }
-    (found, probs)
-}
-
-/// Problems of a frozen copy: it must equal `snap` exactly.
-fn check_copy(data: &[u8], snap: &[u64], what: &str) -> Vec<String> {
-    let mut probs = Vec::new();
-    if data.len() != snap.len() * PAGE {
-        probs.push(format!(
-            "{what}: copy is {} bytes, expected {}",
-            data.len(),
-            snap.len() * PAGE
-        ));
-    }
-    let mut scratch = vec![0u8; PAGE];
-    for (p, &want) in snap.iter().enumerate() {
-        let Some(d) = data.get(p * PAGE..(p + 1) * PAGE) else {
-            break;
-        };
-        match decode(p as u64, d, &mut scratch) {
-            Found::Id(id) if id == want => {}
-            f => probs.push(format!(
-                "{what}: copy page {p} (offset {}): found {f:?}, expected write {want}",
-                p * PAGE
-            )),
-        }
-    }
-    probs
-}
-
-fn summarize(mut probs: Vec<String>) -> Vec<String> {
-    if probs.len() > 8 {
-        let n = probs.len();
-        probs.truncate(8);
-        probs.push(format!("... {} more bad pages", n - 8));
-    }
-    probs
-}
-
-fn cpath(p: &Path) -> CString {
-    CString::new(p.as_os_str().as_bytes()).expect("path without NUL")
-}
-
-fn set_control(path: &Path, op: &str) -> std::io::Result<()> {
-    let name = CString::new(format!("user.pairfs.{op}")).unwrap();
-    // SAFETY: valid C strings; an empty value.
-    let r = unsafe { libc::setxattr(cpath(path).as_ptr(), name.as_ptr(), std::ptr::null(), 0, 0) };
-    if r == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
-}
-
-fn get_state(path: &Path) -> std::io::Result<String> {
-    let name = CString::new("user.pairfs.state").unwrap();
-    let mut buf = vec![0u8; 4096];
-    // SAFETY: valid C strings and a buffer of the length passed.
-    let n = unsafe {
-        libc::getxattr(
-            cpath(path).as_ptr(),
-            name.as_ptr(),
-            buf.as_mut_ptr().cast(),
-            buf.len(),
-        )
-    };
-    if n < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    buf.truncate(n as usize);
-    Ok(String::from_utf8_lossy(&buf).trim().to_string())
-}
-
-fn word(s: &str) -> &str {
-    s.split_whitespace().next().unwrap_or("")
-}
-
-/// Listed in our mount table (a dead FUSE mount still is; stat() on it fails).
-fn mounted(p: &Path) -> bool {
-    let Ok(s) = std::fs::read_to_string("/proc/self/mountinfo") else {
-        return false;
-    };
-    let want = p.to_string_lossy().replace(' ', "\\040");
-    s.lines()
-        .any(|l| l.split(' ').nth(4) == Some(want.as_str()))
-}
-
-/// Detaches a (possibly dead) mount: umount2(MNT_DETACH), else `fusermount3 -uz`.
-fn force_unmount(p: &Path) {
-    if !detach(p) {
-        panic!("cannot unmount {}", p.display());
-    }
-}
-
-/// Detaches a (possibly dead) mount; false if it is still there after 5 s.
-fn detach(p: &Path) -> bool {
-    for _ in 0..50 {
-        if !mounted(p) {
-            return true;
-        }
-        // SAFETY: valid C string.
-        if unsafe { libc::umount2(cpath(p).as_ptr(), libc::MNT_DETACH) } != 0 {
-            let _ = Command::new("fusermount3")
-                .arg("-uz")
-                .arg(p)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status();
-        }
-        if !mounted(p) {
-            return true;
-        }
-        thread::sleep(Duration::from_millis(100));
-    }
-    false
-}
-
-/// Live processes with `vol` (unique to this test) as an argument: the daemon.
-fn daemon_pids(vol: &Path) -> Vec<i32> {
-    let me = std::process::id() as i32;
-    let want = vol.as_os_str().as_bytes();
-    let mut out = Vec::new();
-    let Ok(rd) = std::fs::read_dir("/proc") else {
-        return out;
-    };
-    for e in rd.flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
-            continue;
-        };
-        if pid == me {
-            continue;
-        }
-        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else {
-            continue;
-        };
-        if cmd.split(|&b| b == 0).any(|a| a == want) && alive(pid) {
-            out.push(pid);
-        }
-    }
-    out
-}
-
-/// Exists and is not a zombie.
-fn alive(pid: i32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(s) => s
-            .rsplit_once(')')
-            .is_some_and(|(_, r)| !r.trim_start().starts_with('Z')),
-        Err(_) => false,
-    }
-}
-
-fn wait_dead(pids: &[i32], limit: Duration) -> bool {
-    let t = Instant::now();
-    while pids.iter().any(|&p| alive(p)) {
-        if t.elapsed() > limit {
-            return false;
-        }
-        thread::sleep(Duration::from_millis(10));
-    }
-    true
-}
 
 // ---------------------------------------------------------------------------------------
 // The environment: backing directory on real disk, lazyfs, pairfs mounts
@@ -522,22 +199,8 @@ impl Env {
         force_unmount(&self.lazy);
     }
 
-    fn run(&self, args: &[&std::ffi::OsStr]) -> (bool, String) {
-        let out = Command::new(bin())
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .expect("run pairfs");
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        (out.status.success(), text)
-    }
-
     fn mkfs(&self) {
-        let (ok, text) = self.run(&[
+        let (ok, text) = run_pairfs(&[
             "mkfs".as_ref(),
             self.vol.as_os_str(),
             "--size".as_ref(),
@@ -549,30 +212,11 @@ impl Env {
     }
 
     fn fsck(&self) -> Result<String, String> {
-        let (ok, text) = self.run(&["fsck".as_ref(), self.vol.as_os_str()]);
-        if ok { Ok(text) } else { Err(text) }
+        fsck(&self.vol)
     }
 
     fn mount(&self, commit_ms: u64) -> Result<(), String> {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .unwrap();
-        let st = Command::new(bin())
-            .arg("mount")
-            .arg(&self.vol)
-            .arg(&self.mnt)
-            .arg("--copy-mount")
-            .arg(&self.cmnt)
-            .arg("--commit-ms")
-            .arg(commit_ms.to_string())
-            .arg("--daemon")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .status()
-            .expect("run pairfs mount");
+        let st = mount_daemon(&self.vol, &self.mnt, &self.cmnt, commit_ms, &self.log);
         if !st.success() {
             return Err(format!("pairfs mount failed ({st})\n{}", self.log_tail()));
         }
@@ -583,14 +227,9 @@ impl Env {
     }
 
     fn umount_clean(&self) {
-        let (ok, text) = self.run(&["umount".as_ref(), self.mnt.as_os_str()]);
+        let (ok, text) = run_pairfs(&["umount".as_ref(), self.mnt.as_os_str()]);
         assert!(ok, "pairfs umount failed: {text}\n{}", self.log_tail());
-        let t = Instant::now();
-        while (mounted(&self.mnt) || mounted(&self.cmnt) || !daemon_pids(&self.vol).is_empty())
-            && t.elapsed() < Duration::from_secs(30)
-        {
-            thread::sleep(Duration::from_millis(20));
-        }
+        wait_unmounted(&self.vol, &self.mnt, &self.cmnt);
         assert!(
             !mounted(&self.mnt) && !mounted(&self.cmnt) && daemon_pids(&self.vol).is_empty(),
             "mounts or daemon still there after pairfs umount"
@@ -602,14 +241,7 @@ impl Drop for Env {
     fn drop(&mut self) {
         detach(&self.mnt);
         detach(&self.cmnt);
-        let pids = daemon_pids(&self.vol);
-        if !wait_dead(&pids, Duration::from_secs(5)) {
-            for &p in &pids {
-                // SAFETY: kill on a pid of our own daemon.
-                unsafe { libc::kill(p, libc::SIGKILL) };
-            }
-            wait_dead(&pids, Duration::from_secs(5));
-        }
+        reap_daemons(&self.vol);
         if let Some(mut c) = self.lazyfs.take() {
             let _ = c.kill();
             let _ = c.wait();
@@ -626,15 +258,6 @@ impl Drop for Env {
 
 // ---------------------------------------------------------------------------------------
 // The test
-
-#[derive(Clone)]
-enum PairM {
-    None,
-    /// Paired, no frozen copy (forming, formed, resyncing).
-    Paired,
-    /// Frozen as of this snapshot (split or update returned).
-    Frozen(Vec<u64>),
-}
 
 struct F {
     name: String,
@@ -688,20 +311,7 @@ impl Test {
     }
 
     fn wait_state(&self, i: usize, want: &[&str], limit: Duration) -> Result<String, String> {
-        let t = Instant::now();
-        loop {
-            let s = self.state(i);
-            if want.contains(&word(&s)) {
-                return Ok(s);
-            }
-            if word(&s) == "error" {
-                return Err(format!("pair in error while waiting for {want:?}: {s}"));
-            }
-            if t.elapsed() > limit {
-                return Err(format!("still {s:?} after {limit:?}, waiting for {want:?}"));
-            }
-            thread::sleep(Duration::from_millis(20));
-        }
+        wait_word(|| self.state(i), want, limit)
     }
 
     /// A control op (writes are sequential here, so none is in flight): returns the content
@@ -755,21 +365,7 @@ impl Test {
             let pages = 256 + self.rng.below(768) as usize;
             let name = format!("f{k}.bin");
             let path = self.env.mnt.join(&name);
-            let mut m = Model::new(k as u64 + 1, pages);
-            let f = std::fs::File::create(&path).expect("create file");
-            let mut p = 0u64;
-            while (p as usize) < pages {
-                let n = 128u64.min(pages as u64 - p);
-                let id = m.new_write(p, n);
-                f.write_all_at(&build(p, n, id), p * PAGE as u64)
-                    .expect("initial write");
-                for q in p..p + n {
-                    m.cur[q as usize] = id;
-                }
-                p += n;
-            }
-            f.sync_all().expect("fsync");
-            m.synced.clone_from(&m.cur);
+            let m = create_file(&path, k as u64 + 1, pages, 128);
             self.files.push(F {
                 name,
                 m,
@@ -1045,19 +641,8 @@ fn power_loss_under_lazyfs() {
         say("power-loss test: SKIPPED: needs root and /dev/fuse");
         return;
     }
-    let rounds: u64 = std::env::var("PAIRFS_POWERLOSS_ROUNDS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(40);
-    let seed: u64 = std::env::var("PAIRFS_POWERLOSS_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64
-        });
+    let rounds = env_u64("PAIRFS_POWERLOSS_ROUNDS", 40);
+    let seed = env_seed("PAIRFS_POWERLOSS_SEED");
     say(&format!(
         "power-loss test: seed {seed} (rerun with PAIRFS_POWERLOSS_SEED={seed}), {rounds} rounds"
     ));
