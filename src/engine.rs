@@ -1056,6 +1056,18 @@ impl Engine {
         off: u64,
         size: u32,
     ) -> Result<Vec<u8>> {
+        self.read_frozen_of(fs, (id, idx, None), off, size)
+    }
+
+    /// [`Engine::read_frozen`], refusing (ESTALE) when the object at `idx` is no longer
+    /// inode `ino` (an update reordered the frozen list since the caller looked it up).
+    pub fn read_frozen_of(
+        &self,
+        fs: &Fs,
+        (id, idx, ino): (PairId, usize, Option<u64>),
+        off: u64,
+        size: u32,
+    ) -> Result<Vec<u8>> {
         let slot = self
             .slot(id)
             .ok_or_else(|| Error::NotFound(format!("pair {id}")))?;
@@ -1069,6 +1081,9 @@ impl Engine {
                 .frozen
                 .get(idx)
                 .ok_or_else(|| Error::NotFound("frozen file".into()))?;
+            if ino.is_some_and(|i| i != f.ino) {
+                return Err(Error::Stale);
+            }
             if off >= f.attr.size {
                 return Ok(Vec::new());
             }

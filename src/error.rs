@@ -71,6 +71,9 @@ pub enum Error {
     /// Too many open files (`ENFILE`).
     #[error("too many open files")]
     TooManyOpen,
+    /// The object changed under the caller (`ESTALE`).
+    #[error("stale: the frozen copy changed; reopen the file")]
+    Stale,
     /// No data or hole at or after the offset (`ENXIO`).
     #[error("offset beyond the end of the file")]
     NoSuchOffset,
@@ -135,6 +138,7 @@ impl Error {
             Error::TooManyOpen => ENFILE,
             Error::CrossDevice => EXDEV,
             Error::NoSuchOffset => ENXIO,
+            Error::Stale => ESTALE,
             Error::Io { source, .. } => match source.raw_os_error() {
                 Some(ENOSPC) => ENOSPC,
                 Some(EDQUOT) => ENOSPC,

@@ -26,7 +26,7 @@ const TTL: Duration = Duration::ZERO;
 #[derive(Debug, Clone)]
 enum Node {
     Dir(BTreeMap<Vec<u8>, u64>),
-    File(PairId, usize),
+    File(PairId, usize, u64),
     Symlink(Vec<u8>),
 }
 
@@ -177,7 +177,7 @@ impl CopyFs {
                         flags: 0,
                     };
                     match a.kind {
-                        FrozenKind::File => e.node = Node::File(*id, *idx),
+                        FrozenKind::File => e.node = Node::File(*id, *idx, f.ino),
                         FrozenKind::Symlink => e.node = Node::Symlink(f.target.clone()),
                         FrozenKind::Dir => {}
                     }
@@ -255,8 +255,12 @@ impl Filesystem for CopyFs {
         reply: ReplyData,
     ) {
         match self.get(ino.0).map(|e| e.node) {
-            Some(Node::File(id, idx)) => {
-                match self.fs.engine.read_frozen(&self.fs, id, idx, offset, size) {
+            Some(Node::File(id, idx, fino)) => {
+                match self
+                    .fs
+                    .engine
+                    .read_frozen_of(&self.fs, (id, idx, Some(fino)), offset, size)
+                {
                     Ok(d) => reply.data(&d),
                     Err(e) => {
                         log::warn!("copy mount read: {e}");
