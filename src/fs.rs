@@ -999,7 +999,7 @@ impl Fs {
                     Error::invalid("not a regular file")
                 });
             }
-            let new = self.map_range(&mut st, ino, f0, f1 - f0 + 1)?;
+            self.map_range(&mut st, ino, f0, f1 - f0 + 1)?;
             let i = st.get_mut(ino)?;
             if end > i.row.size {
                 i.row.size = end;
@@ -1016,7 +1016,6 @@ impl Fs {
                     v..v + s.len
                 })
                 .collect();
-            let _ = new;
             (segs, pid, touched)
         };
         if let Some(pid) = pid {
@@ -1484,10 +1483,5 @@ impl Fs {
             s.push(".snapshot");
             s.into()
         })
-    }
-
-    /// Number of inodes (statistics).
-    pub fn inode_count(&self) -> usize {
-        self.state().inodes.len()
     }
 }

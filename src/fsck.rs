@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use crate::error::{Error, Result};
-use crate::meta::{Meta, encode_extents};
+use crate::meta::Meta;
 use crate::volfile::Paths;
 use crate::volume::{FileVolume, Volume};
 
@@ -196,6 +196,5 @@ pub fn fsck(p: &Paths, repair: bool) -> Result<Report> {
         )?;
         tx.commit()?;
     }
-    let _ = encode_extents;
     Ok(r)
 }

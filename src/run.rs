@@ -625,7 +625,16 @@ fn serve(spec: MountSpec, mut ready: Option<std::fs::File>) -> Result<u8> {
         let _ = w.join();
     }
     fs.shutdown()?;
-    log::info!("unmounted {} cleanly", spec.paths.volume.display());
+    log::info!(
+        "unmounted {} cleanly ({} tracks copied since mount, {} of them by copy-on-write)",
+        spec.paths.volume.display(),
+        fs.engine
+            .copied_total
+            .load(std::sync::atomic::Ordering::Relaxed),
+        fs.engine
+            .cow_total
+            .load(std::sync::atomic::Ordering::Relaxed)
+    );
     Ok(0)
 }
 
