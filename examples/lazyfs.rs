@@ -264,6 +264,27 @@ impl LazyFs {
     }
 
     /// A path went away (unlink, rmdir, replaced by rename): its node keeps its fd and data.
+    /// unlink/rmdir: remove the backing entry at once (namespace operations are durable
+    /// immediately in this layer) and forget the path.
+    fn remove(
+        &self,
+        parent: INodeNo,
+        name: &OsStr,
+        rm: fn(PathBuf) -> std::io::Result<()>,
+        reply: ReplyEmpty,
+    ) {
+        let r = self.child(parent, name).and_then(|rel| {
+            let mut t = lock(&self.t);
+            rm(self.real(&rel)).map_err(errno)?;
+            Self::forget_path(&mut t, &rel);
+            Ok(())
+        });
+        match r {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
     fn forget_path(t: &mut Table, rel: &Path) {
         if let Some(i) = t.by_path.remove(rel) {
             t.paths.remove(&i);
@@ -457,29 +478,11 @@ impl Filesystem for LazyFs {
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let r = self.child(parent, name).and_then(|rel| {
-            let mut t = lock(&self.t);
-            std::fs::remove_file(self.real(&rel)).map_err(errno)?;
-            Self::forget_path(&mut t, &rel);
-            Ok(())
-        });
-        match r {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
+        self.remove(parent, name, std::fs::remove_file, reply);
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let r = self.child(parent, name).and_then(|rel| {
-            let mut t = lock(&self.t);
-            std::fs::remove_dir(self.real(&rel)).map_err(errno)?;
-            Self::forget_path(&mut t, &rel);
-            Ok(())
-        });
-        match r {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
+        self.remove(parent, name, std::fs::remove_dir, reply);
     }
 
     fn rename(

@@ -131,48 +131,48 @@ impl Allocator {
         }
     }
 
+    /// The words of `set` that touch the volume: (word index, bits of real tracks).
+    fn set_words(&self, set: &crate::trackset::TrackSet) -> Vec<(usize, u64)> {
+        let nwords = self.pinned.as_raw_slice().len();
+        set.words()
+            .flat_map(|(w0, words)| {
+                words
+                    .iter()
+                    .enumerate()
+                    .map(move |(k, &bits)| (w0 as usize + k, bits))
+            })
+            .filter(|&(w, bits)| bits != 0 && w < nwords)
+            .map(|(w, bits)| (w, bits & self.valid_mask(w)))
+            .collect()
+    }
+
     /// Pins every track of `set`, a 64-bit word at a time. Tracks outside the volume
     /// are ignored.
     pub fn pin_set(&mut self, set: &crate::trackset::TrackSet) {
-        let nwords = self.pinned.as_raw_slice().len();
-        for (w0, words) in set.words() {
-            for (k, &bits) in words.iter().enumerate() {
-                let w = w0 as usize + k;
-                if bits == 0 || w >= nwords {
-                    continue;
-                }
-                let bits = bits & self.valid_mask(w);
-                self.pinned.as_raw_mut_slice()[w] |= bits;
-                self.refresh_word(w);
-            }
+        for (w, bits) in self.set_words(set) {
+            self.pinned.as_raw_mut_slice()[w] |= bits;
+            self.refresh_word(w);
         }
     }
 
     /// Unpins every track of `set`; those no file uses become free after the next
     /// commit (held until then, like any freed track).
     pub fn unpin_set(&mut self, set: &crate::trackset::TrackSet) {
-        let nwords = self.pinned.as_raw_slice().len();
-        for (w0, words) in set.words() {
-            for (k, &bits) in words.iter().enumerate() {
-                let w = w0 as usize + k;
-                if bits == 0 || w >= nwords {
-                    continue;
-                }
-                let was = self.pinned.as_raw_slice()[w] & bits;
-                if was == 0 {
-                    continue;
-                }
-                self.pinned.as_raw_mut_slice()[w] &= !was;
-                let freed = was & !self.used.as_raw_slice()[w];
-                self.held.as_raw_mut_slice()[w] |= freed;
-                let mut f = freed;
-                while f != 0 {
-                    let b = f.trailing_zeros() as u64;
-                    self.held_list.push((w as u64 * 64 + b, 1));
-                    f &= f - 1;
-                }
-                self.refresh_word(w);
+        for (w, bits) in self.set_words(set) {
+            let was = self.pinned.as_raw_slice()[w] & bits;
+            if was == 0 {
+                continue;
             }
+            self.pinned.as_raw_mut_slice()[w] &= !was;
+            let freed = was & !self.used.as_raw_slice()[w];
+            self.held.as_raw_mut_slice()[w] |= freed;
+            let mut f = freed;
+            while f != 0 {
+                let b = f.trailing_zeros() as u64;
+                self.held_list.push((w as u64 * 64 + b, 1));
+                f &= f - 1;
+            }
+            self.refresh_word(w);
         }
     }
 

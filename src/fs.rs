@@ -1468,9 +1468,7 @@ impl Fs {
         let mut s = crate::trackset::TrackSet::new();
         for ino in inos {
             if let Some(i) = st.inodes.get(ino) {
-                for e in i.extents.iter() {
-                    s.insert_range(e.vol, e.len);
-                }
+                s.insert_extents(&i.extents);
             }
         }
         s

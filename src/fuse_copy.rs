@@ -284,19 +284,6 @@ impl Filesystem for CopyFs {
         reply.ok();
     }
 
-    fn release(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        _fh: FileHandle,
-        _flags: OpenFlags,
-        _lock_owner: Option<LockOwner>,
-        _flush: bool,
-        reply: ReplyEmpty,
-    ) {
-        reply.ok();
-    }
-
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         match self.get(ino.0).map(|e| e.node) {
             Some(Node::Dir(_)) => reply.opened(FileHandle(0), FopenFlags::empty()),

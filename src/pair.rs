@@ -222,9 +222,7 @@ pub struct Pins {
 fn frozen_tracks(frozen: &[Frozen]) -> TrackSet {
     let mut s = TrackSet::new();
     for f in frozen {
-        for e in f.extents.iter() {
-            s.insert_range(e.vol, e.len);
-        }
+        s.insert_extents(&f.extents);
     }
     s
 }

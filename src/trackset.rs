@@ -83,6 +83,13 @@ impl TrackSet {
         }
     }
 
+    /// Sets every volume track an extent map maps.
+    pub fn insert_extents(&mut self, m: &crate::extent::ExtentMap) {
+        for e in m.iter() {
+            self.insert_range(e.vol, e.len);
+        }
+    }
+
     fn combine(
         &self,
         other: &TrackSet,
