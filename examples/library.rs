@@ -3,9 +3,9 @@
 //!
 //!     cargo run --release --example library
 
-use pairfs::engine::Op;
-use pairfs::fs::{Ctx, Options};
-use pairfs::volfile::{self, Paths};
+use pairfs::core::fs::{Ctx, Options};
+use pairfs::core::volfile::{self, Paths};
+use pairfs::snap::engine::Op;
 
 fn main() -> pairfs::Result<()> {
     let dir = std::env::temp_dir().join(format!("pairfs-example-{}", std::process::id()));
@@ -17,7 +17,7 @@ fn main() -> pairfs::Result<()> {
     let root = Ctx { uid: 0, gid: 0 };
     let f = fs.create_node(
         root,
-        pairfs::fs::ROOT,
+        pairfs::core::fs::ROOT,
         b"report.txt",
         libc::S_IFREG | 0o644,
         0,

@@ -2,35 +2,26 @@
 //! trees or the whole volume on a second image, at track granularity, with
 //! copy-on-write.
 //!
-//! ```text
-//!   kernel ── fuse_main (adapter) ──► fs::Fs (POSIX core) ──► volume::Volume (image)
-//!          └─ fuse_copy (adapter) ──► engine::Engine (pairs, copier, COW) ──► copy image
-//!                                         │                 pair::Pair (pure state machine)
-//!                                         └──► meta::Meta (SQLite, batched commits)
-//! ```
+//! The layers, outermost first; a layer only uses the ones below it:
 //!
-//! Pure building blocks: [`alloc`], [`extent`], [`trackset`], [`pair`], [`inode`].
+//! ```text
+//!   cli/    command line, mount helper, status, fsck, man pages
+//!   fuse/   main_fs (live tree) and copy_fs (frozen copies): convert and reply, nothing else
+//!   snap/   pair state machine (pure), engine: copier, copy-on-write, frozen copies
+//!   core/   fs: POSIX namespace and data path; alloc, extent, inode, trackset (pure);
+//!           volfile: image headers, lock, open
+//!   meta/   the metadata store (SQLite, batched commits)
+//!   store/  the Volume trait and its implementations (file, memory, faults, poisoning)
+//! ```
 
 #![warn(missing_docs)]
 
-pub mod alloc;
 pub mod cli;
-pub mod engine;
+pub mod core;
 pub mod error;
-pub mod extent;
-pub mod fs;
-pub mod fsck;
-pub mod fuse_copy;
-pub mod fuse_main;
-pub mod inode;
-pub mod manpages;
+pub mod fuse;
 pub mod meta;
-pub mod pair;
-pub mod run;
-pub mod size;
-pub mod status;
-pub mod trackset;
-pub mod volfile;
-pub mod volume;
+pub mod snap;
+pub mod store;
 
 pub use error::{Error, Result};

@@ -56,8 +56,8 @@ fn main() -> ExitCode {
         .format_timestamp_millis()
         .init();
     let args = helper_args(std::env::args_os().collect());
-    let cli = pairfs::cli::Cli::parse_from(args);
-    match pairfs::run::run(cli) {
+    let cli = pairfs::cli::args::Cli::parse_from(args);
+    match pairfs::cli::run::run(cli) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
             eprintln!("pairfs: {e}");

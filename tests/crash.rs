@@ -17,11 +17,11 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::Arc;
 
-use pairfs::engine::Op;
-use pairfs::fs::{Ctx, Fs, Options, ROOT};
+use pairfs::core::fs::{Ctx, Fs, Options, ROOT};
+use pairfs::core::volfile::{self, Paths};
 use pairfs::meta::{Geometry, Meta};
-use pairfs::volfile::{self, Paths};
-use pairfs::volume::{CrashVolume, Volume};
+use pairfs::snap::engine::Op;
+use pairfs::store::volume::{CrashVolume, Volume};
 
 struct Rng(u64);
 impl Rng {
@@ -187,7 +187,7 @@ fn check_crash(
         }
         fs.shutdown().unwrap();
     }
-    let r = pairfs::fsck::fsck(&cp, false).unwrap();
+    let r = pairfs::cli::fsck::fsck(&cp, false).unwrap();
     assert!(r.problems.is_empty(), "{ctx}: fsck: {:?}", r.problems);
 }
 

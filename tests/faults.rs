@@ -4,10 +4,10 @@
 
 use std::sync::Arc;
 
-use pairfs::engine::Op;
-use pairfs::fs::{Ctx, Fs, Options, ROOT};
+use pairfs::core::fs::{Ctx, Fs, Options, ROOT};
 use pairfs::meta::{Geometry, Meta};
-use pairfs::volume::{FaultVolume, Faults, MemVolume};
+use pairfs::snap::engine::Op;
+use pairfs::store::volume::{FaultVolume, Faults, MemVolume};
 
 const TS: u64 = 4096;
 

@@ -5,10 +5,10 @@
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::Path;
 
-use pairfs::engine::Op;
-use pairfs::fs::{Ctx, Options, ROOT};
+use pairfs::core::fs::{Ctx, Options, ROOT};
+use pairfs::core::volfile::{self, Paths};
 use pairfs::meta::Geometry;
-use pairfs::volfile::{self, Paths};
+use pairfs::snap::engine::Op;
 use proptest::prelude::*;
 
 fn geo() -> Geometry {
@@ -34,14 +34,14 @@ proptest! {
 
     #[test]
     fn bitmap_chunks(ci in any::<u64>(), bytes in proptest::collection::vec(any::<u8>(), 0..600)) {
-        let mut t = pairfs::trackset::TrackSet::new();
+        let mut t = pairfs::core::trackset::TrackSet::new();
         let r = t.load_chunk(ci, &bytes);
         prop_assert_eq!(r.is_ok(), bytes.len() == 512);
     }
 
     #[test]
     fn sizes(s in ".{0,30}") {
-        let _ = pairfs::size::parse_size(&s);
+        let _ = pairfs::cli::size::parse_size(&s);
     }
 
     #[test]
@@ -49,7 +49,7 @@ proptest! {
         use clap::Parser;
         let mut v = vec!["pairfs".to_string()];
         v.extend(args);
-        let _ = pairfs::cli::Cli::try_parse_from(v);
+        let _ = pairfs::cli::args::Cli::try_parse_from(v);
     }
 }
 

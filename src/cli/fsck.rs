@@ -4,10 +4,10 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
+use crate::core::volfile::Paths;
 use crate::error::{Error, Result};
 use crate::meta::Meta;
-use crate::volfile::Paths;
-use crate::volume::{FileVolume, Volume};
+use crate::store::volume::{FileVolume, Volume};
 
 /// The outcome of a check.
 #[derive(Debug, Default)]
@@ -60,7 +60,7 @@ pub fn fsck(p: &Paths, repair: bool) -> Result<Report> {
                         .push(format!("{what} is {} bytes, expected {}", v.len(), g.size));
                 } else if let Err(e) = v
                     .read_at(0, &mut h)
-                    .and_then(|_| crate::volfile::check_header(&h, magic, &g, what))
+                    .and_then(|_| crate::core::volfile::check_header(&h, magic, &g, what))
                 {
                     r.problems.push(e.to_string());
                 }

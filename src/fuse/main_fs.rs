@@ -15,9 +15,9 @@ use fuser::{
     ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 
-use crate::engine::Op;
+use crate::core::fs::{Attr, Ctx, Fs, SetAttr};
 use crate::error::Error;
-use crate::fs::{Attr, Ctx, Fs, SetAttr};
+use crate::snap::engine::Op;
 
 /// Attribute and entry cache time. Every change goes through this daemon, so the
 /// kernel is told of it; a long TTL only saves lookups.
@@ -121,7 +121,7 @@ impl MainFs {
         let by_id = std::str::from_utf8(value)
             .ok()
             .map(|v| v.trim().trim_end_matches('\0'))
-            .filter(|v| !v.is_empty() && ino == crate::fs::ROOT);
+            .filter(|v| !v.is_empty() && ino == crate::core::fs::ROOT);
         let r = match by_id {
             Some(v) => {
                 let id = v

@@ -5,7 +5,7 @@ use std::path::Path;
 
 use clap::CommandFactory;
 
-use crate::cli::Cli;
+use crate::cli::args::Cli;
 use crate::error::{Error, Result};
 
 /// Writes `pairfs.8` and `pairfs-<sub>.8` for every subcommand into `dir`.

@@ -1,6 +1,6 @@
 //! The pair engine: pairs in memory, copy-on-write, the background copier and the
 //! control operations (pair, split, update, resync, release). The state machine itself
-//! is pure ([`crate::pair`]); this module does the I/O and the locking around it.
+//! is pure ([`crate::snap::pair`]); this module does the I/O and the locking around it.
 //!
 //! Durability rules implemented here (see `docs/design.md`):
 //! - **Copy-on-write** ([`Engine::cow`]): under the pair's `gate`, copy the old tracks
@@ -21,12 +21,12 @@ use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
 use std::time::Duration;
 
+use crate::core::fs::{Fs, ROOT, now_ns};
+use crate::core::trackset::TrackSet;
 use crate::error::{Error, Result};
-use crate::fs::{Fs, ROOT, now_ns};
 use crate::meta::{PairDelta, PairRow, take_dirty_chunks};
-use crate::pair::{Frozen, FrozenAttr, FrozenKind, Pair, PairId, Pins, Scope, State};
-use crate::trackset::TrackSet;
-use crate::volume::Volume;
+use crate::snap::pair::{Frozen, FrozenAttr, FrozenKind, Pair, PairId, Pins, Scope, State};
+use crate::store::volume::Volume;
 
 /// Largest copier batch in bytes (bounded memory; a host copy-on-write waits for at
 /// most one batch).
@@ -235,7 +235,7 @@ impl Engine {
     }
 
     /// Members of a scope: every inode beneath it (or the file itself).
-    fn members(st: &crate::fs::State, scope: Scope) -> Vec<u64> {
+    fn members(st: &crate::core::fs::State, scope: Scope) -> Vec<u64> {
         match scope {
             Scope::File(i) => vec![i],
             Scope::Dir(i) => st.subtree(i),
@@ -245,7 +245,7 @@ impl Engine {
 
     /// The inodes a pair covers now: the file, or the inodes beneath its directory
     /// that carry this pair (a file with a pair of its own stays out).
-    fn members_of(st: &crate::fs::State, scope: Scope, id: PairId) -> Vec<u64> {
+    fn members_of(st: &crate::core::fs::State, scope: Scope, id: PairId) -> Vec<u64> {
         let mut v = Self::members(st, scope);
         if !matches!(scope, Scope::File(_)) {
             v.retain(|i| st.inodes.get(i).is_some_and(|n| n.pair == Some(id)));
@@ -720,7 +720,7 @@ impl Engine {
     }
 
     /// Builds the frozen objects of a scope from the current state.
-    fn freeze(st: &crate::fs::State, members: &[u64]) -> Vec<Frozen> {
+    fn freeze(st: &crate::core::fs::State, members: &[u64]) -> Vec<Frozen> {
         let mut out = Vec::new();
         for &ino in members {
             let Some(i) = st.inodes.get(&ino) else {

@@ -170,5 +170,5 @@ pub enum Gen {
 }
 
 fn parse_size_arg(s: &str) -> Result<u64, String> {
-    crate::size::parse_size(s).map_err(|e| e.to_string())
+    crate::cli::size::parse_size(s).map_err(|e| e.to_string())
 }

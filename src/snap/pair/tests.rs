@@ -7,8 +7,8 @@
 //! states every track whose forming-diff bit is clear mirrors the volume.
 
 use super::*;
-use crate::alloc::Allocator;
-use crate::extent::ExtentMap;
+use crate::core::alloc::Allocator;
+use crate::core::extent::ExtentMap;
 
 struct Rng(u64);
 impl Rng {

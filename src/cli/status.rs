@@ -7,8 +7,8 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use crate::cli::run::{getxattr_state, pairfs_mounts};
 use crate::error::{Error, Result};
-use crate::run::{getxattr_state, pairfs_mounts};
 
 /// One parsed state line: the state word and its `key=value` fields.
 #[derive(Debug, Clone, PartialEq)]
@@ -125,7 +125,7 @@ fn collect(path: Option<&Path>) -> Result<Vec<(PathBuf, StateLine)>> {
 
 fn human_bytes(s: Option<&str>) -> String {
     s.and_then(|v| v.parse::<f64>().ok())
-        .map_or_else(|| "-".into(), |b| crate::size::format_size(b as u64))
+        .map_or_else(|| "-".into(), |b| crate::cli::size::format_size(b as u64))
 }
 
 /// A text progress bar, e.g. `[######----]`.

@@ -17,9 +17,9 @@ use fuser::{
     ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
 };
 
-use crate::fs::Fs;
-use crate::fuse_main::systime;
-use crate::pair::{Frozen, FrozenKind, PairId};
+use crate::core::fs::Fs;
+use crate::fuse::main_fs::systime;
+use crate::snap::pair::{Frozen, FrozenKind, PairId};
 
 const TTL: Duration = Duration::ZERO;
 

@@ -132,7 +132,7 @@ impl Allocator {
     }
 
     /// The words of `set` that touch the volume: (word index, bits of real tracks).
-    fn set_words(&self, set: &crate::trackset::TrackSet) -> Vec<(usize, u64)> {
+    fn set_words(&self, set: &crate::core::trackset::TrackSet) -> Vec<(usize, u64)> {
         let nwords = self.pinned.as_raw_slice().len();
         set.words()
             .flat_map(|(w0, words)| {
@@ -148,7 +148,7 @@ impl Allocator {
 
     /// Pins every track of `set`, a 64-bit word at a time. Tracks outside the volume
     /// are ignored.
-    pub fn pin_set(&mut self, set: &crate::trackset::TrackSet) {
+    pub fn pin_set(&mut self, set: &crate::core::trackset::TrackSet) {
         for (w, bits) in self.set_words(set) {
             self.pinned.as_raw_mut_slice()[w] |= bits;
             self.refresh_word(w);
@@ -157,7 +157,7 @@ impl Allocator {
 
     /// Unpins every track of `set`; those no file uses become free after the next
     /// commit (held until then, like any freed track).
-    pub fn unpin_set(&mut self, set: &crate::trackset::TrackSet) {
+    pub fn unpin_set(&mut self, set: &crate::core::trackset::TrackSet) {
         for (w, bits) in self.set_words(set) {
             let was = self.pinned.as_raw_slice()[w] & bits;
             if was == 0 {
@@ -405,7 +405,8 @@ mod tests {
         let mut b = a.clone();
         a.allocate(None, 300).unwrap();
         b.allocate(None, 300).unwrap();
-        let set: crate::trackset::TrackSet = (250..5000u64).step_by(3).chain([9999]).collect();
+        let set: crate::core::trackset::TrackSet =
+            (250..5000u64).step_by(3).chain([9999]).collect();
         a.pin_set(&set);
         for t in set.iter() {
             b.pin(t);

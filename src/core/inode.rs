@@ -3,9 +3,9 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, RwLock};
 
-use crate::extent::ExtentMap;
+use crate::core::extent::ExtentMap;
 use crate::meta::InodeRow;
-use crate::pair::PairId;
+use crate::snap::pair::PairId;
 
 /// Entries of one directory, with stable readdir cookies: an entry keeps its cookie for
 /// its whole life, so `rm -rf` (readdir, unlink, readdir from the last cookie) sees

@@ -84,7 +84,7 @@ impl TrackSet {
     }
 
     /// Sets every volume track an extent map maps.
-    pub fn insert_extents(&mut self, m: &crate::extent::ExtentMap) {
+    pub fn insert_extents(&mut self, m: &crate::core::extent::ExtentMap) {
         for e in m.iter() {
             self.insert_range(e.vol, e.len);
         }

@@ -10,7 +10,7 @@
 //! Write ordering (see `docs/design.md`):
 //! 1. new tracks are allocated and zeroed (discarded) before data is written into them;
 //! 2. copy-on-write copies are durable on the copy image, with their bits durably
-//!    cleared, before the host data is written over them ([`crate::engine`]);
+//!    cleared, before the host data is written over them ([`crate::snap::engine`]);
 //! 3. a metadata commit syncs the volume and copy image first, then writes the batch;
 //! 4. freed tracks are reused only after the commit that frees them is durable.
 
@@ -19,13 +19,13 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use crate::alloc::Allocator;
-use crate::engine::Engine;
+use crate::core::alloc::Allocator;
+use crate::core::extent::{Extent, Segment};
+use crate::core::inode::Inode;
 use crate::error::{Error, Result};
-use crate::extent::{Extent, Segment};
-use crate::inode::Inode;
 use crate::meta::{Batch, Geometry, InodeRow, Loaded, Meta, PairDelta};
-use crate::volume::{Checked, Volume};
+use crate::snap::engine::Engine;
+use crate::store::volume::{Checked, Volume};
 
 /// Root inode number.
 pub const ROOT: u64 = 1;
@@ -1464,8 +1464,8 @@ impl Fs {
     }
 
     /// Tracks of live files in a set of inodes.
-    pub fn tracks_of(st: &State, inos: &[u64]) -> crate::trackset::TrackSet {
-        let mut s = crate::trackset::TrackSet::new();
+    pub fn tracks_of(st: &State, inos: &[u64]) -> crate::core::trackset::TrackSet {
+        let mut s = crate::core::trackset::TrackSet::new();
         for ino in inos {
             if let Some(i) = st.inodes.get(ino) {
                 s.insert_extents(&i.extents);

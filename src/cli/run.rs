@@ -12,10 +12,10 @@ use std::time::{Duration, Instant};
 
 use fuser::{Config, MountOption, SessionACL};
 
-use crate::cli::{Cli, Cmd, Gen, VolumeArgs};
+use crate::cli::args::{Cli, Cmd, Gen, VolumeArgs};
+use crate::core::fs::Options;
+use crate::core::volfile::{self, Paths};
 use crate::error::{Error, Result};
-use crate::fs::Options;
-use crate::volfile::{self, Paths};
 
 fn paths(v: &VolumeArgs) -> Paths {
     Paths::new(&v.volume, v.meta.as_deref(), v.copy.as_deref())
@@ -35,9 +35,9 @@ pub fn run(cli: Cli) -> Result<u8> {
             println!(
                 "made pairfs volume {} ({}, {} tracks of {}), uuid {}",
                 p.volume.display(),
-                crate::size::format_size(g.size),
+                crate::cli::size::format_size(g.size),
                 g.tracks(),
-                crate::size::format_size(g.track_size),
+                crate::cli::size::format_size(g.track_size),
                 g.uuid
             );
             println!(
@@ -115,9 +115,11 @@ pub fn run(cli: Cli) -> Result<u8> {
         Cmd::Split(a) => control(&a.path, "split", a.wait),
         Cmd::Update(a) => control(&a.path, "update", a.wait),
         Cmd::Resync(a) => control(&a.path, "resync", a.wait),
-        Cmd::Status { path, json, watch } => crate::status::status(path.as_deref(), json, watch),
+        Cmd::Status { path, json, watch } => {
+            crate::cli::status::status(path.as_deref(), json, watch)
+        }
         Cmd::Fsck { vol, repair } => {
-            let r = crate::fsck::fsck(&paths(&vol), repair)?;
+            let r = crate::cli::fsck::fsck(&paths(&vol), repair)?;
             for (k, v) in &r.stats {
                 println!("{k}: {v}");
             }
@@ -144,7 +146,7 @@ pub fn run(cli: Cli) -> Result<u8> {
         }
         Cmd::Gen { what } => {
             match what {
-                Gen::Man { dir } => crate::manpages::write_all(&dir)?,
+                Gen::Man { dir } => crate::cli::manpages::write_all(&dir)?,
                 Gen::Completions { shell } => {
                     let mut cmd = <Cli as clap::CommandFactory>::command();
                     clap_complete::generate(shell, &mut cmd, "pairfs", &mut std::io::stdout());
@@ -501,7 +503,7 @@ fn serve(spec: MountSpec, mut ready: Option<std::fs::File>) -> Result<u8> {
     let mut points = Vec::new();
     if !spec.copy_only {
         match fuser::Session::new(
-            crate::fuse_main::MainFs::new(fs.clone()),
+            crate::fuse::main_fs::MainFs::new(fs.clone()),
             &spec.mountpoint,
             &config(&spec, false),
         )
@@ -516,7 +518,7 @@ fn serve(spec: MountSpec, mut ready: Option<std::fs::File>) -> Result<u8> {
     }
     if let Some(c) = &spec.copy_mount {
         match fuser::Session::new(
-            crate::fuse_copy::CopyFs::new(fs.clone()),
+            crate::fuse::copy_fs::CopyFs::new(fs.clone()),
             c,
             &config(&spec, true),
         )
@@ -710,7 +712,7 @@ fn control(path: &Path, op: &str, wait: bool) -> Result<u8> {
         println!("{}: {}", path.display(), state);
         return Ok(0);
     }
-    crate::status::wait_until_done(path)?;
+    crate::cli::status::wait_until_done(path)?;
     println!("{}: {}", path.display(), getxattr_state(path)?);
     Ok(0)
 }

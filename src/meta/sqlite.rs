@@ -11,10 +11,10 @@ use std::path::Path;
 
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 
+use crate::core::extent::{Extent, ExtentMap};
+use crate::core::trackset::TrackSet;
 use crate::error::{Error, Result};
-use crate::extent::{Extent, ExtentMap};
-use crate::pair::{Frozen, FrozenAttr, FrozenKind, Pair, PairId, Progress, Scope, State};
-use crate::trackset::TrackSet;
+use crate::snap::pair::{Frozen, FrozenAttr, FrozenKind, Pair, PairId, Progress, Scope, State};
 
 /// Schema version written by this build.
 pub const SCHEMA_VERSION: u32 = 1;
@@ -486,7 +486,7 @@ impl Meta {
                     2 => &mut p.update_diff,
                     w => return Err(corrupt(format!("pair {id}: unknown bitmap {w}"))),
                 };
-                if chunk > self.geometry.tracks() / crate::trackset::CHUNK_BITS {
+                if chunk > self.geometry.tracks() / crate::core::trackset::CHUNK_BITS {
                     return Err(corrupt(format!(
                         "pair {id}: bitmap chunk {chunk} beyond the volume"
                     )));

@@ -17,10 +17,10 @@ use std::fs::File;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
+use crate::core::fs::{Fs, Options, now_ns};
 use crate::error::{Error, Result};
-use crate::fs::{Fs, Options, now_ns};
 use crate::meta::{Geometry, Meta};
-use crate::volume::{FileVolume, Volume};
+use crate::store::volume::{FileVolume, Volume};
 
 const MAGIC_VOL: &[u8; 8] = b"PAIRFSV1";
 const MAGIC_COPY: &[u8; 8] = b"PAIRFSC1";
@@ -256,13 +256,13 @@ pub fn open_snapshot(p: &Paths) -> Result<(Fs, VolumeLock)> {
         let root = live
             .pairs
             .into_iter()
-            .find(|x| x.scope == crate::pair::Scope::Root)
+            .find(|x| x.scope == crate::snap::pair::Scope::Root)
             .ok_or_else(|| Error::invalid("the volume has no whole-volume (root) pair"))?;
         let copying = matches!(
             root.state,
-            crate::pair::State::Splitting | crate::pair::State::Updating
+            crate::snap::pair::State::Splitting | crate::snap::pair::State::Updating
         );
-        if root.state == crate::pair::State::Split {
+        if root.state == crate::snap::pair::State::Split {
             break root;
         }
         if !copying || std::time::Instant::now() >= deadline {
@@ -279,7 +279,7 @@ pub fn open_snapshot(p: &Paths) -> Result<(Fs, VolumeLock)> {
     let snap_root = loaded
         .pairs
         .iter()
-        .find(|x| x.scope == crate::pair::Scope::Root);
+        .find(|x| x.scope == crate::snap::pair::Scope::Root);
     if snap_root.map(|r| r.split_ns) != Some(root.split_ns) {
         return Err(Error::Corrupt(format!(
             "{} is not of the current split instant",
@@ -300,7 +300,7 @@ pub fn open_snapshot(p: &Paths) -> Result<(Fs, VolumeLock)> {
         readonly: true,
         ..Options::default()
     };
-    let none = crate::volume::MemVolume::new(0);
+    let none = crate::store::volume::MemVolume::new(0);
     let fs = Fs::new(meta, loaded, Box::new(copy), Box::new(none), opts)?;
     Ok((fs, lk))
 }

@@ -1,5 +1,5 @@
 //! The pair state machine and its three bitmaps (seed 004, first embodiment). Pure:
-//! no I/O, no locks; the engine ([`crate::engine`]) drives it and does the copying.
+//! no I/O, no locks; the engine ([`crate::snap::engine`]) drives it and does the copying.
 //!
 //! ```text
 //!   pair ──► forming ──(copied)──► formed ──split──► splitting ──(copied)──► split
@@ -21,9 +21,9 @@
 //! write. A frozen file reads a track from the volume while its pending bit is set (the
 //! volume still holds the split-time data) and from the copy image once it is clear.
 
+use crate::core::extent::ExtentMap;
+use crate::core::trackset::TrackSet;
 use crate::error::{Error, Result};
-use crate::extent::ExtentMap;
-use crate::trackset::TrackSet;
 
 /// Pair identifier.
 pub type PairId = u64;

@@ -1,0 +1,9 @@
+//! The command line: argument definitions ([`args`]), subcommands ([`run`]), `status`,
+//! offline `fsck`, man pages and size parsing.
+
+pub mod args;
+pub mod fsck;
+pub mod manpages;
+pub mod run;
+pub mod size;
+pub mod status;

@@ -1,0 +1,5 @@
+//! The metadata store: SQLite in WAL mode, one transaction per commit batch.
+
+mod sqlite;
+
+pub use sqlite::*;

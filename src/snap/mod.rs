@@ -1,0 +1,5 @@
+//! Pairs and frozen copies: the pure pair state machine ([`pair`]) and the engine that
+//! drives it ([`engine`]: background copier, copy-on-write, split/update/resync/release).
+
+pub mod engine;
+pub mod pair;

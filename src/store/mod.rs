@@ -1,0 +1,5 @@
+//! Storage: the [`volume::Volume`] trait (read_at, write_at, sync, len) and its
+//! implementations — file image, memory, fault injection, crash model — plus
+//! [`volume::Checked`], which poisons the handle after a failed write or sync.
+
+pub mod volume;
