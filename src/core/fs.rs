@@ -15,11 +15,11 @@
 //! 4. freed tracks are reused only after the commit that frees them is durable.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::core::alloc::Allocator;
+use crate::core::durability::{BatchSource, Durability};
 use crate::core::extent::{Extent, Segment};
 use crate::core::inode::Inode;
 use crate::error::{Error, Result};
@@ -37,6 +37,9 @@ pub const MAX_FILE_SIZE: u64 = 1 << 62;
 pub const LINK_MAX: u32 = 65000;
 /// Largest xattr value.
 pub const XATTR_SIZE_MAX: usize = 65536;
+/// Deepest directory nesting a walk up the parents follows (the tree has no cycles:
+/// mount checks it and rename refuses to create one, so this only bounds the work).
+pub const MAX_DEPTH: usize = 100_000;
 
 /// Now, in ns since the epoch.
 pub fn now_ns() -> i64 {
@@ -135,6 +138,22 @@ impl State {
     fn set_dirent(&mut self, parent: u64, name: &[u8], ino: Option<u64>) {
         self.dirty.dirents.insert((parent, name.to_vec()), ino);
     }
+    /// True if `dir` is `a` or one of its ancestors. The walk is bounded by
+    /// [`MAX_DEPTH`]; a longer chain can only be a corrupt tree and is refused.
+    fn is_ancestor(&self, dir: u64, mut a: u64) -> Result<bool> {
+        for _ in 0..MAX_DEPTH {
+            if a == dir {
+                return Ok(true);
+            }
+            if a == ROOT {
+                return Ok(false);
+            }
+            a = self.get(a)?.parent().unwrap_or(ROOT);
+        }
+        Err(Error::Corrupt(format!(
+            "directory {a} is nested more than {MAX_DEPTH} deep"
+        )))
+    }
     fn dir_lookup(&self, parent: u64, name: &[u8]) -> Result<u64> {
         let p = self.get(parent)?;
         let d = p.dir.as_ref().ok_or(Error::NotDir)?;
@@ -207,26 +226,23 @@ pub struct Fs {
     /// Track size.
     pub ts: u64,
     /// The volume image.
-    pub vol: Checked,
+    pub vol: Arc<Checked>,
     /// The copy image.
-    pub copy: Checked,
+    pub copy: Arc<Checked>,
     /// State.
     pub st: Mutex<State>,
     /// Split instants take this exclusively; every data-changing operation shares it.
     pub barrier: RwLock<()>,
     /// The metadata store.
-    pub meta: Mutex<Meta>,
-    commit_lock: Mutex<()>,
+    pub meta: Arc<Mutex<Meta>>,
+    /// Every data sync and metadata commit goes through here.
+    pub durability: Durability,
     /// Pairs.
     pub engine: Engine,
     /// Options.
     pub opts: Options,
-    /// Set when a metadata commit failed: later changes are refused.
-    meta_failed: AtomicBool,
     stop: Mutex<bool>,
     stop_cv: Condvar,
-    /// Commits done (statistics).
-    pub commits: AtomicU64,
 }
 
 fn inode_from_row(row: InodeRow) -> Inode {
@@ -340,21 +356,22 @@ impl Fs {
             }
             st.dirty.deleted.insert(ino);
         }
+        let vol = Arc::new(Checked::new(vol, "volume"));
+        let copy = Arc::new(Checked::new(copy, "copy image"));
+        let meta = Arc::new(Mutex::new(meta));
         let fs = Fs {
             geo,
             ts,
-            vol: Checked::new(vol, "volume"),
-            copy: Checked::new(copy, "copy image"),
+            durability: Durability::new(vol.clone(), copy.clone(), meta.clone()),
+            vol,
+            copy,
             st: Mutex::new(st),
             barrier: RwLock::new(()),
-            meta: Mutex::new(meta),
-            commit_lock: Mutex::new(()),
+            meta,
             engine: Engine::default(),
             opts,
-            meta_failed: AtomicBool::new(false),
             stop: Mutex::new(false),
             stop_cv: Condvar::new(),
-            commits: AtomicU64::new(0),
         };
         fs.engine
             .load(&fs, loaded.pairs, loaded.clean, loaded.next_pair)?;
@@ -371,10 +388,7 @@ impl Fs {
         if self.opts.readonly {
             return Err(Error::ReadOnly);
         }
-        if self.meta_failed.load(Ordering::Acquire) {
-            return Err(Error::Poisoned("metadata database"));
-        }
-        Ok(())
+        self.durability.check()
     }
 
     fn attr_of(&self, i: &Inode) -> Attr {
@@ -619,28 +633,14 @@ impl Fs {
         let dst = st.get(newparent)?.dir.as_ref().expect("dir").get(newname);
         let src_dir = st.get(src)?.is_dir();
         // A directory may not move beneath itself.
-        if src_dir {
-            let mut a = newparent;
-            let mut guard = 0;
-            while a != ROOT && guard < 100_000 {
-                if a == src {
-                    return Err(Error::invalid("cannot move a directory beneath itself"));
-                }
-                a = st.get(a)?.parent().unwrap_or(ROOT);
-                guard += 1;
-            }
+        if src_dir && st.is_ancestor(src, newparent)? {
+            return Err(Error::invalid("cannot move a directory beneath itself"));
         }
         if exchange {
             let dst = dst.ok_or_else(|| Error::NotFound("exchange target".into()))?;
             let dst_dir = st.get(dst)?.is_dir();
-            if dst_dir {
-                let mut a = parent;
-                while a != ROOT {
-                    if a == dst {
-                        return Err(Error::invalid("cannot move a directory beneath itself"));
-                    }
-                    a = st.get(a)?.parent().unwrap_or(ROOT);
-                }
+            if dst_dir && st.is_ancestor(dst, parent)? {
+                return Err(Error::invalid("cannot move a directory beneath itself"));
             }
             st.get_mut(parent)?
                 .dir
@@ -1315,8 +1315,22 @@ impl Fs {
         Ok(done)
     }
 
+    /// Commits everything through the durability pipeline: syncs both images, then
+    /// writes the metadata batch (plus `extra` pair changes) in one transaction. After
+    /// it returns, all data written before the call and all metadata are durable.
+    pub fn commit(&self, extra: Vec<PairDelta>) -> Result<()> {
+        if self.opts.readonly {
+            return Ok(());
+        }
+        self.durability
+            .commit(self, &self.engine.hooks(self), extra)
+    }
+}
+
+/// The namespace's dirty rows, for the durability pipeline.
+impl BatchSource for Fs {
     /// Builds the batch of everything dirty. Takes the held-track list with it.
-    fn take_batch(&self) -> (Batch, Vec<(u64, u64)>) {
+    fn take(&self) -> (Batch, Vec<(u64, u64)>) {
         let mut st = self.state();
         let dirty = std::mem::take(&mut st.dirty);
         let mut b = Batch {
@@ -1347,7 +1361,7 @@ impl Fs {
 
     /// Puts a batch that could not be committed back into the dirty sets (a change made
     /// since wins) and its freed tracks back on hold.
-    fn restore_batch(&self, b: &Batch, held: Vec<(u64, u64)>) {
+    fn restore(&self, b: &Batch, held: Vec<(u64, u64)>) {
         let mut st = self.state();
         for (row, _, _) in &b.inodes {
             if st.inodes.contains_key(&row.ino) {
@@ -1367,48 +1381,12 @@ impl Fs {
         st.alloc.hold_again(held);
     }
 
-    /// Marks the metadata store failed: every later change is refused with EIO.
-    pub fn poison_meta(&self) {
-        self.meta_failed.store(true, Ordering::Release);
+    fn committed(&self, held: &[(u64, u64)]) {
+        self.state().alloc.release_held(held);
     }
+}
 
-    /// Commits everything: syncs both images, then writes the metadata batch (plus
-    /// `extra` pair changes) in one transaction. After it returns, all data written
-    /// before the call and all metadata are durable.
-    pub fn commit(&self, extra: Vec<PairDelta>) -> Result<()> {
-        if self.opts.readonly {
-            return Ok(());
-        }
-        let _c = self.commit_lock.lock().unwrap_or_else(|p| p.into_inner());
-        let (mut batch, held) = self.take_batch();
-        if let Err(e) = self.vol.sync() {
-            // Nothing of the batch may be committed over data that is not durable; keep
-            // it dirty (the volume is poisoned now, so no commit succeeds until remount).
-            self.restore_batch(&batch, held);
-            return Err(e);
-        }
-        if let Err(e) = self.copy.sync() {
-            // The copy image may have lost copies: no frozen copy on it can be trusted.
-            self.engine.fail_all(self, &e);
-        }
-        let mut meta = self.meta.lock().unwrap_or_else(|p| p.into_inner());
-        // Pair chunks are taken under the metadata lock so that two commits can never
-        // write a pair's chunks out of order.
-        batch.pairs = self.engine.take_dirty_pairs();
-        batch.pairs.extend(extra);
-        let r = meta.commit(&batch);
-        drop(meta);
-        if let Err(e) = r {
-            log::error!("metadata commit failed: {e}; refusing further changes until remount");
-            self.meta_failed.store(true, Ordering::Release);
-            self.restore_batch(&batch, held);
-            return Err(e);
-        }
-        self.commits.fetch_add(1, Ordering::Relaxed);
-        self.state().alloc.release_held(&held);
-        Ok(())
-    }
-
+impl Fs {
     /// True if a commit has something to write.
     pub fn has_dirty(&self) -> bool {
         let st = self.state();
@@ -1456,11 +1434,8 @@ impl Fs {
             return Ok(());
         }
         self.commit(Vec::new())?;
-        self.meta
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .set_clean(true)?;
-        Ok(())
+        // Never after a failed commit: the next mount must repair.
+        self.durability.mark_clean()
     }
 
     /// Tracks of live files in a set of inodes.

@@ -3,6 +3,7 @@
 //! volume from its images and database ([`volfile`]).
 
 pub mod alloc;
+pub mod durability;
 pub mod extent;
 pub mod fs;
 pub mod inode;

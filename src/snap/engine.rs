@@ -21,10 +21,11 @@ use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
 use std::time::Duration;
 
+use crate::core::durability::PairHooks;
 use crate::core::fs::{Fs, ROOT, now_ns};
 use crate::core::trackset::TrackSet;
 use crate::error::{Error, Result};
-use crate::meta::{PairDelta, PairRow, take_dirty_chunks};
+use crate::meta::{Meta, PairDelta, PairRow, take_dirty_chunks};
 use crate::snap::pair::{Frozen, FrozenAttr, FrozenKind, Pair, PairId, Pins, Scope, State};
 use crate::store::volume::Volume;
 
@@ -388,9 +389,9 @@ impl Engine {
         self.slots().iter().any(|s| s.dirty.load(Ordering::Acquire))
     }
 
-    /// Row and dirty chunks of every dirty pair. Call with the metadata lock held, so
-    /// that chunk states reach the database in the order they were taken.
-    pub fn take_dirty_pairs(&self) -> Vec<PairDelta> {
+    /// Row and dirty chunks of every dirty pair. Takes the held metadata lock as proof,
+    /// so that chunk states reach the database in the order they were taken.
+    pub fn take_dirty_pairs(&self, _meta: &MutexGuard<'_, Meta>) -> Vec<PairDelta> {
         let mut out = Vec::new();
         for s in self.slots() {
             if s.dirty.swap(false, Ordering::AcqRel) {
@@ -406,40 +407,44 @@ impl Engine {
         out
     }
 
-    /// Commits one pair's row and bitmaps now (durable on return).
+    /// Commits one pair's row and bitmaps now (durable on return), through the
+    /// durability pipeline. On failure every later change is refused and the pair's
+    /// chunks are all marked dirty again.
     fn persist(&self, fs: &Fs, slot: &Slot, frozen: bool) -> Result<()> {
         if slot.released.load(Ordering::Acquire) {
             // Never resurrect the row of a released pair.
             return Ok(());
         }
-        let mut meta = fs.meta.lock().unwrap_or_else(|p| p.into_inner());
-        slot.dirty.store(false, Ordering::Release);
-        let delta = {
-            let mut p = slot.lock();
-            PairDelta {
-                id: slot.id,
-                row: Some(PairRow::of(&p)),
-                chunks: take_dirty_chunks(&mut p),
-                frozen: frozen.then(|| p.frozen.clone()),
-                ..PairDelta::default()
+        fs.durability.commit_pairs(
+            &mut || {
+                slot.dirty.store(false, Ordering::Release);
+                let mut p = slot.lock();
+                vec![PairDelta {
+                    id: slot.id,
+                    row: Some(PairRow::of(&p)),
+                    chunks: take_dirty_chunks(&mut p),
+                    frozen: frozen.then(|| p.frozen.clone()),
+                    ..PairDelta::default()
+                }]
+            },
+            &mut |d| self.restore_deltas(d),
+        )
+    }
+
+    /// A commit carrying `deltas` failed: the taken chunks are lost and bits may be
+    /// clear in memory only, so every chunk of those pairs is dirty again.
+    fn restore_deltas(&self, deltas: &[PairDelta]) {
+        for d in deltas.iter().filter(|d| !d.delete) {
+            if let Some(s) = self.slot(d.id) {
+                s.lock().mark_all_dirty();
+                s.dirty.store(true, Ordering::Release);
             }
-        };
-        let r = meta.commit(&crate::meta::Batch {
-            pairs: vec![delta],
-            ..Default::default()
-        });
-        if let Err(e) = &r {
-            // The taken chunks are lost and bits may be clear in memory only: refuse
-            // every further change rather than let a host write skip a copy.
-            log::error!(
-                "pair {}: metadata commit failed: {e}; refusing further changes",
-                slot.id
-            );
-            fs.poison_meta();
-            slot.lock().mark_all_dirty();
-            slot.dirty.store(true, Ordering::Release);
         }
-        r
+    }
+
+    /// The engine's side of a commit, for the durability pipeline.
+    pub fn hooks<'a>(&'a self, fs: &'a Fs) -> Hooks<'a> {
+        Hooks { engine: self, fs }
     }
 
     /// Puts every pair in `error` (the copy image failed a sync: none of the copies on
@@ -480,6 +485,10 @@ impl Engine {
 
     /// A copy failed: the pair goes to `error`, its pins are dropped.
     fn fail(&self, fs: &Fs, slot: &Slot, e: &Error) {
+        if slot.lock().state == State::Error {
+            // Already failed (e.g. by every pair failing on a copy-image sync).
+            return;
+        }
         slot.unconfirmed
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -542,7 +551,8 @@ impl Engine {
             return Ok(());
         }
         let before = slot.lock().state;
-        match Self::copy_tracks(fs, &need).and_then(|_| fs.copy.sync()) {
+        let hooks = self.hooks(fs);
+        match Self::copy_tracks(fs, &need).and_then(|_| fs.durability.sync_copy(&hooks)) {
             Ok(()) => {
                 // The sync also makes the copier's unconfirmed tracks durable.
                 let mut done = std::mem::take(
@@ -591,7 +601,7 @@ impl Engine {
             return Ok(());
         }
         let before = slot.lock().state;
-        fs.copy.sync()?;
+        fs.durability.sync_copy(&self.hooks(fs))?;
         slot.lock().begin_clear(&tracks);
         self.persist(fs, slot, false)?;
         slot.lock().end_clear();
@@ -832,7 +842,7 @@ impl Engine {
                         p.update(frozen, now)?
                     }
                 };
-                fs.copy.clear_poison();
+                fs.durability.clear_copy_poison();
                 Self::apply_pins(fs, &pins);
                 true
             }
@@ -842,7 +852,7 @@ impl Engine {
                     Fs::tracks_of(&st, &Self::members_of(&st, scope, slot.id))
                 };
                 let pins = slot.lock().resync(&current, now)?;
-                fs.copy.clear_poison();
+                fs.durability.clear_copy_poison();
                 Self::apply_pins(fs, &pins);
                 true
             }
@@ -869,18 +879,11 @@ impl Engine {
                         break;
                     }
                 }
-                {
-                    let mut st = fs.state();
-                    for i in st.inodes.values_mut() {
-                        if i.pair == Some(slot.id) {
-                            i.pair = None;
-                        }
-                    }
-                }
                 self.pairs
                     .write()
                     .unwrap_or_else(|p| p.into_inner())
                     .remove(&slot.id);
+                self.hand_over(fs, slot.id);
                 fs.commit(vec![PairDelta {
                     id: slot.id,
                     delete: true,
@@ -918,6 +921,44 @@ impl Engine {
         );
         self.wake();
         Ok(())
+    }
+
+    /// The members of a released pair leave it. Those that now lie beneath another
+    /// directory or root pair's scope join that pair with their tracks recorded as
+    /// written, as a rename into the scope would: the membership rebuilt at the next
+    /// mount gives them to that pair, which must then have copied their tracks.
+    fn hand_over(&self, fs: &Fs, id: PairId) {
+        let mut st = fs.state();
+        let left: Vec<u64> = st
+            .inodes
+            .iter_mut()
+            .filter(|(_, i)| i.pair == Some(id))
+            .map(|(&ino, i)| {
+                i.pair = None;
+                ino
+            })
+            .collect();
+        for ino in left {
+            // The nearest ancestor with a pair (members of the released pair have none
+            // now, so a moved directory passes its new scope on to its children).
+            let mut a = ino;
+            let mut target = None;
+            for _ in 0..crate::core::fs::MAX_DEPTH {
+                let Some(p) = st.inodes.get(&a).and_then(|i| i.parent()) else {
+                    break;
+                };
+                if let Some(pid) = st.inodes.get(&p).and_then(|i| i.pair) {
+                    target = Some(pid).filter(|&pid| self.inherits(pid));
+                    break;
+                }
+                a = p;
+            }
+            if let (Some(pid), Some(i)) = (target, st.inodes.get_mut(&ino)) {
+                i.pair = Some(pid);
+                let tracks: Vec<u64> = i.extents.vol_tracks().collect();
+                self.written(pid, &tracks);
+            }
+        }
     }
 
     /// Writes the metadata snapshot of a whole-volume split beside the database.
@@ -1118,5 +1159,23 @@ impl Engine {
             }
         }
         Ok(buf)
+    }
+}
+
+/// The engine seen by the durability pipeline ([`PairHooks`]).
+pub struct Hooks<'a> {
+    engine: &'a Engine,
+    fs: &'a Fs,
+}
+
+impl PairHooks for Hooks<'_> {
+    fn take(&self, meta: &MutexGuard<'_, Meta>) -> Vec<PairDelta> {
+        self.engine.take_dirty_pairs(meta)
+    }
+    fn restore(&self, deltas: &[PairDelta]) {
+        self.engine.restore_deltas(deltas);
+    }
+    fn copy_image_lost(&self, e: &Error) {
+        self.engine.fail_all(self.fs, e);
     }
 }

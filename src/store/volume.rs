@@ -417,11 +417,22 @@ impl<V: Volume> Volume for FaultVolume<V> {
 /// have left any part of its range changed, and a failed fsync may have dropped dirty
 /// pages, so nothing written afterwards can be trusted to be durable. Every later call
 /// fails with [`Error::Poisoned`] until the volume is reopened (remount).
+///
+/// `sync` returns Ok only if an fsync that *began after the caller's writes completed*
+/// succeeded: completed writes are counted (`written`), each successful fsync records
+/// the count it started from (`durable`), and fsyncs run one at a time under
+/// `sync_lock`. A caller that arrives while another fsync runs waits for it, then
+/// returns Ok without an fsync of its own only if that one covered its writes and
+/// succeeded; if it failed, the handle is poisoned and the caller fails too.
 pub struct Checked {
     inner: Box<dyn Volume>,
     poisoned: AtomicBool,
-    /// A write or discard happened since the last successful sync began.
-    unsynced: AtomicBool,
+    /// Writes and discards completed (a generation number).
+    written: AtomicU64,
+    /// `written` as of the start of the last successful fsync. Only changed under
+    /// `sync_lock`.
+    durable: AtomicU64,
+    sync_lock: Mutex<()>,
     what: &'static str,
 }
 
@@ -431,7 +442,10 @@ impl Checked {
         Checked {
             inner,
             poisoned: AtomicBool::new(false),
-            unsynced: AtomicBool::new(true),
+            // Writes made before the handle was opened are not known durable.
+            written: AtomicU64::new(1),
+            durable: AtomicU64::new(0),
+            sync_lock: Mutex::new(()),
             what,
         }
     }
@@ -473,28 +487,34 @@ impl Volume for Checked {
     fn write_at(&self, off: u64, buf: &[u8]) -> Result<()> {
         self.guard()?;
         let r = self.inner.write_at(off, buf);
-        // Set after the write landed: a sync that began earlier may have missed it, so
-        // the next sync must not be skipped. (Setting it before would let a concurrent
-        // sync clear the flag while the write was still in flight.)
-        self.unsynced.store(true, Ordering::Release);
+        // Counted after the write landed: only an fsync that starts after this point
+        // covers it. (Counting before would let a concurrent fsync that started while
+        // the write was in flight count as covering it.)
+        self.written.fetch_add(1, Ordering::AcqRel);
         self.poison_on_err(r)
     }
     fn discard(&self, off: u64, len: u64) -> Result<()> {
         self.guard()?;
         let r = self.inner.discard(off, len);
-        self.unsynced.store(true, Ordering::Release);
+        self.written.fetch_add(1, Ordering::AcqRel);
         self.poison_on_err(r)
     }
     fn sync(&self) -> Result<()> {
         self.guard()?;
-        // Nothing written since the last sync began: nothing to make durable (a split or
-        // a commit of metadata only then costs no fsync of the image).
-        if !self.unsynced.swap(false, Ordering::AcqRel) {
+        // Every write this caller completed is counted in `want`.
+        let want = self.written.load(Ordering::Acquire);
+        let _s = self.sync_lock.lock().unwrap_or_else(|p| p.into_inner());
+        // An fsync that ran while we waited may have failed.
+        self.guard()?;
+        // A successful fsync began after our writes (a split or a metadata-only commit
+        // then costs no fsync of the image).
+        if self.durable.load(Ordering::Acquire) >= want {
             return Ok(());
         }
+        let start = self.written.load(Ordering::Acquire);
         let r = self.inner.sync();
-        if r.is_err() {
-            self.unsynced.store(true, Ordering::Release);
+        if r.is_ok() {
+            self.durable.store(start, Ordering::Release);
         }
         self.poison_on_err(r)
     }
