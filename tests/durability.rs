@@ -264,3 +264,31 @@ fn releasing_a_directory_pair_hands_moved_files_to_the_enclosing_pair() {
         "C's frozen copy of f reads stale tracks"
     );
 }
+
+#[test]
+fn a_file_moved_between_directory_pairs_is_recorded_for_the_pair_the_remount_gives_it() {
+    let (_d, path, vol, copy, fs) = rig(256);
+    let a = node(&fs, ROOT, "a", libc::S_IFDIR);
+    let c = node(&fs, ROOT, "c", libc::S_IFDIR);
+    let f = node(&fs, a, "f", libc::S_IFREG);
+    fs.write(f, 0, &vec![1u8; 4 * TS as usize]).unwrap();
+    fs.engine.control(&fs, a, Op::Pair).unwrap();
+    fs.engine.control(&fs, c, Op::Pair).unwrap();
+    let mut cur = std::collections::BTreeMap::new();
+    while fs.engine.copy_round(&fs, &mut cur) > 0 {}
+    // f moves from A's scope into C's and is rewritten; A (no frozen copy) records it.
+    fs.rename(a, b"f", c, b"f", 0).unwrap();
+    fs.write(f, 0, &vec![2u8; 4 * TS as usize]).unwrap();
+    fs.shutdown().unwrap();
+    drop(fs);
+    // The next mount gives f to C, the pair whose scope holds it.
+    let fs = open(&path, &vol, &copy);
+    fs.engine.control(&fs, c, Op::Split).unwrap();
+    while fs.engine.copy_round(&fs, &mut cur) > 0 {}
+    fs.write(f, 0, &vec![3u8; 4 * TS as usize]).unwrap();
+    assert_eq!(
+        frozen(&fs, f).expect("f is in C's frozen copy"),
+        vec![2u8; 4 * TS as usize],
+        "C's frozen copy of f reads stale tracks"
+    );
+}

@@ -2,16 +2,15 @@
 //! metadata committed to SQLite in batches. No FUSE types here: every operation takes
 //! plain arguments and returns [`Result`]; `fuse_main` converts and replies.
 //!
-//! Concurrency (lock order, outermost first):
-//! `barrier` (split instants) → inode `data_lock` → `st` (namespace, inodes, allocator)
-//! → pair `gate` → pair state → `meta`. Data I/O runs with only the first two held, so
-//! reads and writes of different files (and of the same file) run in parallel.
+//! Concurrency: the lock order is in [`crate::core::locks`]. Data I/O runs with only the
+//! barrier and the inode's `data_lock` held.
 //!
 //! Write ordering (see `docs/design.md`):
 //! 1. new tracks are allocated and zeroed (discarded) before data is written into them;
 //! 2. copy-on-write copies are durable on the copy image, with their bits durably
 //!    cleared, before the host data is written over them ([`crate::snap::engine`]);
-//! 3. a metadata commit syncs the volume and copy image first, then writes the batch;
+//! 3. a metadata commit goes through [`crate::core::durability`]: volume sync, copy-image
+//!    sync, then the batch;
 //! 4. freed tracks are reused only after the commit that frees them is durable.
 
 use std::collections::{HashMap, HashSet};
@@ -1433,6 +1432,7 @@ impl Fs {
         if self.opts.readonly {
             return Ok(());
         }
+        self.engine.prepare_remount(self);
         self.commit(Vec::new())?;
         // Never after a failed commit: the next mount must repair.
         self.durability.mark_clean()

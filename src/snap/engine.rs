@@ -2,6 +2,9 @@
 //! control operations (pair, split, update, resync, release). The state machine itself
 //! is pure ([`crate::snap::pair`]); this module does the I/O and the locking around it.
 //!
+//! Locks: the order is in [`crate::core::locks`]; syncs and commits go through
+//! [`crate::core::durability`].
+//!
 //! Durability rules implemented here (see `docs/design.md`):
 //! - **Copy-on-write** ([`Engine::cow`]): under the pair's `gate`, copy the old tracks
 //!   to the copy image, `sync` the copy image, commit the cleared pending bits to the
@@ -16,7 +19,7 @@
 //! - **Frozen reads** read a track from the volume while its pending bit is set, then
 //!   re-check the bit: if a copy-on-write finished meanwhile, re-read from the copy.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
 use std::time::Duration;
@@ -259,36 +262,16 @@ impl Engine {
     /// Membership is not stored; it is rebuilt in two passes: first every pair claims
     /// its top inode and the inodes of its frozen copy (they need copy-on-write wherever
     /// they moved), then, most specific scope first, the unclaimed inodes beneath it.
-    pub fn load(&self, fs: &Fs, mut pairs: Vec<Pair>, clean: bool, next_pair: u64) -> Result<()> {
+    pub fn load(&self, fs: &Fs, pairs: Vec<Pair>, clean: bool, next_pair: u64) -> Result<()> {
         let mut st = fs.state();
         let mut max = next_pair.max(1);
-        pairs.sort_by_key(|p| {
-            let rank = match p.scope {
-                Scope::File(_) => 0,
-                Scope::Dir(_) => 1,
-                Scope::Root => 2,
-            };
-            (rank, p.id)
-        });
-        for p in &pairs {
-            let claims = std::iter::once(p.scope.ino())
-                .filter(|_| !matches!(p.scope, Scope::Root))
-                .chain(p.frozen.iter().map(|f| f.ino));
-            for m in claims.collect::<Vec<_>>() {
-                if let Some(i) = st.inodes.get_mut(&m)
-                    && i.pair.is_none()
-                {
-                    i.pair = Some(p.id);
-                }
-            }
-        }
-        for p in &pairs {
-            for m in Self::members(&st, p.scope) {
-                if let Some(i) = st.inodes.get_mut(&m)
-                    && i.pair.is_none()
-                {
-                    i.pair = Some(p.id);
-                }
+        let claims: Vec<(PairId, Scope, Vec<u64>)> = pairs
+            .iter()
+            .map(|p| (p.id, p.scope, p.frozen.iter().map(|f| f.ino).collect()))
+            .collect();
+        for (ino, id) in Self::rebuild_membership(&st, claims) {
+            if let Some(i) = st.inodes.get_mut(&ino) {
+                i.pair = Some(id);
             }
         }
         for mut p in pairs {
@@ -339,6 +322,66 @@ impl Engine {
         }
         self.next_id.store(max, Ordering::Relaxed);
         Ok(())
+    }
+
+    /// The membership a mount rebuilds from the stored pairs (id, scope, inodes of the
+    /// frozen copy), ignoring the inodes' current pairs: first every pair claims its top
+    /// inode and the inodes of its frozen copy, then, most specific scope first, the
+    /// unclaimed inodes beneath it.
+    fn rebuild_membership(
+        st: &crate::core::fs::State,
+        mut claims: Vec<(PairId, Scope, Vec<u64>)>,
+    ) -> HashMap<u64, PairId> {
+        claims.sort_by_key(|(id, scope, _)| {
+            let rank = match scope {
+                Scope::File(_) => 0,
+                Scope::Dir(_) => 1,
+                Scope::Root => 2,
+            };
+            (rank, *id)
+        });
+        let mut out = HashMap::new();
+        for (id, scope, frozen) in &claims {
+            let top = std::iter::once(scope.ino()).filter(|_| !matches!(scope, Scope::Root));
+            for m in top.chain(frozen.iter().copied()) {
+                if st.inodes.contains_key(&m) {
+                    out.entry(m).or_insert(*id);
+                }
+            }
+        }
+        for (id, scope, _) in &claims {
+            for m in Self::members(st, *scope) {
+                if st.inodes.contains_key(&m) {
+                    out.entry(m).or_insert(*id);
+                }
+            }
+        }
+        out
+    }
+
+    /// Before the final commit of a clean unmount: an inode whose pair the next mount's
+    /// rebuilt membership changes (a file moved from one directory pair into another's
+    /// scope, which its old pair holds in no frozen copy) gets its tracks recorded as
+    /// written in the pair it will belong to, which has never copied them.
+    pub fn prepare_remount(&self, fs: &Fs) {
+        let claims: Vec<(PairId, Scope, Vec<u64>)> = self
+            .slots()
+            .iter()
+            .map(|s| {
+                let p = s.lock();
+                (p.id, p.scope, p.frozen.iter().map(|f| f.ino).collect())
+            })
+            .collect();
+        let st = fs.state();
+        for (ino, id) in Self::rebuild_membership(&st, claims) {
+            if let Some(i) = st.inodes.get(&ino)
+                && i.pair != Some(id)
+            {
+                let tracks: Vec<u64> = i.extents.vol_tracks().collect();
+                log::info!("inode {ino} joins pair {id} at the next mount; recording its tracks");
+                self.written(id, &tracks);
+            }
+        }
     }
 
     /// True if new inodes beneath a member directory join this pair.
@@ -1038,7 +1081,7 @@ impl Engine {
     }
 
     fn status(&self, fs: &Fs, s: &Slot) -> PairStatus {
-        // Lock order is state -> pair: count pinned tracks before locking the pair.
+        // `st` comes before pair state (core::locks): count pinned tracks first.
         let pinned = s.lock().pinned_tracks();
         let pinned_only = {
             let st = fs.state();

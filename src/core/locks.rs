@@ -1,0 +1,29 @@
+//! The lock order of pairfs, written once. Every other place (module docs of
+//! [`crate::core::fs`] and [`crate::snap::engine`], `docs/design.md`) refers here.
+//!
+//! Outermost first; a thread holding a lock may only take locks further down the list:
+//!
+//! | # | lock | owner | held for |
+//! |---|---|---|---|
+//! | 1 | `barrier` (RwLock) | [`Fs`](crate::core::fs::Fs) | host changes share it; split instants take it exclusively |
+//! | 2 | inode `data_lock` (RwLock) | [`Inode`](crate::core::inode::Inode) | reads and writes share it; truncate/punch/fallocate exclusive |
+//! | 3 | pair `gate` | [`Slot`](crate::snap::engine::Slot) | every copy of the pair's tracks (copy-on-write, copier batch, control op) |
+//! | 4 | `commit_lock` | [`Durability`](crate::core::durability::Durability) | one full commit |
+//! | 5 | `copy_lock` | [`Durability`](crate::core::durability::Durability) | a copy-image sync and the failing of every pair after it failed; clearing the copy image's poison |
+//! | 6 | `st` (namespace, inodes, allocator) | [`Fs`](crate::core::fs::Fs) | in-memory metadata changes; never across I/O |
+//! | 7 | `meta` (SQLite connection) | [`Fs`](crate::core::fs::Fs), shared with the pipeline | one transaction |
+//! | 8 | pair state `Slot::p` | [`Slot`](crate::snap::engine::Slot) | bitmap and state changes |
+//!
+//! Leaves (nothing is taken while holding them): the engine's pair map, a slot's
+//! `unconfirmed` and `cow_queue` lists, the copier's `work` counter, and
+//! [`Checked`](crate::store::volume::Checked)'s `sync_lock` (held across one fsync).
+//!
+//! Data I/O runs holding only 1 and 2, so reads and writes of different files (and of
+//! the same file) run in parallel; syncs hold at most 3–5; `st` (6) is never held across
+//! I/O. A frozen-copy read takes no gate: it reads the volume while the pending bit is
+//! set and re-checks the bit afterwards (see `snap::engine::Engine::read_frozen_of`).
+//!
+//! Enforced in the types where a function needs a lock held: it takes the guard, e.g.
+//! [`PairHooks::take`](crate::core::durability::PairHooks::take) and
+//! `Engine::take_dirty_pairs` take `&MutexGuard<Meta>`, so pair chunks can only be
+//! taken under the metadata lock (two commits then write a pair's chunks in order).
