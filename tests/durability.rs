@@ -281,14 +281,43 @@ fn a_file_moved_between_directory_pairs_is_recorded_for_the_pair_the_remount_giv
     fs.write(f, 0, &vec![2u8; 4 * TS as usize]).unwrap();
     fs.shutdown().unwrap();
     drop(fs);
-    // The next mount gives f to C, the pair whose scope holds it.
+    // The next mount gives f to C, the pair whose scope holds it. C splits and f is
+    // overwritten at once: only a copy-on-write keeps the split-time bytes.
     let fs = open(&path, &vol, &copy);
     fs.engine.control(&fs, c, Op::Split).unwrap();
-    while fs.engine.copy_round(&fs, &mut cur) > 0 {}
     fs.write(f, 0, &vec![3u8; 4 * TS as usize]).unwrap();
+    while fs.engine.copy_round(&fs, &mut cur) > 0 {}
     assert_eq!(
         frozen(&fs, f).expect("f is in C's frozen copy"),
         vec![2u8; 4 * TS as usize],
         "C's frozen copy of f reads stale tracks"
+    );
+}
+
+#[test]
+fn after_a_crash_the_pair_a_file_left_does_not_copy_over_the_new_pairs_frozen_copy() {
+    let (_d, path, vol, copy, fs) = rig(256);
+    let a = node(&fs, ROOT, "a", libc::S_IFDIR);
+    let c = node(&fs, ROOT, "c", libc::S_IFDIR);
+    let f = node(&fs, a, "f", libc::S_IFREG);
+    fs.write(f, 0, &vec![1u8; 4 * TS as usize]).unwrap();
+    fs.engine.control(&fs, a, Op::Pair).unwrap();
+    fs.engine.control(&fs, c, Op::Pair).unwrap();
+    let mut cur = std::collections::BTreeMap::new();
+    while fs.engine.copy_round(&fs, &mut cur) > 0 {}
+    fs.rename(a, b"f", c, b"f", 0).unwrap();
+    fs.write(f, 0, &vec![2u8; 4 * TS as usize]).unwrap();
+    // Committed (A's bits for f's tracks are on disk), then the daemon dies.
+    fs.commit(Vec::new()).unwrap();
+    drop(fs);
+    let fs = open(&path, &vol, &copy);
+    fs.engine.control(&fs, c, Op::Split).unwrap();
+    fs.write(f, 0, &vec![3u8; 4 * TS as usize]).unwrap();
+    // A's copier must not copy f's new bytes over C's frozen copy of them.
+    while fs.engine.copy_round(&fs, &mut cur) > 0 {}
+    assert_eq!(
+        frozen(&fs, f).expect("f is in C's frozen copy"),
+        vec![2u8; 4 * TS as usize],
+        "C's frozen copy of f was overwritten"
     );
 }

@@ -294,9 +294,17 @@ impl Engine {
                 }
                 st.alloc.pin(t);
             }
+            let members = Self::members_of(&st, p.scope, p.id);
+            let current = Fs::tracks_of(&st, &members);
+            let dropped = p.retain_tracks(&current);
+            if dropped {
+                log::info!(
+                    "pair {} ({}): dropped bits of tracks its members no longer map",
+                    p.id,
+                    p.path
+                );
+            }
             if !clean {
-                let members = Self::members_of(&st, p.scope, p.id);
-                let current = Fs::tracks_of(&st, &members);
                 p.recover_unclean(&current);
                 log::warn!(
                     "pair {} ({}): unclean shutdown, treating every track as changed ({})",
@@ -310,7 +318,7 @@ impl Engine {
                 id: p.id,
                 gate: Mutex::new(()),
                 p: Mutex::new(p),
-                dirty: AtomicBool::new(!clean),
+                dirty: AtomicBool::new(!clean || dropped),
                 unconfirmed: Mutex::new(Vec::new()),
                 cow_queue: Mutex::new(Vec::new()),
                 released: AtomicBool::new(false),

@@ -520,6 +520,31 @@ impl Pair {
         self.finish_if_done();
     }
 
+    /// Keeps only the bits of `current` (the tracks the members map now) and of the
+    /// frozen copy's tracks. A bit for any other track is left over from a file that
+    /// left the scope (the membership rebuilt at mount gave it to another pair or none):
+    /// copying it would write the volume's data over whatever another pair's frozen
+    /// copy keeps at that address of the copy image.
+    /// Returns true if a bit was dropped.
+    pub fn retain_tracks(&mut self, current: &TrackSet) -> bool {
+        let keep = current.union(&self.pinned_tracks());
+        let mut changed = false;
+        for set in [
+            &mut self.forming,
+            &mut self.split_diff,
+            &mut self.update_diff,
+        ] {
+            let kept = set.intersection(&keep);
+            if kept.count() != set.count() {
+                set.assign(kept);
+                changed = true;
+            }
+        }
+        let before = self.state;
+        self.finish_if_done();
+        changed || self.state != before
+    }
+
     /// Tracks pinned by the frozen copy.
     pub fn pinned_tracks(&self) -> TrackSet {
         frozen_tracks(&self.frozen)
