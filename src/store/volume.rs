@@ -576,6 +576,45 @@ mod tests {
         assert_eq!(fv.injected(), 1);
     }
 
+    struct Counting(MemVolume, AtomicU64);
+    impl Volume for Counting {
+        fn read_at(&self, o: u64, b: &mut [u8]) -> Result<()> {
+            self.0.read_at(o, b)
+        }
+        fn write_at(&self, o: u64, b: &[u8]) -> Result<()> {
+            self.0.write_at(o, b)
+        }
+        fn discard(&self, o: u64, l: u64) -> Result<()> {
+            self.0.discard(o, l)
+        }
+        fn sync(&self) -> Result<()> {
+            self.1.fetch_add(1, Ordering::SeqCst);
+            self.0.sync()
+        }
+        fn len(&self) -> u64 {
+            self.0.len()
+        }
+    }
+
+    #[test]
+    fn a_sync_with_no_write_since_the_last_fsync_began_costs_no_fsync() {
+        let v = std::sync::Arc::new(Counting(MemVolume::new(4096), AtomicU64::new(0)));
+        let c = Checked::new(Box::new(v.clone()), "volume");
+        c.sync().unwrap();
+        assert_eq!(
+            v.1.load(Ordering::SeqCst),
+            1,
+            "writes before open are not known durable"
+        );
+        c.sync().unwrap();
+        assert_eq!(v.1.load(Ordering::SeqCst), 1);
+        c.write_at(0, b"x").unwrap();
+        c.sync().unwrap();
+        c.sync().unwrap();
+        assert_eq!(v.1.load(Ordering::SeqCst), 2);
+        assert_eq!(&v.0.durable_image()[..1], b"x");
+    }
+
     #[test]
     fn file_volume_discard_zeroes() {
         let dir = tempfile::tempdir().unwrap();

@@ -425,3 +425,22 @@ fn wrong_state_transitions_are_refused() {
     assert_eq!(p.state, State::Split);
     assert!(matches!(p.split(vec![], 0), Err(Error::Invalid(_))));
 }
+
+#[test]
+fn retain_tracks_drops_bits_of_tracks_the_members_left_and_finishes_forming() {
+    let set = |v: &[u64]| -> TrackSet { v.iter().copied().collect() };
+    let mut p = Pair::new(1, Scope::Dir(2), "/d".into(), set(&[5, 6, 9]), 0);
+    // Track 9 belonged to a file that left the scope.
+    assert!(p.retain_tracks(&set(&[5, 6])));
+    assert_eq!(p.forming.iter().collect::<Vec<_>>(), vec![5, 6]);
+    assert!(!p.retain_tracks(&set(&[5, 6])), "nothing left to drop");
+    // Everything left: forming finishes.
+    assert!(p.retain_tracks(&TrackSet::new()));
+    assert_eq!(p.state, State::Formed);
+    // The record bitmap of a split pair is trimmed too.
+    let mut p = Pair::new(3, Scope::Dir(2), "/d".into(), TrackSet::new(), 0);
+    p.split(vec![], 1).unwrap();
+    p.written(&[7, 8]);
+    assert!(p.retain_tracks(&set(&[7])));
+    assert_eq!(p.split_diff.iter().collect::<Vec<_>>(), vec![7]);
+}
