@@ -26,4 +26,7 @@
 //! Enforced in the types where a function needs a lock held: it takes the guard, e.g.
 //! [`PairHooks::take`](crate::core::durability::PairHooks::take) and
 //! `Engine::take_dirty_pairs` take `&MutexGuard<Meta>`, so pair chunks can only be
-//! taken under the metadata lock (two commits then write a pair's chunks in order).
+//! taken under the metadata lock (two commits then write a pair's chunks in order), and
+//! `Engine::confirm` takes the pair's gate guard. The order itself is checked by review
+//! and by the tests that run these paths concurrently (`tests/concurrency.rs`, kill, crash);
+//! there is no runtime rank checker.

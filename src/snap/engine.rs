@@ -641,8 +641,8 @@ impl Engine {
     }
 
     /// Makes the copier's unconfirmed tracks durable: sync the copy image, clear their
-    /// pending bits and commit. Call with the gate held.
-    fn confirm(&self, fs: &Fs, slot: &Slot) -> Result<()> {
+    /// pending bits and commit. Takes the held gate as proof (core::locks).
+    fn confirm(&self, fs: &Fs, slot: &Slot, _gate: &MutexGuard<'_, ()>) -> Result<()> {
         let tracks =
             std::mem::take(&mut *slot.unconfirmed.lock().unwrap_or_else(|p| p.into_inner()));
         if tracks.is_empty() {
@@ -662,7 +662,7 @@ impl Engine {
 
     /// One copier batch for one pair. Returns the number of tracks copied.
     fn copy_batch(&self, fs: &Fs, slot: &Slot, cursor: &mut u64) -> usize {
-        let _g = slot.gate();
+        let gate = slot.gate();
         if slot.released.load(Ordering::Acquire) {
             return 0;
         }
@@ -687,7 +687,7 @@ impl Engine {
                 drop(unconfirmed);
                 drop(p);
                 // Everything left is copied: make it durable.
-                if let Err(e) = self.confirm(fs, slot) {
+                if let Err(e) = self.confirm(fs, slot, &gate) {
                     self.fail(fs, slot, &e);
                 }
                 return 0;
@@ -712,7 +712,7 @@ impl Engine {
                         u.len() as u64
                     };
                     if n * fs.ts >= CONFIRM_BYTES
-                        && let Err(e) = self.confirm(fs, slot)
+                        && let Err(e) = self.confirm(fs, slot, &gate)
                     {
                         self.fail(fs, slot, &e);
                         return 0;
@@ -760,8 +760,8 @@ impl Engine {
         loop {
             if self.stopping.load(Ordering::Acquire) {
                 for s in self.slots() {
-                    let _g = s.gate();
-                    if let Err(e) = self.confirm(fs, &s) {
+                    let gate = s.gate();
+                    if let Err(e) = self.confirm(fs, &s, &gate) {
                         log::warn!("pair {}: copies of the last round not confirmed: {e}", s.id);
                     }
                 }
@@ -871,9 +871,9 @@ impl Engine {
 
     /// The body of a control operation; the caller holds the write barrier.
     fn run_locked(&self, fs: &Fs, slot: Arc<Slot>, op: Op) -> Result<()> {
-        let _g = slot.gate();
+        let gate = slot.gate();
         // Copies made for the current instant become durable before it changes.
-        if let Err(e) = self.confirm(fs, &slot) {
+        if let Err(e) = self.confirm(fs, &slot, &gate) {
             self.fail(fs, &slot, &e);
         }
         let before = slot.lock().state;
