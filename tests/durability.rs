@@ -8,7 +8,12 @@
 //!   synced;
 //! - releasing a directory pair hands its members inside another pair's scope to that
 //!   pair with their tracks recorded, so the rebuilt membership at the next mount does
-//!   not claim tracks it never copied.
+//!   not claim tracks it never copied; a clean unmount records the tracks of a file the
+//!   rebuild moves to another pair, and mount drops the bits of tracks a pair's members
+//!   no longer map (else its copier writes over another pair's frozen copy);
+//! - a further [`DurabilitySink`] (a replica later) gets every sync and commit in order.
+//!
+//! [`DurabilitySink`]: pairfs::core::durability::DurabilitySink
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -320,4 +325,61 @@ fn after_a_crash_the_pair_a_file_left_does_not_copy_over_the_new_pairs_frozen_co
         vec![2u8; 4 * TS as usize],
         "C's frozen copy of f was overwritten"
     );
+}
+
+/// A sink that records what reaches it and can be told to fail its data sync.
+#[derive(Default)]
+struct Recorder {
+    log: Mutex<Vec<String>>,
+    fail_sync: std::sync::atomic::AtomicBool,
+}
+
+impl pairfs::core::durability::DurabilitySink for Recorder {
+    fn name(&self) -> &str {
+        "recorder"
+    }
+    fn sync_data(&self) -> Result<()> {
+        self.log.lock().unwrap().push("sync".into());
+        if self.fail_sync.load(Ordering::SeqCst) {
+            return Err(Error::io(
+                "replica",
+                std::io::Error::from_raw_os_error(libc::EIO),
+            ));
+        }
+        Ok(())
+    }
+    fn commit_meta(&self, b: &pairfs::meta::Batch) -> Result<()> {
+        self.log.lock().unwrap().push(format!(
+            "commit {} inodes {} pairs",
+            b.inodes.len(),
+            b.pairs.len()
+        ));
+        Ok(())
+    }
+}
+
+#[test]
+fn a_further_sink_gets_every_durability_point_in_order() {
+    let (_d, _path, _vol, _copy, fs) = rig(256);
+    let sink = Arc::new(Recorder::default());
+    fs.durability.add_sink(sink.clone());
+    let f = node(&fs, ROOT, "f", libc::S_IFREG);
+    fs.write(f, 0, &vec![1u8; 2 * TS as usize]).unwrap();
+    fs.commit(Vec::new()).unwrap();
+    assert_eq!(
+        *sink.log.lock().unwrap(),
+        vec!["sync".to_string(), "commit 2 inodes 0 pairs".to_string()]
+    );
+    // A pair-only commit (copy-on-write clears bits) reaches it too, data first.
+    fs.engine.control(&fs, f, Op::Split).unwrap();
+    sink.log.lock().unwrap().clear();
+    fs.write(f, 0, &vec![2u8; TS as usize]).unwrap();
+    let log = sink.log.lock().unwrap().clone();
+    assert_eq!(log.first().map(String::as_str), Some("sync"), "{log:?}");
+    assert!(log.iter().any(|l| l.ends_with("1 pairs")), "{log:?}");
+    // A sink whose data sync fails fails the commit, and the batch stays dirty.
+    sink.fail_sync.store(true, Ordering::SeqCst);
+    fs.write(f, 4 * TS, b"more").unwrap();
+    assert!(fs.commit(Vec::new()).is_err());
+    assert!(fs.has_dirty());
 }

@@ -16,6 +16,11 @@
 //! The pipeline knows neither the namespace nor the pair engine: the core passes its dirty
 //! rows as a [`BatchSource`] and the engine's pairs as [`PairHooks`].
 //!
+//! Replication later: the writes themselves reach a secondary through a [`Volume`]
+//! wrapper around the images (the store layer: every `write_at`/`discard` forwarded), and
+//! its durability points through one more [`DurabilitySink`] registered with
+//! [`Durability::add_sink`]; no call site in the core or the engine changes.
+//!
 //! ```text
 //!  Fs::commit ──┐                 ┌─> vol.sync ─> copy.sync ─> meta.commit ─> sinks
 //!  Engine::cow ─┼─> Durability ───┤      │ fail: restore      │ fail: all pairs fail
