@@ -1405,7 +1405,9 @@ impl Fs {
                 return;
             }
             drop(stop);
-            if (self.has_dirty() || self.engine.any_dirty())
+            // After a failed commit nothing commits until remount (logged once then).
+            if !self.durability.meta_failed()
+                && (self.has_dirty() || self.engine.any_dirty())
                 && let Err(e) = self.commit(Vec::new())
             {
                 log::error!("background commit: {e}");
