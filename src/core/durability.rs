@@ -196,6 +196,8 @@ impl Durability {
             if let Err(e) = s.commit_meta(&batch) {
                 log::error!("{}: metadata commit failed: {e}", s.name());
                 self.meta_failed.store(true, Ordering::Release);
+                // The freed tracks stay held (unused) until remount: the sink may still
+                // map them.
                 return Err(e);
             }
         }
