@@ -370,6 +370,9 @@ fn power_loss_at_every_step_keeps_frozen_copies_and_fsynced_data() {
         "power-loss test: {workloads} workloads, {points} crash points, {staged} staged \
          copy-on-write tracks, 0 losses"
     );
-    assert!(staged > 0 || workloads < 5, "no write was staged: the test lost its point");
+    assert!(
+        staged > 0 || workloads < 5,
+        "no write was staged: the test lost its point"
+    );
     assert!(points >= 1000 || workloads < 25);
 }

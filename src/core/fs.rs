@@ -587,6 +587,7 @@ impl Fs {
         for e in i.extents.iter() {
             st.alloc.free(e.vol, e.len);
         }
+        self.engine.drop_staged(freed.iter().copied());
         if let Some(pid) = i.pair {
             self.engine.freed(pid, &freed);
         }
@@ -899,6 +900,7 @@ impl Fs {
             st.alloc.free(v, l);
             freed.extend(v..v + l);
         }
+        self.engine.drop_staged(freed.iter().copied());
         Ok(freed)
     }
 
@@ -930,6 +932,7 @@ impl Fs {
                 // extent is committed first and we crash) readers must see zeros, never
                 // the data of the file that had the track before.
                 self.vol.discard(v * self.ts, l * self.ts)?;
+                self.engine.drop_staged(v..v + l);
                 st.get_mut(ino)?.extents.insert(f, v, l);
                 new.extend(v..v + l);
                 f += l;

@@ -25,8 +25,8 @@ use crate::core::fs::{Fs, ROOT, now_ns};
 use crate::core::trackset::TrackSet;
 use crate::error::{Error, Result};
 use crate::meta::{PairDelta, PairRow, take_dirty_chunks};
-use crate::snap::stage::StageTable;
 use crate::snap::pair::{Frozen, FrozenAttr, FrozenKind, Pair, PairId, Pins, Scope, State};
+use crate::snap::stage::StageTable;
 use crate::store::volume::Volume;
 
 /// Largest copier batch in bytes (bounded memory; a host copy-on-write waits for at
@@ -377,9 +377,17 @@ impl Engine {
             return;
         }
         if let Some(s) = self.slot(id) {
-            s.lock().written(tracks);
+            let copies = {
+                let mut p = s.lock();
+                p.written(tracks);
+                // Only the unfrozen states give the copier new work; in the frozen ones
+                // a write just records split-diff/update-diff (no thread to wake).
+                matches!(p.state, State::Forming | State::Formed | State::Resyncing)
+            };
             s.dirty.store(true, Ordering::Release);
-            self.wake();
+            if copies {
+                self.wake();
+            }
         }
     }
 
@@ -723,6 +731,19 @@ impl Engine {
             return false;
         }
         self.stage_table().patch(track, off as usize, data)
+    }
+
+    /// Forgets the staged content of tracks no file maps any more (freed, or about to be
+    /// mapped afresh): it must never reach a track that another file may get.
+    pub fn drop_staged(&self, tracks: impl IntoIterator<Item = u64>) {
+        if self.staged_now.load(Ordering::Acquire) == 0 {
+            return;
+        }
+        let mut st = self.stage_table();
+        for t in tracks {
+            st.remove(t);
+        }
+        self.staged_now.store(st.len(), Ordering::Release);
     }
 
     /// Bytes of host writes staged now.
