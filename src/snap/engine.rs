@@ -71,6 +71,8 @@ pub struct Slot {
     cow_queue: Mutex<Vec<u64>>,
     /// Set once the pair is released: the copier and persist leave it alone.
     released: AtomicBool,
+    /// Host writes of this pair staged for copy-on-write since mount (tracks).
+    staged: AtomicU64,
 }
 
 impl Slot {
@@ -172,6 +174,8 @@ pub struct PairStatus {
     pub error: Option<String>,
     /// Track size (for byte figures).
     pub track_size: u64,
+    /// Host writes staged for copy-on-write since mount (tracks).
+    pub staged: u64,
 }
 
 fn unix_time(ns: i64) -> String {
@@ -225,6 +229,9 @@ impl PairStatus {
             self.pinned_bytes,
             self.files
         );
+        if self.staged > 0 {
+            s.push_str(&format!(" staged_tracks={}", self.staged));
+        }
         if self.to_copy > 0 && self.copied > 0 {
             let secs = ((now_ns() - self.started_ns).max(1)) as f64 / 1e9;
             let rate = self.copied as f64 * self.track_size as f64 / secs;
@@ -355,6 +362,7 @@ impl Engine {
                 unconfirmed: Mutex::new(Vec::new()),
                 cow_queue: Mutex::new(Vec::new()),
                 released: AtomicBool::new(false),
+                staged: AtomicU64::new(0),
             });
             self.pairs
                 .write()
@@ -696,6 +704,9 @@ impl Engine {
             self.staged_now.store(st.len(), Ordering::Release);
             if staged > 0 {
                 self.staged_total.fetch_add(staged, Ordering::Relaxed);
+                if let Some(slot) = &slot {
+                    slot.staged.fetch_add(staged, Ordering::Relaxed);
+                }
                 self.stage_cv.notify_all();
             }
         }
@@ -1246,6 +1257,7 @@ impl Engine {
             unconfirmed: Mutex::new(Vec::new()),
             cow_queue: Mutex::new(Vec::new()),
             released: AtomicBool::new(false),
+            staged: AtomicU64::new(0),
         });
         self.pairs
             .write()
@@ -1302,6 +1314,7 @@ impl Engine {
                 .count(),
             error: p.error.clone(),
             track_size: fs.ts,
+            staged: s.staged.load(Ordering::Relaxed),
         }
     }
 
