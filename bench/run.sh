@@ -8,7 +8,7 @@
 #
 # Options:
 #   --quick                 tiny sizes
-#   --only a,b,...          run only these sections: seq rand meta split update bgcopy latency rss
+#   --only a,b,...          run only these sections: seq rand meta split update bgcopy latency rss pgbench
 #   --keep                  keep the work directory (still unmounted)
 #   --no-build              do not run cargo build --release (use the existing binary)
 #   --out FILE              JSON output file
@@ -56,6 +56,7 @@ if [ "$mode" = full ]; then
     BG_MB=1024
     LAT_MB=256 LAT_RT=3s
     RSS_PAIRS=1000
+    PG_SCALE=5 PG_CLIENTS=4 PG_T=20
 else
     VOL_SIZE=4G
     SEQ_MB=32    SEQ_REPS=1
@@ -67,6 +68,7 @@ else
     BG_MB=64
     LAT_MB=32 LAT_RT=500ms
     RSS_PAIRS=20
+    PG_SCALE=1 PG_CLIENTS=2 PG_T=3
 fi
 TRACK=65536
 [ -n "$out" ] || { [ "$mode" = full ] && out=$here/results.json || out=$here/results-quick.json; }
@@ -440,6 +442,55 @@ sec_latency() {
     rm -f "$f" "$idle"
 }
 
+# PostgreSQL from Debian's packages (postgresql): the newest installed server binaries.
+PG_BIN=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1 || true)
+
+# pg_run DIR PORT [SPLIT_EVERY_S]: a fresh cluster in DIR, pgbench -i, then a TPC-B run;
+# prints the tps. With SPLIT_EVERY_S, the data directory is split before the run and
+# updated every SPLIT_EVERY_S seconds during it (a backup tool taking frozen copies while
+# the database works: every update copies the changed tracks with copy-on-write).
+pg_run() {
+    local dir=$1 port=$2 every=${3:-} sock
+    sock=$(mktemp -d /tmp/pairfs-pg.XXXXXX)
+    chown postgres "$sock"
+    chmod 755 "$WORK" "$(dirname "$dir")"   # mktemp -d made them 0700; postgres must get in
+    mkdir -p "$dir"; chown postgres "$dir"
+    runuser -u postgres -- "$PG_BIN/initdb" -D "$dir/data" -A trust >"$WORK/pg-$port.init.log" 2>&1 \
+        || die "initdb in $dir failed (see $WORK/pg-$port.init.log)"
+    runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$dir/data" -l "$sock/server.log" -w \
+        -o "-p $port -k $sock -c listen_addresses= -c shared_buffers=128MB" start >/dev/null \
+        || die "postgres in $dir did not start: $(tail -5 "$sock/server.log")"
+    runuser -u postgres -- "$PG_BIN/pgbench" -h "$sock" -p "$port" -i -s "$PG_SCALE" -q postgres \
+        >"$WORK/pg-$port.bench.log" 2>&1 || die "pgbench -i failed (see $WORK/pg-$port.bench.log)"
+    local upd=""
+    if [ -n "$every" ]; then
+        setfattr -n user.pairfs.split "$dir/data" || die "split of $dir/data failed"
+        ( while sleep "$every"; do setfattr -n user.pairfs.update "$dir/data" 2>/dev/null || true; done ) &
+        upd=$!
+    fi
+    runuser -u postgres -- "$PG_BIN/pgbench" -h "$sock" -p "$port" -c "$PG_CLIENTS" -j 2 -T "$PG_T" postgres \
+        >>"$WORK/pg-$port.bench.log" 2>&1 || die "pgbench failed (see $WORK/pg-$port.bench.log)"
+    [ -z "$upd" ] || { kill "$upd"; wait "$upd" 2>/dev/null || true; }
+    runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$dir/data" -m fast stop >/dev/null 2>&1 || true
+    [ -z "$every" ] || setfattr -n user.pairfs.release "$dir/data" 2>/dev/null || true
+    rm -rf "$sock" "$dir"
+    awk '/^tps = / {printf "%.0f", $3}' "$WORK/pg-$port.bench.log"
+}
+
+sec_pgbench() {
+    if [ -z "$PG_BIN" ] || ! id postgres >/dev/null 2>&1; then
+        log "pgbench: PostgreSQL server not installed (apt-get install postgresql), skipped"
+        return
+    fi
+    log "PostgreSQL pgbench TPC-B, scale $PG_SCALE, $PG_CLIENTS clients, ${PG_T} s: native dir vs pairfs, and with a split updated every 2 s"
+    local nat pf pfs
+    nat=$(pg_run "$NAT/pg" 55433)
+    pf=$(pg_run "$MNT/pg" 55434)
+    pfs=$(pg_run "$MNT/pgs" 55435 2)
+    rec pgbench "tps" "$pf" "native dir" "$nat" tps higher "PostgreSQL $($PG_BIN/postgres --version | awk '{print $3}'), synchronous_commit on"
+    rec pgbench "tps, data dir split + updated every 2 s" "$pfs" "native dir" "$nat" tps higher "copy-on-write of each update's changed tracks"
+}
+
 rss_of() { awk -v k="$2:" '$1 == k {printf "%.1f", $2/1024}' "/proc/$1/status"; }
 
 sec_rss() {
@@ -494,7 +545,7 @@ log "work dir $WORK, binary $src_bin ($("$PF" --version)), mode $mode"
 "$PF" mkfs "$VOL" --size "$VOL_SIZE" --track-size 64K >/dev/null 2>>"$WORK/daemon.log" || die "mkfs failed"
 mount_main
 t_start=$(now)
-for s in seq rand meta split update bgcopy latency rss; do
+for s in seq rand meta split update bgcopy latency rss pgbench; do
     if want "$s"; then "sec_$s"; fi
 done
 unmount_one "$CMNT"; unmount_one "$MNT"

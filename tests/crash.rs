@@ -2,7 +2,8 @@
 //! [`CrashVolume`]s that keep unsynced writes apart; the metadata database is a real
 //! SQLite file (WAL, `synchronous=FULL`), so a crash keeps exactly its committed
 //! transactions. After every operation of random workloads (writes, fsyncs, truncates,
-//! punches, unlinks, splits, updates, resyncs, releases, copier rounds) a crash image is
+//! punches, unlinks, splits, updates, resyncs, releases, copier rounds, destage rounds of
+//! staged copy-on-write writes) a crash image is
 //! built in which a random subset of the unsynced image writes reached the disk, in a
 //! random order; it is then mounted (recovery), and checked:
 //!
@@ -191,7 +192,7 @@ fn check_crash(
     assert!(r.problems.is_empty(), "{ctx}: fsck: {:?}", r.problems);
 }
 
-fn workload(seed: u64, ops: usize) -> usize {
+fn workload(seed: u64, ops: usize) -> (usize, u64) {
     let dir = tempfile::tempdir_in(
         std::env::var("PAIRFS_TEST_DIR").unwrap_or_else(|_| "/dev/shm".into()),
     )
@@ -308,9 +309,22 @@ fn workload(seed: u64, ops: usize) -> usize {
                     commit_all(&mut files);
                 }
             }
+            14 => {
+                // A destage round on its own (staged copy-on-write writes reach the
+                // volume after the old tracks are durable on the copy): a crash point.
+                fs.engine.destage(&fs).unwrap();
+            }
             _ => {
                 fs.engine.copy_round(&fs, &mut cursors);
             }
+        }
+        // The live view (staged writes included) always reads what was written.
+        if let Some(f) = files.get(&i) {
+            assert_eq!(
+                read_file(&fs, f.0),
+                f.1,
+                "seed {seed:#x}: live read of file {i} differs from what was written"
+            );
         }
         // Frozen copies of unlinked files stay (pinned); drop the ones whose pair is gone.
         let live: Vec<u64> = fs.engine.frozen_objects().iter().map(|o| o.2.ino).collect();
@@ -326,7 +340,11 @@ fn workload(seed: u64, ops: usize) -> usize {
         check_crash(seed, points, &cdir, &paths, &vol, &copy, &exp, &mut rng);
         points += 1;
     }
-    points
+    let staged = fs
+        .engine
+        .staged_total
+        .load(std::sync::atomic::Ordering::Relaxed);
+    (points, staged)
 }
 
 #[test]
@@ -340,11 +358,21 @@ fn power_loss_at_every_step_keeps_frozen_copies_and_fsynced_data() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(30);
     let mut points = 0;
+    let mut staged = 0;
     for w in 0..workloads {
         let seed = base.wrapping_add(w.wrapping_mul(0x9E3779B97F4A7C15)) | 1;
         println!("crash workload {w}: seed {seed:#x}");
-        points += workload(seed, 40);
+        let (p, s) = workload(seed, 40);
+        points += p;
+        staged += s;
     }
-    println!("power-loss test: {workloads} workloads, {points} crash points, 0 losses");
+    println!(
+        "power-loss test: {workloads} workloads, {points} crash points, {staged} staged \
+         copy-on-write tracks, 0 losses"
+    );
+    assert!(
+        staged > 0 || workloads < 5,
+        "no write was staged: the test lost its point"
+    );
     assert!(points >= 1000 || workloads < 25);
 }

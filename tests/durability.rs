@@ -223,6 +223,8 @@ fn a_failed_copy_image_sync_fails_every_pair() {
         ..Faults::default()
     });
     fs.write(a, 0, &vec![3u8; TS as usize]).unwrap();
+    // The write was staged; the destage round syncs the copy image, and that fails.
+    let _ = fs.engine.destage(&fs);
     assert!(state(&fs, a).starts_with("error"), "{}", state(&fs, a));
     assert!(
         state(&fs, b).starts_with("error"),
@@ -374,6 +376,8 @@ fn a_further_sink_gets_every_durability_point_in_order() {
     fs.engine.control(&fs, f, Op::Split).unwrap();
     sink.log.lock().unwrap().clear();
     fs.write(f, 0, &vec![2u8; TS as usize]).unwrap();
+    // Staged copy-on-write: the destage round syncs and commits the cleared bits.
+    fs.engine.destage(&fs).unwrap();
     let log = sink.log.lock().unwrap().clone();
     assert_eq!(log.first().map(String::as_str), Some("sync"), "{log:?}");
     assert!(log.iter().any(|l| l.ends_with("1 pairs")), "{log:?}");

@@ -555,6 +555,13 @@ fn serve(spec: MountSpec, mut ready: Option<std::fs::File>) -> Result<u8> {
                 .spawn(move || f.engine.run_copier(&f))
                 .map_err(|e| Error::io("thread", e))?,
         );
+        let f = fs.clone();
+        workers.push(
+            std::thread::Builder::new()
+                .name("pairfs-destage".into())
+                .spawn(move || f.engine.run_destager(&f))
+                .map_err(|e| Error::io("thread", e))?,
+        );
     }
     log::info!(
         "mounted {} on {}{}",

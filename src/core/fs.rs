@@ -23,7 +23,7 @@ use crate::core::extent::{Extent, Segment};
 use crate::core::inode::Inode;
 use crate::error::{Error, Result};
 use crate::meta::{Batch, Geometry, InodeRow, Loaded, Meta, PairDelta};
-use crate::snap::engine::Engine;
+use crate::snap::engine::{Engine, Piece};
 use crate::store::volume::{Checked, Volume};
 
 /// Root inode number.
@@ -600,6 +600,7 @@ impl Fs {
         for e in i.extents.iter() {
             st.alloc.free(e.vol, e.len);
         }
+        self.engine.drop_staged(freed.iter().copied());
         if let Some(pid) = i.pair {
             self.engine.freed(pid, &freed);
         }
@@ -879,7 +880,10 @@ impl Fs {
                 return Ok(());
             }
             let zeros = vec![0u8; len as usize];
-            self.vol.write_at(v * self.ts + off, &zeros)?;
+            // A staged track takes the zeros in memory (its newer content is there).
+            if !self.engine.patch_staged(v, off, &zeros) {
+                self.vol.write_at(v * self.ts + off, &zeros)?;
+            }
         }
         if let Some(pid) = pid {
             self.engine.written(pid, &[v]);
@@ -895,6 +899,7 @@ impl Fs {
             st.alloc.free(v, l);
             freed.extend(v..v + l);
         }
+        self.engine.drop_staged(freed.iter().copied());
         Ok(freed)
     }
 
@@ -926,6 +931,7 @@ impl Fs {
                 // extent is committed first and we crash) readers must see zeros, never
                 // the data of the file that had the track before.
                 self.vol.discard(v * self.ts, l * self.ts)?;
+                self.engine.drop_staged(v..v + l);
                 st.get_mut(ino)?.extents.insert(f, v, l);
                 new.extend(v..v + l);
                 f += l;
@@ -954,6 +960,13 @@ impl Fs {
             let f1 = (off + len - 1) / ts;
             (i.extents.segments(f0, f1 - f0 + 1), len)
         };
+        // Staged writes first (see `snap::stage`): a track destaged after this is on
+        // the volume by the time we read it.
+        let staged = self.engine.staged_of(
+            segs.iter()
+                .filter_map(|s| s.vol.map(|v| v..v + s.len))
+                .flatten(),
+        );
         let mut buf = vec![0u8; len as usize];
         for s in segs {
             let Some(v) = s.vol else { continue };
@@ -967,6 +980,20 @@ impl Fs {
             let voff = v * ts + (a - seg_start);
             self.vol
                 .read_at(voff, &mut buf[(a - off) as usize..(b - off) as usize])?;
+            if staged.is_empty() {
+                continue;
+            }
+            for k in 0..s.len {
+                let Some(data) = staged.get(&(v + k)) else {
+                    continue;
+                };
+                let t0 = (s.file + k) * ts;
+                let (x, y) = (t0.max(a), (t0 + ts).min(b));
+                if x < y {
+                    buf[(x - off) as usize..(y - off) as usize]
+                        .copy_from_slice(&data[(x - t0) as usize..(y - t0) as usize]);
+                }
+            }
         }
         Ok(buf)
     }
@@ -1017,19 +1044,24 @@ impl Fs {
                 .collect();
             (segs, pid, touched)
         };
-        if let Some(pid) = pid {
-            self.engine.cow(self, pid, &touched)?;
-        }
+        // One piece per volume track: the engine stages the ones copy-on-write needs.
+        let mut pieces = Vec::new();
         for s in &segs {
             let v = s.vol.expect("mapped");
-            let seg_start = s.file * ts;
-            let a = seg_start.max(off);
-            let b = ((s.file + s.len) * ts).min(end);
-            self.vol.write_at(
-                v * ts + (a - seg_start),
-                &data[(a - off) as usize..(b - off) as usize],
-            )?;
+            for k in 0..s.len {
+                let t0 = (s.file + k) * ts;
+                let a = t0.max(off);
+                let b = (t0 + ts).min(end);
+                if a < b {
+                    pieces.push(Piece {
+                        track: v + k,
+                        off: a - t0,
+                        data: &data[(a - off) as usize..(b - off) as usize],
+                    });
+                }
+            }
         }
+        self.engine.host_write(self, pid, &pieces)?;
         if let Some(pid) = pid {
             self.engine.written(pid, &touched);
         }
@@ -1318,6 +1350,17 @@ impl Fs {
     /// writes the metadata batch (plus `extra` pair changes) in one transaction. After
     /// it returns, all data written before the call and all metadata are durable.
     pub fn commit(&self, extra: Vec<PairDelta>) -> Result<()> {
+        if self.opts.readonly {
+            return Ok(());
+        }
+        // Staged copy-on-write data reaches the volume first (it was acknowledged).
+        self.engine.destage(self)?;
+        self.commit_destaged(extra)
+    }
+
+    /// [`Fs::commit`] without the destage round, for a caller that holds a pair's gate
+    /// and the write barrier and destaged already (a control operation).
+    pub fn commit_destaged(&self, extra: Vec<PairDelta>) -> Result<()> {
         if self.opts.readonly {
             return Ok(());
         }

@@ -7,11 +7,13 @@
 //! |---|---|---|---|
 //! | 1 | `barrier` (RwLock) | [`Fs`](crate::core::fs::Fs) | host changes share it; split instants take it exclusively |
 //! | 2 | inode `data_lock` (RwLock) | [`Inode`](crate::core::inode::Inode) | reads and writes share it; truncate/punch/fallocate exclusive |
+//! | 2a | `destage_lock` | [`Engine`](crate::snap::engine::Engine) | one destage round of staged copy-on-write writes (takes gates, then commits pair bits) |
 //! | 3 | pair `gate` | [`Slot`](crate::snap::engine::Slot) | every copy of the pair's tracks (copy-on-write, copier batch, control op) |
 //! | 4 | `commit_lock` | [`Durability`](crate::core::durability::Durability) | one full commit |
 //! | 5 | `copy_lock` | [`Durability`](crate::core::durability::Durability) | a copy-image sync and the failing of every pair after it failed; clearing the copy image's poison |
-//! | 6 | `st` (namespace, inodes, allocator) | [`Fs`](crate::core::fs::Fs) | in-memory metadata changes; never across I/O |
+//! | 6 | `st` (namespace, inodes, allocator) | [`Fs`](crate::core::fs::Fs) | in-memory metadata changes; across I/O only to zero a track as it is mapped (`map_range`) or a partial track a truncate keeps (`write_tracks_zero`) |
 //! | 7 | `meta` (SQLite connection) | [`Fs`](crate::core::fs::Fs), shared with the pipeline | one transaction |
+//! | 7a | the stage table | [`Engine`](crate::snap::engine::Engine) | staged tracks: look-up, patch, insert; a destage writes one track to the volume under it |
 //! | 8 | pair state `Slot::p` | [`Slot`](crate::snap::engine::Slot) | bitmap and state changes |
 //!
 //! Leaves (nothing is taken while holding them): the engine's pair map, a slot's
@@ -19,8 +21,8 @@
 //! [`Checked`](crate::store::volume::Checked)'s `sync_lock` (held across one fsync).
 //!
 //! Data I/O runs holding only 1 and 2, so reads and writes of different files (and of
-//! the same file) run in parallel; syncs hold at most 3–5; `st` (6) is never held across
-//! I/O. A frozen-copy read takes no gate: it reads the volume while the pending bit is
+//! the same file) run in parallel; syncs hold at most 3–5; `st` (6) is held across I/O
+//! only by the two zeroing cases above. A frozen-copy read takes no gate: it reads the volume while the pending bit is
 //! set and re-checks the bit afterwards (see `snap::engine::Engine::read_frozen_of`).
 //!
 //! Enforced in the types where a function needs a lock held: it takes the guard, e.g.

@@ -20,7 +20,7 @@
 //!   re-check the bit: if a copy-on-write finished meanwhile, re-read from the copy.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
 use std::time::Duration;
 
@@ -30,6 +30,7 @@ use crate::core::trackset::TrackSet;
 use crate::error::{Error, Result};
 use crate::meta::{Meta, PairDelta, PairRow, take_dirty_chunks};
 use crate::snap::pair::{Frozen, FrozenAttr, FrozenKind, Pair, PairId, Pins, Scope, State};
+use crate::snap::stage::StageTable;
 use crate::store::volume::Volume;
 
 /// Largest copier batch in bytes (bounded memory; a host copy-on-write waits for at
@@ -40,6 +41,20 @@ pub const COW_GROUP_BYTES: u64 = 1 << 20;
 /// In the frozen states the copier syncs the copy image and commits the cleared bits
 /// once per this many bytes copied, not per batch.
 pub const CONFIRM_BYTES: u64 = 64 << 20;
+/// Most bytes of host writes held in memory for staged copy-on-write; a writer beyond it
+/// runs a destage round itself first.
+pub const STAGE_LIMIT_BYTES: u64 = 128 << 20;
+
+/// A piece of a host write: bytes at `off` inside volume track `track`.
+#[derive(Debug, Clone, Copy)]
+pub struct Piece<'a> {
+    /// Volume track.
+    pub track: u64,
+    /// Offset inside the track.
+    pub off: u64,
+    /// The bytes.
+    pub data: &'a [u8],
+}
 
 /// One pair with its locks.
 pub struct Slot {
@@ -60,6 +75,8 @@ pub struct Slot {
     cow_queue: Mutex<Vec<u64>>,
     /// Set once the pair is released: the copier and persist leave it alone.
     released: AtomicBool,
+    /// Host writes of this pair staged for copy-on-write since mount (tracks).
+    staged: AtomicU64,
 }
 
 impl Slot {
@@ -114,6 +131,16 @@ pub struct Engine {
     pub copied_total: AtomicU64,
     /// Tracks copied by copy-on-write since mount.
     pub cow_total: AtomicU64,
+    /// Host writes staged until their old tracks are durable on the copy image.
+    stage: Mutex<StageTable>,
+    /// Number of staged tracks (lets the write and read paths skip the stage lock).
+    staged_now: AtomicUsize,
+    /// Wakes the destager; tells writers a round finished.
+    stage_cv: Condvar,
+    /// One destage round at a time.
+    destage_lock: Mutex<()>,
+    /// Tracks staged since mount.
+    pub staged_total: AtomicU64,
 }
 
 /// A snapshot of one pair for status displays.
@@ -151,6 +178,8 @@ pub struct PairStatus {
     pub error: Option<String>,
     /// Track size (for byte figures).
     pub track_size: u64,
+    /// Host writes staged for copy-on-write since mount (tracks).
+    pub staged: u64,
 }
 
 fn unix_time(ns: i64) -> String {
@@ -204,6 +233,9 @@ impl PairStatus {
             self.pinned_bytes,
             self.files
         );
+        if self.staged > 0 {
+            s.push_str(&format!(" staged_tracks={}", self.staged));
+        }
         if self.to_copy > 0 && self.copied > 0 {
             let secs = ((now_ns() - self.started_ns).max(1)) as f64 / 1e9;
             let rate = self.copied as f64 * self.track_size as f64 / secs;
@@ -322,6 +354,7 @@ impl Engine {
                 unconfirmed: Mutex::new(Vec::new()),
                 cow_queue: Mutex::new(Vec::new()),
                 released: AtomicBool::new(false),
+                staged: AtomicU64::new(0),
             });
             self.pairs
                 .write()
@@ -404,9 +437,17 @@ impl Engine {
             return;
         }
         if let Some(s) = self.slot(id) {
-            s.lock().written(tracks);
+            let copies = {
+                let mut p = s.lock();
+                p.written(tracks);
+                // Only the unfrozen states give the copier new work; in the frozen ones
+                // a write just records split-diff/update-diff (no thread to wake).
+                matches!(p.state, State::Forming | State::Formed | State::Resyncing)
+            };
             s.dirty.store(true, Ordering::Release);
-            self.wake();
+            if copies {
+                self.wake();
+            }
         }
     }
 
@@ -433,6 +474,8 @@ impl Engine {
     pub fn stop(&self) {
         self.stopping.store(true, Ordering::Release);
         self.wake();
+        let _s = self.stage_table();
+        self.stage_cv.notify_all();
     }
 
     /// True if some pair has changes to commit.
@@ -624,6 +667,246 @@ impl Engine {
             Err(e) => self.fail(fs, &slot, &e),
         }
         Ok(())
+    }
+
+    fn stage_table(&self) -> MutexGuard<'_, StageTable> {
+        self.stage.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Writes host data into mapped volume tracks of a file of pair `pid` (or of no
+    /// pair). Tracks whose old content the frozen copy still needs are *staged*: the
+    /// old track goes to the copy image (unsynced), the new content of the track stays
+    /// in memory and reaches the volume only after [`Engine::destage`] made the old one
+    /// durable and its bit clear durably. Returns without waiting for any sync. A failed
+    /// copy puts the pair in `error` (the host write goes on).
+    ///
+    /// Lock order: the caller holds the barrier (shared) and the file's data lock, not
+    /// the state lock. Here the stage table is taken before a pair's lock, never after.
+    pub fn host_write(&self, fs: &Fs, pid: Option<PairId>, pieces: &[Piece<'_>]) -> Result<()> {
+        let ts = fs.ts;
+        let slot = pid
+            .and_then(|p| self.slot(p))
+            .filter(|s| !s.released.load(Ordering::Acquire));
+        let need: Vec<u64> = match &slot {
+            Some(s) => {
+                let tracks: Vec<u64> = pieces.iter().map(|p| p.track).collect();
+                s.lock().cow_needed(&tracks)
+            }
+            None => Vec::new(),
+        };
+        if need.is_empty() && self.staged_now.load(Ordering::Acquire) == 0 {
+            for p in pieces {
+                fs.vol.write_at(p.track * ts + p.off, p.data)?;
+            }
+            return Ok(());
+        }
+        if !need.is_empty() && self.stage_table().bytes() > STAGE_LIMIT_BYTES {
+            // Bounded memory: make room before staging more.
+            self.destage(fs)?;
+        }
+        // The old content of the tracks to stage (not staged yet).
+        let mut olds: HashMap<u64, Vec<u8>> = HashMap::new();
+        if let Some(slot) = &slot {
+            let fresh: Vec<u64> = {
+                let st = self.stage_table();
+                need.iter().copied().filter(|t| !st.contains(*t)).collect()
+            };
+            for &t in &fresh {
+                let mut b = vec![0u8; ts as usize];
+                fs.vol.read_at(t * ts, &mut b)?;
+                olds.insert(t, b);
+            }
+            if !olds.is_empty() {
+                // Bits only go from set to clear while we hold the barrier: a track
+                // still pending now was pending when we read it, so what we read is
+                // the instant's data (nothing overwrites a pending track).
+                let still = slot.lock().cow_needed(&fresh);
+                olds.retain(|t, _| still.contains(t));
+                let mut keys: Vec<u64> = olds.keys().copied().collect();
+                keys.sort_unstable();
+                let mut copied = 0u64;
+                for t in keys {
+                    let b = &olds[&t];
+                    let r = if b.iter().all(|&x| x == 0) {
+                        fs.copy.discard(t * ts, ts)
+                    } else {
+                        fs.copy.write_at(t * ts, b)
+                    };
+                    if let Err(e) = r {
+                        self.fail(fs, slot, &e);
+                        olds.clear();
+                        break;
+                    }
+                    copied += 1;
+                }
+                self.cow_total.fetch_add(copied, Ordering::Relaxed);
+                self.copied_total.fetch_add(copied, Ordering::Relaxed);
+            }
+        }
+        let mut direct = Vec::new();
+        let mut staged = 0u64;
+        {
+            let mut st = self.stage_table();
+            for p in pieces {
+                if st.patch(p.track, p.off as usize, p.data) {
+                    continue;
+                }
+                if let (Some(mut old), Some(slot), Some(pid)) = (olds.remove(&p.track), &slot, pid)
+                    && !slot.lock().cow_needed(&[p.track]).is_empty()
+                {
+                    // Still pending and not staged: the volume still holds what we read.
+                    old[p.off as usize..p.off as usize + p.data.len()].copy_from_slice(p.data);
+                    st.insert(p.track, pid, old.into_boxed_slice());
+                    staged += 1;
+                    continue;
+                }
+                direct.push(*p);
+            }
+            self.staged_now.store(st.len(), Ordering::Release);
+            if staged > 0 {
+                self.staged_total.fetch_add(staged, Ordering::Relaxed);
+                if let Some(slot) = &slot {
+                    slot.staged.fetch_add(staged, Ordering::Relaxed);
+                }
+                self.stage_cv.notify_all();
+            }
+        }
+        // Not pending (or its bit was cleared meanwhile, so the copy holds the old
+        // data durably): straight to the volume.
+        for p in direct {
+            fs.vol.write_at(p.track * ts + p.off, p.data)?;
+        }
+        Ok(())
+    }
+
+    /// Staged content of `tracks` (copies), for a read to lay over what it reads from
+    /// the volume. Taken *before* the volume read: a track destaged meanwhile is on the
+    /// volume by then.
+    pub fn staged_of(&self, tracks: impl Iterator<Item = u64>) -> HashMap<u64, Box<[u8]>> {
+        let mut out = HashMap::new();
+        if self.staged_now.load(Ordering::Acquire) == 0 {
+            return out;
+        }
+        let st = self.stage_table();
+        for t in tracks {
+            if let Some(b) = st.get(t) {
+                out.insert(t, b.into());
+            }
+        }
+        out
+    }
+
+    /// Patches `data` at `off` into staged track `track`; false if it is not staged
+    /// (the caller writes to the volume then).
+    pub fn patch_staged(&self, track: u64, off: u64, data: &[u8]) -> bool {
+        if self.staged_now.load(Ordering::Acquire) == 0 {
+            return false;
+        }
+        self.stage_table().patch(track, off as usize, data)
+    }
+
+    /// Forgets the staged content of tracks no file maps any more (freed, or about to be
+    /// mapped afresh): it must never reach a track that another file may get.
+    pub fn drop_staged(&self, tracks: impl IntoIterator<Item = u64>) {
+        if self.staged_now.load(Ordering::Acquire) == 0 {
+            return;
+        }
+        let mut st = self.stage_table();
+        for t in tracks {
+            st.remove(t);
+        }
+        self.staged_now.store(st.len(), Ordering::Release);
+    }
+
+    /// Bytes of host writes staged now.
+    pub fn staged_bytes(&self) -> u64 {
+        self.stage_table().bytes()
+    }
+
+    /// One destage round: for every pair with staged tracks, sync the copy image, clear
+    /// and commit their pending bits (with the copier's unconfirmed tracks), then write
+    /// the staged content to the volume. Everything staged before the call is on the
+    /// volume (not yet synced) when it returns Ok.
+    ///
+    /// Lock order: takes `destage_lock`, then each pair's gate: call it with no gate,
+    /// commit lock or state lock held (the barrier and a data lock may be held).
+    pub fn destage(&self, fs: &Fs) -> Result<()> {
+        if self.staged_now.load(Ordering::Acquire) == 0 {
+            return Ok(());
+        }
+        let _d = self.destage_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let waiting = self.stage_table().take_waiting();
+        let mut first_err: Option<Error> = None;
+        for (pid, tracks) in waiting {
+            if let Some(slot) = self.slot(pid)
+                && !slot.released.load(Ordering::Acquire)
+            {
+                let _g = slot.gate();
+                if !slot.lock().cow_needed(&tracks).is_empty() {
+                    // A failed sync puts every pair in error (the pipeline calls the
+                    // engine's copy-image-lost hook): then no copy needs the old tracks.
+                    match fs.durability.sync_copy(&self.hooks(fs)) {
+                        Ok(()) => {
+                            let before = slot.lock().state;
+                            let mut done = std::mem::take(
+                                &mut *slot.unconfirmed.lock().unwrap_or_else(|p| p.into_inner()),
+                            );
+                            done.extend_from_slice(&tracks);
+                            slot.lock().begin_clear(&done);
+                            if let Err(e) = self.persist(fs, &slot, false) {
+                                // The bits are not durably clear: the new data must not
+                                // reach the volume. The metadata store refuses every
+                                // change from now on (persist poisoned it).
+                                first_err.get_or_insert(e);
+                                continue;
+                            }
+                            slot.lock().end_clear();
+                            self.log_transition(&slot, before);
+                        }
+                        Err(e) => {
+                            log::error!("pair {pid}: copy image sync failed before destaging: {e}")
+                        }
+                    }
+                }
+            }
+            // The old tracks are durable on the copy (or no longer needed).
+            for t in tracks {
+                let mut st = self.stage_table();
+                if let Some(e) = st.remove(t)
+                    && let Err(err) = fs.vol.write_at(t * fs.ts, &e.data)
+                {
+                    first_err.get_or_insert(err);
+                }
+                self.staged_now.store(st.len(), Ordering::Release);
+            }
+        }
+        self.stage_cv.notify_all();
+        first_err.map_or(Ok(()), Err)
+    }
+
+    /// The destager loop (one thread): a round whenever something is staged. Returns
+    /// when the engine stops, after a last round.
+    pub fn run_destager(&self, fs: &Fs) {
+        loop {
+            {
+                let mut st = self.stage_table();
+                while !st.has_waiting() && !self.stopping.load(Ordering::Acquire) {
+                    st = self
+                        .stage_cv
+                        .wait_timeout(st, Duration::from_millis(500))
+                        .unwrap_or_else(|p| p.into_inner())
+                        .0;
+                }
+            }
+            let stopping = self.stopping.load(Ordering::Acquire);
+            if let Err(e) = self.destage(fs) {
+                log::error!("destage: {e}");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            if stopping {
+                return;
+            }
+        }
     }
 
     fn log_transition(&self, slot: &Slot, before: State) {
@@ -823,6 +1106,8 @@ impl Engine {
             return Err(Error::ReadOnly);
         }
         let _b = fs.barrier.write().unwrap_or_else(|p| p.into_inner());
+        // Staged writes are acknowledged, so they belong before the new instant.
+        self.destage(fs)?;
         let existing = fs.state().get(ino)?.pair;
         let slot = match (existing, op) {
             (Some(id), _) => {
@@ -863,6 +1148,7 @@ impl Engine {
             return Err(Error::invalid("pair takes a path, not a pair id"));
         }
         let _b = fs.barrier.write().unwrap_or_else(|p| p.into_inner());
+        self.destage(fs)?;
         let slot = self
             .slot(id)
             .ok_or_else(|| Error::NotFound(format!("pair {id}")))?;
@@ -935,7 +1221,7 @@ impl Engine {
                     .unwrap_or_else(|p| p.into_inner())
                     .remove(&slot.id);
                 self.hand_over(fs, slot.id);
-                fs.commit(vec![PairDelta {
+                fs.commit_destaged(vec![PairDelta {
                     id: slot.id,
                     delete: true,
                     ..PairDelta::default()
@@ -954,7 +1240,7 @@ impl Engine {
         let frozen = frozen_changed.then(|| slot.lock().frozen.clone());
         // The flush barrier: both images synced, then the frozen map, pins and bitmaps
         // committed in one transaction.
-        fs.commit(vec![PairDelta {
+        fs.commit_destaged(vec![PairDelta {
             id: slot.id,
             frozen,
             ..PairDelta::default()
@@ -1066,6 +1352,7 @@ impl Engine {
             unconfirmed: Mutex::new(Vec::new()),
             cow_queue: Mutex::new(Vec::new()),
             released: AtomicBool::new(false),
+            staged: AtomicU64::new(0),
         });
         self.pairs
             .write()
@@ -1122,6 +1409,7 @@ impl Engine {
                 .count(),
             error: p.error.clone(),
             track_size: fs.ts,
+            staged: s.staged.load(Ordering::Relaxed),
         }
     }
 
