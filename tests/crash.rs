@@ -3,7 +3,7 @@
 //! SQLite file (WAL, `synchronous=FULL`), so a crash keeps exactly its committed
 //! transactions. After every operation of random workloads (writes, fsyncs, truncates,
 //! punches, unlinks, splits, updates, resyncs, releases, copier rounds, destage rounds of
-//! staged copy-on-write writes) a crash image is
+//! staged copy-on-write writes, fdatasyncs) a crash image is
 //! built in which a random subset of the unsynced image writes reached the disk, in a
 //! random order; it is then mounted (recovery), and checked:
 //!
@@ -222,7 +222,7 @@ fn workload(seed: u64, ops: usize) -> (usize, u64) {
                 f.2 = false;
             }
         };
-        match rng.below(16) {
+        match rng.below(17) {
             0..=5 => {
                 let Some(f) = files.get_mut(&i) else { continue };
                 let off = rng.below(40 * TS);
@@ -308,6 +308,13 @@ fn workload(seed: u64, ops: usize) -> (usize, u64) {
                     frozen.remove(&ino);
                     commit_all(&mut files);
                 }
+            }
+            16 => {
+                // fdatasync of one file: its data (and, if its shape changed, everything)
+                // is durable.
+                let Some(f) = files.get_mut(&i) else { continue };
+                fs.fsync(f.0, true).unwrap();
+                f.2 = false;
             }
             14 => {
                 // A destage round on its own (staged copy-on-write writes reach the

@@ -151,6 +151,20 @@ impl Durability {
         self.copy.clear_poison();
     }
 
+    /// Makes the volume's data durable (volume image, then every sink's data), without a
+    /// metadata commit: `fdatasync` of a file whose shape is already committed.
+    pub fn sync_data(&self) -> Result<()> {
+        self.check()?;
+        self.vol.sync()?;
+        for s in &self.sinks() {
+            if let Err(e) = s.sync_data() {
+                log::error!("{}: data sync failed: {e}", s.name());
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
     /// The full commit: volume sync → copy-image sync → one transaction with the core's
     /// dirty rows, the dirty pairs and `extra` → sinks. After it returns Ok, all data
     /// written before the call and all metadata are durable.

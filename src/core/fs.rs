@@ -236,12 +236,27 @@ pub struct Fs {
     pub meta: Arc<Mutex<Meta>>,
     /// Every data sync and metadata commit goes through here.
     pub durability: Durability,
+    /// Which files changed shape (extents, size) since which commit: `fdatasync` of a
+    /// file whose shape is committed only needs its data synced.
+    layout: Mutex<Layout>,
     /// Pairs.
     pub engine: Engine,
     /// Options.
     pub opts: Options,
     stop: Mutex<bool>,
     stop_cv: Condvar,
+}
+
+/// Shape changes of files, stamped in order, and the stamp the last commit covered.
+#[derive(Debug, Default)]
+struct Layout {
+    seq: u64,
+    /// Stamp of each file's last shape change not known to be committed.
+    by_ino: HashMap<u64, u64>,
+    /// Stamp when the batch being committed was taken.
+    taken: u64,
+    /// Every change stamped up to here is durable.
+    committed: u64,
 }
 
 fn inode_from_row(row: InodeRow) -> Inode {
@@ -362,6 +377,7 @@ impl Fs {
             geo,
             ts,
             durability: Durability::new(vol.clone(), copy.clone(), meta.clone()),
+            layout: Mutex::new(Layout::default()),
             vol,
             copy,
             st: Mutex::new(st),
@@ -492,6 +508,8 @@ impl Fs {
         st.touch(parent);
         st.touch(ino);
         st.set_dirent(parent, name, Some(ino));
+        // A new file is not on disk yet: its first fdatasync commits it.
+        self.layout_changed(ino);
         Ok(attr)
     }
 
@@ -845,6 +863,7 @@ impl Fs {
             let i = st.get_mut(ino)?;
             if size != old {
                 i.row.size = size;
+                self.layout_changed(ino);
                 i.row.mtime = now;
                 i.row.ctime = now;
             }
@@ -894,6 +913,9 @@ impl Fs {
     /// Unmaps file tracks `[f, f+n)`, freeing them. Returns the volume tracks freed.
     fn unmap(&self, st: &mut State, ino: u64, f: u64, n: u64) -> Result<Vec<u64>> {
         let runs = st.get_mut(ino)?.extents.remove(f, n);
+        if !runs.is_empty() {
+            self.layout_changed(ino);
+        }
         let mut freed = Vec::new();
         for (v, l) in runs {
             st.alloc.free(v, l);
@@ -920,6 +942,7 @@ impl Fs {
         if st.alloc.free_tracks() < need {
             return Err(Error::NoSpace("volume"));
         }
+        self.layout_changed(ino);
         let mut new = Vec::new();
         for h in holes {
             let goal = st.get(ino)?.extents.goal_for(h.file);
@@ -1029,6 +1052,7 @@ impl Fs {
             let i = st.get_mut(ino)?;
             if end > i.row.size {
                 i.row.size = end;
+                self.layout_changed(ino);
             }
             i.row.mtime = now;
             i.row.ctime = now;
@@ -1112,6 +1136,7 @@ impl Fs {
         let i = st.get_mut(ino)?;
         if !keep && end > i.row.size {
             i.row.size = end;
+            self.layout_changed(ino);
         }
         i.row.ctime = now;
         if !keep {
@@ -1358,6 +1383,40 @@ impl Fs {
         self.commit_destaged(extra)
     }
 
+    fn layout(&self) -> MutexGuard<'_, Layout> {
+        self.layout.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records that `ino`'s extents or size changed. Call with the state lock held, in
+    /// the same critical section as the change.
+    fn layout_changed(&self, ino: u64) {
+        let mut l = self.layout();
+        l.seq += 1;
+        let s = l.seq;
+        l.by_ino.insert(ino, s);
+    }
+
+    /// `fsync`/`fdatasync` of a file. `fdatasync` of a file whose extents and size are
+    /// already committed only makes its data durable (staged writes destaged, the
+    /// volume synced); everything else runs a full commit.
+    pub fn fsync(&self, ino: u64, datasync: bool) -> Result<()> {
+        if self.opts.readonly {
+            return Ok(());
+        }
+        if datasync {
+            let shaped = {
+                let l = self.layout();
+                l.by_ino.get(&ino).is_some_and(|&s| s > l.committed)
+            };
+            if !shaped {
+                self.durability.check()?;
+                self.engine.destage(self)?;
+                return self.durability.sync_data();
+            }
+        }
+        self.commit(Vec::new())
+    }
+
     /// [`Fs::commit`] without the destage round, for a caller that holds a pair's gate
     /// and the write barrier and destaged already (a control operation).
     pub fn commit_destaged(&self, extra: Vec<PairDelta>) -> Result<()> {
@@ -1374,6 +1433,12 @@ impl BatchSource for Fs {
     /// Builds the batch of everything dirty. Takes the held-track list with it.
     fn take(&self) -> (Batch, Vec<(u64, u64)>) {
         let mut st = self.state();
+        // Shape changes are stamped under the state lock: every one stamped so far is
+        // in this batch or an earlier one.
+        {
+            let mut l = self.layout();
+            l.taken = l.seq;
+        }
         let dirty = std::mem::take(&mut st.dirty);
         let mut b = Batch {
             next_ino: st.next_ino,
@@ -1425,6 +1490,10 @@ impl BatchSource for Fs {
 
     fn committed(&self, held: &[(u64, u64)]) {
         self.state().alloc.release_held(held);
+        let mut l = self.layout();
+        l.committed = l.committed.max(l.taken);
+        let done = l.committed;
+        l.by_ino.retain(|_, s| *s > done);
     }
 }
 

@@ -16,7 +16,8 @@
 //! | 7a | the stage table | [`Engine`](crate::snap::engine::Engine) | staged tracks: look-up, patch, insert; a destage writes one track to the volume under it |
 //! | 8 | pair state `Slot::p` | [`Slot`](crate::snap::engine::Slot) | bitmap and state changes |
 //!
-//! Leaves (nothing is taken while holding them): the engine's pair map, a slot's
+//! Leaves (nothing is taken while holding them): `Fs::layout` (shape-change stamps for
+//! `fdatasync`), the engine's pair map, a slot's
 //! `unconfirmed` and `cow_queue` lists, the copier's `work` counter, and
 //! [`Checked`](crate::store::volume::Checked)'s `sync_lock` (held across one fsync).
 //!

@@ -435,12 +435,12 @@ impl Filesystem for MainFs {
     fn fsync(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         _fh: FileHandle,
-        _datasync: bool,
+        datasync: bool,
         reply: ReplyEmpty,
     ) {
-        match self.fs.commit(Vec::new()) {
+        match self.fs.fsync(ino.0, datasync) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(&e, "fsync")),
         }
