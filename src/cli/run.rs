@@ -487,6 +487,7 @@ fn serve(spec: MountSpec, mut ready: Option<std::fs::File>) -> Result<u8> {
         commit_interval: Duration::from_millis(spec.commit_ms),
         readonly: spec.readonly || spec.copy_only,
         meta_path: None,
+        copy_path: None,
     };
     let opened = if spec.snapshot {
         volfile::open_snapshot(&spec.paths)
@@ -502,13 +503,24 @@ fn serve(spec: MountSpec, mut ready: Option<std::fs::File>) -> Result<u8> {
     let mut sessions = Vec::new();
     let mut points = Vec::new();
     if !spec.copy_only {
-        match fuser::Session::new(
-            crate::fuse::main_fs::MainFs::new(fs.clone()),
-            &spec.mountpoint,
-            &config(&spec, false),
-        )
-        .and_then(|s| s.spawn())
-        {
+        // A whole-volume snapshot is served as the frozen view of its root pair, the
+        // same view the copy mount serves.
+        let session = if spec.snapshot {
+            fuser::Session::new(
+                crate::fuse::copy_fs::CopyFs::new(fs.clone()),
+                &spec.mountpoint,
+                &config(&spec, false),
+            )
+            .and_then(|s| s.spawn())
+        } else {
+            fuser::Session::new(
+                crate::fuse::main_fs::MainFs::new(fs.clone()),
+                &spec.mountpoint,
+                &config(&spec, false),
+            )
+            .and_then(|s| s.spawn())
+        };
+        match session {
             Ok(s) => {
                 sessions.push(s);
                 points.push(spec.mountpoint.clone());

@@ -35,6 +35,18 @@ pub const NAME_MAX: usize = 255;
 pub const MAX_FILE_SIZE: u64 = 1 << 62;
 /// Most names one inode may have.
 pub const LINK_MAX: u32 = 65000;
+/// True for the xattr names stored as ordinary xattrs: `user.*`, `trusted.*`,
+/// `security.*` and the POSIX ACLs (`system.posix_acl_access`,
+/// `system.posix_acl_default`, passed through by the kernel and kept as opaque values;
+/// the kernel's permission checks use the mode bits).
+pub fn stored_xattr(name: &[u8]) -> bool {
+    name.starts_with(b"user.")
+        || name.starts_with(b"trusted.")
+        || name.starts_with(b"security.")
+        || name == b"system.posix_acl_access"
+        || name == b"system.posix_acl_default"
+}
+
 /// Largest xattr value.
 pub const XATTR_SIZE_MAX: usize = 65536;
 
@@ -188,6 +200,9 @@ pub struct Options {
     pub readonly: bool,
     /// Path of the metadata database (for the whole-volume snapshot).
     pub meta_path: Option<std::path::PathBuf>,
+    /// Path of the copy image (locked against snapshot mounts while the root pair's
+    /// copy is rewritten).
+    pub copy_path: Option<std::path::PathBuf>,
 }
 
 impl Default for Options {
@@ -196,6 +211,7 @@ impl Default for Options {
             commit_interval: Duration::from_millis(1000),
             readonly: false,
             meta_path: None,
+            copy_path: None,
         }
     }
 }
@@ -1243,8 +1259,10 @@ impl Fs {
         if value.len() > XATTR_SIZE_MAX {
             return Err(Error::TooBig);
         }
-        if !name.starts_with(b"user.") && !name.starts_with(b"trusted.") {
-            return Err(Error::NotSupported("only user.* and trusted.* xattrs"));
+        if !stored_xattr(name) {
+            return Err(Error::NotSupported(
+                "only user.*, trusted.*, security.* and system.posix_acl_* xattrs",
+            ));
         }
         let mut st = self.state();
         let i = st.get_mut(ino)?;

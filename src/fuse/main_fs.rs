@@ -158,7 +158,7 @@ impl MainFs {
     }
 }
 
-fn reply_xattr(reply: ReplyXattr, size: u32, data: crate::Result<Vec<u8>>, op: &str) {
+pub(crate) fn reply_xattr(reply: ReplyXattr, size: u32, data: crate::Result<Vec<u8>>, op: &str) {
     match data {
         Ok(d) if size == 0 => reply.size(d.len() as u32),
         Ok(d) if d.len() > size as usize => reply.error(Errno::from_i32(libc::ERANGE)),
