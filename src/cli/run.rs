@@ -378,9 +378,41 @@ fn umount_and_wait(mnt: &Path) -> Result<()> {
         .map(|(_, s)| s)
         .ok_or_else(|| Error::invalid(format!("{} is not a pairfs mount", mnt.display())))?;
     unmount(&mnt, false)?;
-    if src.ends_with(":copy") || src.ends_with(":snapshot") {
+    if src.ends_with(":copy") {
         // The daemon keeps serving the main mount.
         return Ok(());
+    }
+    if let Some(vol) = src
+        .strip_suffix(":snapshot")
+        .map(|v| v.trim_start_matches("pairfs:"))
+    {
+        // Wait for the snapshot daemon to release its lock on the copy image, so that
+        // an update, resync or release of the root pair right after is not refused.
+        let copy = Paths::new(Path::new(vol), None, None).copy;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            if pairfs_mounts().iter().any(|(_, s)| *s == src) {
+                // Another snapshot mount of the same volume keeps it locked.
+                return Ok(());
+            }
+            let Ok(f) = std::fs::File::open(&copy) else {
+                return Ok(());
+            };
+            // SAFETY: flock on a valid fd (released when `f` is closed).
+            let r = unsafe {
+                libc::flock(
+                    std::os::unix::io::AsRawFd::as_raw_fd(&f),
+                    libc::LOCK_EX | libc::LOCK_NB,
+                )
+            };
+            if r == 0 {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        return Err(Error::Busy(format!(
+            "the snapshot daemon of {vol} did not exit within 60 s"
+        )));
     }
     // Wait for the daemon to unmount the copy mount, commit and release the volume lock.
     let vol = src.trim_start_matches("pairfs:").to_string();

@@ -297,11 +297,7 @@ impl<'a> Builder<'a> {
             perm: a.perm,
             uid: a.uid,
             gid: a.gid,
-            size: if a.kind == FrozenKind::Dir {
-                4096
-            } else {
-                a.size
-            },
+            size: a.size,
             blocks: if a.kind == FrozenKind::File {
                 f.extents.tracks() * self.track_size / 512
             } else if a.kind == FrozenKind::Dir {
