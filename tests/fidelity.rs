@@ -314,3 +314,37 @@ fn snapshot_mount_serves_the_view_and_holds_off_root_rewrites() {
     v.umount();
     v.fsck();
 }
+
+/// The kernel may cache copy-mount names and attributes for a second; after an update
+/// the copy mount drops them, so names and attributes of the new instant show at once.
+#[test]
+fn update_is_visible_at_once_through_cached_names() {
+    let mut v = Vol::new("1G");
+    v.mount();
+    sh(
+        &v.mnt,
+        "mkdir -p u/s; printf v1 > u/x; printf y > u/s/y; chmod 644 u/x",
+    );
+    setx(&v.path("u"), "user.pairfs.split").unwrap();
+    wait_state(&v.path("u"), "split");
+    // Fill the kernel's caches.
+    assert_eq!(std::fs::read(v.copy_path("u/x")).unwrap(), b"v1");
+    assert!(v.copy_path("u/s/y").exists());
+    let t0 = std::time::Instant::now();
+    sh(
+        &v.mnt,
+        "printf 'version two' > u/x; chmod 600 u/x; rm u/s/y; printf z > u/s/z",
+    );
+    setx(&v.path("u"), "user.pairfs.update").unwrap();
+    wait_state(&v.path("u"), "split");
+    let meta = std::fs::metadata(v.copy_path("u/x")).unwrap();
+    let elapsed = t0.elapsed();
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(meta.permissions().mode() & 0o7777, 0o600);
+    assert_eq!(meta.len(), 11);
+    assert_eq!(std::fs::read(v.copy_path("u/x")).unwrap(), b"version two");
+    assert!(!v.copy_path("u/s/y").exists());
+    assert_eq!(std::fs::read(v.copy_path("u/s/z")).unwrap(), b"z");
+    println!("checked {elapsed:?} after the caches were filled");
+    v.umount();
+}

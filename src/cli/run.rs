@@ -543,7 +543,10 @@ fn serve(spec: MountSpec, mut ready: Option<std::fs::File>) -> Result<u8> {
                 &spec.mountpoint,
                 &config(&spec, false),
             )
-            .and_then(|s| s.spawn())
+            .and_then(|s| {
+                crate::fuse::copy_fs::invalidate_on_change(fs.clone(), s.notifier())?;
+                s.spawn()
+            })
         } else {
             fuser::Session::new(
                 crate::fuse::main_fs::MainFs::new(fs.clone()),
@@ -566,8 +569,10 @@ fn serve(spec: MountSpec, mut ready: Option<std::fs::File>) -> Result<u8> {
             c,
             &config(&spec, true),
         )
-        .and_then(|s| s.spawn())
-        {
+        .and_then(|s| {
+            crate::fuse::copy_fs::invalidate_on_change(fs.clone(), s.notifier())?;
+            s.spawn()
+        }) {
             Ok(s) => {
                 sessions.push(s);
                 points.push(c.clone());

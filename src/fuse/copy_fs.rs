@@ -16,9 +16,13 @@ use fuser::{
 use crate::core::fs::Fs;
 use crate::fuse::main_fs::{reply_xattr, systime};
 use crate::snap::pair::FrozenKind;
-use crate::snap::view::{Content, FrozenView, ViewAttr, ViewNode};
+use crate::snap::view::{Content, FrozenView, VIEW_ROOT, ViewAttr, ViewNode};
 
-const TTL: Duration = Duration::ZERO;
+/// How long the kernel may keep names and attributes. A view does not change until the
+/// frozen set does; then [`invalidate_on_change`] drops the kernel's cached names, so
+/// this only bounds what a process that sits inside the copy mount (its working
+/// directory, open files) can still see of the previous instant.
+const TTL: Duration = Duration::from_secs(1);
 
 /// The copy mount.
 pub struct CopyFs {
@@ -55,6 +59,41 @@ fn attr(a: &ViewAttr) -> FileAttr {
         blksize: 65536,
         flags: 0,
     }
+}
+
+/// Spawns a thread that, after every change of the frozen set (split, update, resync,
+/// release, error), tells the kernel to forget the copy mount's top-level names and the
+/// root's attributes: the next path walk looks the new view up.
+pub fn invalidate_on_change(fs: Arc<Fs>, notifier: fuser::Notifier) -> std::io::Result<()> {
+    let rx = fs.engine.watch_view();
+    std::thread::Builder::new()
+        .name("pairfs-copy-inval".into())
+        .spawn(move || {
+            let mut old = fs.engine.view(fs.ts);
+            while rx.recv().is_ok() {
+                while rx.try_recv().is_ok() {}
+                let new = fs.engine.view(fs.ts);
+                let mut names: Vec<&[u8]> = Vec::new();
+                for v in [&old, &new] {
+                    if let Some(Content::Dir(d)) = v.get(VIEW_ROOT).map(|n| &n.content) {
+                        names.extend(d.entries().iter().map(|(n, _)| n.as_slice()));
+                    }
+                }
+                names.sort();
+                names.dedup();
+                for n in names {
+                    if let Err(e) = notifier.inval_entry(INodeNo(VIEW_ROOT), OsStr::from_bytes(n))
+                        && e.raw_os_error() != Some(libc::ENOENT)
+                    {
+                        log::debug!("copy mount: invalidate {}: {e}", String::from_utf8_lossy(n));
+                    }
+                }
+                let _ = notifier.inval_inode(INodeNo(VIEW_ROOT), -1, 0);
+                drop(old);
+                old = new;
+            }
+        })?;
+    Ok(())
 }
 
 impl CopyFs {

@@ -118,6 +118,9 @@ pub struct Engine {
     view: RwLock<Arc<FrozenView>>,
     /// Serializes rebuilds; keeps inode numbers stable across them.
     view_numbering: Mutex<Numbering>,
+    /// Told (without blocking) after every change of the frozen set, e.g. so a copy
+    /// mount can drop the kernel's cached names of the old view.
+    view_watchers: Mutex<Vec<std::sync::mpsc::Sender<u64>>>,
 }
 
 /// A snapshot of one pair for status displays.
@@ -1100,7 +1103,21 @@ impl Engine {
     /// Records that the set of frozen objects changed: the next [`Engine::view`]
     /// rebuilds the view.
     pub fn frozen_changed(&self) {
-        self.view_gen.fetch_add(1, Ordering::AcqRel);
+        let g = self.view_gen.fetch_add(1, Ordering::AcqRel) + 1;
+        self.view_watchers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|w| w.send(g).is_ok());
+    }
+
+    /// A channel that receives the new generation after every change of the frozen set.
+    pub fn watch_view(&self) -> std::sync::mpsc::Receiver<u64> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.view_watchers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(tx);
+        rx
     }
 
     /// The frozen view of every pair in a frozen state (what the copy mount serves).
