@@ -80,8 +80,8 @@ fn listing(dir: &Path, top: &str, dir_sizes: bool) -> String {
 /// A capability xattr value (cap_net_raw=ep, VFS_CAP_REVISION_2).
 const CAP: &str = "0x0100000200200000000000000000000000000000";
 
-/// The ACL's mask matches the group bits of the mode (the main mount stores ACLs as
-/// given and does not recompute the mode from them, as ext4 would).
+/// The ACL's mask (rwx) becomes the group bits of t/a/f's mode, as on ext4; the
+/// restores compare the resulting mode.
 fn build_tree(mnt: &Path) {
     sh(
         mnt,
@@ -100,7 +100,7 @@ fn build_tree(mnt: &Path) {
              setfattr -n user.dir -v d t/b
              setfattr -n trusted.t -v tv t/b/s
              setfattr -n security.capability -v {CAP} t/b/s
-             setfacl -m u:1234:rwx,m::r t/a/f
+             setfacl -m u:1234:rwx,m::rwx t/a/f
              setfacl -d -m g:55:rx t/sg
              printf owned > t/o
              chown 1000:1001 t/o
@@ -168,6 +168,10 @@ fn frozen_tree_keeps_links_specials_xattrs_and_acls() {
     assert!(before.contains("s 755"), "{before}");
     assert!(before.contains("c 644"), "{before}");
     assert!(before.contains("system.posix_acl_access"), "{before}");
+    assert!(
+        before.contains("f 674 0 0 300000 3"),
+        "setfacl set the group bits: {before}"
+    );
     assert!(before.contains("security.capability"), "{before}");
     assert_eq!(
         sh(&v.copy, "getfattr -h -d -m - solo"),

@@ -37,8 +37,8 @@ pub const MAX_FILE_SIZE: u64 = 1 << 62;
 pub const LINK_MAX: u32 = 65000;
 /// True for the xattr names stored as ordinary xattrs: `user.*`, `trusted.*`,
 /// `security.*` and the POSIX ACLs (`system.posix_acl_access`,
-/// `system.posix_acl_default`, passed through by the kernel and kept as opaque values;
-/// the kernel's permission checks use the mode bits).
+/// `system.posix_acl_default`, passed through by the kernel; an access ACL is tied to the
+/// mode bits by [`crate::core::acl`], and the kernel's permission checks use the mode).
 pub fn stored_xattr(name: &[u8]) -> bool {
     name.starts_with(b"user.")
         || name.starts_with(b"trusted.")
@@ -780,6 +780,12 @@ impl Fs {
         if let Some(m) = a.mode {
             i.row.perm = m & 0o7777;
             i.row.ctime = now;
+            // chmod rewrites the owner, group-class and other entries of an access ACL.
+            if let Some(acl) = i.xattrs.get_mut(crate::core::acl::ACCESS)
+                && let Ok(new) = crate::core::acl::chmod(acl, i.row.perm)
+            {
+                *acl = new;
+            }
         }
         let owner_change =
             a.uid.is_some_and(|u| u != i.row.uid) || a.gid.is_some_and(|g| g != i.row.gid);
@@ -1276,7 +1282,19 @@ impl Fs {
         if flags & libc::XATTR_REPLACE != 0 && !exists {
             return Err(Error::NoData);
         }
-        i.xattrs.insert(name.to_vec(), value.to_vec());
+        if name == crate::core::acl::ACCESS {
+            // As ext4: the ACL sets the mode's permission bits, and one that says no more
+            // than the mode is not stored.
+            let (perm, plain) = crate::core::acl::mode_of(value, i.row.perm)?;
+            i.row.perm = perm;
+            if plain {
+                i.xattrs.remove(name);
+            } else {
+                i.xattrs.insert(name.to_vec(), value.to_vec());
+            }
+        } else {
+            i.xattrs.insert(name.to_vec(), value.to_vec());
+        }
         i.row.ctime = now_ns();
         st.touch(ino);
         Ok(())

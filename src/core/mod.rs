@@ -1,7 +1,8 @@
 //! The filesystem core: the POSIX namespace and data path ([`fs`]), the pure building
-//! blocks it is made of ([`alloc`], [`extent`], [`inode`], [`trackset`]) and opening a
+//! blocks it is made of ([`acl`], [`alloc`], [`extent`], [`inode`], [`trackset`]) and opening a
 //! volume from its images and database ([`volfile`]).
 
+pub mod acl;
 pub mod alloc;
 pub mod extent;
 pub mod fs;
