@@ -352,3 +352,21 @@ fn update_is_visible_at_once_through_cached_names() {
     println!("checked {elapsed:?} after the caches were filled");
     v.umount();
 }
+
+/// As on ext4: setting an access ACL sets the mode's group bits from its mask (seen at
+/// once, not after the attribute cache expires), chmod rewrites the mask, and an ACL
+/// equivalent to the mode is not stored.
+#[test]
+fn access_acl_and_mode_stay_in_step() {
+    let mut v = Vol::new("1G");
+    v.mount();
+    let out = sh(
+        &v.mnt,
+        "touch f; chmod 644 f; stat -c %a f
+         ls -l f >/dev/null; setfacl -m u:1234:rwx f; ls -l f | cut -c1-11
+         chmod 640 f; getfacl -n f | grep mask
+         setfacl -b f; stat -c %a f; getfattr -d -m - f | wc -l",
+    );
+    assert_eq!(out, "644\n-rw-rwxr--+\nmask::r--\n640\n0\n");
+    v.umount();
+}

@@ -548,12 +548,12 @@ fn serve(spec: MountSpec, mut ready: Option<std::fs::File>) -> Result<u8> {
                 s.spawn()
             })
         } else {
-            fuser::Session::new(
-                crate::fuse::main_fs::MainFs::new(fs.clone()),
-                &spec.mountpoint,
-                &config(&spec, false),
-            )
-            .and_then(|s| s.spawn())
+            let main = crate::fuse::main_fs::MainFs::new(fs.clone());
+            let slot = main.notifier_slot();
+            fuser::Session::new(main, &spec.mountpoint, &config(&spec, false)).and_then(|s| {
+                let _ = slot.set(s.notifier());
+                s.spawn()
+            })
         };
         match session {
             Ok(s) => {
