@@ -83,6 +83,11 @@ pub enum Cmd {
     },
     /// Mount the whole volume as of its last root split, read-only (copy image plus
     /// the metadata snapshot), e.g. to back it all up or to recover from it.
+    ///
+    /// It serves the same frozen view as the copy mount (hard links, special files,
+    /// owners, times, xattrs and ACLs as at the split). It holds a shared lock on the copy
+    /// image: while it is mounted the live mount refuses update, resync and release of
+    /// the root pair with EBUSY; it is refused while the root pair is not split.
     MountSnapshot {
         /// Volume files.
         #[command(flatten)]

@@ -378,9 +378,41 @@ fn umount_and_wait(mnt: &Path) -> Result<()> {
         .map(|(_, s)| s)
         .ok_or_else(|| Error::invalid(format!("{} is not a pairfs mount", mnt.display())))?;
     unmount(&mnt, false)?;
-    if src.ends_with(":copy") || src.ends_with(":snapshot") {
+    if src.ends_with(":copy") {
         // The daemon keeps serving the main mount.
         return Ok(());
+    }
+    if let Some(vol) = src
+        .strip_suffix(":snapshot")
+        .map(|v| v.trim_start_matches("pairfs:"))
+    {
+        // Wait for the snapshot daemon to release its lock on the copy image, so that
+        // an update, resync or release of the root pair right after is not refused.
+        let copy = Paths::new(Path::new(vol), None, None).copy;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            if pairfs_mounts().iter().any(|(_, s)| *s == src) {
+                // Another snapshot mount of the same volume keeps it locked.
+                return Ok(());
+            }
+            let Ok(f) = std::fs::File::open(&copy) else {
+                return Ok(());
+            };
+            // SAFETY: flock on a valid fd (released when `f` is closed).
+            let r = unsafe {
+                libc::flock(
+                    std::os::unix::io::AsRawFd::as_raw_fd(&f),
+                    libc::LOCK_EX | libc::LOCK_NB,
+                )
+            };
+            if r == 0 {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        return Err(Error::Busy(format!(
+            "the snapshot daemon of {vol} did not exit within 60 s"
+        )));
     }
     // Wait for the daemon to unmount the copy mount, commit and release the volume lock.
     let vol = src.trim_start_matches("pairfs:").to_string();
@@ -487,6 +519,7 @@ fn serve(spec: MountSpec, mut ready: Option<std::fs::File>) -> Result<u8> {
         commit_interval: Duration::from_millis(spec.commit_ms),
         readonly: spec.readonly || spec.copy_only,
         meta_path: None,
+        copy_path: None,
     };
     let opened = if spec.snapshot {
         volfile::open_snapshot(&spec.paths)
@@ -502,13 +535,27 @@ fn serve(spec: MountSpec, mut ready: Option<std::fs::File>) -> Result<u8> {
     let mut sessions = Vec::new();
     let mut points = Vec::new();
     if !spec.copy_only {
-        match fuser::Session::new(
-            crate::fuse::main_fs::MainFs::new(fs.clone()),
-            &spec.mountpoint,
-            &config(&spec, false),
-        )
-        .and_then(|s| s.spawn())
-        {
+        // A whole-volume snapshot is served as the frozen view of its root pair, the
+        // same view the copy mount serves.
+        let session = if spec.snapshot {
+            fuser::Session::new(
+                crate::fuse::copy_fs::CopyFs::new(fs.clone()),
+                &spec.mountpoint,
+                &config(&spec, false),
+            )
+            .and_then(|s| {
+                crate::fuse::copy_fs::invalidate_on_change(fs.clone(), s.notifier())?;
+                s.spawn()
+            })
+        } else {
+            let main = crate::fuse::main_fs::MainFs::new(fs.clone());
+            let slot = main.notifier_slot();
+            fuser::Session::new(main, &spec.mountpoint, &config(&spec, false)).and_then(|s| {
+                let _ = slot.set(s.notifier());
+                s.spawn()
+            })
+        };
+        match session {
             Ok(s) => {
                 sessions.push(s);
                 points.push(spec.mountpoint.clone());
@@ -522,8 +569,10 @@ fn serve(spec: MountSpec, mut ready: Option<std::fs::File>) -> Result<u8> {
             c,
             &config(&spec, true),
         )
-        .and_then(|s| s.spawn())
-        {
+        .and_then(|s| {
+            crate::fuse::copy_fs::invalidate_on_change(fs.clone(), s.notifier())?;
+            s.spawn()
+        }) {
             Ok(s) => {
                 sessions.push(s);
                 points.push(c.clone());

@@ -34,6 +34,18 @@ pub const NAME_MAX: usize = 255;
 pub const MAX_FILE_SIZE: u64 = 1 << 62;
 /// Most names one inode may have.
 pub const LINK_MAX: u32 = 65000;
+/// True for the xattr names stored as ordinary xattrs: `user.*`, `trusted.*`,
+/// `security.*` and the POSIX ACLs (`system.posix_acl_access`,
+/// `system.posix_acl_default`, passed through by the kernel; an access ACL is tied to the
+/// mode bits by [`crate::core::acl`], and the kernel's permission checks use the mode).
+pub fn stored_xattr(name: &[u8]) -> bool {
+    name.starts_with(b"user.")
+        || name.starts_with(b"trusted.")
+        || name.starts_with(b"security.")
+        || name == b"system.posix_acl_access"
+        || name == b"system.posix_acl_default"
+}
+
 /// Largest xattr value.
 pub const XATTR_SIZE_MAX: usize = 65536;
 /// Deepest directory nesting a walk up the parents follows (the tree has no cycles:
@@ -206,6 +218,9 @@ pub struct Options {
     pub readonly: bool,
     /// Path of the metadata database (for the whole-volume snapshot).
     pub meta_path: Option<std::path::PathBuf>,
+    /// Path of the copy image (locked against snapshot mounts while the root pair's
+    /// copy is rewritten).
+    pub copy_path: Option<std::path::PathBuf>,
 }
 
 impl Default for Options {
@@ -214,6 +229,7 @@ impl Default for Options {
             commit_interval: Duration::from_millis(1000),
             readonly: false,
             meta_path: None,
+            copy_path: None,
         }
     }
 }
@@ -782,6 +798,12 @@ impl Fs {
         if let Some(m) = a.mode {
             i.row.perm = m & 0o7777;
             i.row.ctime = now;
+            // chmod rewrites the owner, group-class and other entries of an access ACL.
+            if let Some(acl) = i.xattrs.get_mut(crate::core::acl::ACCESS)
+                && let Ok(new) = crate::core::acl::chmod(acl, i.row.perm)
+            {
+                *acl = new;
+            }
         }
         let owner_change =
             a.uid.is_some_and(|u| u != i.row.uid) || a.gid.is_some_and(|g| g != i.row.gid);
@@ -1299,8 +1321,10 @@ impl Fs {
         if value.len() > XATTR_SIZE_MAX {
             return Err(Error::TooBig);
         }
-        if !name.starts_with(b"user.") && !name.starts_with(b"trusted.") {
-            return Err(Error::NotSupported("only user.* and trusted.* xattrs"));
+        if !stored_xattr(name) {
+            return Err(Error::NotSupported(
+                "only user.*, trusted.*, security.* and system.posix_acl_* xattrs",
+            ));
         }
         let mut st = self.state();
         let i = st.get_mut(ino)?;
@@ -1314,7 +1338,19 @@ impl Fs {
         if flags & libc::XATTR_REPLACE != 0 && !exists {
             return Err(Error::NoData);
         }
-        i.xattrs.insert(name.to_vec(), value.to_vec());
+        if name == crate::core::acl::ACCESS {
+            // As ext4: the ACL sets the mode's permission bits, and one that says no more
+            // than the mode is not stored.
+            let (perm, plain) = crate::core::acl::mode_of(value, i.row.perm)?;
+            i.row.perm = perm;
+            if plain {
+                i.xattrs.remove(name);
+            } else {
+                i.xattrs.insert(name.to_vec(), value.to_vec());
+            }
+        } else {
+            i.xattrs.insert(name.to_vec(), value.to_vec());
+        }
         i.row.ctime = now_ns();
         st.touch(ino);
         Ok(())

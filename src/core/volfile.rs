@@ -165,6 +165,19 @@ pub struct VolumeLock {
     _file: File,
 }
 
+/// The lock a snapshot mount holds on the copy image: the live mount takes it
+/// exclusively, without waiting, for an update, resync or release of the root pair
+/// (which rewrite or free the copy image), and refuses the operation (EBUSY) while a
+/// snapshot mount holds it shared.
+pub fn lock_copy_for_rewrite(copy: &Path) -> Result<VolumeLock> {
+    lock(copy, true).map_err(|_| {
+        Error::Busy(format!(
+            "{} is served by a snapshot mount (pairfs mount-snapshot): unmount it first",
+            copy.display()
+        ))
+    })
+}
+
 fn lock(path: &Path, exclusive: bool) -> Result<VolumeLock> {
     let file = File::open(path).map_err(|e| Error::io("volume", e))?;
     let op = if exclusive {
@@ -226,6 +239,7 @@ pub fn open(p: &Paths, mut opts: Options) -> Result<(Fs, VolumeLock)> {
         meta.set_clean(false)?;
     }
     opts.meta_path = Some(p.meta.clone());
+    opts.copy_path = Some(p.copy.clone());
     let fs = Fs::new(meta, loaded, Box::new(vol), Box::new(copy), opts)?;
     Ok((fs, lk))
 }
@@ -248,6 +262,14 @@ pub fn open_snapshot(p: &Paths) -> Result<(Fs, VolumeLock)> {
             snap.display()
         )));
     }
+    // Shared lock on the copy image first: from here on the live mount refuses update,
+    // resync and release of the root pair, so the state checked below stays true.
+    let lk = lock(&p.copy, false).map_err(|_| {
+        Error::Busy(format!(
+            "{} is being rewritten (update, resync or release of the root pair); try again",
+            p.copy.display()
+        ))
+    })?;
     // The live database says whether every track is copied. A copy that just finished
     // is visible in `getfattr` a moment before its state row is committed: allow it 3 s.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
@@ -273,7 +295,6 @@ pub fn open_snapshot(p: &Paths) -> Result<(Fs, VolumeLock)> {
         }
         std::thread::sleep(std::time::Duration::from_millis(50));
     };
-    let lk = lock(&p.copy, false)?;
     let meta = Meta::open(&snap, true)?;
     let loaded = meta.load()?;
     let snap_root = loaded
@@ -300,8 +321,10 @@ pub fn open_snapshot(p: &Paths) -> Result<(Fs, VolumeLock)> {
         readonly: true,
         ..Options::default()
     };
-    let none = crate::store::volume::MemVolume::new(0);
-    let fs = Fs::new(meta, loaded, Box::new(copy), Box::new(none), opts)?;
+    // Served as the frozen view of the root pair: its reads go to the copy image
+    // whichever image the pair's bits point them at.
+    let copy2 = FileVolume::open(&p.copy, false, "copy image")?;
+    let fs = Fs::new(meta, loaded, Box::new(copy), Box::new(copy2), opts)?;
     Ok((fs, lk))
 }
 

@@ -1,14 +1,10 @@
 //! FUSE adapter of the copy mount: a read-only tree of every frozen copy, each object
-//! at its split-time path with its split-time attributes. Directories that are not
-//! themselves frozen (the parents of a frozen file) are synthesized, mode 0555.
-//!
-//! The tree is rebuilt whenever the set of frozen copies changes (split, update,
-//! resync, release, error); inode numbers stay stable per path.
+//! at its split-time path with its split-time attributes and xattrs. The tree is the
+//! core's frozen view ([`crate::snap::view`]); this adapter only converts and replies.
 
-use std::collections::{BTreeMap, HashMap};
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use fuser::{
@@ -18,177 +14,106 @@ use fuser::{
 };
 
 use crate::core::fs::Fs;
-use crate::fuse::main_fs::systime;
-use crate::snap::pair::{Frozen, FrozenKind, PairId};
+use crate::fuse::main_fs::{reply_xattr, systime};
+use crate::snap::pair::FrozenKind;
+use crate::snap::view::{Content, FrozenView, VIEW_ROOT, ViewAttr, ViewNode};
 
-const TTL: Duration = Duration::ZERO;
-
-#[derive(Debug, Clone)]
-enum Node {
-    Dir(BTreeMap<Vec<u8>, u64>),
-    File(PairId, usize, u64),
-    Symlink(Vec<u8>),
-}
-
-#[derive(Debug, Clone)]
-struct Entry {
-    node: Node,
-    attr: FileAttr,
-    parent: u64,
-}
-
-#[derive(Default)]
-struct Tree {
-    stamp: Vec<(PairId, i64, usize)>,
-    nodes: HashMap<u64, Entry>,
-    inos: HashMap<String, u64>,
-    next: u64,
-}
+/// How long the kernel may keep names and attributes. A view does not change until the
+/// frozen set does; then [`invalidate_on_change`] drops the kernel's cached names, so
+/// this only bounds what a process that sits inside the copy mount (its working
+/// directory, open files) can still see of the previous instant.
+const TTL: Duration = Duration::from_secs(1);
 
 /// The copy mount.
 pub struct CopyFs {
     fs: Arc<Fs>,
-    tree: Mutex<Tree>,
 }
 
-fn dir_attr(ino: u64, t: i64) -> FileAttr {
+fn file_type(k: FrozenKind) -> FileType {
+    match k {
+        FrozenKind::File => FileType::RegularFile,
+        FrozenKind::Dir => FileType::Directory,
+        FrozenKind::Symlink => FileType::Symlink,
+        FrozenKind::Fifo => FileType::NamedPipe,
+        FrozenKind::Socket => FileType::Socket,
+        FrozenKind::CharDev => FileType::CharDevice,
+        FrozenKind::BlockDev => FileType::BlockDevice,
+    }
+}
+
+fn attr(a: &ViewAttr) -> FileAttr {
     FileAttr {
-        ino: INodeNo(ino),
-        size: 4096,
-        blocks: 8,
-        atime: systime(t),
-        mtime: systime(t),
-        ctime: systime(t),
-        crtime: systime(t),
-        kind: FileType::Directory,
-        perm: 0o555,
-        nlink: 2,
-        uid: 0,
-        gid: 0,
-        rdev: 0,
+        ino: INodeNo(a.ino),
+        size: a.size,
+        blocks: a.blocks,
+        atime: systime(a.atime),
+        mtime: systime(a.mtime),
+        ctime: systime(a.ctime),
+        crtime: systime(a.ctime),
+        kind: file_type(a.kind),
+        perm: a.perm as u16,
+        nlink: a.nlink,
+        uid: a.uid,
+        gid: a.gid,
+        rdev: a.rdev,
         blksize: 65536,
         flags: 0,
     }
 }
 
+/// Spawns a thread that, after every change of the frozen set (split, update, resync,
+/// release, error), tells the kernel to forget the copy mount's top-level names and the
+/// root's attributes: the next path walk looks the new view up.
+pub fn invalidate_on_change(fs: Arc<Fs>, notifier: fuser::Notifier) -> std::io::Result<()> {
+    let rx = fs.engine.watch_view();
+    std::thread::Builder::new()
+        .name("pairfs-copy-inval".into())
+        .spawn(move || {
+            let mut old = fs.engine.view(fs.ts);
+            while rx.recv().is_ok() {
+                while rx.try_recv().is_ok() {}
+                let new = fs.engine.view(fs.ts);
+                let mut names: Vec<&[u8]> = Vec::new();
+                for v in [&old, &new] {
+                    if let Some(Content::Dir(d)) = v.get(VIEW_ROOT).map(|n| &n.content) {
+                        names.extend(d.entries().iter().map(|(n, _)| n.as_slice()));
+                    }
+                }
+                names.sort();
+                names.dedup();
+                for n in names {
+                    if let Err(e) = notifier.inval_entry(INodeNo(VIEW_ROOT), OsStr::from_bytes(n))
+                        && e.raw_os_error() != Some(libc::ENOENT)
+                    {
+                        log::debug!("copy mount: invalidate {}: {e}", String::from_utf8_lossy(n));
+                    }
+                }
+                let _ = notifier.inval_inode(INodeNo(VIEW_ROOT), -1, 0);
+                drop(old);
+                old = new;
+            }
+        })?;
+    Ok(())
+}
+
 impl CopyFs {
     /// Serves the frozen copies of `fs`.
     pub fn new(fs: Arc<Fs>) -> Self {
-        CopyFs {
-            fs,
-            tree: Mutex::new(Tree {
-                next: 2,
-                ..Tree::default()
-            }),
-        }
+        CopyFs { fs }
     }
 
-    fn with_tree<T>(&self, f: impl FnOnce(&Tree) -> T) -> T {
-        let objs = self.fs.engine.frozen_objects();
-        let mut stamp: Vec<(PairId, i64, usize)> = Vec::new();
-        for (id, _, fz) in &objs {
-            if stamp.last().is_none_or(|s| s.0 != *id) {
-                stamp.push((*id, fz.attr.ctime, 0));
-            }
-            stamp.last_mut().expect("pushed").2 += 1;
-        }
-        let splits: Vec<(PairId, i64)> = self
-            .fs
-            .engine
-            .all_status(&self.fs)
-            .iter()
-            .map(|s| (s.id, s.split_ns))
-            .collect();
-        for s in stamp.iter_mut() {
-            s.1 = splits.iter().find(|x| x.0 == s.0).map_or(0, |x| x.1);
-        }
-        let mut t = self.tree.lock().unwrap_or_else(|p| p.into_inner());
-        if t.nodes.is_empty() || t.stamp != stamp {
-            Self::rebuild(&mut t, &objs, self.fs.ts);
-            t.stamp = stamp;
-        }
-        f(&t)
+    fn view(&self) -> Arc<FrozenView> {
+        self.fs.engine.view(self.fs.ts)
     }
 
-    fn rebuild(t: &mut Tree, objs: &[(PairId, usize, Frozen)], ts: u64) {
-        t.nodes.clear();
-        let newest = objs.iter().map(|o| o.2.attr.ctime).max().unwrap_or(0);
-        t.nodes.insert(
-            1,
-            Entry {
-                node: Node::Dir(BTreeMap::new()),
-                attr: dir_attr(1, newest),
-                parent: 1,
-            },
-        );
-        for (id, idx, f) in objs {
-            let parts: Vec<&str> = f.path.split('/').filter(|p| !p.is_empty()).collect();
-            let mut cur = 1u64;
-            let mut path = String::new();
-            for (k, part) in parts.iter().enumerate() {
-                path.push('/');
-                path.push_str(part);
-                let last = k + 1 == parts.len();
-                let ino = match t.inos.get(&path) {
-                    Some(&i) => i,
-                    None => {
-                        let i = t.next;
-                        t.next += 1;
-                        t.inos.insert(path.clone(), i);
-                        i
-                    }
-                };
-                if let std::collections::hash_map::Entry::Vacant(v) = t.nodes.entry(ino) {
-                    v.insert(Entry {
-                        node: Node::Dir(BTreeMap::new()),
-                        attr: dir_attr(ino, f.attr.ctime),
-                        parent: cur,
-                    });
-                    if let Some(Entry {
-                        node: Node::Dir(ch),
-                        ..
-                    }) = t.nodes.get_mut(&cur)
-                    {
-                        ch.insert(part.as_bytes().to_vec(), ino);
-                    }
-                }
-                if last {
-                    let e = t.nodes.get_mut(&ino).expect("inserted");
-                    let a = &f.attr;
-                    e.attr = FileAttr {
-                        ino: INodeNo(ino),
-                        size: a.size,
-                        blocks: f.extents.tracks() * ts / 512,
-                        atime: systime(a.atime),
-                        mtime: systime(a.mtime),
-                        ctime: systime(a.ctime),
-                        crtime: systime(a.ctime),
-                        kind: match a.kind {
-                            FrozenKind::File => FileType::RegularFile,
-                            FrozenKind::Dir => FileType::Directory,
-                            FrozenKind::Symlink => FileType::Symlink,
-                        },
-                        perm: a.perm as u16,
-                        nlink: if a.kind == FrozenKind::Dir { 2 } else { 1 },
-                        uid: a.uid,
-                        gid: a.gid,
-                        rdev: 0,
-                        blksize: 65536,
-                        flags: 0,
-                    };
-                    match a.kind {
-                        FrozenKind::File => e.node = Node::File(*id, *idx, f.ino),
-                        FrozenKind::Symlink => e.node = Node::Symlink(f.target.clone()),
-                        FrozenKind::Dir => {}
-                    }
-                }
-                cur = ino;
-            }
-        }
-    }
-
-    fn get(&self, ino: u64) -> Option<Entry> {
-        self.with_tree(|t| t.nodes.get(&ino).cloned())
+    /// Runs `f` on node `ino` of the current view (ENOENT if absent).
+    fn with<T>(
+        &self,
+        ino: INodeNo,
+        f: impl FnOnce(&ViewNode) -> Result<T, Errno>,
+    ) -> Result<T, Errno> {
+        let v = self.view();
+        v.get(ino.0).map_or(Err(Errno::ENOENT), f)
     }
 }
 
@@ -203,29 +128,24 @@ impl Filesystem for CopyFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        let r = self.with_tree(|t| match t.nodes.get(&parent.0).map(|e| &e.node) {
-            Some(Node::Dir(ch)) => ch
-                .get(name.as_bytes())
-                .and_then(|i| t.nodes.get(i))
-                .map(|e| e.attr),
-            _ => None,
-        });
-        match r {
-            Some(a) => reply.entry(&TTL, &a, Generation(0)),
+        let v = self.view();
+        match v.lookup(parent.0, name.as_bytes()) {
+            Some(n) => reply.entry(&TTL, &attr(&n.attr), Generation(0)),
             None => reply.error(Errno::ENOENT),
         }
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        match self.get(ino.0) {
-            Some(e) => reply.attr(&TTL, &e.attr),
-            None => reply.error(Errno::ENOENT),
+        match self.with(ino, |n| Ok(attr(&n.attr))) {
+            Ok(a) => reply.attr(&TTL, &a),
+            Err(e) => reply.error(e),
         }
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
-        match self.get(ino.0).map(|e| e.node) {
-            Some(Node::Symlink(t)) => reply.data(&t),
+        let v = self.view();
+        match v.get(ino.0).map(|n| &n.content) {
+            Some(Content::Symlink(t)) => reply.data(t),
             Some(_) => reply.error(Errno::EINVAL),
             None => reply.error(Errno::ENOENT),
         }
@@ -236,10 +156,15 @@ impl Filesystem for CopyFs {
             reply.error(erofs());
             return;
         }
-        match self.get(ino.0).map(|e| e.node) {
-            Some(Node::File(..)) => reply.opened(FileHandle(0), FopenFlags::empty()),
-            Some(_) => reply.error(Errno::EISDIR),
-            None => reply.error(Errno::ENOENT),
+        let r = self.with(ino, |n| match n.content {
+            Content::File { .. } => Ok(()),
+            Content::Dir(_) => Err(Errno::EISDIR),
+            // FIFOs, sockets and devices of a frozen copy have nothing to open.
+            _ => Err(Errno::from_i32(libc::ENXIO)),
+        });
+        match r {
+            Ok(()) => reply.opened(FileHandle(0), FopenFlags::empty()),
+            Err(e) => reply.error(e),
         }
     }
 
@@ -254,8 +179,12 @@ impl Filesystem for CopyFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        match self.get(ino.0).map(|e| e.node) {
-            Some(Node::File(id, idx, fino)) => {
+        let file = self.with(ino, |n| match n.content {
+            Content::File { pair, idx, ino } => Ok((pair, idx, ino)),
+            _ => Err(Errno::EISDIR),
+        });
+        match file {
+            Ok((id, idx, fino)) => {
                 match self
                     .fs
                     .engine
@@ -268,8 +197,7 @@ impl Filesystem for CopyFs {
                     }
                 }
             }
-            Some(_) => reply.error(Errno::EISDIR),
-            None => reply.error(Errno::ENOENT),
+            Err(e) => reply.error(e),
         }
     }
 
@@ -285,10 +213,12 @@ impl Filesystem for CopyFs {
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        match self.get(ino.0).map(|e| e.node) {
-            Some(Node::Dir(_)) => reply.opened(FileHandle(0), FopenFlags::empty()),
-            Some(_) => reply.error(Errno::ENOTDIR),
-            None => reply.error(Errno::ENOENT),
+        match self.with(ino, |n| match n.content {
+            Content::Dir(_) => Ok(()),
+            _ => Err(Errno::ENOTDIR),
+        }) {
+            Ok(()) => reply.opened(FileHandle(0), FopenFlags::empty()),
+            Err(e) => reply.error(e),
         }
     }
 
@@ -300,26 +230,37 @@ impl Filesystem for CopyFs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        let entries = self.with_tree(|t| {
-            let e = t.nodes.get(&ino.0)?;
-            let Node::Dir(ch) = &e.node else { return None };
-            let mut v = vec![
-                (ino.0, FileType::Directory, b".".to_vec()),
-                (e.parent, FileType::Directory, b"..".to_vec()),
-            ];
-            for (n, i) in ch {
-                if let Some(c) = t.nodes.get(i) {
-                    v.push((*i, c.attr.kind, n.clone()));
-                }
-            }
-            Some(v)
-        });
-        let Some(entries) = entries else {
+        let v = self.view();
+        let Some(n) = v.get(ino.0) else {
+            reply.error(Errno::ENOENT);
+            return;
+        };
+        let Content::Dir(d) = &n.content else {
             reply.error(Errno::ENOTDIR);
             return;
         };
-        for (k, (i, kind, name)) in entries.into_iter().enumerate().skip(offset as usize) {
-            if reply.add(INodeNo(i), (k + 1) as u64, kind, OsStr::from_bytes(&name)) {
+        // Offsets: 1 is ".", 2 is "..", 2 + k + 1 follows entry k.
+        let dots = [(ino.0, b".".as_slice()), (n.parent, b"..".as_slice())];
+        for (k, (i, name)) in dots.iter().enumerate().skip(offset as usize) {
+            if reply.add(
+                INodeNo(*i),
+                (k + 1) as u64,
+                FileType::Directory,
+                OsStr::from_bytes(name),
+            ) {
+                reply.ok();
+                return;
+            }
+        }
+        let from = (offset as usize).saturating_sub(2);
+        for (k, (name, i)) in d.entries().iter().enumerate().skip(from) {
+            let Some(c) = v.get(*i) else { continue };
+            if reply.add(
+                INodeNo(*i),
+                (k + 3) as u64,
+                file_type(c.attr.kind),
+                OsStr::from_bytes(name),
+            ) {
                 break;
             }
         }
@@ -332,23 +273,25 @@ impl Filesystem for CopyFs {
         reply.statfs(blocks, 0, 0, 0, 0, 4096, 255, 4096);
     }
 
-    fn getxattr(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        _name: &OsStr,
-        _size: u32,
-        reply: ReplyXattr,
-    ) {
-        reply.error(Errno::from_i32(libc::ENODATA));
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let v = self.view();
+        let r = match v.get(ino.0) {
+            Some(n) => n
+                .xattr(name.as_bytes())
+                .map(<[u8]>::to_vec)
+                .ok_or(crate::Error::NoData),
+            None => Err(crate::Error::NotFound("copy-mount inode".into())),
+        };
+        reply_xattr(reply, size, r, "getxattr");
     }
 
-    fn listxattr(&self, _req: &Request, _ino: INodeNo, size: u32, reply: ReplyXattr) {
-        if size == 0 {
-            reply.size(0);
-        } else {
-            reply.data(&[]);
-        }
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        let v = self.view();
+        let r = match v.get(ino.0) {
+            Some(n) => Ok(n.xattr_names()),
+            None => Err(crate::Error::NotFound("copy-mount inode".into())),
+        };
+        reply_xattr(reply, size, r, "listxattr");
     }
 
     fn access(&self, _req: &Request, ino: INodeNo, mask: fuser::AccessFlags, reply: ReplyEmpty) {
@@ -356,9 +299,9 @@ impl Filesystem for CopyFs {
             reply.error(erofs());
             return;
         }
-        match self.get(ino.0) {
-            Some(_) => reply.ok(),
-            None => reply.error(Errno::ENOENT),
+        match self.with(ino, |_| Ok(())) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
         }
     }
 }

@@ -98,12 +98,22 @@ fn ctx(req: &Request) -> Ctx {
 /// The main mount.
 pub struct MainFs {
     fs: Arc<Fs>,
+    notifier: Arc<std::sync::OnceLock<fuser::Notifier>>,
 }
 
 impl MainFs {
     /// Wraps the core.
     pub fn new(fs: Arc<Fs>) -> Self {
-        MainFs { fs }
+        MainFs {
+            fs,
+            notifier: Arc::default(),
+        }
+    }
+
+    /// Where to put the session's notifier once the session exists: setting an access
+    /// ACL changes the mode, and the kernel must drop the attributes it has cached.
+    pub fn notifier_slot(&self) -> Arc<std::sync::OnceLock<fuser::Notifier>> {
+        self.notifier.clone()
     }
 
     fn entry(&self, r: crate::Result<Attr>, reply: ReplyEntry, op: &str) {
@@ -158,7 +168,7 @@ impl MainFs {
     }
 }
 
-fn reply_xattr(reply: ReplyXattr, size: u32, data: crate::Result<Vec<u8>>, op: &str) {
+pub(crate) fn reply_xattr(reply: ReplyXattr, size: u32, data: crate::Result<Vec<u8>>, op: &str) {
     match data {
         Ok(d) if size == 0 => reply.size(d.len() as u32),
         Ok(d) if d.len() > size as usize => reply.error(Errno::from_i32(libc::ERANGE)),
@@ -567,6 +577,13 @@ impl Filesystem for MainFs {
             Some(op) => self.control_set(ino.0, op, value),
             None => self.fs.setxattr(ino.0, n, value, flags),
         };
+        if r.is_ok()
+            && n == crate::core::acl::ACCESS
+            && let Some(notifier) = self.notifier.get()
+        {
+            // The ACL set the mode; the kernel only refreshes ctime after a setxattr.
+            let _ = notifier.inval_inode(ino, -1, 0);
+        }
         match r {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(&e, "setxattr")),

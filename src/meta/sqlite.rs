@@ -16,8 +16,17 @@ use crate::core::trackset::TrackSet;
 use crate::error::{Error, Result};
 use crate::snap::pair::{Frozen, FrozenAttr, FrozenKind, Pair, PairId, Progress, Scope, State};
 
-/// Schema version written by this build.
-pub const SCHEMA_VERSION: u32 = 1;
+/// Schema version written by this build. Version 1 (no `rdev`, `links`, `xattrs` in
+/// `frozen`) is migrated on a read-write open and read as is on a read-only one.
+pub const SCHEMA_VERSION: u32 = 2;
+
+/// Version 1 to 2: frozen objects keep their device number, hard-link names and xattrs.
+const MIGRATE_1_2: &str = "
+ALTER TABLE frozen ADD COLUMN rdev INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE frozen ADD COLUMN links BLOB NOT NULL DEFAULT x'';
+ALTER TABLE frozen ADD COLUMN xattrs BLOB NOT NULL DEFAULT x'';
+UPDATE super SET value = '2' WHERE key = 'schema_version';
+";
 
 const SCHEMA: &str = "
 CREATE TABLE super(key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -41,6 +50,8 @@ CREATE TABLE frozen(pair INTEGER NOT NULL, seq INTEGER NOT NULL, ino INTEGER NOT
   path TEXT NOT NULL, kind INTEGER NOT NULL, perm INTEGER NOT NULL, uid INTEGER NOT NULL,
   gid INTEGER NOT NULL, size INTEGER NOT NULL, atime INTEGER NOT NULL, mtime INTEGER NOT NULL,
   ctime INTEGER NOT NULL, target BLOB NOT NULL, extents BLOB NOT NULL,
+  rdev INTEGER NOT NULL DEFAULT 0, links BLOB NOT NULL DEFAULT x'',
+  xattrs BLOB NOT NULL DEFAULT x'',
   PRIMARY KEY(pair, seq)) WITHOUT ROWID;
 ";
 
@@ -207,6 +218,8 @@ pub struct Loaded {
 pub struct Meta {
     conn: Connection,
     geometry: Geometry,
+    /// Schema version of the file (1 only for a read-only open of an old volume).
+    version: u32,
 }
 
 fn corrupt(msg: impl Into<String>) -> Error {
@@ -246,6 +259,7 @@ impl Meta {
         Ok(Meta {
             conn,
             geometry: geometry.clone(),
+            version: SCHEMA_VERSION,
         })
     }
 
@@ -275,6 +289,7 @@ impl Meta {
         Ok(Meta {
             conn,
             geometry: geometry.clone(),
+            version: SCHEMA_VERSION,
         })
     }
 
@@ -317,7 +332,7 @@ impl Meta {
         let ver: u32 = get("schema_version")?
             .parse()
             .map_err(|_| corrupt("schema_version is not a number"))?;
-        if ver != SCHEMA_VERSION {
+        if !(1..=SCHEMA_VERSION).contains(&ver) {
             return Err(corrupt(format!(
                 "{}: schema version {ver}, this pairfs reads version {SCHEMA_VERSION}",
                 path.display()
@@ -340,10 +355,22 @@ impl Meta {
         {
             return Err(corrupt(format!("impossible geometry {geometry:?}")));
         }
+        let mut version = ver;
         if !readonly {
             Self::pragmas(&conn)?;
+            if ver == 1 {
+                let tx = conn.unchecked_transaction()?;
+                tx.execute_batch(MIGRATE_1_2)?;
+                tx.commit()?;
+                log::info!("{}: schema migrated from version 1 to 2", path.display());
+                version = 2;
+            }
         }
-        Ok(Meta { conn, geometry })
+        Ok(Meta {
+            conn,
+            geometry,
+            version,
+        })
     }
 
     /// Volume geometry and identity.
@@ -497,9 +524,11 @@ impl Meta {
             for set in [&mut p.forming, &mut p.split_diff, &mut p.update_diff] {
                 set.take_dirty();
             }
-            let mut fs = c.prepare(
-                "SELECT ino, path, kind, perm, uid, gid, size, atime, mtime, ctime, target, extents FROM frozen WHERE pair = ?1 ORDER BY seq",
-            )?;
+            let mut fs = c.prepare(if self.version >= 2 {
+                "SELECT ino, path, kind, perm, uid, gid, size, atime, mtime, ctime, target, extents, rdev, links, xattrs FROM frozen WHERE pair = ?1 ORDER BY seq"
+            } else {
+                "SELECT ino, path, kind, perm, uid, gid, size, atime, mtime, ctime, target, extents, 0, x'', x'' FROM frozen WHERE pair = ?1 ORDER BY seq"
+            })?;
             let rows = fs.query_map([id], |r| {
                 Ok((
                     r.get::<_, u64>(0)?,
@@ -510,16 +539,32 @@ impl Meta {
                     [r.get::<_, i64>(7)?, r.get(8)?, r.get(9)?],
                     r.get::<_, Vec<u8>>(10)?,
                     r.get::<_, Vec<u8>>(11)?,
+                    (
+                        r.get::<_, u32>(12)?,
+                        r.get::<_, Vec<u8>>(13)?,
+                        r.get::<_, Vec<u8>>(14)?,
+                    ),
                 ))
             })?;
             for r in rows {
-                let (ino, path, kind, pug, size, t, target, ext) = r?;
-                let kind = match kind {
-                    0 => FrozenKind::File,
-                    1 => FrozenKind::Dir,
-                    2 => FrozenKind::Symlink,
-                    k => return Err(corrupt(format!("pair {id}: frozen kind {k}"))),
-                };
+                let (ino, path, kind, pug, size, t, target, ext, (rdev, links, xattrs)) = r?;
+                let kind = FrozenKind::from_code(kind)
+                    .ok_or_else(|| corrupt(format!("pair {id}: frozen kind {kind}")))?;
+                let links = decode_blobs(&links)
+                    .map_err(|e| corrupt(format!("pair {id}: frozen links: {e}")))?
+                    .into_iter()
+                    .map(|b| String::from_utf8(b).map_err(|_| corrupt("frozen link not UTF-8")))
+                    .collect::<Result<Vec<String>>>()?;
+                let xattrs = decode_blobs(&xattrs)
+                    .map_err(|e| corrupt(format!("pair {id}: frozen xattrs: {e}")))?;
+                if xattrs.len() % 2 != 0 {
+                    return Err(corrupt(format!("pair {id}: frozen xattrs: odd count")));
+                }
+                let mut it = xattrs.into_iter();
+                let mut xa = Vec::new();
+                while let (Some(n), Some(v)) = (it.next(), it.next()) {
+                    xa.push((n, v));
+                }
                 p.frozen.push(Frozen {
                     ino,
                     path,
@@ -532,7 +577,10 @@ impl Meta {
                         atime: t[0],
                         mtime: t[1],
                         ctime: t[2],
+                        rdev,
                     },
+                    links,
+                    xattrs: xa,
                     extents: {
                         let m = decode_extents(&ext)
                             .map_err(|e| corrupt(format!("pair {id}: frozen extents: {e}")))?;
@@ -652,14 +700,16 @@ impl Meta {
         if let Some(frozen) = &d.frozen {
             tx.execute("DELETE FROM frozen WHERE pair = ?1", [d.id])?;
             let mut put = tx.prepare_cached(
-                "INSERT INTO frozen VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
+                "INSERT INTO frozen VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)",
             )?;
             for (seq, f) in frozen.iter().enumerate() {
-                let kind = match f.attr.kind {
-                    FrozenKind::File => 0,
-                    FrozenKind::Dir => 1,
-                    FrozenKind::Symlink => 2,
-                };
+                let kind = f.attr.kind.code();
+                let links = encode_blobs(f.links.iter().map(|l| l.as_bytes()));
+                let xattrs = encode_blobs(
+                    f.xattrs
+                        .iter()
+                        .flat_map(|(n, v)| [n.as_slice(), v.as_slice()]),
+                );
                 put.execute(params![
                     d.id,
                     seq as u64,
@@ -674,7 +724,10 @@ impl Meta {
                     f.attr.mtime,
                     f.attr.ctime,
                     f.target,
-                    encode_extents(&f.extents)
+                    encode_extents(&f.extents),
+                    f.attr.rdev,
+                    links,
+                    xattrs
                 ])?;
             }
         }
@@ -718,6 +771,33 @@ pub fn encode_extents(m: &ExtentMap) -> Vec<u8> {
         out.extend_from_slice(&e.len.to_le_bytes());
     }
     out
+}
+
+/// Encodes byte strings as (u32 length, bytes) records.
+pub fn encode_blobs<'a>(items: impl Iterator<Item = &'a [u8]>) -> Vec<u8> {
+    let mut out = Vec::new();
+    for b in items {
+        out.extend_from_slice(&(b.len() as u32).to_le_bytes());
+        out.extend_from_slice(b);
+    }
+    out
+}
+
+/// Decodes [`encode_blobs`], refusing malformed input.
+pub fn decode_blobs(mut b: &[u8]) -> std::result::Result<Vec<Vec<u8>>, String> {
+    let mut out = Vec::new();
+    while !b.is_empty() {
+        let Some((len, rest)) = b.split_first_chunk::<4>() else {
+            return Err("truncated length".into());
+        };
+        let len = u32::from_le_bytes(*len) as usize;
+        if rest.len() < len {
+            return Err("truncated record".into());
+        }
+        out.push(rest[..len].to_vec());
+        b = &rest[len..];
+    }
+    Ok(out)
 }
 
 /// Decodes [`encode_extents`], refusing malformed input.
@@ -842,6 +922,98 @@ mod tests {
             Meta::open(&dir.path().join("missing"), false),
             Err(Error::NotFound(_))
         ));
+    }
+
+    fn frozen_pair(m: &mut Meta, f: Frozen) {
+        let mut p = Pair::new(3, Scope::Dir(2), "/d".into(), TrackSet::new(), 0);
+        let b = Batch {
+            pairs: vec![PairDelta {
+                id: 3,
+                row: Some(PairRow::of(&p)),
+                chunks: take_dirty_chunks(&mut p),
+                frozen: Some(vec![f]),
+                ..PairDelta::default()
+            }],
+            ..Batch::default()
+        };
+        m.commit(&b).unwrap();
+    }
+
+    #[test]
+    fn frozen_rows_keep_links_xattrs_rdev_and_version_1_migrates() {
+        let dir = tempfile::tempdir().unwrap();
+        let q = dir.path().join("v.meta");
+        let mut m = Meta::create(&q, &geo(), 0).unwrap();
+        let f = Frozen {
+            ino: 9,
+            path: "d/a/f".into(),
+            attr: FrozenAttr {
+                kind: FrozenKind::CharDev,
+                perm: 0o600,
+                rdev: 0x0501,
+                ..FrozenAttr::default()
+            },
+            links: vec!["d/b/g".into(), "d/h".into()],
+            xattrs: vec![
+                (b"system.posix_acl_access".to_vec(), vec![2, 0, 0, 0, 1]),
+                (b"user.empty".to_vec(), Vec::new()),
+            ],
+            ..Frozen::default()
+        };
+        frozen_pair(&mut m, f.clone());
+        assert_eq!(m.load().unwrap().pairs[0].frozen, vec![f.clone()]);
+        drop(m);
+        // Make it a version-1 database: no rdev, links, xattrs columns.
+        let c = Connection::open(&q).unwrap();
+        c.execute_batch(
+            "ALTER TABLE frozen DROP COLUMN rdev; ALTER TABLE frozen DROP COLUMN links;
+             ALTER TABLE frozen DROP COLUMN xattrs;
+             UPDATE super SET value = '1' WHERE key = 'schema_version';",
+        )
+        .unwrap();
+        drop(c);
+        let plain = Frozen {
+            links: Vec::new(),
+            xattrs: Vec::new(),
+            attr: FrozenAttr {
+                rdev: 0,
+                ..f.attr.clone()
+            },
+            ..f.clone()
+        };
+        // A read-only open reads version 1 as is and changes nothing.
+        let ro = Meta::open(&q, true).unwrap();
+        assert_eq!(ro.load().unwrap().pairs[0].frozen, vec![plain.clone()]);
+        drop(ro);
+        let c = Connection::open(&q).unwrap();
+        let v: String = c
+            .query_row(
+                "SELECT value FROM super WHERE key = 'schema_version'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(v, "1");
+        drop(c);
+        // A read-write open migrates, keeps the old rows and stores the new fields.
+        let mut m = Meta::open(&q, false).unwrap();
+        assert_eq!(m.load().unwrap().pairs[0].frozen, vec![plain]);
+        frozen_pair(&mut m, f.clone());
+        drop(m);
+        let m = Meta::open(&q, true).unwrap();
+        assert_eq!(m.load().unwrap().pairs[0].frozen, vec![f]);
+    }
+
+    #[test]
+    fn blob_list_is_validated() {
+        let items: Vec<&[u8]> = vec![b"a", b"", b"xyz"];
+        let e = encode_blobs(items.iter().copied());
+        assert_eq!(
+            decode_blobs(&e).unwrap(),
+            vec![b"a".to_vec(), vec![], b"xyz".to_vec()]
+        );
+        assert!(decode_blobs(&e[..e.len() - 1]).is_err());
+        assert!(decode_blobs(&[1, 0]).is_err());
     }
 
     #[test]

@@ -31,6 +31,7 @@ use crate::error::{Error, Result};
 use crate::meta::{Meta, PairDelta, PairRow, take_dirty_chunks};
 use crate::snap::pair::{Frozen, FrozenAttr, FrozenKind, Pair, PairId, Pins, Scope, State};
 use crate::snap::stage::StageTable;
+use crate::snap::view::{Builder, FrozenView, Numbering};
 use crate::store::volume::Volume;
 
 /// Largest copier batch in bytes (bounded memory; a host copy-on-write waits for at
@@ -141,6 +142,16 @@ pub struct Engine {
     destage_lock: Mutex<()>,
     /// Tracks staged since mount.
     pub staged_total: AtomicU64,
+    /// Bumped after every change of the set of frozen objects (split, update, resync,
+    /// release, error, load); the view is rebuilt when it is behind.
+    view_gen: AtomicU64,
+    /// The current frozen view.
+    view: RwLock<Arc<FrozenView>>,
+    /// Serializes rebuilds; keeps inode numbers stable across them.
+    view_numbering: Mutex<Numbering>,
+    /// Told (without blocking) after every change of the frozen set, e.g. so a copy
+    /// mount can drop the kernel's cached names of the old view.
+    view_watchers: Mutex<Vec<std::sync::mpsc::Sender<u64>>>,
 }
 
 /// A snapshot of one pair for status displays.
@@ -362,6 +373,7 @@ impl Engine {
                 .insert(slot.id, slot);
         }
         self.next_id.store(max, Ordering::Relaxed);
+        self.frozen_changed();
         Ok(())
     }
 
@@ -589,6 +601,7 @@ impl Engine {
             .clear();
         let msg = format!("copy to the copy image failed: {e}; run update or resync to recover");
         let pins = slot.lock().fail(msg.clone());
+        self.frozen_changed();
         log::error!("pair {}: state error: {msg}", slot.id);
         slot.dirty.store(true, Ordering::Release);
         // The error state (no frozen map) is durable before its tracks can be reused.
@@ -1063,22 +1076,51 @@ impl Engine {
         }
     }
 
-    /// Builds the frozen objects of a scope from the current state.
+    /// Builds the frozen objects of a scope from the current state: every object with
+    /// its split-time attributes and xattrs, a hard-linked one with each of its names
+    /// inside the scope.
     fn freeze(st: &crate::core::fs::State, members: &[u64]) -> Vec<Frozen> {
-        let mut out = Vec::new();
+        let inside: std::collections::HashSet<u64> = members.iter().copied().collect();
+        // Paths of the directories seen so far (parents are frozen before children:
+        // `members` is breadth first from the top).
+        let mut dir_paths: std::collections::HashMap<u64, String> =
+            std::collections::HashMap::new();
+        let path_of = |dir: u64, dir_paths: &mut std::collections::HashMap<u64, String>| {
+            dir_paths
+                .entry(dir)
+                .or_insert_with(|| st.path_of(dir))
+                .clone()
+        };
+        let mut out = Vec::with_capacity(members.len());
         for &ino in members {
             let Some(i) = st.inodes.get(&ino) else {
                 continue;
             };
-            let kind = match i.row.kind {
-                libc::S_IFREG => FrozenKind::File,
-                libc::S_IFDIR => FrozenKind::Dir,
-                libc::S_IFLNK => FrozenKind::Symlink,
-                _ => continue,
+            let Some(kind) = FrozenKind::from_mode(i.row.kind) else {
+                continue;
             };
+            let mut names: Vec<String> = Vec::new();
+            for (parent, name) in &i.links {
+                if inside.contains(parent) {
+                    let dir = path_of(*parent, &mut dir_paths);
+                    let name = String::from_utf8_lossy(name);
+                    names.push(if dir.is_empty() {
+                        name.into_owned()
+                    } else {
+                        format!("{dir}/{name}")
+                    });
+                }
+            }
+            if names.is_empty() {
+                names.push(st.path_of(ino));
+            }
+            if kind == FrozenKind::Dir {
+                dir_paths.insert(ino, names[0].clone());
+            }
+            let path = names.remove(0);
             out.push(Frozen {
                 ino,
-                path: st.path_of(ino),
+                path,
                 attr: FrozenAttr {
                     kind,
                     perm: i.row.perm,
@@ -1088,6 +1130,7 @@ impl Engine {
                     atime: i.row.atime,
                     mtime: i.row.mtime,
                     ctime: i.row.ctime,
+                    rdev: i.row.rdev,
                 },
                 extents: if kind == FrozenKind::File {
                     i.extents.clone()
@@ -1095,6 +1138,13 @@ impl Engine {
                     Default::default()
                 },
                 target: i.row.target.clone().unwrap_or_default(),
+                links: names,
+                xattrs: i
+                    .xattrs
+                    .iter()
+                    .filter(|(n, _)| !n.starts_with(b"user.pairfs."))
+                    .map(|(n, v)| (n.clone(), v.clone()))
+                    .collect(),
             });
         }
         out
@@ -1157,6 +1207,21 @@ impl Engine {
 
     /// The body of a control operation; the caller holds the write barrier.
     fn run_locked(&self, fs: &Fs, slot: Arc<Slot>, op: Op) -> Result<()> {
+        let scope = slot.lock().scope;
+        // Update, resync and release of the root pair rewrite or free the copy image a
+        // snapshot mount may be serving: refused while one holds it.
+        let _copy_lock = match (&fs.opts.copy_path, scope, op) {
+            (Some(copy), Scope::Root, Op::Update | Op::Resync | Op::Release) => {
+                match crate::core::volfile::lock_copy_for_rewrite(copy) {
+                    Ok(l) => Some(l),
+                    Err(e) => {
+                        log::warn!("pair {}: {op:?} refused: {e}", slot.id);
+                        return Err(e);
+                    }
+                }
+            }
+            _ => None,
+        };
         let gate = slot.gate();
         // Copies made for the current instant become durable before it changes.
         if let Err(e) = self.confirm(fs, &slot, &gate) {
@@ -1164,7 +1229,6 @@ impl Engine {
         }
         let before = slot.lock().state;
         let now = now_ns();
-        let scope = slot.lock().scope;
         let frozen_changed = match op {
             Op::Split | Op::Update => {
                 let frozen = {
@@ -1179,6 +1243,7 @@ impl Engine {
                         p.update(frozen, now)?
                     }
                 };
+                self.frozen_changed();
                 fs.durability.clear_copy_poison();
                 Self::apply_pins(fs, &pins);
                 true
@@ -1189,6 +1254,7 @@ impl Engine {
                     Fs::tracks_of(&st, &Self::members_of(&st, scope, slot.id))
                 };
                 let pins = slot.lock().resync(&current, now)?;
+                self.frozen_changed();
                 fs.durability.clear_copy_poison();
                 Self::apply_pins(fs, &pins);
                 true
@@ -1220,6 +1286,7 @@ impl Engine {
                     .write()
                     .unwrap_or_else(|p| p.into_inner())
                     .remove(&slot.id);
+                self.frozen_changed();
                 self.hand_over(fs, slot.id);
                 fs.commit_destaged(vec![PairDelta {
                     id: slot.id,
@@ -1413,7 +1480,60 @@ impl Engine {
         }
     }
 
-    /// Every frozen object offered by the copy mount: (pair id, index, object).
+    /// Records that the set of frozen objects changed: the next [`Engine::view`]
+    /// rebuilds the view.
+    pub fn frozen_changed(&self) {
+        let g = self.view_gen.fetch_add(1, Ordering::AcqRel) + 1;
+        self.view_watchers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|w| w.send(g).is_ok());
+    }
+
+    /// A channel that receives the new generation after every change of the frozen set.
+    pub fn watch_view(&self) -> std::sync::mpsc::Receiver<u64> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.view_watchers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(tx);
+        rx
+    }
+
+    /// The frozen view of every pair in a frozen state (what the copy mount serves).
+    /// Built once per change of the frozen set; callers share it.
+    pub fn view(&self, ts: u64) -> Arc<FrozenView> {
+        let current = |g: u64| {
+            let v = self.view.read().unwrap_or_else(|p| p.into_inner());
+            (v.generation() == g && !v.is_empty()).then(|| v.clone())
+        };
+        if let Some(v) = current(self.view_gen.load(Ordering::Acquire)) {
+            return v;
+        }
+        let mut numbering = self
+            .view_numbering
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        // Read the generation before the pairs: a change during the build bumps it
+        // again, and the next call rebuilds.
+        let g = self.view_gen.load(Ordering::Acquire);
+        if let Some(v) = current(g) {
+            return v;
+        }
+        let mut b = Builder::new(g, ts, &mut numbering);
+        for s in self.slots() {
+            let p = s.lock();
+            if p.state.is_frozen() {
+                b.add_pair(p.id, &p.frozen);
+            }
+        }
+        let v = Arc::new(b.finish());
+        *self.view.write().unwrap_or_else(|p| p.into_inner()) = v.clone();
+        v
+    }
+
+    /// A copy of every frozen object: (pair id, index, object). For tests and checks;
+    /// the copy mount serves [`Engine::view`], which copies nothing per request.
     pub fn frozen_objects(&self) -> Vec<(PairId, usize, Frozen)> {
         let mut out = Vec::new();
         for s in self.slots() {

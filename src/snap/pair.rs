@@ -119,18 +119,71 @@ impl State {
 }
 
 /// Kind of a frozen object.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum FrozenKind {
     /// Regular file (has an extent map).
+    #[default]
     File,
     /// Directory.
     Dir,
     /// Symbolic link.
     Symlink,
+    /// Named pipe.
+    Fifo,
+    /// Unix socket.
+    Socket,
+    /// Character device (`rdev`).
+    CharDev,
+    /// Block device (`rdev`).
+    BlockDev,
+}
+
+impl FrozenKind {
+    /// The kind of an `S_IFMT` value.
+    pub fn from_mode(fmt: u32) -> Option<FrozenKind> {
+        Some(match fmt {
+            libc::S_IFREG => FrozenKind::File,
+            libc::S_IFDIR => FrozenKind::Dir,
+            libc::S_IFLNK => FrozenKind::Symlink,
+            libc::S_IFIFO => FrozenKind::Fifo,
+            libc::S_IFSOCK => FrozenKind::Socket,
+            libc::S_IFCHR => FrozenKind::CharDev,
+            libc::S_IFBLK => FrozenKind::BlockDev,
+            _ => return None,
+        })
+    }
+
+    /// The number stored in the `frozen.kind` column.
+    pub fn code(self) -> u8 {
+        match self {
+            FrozenKind::File => 0,
+            FrozenKind::Dir => 1,
+            FrozenKind::Symlink => 2,
+            FrozenKind::Fifo => 3,
+            FrozenKind::Socket => 4,
+            FrozenKind::CharDev => 5,
+            FrozenKind::BlockDev => 6,
+        }
+    }
+
+    /// Inverse of [`FrozenKind::code`].
+    pub fn from_code(c: u8) -> Option<FrozenKind> {
+        [
+            FrozenKind::File,
+            FrozenKind::Dir,
+            FrozenKind::Symlink,
+            FrozenKind::Fifo,
+            FrozenKind::Socket,
+            FrozenKind::CharDev,
+            FrozenKind::BlockDev,
+        ]
+        .get(c as usize)
+        .copied()
+    }
 }
 
 /// Split-time attributes of a frozen object.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct FrozenAttr {
     /// Kind.
     pub kind: FrozenKind,
@@ -148,10 +201,13 @@ pub struct FrozenAttr {
     pub mtime: i64,
     /// Change time (ns).
     pub ctime: i64,
+    /// Device number (device nodes).
+    pub rdev: u32,
 }
 
 /// One object of a frozen copy, at its split-time path (relative to the copy mount).
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A hard-linked file is one object with several names (`path` and `links`).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Frozen {
     /// Inode on the main volume.
     pub ino: u64,
@@ -163,6 +219,10 @@ pub struct Frozen {
     pub extents: ExtentMap,
     /// Symlink target.
     pub target: Vec<u8>,
+    /// The other names of a hard-linked object inside the scope (paths like `path`).
+    pub links: Vec<String>,
+    /// Extended attributes at the split instant (internal `user.pairfs.*` left out).
+    pub xattrs: Vec<(Vec<u8>, Vec<u8>)>,
 }
 
 /// Progress counters of the current copy operation.

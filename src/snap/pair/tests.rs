@@ -83,9 +83,11 @@ impl Sim {
                 atime: 0,
                 mtime: 0,
                 ctime: 0,
+                rdev: 0,
             },
             extents: self.files[0].clone(),
             target: Vec::new(),
+            ..Frozen::default()
         }]
     }
 
@@ -337,9 +339,11 @@ impl Sim {
                 atime: 0,
                 mtime: 0,
                 ctime: 0,
+                rdev: 0,
             },
             extents: m.clone(),
             target: Vec::new(),
+            ..Frozen::default()
         }
     }
 }

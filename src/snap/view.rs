@@ -1,0 +1,584 @@
+//! The frozen view: every object of every frozen copy (pairs in `splitting`, `split`
+//! or `updating`), at its split-time path, indexed by copy-mount inode number and by
+//! directory (parent -> children). It is what the copy mount serves.
+//!
+//! A view is immutable and shared behind an [`Arc`]: readers clone the `Arc`, never the
+//! maps. The engine builds a new one once per change of the frozen set (split, update,
+//! resync, release, error, mount), not per request ([`crate::snap::engine::Engine::view`]).
+//! Inode numbers stay stable per path across rebuilds ([`Numbering`]). A hard-linked
+//! object has one inode number and one node, reached under each of its names; its link
+//! count is the number of names. Directories above a frozen object that are not
+//! themselves frozen (the parents of a file-scope pair) are synthesized, mode 0555.
+//!
+//! A file node names its pair, its index in the pair's frozen list and its main-volume
+//! inode: reads go to [`crate::snap::engine::Engine::read_frozen_of`], which refuses
+//! (ESTALE) when an update moved another object to that index meanwhile.
+
+use std::collections::HashMap;
+
+use crate::snap::pair::{Frozen, FrozenKind, PairId};
+
+/// Inode number of the copy mount's root directory.
+pub const VIEW_ROOT: u64 = 1;
+
+/// Attributes of one object of the view.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ViewAttr {
+    /// Copy-mount inode number.
+    pub ino: u64,
+    /// Kind.
+    pub kind: FrozenKind,
+    /// Permission bits (07777).
+    pub perm: u32,
+    /// Owner.
+    pub uid: u32,
+    /// Group.
+    pub gid: u32,
+    /// Size in bytes.
+    pub size: u64,
+    /// Allocated 512-byte blocks.
+    pub blocks: u64,
+    /// Access time (ns).
+    pub atime: i64,
+    /// Modification time (ns).
+    pub mtime: i64,
+    /// Change time (ns).
+    pub ctime: i64,
+    /// Link count: names of a file, 2 + subdirectories of a directory.
+    pub nlink: u32,
+    /// Device number.
+    pub rdev: u32,
+}
+
+/// Entries of one directory of the view, in insertion order, with a name index.
+#[derive(Debug, Default)]
+pub struct DirIndex {
+    entries: Vec<(Vec<u8>, u64)>,
+    by_name: HashMap<Vec<u8>, usize>,
+}
+
+impl DirIndex {
+    /// The inode named `name`.
+    pub fn get(&self, name: &[u8]) -> Option<u64> {
+        self.by_name.get(name).map(|&k| self.entries[k].1)
+    }
+    /// Entries (name, inode) in a stable order; readdir offsets index this slice.
+    pub fn entries(&self) -> &[(Vec<u8>, u64)] {
+        &self.entries
+    }
+    fn insert(&mut self, name: Vec<u8>, ino: u64) -> bool {
+        if self.by_name.contains_key(&name) {
+            return false;
+        }
+        self.by_name.insert(name.clone(), self.entries.len());
+        self.entries.push((name, ino));
+        true
+    }
+}
+
+/// What a node holds besides its attributes.
+#[derive(Debug)]
+pub enum Content {
+    /// A directory.
+    Dir(DirIndex),
+    /// A regular file: its pair, its index in the pair's frozen list, its main inode.
+    File {
+        /// Pair.
+        pair: PairId,
+        /// Index in the pair's frozen list.
+        idx: usize,
+        /// Inode on the main volume.
+        ino: u64,
+    },
+    /// A symlink and its target.
+    Symlink(Vec<u8>),
+    /// A FIFO, socket or device node (attributes only).
+    Special,
+}
+
+/// One object of the view.
+#[derive(Debug)]
+pub struct ViewNode {
+    /// Attributes.
+    pub attr: ViewAttr,
+    /// Parent directory (itself for the root).
+    pub parent: u64,
+    /// Content.
+    pub content: Content,
+    /// Extended attributes (sorted by name).
+    pub xattrs: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+impl ViewNode {
+    /// The value of xattr `name`.
+    pub fn xattr(&self, name: &[u8]) -> Option<&[u8]> {
+        self.xattrs
+            .binary_search_by(|(n, _)| n.as_slice().cmp(name))
+            .ok()
+            .map(|k| self.xattrs[k].1.as_slice())
+    }
+    /// xattr names, NUL-terminated and concatenated (the `listxattr` format).
+    pub fn xattr_names(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        for (n, _) in &self.xattrs {
+            out.extend_from_slice(n);
+            out.push(0);
+        }
+        out
+    }
+}
+
+/// An immutable index of every frozen object.
+#[derive(Debug, Default)]
+pub struct FrozenView {
+    generation: u64,
+    nodes: HashMap<u64, ViewNode>,
+}
+
+impl FrozenView {
+    /// The generation of the frozen set this view was built from.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+    /// The node with copy-mount inode `ino`.
+    pub fn get(&self, ino: u64) -> Option<&ViewNode> {
+        self.nodes.get(&ino)
+    }
+    /// The node named `name` in directory `parent`.
+    pub fn lookup(&self, parent: u64, name: &[u8]) -> Option<&ViewNode> {
+        match &self.nodes.get(&parent)?.content {
+            Content::Dir(d) => self.nodes.get(&d.get(name)?),
+            _ => None,
+        }
+    }
+    /// Number of nodes (the root included once built).
+    pub fn len(&self) -> usize {
+        self.nodes.len()
+    }
+    /// True when nothing (not even the root) is in the view.
+    pub fn is_empty(&self) -> bool {
+        self.nodes.is_empty()
+    }
+}
+
+/// Copy-mount inode numbers by path, kept across rebuilds so a path keeps its number.
+#[derive(Debug, Default)]
+pub struct Numbering {
+    by_path: HashMap<String, u64>,
+    next: u64,
+}
+
+impl Numbering {
+    fn of(&mut self, path: &str) -> u64 {
+        if path.is_empty() {
+            return VIEW_ROOT;
+        }
+        if let Some(&i) = self.by_path.get(path) {
+            return i;
+        }
+        let i = self.next.max(VIEW_ROOT + 1);
+        self.next = i + 1;
+        self.by_path.insert(path.to_string(), i);
+        i
+    }
+}
+
+fn synthesized_dir(ino: u64, t: i64) -> ViewAttr {
+    ViewAttr {
+        ino,
+        kind: FrozenKind::Dir,
+        perm: 0o555,
+        size: 4096,
+        blocks: 8,
+        atime: t,
+        mtime: t,
+        ctime: t,
+        nlink: 2,
+        ..ViewAttr::default()
+    }
+}
+
+/// Builds a [`FrozenView`] pair by pair.
+pub struct Builder<'a> {
+    view: FrozenView,
+    numbering: &'a mut Numbering,
+    track_size: u64,
+}
+
+impl<'a> Builder<'a> {
+    /// Starts an empty view of generation `generation`.
+    pub fn new(generation: u64, track_size: u64, numbering: &'a mut Numbering) -> Self {
+        let mut view = FrozenView {
+            generation,
+            nodes: HashMap::new(),
+        };
+        view.nodes.insert(
+            VIEW_ROOT,
+            ViewNode {
+                attr: synthesized_dir(VIEW_ROOT, 0),
+                parent: VIEW_ROOT,
+                content: Content::Dir(DirIndex::default()),
+                xattrs: Vec::new(),
+            },
+        );
+        Builder {
+            view,
+            numbering,
+            track_size,
+        }
+    }
+
+    /// The directory at `path`, synthesized (with times `t`) where missing; None when a
+    /// non-directory already holds one of its names.
+    fn dir(&mut self, path: &str, t: i64) -> Option<u64> {
+        let mut cur = VIEW_ROOT;
+        let mut sub = String::with_capacity(path.len());
+        for part in path.split('/').filter(|p| !p.is_empty()) {
+            if !sub.is_empty() {
+                sub.push('/');
+            }
+            sub.push_str(part);
+            let ino = self.numbering.of(&sub);
+            let Content::Dir(d) = &self.view.nodes.get(&cur)?.content else {
+                return None;
+            };
+            match d.get(part.as_bytes()) {
+                Some(i) => {
+                    if !matches!(self.view.nodes.get(&i)?.content, Content::Dir(_)) {
+                        return None;
+                    }
+                    cur = i;
+                    continue;
+                }
+                None => {
+                    if self.view.nodes.contains_key(&ino) {
+                        // The number is taken by an object under another name.
+                        return None;
+                    }
+                }
+            }
+            self.view.nodes.insert(
+                ino,
+                ViewNode {
+                    attr: synthesized_dir(ino, t),
+                    parent: cur,
+                    content: Content::Dir(DirIndex::default()),
+                    xattrs: Vec::new(),
+                },
+            );
+            if let Some(ViewNode {
+                content: Content::Dir(d),
+                ..
+            }) = self.view.nodes.get_mut(&cur)
+            {
+                d.insert(part.as_bytes().to_vec(), ino);
+            }
+            cur = ino;
+        }
+        Some(cur)
+    }
+
+    /// Adds the frozen objects of pair `pair` (its list, in order).
+    pub fn add_pair(&mut self, pair: PairId, objects: &[Frozen]) {
+        for (idx, f) in objects.iter().enumerate() {
+            self.add(pair, idx, f);
+        }
+    }
+
+    fn add(&mut self, pair: PairId, idx: usize, f: &Frozen) {
+        let a = &f.attr;
+        let ino = self.numbering.of(&f.path);
+        let mut xattrs = f.xattrs.clone();
+        xattrs.sort();
+        xattrs.dedup_by(|x, y| x.0 == y.0);
+        let attr = ViewAttr {
+            ino,
+            kind: a.kind,
+            perm: a.perm,
+            uid: a.uid,
+            gid: a.gid,
+            size: a.size,
+            blocks: if a.kind == FrozenKind::File {
+                f.extents.tracks() * self.track_size / 512
+            } else if a.kind == FrozenKind::Dir {
+                8
+            } else {
+                0
+            },
+            atime: a.atime,
+            mtime: a.mtime,
+            ctime: a.ctime,
+            nlink: 0,
+            rdev: a.rdev,
+        };
+        if a.kind == FrozenKind::Dir {
+            // A directory has one name; it may exist already (synthesized, or the
+            // root): keep its entries, take the frozen attributes.
+            let node = if ino == VIEW_ROOT {
+                self.view.nodes.get_mut(&VIEW_ROOT)
+            } else {
+                let (parent_path, name) = split_path(&f.path);
+                let Some(parent) = self.dir(parent_path, a.ctime) else {
+                    return;
+                };
+                let existing = match &self.view.nodes.get(&parent).map(|n| &n.content) {
+                    Some(Content::Dir(d)) => d.get(name.as_bytes()),
+                    _ => return,
+                };
+                match existing {
+                    Some(i) if i == ino => {}
+                    Some(_) => return,
+                    None if self.view.nodes.contains_key(&ino) => return,
+                    None => {
+                        self.link(parent, name, ino);
+                    }
+                }
+                Some(self.view.nodes.entry(ino).or_insert_with(|| ViewNode {
+                    attr,
+                    parent,
+                    content: Content::Dir(DirIndex::default()),
+                    xattrs: Vec::new(),
+                }))
+            };
+            if let Some(n) = node
+                && matches!(n.content, Content::Dir(_))
+            {
+                n.attr = ViewAttr {
+                    nlink: n.attr.nlink,
+                    ..attr
+                };
+                n.xattrs = xattrs;
+            }
+            return;
+        }
+        if self.view.nodes.contains_key(&ino) {
+            // The number of this path belongs to a synthesized directory (a file
+            // replaced a directory between two splits of different pairs): skip.
+            return;
+        }
+        let content = match a.kind {
+            FrozenKind::File => Content::File {
+                pair,
+                idx,
+                ino: f.ino,
+            },
+            FrozenKind::Symlink => Content::Symlink(f.target.clone()),
+            _ => Content::Special,
+        };
+        let mut names = 0;
+        let mut first_parent = None;
+        for path in std::iter::once(&f.path).chain(f.links.iter()) {
+            let (parent_path, name) = split_path(path);
+            let Some(parent) = self.dir(parent_path, a.ctime) else {
+                continue;
+            };
+            if self.link(parent, name, ino) {
+                names += 1;
+                first_parent.get_or_insert(parent);
+            }
+        }
+        let Some(parent) = first_parent else {
+            return;
+        };
+        self.view.nodes.insert(
+            ino,
+            ViewNode {
+                attr: ViewAttr {
+                    nlink: names,
+                    ..attr
+                },
+                parent,
+                content,
+                xattrs,
+            },
+        );
+    }
+
+    /// Adds `name` -> `ino` to directory `parent`; false if the name is taken.
+    fn link(&mut self, parent: u64, name: &str, ino: u64) -> bool {
+        match self.view.nodes.get_mut(&parent) {
+            Some(ViewNode {
+                content: Content::Dir(d),
+                ..
+            }) => d.insert(name.as_bytes().to_vec(), ino),
+            _ => false,
+        }
+    }
+
+    /// Finishes the view: link counts of directories, root times.
+    pub fn finish(mut self) -> FrozenView {
+        let mut subdirs: HashMap<u64, u32> = HashMap::new();
+        let mut newest = 0;
+        for (&ino, n) in &self.view.nodes {
+            newest = newest.max(n.attr.ctime);
+            if ino != VIEW_ROOT && matches!(n.content, Content::Dir(_)) {
+                *subdirs.entry(n.parent).or_default() += 1;
+            }
+        }
+        for (ino, n) in self.view.nodes.iter_mut() {
+            if matches!(n.content, Content::Dir(_)) {
+                n.attr.nlink = 2 + subdirs.get(ino).copied().unwrap_or(0);
+            }
+        }
+        if let Some(r) = self.view.nodes.get_mut(&VIEW_ROOT)
+            && r.attr.ctime == 0
+        {
+            r.attr.atime = newest;
+            r.attr.mtime = newest;
+            r.attr.ctime = newest;
+        }
+        self.view
+    }
+}
+
+/// (parent path, last name) of a relative path.
+fn split_path(path: &str) -> (&str, &str) {
+    match path.rfind('/') {
+        Some(k) => (&path[..k], &path[k + 1..]),
+        None => ("", path),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::extent::ExtentMap;
+    use crate::snap::pair::FrozenAttr;
+
+    fn obj(ino: u64, path: &str, kind: FrozenKind) -> Frozen {
+        Frozen {
+            ino,
+            path: path.into(),
+            attr: FrozenAttr {
+                kind,
+                perm: 0o640,
+                uid: 7,
+                gid: 8,
+                size: 10,
+                atime: 1,
+                mtime: 2,
+                ctime: 3,
+                rdev: 0,
+            },
+            extents: ExtentMap::new(),
+            ..Frozen::default()
+        }
+    }
+
+    fn names(v: &FrozenView, dir: u64) -> Vec<String> {
+        match &v.get(dir).unwrap().content {
+            Content::Dir(d) => d
+                .entries()
+                .iter()
+                .map(|(n, _)| String::from_utf8_lossy(n).into_owned())
+                .collect(),
+            _ => panic!("not a directory"),
+        }
+    }
+
+    #[test]
+    fn tree_with_hard_links_specials_and_xattrs() {
+        let mut d = obj(10, "top", FrozenKind::Dir);
+        d.attr.perm = 0o2775;
+        let mut f = obj(11, "top/a/f", FrozenKind::File);
+        f.links = vec!["top/b/g".into()];
+        f.xattrs = vec![
+            (b"user.z".to_vec(), b"1".to_vec()),
+            (b"system.posix_acl_access".to_vec(), b"x".to_vec()),
+        ];
+        let mut fifo = obj(14, "top/p", FrozenKind::Fifo);
+        fifo.attr.size = 0;
+        let mut dev = obj(15, "top/c", FrozenKind::CharDev);
+        dev.attr.rdev = 0x0103;
+        let mut link = obj(16, "top/l", FrozenKind::Symlink);
+        link.target = b"a/f".to_vec();
+        let objs = vec![
+            d,
+            obj(12, "top/a", FrozenKind::Dir),
+            obj(13, "top/b", FrozenKind::Dir),
+            obj(17, "top/empty", FrozenKind::Dir),
+            f,
+            fifo,
+            dev,
+            link,
+        ];
+        let mut num = Numbering::default();
+        let mut b = Builder::new(5, 4096, &mut num);
+        b.add_pair(1, &objs);
+        let v = b.finish();
+        assert_eq!(v.generation(), 5);
+        let top = v.lookup(VIEW_ROOT, b"top").unwrap();
+        assert_eq!(top.attr.perm, 0o2775);
+        assert_eq!(top.attr.nlink, 5, "2 + a, b, empty");
+        let a = v.lookup(top.attr.ino, b"a").unwrap().attr.ino;
+        let b_ = v.lookup(top.attr.ino, b"b").unwrap().attr.ino;
+        let f1 = v.lookup(a, b"f").unwrap();
+        let f2 = v.lookup(b_, b"g").unwrap();
+        assert_eq!(f1.attr.ino, f2.attr.ino, "one inode under both names");
+        assert_eq!(f1.attr.nlink, 2);
+        assert!(matches!(
+            f1.content,
+            Content::File {
+                pair: 1,
+                idx: 4,
+                ino: 11
+            }
+        ));
+        assert_eq!(f1.xattr(b"user.z"), Some(&b"1"[..]));
+        assert_eq!(f1.xattr(b"user.y"), None);
+        assert_eq!(
+            f1.xattr_names(),
+            b"system.posix_acl_access\0user.z\0".to_vec()
+        );
+        let p = v.lookup(top.attr.ino, b"p").unwrap();
+        assert_eq!(p.attr.kind, FrozenKind::Fifo);
+        assert!(matches!(p.content, Content::Special));
+        assert_eq!(v.lookup(top.attr.ino, b"c").unwrap().attr.rdev, 0x0103);
+        let l = v.lookup(top.attr.ino, b"l").unwrap();
+        assert!(matches!(&l.content, Content::Symlink(t) if t == b"a/f"));
+        let e = v.lookup(top.attr.ino, b"empty").unwrap();
+        assert_eq!(names(&v, e.attr.ino), Vec::<String>::new());
+        assert_eq!(names(&v, top.attr.ino), ["a", "b", "empty", "p", "c", "l"]);
+        assert_eq!(v.get(a).unwrap().parent, top.attr.ino);
+    }
+
+    #[test]
+    fn numbers_are_stable_across_rebuilds_and_parents_synthesized() {
+        let mut num = Numbering::default();
+        let mut b = Builder::new(1, 4096, &mut num);
+        b.add_pair(1, &[obj(5, "x/y/f", FrozenKind::File)]);
+        let v1 = b.finish();
+        let x = v1.lookup(VIEW_ROOT, b"x").unwrap();
+        assert_eq!((x.attr.perm, x.attr.uid), (0o555, 0), "synthesized");
+        let y = v1.lookup(x.attr.ino, b"y").unwrap().attr.ino;
+        let f = v1.lookup(y, b"f").unwrap().attr.ino;
+        let mut b = Builder::new(2, 4096, &mut num);
+        b.add_pair(2, &[obj(9, "other", FrozenKind::File)]);
+        b.add_pair(1, &[obj(5, "x/y/f", FrozenKind::File)]);
+        let v2 = b.finish();
+        let x2 = v2.lookup(VIEW_ROOT, b"x").unwrap().attr.ino;
+        let y2 = v2.lookup(x2, b"y").unwrap().attr.ino;
+        assert_eq!(v2.lookup(y2, b"f").unwrap().attr.ino, f);
+        assert_eq!(v2.len(), 5, "root, x, y, f, other");
+    }
+
+    #[test]
+    fn root_pair_gives_the_root_its_attributes_and_clashes_are_skipped() {
+        let mut num = Numbering::default();
+        let mut b = Builder::new(1, 4096, &mut num);
+        let mut root = obj(1, "", FrozenKind::Dir);
+        root.attr.perm = 0o711;
+        b.add_pair(1, &[root, obj(2, "f", FrozenKind::File)]);
+        // A later pair's object under a file's name is skipped, not a panic.
+        b.add_pair(2, &[obj(3, "f/g", FrozenKind::File)]);
+        b.add_pair(3, &[obj(4, "f", FrozenKind::Dir)]);
+        let v = b.finish();
+        let r = v.get(VIEW_ROOT).unwrap();
+        assert_eq!((r.attr.perm, r.attr.ctime), (0o711, 3));
+        assert_eq!(names(&v, VIEW_ROOT), ["f"]);
+        assert_eq!(
+            v.lookup(VIEW_ROOT, b"f").unwrap().attr.kind,
+            FrozenKind::File
+        );
+    }
+}

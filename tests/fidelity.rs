@@ -1,0 +1,372 @@
+//! A frozen tree is the whole tree as it was (issue 15): hard links, special files,
+//! empty and setgid directories, owners, times, xattrs and POSIX ACLs, in the copy mount
+//! and in a restore made from it with `tar --xattrs --acls` and `rsync -aHAX`; and the
+//! snapshot mount, which serves the same view, holds off root-pair rewrites.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::Command;
+
+use common::*;
+
+fn sh(dir: &Path, script: &str) -> String {
+    let out = Command::new("sh")
+        .arg("-ec")
+        .arg(script)
+        .current_dir(dir)
+        .output()
+        .expect("run sh");
+    assert!(
+        out.status.success(),
+        "`{script}` in {}: {}",
+        dir.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Everything we compare about the tree under `dir/top`: one line per object (type,
+/// mode, owner, group, size, link count, mtime, symlink target, path), the hard-link
+/// groups (paths sharing an inode number), xattrs of every object and file checksums.
+fn listing(dir: &Path, top: &str, dir_sizes: bool) -> String {
+    let find = sh(
+        dir,
+        &format!("find {top} -printf '%y %m %U %G %s %n %T@ %l %p\\n' | LC_ALL=C sort -k9"),
+    );
+    let find: String = find
+        .lines()
+        .map(|l| {
+            // Directory sizes are the filesystem's own (0 here, 4096 on ext4).
+            if !dir_sizes && l.starts_with("d ") {
+                let mut f: Vec<&str> = l.split(' ').collect();
+                f[4] = "-";
+                f.join(" ") + "\n"
+            } else {
+                format!("{l}\n")
+            }
+        })
+        .collect();
+    let mut groups: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for l in sh(dir, &format!("find {top} ! -type d -printf '%i %p\\n'")).lines() {
+        let (ino, p) = l.split_once(' ').unwrap();
+        groups.entry(ino.into()).or_default().push(p.into());
+    }
+    let mut links: Vec<String> = groups
+        .into_values()
+        .filter(|g| g.len() > 1)
+        .map(|mut g| {
+            g.sort();
+            g.join(" = ")
+        })
+        .collect();
+    links.sort();
+    let xattrs = sh(dir, &format!("getfattr -R -h -d -m - -e hex {top}"));
+    let mut blocks: Vec<&str> = xattrs.split("\n\n").map(str::trim).collect();
+    blocks.retain(|b| !b.is_empty());
+    blocks.sort();
+    let sums = sh(
+        dir,
+        &format!("find {top} -type f -exec sha256sum {{}} + | LC_ALL=C sort -k2"),
+    );
+    format!(
+        "{find}--- links\n{}\n--- xattrs\n{}\n--- sums\n{sums}",
+        links.join("\n"),
+        blocks.join("\n\n")
+    )
+}
+
+/// A capability xattr value (cap_net_raw=ep, VFS_CAP_REVISION_2).
+const CAP: &str = "0x0100000200200000000000000000000000000000";
+
+/// The ACL's mask (rwx) becomes the group bits of t/a/f's mode, as on ext4; the
+/// restores compare the resulting mode.
+fn build_tree(mnt: &Path) {
+    sh(
+        mnt,
+        &format!(
+            "mkdir -p t/a t/b t/empty t/sg
+             chmod 2775 t/sg
+             head -c 300000 /dev/urandom > t/a/f
+             ln t/a/f t/b/g
+             ln t/a/f t/sg/h
+             printf small > t/b/s
+             mkfifo t/p
+             mknod t/c c 1 3
+             ln -s a/f t/l
+             ln -s /nowhere/dangling t/b/dl
+             setfattr -n user.note -v 'split-time value' t/a/f
+             setfattr -n user.dir -v d t/b
+             setfattr -n trusted.t -v tv t/b/s
+             setfattr -n security.capability -v {CAP} t/b/s
+             setfacl -m u:1234:rwx,m::rwx t/a/f
+             setfacl -d -m g:55:rx t/sg
+             printf owned > t/o
+             chown 1000:1001 t/o
+             chmod 4751 t/o
+             touch -h -d '2001-02-03 04:05:06.789' t/l
+             touch -d '1999-12-31 23:59:59.5' t/b/s"
+        ),
+    );
+    std::os::unix::net::UnixListener::bind(mnt.join("t/sock")).unwrap();
+}
+
+fn change_everything(mnt: &Path) {
+    sh(
+        mnt,
+        // The truncate drops the capability xattr (the kernel's killpriv).
+        "printf changed | dd of=t/a/f conv=notrunc status=none
+         truncate -s 5 t/b/s
+         chmod 600 t/b/s
+         chown 7:7 t/a/f
+         touch -d '2020-01-01' t/o
+         setfattr -n user.note -v 'later value' t/a/f
+         setfattr -n user.new -v n t/a/f
+         setfattr -x trusted.t t/b/s
+         ! getfattr -h -n security.capability t/b/s 2>/dev/null
+         setfacl -b t/a/f
+         setfacl -k t/sg
+         rm t/b/g t/p t/sock
+         ln t/b/s t/a/s2
+         mv t/l t/l2
+         rmdir t/empty
+         mkdir t/newdir
+         printf new > t/newdir/n
+         rm t/c
+         mknod t/c b 7 0",
+    );
+}
+
+#[test]
+fn frozen_tree_keeps_links_specials_xattrs_and_acls() {
+    let mut v = Vol::new("1G");
+    v.mount();
+    build_tree(&v.mnt);
+    // A file-scope pair keeps its xattrs too.
+    sh(
+        &v.mnt,
+        "printf solo > solo; setfattr -n user.solo -v one solo",
+    );
+    let before = listing(&v.mnt, "t", true);
+    setx(&v.path("t"), "user.pairfs.split").unwrap();
+    setx(&v.path("solo"), "user.pairfs.split").unwrap();
+    change_everything(&v.mnt);
+    sh(
+        &v.mnt,
+        "setfattr -n user.solo -v two solo; setfattr -n user.x -v y solo",
+    );
+    wait_state(&v.path("t"), "split");
+    wait_state(&v.path("solo"), "split");
+    let copy = listing(&v.copy, "t", true);
+    assert_eq!(
+        copy, before,
+        "the copy mount differs from the split-time tree"
+    );
+    assert!(before.contains("t/a/f = t/b/g = t/sg/h"), "{before}");
+    assert!(before.contains("p 644"), "{before}");
+    assert!(before.contains("s 755"), "{before}");
+    assert!(before.contains("c 644"), "{before}");
+    assert!(before.contains("system.posix_acl_access"), "{before}");
+    assert!(
+        before.contains("f 674 0 0 300000 3"),
+        "setfacl set the group bits: {before}"
+    );
+    assert!(before.contains("security.capability"), "{before}");
+    assert_eq!(
+        sh(&v.copy, "getfattr -h -d -m - solo"),
+        "# file: solo\nuser.solo=\"one\"\n\n"
+    );
+    assert!(
+        !sh(&v.copy, "getfattr -R -h -d -m - .").contains("pairfs"),
+        "internal names leak into the copy"
+    );
+    // Device number of the frozen character device.
+    assert_eq!(sh(&v.copy, "stat -c %t:%T t/c"), "1:3\n");
+
+    // Restores made from the copy mount hold the same tree (tar cannot archive sockets).
+    let restore = v.dir.path().join("restore");
+    std::fs::create_dir(&restore).unwrap();
+    let tarball = v.dir.path().join("t.tar");
+    sh(
+        &v.copy,
+        &format!(
+            "tar --format=posix --xattrs --xattrs-include='*' --acls -cf {} t 2>/dev/null || \
+             test $? -eq 1",
+            tarball.display()
+        ),
+    );
+    sh(
+        &restore,
+        &format!(
+            "tar --xattrs --xattrs-include='*' --acls --same-owner -xpf {}",
+            tarball.display()
+        ),
+    );
+    let no_sock = |s: &str| -> String {
+        s.lines()
+            .filter(|l| !l.starts_with("s ") && !l.contains("t/sock"))
+            .map(|l| format!("{l}\n"))
+            .collect()
+    };
+    assert_eq!(
+        no_sock(&listing(&restore, "t", false)),
+        no_sock(&before_no_dir_sizes(&before)),
+        "tar restore from the copy mount differs"
+    );
+    // --modify-window=-1: rsync otherwise takes times of the same second as equal and
+    // leaves a new directory or special file with its creation time.
+    let rs = v.dir.path().join("rsync");
+    sh(
+        &v.copy,
+        &format!("rsync -aHAX --modify-window=-1 --numeric-ids t {}/", {
+            std::fs::create_dir(&rs).unwrap();
+            rs.display()
+        }),
+    );
+    assert_eq!(
+        listing(&rs, "t", false),
+        before_no_dir_sizes(&before),
+        "rsync -aHAX restore from the copy mount differs"
+    );
+
+    // Update brings the view to the new instant.
+    let now = listing(&v.mnt, "t", true);
+    setx(&v.path("t"), "user.pairfs.update").unwrap();
+    wait_state(&v.path("t"), "split");
+    assert_eq!(listing(&v.copy, "t", true), now, "after update");
+    v.umount();
+    v.fsck();
+    // The frozen view survives a remount (rows in SQLite).
+    v.mount();
+    assert_eq!(listing(&v.copy, "t", true), now, "after remount");
+    v.umount();
+}
+
+/// `before` with directory sizes masked, as [`listing`] does with `dir_sizes` false.
+fn before_no_dir_sizes(before: &str) -> String {
+    let (find, rest) = before.split_once("--- links").unwrap();
+    let find: String = find
+        .lines()
+        .map(|l| {
+            if l.starts_with("d ") {
+                let mut f: Vec<&str> = l.split(' ').collect();
+                f[4] = "-";
+                f.join(" ") + "\n"
+            } else {
+                format!("{l}\n")
+            }
+        })
+        .collect();
+    format!("{find}--- links{rest}")
+}
+
+#[test]
+fn snapshot_mount_serves_the_view_and_holds_off_root_rewrites() {
+    let mut v = Vol::new("1G");
+    v.mount();
+    build_tree(&v.mnt);
+    let before = listing(&v.mnt, "t", true);
+    setx(&v.mnt, "user.pairfs.split").unwrap();
+    change_everything(&v.mnt);
+    wait_state(&v.mnt, "split");
+    let snap = v.dir.path().join("snap");
+    std::fs::create_dir(&snap).unwrap();
+    let out = pairfs(&[
+        "mount-snapshot",
+        v.img.to_str().unwrap(),
+        snap.to_str().unwrap(),
+        "--daemon",
+    ]);
+    assert!(
+        out.status.success(),
+        "mount-snapshot: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r = std::panic::catch_unwind(|| {
+        assert_eq!(listing(&snap, "t", true), before, "snapshot mount");
+        for op in [
+            "user.pairfs.update",
+            "user.pairfs.resync",
+            "user.pairfs.release",
+        ] {
+            let e = setx(&v.mnt, op).expect_err(op);
+            assert_eq!(e.raw_os_error(), Some(libc::EBUSY), "{op}: {e}");
+        }
+        assert!(state(&v.mnt).starts_with("split "));
+        assert_eq!(listing(&snap, "t", true), before, "after the refused ops");
+    });
+    let out = pairfs(&["umount", snap.to_str().unwrap()]);
+    assert!(out.status.success());
+    r.unwrap();
+    // Once `pairfs umount` of the snapshot returned, the update runs; a snapshot mount
+    // made after it serves the new instant.
+    setx(&v.mnt, "user.pairfs.update").unwrap();
+    let now = listing(&v.mnt, "t", true);
+    wait_state(&v.mnt, "split");
+    let out = pairfs(&[
+        "mount-snapshot",
+        v.img.to_str().unwrap(),
+        snap.to_str().unwrap(),
+        "--daemon",
+    ]);
+    assert!(out.status.success());
+    let got = listing(&snap, "t", true);
+    let out = pairfs(&["umount", snap.to_str().unwrap()]);
+    assert!(out.status.success());
+    assert_eq!(got, now, "snapshot after update");
+    v.umount();
+    v.fsck();
+}
+
+/// The kernel may cache copy-mount names and attributes for a second; after an update
+/// the copy mount drops them, so names and attributes of the new instant show at once.
+#[test]
+fn update_is_visible_at_once_through_cached_names() {
+    let mut v = Vol::new("1G");
+    v.mount();
+    sh(
+        &v.mnt,
+        "mkdir -p u/s; printf v1 > u/x; printf y > u/s/y; chmod 644 u/x",
+    );
+    setx(&v.path("u"), "user.pairfs.split").unwrap();
+    wait_state(&v.path("u"), "split");
+    // Fill the kernel's caches.
+    assert_eq!(std::fs::read(v.copy_path("u/x")).unwrap(), b"v1");
+    assert!(v.copy_path("u/s/y").exists());
+    let t0 = std::time::Instant::now();
+    sh(
+        &v.mnt,
+        "printf 'version two' > u/x; chmod 600 u/x; rm u/s/y; printf z > u/s/z",
+    );
+    setx(&v.path("u"), "user.pairfs.update").unwrap();
+    wait_state(&v.path("u"), "split");
+    let meta = std::fs::metadata(v.copy_path("u/x")).unwrap();
+    let elapsed = t0.elapsed();
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(meta.permissions().mode() & 0o7777, 0o600);
+    assert_eq!(meta.len(), 11);
+    assert_eq!(std::fs::read(v.copy_path("u/x")).unwrap(), b"version two");
+    assert!(!v.copy_path("u/s/y").exists());
+    assert_eq!(std::fs::read(v.copy_path("u/s/z")).unwrap(), b"z");
+    println!("checked {elapsed:?} after the caches were filled");
+    v.umount();
+}
+
+/// As on ext4: setting an access ACL sets the mode's group bits from its mask (seen at
+/// once, not after the attribute cache expires), chmod rewrites the mask, and an ACL
+/// equivalent to the mode is not stored.
+#[test]
+fn access_acl_and_mode_stay_in_step() {
+    let mut v = Vol::new("1G");
+    v.mount();
+    let out = sh(
+        &v.mnt,
+        "touch f; chmod 644 f; stat -c %a f
+         ls -l f >/dev/null; setfacl -m u:1234:rwx f; ls -l f | cut -c1-11
+         chmod 640 f; getfacl -n f | grep mask
+         setfacl -b f; stat -c %a f; getfattr -d -m - f | wc -l",
+    );
+    assert_eq!(out, "644\n-rw-rwxr--+\nmask::r--\n640\n0\n");
+    v.umount();
+}
