@@ -74,6 +74,19 @@ struct Server {
 impl Server {
     /// Serves `file` (created with `size` bytes if missing) or `size` bytes of memory.
     fn start(kind: Kind, net: Net, dir: &Path, name: &str, size: u64) -> Server {
+        Self::start_after(Duration::ZERO, kind, net, dir, name, size)
+    }
+
+    /// [`Server::start`], the server process starting after `delay` (the call returns
+    /// at once when there is a delay).
+    fn start_after(
+        delay: Duration,
+        kind: Kind,
+        net: Net,
+        dir: &Path,
+        name: &str,
+        size: u64,
+    ) -> Server {
         let file = dir.join(format!("{name}.img"));
         if kind != Kind::NbdkitMemory && !file.exists() {
             OpenOptions::new()
@@ -92,7 +105,7 @@ impl Server {
             Kind::NbdkitFile | Kind::NbdkitMemory => {
                 need("nbdkit");
                 let mut c = Command::new("nbdkit");
-                c.args(["-f", "--exit-with-parent"]);
+                c.arg("-f");
                 match net {
                     Net::Unix => c.arg("-U").arg(&sock),
                     Net::Tcp => c.args(["-i", "127.0.0.1", "-p", &port.to_string()]),
@@ -116,6 +129,14 @@ impl Server {
                 c
             }
         };
+        if !delay.is_zero() {
+            let mut sh = Command::new("sh");
+            sh.args(["-c", "sleep \"$0\"; exec \"$@\""])
+                .arg(format!("{}", delay.as_secs_f64()))
+                .arg(cmd.get_program())
+                .args(cmd.get_args());
+            cmd = sh;
+        }
         let child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -127,7 +148,7 @@ impl Server {
             Net::Tcp => format!("nbd://127.0.0.1:{port}/{export}"),
         };
         let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
+        while delay.is_zero() {
             let up = match net {
                 Net::Unix => std::os::unix::net::UnixStream::connect(&sock).is_ok(),
                 Net::Tcp => std::net::TcpStream::connect(("127.0.0.1", port)).is_ok(),
@@ -236,7 +257,7 @@ fn client_calls_on_nbdkit_and_qemu_nbd_over_unix_and_tcp() {
     let sock = dir.path().join("ro.sock");
     let mut ro = Server {
         child: Command::new("nbdkit")
-            .args(["-f", "--exit-with-parent", "-r", "-U"])
+            .args(["-f", "-r", "-U"])
             .arg(&sock)
             .args(["memory", "1M"])
             .spawn()
@@ -256,6 +277,62 @@ fn client_calls_on_nbdkit_and_qemu_nbd_over_unix_and_tcp() {
     let wrong = q.uri.replace("/exp?", "/nope?");
     let e = NbdVolume::open_with(&wrong, false, "volume", quick()).unwrap_err();
     assert!(e.to_string().contains("nope"), "{e}");
+}
+
+/// The reconnect policy: a server restarted within the budget is reconnected to
+/// transparently; a write acknowledged but not flushed before the connection was lost
+/// makes the next sync fail; a server gone for longer than the budget gives EIO quickly.
+#[test]
+fn reconnects_within_the_budget_and_refuses_to_flush_lost_writes() {
+    let dir = tmpdir();
+    let policy = Policy {
+        reconnect: Duration::from_secs(5),
+        io_timeout: Duration::from_secs(10),
+    };
+    let mut s = Server::start(Kind::NbdkitFile, Net::Unix, dir.path(), "r", 16 * MIB);
+    let v = NbdVolume::open_with(&s.uri, true, "volume", policy).unwrap();
+    v.write_at(0, b"durable").unwrap();
+    v.sync().unwrap();
+    // Restart the server: the next read reconnects and sees the flushed data.
+    s.kill();
+    // (nbdkit -f dies with the thread that started it: start it from this one, late.)
+    let s = Server::start_after(
+        Duration::from_millis(300),
+        Kind::NbdkitFile,
+        Net::Unix,
+        dir.path(),
+        "r",
+        16 * MIB,
+    );
+    let mut b = [0u8; 7];
+    let t = Instant::now();
+    v.read_at(0, &mut b).unwrap();
+    assert_eq!(&b, b"durable");
+    println!("reconnected after {:?}", t.elapsed());
+    let mut s = s;
+    // A write not flushed when the connection drops: the next sync fails, for good.
+    v.write_at(4096, b"maybe lost").unwrap();
+    s.kill();
+    let _s = Server::start(Kind::NbdkitFile, Net::Unix, dir.path(), "r", 16 * MIB);
+    v.read_at(0, &mut b).unwrap();
+    let e = v.sync().unwrap_err();
+    assert_eq!(e.errno(), libc::EIO);
+    assert!(e.to_string().contains("never flushed"), "{e}");
+    assert!(v.sync().is_err());
+    // A server that stays away: EIO after the budget, then at once.
+    drop(_s);
+    let t = Instant::now();
+    let e = v.read_at(0, &mut b).unwrap_err();
+    assert_eq!(e.errno(), libc::EIO);
+    let first = t.elapsed();
+    assert!(first >= Duration::from_secs(4), "gave up after {first:?}");
+    let t = Instant::now();
+    assert!(v.read_at(0, &mut b).is_err());
+    assert!(
+        t.elapsed() < Duration::from_secs(1),
+        "second failure waited"
+    );
+    println!("gave up after {first:?}: {e}");
 }
 
 /// A volume whose images are on NBD exports, mounted with a copy mount.

@@ -503,9 +503,19 @@ impl Conn {
         h[8..16].copy_from_slice(&self.cookie.to_be_bytes());
         h[16..24].copy_from_slice(&off.to_be_bytes());
         h[24..28].copy_from_slice(&len.to_be_bytes());
-        self.s.write_all(&h)?;
-        if let Some(d) = data {
-            self.s.write_all(d)?;
+        match data {
+            // One send for a small write (a 4 KiB random write is the common case).
+            Some(d) if d.len() <= 64 * 1024 => {
+                let mut b = Vec::with_capacity(28 + d.len());
+                b.extend_from_slice(&h);
+                b.extend_from_slice(d);
+                self.s.write_all(&b)?;
+            }
+            Some(d) => {
+                self.s.write_all(&h)?;
+                self.s.write_all(d)?;
+            }
+            None => self.s.write_all(&h)?,
         }
         let mut r = [0u8; 16];
         self.s.read_exact(&mut r)?;
@@ -890,8 +900,35 @@ impl Volume for NbdVolume {
             }
         };
         fail_if_lost()?;
-        self.with_conn(|c| c.request(0, CMD_FLUSH, 0, 0, None, None))?;
-        // A connection lost while the flush ran may have had writes it did not cover.
+        // Flush on every connection that completed writes since the last flush, on that
+        // very connection: a flush on a new connection would not cover writes that a
+        // server restarted since then acknowledged. (With multi-conn one flush would do
+        // while the server stays up; the pool is small, so this costs little.)
+        for m in &self.conns {
+            let mut slot = m.lock().unwrap_or_else(|p| p.into_inner());
+            let Some(c) = slot.as_mut() else { continue };
+            if c.last_write <= self.flushed.load(Ordering::Acquire) {
+                continue;
+            }
+            match c.request(0, CMD_FLUSH, 0, 0, None, None) {
+                Ok(Ok(())) => {}
+                Ok(Err(errno)) => {
+                    return Err(self.err(
+                        io::ErrorKind::Other,
+                        Some(errno),
+                        "the server failed the flush".into(),
+                    ));
+                }
+                Err(e) => {
+                    log::warn!(
+                        "{} {}: connection lost in flush ({e})",
+                        self.what,
+                        self.display
+                    );
+                    self.drop_conn(&mut slot);
+                }
+            }
+        }
         fail_if_lost()?;
         self.flushed.fetch_max(upto, Ordering::AcqRel);
         Ok(())
