@@ -18,13 +18,15 @@ pub struct Cli {
 /// Where a volume's files are.
 #[derive(Debug, Args, Clone)]
 pub struct VolumeArgs {
-    /// The volume image (a file or block device).
+    /// The volume image: a file, a block device or an NBD URI
+    /// (nbd://HOST[:PORT]/EXPORT, nbd+unix:///EXPORT?socket=PATH).
     pub volume: PathBuf,
-    /// Metadata database [default: VOLUME.meta].
+    /// Metadata database [default: VOLUME.meta; required with an NBD URI].
     #[arg(long, value_name = "PATH")]
     pub meta: Option<PathBuf>,
-    /// Copy image [default: VOLUME.copy].
-    #[arg(long, value_name = "PATH")]
+    /// Copy image, a path or an NBD URI [default: VOLUME.copy; required with an NBD
+    /// URI volume].
+    #[arg(long, value_name = "PATH|URI")]
     pub copy: Option<PathBuf>,
 }
 
@@ -36,9 +38,9 @@ pub enum Cmd {
         /// Volume files.
         #[command(flatten)]
         vol: VolumeArgs,
-        /// Volume size, e.g. 10G.
+        /// Volume size, e.g. 10G [default with an NBD volume: the export's size].
         #[arg(long, value_parser = parse_size_arg)]
-        size: u64,
+        size: Option<u64>,
         /// Track size: the unit of copying, a power of two from 4K to 1M.
         #[arg(long, default_value = "64K", value_parser = parse_size_arg)]
         track_size: u64,

@@ -7,7 +7,6 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use crate::core::volfile::Paths;
 use crate::error::{Error, Result};
 use crate::meta::Meta;
-use crate::store::volume::{FileVolume, Volume};
 
 /// The outcome of a check.
 #[derive(Debug, Default)]
@@ -22,26 +21,19 @@ pub struct Report {
 
 /// Checks (and with `repair`, fixes) a volume that is not mounted.
 pub fn fsck(p: &Paths, repair: bool) -> Result<Report> {
-    if !p.volume.exists() {
+    if !crate::core::volfile::is_uri(&p.volume) && !p.volume.exists() {
         return Err(Error::NotFound(format!(
             "volume image {}",
             p.volume.display()
         )));
     }
-    let lockf = std::fs::File::open(&p.volume).map_err(|e| Error::io("volume", e))?;
-    // SAFETY: flock on a valid fd owned by `lockf`.
-    if unsafe {
-        libc::flock(
-            std::os::unix::io::AsRawFd::as_raw_fd(&lockf),
-            libc::LOCK_EX | libc::LOCK_NB,
-        )
-    } != 0
-    {
-        return Err(Error::Locked(format!(
+    let _lock = crate::core::volfile::lock_volume(p, true).map_err(|e| match e {
+        Error::Locked(_) => Error::Locked(format!(
             "{} is mounted; unmount it first",
             p.volume.display()
-        )));
-    }
+        )),
+        e => e,
+    })?;
     let meta = Meta::open(&p.meta, !repair)?;
     let g = meta.geometry().clone();
     let mut r = Report::default();
@@ -52,7 +44,7 @@ pub fn fsck(p: &Paths, repair: bool) -> Result<Report> {
         (&p.volume, b"PAIRFSV1", "volume image"),
         (&p.copy, b"PAIRFSC1", "copy image"),
     ] {
-        match FileVolume::open(path, false, "image") {
+        match crate::core::volfile::open_image(path, false, "image") {
             Ok(v) => {
                 let mut h = [0u8; 64];
                 if v.len() < g.size {

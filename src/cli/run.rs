@@ -17,8 +17,8 @@ use crate::core::fs::Options;
 use crate::core::volfile::{self, Paths};
 use crate::error::{Error, Result};
 
-fn paths(v: &VolumeArgs) -> Paths {
-    Paths::new(&v.volume, v.meta.as_deref(), v.copy.as_deref())
+fn paths(v: &VolumeArgs) -> Result<Paths> {
+    Paths::resolve(&v.volume, v.meta.as_deref(), v.copy.as_deref())
 }
 
 /// Runs one command; returns the exit code.
@@ -30,7 +30,11 @@ pub fn run(cli: Cli) -> Result<u8> {
             track_size,
             force,
         } => {
-            let p = paths(&vol);
+            let p = paths(&vol)?;
+            let size = match size {
+                Some(s) => s,
+                None => volfile::default_size(&p)?,
+            };
             let g = volfile::mkfs(&p, size, track_size, force)?;
             println!(
                 "made pairfs volume {} ({}, {} tracks of {}), uuid {}",
@@ -57,7 +61,7 @@ pub fn run(cli: Cli) -> Result<u8> {
             commit_ms,
         } => {
             let mut m = MountSpec {
-                paths: paths(&vol),
+                paths: paths(&vol)?,
                 mountpoint,
                 copy_mount,
                 threads: threads as usize,
@@ -76,7 +80,7 @@ pub fn run(cli: Cli) -> Result<u8> {
             daemon,
         } => {
             let m = MountSpec {
-                paths: paths(&vol),
+                paths: paths(&vol)?,
                 mountpoint: mountpoint.clone(),
                 copy_mount: Some(mountpoint),
                 threads: 2,
@@ -94,7 +98,7 @@ pub fn run(cli: Cli) -> Result<u8> {
             daemon,
         } => {
             let m = MountSpec {
-                paths: paths(&vol),
+                paths: paths(&vol)?,
                 mountpoint,
                 copy_mount: None,
                 threads: 2,
@@ -119,7 +123,7 @@ pub fn run(cli: Cli) -> Result<u8> {
             crate::cli::status::status(path.as_deref(), json, watch)
         }
         Cmd::Fsck { vol, repair } => {
-            let r = crate::cli::fsck::fsck(&paths(&vol), repair)?;
+            let r = crate::cli::fsck::fsck(&paths(&vol)?, repair)?;
             for (k, v) in &r.stats {
                 println!("{k}: {v}");
             }
@@ -248,8 +252,9 @@ fn fuse_option(o: &str) -> MountOption {
 
 fn config(spec: &MountSpec, copy: bool) -> Config {
     let mut c = Config::default();
-    let vol =
-        std::fs::canonicalize(&spec.paths.volume).unwrap_or_else(|_| spec.paths.volume.clone());
+    // The lock file: the image, or META.lock for an NBD volume (`umount` waits on it).
+    let lock = volfile::lock_file(&spec.paths);
+    let vol = std::fs::canonicalize(&lock).unwrap_or(lock);
     let name = format!("pairfs:{}", vol.display());
     c.mount_options = vec![
         MountOption::FSName(if copy {

@@ -12,6 +12,14 @@
 //! | 40 | 8 | FNV-1a hash of bytes 0..40 |
 //!
 //! Track 0 is never allocated to a file and never copied.
+//!
+//! An image is a path (file or block device) or an NBD URI ([`crate::store::nbd`]).
+//! Nothing sits "beside" a URI, so a volume on NBD names its metadata (`--meta`) and
+//! copy image (`--copy`) explicitly ([`Paths::resolve`]), and `flock` on an export is
+//! impossible: the mount lock is then taken on `META.lock`, a file beside the metadata
+//! (and `META.copy.lock` for a snapshot mount of an NBD copy image). That protects
+//! against two mounts on this host using the same metadata; it cannot stop another
+//! host from mounting the same export (the server's own access control must).
 
 use std::fs::File;
 use std::os::unix::io::AsRawFd;
@@ -20,6 +28,7 @@ use std::path::{Path, PathBuf};
 use crate::core::fs::{Fs, Options, now_ns};
 use crate::error::{Error, Result};
 use crate::meta::{Geometry, Meta};
+use crate::store::nbd::{self, NbdVolume};
 use crate::store::volume::{FileVolume, Volume};
 
 const MAGIC_VOL: &[u8; 8] = b"PAIRFSV1";
@@ -50,6 +59,100 @@ impl Paths {
             copy: copy.map_or_else(|| beside(".copy"), Path::to_path_buf),
         }
     }
+}
+
+impl Paths {
+    /// Like [`Paths::new`], but an NBD URI volume needs `meta` and `copy` given.
+    pub fn resolve(volume: &Path, meta: Option<&Path>, copy: Option<&Path>) -> Result<Paths> {
+        if is_uri(volume) {
+            let missing: Vec<&str> = [
+                (meta.is_none(), "--meta FILE"),
+                (copy.is_none(), "--copy PATH|URI"),
+            ]
+            .into_iter()
+            .filter_map(|(m, f)| m.then_some(f))
+            .collect();
+            if !missing.is_empty() {
+                return Err(Error::invalid(format!(
+                    "the volume {} is an NBD URI: give {} (nothing sits beside a URI)",
+                    volume.display(),
+                    missing.join(" and ")
+                )));
+            }
+        }
+        if meta.is_some_and(is_uri) {
+            return Err(Error::invalid(
+                "--meta must be a local file (SQLite), not an NBD URI",
+            ));
+        }
+        Ok(Paths::new(volume, meta, copy))
+    }
+}
+
+/// True if the image is named by an NBD URI rather than a path.
+pub fn is_uri(image: &Path) -> bool {
+    nbd::is_uri(image.as_os_str())
+}
+
+fn uri_str(image: &Path) -> Result<&str> {
+    image
+        .to_str()
+        .ok_or_else(|| Error::invalid(format!("NBD URI {} is not UTF-8", image.display())))
+}
+
+/// Opens an image: a file or block device, or an NBD export.
+pub fn open_image(image: &Path, writable: bool, what: &'static str) -> Result<Box<dyn Volume>> {
+    if is_uri(image) {
+        Ok(Box::new(NbdVolume::open(uri_str(image)?, writable, what)?))
+    } else {
+        Ok(Box::new(FileVolume::open(image, writable, what)?))
+    }
+}
+
+/// mkfs of one image: a new sparse file, or an existing NBD export of at least `size`
+/// bytes, zeroed (a pairfs header already there needs `force`).
+fn create_image(
+    image: &Path,
+    size: u64,
+    force: bool,
+    what: &'static str,
+) -> Result<Box<dyn Volume>> {
+    if !is_uri(image) {
+        return Ok(Box::new(FileVolume::create(image, size, what)?));
+    }
+    let v = NbdVolume::open(uri_str(image)?, true, what)?;
+    if v.len() < size {
+        return Err(Error::invalid(format!(
+            "{what} {}: the export is {} bytes, smaller than the volume size {size}",
+            image.display(),
+            v.len()
+        )));
+    }
+    let mut h = [0u8; 8];
+    v.read_at(0, &mut h)?;
+    if !force && (&h == MAGIC_VOL || &h == MAGIC_COPY) {
+        return Err(Error::Exists(format!(
+            "{what} {} already holds a pairfs image (use --force to overwrite)",
+            image.display()
+        )));
+    }
+    v.discard(0, size)?;
+    Ok(Box::new(v))
+}
+
+/// The size `mkfs` gives a volume when `--size` is not given: that of the volume's NBD
+/// export (and no more than the copy image's, if that is an export too).
+pub fn default_size(p: &Paths) -> Result<u64> {
+    if !is_uri(&p.volume) {
+        return Err(Error::invalid(
+            "--size is required unless the volume is an NBD URI",
+        ));
+    }
+    let mut size = open_image(&p.volume, false, "volume")?.len();
+    if is_uri(&p.copy) {
+        size = size.min(open_image(&p.copy, false, "copy image")?.len());
+    }
+    Ok(size)
 }
 
 fn fnv(b: &[u8]) -> u64 {
@@ -121,7 +224,7 @@ pub fn mkfs(p: &Paths, size: u64, track_size: u64, force: bool) -> Result<Geomet
         )));
     }
     for f in [&p.volume, &p.meta, &p.copy] {
-        if f.exists() && !force {
+        if !is_uri(f) && f.exists() && !force {
             return Err(Error::Exists(format!(
                 "{} (use --force to overwrite)",
                 f.display()
@@ -130,6 +233,9 @@ pub fn mkfs(p: &Paths, size: u64, track_size: u64, force: bool) -> Result<Geomet
     }
     if force {
         for f in [&p.volume, &p.meta, &p.copy] {
+            if is_uri(f) {
+                continue;
+            }
             let is_blockdev = std::fs::metadata(f)
                 .map(|m| std::os::unix::fs::FileTypeExt::is_block_device(&m.file_type()))
                 .unwrap_or(false);
@@ -148,10 +254,10 @@ pub fn mkfs(p: &Paths, size: u64, track_size: u64, force: bool) -> Result<Geomet
         size,
         track_size,
     };
-    let vol = FileVolume::create(&p.volume, size, "volume")?;
+    let vol = create_image(&p.volume, size, force, "volume")?;
     vol.write_at(0, &header(MAGIC_VOL, &g)?)?;
     vol.sync()?;
-    let copy = FileVolume::create(&p.copy, size, "copy image")?;
+    let copy = create_image(&p.copy, size, force, "copy image")?;
     copy.write_at(0, &header(MAGIC_COPY, &g)?)?;
     copy.sync()?;
     Meta::create(&p.meta, &g, now_ns())?;
@@ -179,7 +285,17 @@ pub fn lock_copy_for_rewrite(copy: &Path) -> Result<VolumeLock> {
 }
 
 fn lock(path: &Path, exclusive: bool) -> Result<VolumeLock> {
-    let file = File::open(path).map_err(|e| Error::io("volume", e))?;
+    let file = if path.exists() {
+        File::open(path)
+    } else {
+        // A lock file beside the metadata of an NBD volume.
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)
+    }
+    .map_err(|e| Error::io("volume", e))?;
     let op = if exclusive {
         libc::LOCK_EX
     } else {
@@ -195,18 +311,42 @@ fn lock(path: &Path, exclusive: bool) -> Result<VolumeLock> {
     Ok(VolumeLock { _file: file })
 }
 
+/// The file to `flock` for `image`: the image itself, or for an NBD URI the metadata's
+/// path plus `suffix`.
+fn lock_path(p: &Paths, image: &Path, suffix: &str) -> PathBuf {
+    if is_uri(image) {
+        let mut s = p.meta.clone().into_os_string();
+        s.push(suffix);
+        s.into()
+    } else {
+        image.to_path_buf()
+    }
+}
+
+/// The file whose `flock` is the volume's mount lock: the image, or `META.lock` for an
+/// NBD volume. The mount's FUSE source names it, so `pairfs umount` can wait for it.
+pub fn lock_file(p: &Paths) -> PathBuf {
+    lock_path(p, &p.volume, ".lock")
+}
+
+/// Takes the mount lock of the volume: exclusive for a read-write mount or fsck,
+/// shared for a read-only one.
+pub fn lock_volume(p: &Paths, exclusive: bool) -> Result<VolumeLock> {
+    lock(&lock_file(p), exclusive)
+}
+
 /// Opens a volume for mounting (or for fsck): checks lock, headers and geometry.
 pub fn open(p: &Paths, mut opts: Options) -> Result<(Fs, VolumeLock)> {
-    if !p.volume.exists() {
+    if !is_uri(&p.volume) && !p.volume.exists() {
         return Err(Error::NotFound(format!(
             "volume image {}",
             p.volume.display()
         )));
     }
-    let lk = lock(&p.volume, !opts.readonly)?;
+    let lk = lock_volume(p, !opts.readonly)?;
     let meta = Meta::open(&p.meta, opts.readonly)?;
     let g = meta.geometry().clone();
-    let vol = FileVolume::open(&p.volume, !opts.readonly, "volume")?;
+    let vol = open_image(&p.volume, !opts.readonly, "volume")?;
     if vol.len() < g.size {
         return Err(Error::Corrupt(format!(
             "volume image is {} bytes, the metadata says {} (truncated image?)",
@@ -217,14 +357,15 @@ pub fn open(p: &Paths, mut opts: Options) -> Result<(Fs, VolumeLock)> {
     let mut h = [0u8; 64];
     vol.read_at(0, &mut h)?;
     check_header(&h, MAGIC_VOL, &g, "volume image")?;
-    if !p.copy.exists() {
+    if !is_uri(&p.copy) && !p.copy.exists() {
         return Err(Error::NotFound(format!(
             "copy image {} (pairfs mkfs makes it; restore it or point --copy at it)",
             p.copy.display()
         )));
     }
-    let copy = FileVolume::open(&p.copy, !opts.readonly, "copy image")?;
-    if copy.len() != g.size {
+    let copy = open_image(&p.copy, !opts.readonly, "copy image")?;
+    // An NBD export may be larger than the volume; a file copy image is exactly its size.
+    if copy.len() < g.size || (!is_uri(&p.copy) && copy.len() != g.size) {
         return Err(Error::Corrupt(format!(
             "copy image {} is {} bytes, the volume is {} bytes",
             p.copy.display(),
@@ -239,8 +380,10 @@ pub fn open(p: &Paths, mut opts: Options) -> Result<(Fs, VolumeLock)> {
         meta.set_clean(false)?;
     }
     opts.meta_path = Some(p.meta.clone());
-    opts.copy_path = Some(p.copy.clone());
-    let fs = Fs::new(meta, loaded, Box::new(vol), Box::new(copy), opts)?;
+    // The lock a snapshot mount takes on the copy image (a file beside the metadata
+    // for an NBD copy image).
+    opts.copy_path = Some(lock_path(p, &p.copy, ".copy.lock"));
+    let fs = Fs::new(meta, loaded, vol, copy, opts)?;
     Ok((fs, lk))
 }
 
@@ -264,7 +407,7 @@ pub fn open_snapshot(p: &Paths) -> Result<(Fs, VolumeLock)> {
     }
     // Shared lock on the copy image first: from here on the live mount refuses update,
     // resync and release of the root pair, so the state checked below stays true.
-    let lk = lock(&p.copy, false).map_err(|_| {
+    let lk = lock(&lock_path(p, &p.copy, ".copy.lock"), false).map_err(|_| {
         Error::Busy(format!(
             "{} is being rewritten (update, resync or release of the root pair); try again",
             p.copy.display()
@@ -308,8 +451,8 @@ pub fn open_snapshot(p: &Paths) -> Result<(Fs, VolumeLock)> {
         )));
     }
     let g = meta.geometry().clone();
-    let copy = FileVolume::open(&p.copy, false, "copy image")?;
-    if copy.len() != g.size {
+    let copy = open_image(&p.copy, false, "copy image")?;
+    if copy.len() < g.size || (!is_uri(&p.copy) && copy.len() != g.size) {
         return Err(Error::Corrupt(
             "copy image size differs from the snapshot".into(),
         ));
@@ -323,8 +466,8 @@ pub fn open_snapshot(p: &Paths) -> Result<(Fs, VolumeLock)> {
     };
     // Served as the frozen view of the root pair: its reads go to the copy image
     // whichever image the pair's bits point them at.
-    let copy2 = FileVolume::open(&p.copy, false, "copy image")?;
-    let fs = Fs::new(meta, loaded, Box::new(copy), Box::new(copy2), opts)?;
+    let copy2 = open_image(&p.copy, false, "copy image")?;
+    let fs = Fs::new(meta, loaded, copy, copy2, opts)?;
     Ok((fs, lk))
 }
 

@@ -1,5 +1,7 @@
 //! Storage: the [`volume::Volume`] trait (read_at, write_at, sync, len) and its
-//! implementations — file image, memory, fault injection, crash model — plus
-//! [`volume::Checked`], which poisons the handle after a failed write or sync.
+//! implementations — file image, memory, fault injection, crash model, NBD export
+//! ([`nbd`]) — plus [`volume::Checked`], which poisons the handle after a failed write
+//! or sync.
 
+pub mod nbd;
 pub mod volume;
