@@ -68,7 +68,7 @@ pub fn fsck(p: &Paths, repair: bool) -> Result<Report> {
             Err(e) => r.problems.push(format!("{what}: {e}")),
         }
     }
-    let l = meta.load()?;
+    let l = meta.load_all()?;
     let tracks = g.tracks();
     let kinds: HashMap<u64, u32> = l.inodes.iter().map(|i| (i.ino, i.kind)).collect();
     // Extents: inside the volume, never overlapping.

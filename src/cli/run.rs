@@ -487,6 +487,7 @@ fn serve(spec: MountSpec, mut ready: Option<std::fs::File>) -> Result<u8> {
         commit_interval: Duration::from_millis(spec.commit_ms),
         readonly: spec.readonly || spec.copy_only,
         meta_path: None,
+        ..Options::default()
     };
     let opened = if spec.snapshot {
         volfile::open_snapshot(&spec.paths)

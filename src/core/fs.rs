@@ -23,7 +23,7 @@ use crate::core::alloc::Allocator;
 use crate::core::extent::{Extent, Segment};
 use crate::core::inode::Inode;
 use crate::error::{Error, Result};
-use crate::meta::{Batch, Geometry, InodeRow, Loaded, Meta, PairDelta};
+use crate::meta::{Batch, Geometry, InodeLoad, InodeRow, Loaded, Meta, PairDelta, Reader};
 use crate::snap::engine::Engine;
 use crate::store::volume::{Checked, Volume};
 
@@ -104,8 +104,15 @@ pub(crate) struct Dirty {
 }
 
 /// Everything behind the state lock.
+///
+/// `inodes` is a cache: an inode is read from the database when first used
+/// ([`Fs::want`]) and dropped again when it is clean (not dirty, not in a commit in
+/// progress, not open, no operation holding its data lock) and the kernel forgot it
+/// ([`Fs::forget`]) or the cache is over its budget ([`Fs::shrink`]). A dirty or
+/// committing inode is always cached, so the database plus the cache is the truth;
+/// a directory in the cache always holds all its entries.
 pub struct State {
-    /// Inodes by number.
+    /// Cached inodes by number.
     pub inodes: HashMap<u64, Inode>,
     /// Track allocator.
     pub alloc: Allocator,
@@ -113,6 +120,17 @@ pub struct State {
     pub(crate) dirty: Dirty,
     pub(crate) handles: HashMap<u64, u64>,
     pub(crate) next_fh: u64,
+    /// Reads inodes on demand.
+    pub(crate) reader: Reader,
+    /// Inodes in use (statfs, persisted with each commit).
+    pub(crate) inode_count: u64,
+    /// The kernel's lookup count per inode (FUSE `forget` lowers it); kept apart from
+    /// the cache so an evicted inode keeps it.
+    pub(crate) nlookup: HashMap<u64, u64>,
+    /// Inodes of the batch being committed: not evictable until it is durable.
+    pub(crate) committing: HashSet<u64>,
+    /// Cached inodes allowed before [`Fs::shrink`] evicts clean ones.
+    pub(crate) budget: usize,
 }
 
 impl State {
@@ -142,40 +160,20 @@ impl State {
             .ok_or_else(|| Error::NotFound(String::from_utf8_lossy(name).into_owned()))
     }
 
-    /// Path of an inode relative to the root (`a/b`), following first links.
-    pub fn path_of(&self, mut ino: u64) -> String {
-        let mut parts = Vec::new();
-        let mut guard = 0;
-        while ino != ROOT && guard < 4096 {
-            let Some(i) = self.inodes.get(&ino) else {
-                break;
-            };
-            let Some((p, n)) = i.links.first() else { break };
-            parts.push(String::from_utf8_lossy(n).into_owned());
-            ino = *p;
-            guard += 1;
-        }
-        parts.reverse();
-        parts.join("/")
+    /// True if the inode may leave the cache.
+    fn evictable(&self, ino: u64) -> bool {
+        ino != ROOT
+            && !self.dirty.inodes.contains(&ino)
+            && !self.committing.contains(&ino)
+            && self
+                .inodes
+                .get(&ino)
+                .is_some_and(|i| i.open == 0 && Arc::strong_count(&i.data_lock) == 1)
     }
 
-    /// Every inode beneath (and including) `top`, depth first, with paths.
-    pub fn subtree(&self, top: u64) -> Vec<u64> {
-        // Breadth first; `seen` also stops at cycles a corrupt database could contain.
-        let mut out = vec![top];
-        let mut seen: HashSet<u64> = out.iter().copied().collect();
-        let mut i = 0;
-        while i < out.len() {
-            if let Some(d) = self.inodes.get(&out[i]).and_then(|n| n.dir.as_ref()) {
-                for (_, child) in d.iter() {
-                    if seen.insert(child) {
-                        out.push(child);
-                    }
-                }
-            }
-            i += 1;
-        }
-        out
+    /// Counts one more kernel lookup (an entry reply).
+    pub(crate) fn looked_up(&mut self, ino: u64) {
+        *self.nlookup.entry(ino).or_default() += 1;
     }
 }
 
@@ -188,6 +186,8 @@ pub struct Options {
     pub readonly: bool,
     /// Path of the metadata database (for the whole-volume snapshot).
     pub meta_path: Option<std::path::PathBuf>,
+    /// Inodes kept in memory before clean ones are evicted.
+    pub cache_inodes: usize,
 }
 
 impl Default for Options {
@@ -196,6 +196,7 @@ impl Default for Options {
             commit_interval: Duration::from_millis(1000),
             readonly: false,
             meta_path: None,
+            cache_inodes: 100_000,
         }
     }
 }
@@ -229,8 +230,12 @@ pub struct Fs {
     pub commits: AtomicU64,
 }
 
-fn inode_from_row(row: InodeRow) -> Inode {
-    Inode::new(row)
+/// One inode's rows read in one database snapshot.
+struct Fetched {
+    load: InodeLoad,
+    extents: Vec<Extent>,
+    xattrs: Vec<(Vec<u8>, Vec<u8>)>,
+    children: Vec<(Vec<u8>, u64)>,
 }
 
 impl Fs {
@@ -245,99 +250,43 @@ impl Fs {
         let geo = meta.geometry().clone();
         let ts = geo.track_size;
         let mut alloc = Allocator::new(geo.tracks());
-        let mut inodes: HashMap<u64, Inode> = HashMap::new();
-        for row in loaded.inodes {
-            if row.ino == 0 {
-                return Err(Error::Corrupt("inode number 0".into()));
+        // The allocator's bitmap comes from the extent table alone (overlaps are refused);
+        // inodes are read when used.
+        for &(v, l) in &loaded.used {
+            if l == 0 {
+                return Err(Error::Corrupt(format!("empty extent at track {v}")));
             }
-            inodes.insert(row.ino, inode_from_row(row));
+            alloc.mark_used(v, l)?;
         }
-        if !inodes.get(&ROOT).is_some_and(|r| r.is_dir()) {
-            return Err(Error::Corrupt("the root directory is missing".into()));
-        }
-        for (ino, e) in loaded.extents {
-            let i = inodes
-                .get_mut(&ino)
-                .ok_or_else(|| Error::Corrupt(format!("extent of missing inode {ino}")))?;
-            if !i.is_file()
-                || e.len == 0
-                || i.extents
-                    .segments(e.file, e.len)
-                    .iter()
-                    .any(|s| s.vol.is_some())
-            {
-                return Err(Error::Corrupt(format!("bad extent {e:?} of inode {ino}")));
-            }
-            alloc.mark_used(e.vol, e.len)?;
-            i.extents.insert(e.file, e.vol, e.len);
-        }
-        for (ino, n, v) in loaded.xattrs {
-            if let Some(i) = inodes.get_mut(&ino) {
-                i.xattrs.insert(n, v);
-            }
-        }
-        let mut dirents = loaded.dirents;
-        dirents.sort();
-        for (parent, name, ino) in dirents {
-            if !inodes.contains_key(&ino) {
-                return Err(Error::Corrupt(format!(
-                    "entry {:?} in directory {parent} points to missing inode {ino}",
-                    String::from_utf8_lossy(&name)
-                )));
-            }
-            let p = inodes
-                .get_mut(&parent)
-                .and_then(|p| p.dir.as_mut())
-                .ok_or_else(|| Error::Corrupt(format!("entry in non-directory {parent}")))?;
-            p.insert(name.clone(), ino);
-            inodes
-                .get_mut(&ino)
-                .expect("checked")
-                .links
-                .push((parent, name));
+        let reader = meta.reader()?;
+        match reader.inode(ROOT)? {
+            Some(r) if r.row.kind == libc::S_IFDIR => {}
+            _ => return Err(Error::Corrupt("the root directory is missing".into())),
         }
         let mut st = State {
-            inodes,
+            inodes: HashMap::new(),
             alloc,
             next_ino: loaded.next_ino.max(2),
             dirty: Dirty::default(),
             handles: HashMap::new(),
             next_fh: 1,
+            reader,
+            inode_count: loaded.inode_count,
+            nlookup: HashMap::new(),
+            committing: HashSet::new(),
+            budget: opts.cache_inodes.max(64),
         };
-        // The tree must be a tree: a directory has one name, the root none, and every
-        // named inode is reachable from the root (no detached cycles).
-        for (ino, i) in &st.inodes {
-            let want = usize::from(*ino != ROOT);
-            if i.is_dir() && i.links.len() != want {
-                return Err(Error::Corrupt(format!(
-                    "directory {ino} has {} names (expected {want})",
-                    i.links.len()
-                )));
+        // Orphans: inodes with no name left (unlinked while open, then a crash or an
+        // unmount); found by an indexed query, not a scan.
+        for ino in loaded.orphans {
+            if ino == ROOT {
+                return Err(Error::Corrupt("the root directory has link count 0".into()));
             }
-        }
-        let reachable: HashSet<u64> = st.subtree(ROOT).into_iter().collect();
-        if let Some((ino, _)) = st
-            .inodes
-            .iter()
-            .find(|(ino, i)| !i.links.is_empty() && !reachable.contains(ino))
-        {
-            return Err(Error::Corrupt(format!(
-                "inode {ino} is not reachable from the root (directory cycle)"
-            )));
-        }
-        // Orphans: inodes with no name left (unlinked while open, then a crash).
-        let orphans: Vec<u64> = st
-            .inodes
-            .iter()
-            .filter(|(ino, i)| **ino != ROOT && i.links.is_empty())
-            .map(|(&ino, _)| ino)
-            .collect();
-        for ino in orphans {
             log::info!("removing orphan inode {ino}");
-            let i = st.inodes.remove(&ino).expect("listed");
-            for e in i.extents.iter() {
+            for e in st.reader.extents(ino)? {
                 st.alloc.free(e.vol, e.len);
             }
+            st.inode_count = st.inode_count.saturating_sub(1);
             st.dirty.deleted.insert(ino);
         }
         let fs = Fs {
@@ -366,6 +315,236 @@ impl Fs {
         self.st.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Locks the state with `ino` in the cache.
+    pub fn state_with(&self, ino: u64) -> Result<MutexGuard<'_, State>> {
+        let mut st = self.state();
+        self.want(&mut st, ino)?;
+        Ok(st)
+    }
+
+    /// Brings `ino` into the cache, reading it (and any uncached ancestors, so that its
+    /// pair can be inherited) from the database. ENOENT if there is no such inode.
+    pub fn want(&self, st: &mut State, ino: u64) -> Result<()> {
+        if st.inodes.contains_key(&ino) {
+            return Ok(());
+        }
+        // Not cached while deleted or committing means deleted: the database may
+        // still hold the row until the commit.
+        if ino == 0 || st.dirty.deleted.contains(&ino) || st.committing.contains(&ino) {
+            return Err(Error::NotFound(format!("inode {ino}")));
+        }
+        let inodes = &st.inodes;
+        let chain = st.reader.snapshot(|r| {
+            let mut chain: Vec<Fetched> = Vec::new();
+            let mut cur = ino;
+            loop {
+                let load = r
+                    .inode(cur)?
+                    .ok_or_else(|| Error::NotFound(format!("inode {cur}")))?;
+                if load.row.nlink == 0 {
+                    return Err(Error::NotFound(format!("inode {cur} (removed)")));
+                }
+                let parent = load.links.first().map(|l| l.0);
+                let children = if load.row.kind == libc::S_IFDIR {
+                    r.children(cur)?
+                } else {
+                    Vec::new()
+                };
+                chain.push(Fetched {
+                    extents: r.extents(cur)?,
+                    xattrs: r.xattrs(cur)?,
+                    children,
+                    load,
+                });
+                match parent {
+                    Some(p) if cur != ROOT && !inodes.contains_key(&p) => cur = p,
+                    _ => break,
+                }
+                if chain.len() > 1 << 16 {
+                    return Err(Error::Corrupt(format!(
+                        "inode {ino}: no way up to the root (directory cycle)"
+                    )));
+                }
+            }
+            Ok(chain)
+        })?;
+        for f in chain.into_iter().rev() {
+            self.install(st, f)?;
+        }
+        Ok(())
+    }
+
+    /// Like [`Fs::want`], but Ok(false) if the inode does not exist.
+    pub fn try_want(&self, st: &mut State, ino: u64) -> Result<bool> {
+        match self.want(st, ino) {
+            Ok(()) => Ok(true),
+            Err(Error::NotFound(_)) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Checks and caches one fetched inode; its parent is cached already.
+    fn install(&self, st: &mut State, f: Fetched) -> Result<()> {
+        let ino = f.load.row.ino;
+        let mut i = Inode::new(f.load.row);
+        if ino == ROOT && !i.is_dir() {
+            return Err(Error::Corrupt("the root directory is missing".into()));
+        }
+        for e in f.extents {
+            if !i.is_file()
+                || e.len == 0
+                || i.extents
+                    .segments(e.file, e.len)
+                    .iter()
+                    .any(|s| s.vol.is_some())
+            {
+                return Err(Error::Corrupt(format!("bad extent {e:?} of inode {ino}")));
+            }
+            i.extents.insert(e.file, e.vol, e.len);
+        }
+        i.xattrs.extend(f.xattrs);
+        if let Some(d) = i.dir.as_mut() {
+            for (name, child) in f.children {
+                d.insert(name, child);
+            }
+            let want = usize::from(ino != ROOT);
+            if f.load.links.len() != want {
+                return Err(Error::Corrupt(format!(
+                    "directory {ino} has {} names (expected {want})",
+                    f.load.links.len()
+                )));
+            }
+        }
+        i.links = f.load.links;
+        i.pair = self.derive_pair(st, ino, i.parent())?;
+        st.inodes.insert(ino, i);
+        Ok(())
+    }
+
+    /// Scope membership of an inode being loaded: the pair whose scope it is the top
+    /// of, else the pair whose committed frozen map holds it (most specific scope,
+    /// then lowest id), else its parent directory's pair.
+    fn derive_pair(&self, st: &State, ino: u64, parent: Option<u64>) -> Result<Option<u64>> {
+        if !self.engine.has_pairs() {
+            return Ok(None);
+        }
+        if let Some(id) = self.engine.owner_of(ino) {
+            return Ok(Some(id));
+        }
+        let held = st.reader.frozen_pairs(ino)?;
+        if let Some(id) = self.engine.first_claim(&held) {
+            return Ok(Some(id));
+        }
+        Ok(parent
+            .filter(|_| ino != ROOT)
+            .and_then(|p| st.inodes.get(&p))
+            .and_then(|p| p.pair))
+    }
+
+    /// The kernel forgot `n` lookups of `ino` (FUSE `forget`): at zero a clean inode
+    /// leaves the cache.
+    pub fn forget(&self, ino: u64, n: u64) {
+        let mut st = self.state();
+        if let Some(c) = st.nlookup.get_mut(&ino) {
+            *c = c.saturating_sub(n);
+            if *c == 0 {
+                st.nlookup.remove(&ino);
+                if st.evictable(ino) {
+                    st.inodes.remove(&ino);
+                }
+            }
+        }
+    }
+
+    /// The adapter handed the kernel an entry for `ino` (readdirplus).
+    pub fn remember(&self, ino: u64) {
+        self.state().looked_up(ino);
+    }
+
+    /// Cached inodes and kernel-known inodes (statistics, tests).
+    pub fn cache_stats(&self) -> (usize, usize) {
+        let st = self.state();
+        (st.inodes.len(), st.nlookup.len())
+    }
+
+    /// Over budget, evicts clean inodes down to three quarters of it. Call only where
+    /// no caller relies on an inode staying cached (end of an operation).
+    pub fn shrink(&self, st: &mut State) {
+        if st.inodes.len() <= st.budget {
+            return;
+        }
+        let excess = st.inodes.len() - st.budget * 3 / 4;
+        let victims: Vec<u64> = st
+            .inodes
+            .keys()
+            .copied()
+            .filter(|&i| st.evictable(i))
+            .take(excess)
+            .collect();
+        for v in victims {
+            st.inodes.remove(&v);
+        }
+    }
+
+    /// Path of an inode relative to the root (`a/b`), following first links.
+    pub fn path_of(&self, st: &mut State, mut ino: u64) -> Result<String> {
+        let mut parts = Vec::new();
+        let mut guard = 0;
+        while ino != ROOT && guard < 1 << 16 {
+            if !self.try_want(st, ino)? {
+                break;
+            }
+            let Some((p, n)) = st.get(ino)?.links.first() else {
+                break;
+            };
+            parts.push(String::from_utf8_lossy(n).into_owned());
+            ino = *p;
+            guard += 1;
+        }
+        parts.reverse();
+        Ok(parts.join("/"))
+    }
+
+    /// Every inode beneath (and including) `top`, breadth first, all left cached.
+    pub fn subtree(&self, st: &mut State, top: u64) -> Result<Vec<u64>> {
+        let mut out = Vec::new();
+        self.walk(st, top, false, |ino, _| out.push(ino))?;
+        Ok(out)
+    }
+
+    /// Visits every inode beneath (and including) `top`, breadth first. With `shrink`
+    /// the cache is trimmed to its budget as the walk goes (memory stays bounded; the
+    /// visitor must not rely on earlier inodes staying cached).
+    pub fn walk(
+        &self,
+        st: &mut State,
+        top: u64,
+        shrink: bool,
+        mut f: impl FnMut(u64, &Inode),
+    ) -> Result<()> {
+        // `seen` also stops at cycles a corrupt database could contain.
+        let mut queue = std::collections::VecDeque::from([top]);
+        let mut seen: HashSet<u64> = HashSet::from([top]);
+        while let Some(ino) = queue.pop_front() {
+            if !self.try_want(st, ino)? {
+                continue;
+            }
+            let i = st.get(ino)?;
+            f(ino, i);
+            if let Some(d) = i.dir.as_ref() {
+                for (_, child) in d.iter() {
+                    if seen.insert(child) {
+                        queue.push_back(child);
+                    }
+                }
+            }
+            if shrink {
+                self.shrink(st);
+            }
+        }
+        Ok(())
+    }
+
     /// Refuses changes on a read-only mount or after a metadata failure.
     pub fn check_writable(&self) -> Result<()> {
         if self.opts.readonly {
@@ -386,8 +565,10 @@ impl Fs {
 
     /// Attributes of an inode.
     pub fn getattr(&self, ino: u64) -> Result<Attr> {
-        let st = self.state();
-        Ok(self.attr_of(st.get(ino)?))
+        let mut st = self.state_with(ino)?;
+        let a = self.attr_of(st.get(ino)?);
+        self.shrink(&mut st);
+        Ok(a)
     }
 
     /// Looks a name up in a directory.
@@ -395,9 +576,13 @@ impl Fs {
         if name.len() > NAME_MAX {
             return Err(Error::NameTooLong);
         }
-        let st = self.state();
+        let mut st = self.state_with(parent)?;
         let ino = st.dir_lookup(parent, name)?;
-        Ok(self.attr_of(st.get(ino)?))
+        self.want(&mut st, ino)?;
+        let a = self.attr_of(st.get(ino)?);
+        st.looked_up(ino);
+        self.shrink(&mut st);
+        Ok(a)
     }
 
     fn check_name(name: &[u8]) -> Result<()> {
@@ -425,7 +610,7 @@ impl Fs {
         self.check_writable()?;
         Self::check_name(name)?;
         let now = now_ns();
-        let mut st = self.state();
+        let mut st = self.state_with(parent)?;
         let p = st.get(parent)?;
         let pdir = p.dir.as_ref().ok_or(Error::NotDir)?;
         if pdir.get(name).is_some() {
@@ -469,6 +654,8 @@ impl Fs {
         inode.pair = pair;
         let attr = self.attr_of(&inode);
         st.inodes.insert(ino, inode);
+        st.inode_count += 1;
+        st.looked_up(ino);
         let p = st.get_mut(parent)?;
         p.dir.as_mut().expect("dir").insert(name.to_vec(), ino);
         if kind == libc::S_IFDIR {
@@ -484,7 +671,7 @@ impl Fs {
 
     /// Reads a symlink.
     pub fn readlink(&self, ino: u64) -> Result<Vec<u8>> {
-        let st = self.state();
+        let st = self.state_with(ino)?;
         st.get(ino)?
             .row
             .target
@@ -497,7 +684,8 @@ impl Fs {
         self.check_writable()?;
         Self::check_name(newname)?;
         let now = now_ns();
-        let mut st = self.state();
+        let mut st = self.state_with(ino)?;
+        self.want(&mut st, newparent)?;
         let i = st.get(ino)?;
         if i.is_dir() {
             return Err(Error::NotPermitted);
@@ -525,6 +713,7 @@ impl Fs {
         st.touch(ino);
         st.touch(newparent);
         st.set_dirent(newparent, newname, Some(ino));
+        st.looked_up(ino);
         Ok(attr)
     }
 
@@ -533,8 +722,9 @@ impl Fs {
         self.check_writable()?;
         let _b = self.barrier.read().unwrap_or_else(|p| p.into_inner());
         let now = now_ns();
-        let mut st = self.state();
+        let mut st = self.state_with(parent)?;
         let ino = st.dir_lookup(parent, name)?;
+        self.want(&mut st, ino)?;
         let i = st.get(ino)?;
         if dir {
             let d = i.dir.as_ref().ok_or(Error::NotDir)?;
@@ -583,6 +773,7 @@ impl Fs {
             return;
         }
         let i = st.inodes.remove(&ino).expect("exists");
+        st.inode_count = st.inode_count.saturating_sub(1);
         let freed: Vec<u64> = i.extents.vol_tracks().collect();
         for e in i.extents.iter() {
             st.alloc.free(e.vol, e.len);
@@ -613,10 +804,15 @@ impl Fs {
             return Err(Error::invalid("unsupported rename flags"));
         }
         let now = now_ns();
-        let mut st = self.state();
+        let mut st = self.state_with(parent)?;
+        self.want(&mut st, newparent)?;
         let src = st.dir_lookup(parent, name)?;
+        self.want(&mut st, src)?;
         st.get(newparent)?.dir.as_ref().ok_or(Error::NotDir)?;
         let dst = st.get(newparent)?.dir.as_ref().expect("dir").get(newname);
+        if let Some(d) = dst {
+            self.want(&mut st, d)?;
+        }
         let src_dir = st.get(src)?.is_dir();
         // A directory may not move beneath itself.
         if src_dir {
@@ -626,6 +822,7 @@ impl Fs {
                 if a == src {
                     return Err(Error::invalid("cannot move a directory beneath itself"));
                 }
+                self.want(&mut st, a)?;
                 a = st.get(a)?.parent().unwrap_or(ROOT);
                 guard += 1;
             }
@@ -639,6 +836,7 @@ impl Fs {
                     if a == dst {
                         return Err(Error::invalid("cannot move a directory beneath itself"));
                     }
+                    self.want(&mut st, a)?;
                     a = st.get(a)?.parent().unwrap_or(ROOT);
                 }
             }
@@ -725,7 +923,7 @@ impl Fs {
         let join = i.pair.is_none() && np_pair.is_some_and(|p| self.engine.inherits(p));
         if join {
             let pid = np_pair.expect("checked");
-            let sub = st.subtree(src);
+            let sub = self.subtree(&mut st, src)?;
             for ino in sub {
                 let n = st.get_mut(ino)?;
                 if n.pair.is_none() {
@@ -759,7 +957,7 @@ impl Fs {
             self.truncate(ino, size)?;
         }
         let now = now_ns();
-        let mut st = self.state();
+        let mut st = self.state_with(ino)?;
         let i = st.get_mut(ino)?;
         if let Some(m) = a.mode {
             i.row.perm = m & 0o7777;
@@ -799,7 +997,7 @@ impl Fs {
     }
 
     fn data_lock(&self, ino: u64) -> Result<Arc<RwLock<()>>> {
-        Ok(self.state().get(ino)?.data_lock.clone())
+        Ok(self.state_with(ino)?.get(ino)?.data_lock.clone())
     }
 
     /// Sets the size of a regular file.
@@ -1150,7 +1348,7 @@ impl Fs {
 
     /// `SEEK_DATA` / `SEEK_HOLE`.
     pub fn lseek(&self, ino: u64, off: u64, whence: i32) -> Result<u64> {
-        let st = self.state();
+        let st = self.state_with(ino)?;
         let i = st.get(ino)?;
         let size = i.row.size;
         if off >= size {
@@ -1180,7 +1378,7 @@ impl Fs {
         if write {
             self.check_writable()?;
         }
-        let mut st = self.state();
+        let mut st = self.state_with(ino)?;
         let i = st.get_mut(ino)?;
         i.open += 1;
         let fh = st.next_fh;
@@ -1202,21 +1400,39 @@ impl Fs {
 
     /// Directory entries after `cookie`: (cookie, ino, kind, name).
     pub fn readdir(&self, ino: u64, cookie: u64) -> Result<Vec<(u64, Attr, Vec<u8>)>> {
-        let st = self.state();
+        let mut st = self.state_with(ino)?;
         let i = st.get(ino)?;
         let d = i.dir.as_ref().ok_or(Error::NotDir)?;
+        let ents: Vec<(u64, Vec<u8>, u64)> = d
+            .after(cookie.max(2))
+            .take(1024)
+            .map(|(c, n, child)| (c, n.to_vec(), child))
+            .collect();
+        let p = i.parent().unwrap_or(ROOT);
         let mut out = Vec::new();
         if cookie < 1 {
-            out.push((1, self.attr_of(i), b".".to_vec()));
+            out.push((1, self.attr_of(st.get(ino)?), b".".to_vec()));
         }
         if cookie < 2 {
-            let p = i.parent().unwrap_or(ROOT);
-            out.push((2, self.attr_of(st.get(p).unwrap_or(i)), b"..".to_vec()));
+            let pa = if self.try_want(&mut st, p)? { p } else { ino };
+            out.push((2, self.attr_of(st.get(pa)?), b"..".to_vec()));
         }
-        for (c, name, child) in d.after(cookie.max(2)).take(1024) {
-            out.push((c, self.attr_of(st.get(child)?), name.to_vec()));
+        for (c, name, child) in ents {
+            self.want(&mut st, child)?;
+            out.push((c, self.attr_of(st.get(child)?), name));
         }
+        self.shrink(&mut st);
         Ok(out)
+    }
+
+    /// Opens a directory: the handle keeps it cached, so readdir cookies stay valid.
+    pub fn opendir(&self, ino: u64) -> Result<u64> {
+        let st = self.state_with(ino)?;
+        if !st.get(ino)?.is_dir() {
+            return Err(Error::NotDir);
+        }
+        drop(st);
+        self.open(ino, false)
     }
 
     /// Free space and inode counts.
@@ -1226,7 +1442,7 @@ impl Fs {
             tracks: st.alloc.total(),
             free: st.alloc.free_tracks(),
             track_size: self.ts,
-            inodes: st.inodes.len() as u64,
+            inodes: st.inode_count,
         }
     }
 
@@ -1246,7 +1462,7 @@ impl Fs {
         if !name.starts_with(b"user.") && !name.starts_with(b"trusted.") {
             return Err(Error::NotSupported("only user.* and trusted.* xattrs"));
         }
-        let mut st = self.state();
+        let mut st = self.state_with(ino)?;
         let i = st.get_mut(ino)?;
         if name.starts_with(b"user.") && !(i.is_file() || i.is_dir()) {
             return Err(Error::NotPermitted);
@@ -1266,13 +1482,13 @@ impl Fs {
 
     /// Gets an ordinary xattr.
     pub fn getxattr(&self, ino: u64, name: &[u8]) -> Result<Vec<u8>> {
-        let st = self.state();
+        let st = self.state_with(ino)?;
         st.get(ino)?.xattrs.get(name).cloned().ok_or(Error::NoData)
     }
 
     /// Lists xattr names (NUL-terminated, concatenated).
     pub fn listxattr(&self, ino: u64) -> Result<Vec<u8>> {
-        let st = self.state();
+        let st = self.state_with(ino)?;
         let mut out = Vec::new();
         for n in st.get(ino)?.xattrs.keys() {
             out.extend_from_slice(n);
@@ -1284,7 +1500,7 @@ impl Fs {
     /// Removes an xattr.
     pub fn removexattr(&self, ino: u64, name: &[u8]) -> Result<()> {
         self.check_writable()?;
-        let mut st = self.state();
+        let mut st = self.state_with(ino)?;
         let i = st.get_mut(ino)?;
         i.xattrs.remove(name).ok_or(Error::NoData)?;
         i.row.ctime = now_ns();
@@ -1321,8 +1537,17 @@ impl Fs {
         let dirty = std::mem::take(&mut st.dirty);
         let mut b = Batch {
             next_ino: st.next_ino,
+            inode_count: st.inode_count,
             ..Batch::default()
         };
+        // Until the batch is durable the database is behind: keep its inodes cached.
+        let mut committing: HashSet<u64> = dirty.inodes.iter().copied().collect();
+        committing.extend(dirty.deleted.iter().copied());
+        for ((p, _), v) in &dirty.dirents {
+            committing.insert(*p);
+            committing.extend(*v);
+        }
+        st.committing = committing;
         for ino in dirty.inodes {
             if let Some(i) = st.inodes.get(&ino) {
                 let exts: Vec<Extent> = i.extents.iter().collect();
@@ -1349,6 +1574,7 @@ impl Fs {
     /// since wins) and its freed tracks back on hold.
     fn restore_batch(&self, b: &Batch, held: Vec<(u64, u64)>) {
         let mut st = self.state();
+        st.committing.clear();
         for (row, _, _) in &b.inodes {
             if st.inodes.contains_key(&row.ino) {
                 st.dirty.inodes.insert(row.ino);
@@ -1405,7 +1631,15 @@ impl Fs {
             return Err(e);
         }
         self.commits.fetch_add(1, Ordering::Relaxed);
-        self.state().alloc.release_held(&held);
+        let mut st = self.state();
+        st.alloc.release_held(&held);
+        // Inodes the kernel forgot while they were dirty can go now.
+        let done: Vec<u64> = std::mem::take(&mut st.committing).into_iter().collect();
+        for ino in done {
+            if !st.nlookup.contains_key(&ino) && st.evictable(ino) {
+                st.inodes.remove(&ino);
+            }
+        }
         Ok(())
     }
 

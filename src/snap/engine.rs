@@ -21,7 +21,7 @@ use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
 use std::time::Duration;
 
-use crate::core::fs::{Fs, ROOT, now_ns};
+use crate::core::fs::{Fs, ROOT, State as FsState, now_ns};
 use crate::core::trackset::TrackSet;
 use crate::error::{Error, Result};
 use crate::meta::{PairDelta, PairRow, take_dirty_chunks};
@@ -234,85 +234,109 @@ impl Engine {
             .collect()
     }
 
-    /// Members of a scope: every inode beneath it (or the file itself).
-    fn members(st: &crate::core::fs::State, scope: Scope) -> Vec<u64> {
+    /// Members of a scope: every inode beneath it (or the file itself), all cached.
+    fn members(fs: &Fs, st: &mut FsState, scope: Scope) -> Result<Vec<u64>> {
         match scope {
-            Scope::File(i) => vec![i],
-            Scope::Dir(i) => st.subtree(i),
-            Scope::Root => st.subtree(ROOT),
+            Scope::File(i) => Ok(if fs.try_want(st, i)? {
+                vec![i]
+            } else {
+                Vec::new()
+            }),
+            Scope::Dir(i) => fs.subtree(st, i),
+            Scope::Root => fs.subtree(st, ROOT),
         }
     }
 
     /// The inodes a pair covers now: the file, or the inodes beneath its directory
-    /// that carry this pair (a file with a pair of its own stays out).
-    fn members_of(st: &crate::core::fs::State, scope: Scope, id: PairId) -> Vec<u64> {
-        let mut v = Self::members(st, scope);
+    /// that carry this pair (a file with a pair of its own stays out). All cached.
+    fn members_of(fs: &Fs, st: &mut FsState, scope: Scope, id: PairId) -> Result<Vec<u64>> {
+        let mut v = Self::members(fs, st, scope)?;
         if !matches!(scope, Scope::File(_)) {
             v.retain(|i| st.inodes.get(i).is_some_and(|n| n.pair == Some(id)));
         }
-        v
+        Ok(v)
     }
 
-    /// Installs loaded pairs: memberships, pins, and unclean-shutdown recovery.
+    /// Current tracks of the inodes a pair covers, walking its scope with the cache
+    /// kept within its budget (linear in the scope, bounded memory).
+    fn scope_tracks(fs: &Fs, st: &mut FsState, scope: Scope, id: PairId) -> Result<TrackSet> {
+        let mut s = TrackSet::new();
+        let top = match scope {
+            Scope::File(i) => {
+                if fs.try_want(st, i)? {
+                    s.insert_extents(&st.get(i)?.extents);
+                }
+                return Ok(s);
+            }
+            Scope::Dir(i) => i,
+            Scope::Root => ROOT,
+        };
+        fs.walk(st, top, true, |_, n| {
+            if n.pair == Some(id) {
+                s.insert_extents(&n.extents);
+            }
+        })?;
+        Ok(s)
+    }
+
+    /// Installs loaded pairs: pins and unclean-shutdown recovery.
     ///
-    /// Membership is not stored; it is rebuilt in two passes: first every pair claims
-    /// its top inode and the inodes of its frozen copy (they need copy-on-write wherever
-    /// they moved), then, most specific scope first, the unclaimed inodes beneath it.
+    /// Membership is not stored, nor rebuilt here: an inode finds its pair when it is
+    /// loaded ([`Fs::want`]): the pair it is the top of, else the pair whose frozen
+    /// map holds it (it needs copy-on-write wherever it moved), else its parent's.
     pub fn load(&self, fs: &Fs, mut pairs: Vec<Pair>, clean: bool, next_pair: u64) -> Result<()> {
-        let mut st = fs.state();
         let mut max = next_pair.max(1);
-        pairs.sort_by_key(|p| {
-            let rank = match p.scope {
-                Scope::File(_) => 0,
-                Scope::Dir(_) => 1,
-                Scope::Root => 2,
+        pairs.sort_by_key(|p| (p.scope.rank(), p.id));
+        let mut slots = Vec::new();
+        {
+            let mut st = fs.state();
+            for p in pairs {
+                for t in p.pinned_tracks().iter() {
+                    if t == 0 || t >= st.alloc.total() {
+                        return Err(Error::Corrupt(format!(
+                            "pair {}: frozen track {t} outside the volume",
+                            p.id
+                        )));
+                    }
+                    st.alloc.pin(t);
+                }
+                max = max.max(p.id + 1);
+                let slot = Arc::new(Slot {
+                    id: p.id,
+                    gate: Mutex::new(()),
+                    p: Mutex::new(p),
+                    dirty: AtomicBool::new(!clean),
+                    unconfirmed: Mutex::new(Vec::new()),
+                    cow_queue: Mutex::new(Vec::new()),
+                    released: AtomicBool::new(false),
+                });
+                slots.push(slot.clone());
+                self.pairs
+                    .write()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(slot.id, slot);
+            }
+        }
+        self.next_id.store(max, Ordering::Relaxed);
+        // Every pair is known now, so inodes loaded from here on find their pair.
+        for slot in slots {
+            let (scope, path) = {
+                let p = slot.lock();
+                (p.scope, p.path.clone())
             };
-            (rank, p.id)
-        });
-        for p in &pairs {
-            let claims = std::iter::once(p.scope.ino())
-                .filter(|_| !matches!(p.scope, Scope::Root))
-                .chain(p.frozen.iter().map(|f| f.ino));
-            for m in claims.collect::<Vec<_>>() {
-                if let Some(i) = st.inodes.get_mut(&m)
-                    && i.pair.is_none()
-                {
-                    i.pair = Some(p.id);
-                }
-            }
-        }
-        for p in &pairs {
-            for m in Self::members(&st, p.scope) {
-                if let Some(i) = st.inodes.get_mut(&m)
-                    && i.pair.is_none()
-                {
-                    i.pair = Some(p.id);
-                }
-            }
-        }
-        for mut p in pairs {
-            let top = p.scope.ino();
-            if !st.inodes.contains_key(&top) {
+            let mut st = fs.state();
+            if !fs.try_want(&mut st, scope.ino())? {
                 log::warn!(
                     "pair {} ({}): its file is gone; its frozen copy stays until \
                      `setfattr -n user.pairfs.release -v {} MOUNTPOINT`",
-                    p.id,
-                    p.path,
-                    p.id
+                    slot.id,
+                    path,
+                    slot.id
                 );
             }
-            for t in p.pinned_tracks().iter() {
-                if t == 0 || t >= st.alloc.total() {
-                    return Err(Error::Corrupt(format!(
-                        "pair {}: frozen track {t} outside the volume",
-                        p.id
-                    )));
-                }
-                st.alloc.pin(t);
-            }
             if !clean {
-                let members = Self::members_of(&st, p.scope, p.id);
-                let current = Fs::tracks_of(&st, &members);
+                let current = Self::scope_tracks(fs, &mut st, scope, slot.id)?;
+                let mut p = slot.lock();
                 p.recover_unclean(&current);
                 log::warn!(
                     "pair {} ({}): unclean shutdown, treating every track as changed ({})",
@@ -321,23 +345,36 @@ impl Engine {
                     p.state.name()
                 );
             }
-            max = max.max(p.id + 1);
-            let slot = Arc::new(Slot {
-                id: p.id,
-                gate: Mutex::new(()),
-                p: Mutex::new(p),
-                dirty: AtomicBool::new(!clean),
-                unconfirmed: Mutex::new(Vec::new()),
-                cow_queue: Mutex::new(Vec::new()),
-                released: AtomicBool::new(false),
-            });
-            self.pairs
-                .write()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(slot.id, slot);
         }
-        self.next_id.store(max, Ordering::Relaxed);
         Ok(())
+    }
+
+    /// True if any pair exists.
+    pub fn has_pairs(&self) -> bool {
+        !self
+            .pairs
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_empty()
+    }
+
+    /// The pair whose scope has `ino` at its top (the root for the root pair).
+    pub fn owner_of(&self, ino: u64) -> Option<PairId> {
+        self.slots().into_iter().find_map(|s| {
+            let scope = s.lock().scope;
+            (scope.ino() == ino && !s.released.load(Ordering::Acquire)).then_some(s.id)
+        })
+    }
+
+    /// Of the pairs `ids` (whose frozen maps hold an inode), the one that claims it:
+    /// the most specific scope, then the lowest id.
+    pub fn first_claim(&self, ids: &[PairId]) -> Option<PairId> {
+        ids.iter()
+            .filter_map(|&id| self.slot(id))
+            .filter(|s| !s.released.load(Ordering::Acquire))
+            .map(|s| (s.lock().scope.rank(), s.id))
+            .min()
+            .map(|(_, id)| id)
     }
 
     /// True if new inodes beneath a member directory join this pair.
@@ -720,9 +757,13 @@ impl Engine {
     }
 
     /// Builds the frozen objects of a scope from the current state.
-    fn freeze(st: &crate::core::fs::State, members: &[u64]) -> Vec<Frozen> {
+    fn freeze(fs: &Fs, st: &mut FsState, members: &[u64]) -> Result<Vec<Frozen>> {
         let mut out = Vec::new();
         for &ino in members {
+            if !st.inodes.contains_key(&ino) {
+                continue;
+            }
+            let path = fs.path_of(st, ino)?;
             let Some(i) = st.inodes.get(&ino) else {
                 continue;
             };
@@ -734,7 +775,7 @@ impl Engine {
             };
             out.push(Frozen {
                 ino,
-                path: st.path_of(ino),
+                path,
                 attr: FrozenAttr {
                     kind,
                     perm: i.row.perm,
@@ -753,7 +794,7 @@ impl Engine {
                 target: i.row.target.clone().unwrap_or_default(),
             });
         }
-        out
+        Ok(out)
     }
 
     /// Runs a control operation on the inode `ino`.
@@ -762,7 +803,7 @@ impl Engine {
             return Err(Error::ReadOnly);
         }
         let _b = fs.barrier.write().unwrap_or_else(|p| p.into_inner());
-        let existing = fs.state().get(ino)?.pair;
+        let existing = fs.state_with(ino)?.get(ino)?.pair;
         let slot = match (existing, op) {
             (Some(id), _) => {
                 let s = self
@@ -821,8 +862,9 @@ impl Engine {
         let frozen_changed = match op {
             Op::Split | Op::Update => {
                 let frozen = {
-                    let st = fs.state();
-                    Self::freeze(&st, &Self::members_of(&st, scope, slot.id))
+                    let mut st = fs.state();
+                    let members = Self::members_of(fs, &mut st, scope, slot.id)?;
+                    Self::freeze(fs, &mut st, &members)?
                 };
                 let pins = {
                     let mut p = slot.lock();
@@ -837,10 +879,7 @@ impl Engine {
                 true
             }
             Op::Resync => {
-                let current = {
-                    let st = fs.state();
-                    Fs::tracks_of(&st, &Self::members_of(&st, scope, slot.id))
-                };
+                let current = Self::scope_tracks(fs, &mut fs.state(), scope, slot.id)?;
                 let pins = slot.lock().resync(&current, now)?;
                 fs.copy.clear_poison();
                 Self::apply_pins(fs, &pins);
@@ -852,10 +891,7 @@ impl Engine {
                 Self::apply_pins(fs, &pins);
                 // Give the copy image's space back: the frozen tracks and the mirror
                 // of the scope's current tracks.
-                let mirror = {
-                    let st = fs.state();
-                    Fs::tracks_of(&st, &Self::members_of(&st, scope, slot.id))
-                };
+                let mirror = Self::scope_tracks(fs, &mut fs.state(), scope, slot.id)?;
                 let mut runs: Vec<(u64, u64)> = Vec::new();
                 for t in pins.unpin.union(&mirror).iter() {
                     match runs.last_mut() {
@@ -870,17 +906,19 @@ impl Engine {
                     }
                 }
                 {
+                    // Out of the engine first (under the state lock), so that no inode
+                    // loaded from now on finds this pair; then out of the cached ones.
                     let mut st = fs.state();
+                    self.pairs
+                        .write()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remove(&slot.id);
                     for i in st.inodes.values_mut() {
                         if i.pair == Some(slot.id) {
                             i.pair = None;
                         }
                     }
                 }
-                self.pairs
-                    .write()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .remove(&slot.id);
                 fs.commit(vec![PairDelta {
                     id: slot.id,
                     delete: true,
@@ -934,7 +972,7 @@ impl Engine {
     }
 
     fn create(&self, fs: &Fs, ino: u64) -> Result<Arc<Slot>> {
-        let mut st = fs.state();
+        let mut st = fs.state_with(ino)?;
         let i = st.get(ino)?;
         let scope = match i.row.kind {
             libc::S_IFREG => Scope::File(ino),
@@ -946,12 +984,12 @@ impl Engine {
                 ));
             }
         };
-        let members = Self::members(&st, scope);
+        let members = Self::members(fs, &mut st, scope)?;
         for &m in &members {
             if let Some(other) = st.get(m)?.pair {
                 return Err(Error::Busy(format!(
                     "{} is already in pair {other}",
-                    st.path_of(m)
+                    fs.path_of(&mut st, m)?
                 )));
             }
         }
@@ -963,8 +1001,7 @@ impl Engine {
             st.get_mut(m)?.pair = Some(id);
         }
         let current = Fs::tracks_of(&st, &members);
-        let path = format!("/{}", st.path_of(ino));
-        drop(st);
+        let path = format!("/{}", fs.path_of(&mut st, ino)?);
         let p = Pair::new(id, scope, path.clone(), current, now_ns());
         let slot = Arc::new(Slot {
             id,
@@ -975,17 +1012,20 @@ impl Engine {
             cow_queue: Mutex::new(Vec::new()),
             released: AtomicBool::new(false),
         });
+        // Registered before the state lock is released: a member evicted and loaded
+        // again finds its pair through the engine.
         self.pairs
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .insert(id, slot.clone());
+        drop(st);
         log::info!("pair {id} ({path}): created, forming ({})", scope.kind());
         Ok(slot)
     }
 
     /// Status of the pair that holds `ino` (None if unpaired).
     pub fn status_of(&self, fs: &Fs, ino: u64) -> Result<Option<PairStatus>> {
-        let Some(id) = fs.state().get(ino)?.pair else {
+        let Some(id) = fs.state_with(ino)?.get(ino)?.pair else {
             return Ok(None);
         };
         Ok(self.slot(id).map(|s| self.status(fs, &s)))

@@ -55,6 +55,14 @@ impl Scope {
             Scope::Root => 1,
         }
     }
+    /// Specificity for membership claims: file before directory before root.
+    pub fn rank(&self) -> u8 {
+        match self {
+            Scope::File(_) => 0,
+            Scope::Dir(_) => 1,
+            Scope::Root => 2,
+        }
+    }
 }
 
 /// Pair states.
