@@ -35,7 +35,7 @@ umount_it() { "$PF" umount "$MNT" >/dev/null; }
 
 "$PF" mkfs --size 64G "$VOL" >/dev/null
 mount_it >/dev/null
-log "binary $PAIRFS_BIN; creating $N files"
+log "binary ${PAIRFS_BIN:-target/release/pairfs}; creating $N files"
 t0=$(date +%s.%N)
 python3 - "$MNT" "$N" <<'PY'
 import os, sys
