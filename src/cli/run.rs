@@ -627,6 +627,11 @@ fn serve(spec: MountSpec, mut ready: Option<std::fs::File>) -> Result<u8> {
     for w in workers {
         let _ = w.join();
     }
+    let (cached, known) = fs.cache_stats();
+    log::info!(
+        "inode cache at unmount: {cached} cached, {known} known to the kernel, {} evicted since mount",
+        fs.evictions.load(std::sync::atomic::Ordering::Relaxed)
+    );
     fs.shutdown()?;
     log::info!(
         "unmounted {} cleanly ({} tracks copied since mount, {} of them by copy-on-write)",

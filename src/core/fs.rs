@@ -228,6 +228,8 @@ pub struct Fs {
     stop_cv: Condvar,
     /// Commits done (statistics).
     pub commits: AtomicU64,
+    /// Inodes evicted from the cache (statistics).
+    pub evictions: AtomicU64,
 }
 
 /// One inode's rows read in one database snapshot.
@@ -304,6 +306,7 @@ impl Fs {
             stop: Mutex::new(false),
             stop_cv: Condvar::new(),
             commits: AtomicU64::new(0),
+            evictions: AtomicU64::new(0),
         };
         fs.engine
             .load(&fs, loaded.pairs, loaded.clean, loaded.next_pair)?;
@@ -451,7 +454,30 @@ impl Fs {
                 st.nlookup.remove(&ino);
                 if st.evictable(ino) {
                     st.inodes.remove(&ino);
+                    self.evicted(st, 1);
                 }
+            }
+        }
+    }
+
+    /// Counts evictions; every so often hands freed heap back to the system (the
+    /// kernel forgets in bursts, e.g. when it drops its caches).
+    fn evicted(&self, mut st: MutexGuard<'_, State>, n: u64) {
+        const TRIM_EVERY: u64 = 16384;
+        let before = self.evictions.fetch_add(n, Ordering::Relaxed);
+        if before / TRIM_EVERY != (before + n) / TRIM_EVERY {
+            // Hash tables keep their capacity when emptied: give it back too.
+            if st.inodes.capacity() > 4 * st.inodes.len() + 1024 {
+                st.inodes.shrink_to_fit();
+            }
+            if st.nlookup.capacity() > 4 * st.nlookup.len() + 1024 {
+                st.nlookup.shrink_to_fit();
+            }
+            drop(st);
+            #[cfg(all(target_os = "linux", target_env = "gnu"))]
+            // SAFETY: malloc_trim only releases free heap pages; no Rust object is touched.
+            unsafe {
+                libc::malloc_trim(0);
             }
         }
     }
@@ -470,6 +496,7 @@ impl Fs {
     /// Over budget, evicts clean inodes down to three quarters of it. Call only where
     /// no caller relies on an inode staying cached (end of an operation).
     pub fn shrink(&self, st: &mut State) {
+        // (Capacity is given back in `evicted`, on the kernel's forgets.)
         if st.inodes.len() <= st.budget {
             return;
         }
@@ -481,9 +508,11 @@ impl Fs {
             .filter(|&i| st.evictable(i))
             .take(excess)
             .collect();
+        let n = victims.len() as u64;
         for v in victims {
             st.inodes.remove(&v);
         }
+        self.evictions.fetch_add(n, Ordering::Relaxed);
     }
 
     /// Path of an inode relative to the root (`a/b`), following first links.
