@@ -75,13 +75,27 @@ fn snapshot(fs: &Fs) -> Vec<String> {
 fn tree(fs: &Fs, dirs: usize, files: usize) {
     for d in 0..dirs {
         let di = fs
-            .create_node(ctx(), ROOT, format!("d{d}").as_bytes(), libc::S_IFDIR | 0o755, 0, None)
+            .create_node(
+                ctx(),
+                ROOT,
+                format!("d{d}").as_bytes(),
+                libc::S_IFDIR | 0o755,
+                0,
+                None,
+            )
             .unwrap()
             .row
             .ino;
         for f in 0..files {
             let a = fs
-                .create_node(ctx(), di, format!("f{f}").as_bytes(), libc::S_IFREG | 0o644, 0, None)
+                .create_node(
+                    ctx(),
+                    di,
+                    format!("f{f}").as_bytes(),
+                    libc::S_IFREG | 0o644,
+                    0,
+                    None,
+                )
                 .unwrap();
             if f % 3 == 0 {
                 fs.write(a.row.ino, (f as u64) * 1000, &[f as u8 + 1; 5000])
@@ -98,8 +112,15 @@ fn tree(fs: &Fs, dirs: usize, files: usize) {
             }
             fs.forget(a.row.ino, 1);
         }
-        fs.create_node(ctx(), di, b"sym", libc::S_IFLNK | 0o777, 0, Some(b"f1".to_vec()))
-            .unwrap();
+        fs.create_node(
+            ctx(),
+            di,
+            b"sym",
+            libc::S_IFLNK | 0o777,
+            0,
+            Some(b"f1".to_vec()),
+        )
+        .unwrap();
         fs.forget(di + files as u64 + 1, 1);
         fs.forget(di, 1);
     }
@@ -114,7 +135,11 @@ fn evicted_inodes_read_back_identical_and_the_cache_stays_in_budget() {
     let before = snapshot(&fs);
     fs.commit(Vec::new()).unwrap();
     // Committed and forgotten by the "kernel": only the root stays.
-    assert_eq!(fs.cache_stats(), (1, 0), "everything clean and forgotten leaves");
+    assert_eq!(
+        fs.cache_stats(),
+        (1, 0),
+        "everything clean and forgotten leaves"
+    );
     let after = snapshot(&fs);
     assert_eq!(before, after);
     assert!(fs.cache_stats().0 <= 64, "cache {:?}", fs.cache_stats());
@@ -153,8 +178,15 @@ fn a_looked_up_inode_stays_until_forgotten_and_dirty_ones_until_committed() {
     let fh = fs.open(a, true).unwrap();
     fs.forget(a, 1);
     assert_eq!(fs.cache_stats(), (2, 0));
-    fs.setattr(ctx(), a, SetAttr { size: Some(10), ..SetAttr::default() })
-        .unwrap();
+    fs.setattr(
+        ctx(),
+        a,
+        SetAttr {
+            size: Some(10),
+            ..SetAttr::default()
+        },
+    )
+    .unwrap();
     fs.release(fh).unwrap();
     fs.commit(Vec::new()).unwrap();
     assert_eq!(fs.getattr(a).unwrap().row.size, 10);
@@ -235,7 +267,10 @@ fn a_split_directory_member_loaded_again_still_keeps_its_frozen_data() {
     assert_eq!(fs.cache_stats().0, cached - 2, "n and sub evicted");
     let sub4 = fs.lookup(d, b"sub").unwrap().row.ino;
     let n2 = fs.lookup(sub4, b"n").unwrap().row.ino;
-    assert!(fs.engine.status_of(&fs, n2).unwrap().is_some(), "lost its pair");
+    assert!(
+        fs.engine.status_of(&fs, n2).unwrap().is_some(),
+        "lost its pair"
+    );
 }
 
 #[test]
@@ -291,11 +326,19 @@ fn a_schema_version_1_database_mounts_and_is_migrated() {
     drop(fs);
     let c = rusqlite::Connection::open(&paths.meta).unwrap();
     let v: String = c
-        .query_row("SELECT value FROM super WHERE key = 'schema_version'", [], |r| r.get(0))
+        .query_row(
+            "SELECT value FROM super WHERE key = 'schema_version'",
+            [],
+            |r| r.get(0),
+        )
         .unwrap();
     assert_eq!(v, "2");
     let n: u64 = c
-        .query_row("SELECT count(*) FROM sqlite_master WHERE type = 'index' AND name = 'dirents_ino'", [], |r| r.get(0))
+        .query_row(
+            "SELECT count(*) FROM sqlite_master WHERE type = 'index' AND name = 'dirents_ino'",
+            [],
+            |r| r.get(0),
+        )
         .unwrap();
     assert_eq!(n, 1);
 }

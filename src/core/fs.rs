@@ -196,7 +196,7 @@ impl Default for Options {
             commit_interval: Duration::from_millis(1000),
             readonly: false,
             meta_path: None,
-            cache_inodes: 100_000,
+            cache_inodes: 32_768,
         }
     }
 }
@@ -230,6 +230,8 @@ pub struct Fs {
     pub commits: AtomicU64,
     /// Inodes evicted from the cache (statistics).
     pub evictions: AtomicU64,
+    /// Lookup counts, inodes and entries freed by forgets (heap trimming).
+    forgotten: AtomicU64,
 }
 
 /// One inode's rows read in one database snapshot.
@@ -307,6 +309,7 @@ impl Fs {
             stop_cv: Condvar::new(),
             commits: AtomicU64::new(0),
             evictions: AtomicU64::new(0),
+            forgotten: AtomicU64::new(0),
         };
         fs.engine
             .load(&fs, loaded.pairs, loaded.clean, loaded.next_pair)?;
@@ -452,19 +455,24 @@ impl Fs {
             *c = c.saturating_sub(n);
             if *c == 0 {
                 st.nlookup.remove(&ino);
-                if st.evictable(ino) {
-                    st.inodes.remove(&ino);
-                    self.evicted(st, 1);
+                // Weight: one for the lookup count, one per inode and directory entry freed.
+                let mut weight = 1;
+                if st.evictable(ino)
+                    && let Some(i) = st.inodes.remove(&ino)
+                {
+                    weight += 1 + i.dir.as_ref().map_or(0, |d| d.len() as u64);
+                    self.evictions.fetch_add(1, Ordering::Relaxed);
                 }
+                self.freed_weight(st, weight);
             }
         }
     }
 
-    /// Counts evictions; every so often hands freed heap back to the system (the
-    /// kernel forgets in bursts, e.g. when it drops its caches).
-    fn evicted(&self, mut st: MutexGuard<'_, State>, n: u64) {
+    /// Counts what forgets freed; every so often hands freed heap back to the system
+    /// (the kernel forgets in bursts, e.g. when it drops its caches).
+    fn freed_weight(&self, mut st: MutexGuard<'_, State>, n: u64) {
         const TRIM_EVERY: u64 = 16384;
-        let before = self.evictions.fetch_add(n, Ordering::Relaxed);
+        let before = self.forgotten.fetch_add(n, Ordering::Relaxed);
         if before / TRIM_EVERY != (before + n) / TRIM_EVERY {
             // Hash tables keep their capacity when emptied: give it back too.
             if st.inodes.capacity() > 4 * st.inodes.len() + 1024 {
@@ -1447,11 +1455,29 @@ impl Fs {
             out.push((2, self.attr_of(st.get(pa)?), b"..".to_vec()));
         }
         for (c, name, child) in ents {
-            self.want(&mut st, child)?;
-            out.push((c, self.attr_of(st.get(child)?), name));
+            let a = match st.inodes.get(&child) {
+                Some(i) => self.attr_of(i),
+                None => self.peek(&st, child)?,
+            };
+            out.push((c, a, name));
         }
         self.shrink(&mut st);
         Ok(out)
+    }
+
+    /// Attributes of an uncached inode, read without caching it (a directory listing
+    /// does not make its entries resident; the kernel's lookups do).
+    fn peek(&self, st: &State, ino: u64) -> Result<Attr> {
+        let (load, exts) = st.reader.snapshot(|r| {
+            let l = r
+                .inode(ino)?
+                .ok_or_else(|| Error::NotFound(format!("inode {ino}")))?;
+            Ok((l, r.extents(ino)?))
+        })?;
+        Ok(Attr {
+            row: load.row,
+            allocated: exts.iter().map(|e| e.len).sum::<u64>() * self.ts,
+        })
     }
 
     /// Opens a directory: the handle keeps it cached, so readdir cookies stay valid.
