@@ -129,8 +129,15 @@ pub struct State {
     pub(crate) nlookup: HashMap<u64, u64>,
     /// Inodes of the batch being committed: not evictable until it is durable.
     pub(crate) committing: HashSet<u64>,
-    /// Cached inodes allowed before [`Fs::shrink`] evicts clean ones.
+    /// Entries of the cached directories, as loaded (approximate: a cached directory
+    /// that grows is counted at its size when evicted); part of the cache's weight.
+    pub(crate) entries: usize,
+    /// Weight (cached inodes plus their directory entries) allowed before
+    /// [`Fs::shrink`] evicts clean inodes.
     pub(crate) budget: usize,
+    /// Size at which [`Fs::shrink`] next scans (raised after a scan that could not
+    /// evict enough, e.g. while many inodes are dirty, so scans stay amortized).
+    pub(crate) shrink_at: usize,
 }
 
 impl State {
@@ -171,6 +178,20 @@ impl State {
                 .is_some_and(|i| i.open == 0 && Arc::strong_count(&i.data_lock) == 1)
     }
 
+    /// Takes an inode out of the cache.
+    fn evict(&mut self, ino: u64) -> Option<Inode> {
+        let i = self.inodes.remove(&ino)?;
+        if let Some(d) = i.dir.as_ref() {
+            self.entries = self.entries.saturating_sub(d.len());
+        }
+        Some(i)
+    }
+
+    /// What the cache holds: inodes plus directory entries.
+    fn weight(&self) -> usize {
+        self.inodes.len() + self.entries
+    }
+
     /// Counts one more kernel lookup (an entry reply).
     pub(crate) fn looked_up(&mut self, ino: u64) {
         *self.nlookup.entry(ino).or_default() += 1;
@@ -186,7 +207,8 @@ pub struct Options {
     pub readonly: bool,
     /// Path of the metadata database (for the whole-volume snapshot).
     pub meta_path: Option<std::path::PathBuf>,
-    /// Inodes kept in memory before clean ones are evicted.
+    /// Cache weight (inodes plus entries of cached directories) kept in memory before
+    /// clean inodes are evicted.
     pub cache_inodes: usize,
 }
 
@@ -196,7 +218,7 @@ impl Default for Options {
             commit_interval: Duration::from_millis(1000),
             readonly: false,
             meta_path: None,
-            cache_inodes: 32_768,
+            cache_inodes: 65_536,
         }
     }
 }
@@ -278,7 +300,9 @@ impl Fs {
             inode_count: loaded.inode_count,
             nlookup: HashMap::new(),
             committing: HashSet::new(),
+            entries: 0,
             budget: opts.cache_inodes.max(64),
+            shrink_at: opts.cache_inodes.max(64),
         };
         // Orphans: inodes with no name left (unlinked while open, then a crash or an
         // unmount); found by an indexed query, not a scan.
@@ -423,6 +447,7 @@ impl Fs {
         }
         i.links = f.load.links;
         i.pair = self.derive_pair(st, ino, i.parent())?;
+        st.entries += i.dir.as_ref().map_or(0, |d| d.len());
         st.inodes.insert(ino, i);
         Ok(())
     }
@@ -458,7 +483,7 @@ impl Fs {
                 // Weight: one for the lookup count, one per inode and directory entry freed.
                 let mut weight = 1;
                 if st.evictable(ino)
-                    && let Some(i) = st.inodes.remove(&ino)
+                    && let Some(i) = st.evict(ino)
                 {
                     weight += 1 + i.dir.as_ref().map_or(0, |d| d.len() as u64);
                     self.evictions.fetch_add(1, Ordering::Relaxed);
@@ -504,22 +529,26 @@ impl Fs {
     /// Over budget, evicts clean inodes down to three quarters of it. Call only where
     /// no caller relies on an inode staying cached (end of an operation).
     pub fn shrink(&self, st: &mut State) {
-        // (Capacity is given back in `evicted`, on the kernel's forgets.)
-        if st.inodes.len() <= st.budget {
+        // (Table capacity is given back in `freed_weight`, on the kernel's forgets.)
+        if st.weight() <= st.shrink_at {
             return;
         }
-        let excess = st.inodes.len() - st.budget * 3 / 4;
-        let victims: Vec<u64> = st
+        let target = st.budget * 3 / 4;
+        let candidates: Vec<u64> = st
             .inodes
             .keys()
             .copied()
             .filter(|&i| st.evictable(i))
-            .take(excess)
             .collect();
-        let n = victims.len() as u64;
-        for v in victims {
-            st.inodes.remove(&v);
+        let mut n = 0;
+        for v in candidates {
+            if st.weight() <= target {
+                break;
+            }
+            st.evict(v);
+            n += 1;
         }
+        st.shrink_at = st.budget.max(st.weight() + st.budget / 4);
         self.evictions.fetch_add(n, Ordering::Relaxed);
     }
 
@@ -809,7 +838,7 @@ impl Fs {
         if i.row.nlink > 0 || i.open > 0 || !i.links.is_empty() {
             return;
         }
-        let i = st.inodes.remove(&ino).expect("exists");
+        let i = st.evict(ino).expect("exists");
         st.inode_count = st.inode_count.saturating_sub(1);
         let freed: Vec<u64> = i.extents.vol_tracks().collect();
         for e in i.extents.iter() {
@@ -1692,9 +1721,11 @@ impl Fs {
         let done: Vec<u64> = std::mem::take(&mut st.committing).into_iter().collect();
         for ino in done {
             if !st.nlookup.contains_key(&ino) && st.evictable(ino) {
-                st.inodes.remove(&ino);
+                st.evict(ino);
             }
         }
+        // Inodes just made clean may bring the cache back within its budget.
+        self.shrink(&mut st);
         Ok(())
     }
 
