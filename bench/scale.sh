@@ -3,7 +3,8 @@
 # (after remount, after `find` of every file, after the kernel dropped its caches), and
 # create/stat/readdir/unlink rates at 10,000 files.
 #
-#   bench/scale.sh [FILES]        default 1000000 (1000 directories of 1000 files)
+#   bench/scale.sh [FILES]        default 1000000 (1000 directories of 1000 files);
+#                                 0: only the rates at 10,000 files
 # Environment: PAIRFS_BIN (default target/release/pairfs), BENCH_DIR (default /work/bench-tmp).
 # Needs root (drop_caches). Prints figures on stdout; progress on stderr.
 set -euo pipefail
@@ -35,6 +36,7 @@ umount_it() { "$PF" umount "$MNT" >/dev/null; }
 
 "$PF" mkfs --size 64G "$VOL" >/dev/null
 mount_it >/dev/null
+if [ "$N" -gt 0 ]; then
 log "binary ${PAIRFS_BIN:-target/release/pairfs}; creating $N files"
 t0=$(date +%s.%N)
 python3 - "$MNT" "$N" <<'PY'
@@ -66,6 +68,7 @@ printf 'find of every file             %.1f s (%d names)\n' "$(echo "$t1 - $t0" 
 printf 'RSS after find                 %s MiB\n' "$(rss)"
 sync; echo 3 > /proc/sys/vm/drop_caches; sleep 2
 printf 'RSS after drop_caches          %s MiB\n' "$(rss)"
+fi
 # Rates at 10,000 files in one directory.
 python3 - "$MNT/rates" <<'PY'
 import os, sys, time
