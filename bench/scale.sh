@@ -5,7 +5,8 @@
 #
 #   bench/scale.sh [FILES]        default 1000000 (1000 directories of 1000 files);
 #                                 0: only the rates at 10,000 files
-# Environment: PAIRFS_BIN (default target/release/pairfs), BENCH_DIR (default /work/bench-tmp).
+# Environment: PAIRFS_BIN (default target/release/pairfs), BENCH_DIR (default /work/bench-tmp),
+# KEEP=1 keeps the work directory (volume unmounted).
 # Needs root (drop_caches). Prints figures on stdout; progress on stderr.
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -20,7 +21,7 @@ mkdir -p "$MNT"
 log() { printf '[scale %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 cleanup() {
     mountpoint -q "$MNT" && { timeout 120 "$PF" umount "$MNT" >/dev/null 2>&1 || fusermount3 -u -z "$MNT" || true; }
-    rm -rf "$WORK"
+    if [ -n "${KEEP:-}" ]; then log "kept $WORK"; else rm -rf "$WORK"; fi
 }
 trap cleanup EXIT
 pid_of() { pgrep -f "^$PF mount $VOL " | head -1; }
