@@ -1,5 +1,6 @@
-//! The filesystem core: POSIX operations on in-memory inodes, data on a [`Volume`],
-//! metadata committed to SQLite in batches. No FUSE types here: every operation takes
+//! The filesystem core: POSIX operations on cached inodes (loaded from SQLite on demand,
+//! evicted when the kernel forgets them or over a budget; see [`State`]), data on a
+//! [`Volume`], metadata committed to SQLite in batches. No FUSE types here: every operation takes
 //! plain arguments and returns [`Result`]; `fuse_main` converts and replies.
 //!
 //! Concurrency (lock order, outermost first):
