@@ -342,3 +342,66 @@ fn a_schema_version_1_database_mounts_and_is_migrated() {
         .unwrap();
     assert_eq!(n, 1);
 }
+
+#[test]
+fn fsck_checks_what_mount_no_longer_reads() {
+    let dir = tempfile::tempdir().unwrap();
+    let paths = volume(dir.path());
+    {
+        let fs = open(&paths, 64);
+        tree(&fs, 2, 3);
+        fs.shutdown().unwrap();
+    }
+    let r = pairfs::cli::fsck::fsck(&paths, false).unwrap();
+    assert!(r.problems.is_empty(), "{:?}", r.problems);
+    // A directory cycle detached from the root, and a wrong stored inode count.
+    {
+        let c = rusqlite::Connection::open(&paths.meta).unwrap();
+        let d0: u64 = c
+            .query_row(
+                "SELECT ino FROM dirents WHERE parent = 1 AND name = x'6430'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        let d1: u64 = c
+            .query_row(
+                "SELECT ino FROM dirents WHERE parent = 1 AND name = x'6431'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        c.execute("DELETE FROM dirents WHERE parent = 1 AND ino = ?1", [d0])
+            .unwrap();
+        c.execute("INSERT INTO dirents VALUES (?1, x'6c6f6f70', ?2)", [d1, d0])
+            .unwrap();
+        c.execute("DELETE FROM dirents WHERE parent = 1 AND ino = ?1", [d1])
+            .unwrap();
+        c.execute("INSERT INTO dirents VALUES (?1, x'6261636b', ?2)", [d0, d1])
+            .unwrap();
+        c.execute("UPDATE super SET value = '5' WHERE key = 'inode_count'", [])
+            .unwrap();
+    }
+    let r = pairfs::cli::fsck::fsck(&paths, false).unwrap();
+    let all = r.problems.join("\n");
+    assert!(all.contains("not reachable from the root"), "{all}");
+    assert!(all.contains("stored inode count 5"), "{all}");
+    let r = pairfs::cli::fsck::fsck(&paths, true).unwrap();
+    assert!(
+        r.fixed.iter().any(|f| f.contains("inode count")),
+        "{:?}",
+        r.fixed
+    );
+    let c = rusqlite::Connection::open(&paths.meta).unwrap();
+    let n: String = c
+        .query_row(
+            "SELECT value FROM super WHERE key = 'inode_count'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    let rows: u64 = c
+        .query_row("SELECT count(*) FROM inodes", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(n, rows.to_string());
+}
