@@ -487,7 +487,11 @@ fn serve(spec: MountSpec, mut ready: Option<std::fs::File>) -> Result<u8> {
         commit_interval: Duration::from_millis(spec.commit_ms),
         readonly: spec.readonly || spec.copy_only,
         meta_path: None,
-        ..Options::default()
+        // Tests shrink the inode cache to exercise eviction under real FUSE traffic.
+        cache_inodes: std::env::var("PAIRFS_CACHE_INODES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(Options::default().cache_inodes),
     };
     let opened = if spec.snapshot {
         volfile::open_snapshot(&spec.paths)
