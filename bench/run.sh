@@ -563,6 +563,14 @@ if [ "$mode" = full ] && [ -z "$only" ]; then
     "$PY" - "$WORK/system.json" "$WORK/table.txt" "$here/RESULTS.md" <<'EOF'
 import json, sys
 s = json.load(open(sys.argv[1])); table = open(sys.argv[2]).read()
+# Keep the hand-recorded sections of other scripts (copy_view.sh, nbd.sh, scale.sh, ...),
+# which follow the marker line; this script measures none of them.
+MARK = "\n<!-- sections below are recorded by hand from other scripts; bench/run.sh keeps them -->\n"
+try:
+    old = open(sys.argv[3]).read()
+    keep = old[old.index(MARK):] if MARK in old else ""
+except OSError:
+    keep = ""
 with open(sys.argv[3], "w") as f:
     f.write("# pairfs benchmark results (latest full run)\n\n")
     f.write(f"Command: `{s['command']}` (from the repository root, as root)  \n")
@@ -573,6 +581,7 @@ with open(sys.argv[3], "w") as f:
     f.write("`pairfs/base` is the pairfs figure divided by the baseline's; `better` says which direction is good.\n")
     f.write("All figures of one row were measured in the same run, one after the other. See README.md for method.\n\n")
     f.write(table)
+    f.write(keep)
 EOF
     log "wrote $here/RESULTS.md"
 fi

@@ -60,7 +60,7 @@ pub fn fsck(p: &Paths, repair: bool) -> Result<Report> {
             Err(e) => r.problems.push(format!("{what}: {e}")),
         }
     }
-    let l = meta.load()?;
+    let l = meta.load_all()?;
     let tracks = g.tracks();
     let kinds: HashMap<u64, u32> = l.inodes.iter().map(|i| (i.ino, i.kind)).collect();
     // Extents: inside the volume, never overlapping.
@@ -148,6 +148,61 @@ pub fn fsck(p: &Paths, repair: bool) -> Result<Report> {
             ));
         }
     }
+    // The tree must be a tree (mount no longer reads every row to check it): a
+    // directory has one name, the root none, and every named inode is reachable.
+    let mut names: HashMap<u64, usize> = HashMap::new();
+    let mut children: HashMap<u64, Vec<u64>> = HashMap::new();
+    for (parent, _, ino) in &l.dirents {
+        *names.entry(*ino).or_default() += 1;
+        children.entry(*parent).or_default().push(*ino);
+    }
+    for i in l.inodes.iter().filter(|i| i.kind == libc::S_IFDIR) {
+        let want = usize::from(i.ino != 1);
+        let n = names.get(&i.ino).copied().unwrap_or(0);
+        if n != want && !(n == 0 && orphans.contains(&i.ino)) {
+            r.problems.push(format!(
+                "directory {} has {n} names (expected {want})",
+                i.ino
+            ));
+        }
+    }
+    let mut reached: std::collections::HashSet<u64> = std::collections::HashSet::from([1]);
+    let mut queue = vec![1u64];
+    while let Some(d) = queue.pop() {
+        for &c in children.get(&d).map(Vec::as_slice).unwrap_or(&[]) {
+            if reached.insert(c) {
+                queue.push(c);
+            }
+        }
+    }
+    for i in &l.inodes {
+        if names.contains_key(&i.ino) && !reached.contains(&i.ino) {
+            r.problems.push(format!(
+                "inode {} is not reachable from the root (directory cycle)",
+                i.ino
+            ));
+        }
+    }
+    let stored: Option<String> = meta
+        .conn()
+        .query_row(
+            "SELECT value FROM super WHERE key = 'inode_count'",
+            [],
+            |r| r.get(0),
+        )
+        .ok();
+    let real = (l.inodes.len() - orphans.len()) as u64;
+    let fix_count = match stored.as_deref().map(str::parse::<u64>) {
+        Some(Ok(n)) if n == real + orphans.len() as u64 || n == real => false,
+        Some(_) => {
+            r.problems.push(format!(
+                "stored inode count {} differs from the {real} inodes in use",
+                stored.as_deref().unwrap_or("")
+            ));
+            true
+        }
+        None => false,
+    };
     r.stats.insert("tracks", tracks);
     r.stats.insert("used_tracks", used);
     r.stats.insert("pinned_only_tracks", pinned_only);
@@ -186,6 +241,16 @@ pub fn fsck(p: &Paths, repair: bool) -> Result<Report> {
             "DELETE FROM extents WHERE ino NOT IN (SELECT ino FROM inodes)",
             [],
         )?;
+        if stored.is_some() {
+            tx.execute(
+                "UPDATE super SET value = (SELECT CAST(count(*) AS TEXT) FROM inodes) \
+                 WHERE key = 'inode_count'",
+                [],
+            )?;
+            if fix_count {
+                r.fixed.push("set the stored inode count".into());
+            }
+        }
         tx.commit()?;
     }
     Ok(r)

@@ -525,6 +525,11 @@ fn serve(spec: MountSpec, mut ready: Option<std::fs::File>) -> Result<u8> {
         readonly: spec.readonly || spec.copy_only,
         meta_path: None,
         copy_path: None,
+        // Tests shrink the inode cache to exercise eviction under real FUSE traffic.
+        cache_inodes: std::env::var("PAIRFS_CACHE_INODES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(Options::default().cache_inodes),
     };
     let opened = if spec.snapshot {
         volfile::open_snapshot(&spec.paths)
@@ -687,6 +692,11 @@ fn serve(spec: MountSpec, mut ready: Option<std::fs::File>) -> Result<u8> {
     for w in workers {
         let _ = w.join();
     }
+    let (cached, known) = fs.cache_stats();
+    log::info!(
+        "inode cache at unmount: {cached} cached, {known} known to the kernel, {} evicted since mount",
+        fs.evictions.load(std::sync::atomic::Ordering::Relaxed)
+    );
     fs.shutdown()?;
     log::info!(
         "unmounted {} cleanly ({} tracks copied since mount, {} of them by copy-on-write)",

@@ -1,5 +1,6 @@
-//! The filesystem core: POSIX operations on in-memory inodes, data on a [`Volume`],
-//! metadata committed to SQLite in batches. No FUSE types here: every operation takes
+//! The filesystem core: POSIX operations on cached inodes (loaded from SQLite on demand,
+//! evicted when the kernel forgets them or over a budget; see [`State`]), data on a
+//! [`Volume`], metadata committed to SQLite in batches. No FUSE types here: every operation takes
 //! plain arguments and returns [`Result`]; `fuse_main` converts and replies.
 //!
 //! Concurrency: the lock order is in [`crate::core::locks`]. Data I/O runs with only the
@@ -14,6 +15,7 @@
 //! 4. freed tracks are reused only after the commit that frees them is durable.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -22,7 +24,7 @@ use crate::core::durability::{BatchSource, Durability};
 use crate::core::extent::{Extent, Segment};
 use crate::core::inode::Inode;
 use crate::error::{Error, Result};
-use crate::meta::{Batch, Geometry, InodeRow, Loaded, Meta, PairDelta};
+use crate::meta::{Batch, Geometry, InodeLoad, InodeRow, Loaded, Meta, PairDelta, Reader};
 use crate::snap::engine::{Engine, Piece};
 use crate::store::volume::{Checked, Volume};
 
@@ -118,8 +120,15 @@ pub(crate) struct Dirty {
 }
 
 /// Everything behind the state lock.
+///
+/// `inodes` is a cache: an inode is read from the database when first used
+/// ([`Fs::want`]) and dropped again when it is clean (not dirty, not in a commit in
+/// progress, not open, no operation holding its data lock) and the kernel forgot it
+/// ([`Fs::forget`]) or the cache is over its budget ([`Fs::shrink`]). A dirty or
+/// committing inode is always cached, so the database plus the cache is the truth;
+/// a directory in the cache always holds all its entries.
 pub struct State {
-    /// Inodes by number.
+    /// Cached inodes by number.
     pub inodes: HashMap<u64, Inode>,
     /// Track allocator.
     pub alloc: Allocator,
@@ -127,6 +136,24 @@ pub struct State {
     pub(crate) dirty: Dirty,
     pub(crate) handles: HashMap<u64, u64>,
     pub(crate) next_fh: u64,
+    /// Reads inodes on demand.
+    pub(crate) reader: Reader,
+    /// Inodes in use (statfs, persisted with each commit).
+    pub(crate) inode_count: u64,
+    /// The kernel's lookup count per inode (FUSE `forget` lowers it); kept apart from
+    /// the cache so an evicted inode keeps it.
+    pub(crate) nlookup: HashMap<u64, u64>,
+    /// Inodes of the batch being committed: not evictable until it is durable.
+    pub(crate) committing: HashSet<u64>,
+    /// Entries of the cached directories, as loaded (approximate: a cached directory
+    /// that grows is counted at its size when evicted); part of the cache's weight.
+    pub(crate) entries: usize,
+    /// Weight (cached inodes plus their directory entries) allowed before
+    /// [`Fs::shrink`] evicts clean inodes.
+    pub(crate) budget: usize,
+    /// Size at which [`Fs::shrink`] next scans (raised after a scan that could not
+    /// evict enough, e.g. while many inodes are dirty, so scans stay amortized).
+    pub(crate) shrink_at: usize,
 }
 
 impl State {
@@ -149,22 +176,6 @@ impl State {
     fn set_dirent(&mut self, parent: u64, name: &[u8], ino: Option<u64>) {
         self.dirty.dirents.insert((parent, name.to_vec()), ino);
     }
-    /// True if `dir` is `a` or one of its ancestors. The walk is bounded by
-    /// [`MAX_DEPTH`]; a longer chain can only be a corrupt tree and is refused.
-    fn is_ancestor(&self, dir: u64, mut a: u64) -> Result<bool> {
-        for _ in 0..MAX_DEPTH {
-            if a == dir {
-                return Ok(true);
-            }
-            if a == ROOT {
-                return Ok(false);
-            }
-            a = self.get(a)?.parent().unwrap_or(ROOT);
-        }
-        Err(Error::Corrupt(format!(
-            "directory {a} is nested more than {MAX_DEPTH} deep"
-        )))
-    }
     fn dir_lookup(&self, parent: u64, name: &[u8]) -> Result<u64> {
         let p = self.get(parent)?;
         let d = p.dir.as_ref().ok_or(Error::NotDir)?;
@@ -172,40 +183,34 @@ impl State {
             .ok_or_else(|| Error::NotFound(String::from_utf8_lossy(name).into_owned()))
     }
 
-    /// Path of an inode relative to the root (`a/b`), following first links.
-    pub fn path_of(&self, mut ino: u64) -> String {
-        let mut parts = Vec::new();
-        let mut guard = 0;
-        while ino != ROOT && guard < 4096 {
-            let Some(i) = self.inodes.get(&ino) else {
-                break;
-            };
-            let Some((p, n)) = i.links.first() else { break };
-            parts.push(String::from_utf8_lossy(n).into_owned());
-            ino = *p;
-            guard += 1;
-        }
-        parts.reverse();
-        parts.join("/")
+    /// True if the inode may leave the cache.
+    fn evictable(&self, ino: u64) -> bool {
+        ino != ROOT
+            && !self.dirty.inodes.contains(&ino)
+            && !self.committing.contains(&ino)
+            && self
+                .inodes
+                .get(&ino)
+                .is_some_and(|i| i.open == 0 && Arc::strong_count(&i.data_lock) == 1)
     }
 
-    /// Every inode beneath (and including) `top`, depth first, with paths.
-    pub fn subtree(&self, top: u64) -> Vec<u64> {
-        // Breadth first; `seen` also stops at cycles a corrupt database could contain.
-        let mut out = vec![top];
-        let mut seen: HashSet<u64> = out.iter().copied().collect();
-        let mut i = 0;
-        while i < out.len() {
-            if let Some(d) = self.inodes.get(&out[i]).and_then(|n| n.dir.as_ref()) {
-                for (_, child) in d.iter() {
-                    if seen.insert(child) {
-                        out.push(child);
-                    }
-                }
-            }
-            i += 1;
+    /// Takes an inode out of the cache.
+    fn evict(&mut self, ino: u64) -> Option<Inode> {
+        let i = self.inodes.remove(&ino)?;
+        if let Some(d) = i.dir.as_ref() {
+            self.entries = self.entries.saturating_sub(d.len());
         }
-        out
+        Some(i)
+    }
+
+    /// What the cache holds: inodes plus directory entries.
+    fn weight(&self) -> usize {
+        self.inodes.len() + self.entries
+    }
+
+    /// Counts one more kernel lookup (an entry reply).
+    pub(crate) fn looked_up(&mut self, ino: u64) {
+        *self.nlookup.entry(ino).or_default() += 1;
     }
 }
 
@@ -221,6 +226,9 @@ pub struct Options {
     /// Path of the copy image (locked against snapshot mounts while the root pair's
     /// copy is rewritten).
     pub copy_path: Option<std::path::PathBuf>,
+    /// Cache weight (inodes plus entries of cached directories) kept in memory before
+    /// clean inodes are evicted.
+    pub cache_inodes: usize,
 }
 
 impl Default for Options {
@@ -230,6 +238,7 @@ impl Default for Options {
             readonly: false,
             meta_path: None,
             copy_path: None,
+            cache_inodes: 65_536,
         }
     }
 }
@@ -261,6 +270,10 @@ pub struct Fs {
     pub opts: Options,
     stop: Mutex<bool>,
     stop_cv: Condvar,
+    /// Inodes evicted from the cache (statistics).
+    pub evictions: AtomicU64,
+    /// Lookup counts, inodes and entries freed by forgets (heap trimming).
+    forgotten: AtomicU64,
 }
 
 /// Shape changes of files, stamped in order, and the stamp the last commit covered.
@@ -275,8 +288,12 @@ struct Layout {
     committed: u64,
 }
 
-fn inode_from_row(row: InodeRow) -> Inode {
-    Inode::new(row)
+/// One inode's rows read in one database snapshot.
+struct Fetched {
+    load: InodeLoad,
+    extents: Vec<Extent>,
+    xattrs: Vec<(Vec<u8>, Vec<u8>)>,
+    children: Vec<(Vec<u8>, u64)>,
 }
 
 impl Fs {
@@ -291,99 +308,45 @@ impl Fs {
         let geo = meta.geometry().clone();
         let ts = geo.track_size;
         let mut alloc = Allocator::new(geo.tracks());
-        let mut inodes: HashMap<u64, Inode> = HashMap::new();
-        for row in loaded.inodes {
-            if row.ino == 0 {
-                return Err(Error::Corrupt("inode number 0".into()));
+        // The allocator's bitmap comes from the extent table alone (overlaps are refused);
+        // inodes are read when used.
+        for &(v, l) in &loaded.used {
+            if l == 0 {
+                return Err(Error::Corrupt(format!("empty extent at track {v}")));
             }
-            inodes.insert(row.ino, inode_from_row(row));
+            alloc.mark_used(v, l)?;
         }
-        if !inodes.get(&ROOT).is_some_and(|r| r.is_dir()) {
-            return Err(Error::Corrupt("the root directory is missing".into()));
-        }
-        for (ino, e) in loaded.extents {
-            let i = inodes
-                .get_mut(&ino)
-                .ok_or_else(|| Error::Corrupt(format!("extent of missing inode {ino}")))?;
-            if !i.is_file()
-                || e.len == 0
-                || i.extents
-                    .segments(e.file, e.len)
-                    .iter()
-                    .any(|s| s.vol.is_some())
-            {
-                return Err(Error::Corrupt(format!("bad extent {e:?} of inode {ino}")));
-            }
-            alloc.mark_used(e.vol, e.len)?;
-            i.extents.insert(e.file, e.vol, e.len);
-        }
-        for (ino, n, v) in loaded.xattrs {
-            if let Some(i) = inodes.get_mut(&ino) {
-                i.xattrs.insert(n, v);
-            }
-        }
-        let mut dirents = loaded.dirents;
-        dirents.sort();
-        for (parent, name, ino) in dirents {
-            if !inodes.contains_key(&ino) {
-                return Err(Error::Corrupt(format!(
-                    "entry {:?} in directory {parent} points to missing inode {ino}",
-                    String::from_utf8_lossy(&name)
-                )));
-            }
-            let p = inodes
-                .get_mut(&parent)
-                .and_then(|p| p.dir.as_mut())
-                .ok_or_else(|| Error::Corrupt(format!("entry in non-directory {parent}")))?;
-            p.insert(name.clone(), ino);
-            inodes
-                .get_mut(&ino)
-                .expect("checked")
-                .links
-                .push((parent, name));
+        let reader = meta.reader()?;
+        match reader.inode(ROOT)? {
+            Some(r) if r.row.kind == libc::S_IFDIR => {}
+            _ => return Err(Error::Corrupt("the root directory is missing".into())),
         }
         let mut st = State {
-            inodes,
+            inodes: HashMap::new(),
             alloc,
             next_ino: loaded.next_ino.max(2),
             dirty: Dirty::default(),
             handles: HashMap::new(),
             next_fh: 1,
+            reader,
+            inode_count: loaded.inode_count,
+            nlookup: HashMap::new(),
+            committing: HashSet::new(),
+            entries: 0,
+            budget: opts.cache_inodes.max(64),
+            shrink_at: opts.cache_inodes.max(64),
         };
-        // The tree must be a tree: a directory has one name, the root none, and every
-        // named inode is reachable from the root (no detached cycles).
-        for (ino, i) in &st.inodes {
-            let want = usize::from(*ino != ROOT);
-            if i.is_dir() && i.links.len() != want {
-                return Err(Error::Corrupt(format!(
-                    "directory {ino} has {} names (expected {want})",
-                    i.links.len()
-                )));
+        // Orphans: inodes with no name left (unlinked while open, then a crash or an
+        // unmount); found by an indexed query, not a scan.
+        for ino in loaded.orphans {
+            if ino == ROOT {
+                return Err(Error::Corrupt("the root directory has link count 0".into()));
             }
-        }
-        let reachable: HashSet<u64> = st.subtree(ROOT).into_iter().collect();
-        if let Some((ino, _)) = st
-            .inodes
-            .iter()
-            .find(|(ino, i)| !i.links.is_empty() && !reachable.contains(ino))
-        {
-            return Err(Error::Corrupt(format!(
-                "inode {ino} is not reachable from the root (directory cycle)"
-            )));
-        }
-        // Orphans: inodes with no name left (unlinked while open, then a crash).
-        let orphans: Vec<u64> = st
-            .inodes
-            .iter()
-            .filter(|(ino, i)| **ino != ROOT && i.links.is_empty())
-            .map(|(&ino, _)| ino)
-            .collect();
-        for ino in orphans {
             log::info!("removing orphan inode {ino}");
-            let i = st.inodes.remove(&ino).expect("listed");
-            for e in i.extents.iter() {
+            for e in st.reader.extents(ino)? {
                 st.alloc.free(e.vol, e.len);
             }
+            st.inode_count = st.inode_count.saturating_sub(1);
             st.dirty.deleted.insert(ino);
         }
         let vol = Arc::new(Checked::new(vol, "volume"));
@@ -403,6 +366,8 @@ impl Fs {
             opts,
             stop: Mutex::new(false),
             stop_cv: Condvar::new(),
+            evictions: AtomicU64::new(0),
+            forgotten: AtomicU64::new(0),
         };
         fs.engine
             .load(&fs, loaded.pairs, loaded.clean, loaded.next_pair)?;
@@ -412,6 +377,291 @@ impl Fs {
     /// Locks the state.
     pub fn state(&self) -> MutexGuard<'_, State> {
         self.st.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Locks the state with `ino` in the cache.
+    pub fn state_with(&self, ino: u64) -> Result<MutexGuard<'_, State>> {
+        let mut st = self.state();
+        self.want(&mut st, ino)?;
+        Ok(st)
+    }
+
+    /// True if `dir` is `a` or one of its ancestors (loading uncached ancestors). The
+    /// walk is bounded by [`MAX_DEPTH`]; a longer chain can only be a corrupt tree and
+    /// is refused.
+    fn is_ancestor(&self, st: &mut State, dir: u64, mut a: u64) -> Result<bool> {
+        for _ in 0..MAX_DEPTH {
+            if a == dir {
+                return Ok(true);
+            }
+            if a == ROOT {
+                return Ok(false);
+            }
+            self.want(st, a)?;
+            a = st.get(a)?.parent().unwrap_or(ROOT);
+        }
+        Err(Error::Corrupt(format!(
+            "directory {a} is nested more than {MAX_DEPTH} deep"
+        )))
+    }
+
+    /// Brings `ino` into the cache, reading it (and any uncached ancestors, so that its
+    /// pair can be inherited) from the database. ENOENT if there is no such inode.
+    pub fn want(&self, st: &mut State, ino: u64) -> Result<()> {
+        if st.inodes.contains_key(&ino) {
+            return Ok(());
+        }
+        // Not cached while deleted or committing means deleted: the database may
+        // still hold the row until the commit.
+        if ino == 0 || st.dirty.deleted.contains(&ino) || st.committing.contains(&ino) {
+            return Err(Error::NotFound(format!("inode {ino}")));
+        }
+        let inodes = &st.inodes;
+        let chain = st.reader.snapshot(|r| {
+            let mut chain: Vec<Fetched> = Vec::new();
+            let mut cur = ino;
+            loop {
+                let load = r
+                    .inode(cur)?
+                    .ok_or_else(|| Error::NotFound(format!("inode {cur}")))?;
+                if load.row.nlink == 0 {
+                    return Err(Error::NotFound(format!("inode {cur} (removed)")));
+                }
+                let parent = load.links.first().map(|l| l.0);
+                let children = if load.row.kind == libc::S_IFDIR {
+                    r.children(cur)?
+                } else {
+                    Vec::new()
+                };
+                chain.push(Fetched {
+                    extents: r.extents(cur)?,
+                    xattrs: r.xattrs(cur)?,
+                    children,
+                    load,
+                });
+                match parent {
+                    Some(p) if cur != ROOT && !inodes.contains_key(&p) => cur = p,
+                    _ => break,
+                }
+                if chain.len() > 1 << 16 {
+                    return Err(Error::Corrupt(format!(
+                        "inode {ino}: no way up to the root (directory cycle)"
+                    )));
+                }
+            }
+            Ok(chain)
+        })?;
+        for f in chain.into_iter().rev() {
+            self.install(st, f)?;
+        }
+        Ok(())
+    }
+
+    /// Like [`Fs::want`], but Ok(false) if the inode does not exist.
+    pub fn try_want(&self, st: &mut State, ino: u64) -> Result<bool> {
+        match self.want(st, ino) {
+            Ok(()) => Ok(true),
+            Err(Error::NotFound(_)) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Checks and caches one fetched inode; its parent is cached already.
+    fn install(&self, st: &mut State, f: Fetched) -> Result<()> {
+        let ino = f.load.row.ino;
+        let mut i = Inode::new(f.load.row);
+        if ino == ROOT && !i.is_dir() {
+            return Err(Error::Corrupt("the root directory is missing".into()));
+        }
+        for e in f.extents {
+            if !i.is_file()
+                || e.len == 0
+                || i.extents
+                    .segments(e.file, e.len)
+                    .iter()
+                    .any(|s| s.vol.is_some())
+            {
+                return Err(Error::Corrupt(format!("bad extent {e:?} of inode {ino}")));
+            }
+            i.extents.insert(e.file, e.vol, e.len);
+        }
+        i.xattrs.extend(f.xattrs);
+        if let Some(d) = i.dir.as_mut() {
+            for (name, child) in f.children {
+                d.insert(name, child);
+            }
+            let want = usize::from(ino != ROOT);
+            if f.load.links.len() != want {
+                return Err(Error::Corrupt(format!(
+                    "directory {ino} has {} names (expected {want})",
+                    f.load.links.len()
+                )));
+            }
+        }
+        i.links = f.load.links;
+        i.pair = self.derive_pair(st, ino, i.parent())?;
+        st.entries += i.dir.as_ref().map_or(0, |d| d.len());
+        st.inodes.insert(ino, i);
+        Ok(())
+    }
+
+    /// Scope membership of an inode being loaded: the pair whose scope it is the top
+    /// of, else the pair whose committed frozen map holds it (most specific scope,
+    /// then lowest id), else its parent directory's pair.
+    fn derive_pair(&self, st: &State, ino: u64, parent: Option<u64>) -> Result<Option<u64>> {
+        if !self.engine.has_pairs() {
+            return Ok(None);
+        }
+        if let Some(id) = self.engine.owner_of(ino) {
+            return Ok(Some(id));
+        }
+        let held = st.reader.frozen_pairs(ino)?;
+        if let Some(id) = self.engine.first_claim(&held) {
+            return Ok(Some(id));
+        }
+        Ok(parent
+            .filter(|_| ino != ROOT)
+            .and_then(|p| st.inodes.get(&p))
+            .and_then(|p| p.pair))
+    }
+
+    /// The kernel forgot `n` lookups of `ino` (FUSE `forget`): at zero a clean inode
+    /// leaves the cache.
+    pub fn forget(&self, ino: u64, n: u64) {
+        let mut st = self.state();
+        if let Some(c) = st.nlookup.get_mut(&ino) {
+            *c = c.saturating_sub(n);
+            if *c == 0 {
+                st.nlookup.remove(&ino);
+                // Weight: one for the lookup count, one per inode and directory entry freed.
+                let mut weight = 1;
+                if st.evictable(ino)
+                    && let Some(i) = st.evict(ino)
+                {
+                    weight += 1 + i.dir.as_ref().map_or(0, |d| d.len() as u64);
+                    self.evictions.fetch_add(1, Ordering::Relaxed);
+                }
+                self.freed_weight(st, weight);
+            }
+        }
+    }
+
+    /// Counts what forgets freed; every so often hands freed heap back to the system
+    /// (the kernel forgets in bursts, e.g. when it drops its caches).
+    fn freed_weight(&self, mut st: MutexGuard<'_, State>, n: u64) {
+        const TRIM_EVERY: u64 = 16384;
+        let before = self.forgotten.fetch_add(n, Ordering::Relaxed);
+        if before / TRIM_EVERY != (before + n) / TRIM_EVERY {
+            // Hash tables keep their capacity when emptied: give it back too.
+            if st.inodes.capacity() > 4 * st.inodes.len() + 1024 {
+                st.inodes.shrink_to_fit();
+            }
+            if st.nlookup.capacity() > 4 * st.nlookup.len() + 1024 {
+                st.nlookup.shrink_to_fit();
+            }
+            drop(st);
+            #[cfg(all(target_os = "linux", target_env = "gnu"))]
+            // SAFETY: malloc_trim only releases free heap pages; no Rust object is touched.
+            unsafe {
+                libc::malloc_trim(0);
+            }
+        }
+    }
+
+    /// The adapter handed the kernel an entry for `ino` (readdirplus).
+    pub fn remember(&self, ino: u64) {
+        self.state().looked_up(ino);
+    }
+
+    /// Cached inodes and kernel-known inodes (statistics, tests).
+    pub fn cache_stats(&self) -> (usize, usize) {
+        let st = self.state();
+        (st.inodes.len(), st.nlookup.len())
+    }
+
+    /// Over budget, evicts clean inodes down to three quarters of it. Call only where
+    /// no caller relies on an inode staying cached (end of an operation).
+    pub fn shrink(&self, st: &mut State) {
+        // (Table capacity is given back in `freed_weight`, on the kernel's forgets.)
+        if st.weight() <= st.shrink_at {
+            return;
+        }
+        let target = st.budget * 3 / 4;
+        let candidates: Vec<u64> = st
+            .inodes
+            .keys()
+            .copied()
+            .filter(|&i| st.evictable(i))
+            .collect();
+        let mut n = 0;
+        for v in candidates {
+            if st.weight() <= target {
+                break;
+            }
+            st.evict(v);
+            n += 1;
+        }
+        st.shrink_at = st.budget.max(st.weight() + st.budget / 4);
+        self.evictions.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Path of an inode relative to the root (`a/b`), following first links.
+    pub fn path_of(&self, st: &mut State, mut ino: u64) -> Result<String> {
+        let mut parts = Vec::new();
+        let mut guard = 0;
+        while ino != ROOT && guard < 1 << 16 {
+            if !self.try_want(st, ino)? {
+                break;
+            }
+            let Some((p, n)) = st.get(ino)?.links.first() else {
+                break;
+            };
+            parts.push(String::from_utf8_lossy(n).into_owned());
+            ino = *p;
+            guard += 1;
+        }
+        parts.reverse();
+        Ok(parts.join("/"))
+    }
+
+    /// Every inode beneath (and including) `top`, breadth first, all left cached.
+    pub fn subtree(&self, st: &mut State, top: u64) -> Result<Vec<u64>> {
+        let mut out = Vec::new();
+        self.walk(st, top, false, |ino, _| out.push(ino))?;
+        Ok(out)
+    }
+
+    /// Visits every inode beneath (and including) `top`, breadth first. With `shrink`
+    /// the cache is trimmed to its budget as the walk goes (memory stays bounded; the
+    /// visitor must not rely on earlier inodes staying cached).
+    pub fn walk(
+        &self,
+        st: &mut State,
+        top: u64,
+        shrink: bool,
+        mut f: impl FnMut(u64, &Inode),
+    ) -> Result<()> {
+        // `seen` also stops at cycles a corrupt database could contain.
+        let mut queue = std::collections::VecDeque::from([top]);
+        let mut seen: HashSet<u64> = HashSet::from([top]);
+        while let Some(ino) = queue.pop_front() {
+            if !self.try_want(st, ino)? {
+                continue;
+            }
+            let i = st.get(ino)?;
+            f(ino, i);
+            if let Some(d) = i.dir.as_ref() {
+                for (_, child) in d.iter() {
+                    if seen.insert(child) {
+                        queue.push_back(child);
+                    }
+                }
+            }
+            if shrink {
+                self.shrink(st);
+            }
+        }
+        Ok(())
     }
 
     /// Refuses changes on a read-only mount or after a metadata failure.
@@ -431,8 +681,10 @@ impl Fs {
 
     /// Attributes of an inode.
     pub fn getattr(&self, ino: u64) -> Result<Attr> {
-        let st = self.state();
-        Ok(self.attr_of(st.get(ino)?))
+        let mut st = self.state_with(ino)?;
+        let a = self.attr_of(st.get(ino)?);
+        self.shrink(&mut st);
+        Ok(a)
     }
 
     /// Looks a name up in a directory.
@@ -440,9 +692,13 @@ impl Fs {
         if name.len() > NAME_MAX {
             return Err(Error::NameTooLong);
         }
-        let st = self.state();
+        let mut st = self.state_with(parent)?;
         let ino = st.dir_lookup(parent, name)?;
-        Ok(self.attr_of(st.get(ino)?))
+        self.want(&mut st, ino)?;
+        let a = self.attr_of(st.get(ino)?);
+        st.looked_up(ino);
+        self.shrink(&mut st);
+        Ok(a)
     }
 
     fn check_name(name: &[u8]) -> Result<()> {
@@ -470,7 +726,7 @@ impl Fs {
         self.check_writable()?;
         Self::check_name(name)?;
         let now = now_ns();
-        let mut st = self.state();
+        let mut st = self.state_with(parent)?;
         let p = st.get(parent)?;
         let pdir = p.dir.as_ref().ok_or(Error::NotDir)?;
         if pdir.get(name).is_some() {
@@ -514,6 +770,8 @@ impl Fs {
         inode.pair = pair;
         let attr = self.attr_of(&inode);
         st.inodes.insert(ino, inode);
+        st.inode_count += 1;
+        st.looked_up(ino);
         let p = st.get_mut(parent)?;
         p.dir.as_mut().expect("dir").insert(name.to_vec(), ino);
         if kind == libc::S_IFDIR {
@@ -531,7 +789,7 @@ impl Fs {
 
     /// Reads a symlink.
     pub fn readlink(&self, ino: u64) -> Result<Vec<u8>> {
-        let st = self.state();
+        let st = self.state_with(ino)?;
         st.get(ino)?
             .row
             .target
@@ -544,7 +802,8 @@ impl Fs {
         self.check_writable()?;
         Self::check_name(newname)?;
         let now = now_ns();
-        let mut st = self.state();
+        let mut st = self.state_with(ino)?;
+        self.want(&mut st, newparent)?;
         let i = st.get(ino)?;
         if i.is_dir() {
             return Err(Error::NotPermitted);
@@ -572,6 +831,7 @@ impl Fs {
         st.touch(ino);
         st.touch(newparent);
         st.set_dirent(newparent, newname, Some(ino));
+        st.looked_up(ino);
         Ok(attr)
     }
 
@@ -580,8 +840,9 @@ impl Fs {
         self.check_writable()?;
         let _b = self.barrier.read().unwrap_or_else(|p| p.into_inner());
         let now = now_ns();
-        let mut st = self.state();
+        let mut st = self.state_with(parent)?;
         let ino = st.dir_lookup(parent, name)?;
+        self.want(&mut st, ino)?;
         let i = st.get(ino)?;
         if dir {
             let d = i.dir.as_ref().ok_or(Error::NotDir)?;
@@ -629,7 +890,8 @@ impl Fs {
         if i.row.nlink > 0 || i.open > 0 || !i.links.is_empty() {
             return;
         }
-        let i = st.inodes.remove(&ino).expect("exists");
+        let i = st.evict(ino).expect("exists");
+        st.inode_count = st.inode_count.saturating_sub(1);
         let freed: Vec<u64> = i.extents.vol_tracks().collect();
         for e in i.extents.iter() {
             st.alloc.free(e.vol, e.len);
@@ -661,19 +923,24 @@ impl Fs {
             return Err(Error::invalid("unsupported rename flags"));
         }
         let now = now_ns();
-        let mut st = self.state();
+        let mut st = self.state_with(parent)?;
+        self.want(&mut st, newparent)?;
         let src = st.dir_lookup(parent, name)?;
+        self.want(&mut st, src)?;
         st.get(newparent)?.dir.as_ref().ok_or(Error::NotDir)?;
         let dst = st.get(newparent)?.dir.as_ref().expect("dir").get(newname);
+        if let Some(d) = dst {
+            self.want(&mut st, d)?;
+        }
         let src_dir = st.get(src)?.is_dir();
         // A directory may not move beneath itself.
-        if src_dir && st.is_ancestor(src, newparent)? {
+        if src_dir && self.is_ancestor(&mut st, src, newparent)? {
             return Err(Error::invalid("cannot move a directory beneath itself"));
         }
         if exchange {
             let dst = dst.ok_or_else(|| Error::NotFound("exchange target".into()))?;
             let dst_dir = st.get(dst)?.is_dir();
-            if dst_dir && st.is_ancestor(dst, parent)? {
+            if dst_dir && self.is_ancestor(&mut st, dst, parent)? {
                 return Err(Error::invalid("cannot move a directory beneath itself"));
             }
             st.get_mut(parent)?
@@ -755,16 +1022,37 @@ impl Fs {
             *l = (newparent, newname.to_vec());
         }
         i.row.ctime = now;
-        // Moving into a directory pair joins it (unless the file has a pair of its own).
-        let join = i.pair.is_none() && np_pair.is_some_and(|p| self.engine.inherits(p));
-        if join {
-            let pid = np_pair.expect("checked");
-            let sub = st.subtree(src);
+        // Moving into a directory pair joins it (unless the file has a pair of its own);
+        // moving out of one leaves it now, as the next load would decide, unless that
+        // pair's frozen copy holds the inode (it keeps copy-on-write wherever it goes)
+        // or another name keeps it in the scope.
+        let old = i.pair;
+        let target = np_pair.filter(|&p| self.engine.inherits(p));
+        let leaves = old.is_some_and(|p| Some(p) != target && self.engine.inherits(p));
+        if (old.is_none() && target.is_some()) || leaves {
+            let held = old.map(|p| self.engine.frozen_inos(p)).unwrap_or_default();
+            let sub = self.subtree(&mut st, src)?;
             for ino in sub {
                 let n = st.get_mut(ino)?;
-                if n.pair.is_none() {
-                    n.pair = Some(pid);
-                    let tracks: Vec<u64> = n.extents.vol_tracks().collect();
+                let switch = match n.pair {
+                    None => target.is_some(),
+                    Some(p) => {
+                        leaves
+                            && Some(p) == old
+                            && !held.contains(&ino)
+                            && (n.is_dir() || n.links.len() <= 1)
+                    }
+                };
+                if !switch {
+                    continue;
+                }
+                let tracks: Vec<u64> = n.extents.vol_tracks().collect();
+                let from = n.pair;
+                n.pair = target;
+                if let Some(a) = from {
+                    self.engine.left(a, &tracks);
+                }
+                if let Some(pid) = target {
                     self.engine.written(pid, &tracks);
                 }
             }
@@ -793,7 +1081,7 @@ impl Fs {
             self.truncate(ino, size)?;
         }
         let now = now_ns();
-        let mut st = self.state();
+        let mut st = self.state_with(ino)?;
         let i = st.get_mut(ino)?;
         if let Some(m) = a.mode {
             i.row.perm = m & 0o7777;
@@ -839,7 +1127,7 @@ impl Fs {
     }
 
     fn data_lock(&self, ino: u64) -> Result<Arc<RwLock<()>>> {
-        Ok(self.state().get(ino)?.data_lock.clone())
+        Ok(self.state_with(ino)?.get(ino)?.data_lock.clone())
     }
 
     /// Sets the size of a regular file.
@@ -1228,7 +1516,7 @@ impl Fs {
 
     /// `SEEK_DATA` / `SEEK_HOLE`.
     pub fn lseek(&self, ino: u64, off: u64, whence: i32) -> Result<u64> {
-        let st = self.state();
+        let st = self.state_with(ino)?;
         let i = st.get(ino)?;
         let size = i.row.size;
         if off >= size {
@@ -1258,7 +1546,7 @@ impl Fs {
         if write {
             self.check_writable()?;
         }
-        let mut st = self.state();
+        let mut st = self.state_with(ino)?;
         let i = st.get_mut(ino)?;
         i.open += 1;
         let fh = st.next_fh;
@@ -1280,21 +1568,57 @@ impl Fs {
 
     /// Directory entries after `cookie`: (cookie, ino, kind, name).
     pub fn readdir(&self, ino: u64, cookie: u64) -> Result<Vec<(u64, Attr, Vec<u8>)>> {
-        let st = self.state();
+        let mut st = self.state_with(ino)?;
         let i = st.get(ino)?;
         let d = i.dir.as_ref().ok_or(Error::NotDir)?;
+        let ents: Vec<(u64, Vec<u8>, u64)> = d
+            .after(cookie.max(2))
+            .take(1024)
+            .map(|(c, n, child)| (c, n.to_vec(), child))
+            .collect();
+        let p = i.parent().unwrap_or(ROOT);
         let mut out = Vec::new();
         if cookie < 1 {
-            out.push((1, self.attr_of(i), b".".to_vec()));
+            out.push((1, self.attr_of(st.get(ino)?), b".".to_vec()));
         }
         if cookie < 2 {
-            let p = i.parent().unwrap_or(ROOT);
-            out.push((2, self.attr_of(st.get(p).unwrap_or(i)), b"..".to_vec()));
+            let pa = if self.try_want(&mut st, p)? { p } else { ino };
+            out.push((2, self.attr_of(st.get(pa)?), b"..".to_vec()));
         }
-        for (c, name, child) in d.after(cookie.max(2)).take(1024) {
-            out.push((c, self.attr_of(st.get(child)?), name.to_vec()));
+        for (c, name, child) in ents {
+            let a = match st.inodes.get(&child) {
+                Some(i) => self.attr_of(i),
+                None => self.peek(&st, child)?,
+            };
+            out.push((c, a, name));
         }
+        self.shrink(&mut st);
         Ok(out)
+    }
+
+    /// Attributes of an uncached inode, read without caching it (a directory listing
+    /// does not make its entries resident; the kernel's lookups do).
+    fn peek(&self, st: &State, ino: u64) -> Result<Attr> {
+        let (load, exts) = st.reader.snapshot(|r| {
+            let l = r
+                .inode(ino)?
+                .ok_or_else(|| Error::NotFound(format!("inode {ino}")))?;
+            Ok((l, r.extents(ino)?))
+        })?;
+        Ok(Attr {
+            row: load.row,
+            allocated: exts.iter().map(|e| e.len).sum::<u64>() * self.ts,
+        })
+    }
+
+    /// Opens a directory: the handle keeps it cached, so readdir cookies stay valid.
+    pub fn opendir(&self, ino: u64) -> Result<u64> {
+        let st = self.state_with(ino)?;
+        if !st.get(ino)?.is_dir() {
+            return Err(Error::NotDir);
+        }
+        drop(st);
+        self.open(ino, false)
     }
 
     /// Free space and inode counts.
@@ -1304,7 +1628,7 @@ impl Fs {
             tracks: st.alloc.total(),
             free: st.alloc.free_tracks(),
             track_size: self.ts,
-            inodes: st.inodes.len() as u64,
+            inodes: st.inode_count,
         }
     }
 
@@ -1326,7 +1650,7 @@ impl Fs {
                 "only user.*, trusted.*, security.* and system.posix_acl_* xattrs",
             ));
         }
-        let mut st = self.state();
+        let mut st = self.state_with(ino)?;
         let i = st.get_mut(ino)?;
         if name.starts_with(b"user.") && !(i.is_file() || i.is_dir()) {
             return Err(Error::NotPermitted);
@@ -1358,13 +1682,13 @@ impl Fs {
 
     /// Gets an ordinary xattr.
     pub fn getxattr(&self, ino: u64, name: &[u8]) -> Result<Vec<u8>> {
-        let st = self.state();
+        let st = self.state_with(ino)?;
         st.get(ino)?.xattrs.get(name).cloned().ok_or(Error::NoData)
     }
 
     /// Lists xattr names (NUL-terminated, concatenated).
     pub fn listxattr(&self, ino: u64) -> Result<Vec<u8>> {
-        let st = self.state();
+        let st = self.state_with(ino)?;
         let mut out = Vec::new();
         for n in st.get(ino)?.xattrs.keys() {
             out.extend_from_slice(n);
@@ -1376,7 +1700,7 @@ impl Fs {
     /// Removes an xattr.
     pub fn removexattr(&self, ino: u64, name: &[u8]) -> Result<()> {
         self.check_writable()?;
-        let mut st = self.state();
+        let mut st = self.state_with(ino)?;
         let i = st.get_mut(ino)?;
         i.xattrs.remove(name).ok_or(Error::NoData)?;
         i.row.ctime = now_ns();
@@ -1478,8 +1802,17 @@ impl BatchSource for Fs {
         let dirty = std::mem::take(&mut st.dirty);
         let mut b = Batch {
             next_ino: st.next_ino,
+            inode_count: st.inode_count,
             ..Batch::default()
         };
+        // Until the batch is durable the database is behind: keep its inodes cached.
+        let mut committing: HashSet<u64> = dirty.inodes.iter().copied().collect();
+        committing.extend(dirty.deleted.iter().copied());
+        for ((p, _), v) in &dirty.dirents {
+            committing.insert(*p);
+            committing.extend(*v);
+        }
+        st.committing = committing;
         for ino in dirty.inodes {
             if let Some(i) = st.inodes.get(&ino) {
                 let exts: Vec<Extent> = i.extents.iter().collect();
@@ -1506,6 +1839,7 @@ impl BatchSource for Fs {
     /// since wins) and its freed tracks back on hold.
     fn restore(&self, b: &Batch, held: Vec<(u64, u64)>) {
         let mut st = self.state();
+        st.committing.clear();
         for (row, _, _) in &b.inodes {
             if st.inodes.contains_key(&row.ino) {
                 st.dirty.inodes.insert(row.ino);
@@ -1525,11 +1859,23 @@ impl BatchSource for Fs {
     }
 
     fn committed(&self, held: &[(u64, u64)]) {
-        self.state().alloc.release_held(held);
-        let mut l = self.layout();
-        l.committed = l.committed.max(l.taken);
-        let done = l.committed;
-        l.by_ino.retain(|_, s| *s > done);
+        {
+            let mut l = self.layout();
+            l.committed = l.committed.max(l.taken);
+            let done = l.committed;
+            l.by_ino.retain(|_, s| *s > done);
+        }
+        let mut st = self.state();
+        st.alloc.release_held(held);
+        // Inodes the kernel forgot while they were dirty can go now.
+        let done: Vec<u64> = std::mem::take(&mut st.committing).into_iter().collect();
+        for ino in done {
+            if !st.nlookup.contains_key(&ino) && st.evictable(ino) {
+                st.evict(ino);
+            }
+        }
+        // Inodes just made clean may bring the cache back within its budget.
+        self.shrink(&mut st);
     }
 }
 
@@ -1582,7 +1928,6 @@ impl Fs {
         if self.opts.readonly {
             return Ok(());
         }
-        self.engine.prepare_remount(self);
         self.commit(Vec::new())?;
         // Never after a failed commit: the next mount must repair.
         self.durability.mark_clean()

@@ -457,13 +457,29 @@ impl Filesystem for MainFs {
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        match self.fs.getattr(ino.0) {
-            Ok(a) if a.row.kind == libc::S_IFDIR => {
-                reply.opened(FileHandle(0), FopenFlags::empty())
-            }
-            Ok(_) => reply.error(Errno::from_i32(libc::ENOTDIR)),
+        match self.fs.opendir(ino.0) {
+            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
             Err(e) => reply.error(errno(&e, "opendir")),
         }
+    }
+
+    fn releasedir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        reply: ReplyEmpty,
+    ) {
+        match self.fs.release(fh.0) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(&e, "releasedir")),
+        }
+    }
+
+    // fuser's default `batch_forget` calls this per inode (its `ForgetOne` is private).
+    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        self.fs.forget(ino.0, nlookup);
     }
 
     fn readdir(
@@ -530,6 +546,8 @@ impl Filesystem for MainFs {
                     ) {
                         break;
                     }
+                    // The kernel counts a lookup for every entry it is given.
+                    self.fs.remember(a.row.ino);
                 }
                 reply.ok();
             }

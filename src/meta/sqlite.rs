@@ -1,10 +1,11 @@
 //! The metadata store: SQLite (WAL mode) holding inodes, directory entries, extents,
 //! xattrs, pairs, pair bitmaps and frozen maps.
 //!
-//! The core keeps all of it in memory and hands this module *batches* of changed rows
-//! ([`Batch`]); one batch is one transaction. The store never decides anything: it
-//! checks the schema version and the volume UUID on open, loads rows, and writes what
-//! it is given. See `docs/design.md` for the order in which batches are committed
+//! The core keeps the inodes it uses in memory, reads others on demand through a
+//! [`Reader`] (a second, read-only connection: indexed point queries), and hands this
+//! module *batches* of changed rows ([`Batch`]); one batch is one transaction. The store
+//! never decides anything: it checks the schema version and the volume UUID on open
+//! (migrating version 1), loads rows, and writes what it is given. See `docs/design.md` for the order in which batches are committed
 //! relative to data writes.
 
 use std::path::Path;
@@ -16,17 +17,27 @@ use crate::core::trackset::TrackSet;
 use crate::error::{Error, Result};
 use crate::snap::pair::{Frozen, FrozenAttr, FrozenKind, Pair, PairId, Progress, Scope, State};
 
-/// Schema version written by this build. Version 1 (no `rdev`, `links`, `xattrs` in
-/// `frozen`) is migrated on a read-write open and read as is on a read-only one.
-pub const SCHEMA_VERSION: u32 = 2;
+/// Schema version written by this build. Older versions are migrated on a read-write
+/// open and read as they are on a read-only one: version 1 has no `rdev`, `links`,
+/// `xattrs` in `frozen`; versions 1 and 2 lack the on-demand indexes and `inode_count`.
+pub const SCHEMA_VERSION: u32 = 3;
 
 /// Version 1 to 2: frozen objects keep their device number, hard-link names and xattrs.
-const MIGRATE_1_2: &str = "
-ALTER TABLE frozen ADD COLUMN rdev INTEGER NOT NULL DEFAULT 0;
-ALTER TABLE frozen ADD COLUMN links BLOB NOT NULL DEFAULT x'';
-ALTER TABLE frozen ADD COLUMN xattrs BLOB NOT NULL DEFAULT x'';
-UPDATE super SET value = '2' WHERE key = 'schema_version';
-";
+/// Each column is added only if missing.
+const FROZEN_COLUMNS_2: [(&str, &str); 3] = [
+    (
+        "rdev",
+        "ALTER TABLE frozen ADD COLUMN rdev INTEGER NOT NULL DEFAULT 0",
+    ),
+    (
+        "links",
+        "ALTER TABLE frozen ADD COLUMN links BLOB NOT NULL DEFAULT x''",
+    ),
+    (
+        "xattrs",
+        "ALTER TABLE frozen ADD COLUMN xattrs BLOB NOT NULL DEFAULT x''",
+    ),
+];
 
 const SCHEMA: &str = "
 CREATE TABLE super(key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -53,6 +64,14 @@ CREATE TABLE frozen(pair INTEGER NOT NULL, seq INTEGER NOT NULL, ino INTEGER NOT
   rdev INTEGER NOT NULL DEFAULT 0, links BLOB NOT NULL DEFAULT x'',
   xattrs BLOB NOT NULL DEFAULT x'',
   PRIMARY KEY(pair, seq)) WITHOUT ROWID;
+";
+
+/// Indexes for loading on demand (schema version 3): the names of an inode, the frozen
+/// maps that hold an inode, and the inodes with no name left (orphans).
+const INDEXES: &str = "
+CREATE INDEX IF NOT EXISTS dirents_ino ON dirents(ino);
+CREATE INDEX IF NOT EXISTS frozen_ino ON frozen(ino);
+CREATE INDEX IF NOT EXISTS inodes_unlinked ON inodes(ino) WHERE nlink = 0;
 ";
 
 /// Geometry and identity of a volume, stored in the `super` table and the image headers.
@@ -118,6 +137,8 @@ pub struct Batch {
     pub del_dirents: Vec<(u64, Vec<u8>)>,
     /// Next inode number.
     pub next_ino: u64,
+    /// Inodes in use after this batch (written with `next_ino`).
+    pub inode_count: u64,
     /// Pairs whose row changes (state, progress), with their dirty bitmap chunks.
     pub pairs: Vec<PairDelta>,
 }
@@ -193,16 +214,23 @@ pub fn take_dirty_chunks(p: &mut Pair) -> Vec<(u8, u64, Option<Vec<u8>>)> {
     out
 }
 
-/// Everything loaded at mount.
+/// What mount loads ([`Meta::load`]: no scan of the inode table) or, for `fsck`,
+/// everything ([`Meta::load_all`]).
 #[derive(Debug, Default)]
 pub struct Loaded {
-    /// Inodes.
+    /// Used volume track runs (start, length) of every extent.
+    pub used: Vec<(u64, u64)>,
+    /// Inodes whose last name went away (nlink 0): deleted at mount.
+    pub orphans: Vec<u64>,
+    /// Inodes in use.
+    pub inode_count: u64,
+    /// Inodes (`load_all` only).
     pub inodes: Vec<InodeRow>,
-    /// Extents per inode.
+    /// Extents per inode (`load_all` only).
     pub extents: Vec<(u64, Extent)>,
-    /// Xattrs.
+    /// Xattrs (`load_all` only).
     pub xattrs: Vec<(u64, Vec<u8>, Vec<u8>)>,
-    /// Directory entries.
+    /// Directory entries (`load_all` only).
     pub dirents: Vec<(u64, Vec<u8>, u64)>,
     /// Pairs.
     pub pairs: Vec<Pair>,
@@ -218,8 +246,10 @@ pub struct Loaded {
 pub struct Meta {
     conn: Connection,
     geometry: Geometry,
-    /// Schema version of the file (1 only for a read-only open of an old volume).
+    /// Schema version of the file (below [`SCHEMA_VERSION`] only for a read-only open of
+    /// an old volume).
     version: u32,
+    path: Option<std::path::PathBuf>,
 }
 
 fn corrupt(msg: impl Into<String>) -> Error {
@@ -235,6 +265,7 @@ impl Meta {
         let conn = Connection::open(path)?;
         Self::pragmas(&conn)?;
         conn.execute_batch(SCHEMA)?;
+        conn.execute_batch(INDEXES)?;
         let tx = conn.unchecked_transaction()?;
         for (k, v) in [
             ("format", "pairfs".to_string()),
@@ -245,6 +276,7 @@ impl Meta {
             ("next_ino", "2".to_string()),
             ("next_pair", "1".to_string()),
             ("clean", "1".to_string()),
+            ("inode_count", "1".to_string()),
         ] {
             tx.execute(
                 "INSERT INTO super(key, value) VALUES (?1, ?2)",
@@ -260,6 +292,7 @@ impl Meta {
             conn,
             geometry: geometry.clone(),
             version: SCHEMA_VERSION,
+            path: Some(path.to_path_buf()),
         })
     }
 
@@ -267,6 +300,7 @@ impl Meta {
     pub fn in_memory(geometry: &Geometry) -> Result<Meta> {
         let conn = Connection::open_in_memory()?;
         conn.execute_batch(SCHEMA)?;
+        conn.execute_batch(INDEXES)?;
         for (k, v) in [
             ("format", "pairfs".to_string()),
             ("schema_version", SCHEMA_VERSION.to_string()),
@@ -276,6 +310,7 @@ impl Meta {
             ("next_ino", "2".to_string()),
             ("next_pair", "1".to_string()),
             ("clean", "1".to_string()),
+            ("inode_count", "1".to_string()),
         ] {
             conn.execute(
                 "INSERT INTO super(key, value) VALUES (?1, ?2)",
@@ -290,6 +325,7 @@ impl Meta {
             conn,
             geometry: geometry.clone(),
             version: SCHEMA_VERSION,
+            path: None,
         })
     }
 
@@ -334,7 +370,7 @@ impl Meta {
             .map_err(|_| corrupt("schema_version is not a number"))?;
         if !(1..=SCHEMA_VERSION).contains(&ver) {
             return Err(corrupt(format!(
-                "{}: schema version {ver}, this pairfs reads version {SCHEMA_VERSION}",
+                "{}: schema version {ver}, this pairfs reads versions 1 to {SCHEMA_VERSION}",
                 path.display()
             )));
         }
@@ -358,19 +394,67 @@ impl Meta {
         let mut version = ver;
         if !readonly {
             Self::pragmas(&conn)?;
-            if ver == 1 {
-                let tx = conn.unchecked_transaction()?;
-                tx.execute_batch(MIGRATE_1_2)?;
-                tx.commit()?;
-                log::info!("{}: schema migrated from version 1 to 2", path.display());
-                version = 2;
+            if ver < SCHEMA_VERSION {
+                Self::migrate(&conn, ver)?;
+                log::info!(
+                    "{}: schema migrated from version {ver} to {SCHEMA_VERSION}",
+                    path.display()
+                );
+                version = SCHEMA_VERSION;
             }
         }
         Ok(Meta {
             conn,
             geometry,
             version,
+            path: Some(path.to_path_buf()),
         })
+    }
+
+    /// Migrates a database of schema version `from` to [`SCHEMA_VERSION`] in one
+    /// transaction: the frozen columns of version 2, then the on-demand indexes and the
+    /// stored inode count of version 3 (one scan, once).
+    fn migrate(conn: &Connection, from: u32) -> Result<()> {
+        let tx = conn.unchecked_transaction()?;
+        if from < 2 {
+            let have: Vec<String> = {
+                let mut q = tx.prepare("SELECT name FROM pragma_table_info('frozen')")?;
+                q.query_map([], |r| r.get(0))?
+                    .collect::<std::result::Result<_, _>>()?
+            };
+            for (col, sql) in FROZEN_COLUMNS_2 {
+                if !have.iter().any(|c| c == col) {
+                    tx.execute_batch(sql)?;
+                }
+            }
+        }
+        tx.execute_batch(INDEXES)?;
+        tx.execute(
+            "INSERT OR REPLACE INTO super(key, value) \
+             SELECT 'inode_count', CAST(count(*) AS TEXT) FROM inodes",
+            [],
+        )?;
+        tx.execute(
+            "UPDATE super SET value = ?1 WHERE key = 'schema_version'",
+            [SCHEMA_VERSION.to_string()],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// A second, read-only connection for loading inodes on demand. It sees what
+    /// commits made durable, never a transaction in progress.
+    pub fn reader(&self) -> Result<Reader> {
+        let path = self
+            .path
+            .as_ref()
+            .ok_or_else(|| Error::invalid("an in-memory database has no reader"))?;
+        let conn = Connection::open_with_flags(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        Ok(Reader { conn })
     }
 
     /// Volume geometry and identity.
@@ -387,8 +471,54 @@ impl Meta {
         Ok(())
     }
 
-    /// Loads everything, validating as it goes.
+    /// What mount needs, without reading the inode table: counters, pairs, the used
+    /// track runs (a scan of the extent table only) and the orphans (an indexed query).
     pub fn load(&self) -> Result<Loaded> {
+        let c = &self.conn;
+        let get = |k: &str| -> Result<u64> {
+            let v: String =
+                c.query_row("SELECT value FROM super WHERE key = ?1", [k], |r| r.get(0))?;
+            v.parse()
+                .map_err(|_| corrupt(format!("super key {k} is not a number")))
+        };
+        let count: Option<String> = c
+            .query_row(
+                "SELECT value FROM super WHERE key = 'inode_count'",
+                [],
+                |r| r.get(0),
+            )
+            .optional()?;
+        let inode_count = match count {
+            Some(v) => v
+                .parse()
+                .map_err(|_| corrupt("super key inode_count is not a number"))?,
+            // A version 1 database opened read-only.
+            None => c.query_row("SELECT count(*) FROM inodes", [], |r| r.get(0))?,
+        };
+        let mut out = Loaded {
+            next_ino: get("next_ino")?,
+            next_pair: get("next_pair")?,
+            clean: get("clean")? == 1,
+            inode_count,
+            ..Loaded::default()
+        };
+        let mut st = c.prepare("SELECT vtrack, len FROM extents")?;
+        let rows = st.query_map([], |r| Ok((r.get::<_, u64>(0)?, r.get::<_, u64>(1)?)))?;
+        for r in rows {
+            out.used
+                .push(r.map_err(|e| corrupt(format!("bad extent row: {e}")))?);
+        }
+        let mut st = c.prepare("SELECT ino FROM inodes WHERE nlink = 0")?;
+        let rows = st.query_map([], |r| r.get::<_, u64>(0))?;
+        for r in rows {
+            out.orphans.push(r?);
+        }
+        out.pairs = self.load_pairs()?;
+        Ok(out)
+    }
+
+    /// Loads every row (`fsck`), validating as it goes.
+    pub fn load_all(&self) -> Result<Loaded> {
         let c = &self.conn;
         let get = |k: &str| -> Result<u64> {
             let v: String =
@@ -646,6 +776,10 @@ impl Meta {
                     "UPDATE super SET value = ?1 WHERE key = 'next_ino'",
                     [b.next_ino.to_string()],
                 )?;
+                tx.execute(
+                    "INSERT OR REPLACE INTO super(key, value) VALUES ('inode_count', ?1)",
+                    [b.inode_count.to_string()],
+                )?;
             }
         }
         for d in &b.pairs {
@@ -762,6 +896,119 @@ impl Meta {
     }
 }
 
+/// The read-only connection that loads inodes on demand (indexed point queries).
+pub struct Reader {
+    conn: Connection,
+}
+
+/// One inode's rows as [`Reader::inode`] returns them.
+#[derive(Debug)]
+pub struct InodeLoad {
+    /// The row.
+    pub row: InodeRow,
+    /// Names: (parent, name).
+    pub links: Vec<(u64, Vec<u8>)>,
+}
+
+impl Reader {
+    /// The row and names of an inode, or None if there is no such row.
+    pub fn inode(&self, ino: u64) -> Result<Option<InodeLoad>> {
+        let mut st = self.conn.prepare_cached(
+            "SELECT ino, kind, perm, uid, gid, nlink, size, atime, mtime, ctime, rdev, target \
+             FROM inodes WHERE ino = ?1",
+        )?;
+        let row = st
+            .query_row([ino], |r| {
+                Ok(InodeRow {
+                    ino: r.get(0)?,
+                    kind: r.get(1)?,
+                    perm: r.get(2)?,
+                    uid: r.get(3)?,
+                    gid: r.get(4)?,
+                    nlink: r.get(5)?,
+                    size: r.get(6)?,
+                    atime: r.get(7)?,
+                    mtime: r.get(8)?,
+                    ctime: r.get(9)?,
+                    rdev: r.get(10)?,
+                    target: r.get(11)?,
+                })
+            })
+            .optional()
+            .map_err(|e| corrupt(format!("bad inode row {ino}: {e}")))?;
+        let Some(row) = row else { return Ok(None) };
+        let mut st = self.conn.prepare_cached(
+            "SELECT parent, name FROM dirents WHERE ino = ?1 ORDER BY parent, name",
+        )?;
+        let links = st
+            .query_map([ino], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        Ok(Some(InodeLoad { row, links }))
+    }
+
+    /// Extents of an inode, in file order.
+    pub fn extents(&self, ino: u64) -> Result<Vec<Extent>> {
+        let mut st = self.conn.prepare_cached(
+            "SELECT ftrack, vtrack, len FROM extents WHERE ino = ?1 ORDER BY ftrack",
+        )?;
+        let v = st
+            .query_map([ino], |r| {
+                Ok(Extent {
+                    file: r.get(0)?,
+                    vol: r.get(1)?,
+                    len: r.get(2)?,
+                })
+            })?
+            .collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(|e| corrupt(format!("bad extent row of {ino}: {e}")))?;
+        Ok(v)
+    }
+
+    /// Xattrs of an inode.
+    pub fn xattrs(&self, ino: u64) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        let mut st = self
+            .conn
+            .prepare_cached("SELECT name, value FROM xattrs WHERE ino = ?1")?;
+        let v = st
+            .query_map([ino], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        Ok(v)
+    }
+
+    /// Entries of a directory: (name, ino), by name.
+    pub fn children(&self, parent: u64) -> Result<Vec<(Vec<u8>, u64)>> {
+        let mut st = self
+            .conn
+            .prepare_cached("SELECT name, ino FROM dirents WHERE parent = ?1 ORDER BY name")?;
+        let v = st
+            .query_map([parent], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(|e| corrupt(format!("bad entry of directory {parent}: {e}")))?;
+        Ok(v)
+    }
+
+    /// Pairs whose committed frozen map holds `ino`.
+    pub fn frozen_pairs(&self, ino: u64) -> Result<Vec<PairId>> {
+        let mut st = self
+            .conn
+            .prepare_cached("SELECT DISTINCT pair FROM frozen WHERE ino = ?1")?;
+        let v = st
+            .query_map([ino], |r| r.get(0))?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        Ok(v)
+    }
+
+    /// Runs `f` in one read transaction (one consistent view of the database).
+    pub fn snapshot<T>(&self, f: impl FnOnce(&Reader) -> Result<T>) -> Result<T> {
+        self.conn.execute_batch("BEGIN DEFERRED")?;
+        let r = f(self);
+        let end = self.conn.execute_batch("COMMIT");
+        let v = r?;
+        end?;
+        Ok(v)
+    }
+}
+
 /// Encodes an extent map as little-endian (file, vol, len) triples.
 pub fn encode_extents(m: &ExtentMap) -> Vec<u8> {
     let mut out = Vec::with_capacity(m.iter().count() * 24);
@@ -874,7 +1121,7 @@ mod tests {
             ..PairDelta::default()
         });
         m.commit(&b).unwrap();
-        let l = m.load().unwrap();
+        let l = m.load_all().unwrap();
         assert_eq!(l.inodes.iter().find(|i| i.ino == 2), Some(&row));
         assert_eq!(
             l.extents,
@@ -896,7 +1143,7 @@ mod tests {
         d.deleted.push(2);
         d.del_dirents.push((1, b"f".to_vec()));
         m.commit(&d).unwrap();
-        let l = m.load().unwrap();
+        let l = m.load_all().unwrap();
         assert_eq!(l.inodes.len(), 1);
         assert!(l.extents.is_empty());
     }

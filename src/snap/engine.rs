@@ -25,7 +25,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
 use std::time::Duration;
 
 use crate::core::durability::PairHooks;
-use crate::core::fs::{Fs, ROOT, now_ns};
+use crate::core::fs::{Fs, ROOT, State as FsState, now_ns};
 use crate::core::trackset::TrackSet;
 use crate::error::{Error, Result};
 use crate::meta::{Meta, PairDelta, PairRow, take_dirty_chunks};
@@ -281,73 +281,119 @@ impl Engine {
             .collect()
     }
 
-    /// Members of a scope: every inode beneath it (or the file itself).
-    fn members(st: &crate::core::fs::State, scope: Scope) -> Vec<u64> {
+    /// Members of a scope: every inode beneath it (or the file itself), all cached.
+    fn members(fs: &Fs, st: &mut FsState, scope: Scope) -> Result<Vec<u64>> {
         match scope {
-            Scope::File(i) => vec![i],
-            Scope::Dir(i) => st.subtree(i),
-            Scope::Root => st.subtree(ROOT),
+            Scope::File(i) => Ok(if fs.try_want(st, i)? {
+                vec![i]
+            } else {
+                Vec::new()
+            }),
+            Scope::Dir(i) => fs.subtree(st, i),
+            Scope::Root => fs.subtree(st, ROOT),
         }
     }
 
     /// The inodes a pair covers now: the file, or the inodes beneath its directory
-    /// that carry this pair (a file with a pair of its own stays out).
-    fn members_of(st: &crate::core::fs::State, scope: Scope, id: PairId) -> Vec<u64> {
-        let mut v = Self::members(st, scope);
+    /// that carry this pair (a file with a pair of its own stays out). All cached.
+    fn members_of(fs: &Fs, st: &mut FsState, scope: Scope, id: PairId) -> Result<Vec<u64>> {
+        let mut v = Self::members(fs, st, scope)?;
         if !matches!(scope, Scope::File(_)) {
             v.retain(|i| st.inodes.get(i).is_some_and(|n| n.pair == Some(id)));
         }
-        v
+        Ok(v)
     }
 
-    /// Installs loaded pairs: memberships, pins, and unclean-shutdown recovery.
+    /// Current tracks of the inodes a pair covers, walking its scope with the cache
+    /// kept within its budget (linear in the scope, bounded memory).
+    fn scope_tracks(fs: &Fs, st: &mut FsState, scope: Scope, id: PairId) -> Result<TrackSet> {
+        let mut s = TrackSet::new();
+        let top = match scope {
+            Scope::File(i) => {
+                if fs.try_want(st, i)? {
+                    s.insert_extents(&st.get(i)?.extents);
+                }
+                return Ok(s);
+            }
+            Scope::Dir(i) => i,
+            Scope::Root => ROOT,
+        };
+        fs.walk(st, top, true, |_, n| {
+            if n.pair == Some(id) {
+                s.insert_extents(&n.extents);
+            }
+        })?;
+        Ok(s)
+    }
+
+    /// Installs loaded pairs: pins and unclean-shutdown recovery.
     ///
-    /// Membership is not stored; it is rebuilt in two passes: first every pair claims
-    /// its top inode and the inodes of its frozen copy (they need copy-on-write wherever
-    /// they moved), then, most specific scope first, the unclaimed inodes beneath it.
-    pub fn load(&self, fs: &Fs, pairs: Vec<Pair>, clean: bool, next_pair: u64) -> Result<()> {
-        let mut st = fs.state();
+    /// Membership is not stored, nor rebuilt here: an inode finds its pair when it is
+    /// loaded ([`Fs::want`]): the pair it is the top of, else the pair whose frozen
+    /// map holds it (it needs copy-on-write wherever it moved), else its parent's.
+    pub fn load(&self, fs: &Fs, mut pairs: Vec<Pair>, clean: bool, next_pair: u64) -> Result<()> {
         let mut max = next_pair.max(1);
-        let claims: Vec<(PairId, Scope, Vec<u64>)> = pairs
-            .iter()
-            .map(|p| (p.id, p.scope, p.frozen.iter().map(|f| f.ino).collect()))
-            .collect();
-        for (ino, id) in Self::rebuild_membership(&st, claims) {
-            if let Some(i) = st.inodes.get_mut(&ino) {
-                i.pair = Some(id);
+        pairs.sort_by_key(|p| (p.scope.rank(), p.id));
+        let mut slots = Vec::new();
+        {
+            let mut st = fs.state();
+            for p in pairs {
+                for t in p.pinned_tracks().iter() {
+                    if t == 0 || t >= st.alloc.total() {
+                        return Err(Error::Corrupt(format!(
+                            "pair {}: frozen track {t} outside the volume",
+                            p.id
+                        )));
+                    }
+                    st.alloc.pin(t);
+                }
+                max = max.max(p.id + 1);
+                let slot = Arc::new(Slot {
+                    id: p.id,
+                    gate: Mutex::new(()),
+                    p: Mutex::new(p),
+                    dirty: AtomicBool::new(!clean),
+                    unconfirmed: Mutex::new(Vec::new()),
+                    cow_queue: Mutex::new(Vec::new()),
+                    released: AtomicBool::new(false),
+                    staged: AtomicU64::new(0),
+                });
+                slots.push(slot.clone());
+                self.pairs
+                    .write()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(slot.id, slot);
             }
         }
-        for mut p in pairs {
-            let top = p.scope.ino();
-            if !st.inodes.contains_key(&top) {
+        self.next_id.store(max, Ordering::Relaxed);
+        // Every pair is known now, so inodes loaded from here on find their pair.
+        for slot in slots {
+            let (scope, path) = {
+                let p = slot.lock();
+                (p.scope, p.path.clone())
+            };
+            let mut st = fs.state();
+            if !fs.try_want(&mut st, scope.ino())? {
                 log::warn!(
                     "pair {} ({}): its file is gone; its frozen copy stays until \
                      `setfattr -n user.pairfs.release -v {} MOUNTPOINT`",
-                    p.id,
-                    p.path,
-                    p.id
-                );
-            }
-            for t in p.pinned_tracks().iter() {
-                if t == 0 || t >= st.alloc.total() {
-                    return Err(Error::Corrupt(format!(
-                        "pair {}: frozen track {t} outside the volume",
-                        p.id
-                    )));
-                }
-                st.alloc.pin(t);
-            }
-            let members = Self::members_of(&st, p.scope, p.id);
-            let current = Fs::tracks_of(&st, &members);
-            let dropped = p.retain_tracks(&current);
-            if dropped {
-                log::info!(
-                    "pair {} ({}): dropped bits of tracks its members no longer map",
-                    p.id,
-                    p.path
+                    slot.id,
+                    path,
+                    slot.id
                 );
             }
             if !clean {
+                let current = Self::scope_tracks(fs, &mut st, scope, slot.id)?;
+                let mut p = slot.lock();
+                // Bits of tracks the members no longer map (a file that left the
+                // scope) must not be copied over another pair's frozen copy.
+                if p.retain_tracks(&current) {
+                    log::info!(
+                        "pair {} ({}): dropped bits of tracks its members no longer map",
+                        p.id,
+                        p.path
+                    );
+                }
                 p.recover_unclean(&current);
                 log::warn!(
                     "pair {} ({}): unclean shutdown, treating every track as changed ({})",
@@ -356,85 +402,37 @@ impl Engine {
                     p.state.name()
                 );
             }
-            max = max.max(p.id + 1);
-            let slot = Arc::new(Slot {
-                id: p.id,
-                gate: Mutex::new(()),
-                p: Mutex::new(p),
-                dirty: AtomicBool::new(!clean || dropped),
-                unconfirmed: Mutex::new(Vec::new()),
-                cow_queue: Mutex::new(Vec::new()),
-                released: AtomicBool::new(false),
-                staged: AtomicU64::new(0),
-            });
-            self.pairs
-                .write()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(slot.id, slot);
         }
-        self.next_id.store(max, Ordering::Relaxed);
         self.frozen_changed();
         Ok(())
     }
 
-    /// The membership a mount rebuilds from the stored pairs (id, scope, inodes of the
-    /// frozen copy), ignoring the inodes' current pairs: first every pair claims its top
-    /// inode and the inodes of its frozen copy, then, most specific scope first, the
-    /// unclaimed inodes beneath it.
-    fn rebuild_membership(
-        st: &crate::core::fs::State,
-        mut claims: Vec<(PairId, Scope, Vec<u64>)>,
-    ) -> HashMap<u64, PairId> {
-        claims.sort_by_key(|(id, scope, _)| {
-            let rank = match scope {
-                Scope::File(_) => 0,
-                Scope::Dir(_) => 1,
-                Scope::Root => 2,
-            };
-            (rank, *id)
-        });
-        let mut out = HashMap::new();
-        for (id, scope, frozen) in &claims {
-            let top = std::iter::once(scope.ino()).filter(|_| !matches!(scope, Scope::Root));
-            for m in top.chain(frozen.iter().copied()) {
-                if st.inodes.contains_key(&m) {
-                    out.entry(m).or_insert(*id);
-                }
-            }
-        }
-        for (id, scope, _) in &claims {
-            for m in Self::members(st, *scope) {
-                if st.inodes.contains_key(&m) {
-                    out.entry(m).or_insert(*id);
-                }
-            }
-        }
-        out
+    /// True if any pair exists.
+    pub fn has_pairs(&self) -> bool {
+        !self
+            .pairs
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_empty()
     }
 
-    /// Before the final commit of a clean unmount: an inode whose pair the next mount's
-    /// rebuilt membership changes (a file moved from one directory pair into another's
-    /// scope, which its old pair holds in no frozen copy) gets its tracks recorded as
-    /// written in the pair it will belong to, which has never copied them.
-    pub fn prepare_remount(&self, fs: &Fs) {
-        let claims: Vec<(PairId, Scope, Vec<u64>)> = self
-            .slots()
-            .iter()
-            .map(|s| {
-                let p = s.lock();
-                (p.id, p.scope, p.frozen.iter().map(|f| f.ino).collect())
-            })
-            .collect();
-        let st = fs.state();
-        for (ino, id) in Self::rebuild_membership(&st, claims) {
-            if let Some(i) = st.inodes.get(&ino)
-                && i.pair != Some(id)
-            {
-                let tracks: Vec<u64> = i.extents.vol_tracks().collect();
-                log::info!("inode {ino} joins pair {id} at the next mount; recording its tracks");
-                self.written(id, &tracks);
-            }
-        }
+    /// The pair whose scope has `ino` at its top (the root for the root pair).
+    pub fn owner_of(&self, ino: u64) -> Option<PairId> {
+        self.slots().into_iter().find_map(|s| {
+            let scope = s.lock().scope;
+            (scope.ino() == ino && !s.released.load(Ordering::Acquire)).then_some(s.id)
+        })
+    }
+
+    /// Of the pairs `ids` (whose frozen maps hold an inode), the one that claims it:
+    /// the most specific scope, then the lowest id.
+    pub fn first_claim(&self, ids: &[PairId]) -> Option<PairId> {
+        ids.iter()
+            .filter_map(|&id| self.slot(id))
+            .filter(|s| !s.released.load(Ordering::Acquire))
+            .map(|s| (s.lock().scope.rank(), s.id))
+            .min()
+            .map(|(_, id)| id)
     }
 
     /// True if new inodes beneath a member directory join this pair.
@@ -460,6 +458,24 @@ impl Engine {
             if copies {
                 self.wake();
             }
+        }
+    }
+
+    /// Inodes pair `id`'s frozen copy holds (they keep copy-on-write wherever they move).
+    pub fn frozen_inos(&self, id: PairId) -> std::collections::HashSet<u64> {
+        self.slot(id)
+            .map(|s| s.lock().frozen.iter().map(|f| f.ino).collect())
+            .unwrap_or_default()
+    }
+
+    /// A file left pair `id`'s scope (and its frozen copy does not hold it): the pair
+    /// forgets its tracks, so its copier never writes them over another pair's frozen
+    /// copy at the same addresses.
+    pub fn left(&self, id: PairId, tracks: &[u64]) {
+        if let Some(s) = self.slot(id)
+            && s.lock().drop_tracks(tracks)
+        {
+            s.dirty.store(true, Ordering::Release);
         }
     }
 
@@ -1078,31 +1094,27 @@ impl Engine {
 
     /// Builds the frozen objects of a scope from the current state: every object with
     /// its split-time attributes and xattrs, a hard-linked one with each of its names
-    /// inside the scope.
-    fn freeze(st: &crate::core::fs::State, members: &[u64]) -> Vec<Frozen> {
+    /// inside the scope. `members` is breadth first from the top (parents first).
+    fn freeze(fs: &Fs, st: &mut FsState, members: &[u64]) -> Result<Vec<Frozen>> {
         let inside: std::collections::HashSet<u64> = members.iter().copied().collect();
-        // Paths of the directories seen so far (parents are frozen before children:
-        // `members` is breadth first from the top).
-        let mut dir_paths: std::collections::HashMap<u64, String> =
-            std::collections::HashMap::new();
-        let path_of = |dir: u64, dir_paths: &mut std::collections::HashMap<u64, String>| {
-            dir_paths
-                .entry(dir)
-                .or_insert_with(|| st.path_of(dir))
-                .clone()
-        };
+        // Paths of the directories seen so far.
+        let mut dir_paths: HashMap<u64, String> = HashMap::new();
         let mut out = Vec::with_capacity(members.len());
         for &ino in members {
-            let Some(i) = st.inodes.get(&ino) else {
-                continue;
-            };
-            let Some(kind) = FrozenKind::from_mode(i.row.kind) else {
+            let Some(links) = st.inodes.get(&ino).map(|i| i.links.clone()) else {
                 continue;
             };
             let mut names: Vec<String> = Vec::new();
-            for (parent, name) in &i.links {
+            for (parent, name) in &links {
                 if inside.contains(parent) {
-                    let dir = path_of(*parent, &mut dir_paths);
+                    let dir = match dir_paths.get(parent) {
+                        Some(d) => d.clone(),
+                        None => {
+                            let d = fs.path_of(st, *parent)?;
+                            dir_paths.insert(*parent, d.clone());
+                            d
+                        }
+                    };
                     let name = String::from_utf8_lossy(name);
                     names.push(if dir.is_empty() {
                         name.into_owned()
@@ -1112,8 +1124,14 @@ impl Engine {
                 }
             }
             if names.is_empty() {
-                names.push(st.path_of(ino));
+                names.push(fs.path_of(st, ino)?);
             }
+            let Some(i) = st.inodes.get(&ino) else {
+                continue;
+            };
+            let Some(kind) = FrozenKind::from_mode(i.row.kind) else {
+                continue;
+            };
             if kind == FrozenKind::Dir {
                 dir_paths.insert(ino, names[0].clone());
             }
@@ -1147,7 +1165,7 @@ impl Engine {
                     .collect(),
             });
         }
-        out
+        Ok(out)
     }
 
     /// Runs a control operation on the inode `ino`.
@@ -1158,7 +1176,7 @@ impl Engine {
         let _b = fs.barrier.write().unwrap_or_else(|p| p.into_inner());
         // Staged writes are acknowledged, so they belong before the new instant.
         self.destage(fs)?;
-        let existing = fs.state().get(ino)?.pair;
+        let existing = fs.state_with(ino)?.get(ino)?.pair;
         let slot = match (existing, op) {
             (Some(id), _) => {
                 let s = self
@@ -1232,8 +1250,9 @@ impl Engine {
         let frozen_changed = match op {
             Op::Split | Op::Update => {
                 let frozen = {
-                    let st = fs.state();
-                    Self::freeze(&st, &Self::members_of(&st, scope, slot.id))
+                    let mut st = fs.state();
+                    let members = Self::members_of(fs, &mut st, scope, slot.id)?;
+                    Self::freeze(fs, &mut st, &members)?
                 };
                 let pins = {
                     let mut p = slot.lock();
@@ -1249,10 +1268,7 @@ impl Engine {
                 true
             }
             Op::Resync => {
-                let current = {
-                    let st = fs.state();
-                    Fs::tracks_of(&st, &Self::members_of(&st, scope, slot.id))
-                };
+                let current = Self::scope_tracks(fs, &mut fs.state(), scope, slot.id)?;
                 let pins = slot.lock().resync(&current, now)?;
                 self.frozen_changed();
                 fs.durability.clear_copy_poison();
@@ -1265,10 +1281,7 @@ impl Engine {
                 Self::apply_pins(fs, &pins);
                 // Give the copy image's space back: the frozen tracks and the mirror
                 // of the scope's current tracks.
-                let mirror = {
-                    let st = fs.state();
-                    Fs::tracks_of(&st, &Self::members_of(&st, scope, slot.id))
-                };
+                let mirror = Self::scope_tracks(fs, &mut fs.state(), scope, slot.id)?;
                 let mut runs: Vec<(u64, u64)> = Vec::new();
                 for t in pins.unpin.union(&mirror).iter() {
                     match runs.last_mut() {
@@ -1282,12 +1295,25 @@ impl Engine {
                         break;
                     }
                 }
-                self.pairs
-                    .write()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .remove(&slot.id);
+                // The members, before the pair goes (loading its scope, as the mirror
+                // above did): they join the enclosing pair, if any.
+                let members = Self::members_of(fs, &mut fs.state(), scope, slot.id)?;
+                {
+                    // Out of the engine first (under the state lock), so that no inode
+                    // loaded from now on finds this pair; then out of the cached ones.
+                    let mut st = fs.state();
+                    self.pairs
+                        .write()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remove(&slot.id);
+                    for i in st.inodes.values_mut() {
+                        if i.pair == Some(slot.id) {
+                            i.pair = None;
+                        }
+                    }
+                }
                 self.frozen_changed();
-                self.hand_over(fs, slot.id);
+                self.hand_over(fs, slot.id, &members)?;
                 fs.commit_destaged(vec![PairDelta {
                     id: slot.id,
                     delete: true,
@@ -1327,42 +1353,36 @@ impl Engine {
         Ok(())
     }
 
-    /// The members of a released pair leave it. Those that now lie beneath another
-    /// directory or root pair's scope join that pair with their tracks recorded as
-    /// written, as a rename into the scope would: the membership rebuilt at the next
-    /// mount gives them to that pair, which must then have copied their tracks.
-    fn hand_over(&self, fs: &Fs, id: PairId) {
+    /// After pair `id` was released: its former members (`members`, parents first)
+    /// join the enclosing directory or root pair, if any, with their tracks recorded as
+    /// written there (that pair never copied them: they were another pair's).
+    fn hand_over(&self, fs: &Fs, id: PairId, members: &[u64]) -> Result<()> {
         let mut st = fs.state();
-        let left: Vec<u64> = st
-            .inodes
-            .iter_mut()
-            .filter(|(_, i)| i.pair == Some(id))
-            .map(|(&ino, i)| {
-                i.pair = None;
-                ino
-            })
-            .collect();
-        for ino in left {
-            // The nearest ancestor with a pair (members of the released pair have none
-            // now, so a moved directory passes its new scope on to its children).
-            let mut a = ino;
-            let mut target = None;
-            for _ in 0..crate::core::fs::MAX_DEPTH {
-                let Some(p) = st.inodes.get(&a).and_then(|i| i.parent()) else {
-                    break;
-                };
-                if let Some(pid) = st.inodes.get(&p).and_then(|i| i.pair) {
-                    target = Some(pid).filter(|&pid| self.inherits(pid));
-                    break;
-                }
-                a = p;
+        for &ino in members {
+            // An inode loaded now finds its pair by the usual rule (the released one
+            // is gone); a cached one lost it above and takes its parent's.
+            if !fs.try_want(&mut st, ino)? {
+                continue;
             }
-            if let (Some(pid), Some(i)) = (target, st.inodes.get_mut(&ino)) {
-                i.pair = Some(pid);
+            let parent_pair = st
+                .inodes
+                .get(&ino)
+                .and_then(|i| i.parent())
+                .and_then(|p| st.inodes.get(&p))
+                .and_then(|p| p.pair)
+                .filter(|&pid| pid != id && self.inherits(pid));
+            let Some(i) = st.inodes.get_mut(&ino) else {
+                continue;
+            };
+            if i.pair.is_none() || i.pair == Some(id) {
+                i.pair = parent_pair;
+            }
+            if let Some(pid) = i.pair {
                 let tracks: Vec<u64> = i.extents.vol_tracks().collect();
                 self.written(pid, &tracks);
             }
         }
+        Ok(())
     }
 
     /// Writes the metadata snapshot of a whole-volume split beside the database.
@@ -1379,7 +1399,7 @@ impl Engine {
     }
 
     fn create(&self, fs: &Fs, ino: u64) -> Result<Arc<Slot>> {
-        let mut st = fs.state();
+        let mut st = fs.state_with(ino)?;
         let i = st.get(ino)?;
         let scope = match i.row.kind {
             libc::S_IFREG => Scope::File(ino),
@@ -1391,12 +1411,12 @@ impl Engine {
                 ));
             }
         };
-        let members = Self::members(&st, scope);
+        let members = Self::members(fs, &mut st, scope)?;
         for &m in &members {
             if let Some(other) = st.get(m)?.pair {
                 return Err(Error::Busy(format!(
                     "{} is already in pair {other}",
-                    st.path_of(m)
+                    fs.path_of(&mut st, m)?
                 )));
             }
         }
@@ -1408,8 +1428,7 @@ impl Engine {
             st.get_mut(m)?.pair = Some(id);
         }
         let current = Fs::tracks_of(&st, &members);
-        let path = format!("/{}", st.path_of(ino));
-        drop(st);
+        let path = format!("/{}", fs.path_of(&mut st, ino)?);
         let p = Pair::new(id, scope, path.clone(), current, now_ns());
         let slot = Arc::new(Slot {
             id,
@@ -1421,17 +1440,20 @@ impl Engine {
             released: AtomicBool::new(false),
             staged: AtomicU64::new(0),
         });
+        // Registered before the state lock is released: a member evicted and loaded
+        // again finds its pair through the engine.
         self.pairs
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .insert(id, slot.clone());
+        drop(st);
         log::info!("pair {id} ({path}): created, forming ({})", scope.kind());
         Ok(slot)
     }
 
     /// Status of the pair that holds `ino` (None if unpaired).
     pub fn status_of(&self, fs: &Fs, ino: u64) -> Result<Option<PairStatus>> {
-        let Some(id) = fs.state().get(ino)?.pair else {
+        let Some(id) = fs.state_with(ino)?.get(ino)?.pair else {
             return Ok(None);
         };
         Ok(self.slot(id).map(|s| self.status(fs, &s)))

@@ -55,6 +55,14 @@ impl Scope {
             Scope::Root => 1,
         }
     }
+    /// Specificity for membership claims: file before directory before root.
+    pub fn rank(&self) -> u8 {
+        match self {
+            Scope::File(_) => 0,
+            Scope::Dir(_) => 1,
+            Scope::Root => 2,
+        }
+    }
 }
 
 /// Pair states.
@@ -578,6 +586,32 @@ impl Pair {
             self.state = State::Forming;
         }
         self.finish_if_done();
+    }
+
+    /// Drops the bits of `tracks` (a file left the scope; its tracks are not in the
+    /// frozen copy, whose tracks keep their bits). Returns true if a bit was dropped.
+    pub fn drop_tracks(&mut self, tracks: &[u64]) -> bool {
+        let pinned = self.pinned_tracks();
+        let gone: TrackSet = tracks
+            .iter()
+            .copied()
+            .filter(|&t| !pinned.contains(t))
+            .collect();
+        let mut changed = false;
+        for set in [
+            &mut self.forming,
+            &mut self.split_diff,
+            &mut self.update_diff,
+        ] {
+            let kept = set.difference(&gone);
+            if kept.count() != set.count() {
+                set.assign(kept);
+                changed = true;
+            }
+        }
+        let before = self.state;
+        self.finish_if_done();
+        changed || self.state != before
     }
 
     /// Keeps only the bits of `current` (the tracks the members map now) and of the
