@@ -9,8 +9,9 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
-/// Rewrites mount-helper invocations into `pairfs mount SOURCE DIR --daemon ...`.
-fn helper_args(mut args: Vec<OsString>) -> Vec<OsString> {
+/// Rewrites mount-helper invocations into `pairfs mount SOURCE DIR --daemon ...`; the
+/// flag tells whether it was one.
+fn helper_args(mut args: Vec<OsString>) -> (Vec<OsString>, bool) {
     let argv0 = args
         .first()
         .and_then(|a| {
@@ -27,7 +28,7 @@ fn helper_args(mut args: Vec<OsString>) -> Vec<OsString> {
         || argv0.starts_with("mount.pairfs")
         || (args.len() >= 3 && first.contains('/') && std::path::Path::new(&first).exists());
     if !as_helper {
-        return args;
+        return (args, false);
     }
     let mut out: Vec<OsString> = vec!["pairfs".into(), "mount".into()];
     let rest = args.split_off(1);
@@ -48,14 +49,24 @@ fn helper_args(mut args: Vec<OsString>) -> Vec<OsString> {
     }
     out.extend(positional);
     out.push("--daemon".into());
-    out
+    (out, true)
 }
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info,fuser=error"))
+    let (args, as_helper) = helper_args(std::env::args_os().collect());
+    // A mount helper is silent on success: only warnings and errors reach stderr (set
+    // RUST_LOG, or PAIRFS_LOG_FILE for the daemon's log, to see more).
+    let default = if as_helper {
+        "warn,fuser=error"
+    } else {
+        "info,fuser=error"
+    };
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default))
+        // fuser warns "Unmount failed: Invalid argument" when the session ends after
+        // umount(8) already unmounted it: not a failure.
+        .filter_module("fuser::mnt", log::LevelFilter::Error)
         .format_timestamp_millis()
         .init();
-    let args = helper_args(std::env::args_os().collect());
     let cli = pairfs::cli::args::Cli::parse_from(args);
     match pairfs::cli::run::run(cli) {
         Ok(code) => ExitCode::from(code),
