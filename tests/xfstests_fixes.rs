@@ -366,3 +366,30 @@ fn unprivileged_fallocate_clears_set_id_bits() {
     }
     v.umount();
 }
+
+#[test]
+fn rename_whiteout_leaves_a_whiteout() {
+    let mut v = Vol::new("1G");
+    v.mount();
+    std::fs::write(v.path("a"), b"x").unwrap();
+    let (a, b) = (cstr(&v.path("a")), cstr(&v.path("b")));
+    // SAFETY: valid C strings.
+    let r = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            a.as_ptr(),
+            libc::AT_FDCWD,
+            b.as_ptr(),
+            libc::RENAME_WHITEOUT,
+        )
+    };
+    assert_eq!(r, 0, "renameat2: {}", std::io::Error::last_os_error());
+    assert_eq!(std::fs::read(v.path("b")).unwrap(), b"x");
+    let m = std::fs::symlink_metadata(v.path("a")).unwrap();
+    assert!(std::os::unix::fs::FileTypeExt::is_char_device(
+        &m.file_type()
+    ));
+    assert_eq!(m.rdev(), 0);
+    v.umount();
+    v.fsck();
+}

@@ -483,7 +483,7 @@ impl Filesystem for MainFs {
 
     fn rename(
         &self,
-        _req: &Request,
+        req: &Request,
         parent: INodeNo,
         name: &OsStr,
         newparent: INodeNo,
@@ -491,13 +491,30 @@ impl Filesystem for MainFs {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
-        match self.fs.rename(
-            parent.0,
-            name.as_bytes(),
-            newparent.0,
-            newname.as_bytes(),
-            flags.bits(),
-        ) {
+        // RENAME_WHITEOUT (overlayfs' upper layer): the rename, then a whiteout (a
+        // character device 0:0) at the old name. The kernel has checked CAP_MKNOD.
+        let whiteout = flags.bits() & libc::RENAME_WHITEOUT != 0;
+        let r = if whiteout && flags.bits() & libc::RENAME_EXCHANGE != 0 {
+            Err(Error::invalid("RENAME_WHITEOUT with RENAME_EXCHANGE"))
+        } else {
+            self.fs.rename(
+                parent.0,
+                name.as_bytes(),
+                newparent.0,
+                newname.as_bytes(),
+                flags.bits() & !libc::RENAME_WHITEOUT,
+            )
+        };
+        let r = r.and_then(|()| {
+            if whiteout {
+                self.fs
+                    .create_node(ctx(req), parent.0, name.as_bytes(), libc::S_IFCHR, 0, None)
+                    .map(|_| ())
+            } else {
+                Ok(())
+            }
+        });
+        match r {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(&e, "rename")),
         }
