@@ -224,17 +224,18 @@ fn helper_remounts_read_only_and_back_and_is_silent() {
 }
 
 #[test]
-fn mount_source_is_the_volume_and_a_second_mount_is_refused_clearly() {
+fn mount_source_is_the_volume_and_a_second_mount_shares_it() {
     let mut v = Vol::new("1G");
     v.mount();
-    let out = Command::new("findmnt")
-        .args(["-n", "-o", "SOURCE", v.mnt.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout).trim(),
-        v.img.to_str().unwrap()
-    );
+    let source = |m: &Path| {
+        let out = Command::new("findmnt")
+            .args(["-n", "-o", "SOURCE", m.to_str().unwrap()])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    assert_eq!(source(&v.mnt), v.img.to_str().unwrap());
+    // Mounting it again gives a second mountpoint of the same file system.
     let other = v.dir.path().join("other");
     std::fs::create_dir(&other).unwrap();
     let out = pairfs(&[
@@ -243,14 +244,43 @@ fn mount_source_is_the_volume_and_a_second_mount_is_refused_clearly() {
         other.to_str().unwrap(),
         "--daemon",
     ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(source(&other), v.img.to_str().unwrap());
+    std::fs::write(v.path("f"), b"one").unwrap();
+    assert_eq!(std::fs::read(other.join("f")).unwrap(), b"one");
+    std::fs::rename(other.join("f"), other.join("g")).unwrap();
+    assert_eq!(std::fs::read(v.path("g")).unwrap(), b"one");
+    // With its copy mount option it cannot be shared: refused, saying where it is.
+    let copy2 = v.dir.path().join("copy2");
+    std::fs::create_dir(&copy2).unwrap();
+    let third = v.dir.path().join("third");
+    std::fs::create_dir(&third).unwrap();
+    let out = pairfs(&[
+        "mount",
+        v.img.to_str().unwrap(),
+        third.to_str().unwrap(),
+        "-o",
+        &format!("copy_mount={}", copy2.display()),
+        "--daemon",
+    ]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         err.contains(&format!("already mounted on {}", v.mnt.display())),
         "{err}"
     );
-    // `pairfs umount` and `pairfs status` still find the mount.
+    // Unmounting one leaves the other served; `pairfs umount` returns at once.
+    let t = std::time::Instant::now();
+    let out = pairfs(&["umount", other.to_str().unwrap()]);
+    assert!(out.status.success());
+    assert!(t.elapsed() < Duration::from_secs(5));
+    assert_eq!(std::fs::read(v.path("g")).unwrap(), b"one");
     v.umount();
+    v.fsck();
 }
 
 #[test]

@@ -513,6 +513,11 @@ fn umount_and_wait(mnt: &Path) -> Result<()> {
         // The daemon keeps serving the main mount.
         return Ok(());
     }
+    let vol = src.trim_start_matches("pairfs:");
+    if mounted_on(Path::new(vol)).is_some() {
+        // Another mountpoint of the same volume (see `bind_again`): the daemon stays.
+        return Ok(());
+    }
     // Wait for the daemon to unmount the copy mount, commit and release the volume lock.
     let vol = src.trim_start_matches("pairfs:").to_string();
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -544,6 +549,85 @@ fn umount_and_wait(mnt: &Path) -> Result<()> {
     )))
 }
 
+/// Mounting a volume that is already mounted on `existing` gives a second mountpoint of
+/// the same file system, as mounting a disk twice does (one superblock, one daemon): a
+/// bind mount of the first, with the requested read-only flag. Unmounting either leaves
+/// the other; the daemon exits with its last mountpoint. Pairfs' own options cannot differ.
+fn bind_again(spec: &MountSpec, existing: &Path) -> Result<u8> {
+    if spec.copy_mount.is_some() {
+        return Err(Error::Locked(format!(
+            "{} is already mounted on {} (its daemon serves the copy mount it was given)",
+            spec.paths.volume.display(),
+            existing.display()
+        )));
+    }
+    let from = CString::new(existing.as_os_str().as_bytes())
+        .map_err(|_| Error::invalid("path with NUL"))?;
+    let to = CString::new(spec.mountpoint.as_os_str().as_bytes())
+        .map_err(|_| Error::invalid("path with NUL"))?;
+    let mut flags = libc::MS_BIND;
+    // SAFETY: valid C strings; type and data are ignored by a bind mount.
+    if unsafe {
+        libc::mount(
+            from.as_ptr(),
+            to.as_ptr(),
+            std::ptr::null(),
+            flags,
+            std::ptr::null(),
+        )
+    } != 0
+    {
+        let e = std::io::Error::last_os_error();
+        return Err(Error::Locked(format!(
+            "{} is already mounted on {} and binding it to {} failed: {e}",
+            spec.paths.volume.display(),
+            existing.display(),
+            spec.mountpoint.display()
+        )));
+    }
+    let extra: Vec<(&str, u64)> = vec![
+        ("ro", libc::MS_RDONLY),
+        ("nosuid", libc::MS_NOSUID),
+        ("nodev", libc::MS_NODEV),
+        ("noexec", libc::MS_NOEXEC),
+    ];
+    flags |= libc::MS_REMOUNT;
+    for (o, f) in extra {
+        if o == "ro" && spec.readonly || spec.fuse_opts.iter().any(|x| x == o) {
+            flags |= f;
+        }
+    }
+    // Keep the defaults of the first mount (nosuid, nodev) unless asked otherwise.
+    if !spec.fuse_opts.iter().any(|x| x == "suid") {
+        flags |= libc::MS_NOSUID;
+    }
+    if !spec.fuse_opts.iter().any(|x| x == "dev") {
+        flags |= libc::MS_NODEV;
+    }
+    // SAFETY: as above.
+    if unsafe {
+        libc::mount(
+            from.as_ptr(),
+            to.as_ptr(),
+            std::ptr::null(),
+            flags,
+            std::ptr::null(),
+        )
+    } != 0
+    {
+        let e = std::io::Error::last_os_error();
+        let _ = unmount(&spec.mountpoint, true);
+        return Err(Error::io("bind mount flags", e));
+    }
+    log::info!(
+        "{} is mounted on {}: bound it to {} as well",
+        spec.paths.volume.display(),
+        existing.display(),
+        spec.mountpoint.display()
+    );
+    Ok(0)
+}
+
 /// Mounts and serves until unmounted or signalled.
 fn mount(spec: MountSpec, daemon: bool) -> Result<u8> {
     check_mountpoint(&spec.mountpoint)?;
@@ -553,6 +637,11 @@ fn mount(spec: MountSpec, daemon: bool) -> Result<u8> {
             return Err(Error::invalid(
                 "the copy mount must differ from the mountpoint",
             ));
+        }
+    }
+    if !spec.copy_only && !spec.snapshot {
+        if let Some(m) = mounted_on(&spec.paths.volume) {
+            return bind_again(&spec, &m);
         }
     }
     if !daemon {
