@@ -639,10 +639,11 @@ fn mount(spec: MountSpec, daemon: bool) -> Result<u8> {
             ));
         }
     }
-    if !spec.copy_only && !spec.snapshot {
-        if let Some(m) = mounted_on(&spec.paths.volume) {
-            return bind_again(&spec, &m);
-        }
+    if !spec.copy_only
+        && !spec.snapshot
+        && let Some(m) = mounted_on(&spec.paths.volume)
+    {
+        return bind_again(&spec, &m);
     }
     if !daemon {
         return serve(spec, None);
