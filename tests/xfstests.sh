@@ -14,7 +14,7 @@
 # 5. Runs ./check and compares its failures with tests/xfstests-expected.txt ("TEST reason" per
 #    line). A failure not on that list fails this script; a listed test that passed is
 #    reported (so the entry can be removed) but is not a failure.
-# Prints "xfstests: ran R, passed P, failed F, not run N" and exits 0 if nothing unexpected
+# Prints "xfstests: T tests: ran R, passed P, failed F, not run N" and exits 0 if nothing unexpected
 # failed, 1 otherwise, 2 on a setup error.
 #
 # Must run as root with /dev/fuse, on a machine set up by .ci/run (build tools and the Debian
@@ -170,15 +170,17 @@ set +e
 set -e
 secs=$(($(date +%s) - start))
 
-# check's summary: "Ran: a b", "Not run: c", "Failures: d" (each may wrap? no: one line each).
+# check's summary: "Ran: a b", "Not run: c", "Failures: d", one line each.
 field() { sed -n "s/^$1: //p" "$work/check.out" | tail -1 | tr ' ' '\n' | sed '/^$/d' | sort -u; }
 field Ran >"$work/ran.txt"
 field "Not run" >"$work/notrun.txt"
 field Failures >"$work/failed.txt"
-ran=$(wc -l <"$work/ran.txt")
+# check's "Ran:" lists every test it started, "not run" ones included.
+total=$(wc -l <"$work/ran.txt")
 failed=$(wc -l <"$work/failed.txt")
 notrun=$(wc -l <"$work/notrun.txt")
-[ "$ran" -gt 0 ] || die "./check ran no test (see $work/check.out)"
+ran=$((total - notrun))
+[ "$total" -gt 0 ] || die "./check ran no test (see $work/check.out)"
 
 expected=$here/xfstests-expected.txt
 sed -e 's/#.*//' -e '/^[[:space:]]*$/d' "$expected" | awk '{ print $1 }' | sort -u >"$work/expected.txt"
@@ -190,7 +192,7 @@ else
     : >"$work/unexpected.txt"
     : >"$work/fixed.txt"
 fi
-log "ran $ran, passed $((ran - failed)), failed $failed, not run $notrun ($fstyp, ${args[*]}, ${secs}s)"
+log "$total tests: ran $ran, passed $((ran - failed)), failed $failed, not run $notrun ($fstyp, ${args[*]}, ${secs}s)"
 if [ -s "$work/fixed.txt" ]; then
     log "listed in tests/xfstests-expected.txt but passed (remove the entry):" $(cat "$work/fixed.txt")
 fi
