@@ -2,7 +2,9 @@
 //!
 //! Also the mount helper: invoked as `mount.fuse.pairfs SOURCE DIR [-o OPTS]` (by
 //! `mount -t fuse.pairfs` and `/etc/fstab`), or as `pairfs SOURCE DIR -o OPTS` (by
-//! fuse3's `mount.fuse3`), it mounts in the background like any mount helper.
+//! fuse3's `mount.fuse3`), it mounts in the background like any mount helper, with
+//! `dev,suid` unless told `nodev`/`nosuid` (as `mount.fuse3` does, since mount(8) does
+//! not pass those defaults on).
 
 use std::ffi::OsString;
 use std::process::ExitCode;
@@ -45,6 +47,26 @@ fn helper_args(mut args: Vec<OsString>) -> (Vec<OsString>, bool) {
             // mount(8) flags for helpers: fake, sloppy, verbose, no mtab.
             Some("-f" | "-s" | "-v" | "-n") => {}
             _ => positional.push(a),
+        }
+    }
+    // mount(8) does not pass the defaults `dev` and `suid` on to a helper; like fuse3's
+    // mount.fuse3, add them back unless `nodev`/`nosuid` was asked for (as root only:
+    // fusermount3 forces nosuid,nodev for users anyway). Not on a remount: that keeps
+    // the flags it does not name.
+    let opts: Vec<String> = out
+        .iter()
+        .filter_map(|o| o.to_str())
+        .flat_map(|o| o.split(','))
+        .map(str::to_string)
+        .collect();
+    let has = |o: &str| opts.iter().any(|x| x == o);
+    // SAFETY: geteuid has no preconditions.
+    if !has("remount") && unsafe { libc::geteuid() } == 0 {
+        for (flag, no) in [("dev", "nodev"), ("suid", "nosuid")] {
+            if !has(no) && !has(flag) {
+                out.push("-o".into());
+                out.push(flag.into());
+            }
         }
     }
     out.extend(positional);

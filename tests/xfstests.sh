@@ -92,6 +92,9 @@ if [ "$fstyp" = pairfs ]; then
         pairfs=${CARGO_TARGET_DIR:-$root/target}/release/pairfs
     fi
     [ -x "$pairfs" ] || die "no pairfs binary at $pairfs"
+    # A copy: a rebuild during the run must not change the binary under it.
+    cp "$pairfs" "$work/pairfs"
+    pairfs=$work/pairfs
     if [ -e "$helper" ] || [ -L "$helper" ]; then
         helper_saved=$work/mount.fuse.pairfs.saved
         cp -P "$helper" "$helper_saved"

@@ -200,13 +200,22 @@ fn helper_remounts_read_only_and_back_and_is_silent() {
     assert_eq!(std::fs::read(v.path("f")).unwrap(), b"1");
     run(&[img, mnt, "-o", "remount,rw"]);
     std::fs::write(v.path("f"), b"3").unwrap();
-    // The other flags are kept (nosuid, nodev by default).
-    let opts = Command::new("findmnt")
-        .args(["-n", "-o", "OPTIONS", mnt])
-        .output()
-        .unwrap();
-    let opts = String::from_utf8_lossy(&opts.stdout);
-    assert!(opts.starts_with("rw,nosuid,nodev"), "{opts}");
+    // As a helper (as root) it mounts dev,suid, as mount.fuse3 does; the remounts keep
+    // those flags, and nosuid given at mount time.
+    let opts = || {
+        let o = Command::new("findmnt")
+            .args(["-n", "-o", "OPTIONS", mnt])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    assert!(opts().starts_with("rw,relatime"), "{}", opts());
+    umount(&v.mnt);
+    run(&[img, mnt, "-o", "nosuid"]);
+    run(&[img, mnt, "-o", "remount,ro"]);
+    assert!(opts().starts_with("ro,nosuid,relatime"), "{}", opts());
+    run(&[img, mnt, "-o", "remount,rw"]);
+    assert!(opts().starts_with("rw,nosuid,relatime"), "{}", opts());
     // pairfs' own options cannot change on a remount.
     let out = Command::new(&helper)
         .args([img, mnt, "-o", "remount,threads=2"])
@@ -368,6 +377,7 @@ fn unprivileged_fallocate_clears_set_id_bits() {
         std::fs::set_permissions(&f, std::fs::Permissions::from_mode(mode)).unwrap();
         for args in [
             &["-l", "131072"][..],
+            &["-o", "0", "-l", "4096"][..],
             &["-p", "-o", "0", "-l", "4096"][..],
             &["-z", "-o", "0", "-l", "4096"][..],
         ] {
@@ -420,6 +430,31 @@ fn rename_whiteout_leaves_a_whiteout() {
         &m.file_type()
     ));
     assert_eq!(m.rdev(), 0);
+    v.umount();
+    v.fsck();
+}
+
+#[test]
+fn space_freed_by_a_removal_is_usable_at_once() {
+    let mut v = Vol::new("256M");
+    v.mount();
+    // Most of the volume, removed and allocated again without waiting for a commit.
+    for _ in 0..3 {
+        let out = Command::new("fallocate")
+            .args(["-l", "200M"])
+            .arg(v.path("big"))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "fallocate: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::fs::remove_file(v.path("big")).unwrap();
+    }
+    std::fs::write(v.path("f"), vec![7u8; 150 << 20]).unwrap();
+    std::fs::remove_file(v.path("f")).unwrap();
+    std::fs::write(v.path("f"), vec![7u8; 150 << 20]).unwrap();
     v.umount();
     v.fsck();
 }

@@ -764,17 +764,16 @@ fn serve(spec: MountSpec, mut ready: Option<std::fs::File>) -> Result<u8> {
     let mut sessions = Vec::new();
     let mut points = Vec::new();
     if !spec.copy_only {
-        match fuser::Session::new(
-            crate::fuse::main_fs::MainFs::new(fs.clone()).with_atime(
-                spec.atime,
-                spec.nodiratime,
-                spec.mountpoint.clone(),
-            ),
-            &spec.mountpoint,
-            &config(&spec, false),
-        )
-        .and_then(|s| s.spawn())
-        {
+        let main = crate::fuse::main_fs::MainFs::new(fs.clone()).with_atime(
+            spec.atime,
+            spec.nodiratime,
+            spec.mountpoint.clone(),
+        );
+        let slot = main.notifier_slot();
+        match fuser::Session::new(main, &spec.mountpoint, &config(&spec, false)).and_then(|s| {
+            let _ = slot.set(s.notifier());
+            s.spawn()
+        }) {
             Ok(s) => {
                 sessions.push(s);
                 points.push(spec.mountpoint.clone());

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fuser::{
@@ -106,6 +106,8 @@ pub struct MainFs {
     /// Open directory handles: the cookie each readdir pass stops before (the
     /// directory's end cookie when the pass began at offset 0).
     dirs: Mutex<HashMap<u64, u64>>,
+    /// Tells the kernel of attribute changes it did not ask for (set once mounted).
+    notifier: Arc<OnceLock<fuser::Notifier>>,
 }
 
 impl MainFs {
@@ -118,7 +120,14 @@ impl MainFs {
             nodiratime: false,
             mountpoint: None,
             dirs: Mutex::new(HashMap::new()),
+            notifier: Arc::new(OnceLock::new()),
         }
+    }
+
+    /// Where the session's notifier goes once the session exists (see
+    /// [`fuser::Session::notifier`]).
+    pub fn notifier_slot(&self) -> Arc<OnceLock<fuser::Notifier>> {
+        self.notifier.clone()
     }
 
     /// Sets the atime policy (`relatime`, `strictatime`, `noatime`, `nodiratime`) and the
@@ -245,6 +254,16 @@ fn reply_xattr(reply: ReplyXattr, size: u32, data: crate::Result<Vec<u8>>, op: &
 }
 
 impl MainFs {
+    /// Runs `op`; if it finds no space, commits (tracks freed since the last commit
+    /// become allocatable only then) and runs it once more, as ext4 retries an
+    /// allocation after a journal commit. `rm big; fallocate big` then works at once.
+    fn retry_enospc<T>(&self, op: impl Fn() -> crate::Result<T>) -> crate::Result<T> {
+        match op() {
+            Err(Error::NoSpace(_)) if self.fs.commit(Vec::new()).is_ok() => op(),
+            r => r,
+        }
+    }
+
     /// The cookie a readdir pass of `ino` starting now stops before.
     fn dir_end(&self, ino: u64) -> u64 {
         let st = self.fs.state();
@@ -296,6 +315,12 @@ impl MainFs {
             };
             if let Err(e) = self.fs.setattr(ctx(req), ino, set) {
                 log::debug!("clearing set-id bits of inode {ino}: {e}");
+            }
+            // The kernel keeps the mode it had; make it ask again (attributes only).
+            if let Some(n) = self.notifier.get()
+                && let Err(e) = n.inval_inode(INodeNo(ino), -1, 0)
+            {
+                log::debug!("invalidating the attributes of inode {ino}: {e}");
             }
         }
     }
@@ -576,7 +601,7 @@ impl Filesystem for MainFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        match self.fs.write(ino.0, offset, data) {
+        match self.retry_enospc(|| self.fs.write(ino.0, offset, data)) {
             Ok(n) => reply.written(n as u32),
             Err(e) => reply.error(errno(&e, "write")),
         }
@@ -862,7 +887,7 @@ impl Filesystem for MainFs {
         mode: i32,
         reply: ReplyEmpty,
     ) {
-        match self.fs.fallocate(ino.0, offset, length, mode) {
+        match self.retry_enospc(|| self.fs.fallocate(ino.0, offset, length, mode)) {
             Ok(()) => {
                 self.kill_privs(req, ino.0);
                 reply.ok()
