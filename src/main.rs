@@ -12,8 +12,8 @@ use std::process::ExitCode;
 use clap::Parser;
 
 /// Rewrites mount-helper invocations into `pairfs mount SOURCE DIR --daemon ...`; the
-/// flag tells whether it was one.
-fn helper_args(mut args: Vec<OsString>) -> (Vec<OsString>, bool) {
+/// flag tells whether it was one. `root`: run by root (adds `dev,suid`, see below).
+fn helper_args(mut args: Vec<OsString>, root: bool) -> (Vec<OsString>, bool) {
     let argv0 = args
         .first()
         .and_then(|a| {
@@ -60,8 +60,7 @@ fn helper_args(mut args: Vec<OsString>) -> (Vec<OsString>, bool) {
         .map(str::to_string)
         .collect();
     let has = |o: &str| opts.iter().any(|x| x == o);
-    // SAFETY: geteuid has no preconditions.
-    if !has("remount") && unsafe { libc::geteuid() } == 0 {
+    if !has("remount") && root {
         for (flag, no) in [("dev", "nodev"), ("suid", "nosuid")] {
             if !has(no) && !has(flag) {
                 out.push("-o".into());
@@ -75,7 +74,9 @@ fn helper_args(mut args: Vec<OsString>) -> (Vec<OsString>, bool) {
 }
 
 fn main() -> ExitCode {
-    let (args, as_helper) = helper_args(std::env::args_os().collect());
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    let (args, as_helper) = helper_args(std::env::args_os().collect(), root);
     // A mount helper is silent on success: only warnings and errors reach stderr (set
     // RUST_LOG, or PAIRFS_LOG_FILE for the daemon's log, to see more).
     let default = if as_helper {
@@ -96,5 +97,52 @@ fn main() -> ExitCode {
             eprintln!("pairfs: {e}");
             ExitCode::from(1)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::helper_args;
+    use std::ffi::OsString;
+
+    fn run(args: &[&str], root: bool) -> (Vec<String>, bool) {
+        let (out, helper) = helper_args(args.iter().map(OsString::from).collect(), root);
+        (
+            out.into_iter().map(|a| a.into_string().unwrap()).collect(),
+            helper,
+        )
+    }
+
+    #[test]
+    fn helper_invocations_become_daemon_mounts_with_fuse3_defaults() {
+        let (a, h) = run(
+            &["/sbin/mount.fuse.pairfs", "/v.img", "/mnt", "-o", "rw"],
+            true,
+        );
+        assert!(h);
+        assert_eq!(
+            a,
+            [
+                "pairfs", "mount", "-o", "rw", "-o", "dev", "-o", "suid", "/v.img", "/mnt",
+                "--daemon"
+            ]
+        );
+        // nodev/nosuid asked for, a user, or a remount: nothing added.
+        let (a, _) = run(
+            &["mount.fuse.pairfs", "/v.img", "/mnt", "-o", "nodev"],
+            true,
+        );
+        assert!(a.contains(&"suid".to_string()) && !a.contains(&"dev".to_string()));
+        let (a, _) = run(&["mount.fuse.pairfs", "/v.img", "/mnt", "-o", "rw"], false);
+        assert!(!a.contains(&"dev".to_string()) && !a.contains(&"suid".to_string()));
+        let (a, _) = run(
+            &["mount.fuse.pairfs", "/v.img", "/mnt", "-o", "remount,ro"],
+            true,
+        );
+        assert!(!a.contains(&"dev".to_string()));
+        // The CLI itself is left alone.
+        let (a, h) = run(&["pairfs", "status"], true);
+        assert!(!h);
+        assert_eq!(a, ["pairfs", "status"]);
     }
 }
