@@ -128,7 +128,7 @@ cleanup() {
             sleep 0.1
         done
     fi
-    [ -n "${XFSTESTS_WORK:-}" ] || rm -rf "$work"/*.img* "$work"/test "$work"/scratch
+    [ -n "${XFSTESTS_WORK:-}" ] || rm -rf "$work"/*.img* "$work"/test "$work"/scratch "$work"/pairfs
 }
 trap cleanup EXIT
 
