@@ -7,6 +7,8 @@
 #   3. cargo test --release: unit tests (allocator, extent maps, bitmaps, pair model,
 #      metadata store in memory) and the mount tests in tests/*.rs
 #   4. tests/fs_suites.sh: pjdfstest and fsx against a live mount
+#   4b. tests/xfstests.sh: fstests generic/quick through mount -t fuse.pairfs, against the
+#      expected failures in tests/xfstests-expected.txt (about 15 minutes)
 #   5. examples/demo.sh: the README demo, end to end
 #   6. bench/run.sh --quick, if present: checks the benchmarks still run (no timing asserts)
 set -euo pipefail
@@ -42,6 +44,9 @@ cargo test --release -- --test-threads=2
 
 step "pjdfstest + fsx on a live mount"
 PAIRFS_BIN=target/release/pairfs bash tests/fs_suites.sh
+
+step "fstests generic/quick (tests/xfstests.sh)"
+PAIRFS_BIN=target/release/pairfs bash tests/xfstests.sh -g generic/quick
 
 step "README demo and the backup recipe"
 bash examples/demo.sh

@@ -14,6 +14,7 @@ use fuser::{Config, MountOption, SessionACL};
 
 use crate::cli::args::{Cli, Cmd, Gen, VolumeArgs};
 use crate::core::fs::Options;
+use crate::core::inode::AtimePolicy;
 use crate::core::volfile::{self, Paths};
 use crate::error::{Error, Result};
 
@@ -60,6 +61,14 @@ pub fn run(cli: Cli) -> Result<u8> {
             options,
             commit_ms,
         } => {
+            if options
+                .iter()
+                .flat_map(|o| o.split(','))
+                .any(|o| o.trim() == "remount")
+            {
+                remount(&mountpoint, &options)?;
+                return Ok(0);
+            }
             let mut m = MountSpec {
                 paths: paths(&vol)?,
                 mountpoint,
@@ -70,6 +79,8 @@ pub fn run(cli: Cli) -> Result<u8> {
                 commit_ms,
                 copy_only: false,
                 snapshot: false,
+                atime: AtimePolicy::default(),
+                nodiratime: false,
             };
             m.parse_options(&options)?;
             mount(m, daemon)
@@ -89,6 +100,8 @@ pub fn run(cli: Cli) -> Result<u8> {
                 commit_ms: 1000,
                 copy_only: true,
                 snapshot: false,
+                atime: AtimePolicy::Never,
+                nodiratime: false,
             };
             mount(m, daemon)
         }
@@ -107,6 +120,8 @@ pub fn run(cli: Cli) -> Result<u8> {
                 commit_ms: 1000,
                 copy_only: false,
                 snapshot: true,
+                atime: AtimePolicy::Never,
+                nodiratime: false,
             };
             mount(m, daemon)
         }
@@ -182,6 +197,10 @@ pub struct MountSpec {
     pub copy_only: bool,
     /// Serve the whole-volume snapshot (copy image + metadata snapshot), read-only.
     pub snapshot: bool,
+    /// When reads update atimes (`relatime` default, `strictatime`, `noatime`).
+    pub atime: AtimePolicy,
+    /// Reading a directory does not update its atime.
+    pub nodiratime: bool,
 }
 
 impl MountSpec {
@@ -216,14 +235,23 @@ impl MountSpec {
                 // Options mount(8) passes that mean nothing here.
                 (
                     "defaults" | "auto" | "noauto" | "user" | "users" | "nouser" | "_netdev"
-                    | "nofail" | "relatime" | "strictatime" | "lazytime" | "nodiratime",
+                    | "nofail" | "lazytime",
                     _,
                 ) => {}
+                // Atimes are the daemon's to keep (the kernel leaves them to FUSE).
+                ("relatime" | "atime", None) => self.atime = AtimePolicy::Relative,
+                ("strictatime", None) => self.atime = AtimePolicy::Strict,
+                ("noatime", None) => {
+                    self.atime = AtimePolicy::Never;
+                    self.fuse_opts.push(k.to_string());
+                }
+                ("nodiratime", None) => self.nodiratime = true,
+                ("diratime", None) => self.nodiratime = false,
                 ("allow_other" | "default_permissions" | "allow_root", None) => {}
                 (k, _) if k.starts_with("x-") => {}
                 (
-                    "dev" | "nodev" | "suid" | "nosuid" | "exec" | "noexec" | "atime" | "noatime"
-                    | "async" | "sync" | "dirsync",
+                    "dev" | "nodev" | "suid" | "nosuid" | "exec" | "noexec" | "async" | "sync"
+                    | "dirsync",
                     None,
                 ) => self.fuse_opts.push(k.to_string()),
                 _ => return Err(Error::invalid(format!("unknown mount option {o:?}"))),
@@ -252,17 +280,24 @@ fn fuse_option(o: &str) -> MountOption {
 
 fn config(spec: &MountSpec, copy: bool) -> Config {
     let mut c = Config::default();
-    // The lock file: the image, or META.lock for an NBD volume (`umount` waits on it).
-    let lock = volfile::lock_file(&spec.paths);
-    let vol = std::fs::canonicalize(&lock).unwrap_or(lock);
-    let name = format!("pairfs:{}", vol.display());
+    // The main mount shows the volume as named on the command line (made absolute), as
+    // a disk file system shows its device: findmnt, fstests and systemd match on it. An
+    // NBD volume shows its lock file (`META.lock`), which `umount` waits on. The copy
+    // and snapshot mounts are told apart by a `pairfs:` prefix and a suffix.
+    let vol = source_name(&volfile::lock_file(&spec.paths));
+    // A URI is no path: the `pairfs:` prefix marks the lock file as ours.
+    let main_name = if volfile::is_uri(&spec.paths.volume) {
+        format!("pairfs:{vol}")
+    } else {
+        vol.clone()
+    };
     c.mount_options = vec![
         MountOption::FSName(if copy {
-            format!("{name}:copy")
+            format!("pairfs:{vol}:copy")
         } else if spec.snapshot {
-            format!("{name}:snapshot")
+            format!("pairfs:{vol}:snapshot")
         } else {
-            name
+            main_name
         }),
         MountOption::Subtype("pairfs".to_string()),
         MountOption::DefaultPermissions,
@@ -281,6 +316,87 @@ fn config(spec: &MountSpec, copy: bool) -> Config {
     c.n_threads = Some(if copy { 2 } else { spec.threads });
     c.clone_fd = true;
     c
+}
+
+/// The volume path as the mount table shows it: as given, made absolute (not resolved).
+pub fn source_name(volume: &Path) -> String {
+    std::path::absolute(volume)
+        .unwrap_or_else(|_| volume.to_path_buf())
+        .display()
+        .to_string()
+}
+
+/// `mount -o remount,...`: changes the flags of a mounted pairfs (ro/rw, nosuid, nodev,
+/// noexec, sync, atime flags) with mount(2), keeping the others. The kernel enforces
+/// them (a read-only mount refuses writes before they reach the daemon), so the running
+/// daemon needs no message; pairfs' own options (copy_mount, threads, commit_ms) can
+/// only be set at mount time.
+pub fn remount(mnt: &Path, options: &[String]) -> Result<()> {
+    let c =
+        CString::new(mnt.as_os_str().as_bytes()).map_err(|_| Error::invalid("path with NUL"))?;
+    // SAFETY: statvfs into a zeroed local with a valid C string.
+    let mut sv: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(c.as_ptr(), &mut sv) } != 0 {
+        return Err(Error::io("remount", std::io::Error::last_os_error()));
+    }
+    let keep = [
+        (libc::ST_RDONLY, libc::MS_RDONLY),
+        (libc::ST_NOSUID, libc::MS_NOSUID),
+        (libc::ST_NODEV, libc::MS_NODEV),
+        (libc::ST_NOEXEC, libc::MS_NOEXEC),
+        (libc::ST_SYNCHRONOUS, libc::MS_SYNCHRONOUS),
+        (libc::ST_NOATIME, libc::MS_NOATIME),
+        (libc::ST_NODIRATIME, libc::MS_NODIRATIME),
+        (libc::ST_RELATIME, libc::MS_RELATIME),
+    ];
+    let mut flags = libc::MS_REMOUNT;
+    for (st, ms) in keep {
+        if sv.f_flag & st != 0 {
+            flags |= ms;
+        }
+    }
+    for o in options.iter().flat_map(|s| s.split(',')) {
+        let o = o.trim();
+        let (set, clear) = match o {
+            "remount" | "" | "defaults" | "allow_other" | "default_permissions" => (0, 0),
+            "ro" => (libc::MS_RDONLY, 0),
+            "rw" => (0, libc::MS_RDONLY),
+            "nosuid" => (libc::MS_NOSUID, 0),
+            "suid" => (0, libc::MS_NOSUID),
+            "nodev" => (libc::MS_NODEV, 0),
+            "dev" => (0, libc::MS_NODEV),
+            "noexec" => (libc::MS_NOEXEC, 0),
+            "exec" => (0, libc::MS_NOEXEC),
+            "sync" => (libc::MS_SYNCHRONOUS, 0),
+            "async" => (0, libc::MS_SYNCHRONOUS),
+            "noatime" => (libc::MS_NOATIME, libc::MS_RELATIME | libc::MS_STRICTATIME),
+            "atime" | "strictatime" => (libc::MS_STRICTATIME, libc::MS_NOATIME | libc::MS_RELATIME),
+            "relatime" => (libc::MS_RELATIME, libc::MS_NOATIME | libc::MS_STRICTATIME),
+            "nodiratime" => (libc::MS_NODIRATIME, 0),
+            "diratime" => (0, libc::MS_NODIRATIME),
+            o if o.starts_with("x-") => (0, 0),
+            o => {
+                return Err(Error::invalid(format!(
+                    "mount option {o:?} cannot be changed by a remount"
+                )));
+            }
+        };
+        flags = (flags | set) & !clear;
+    }
+    // SAFETY: valid C strings; source, type and data are ignored by a remount.
+    let r = unsafe {
+        libc::mount(
+            c"none".as_ptr(),
+            c.as_ptr(),
+            c"fuse.pairfs".as_ptr(),
+            flags,
+            std::ptr::null(),
+        )
+    };
+    if r != 0 {
+        return Err(Error::io("remount", std::io::Error::last_os_error()));
+    }
+    Ok(())
 }
 
 fn check_mountpoint(p: &Path) -> Result<()> {
@@ -347,7 +463,17 @@ pub fn unmount(p: &Path, lazy: bool) -> Result<()> {
     }
 }
 
-/// The pairfs mounts in /proc/self/mountinfo: (mountpoint, fsname).
+/// Whether `p` starts with the magic of a pairfs volume image.
+fn is_volume(p: &Path) -> bool {
+    let mut magic = [0u8; 8];
+    std::fs::File::open(p)
+        .and_then(|mut f| f.read_exact(&mut magic))
+        .is_ok()
+        && &magic == b"PAIRFSV1"
+}
+
+/// The pairfs mounts in /proc/self/mountinfo: (mountpoint, `pairfs:VOLUME` with a
+/// `:copy` or `:snapshot` suffix for those mounts).
 pub fn pairfs_mounts() -> Vec<(PathBuf, String)> {
     let Ok(s) = std::fs::read_to_string("/proc/self/mountinfo") else {
         return Vec::new();
@@ -360,17 +486,28 @@ pub fn pairfs_mounts() -> Vec<(PathBuf, String)> {
         };
         let fstype = f.get(dash + 1).copied().unwrap_or("");
         let source = f.get(dash + 2).copied().unwrap_or("");
-        if (fstype == "fuse" || fstype == "fuse.pairfs") && source.starts_with("pairfs:") {
-            let unescape = |x: &str| {
-                x.replace("\\040", " ")
-                    .replace("\\011", "\t")
-                    .replace("\\134", "\\")
-            };
-            out.push((
-                PathBuf::from(unescape(f[4])),
-                unescape(f.get(dash + 2).copied().unwrap_or("")),
-            ));
+        // Main mounts show the volume path (older versions `pairfs:PATH`), copy and
+        // snapshot mounts `pairfs:PATH:copy` and `pairfs:PATH:snapshot`. The type is
+        // `fuse` when mounted by root (mount(2) has no subtype), `fuse.pairfs` through
+        // fusermount3; a plain path is ours if it is a pairfs volume.
+        if (fstype != "fuse" && fstype != "fuse.pairfs") || f.len() <= 4 {
+            continue;
         }
+        let unescape = |x: &str| {
+            x.replace("\\040", " ")
+                .replace("\\011", "\t")
+                .replace("\\012", "\n")
+                .replace("\\134", "\\")
+        };
+        let src = unescape(source);
+        let src = if src.starts_with("pairfs:") {
+            src
+        } else if src.starts_with('/') && is_volume(Path::new(&src)) {
+            format!("pairfs:{src}")
+        } else {
+            continue;
+        };
+        out.push((PathBuf::from(unescape(f[4])), src));
     }
     out
 }
@@ -419,6 +556,11 @@ fn umount_and_wait(mnt: &Path) -> Result<()> {
             "the snapshot daemon of {vol} did not exit within 60 s"
         )));
     }
+    let vol = src.trim_start_matches("pairfs:");
+    if mounted_on(Path::new(vol)).is_some() {
+        // Another mountpoint of the same volume (see `bind_again`): the daemon stays.
+        return Ok(());
+    }
     // Wait for the daemon to unmount the copy mount, commit and release the volume lock.
     let vol = src.trim_start_matches("pairfs:").to_string();
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -450,6 +592,85 @@ fn umount_and_wait(mnt: &Path) -> Result<()> {
     )))
 }
 
+/// Mounting a volume that is already mounted on `existing` gives a second mountpoint of
+/// the same file system, as mounting a disk twice does (one superblock, one daemon): a
+/// bind mount of the first, with the requested read-only flag. Unmounting either leaves
+/// the other; the daemon exits with its last mountpoint. Pairfs' own options cannot differ.
+fn bind_again(spec: &MountSpec, existing: &Path) -> Result<u8> {
+    if spec.copy_mount.is_some() {
+        return Err(Error::Locked(format!(
+            "{} is already mounted on {} (its daemon serves the copy mount it was given)",
+            spec.paths.volume.display(),
+            existing.display()
+        )));
+    }
+    let from = CString::new(existing.as_os_str().as_bytes())
+        .map_err(|_| Error::invalid("path with NUL"))?;
+    let to = CString::new(spec.mountpoint.as_os_str().as_bytes())
+        .map_err(|_| Error::invalid("path with NUL"))?;
+    let mut flags = libc::MS_BIND;
+    // SAFETY: valid C strings; type and data are ignored by a bind mount.
+    if unsafe {
+        libc::mount(
+            from.as_ptr(),
+            to.as_ptr(),
+            std::ptr::null(),
+            flags,
+            std::ptr::null(),
+        )
+    } != 0
+    {
+        let e = std::io::Error::last_os_error();
+        return Err(Error::Locked(format!(
+            "{} is already mounted on {} and binding it to {} failed: {e}",
+            spec.paths.volume.display(),
+            existing.display(),
+            spec.mountpoint.display()
+        )));
+    }
+    let extra: Vec<(&str, u64)> = vec![
+        ("ro", libc::MS_RDONLY),
+        ("nosuid", libc::MS_NOSUID),
+        ("nodev", libc::MS_NODEV),
+        ("noexec", libc::MS_NOEXEC),
+    ];
+    flags |= libc::MS_REMOUNT;
+    for (o, f) in extra {
+        if o == "ro" && spec.readonly || spec.fuse_opts.iter().any(|x| x == o) {
+            flags |= f;
+        }
+    }
+    // Keep the defaults of the first mount (nosuid, nodev) unless asked otherwise.
+    if !spec.fuse_opts.iter().any(|x| x == "suid") {
+        flags |= libc::MS_NOSUID;
+    }
+    if !spec.fuse_opts.iter().any(|x| x == "dev") {
+        flags |= libc::MS_NODEV;
+    }
+    // SAFETY: as above.
+    if unsafe {
+        libc::mount(
+            from.as_ptr(),
+            to.as_ptr(),
+            std::ptr::null(),
+            flags,
+            std::ptr::null(),
+        )
+    } != 0
+    {
+        let e = std::io::Error::last_os_error();
+        let _ = unmount(&spec.mountpoint, true);
+        return Err(Error::io("bind mount flags", e));
+    }
+    log::info!(
+        "{} is mounted on {}: bound it to {} as well",
+        spec.paths.volume.display(),
+        existing.display(),
+        spec.mountpoint.display()
+    );
+    Ok(0)
+}
+
 /// Mounts and serves until unmounted or signalled.
 fn mount(spec: MountSpec, daemon: bool) -> Result<u8> {
     check_mountpoint(&spec.mountpoint)?;
@@ -460,6 +681,12 @@ fn mount(spec: MountSpec, daemon: bool) -> Result<u8> {
                 "the copy mount must differ from the mountpoint",
             ));
         }
+    }
+    if !spec.copy_only
+        && !spec.snapshot
+        && let Some(m) = mounted_on(&spec.paths.volume)
+    {
+        return bind_again(&spec, &m);
     }
     if !daemon {
         return serve(spec, None);
@@ -513,6 +740,52 @@ fn mount(spec: MountSpec, daemon: bool) -> Result<u8> {
     std::process::exit(code as i32);
 }
 
+/// The mountpoint of a running main mount of `volume`, if any.
+fn mounted_on(volume: &Path) -> Option<PathBuf> {
+    let canon = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+    let want = canon(volume);
+    pairfs_mounts().into_iter().find_map(|(m, src)| {
+        let v = src.strip_prefix("pairfs:")?;
+        (!v.ends_with(":copy") && !v.ends_with(":snapshot") && canon(Path::new(v)) == want)
+            .then_some(m)
+    })
+}
+
+/// Opens the volume. A volume that is mounted is refused with where it is mounted; a
+/// lock held by a daemon whose mount is already gone (it finishes its last commit after
+/// the kernel has unmounted) is waited for, up to 10 s, so unmount-then-mount just works.
+fn open_volume(
+    spec: &MountSpec,
+    opts: Options,
+) -> Result<(crate::core::fs::Fs, volfile::VolumeLock)> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = if spec.snapshot {
+            volfile::open_snapshot(&spec.paths)
+        } else {
+            volfile::open(&spec.paths, opts.clone())
+        };
+        match r {
+            Err(Error::Locked(msg)) => {
+                if let Some(m) = mounted_on(&spec.paths.volume) {
+                    return Err(Error::Locked(format!(
+                        "{} is already mounted on {}; a volume is served by one daemon at a \
+                         time: use that mount, or a bind mount of it (mount --bind {} DIR)",
+                        spec.paths.volume.display(),
+                        m.display(),
+                        m.display()
+                    )));
+                }
+                if Instant::now() >= deadline {
+                    return Err(Error::Locked(msg));
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            r => return r,
+        }
+    }
+}
+
 fn serve(spec: MountSpec, mut ready: Option<std::fs::File>) -> Result<u8> {
     let fail = |ready: &mut Option<std::fs::File>, e: Error| -> Result<u8> {
         if let Some(w) = ready.as_mut() {
@@ -531,12 +804,7 @@ fn serve(spec: MountSpec, mut ready: Option<std::fs::File>) -> Result<u8> {
             .and_then(|v| v.parse().ok())
             .unwrap_or(Options::default().cache_inodes),
     };
-    let opened = if spec.snapshot {
-        volfile::open_snapshot(&spec.paths)
-    } else {
-        volfile::open(&spec.paths, opts)
-    };
-    let (fs, _lock) = match opened {
+    let (fs, _lock) = match open_volume(&spec, opts) {
         Ok(x) => x,
         Err(e) => return fail(&mut ready, e),
     };
@@ -558,7 +826,11 @@ fn serve(spec: MountSpec, mut ready: Option<std::fs::File>) -> Result<u8> {
                 s.spawn()
             })
         } else {
-            let main = crate::fuse::main_fs::MainFs::new(fs.clone());
+            let main = crate::fuse::main_fs::MainFs::new(fs.clone()).with_atime(
+                spec.atime,
+                spec.nodiratime,
+                spec.mountpoint.clone(),
+            );
             let slot = main.notifier_slot();
             fuser::Session::new(main, &spec.mountpoint, &config(&spec, false)).and_then(|s| {
                 let _ = slot.set(s.notifier());

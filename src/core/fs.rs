@@ -22,7 +22,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use crate::core::alloc::Allocator;
 use crate::core::durability::{BatchSource, Durability};
 use crate::core::extent::{Extent, Segment};
-use crate::core::inode::Inode;
+use crate::core::inode::{AtimePolicy, Inode};
 use crate::error::{Error, Result};
 use crate::meta::{Batch, Geometry, InodeLoad, InodeRow, Loaded, Meta, PairDelta, Reader};
 use crate::snap::engine::{Engine, Piece};
@@ -1329,6 +1329,28 @@ impl Fs {
             }
         }
         Ok(buf)
+    }
+
+    /// Sets the access time to now after a read if `policy` says it is due and
+    /// `allowed()` (asked only then: the adapter checks the mount is not read-only).
+    /// Returns whether it changed.
+    pub fn note_read(
+        &self,
+        ino: u64,
+        policy: AtimePolicy,
+        allowed: impl FnOnce() -> bool,
+    ) -> Result<bool> {
+        if policy == AtimePolicy::Never || self.check_writable().is_err() {
+            return Ok(false);
+        }
+        let now = now_ns();
+        let mut st = self.state_with(ino)?;
+        if !policy.due(&st.get(ino)?.row, now) || !allowed() {
+            return Ok(false);
+        }
+        st.get_mut(ino)?.row.atime = now;
+        st.touch(ino);
+        Ok(true)
     }
 
     /// Writes `data` at `off`.

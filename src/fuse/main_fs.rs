@@ -2,10 +2,11 @@
 //! results to replies. No filesystem logic lives here, apart from routing the
 //! `user.pairfs.*` control attributes to the pair engine.
 
+use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
-use std::path::Path;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fuser::{
@@ -15,7 +16,8 @@ use fuser::{
     ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 
-use crate::core::fs::{Attr, Ctx, Fs, SetAttr};
+use crate::core::fs::{Attr, Ctx, Fs, ROOT, SetAttr};
+use crate::core::inode::AtimePolicy;
 use crate::error::Error;
 use crate::snap::engine::Op;
 
@@ -98,22 +100,60 @@ fn ctx(req: &Request) -> Ctx {
 /// The main mount.
 pub struct MainFs {
     fs: Arc<Fs>,
-    notifier: Arc<std::sync::OnceLock<fuser::Notifier>>,
+    atime: AtimePolicy,
+    nodiratime: bool,
+    mountpoint: Option<PathBuf>,
+    /// Open directory handles: the cookie each readdir pass stops before (the
+    /// directory's end cookie when the pass began at offset 0).
+    dirs: Mutex<HashMap<u64, u64>>,
+    /// Tells the kernel of attribute changes it did not ask for (set once mounted).
+    notifier: Arc<OnceLock<fuser::Notifier>>,
 }
 
 impl MainFs {
-    /// Wraps the core.
+    /// Wraps the core (relatime, no mountpoint known: atime updates are not checked
+    /// against a read-only remount).
     pub fn new(fs: Arc<Fs>) -> Self {
         MainFs {
             fs,
-            notifier: Arc::default(),
+            atime: AtimePolicy::default(),
+            nodiratime: false,
+            mountpoint: None,
+            dirs: Mutex::new(HashMap::new()),
+            notifier: Arc::new(OnceLock::new()),
         }
     }
 
-    /// Where to put the session's notifier once the session exists: setting an access
-    /// ACL changes the mode, and the kernel must drop the attributes it has cached.
-    pub fn notifier_slot(&self) -> Arc<std::sync::OnceLock<fuser::Notifier>> {
+    /// Where the session's notifier goes once the session exists (see
+    /// [`fuser::Session::notifier`]): setting an access ACL or clearing set-id bits
+    /// changes the mode, and the kernel must drop the attributes it has cached.
+    pub fn notifier_slot(&self) -> Arc<OnceLock<fuser::Notifier>> {
         self.notifier.clone()
+    }
+
+    /// Sets the atime policy (`relatime`, `strictatime`, `noatime`, `nodiratime`) and the
+    /// mountpoint, whose read-only flag (`mount -o remount,ro`) turns atime updates off.
+    pub fn with_atime(mut self, policy: AtimePolicy, nodiratime: bool, mnt: PathBuf) -> Self {
+        self.atime = policy;
+        self.nodiratime = nodiratime;
+        self.mountpoint = Some(std::fs::canonicalize(&mnt).unwrap_or(mnt));
+        self
+    }
+
+    fn note_read(&self, ino: u64, dir: bool) {
+        let policy = if dir && self.nodiratime {
+            AtimePolicy::Never
+        } else {
+            self.atime
+        };
+        let writable = || {
+            self.mountpoint
+                .as_deref()
+                .is_none_or(|m| !mount_is_readonly(m))
+        };
+        if let Err(e) = self.fs.note_read(ino, policy, writable) {
+            log::debug!("atime of inode {ino}: {e}");
+        }
     }
 
     fn entry(&self, r: crate::Result<Attr>, reply: ReplyEntry, op: &str) {
@@ -168,12 +208,122 @@ impl MainFs {
     }
 }
 
+/// Whether the mount at `mnt` is read-only now (it may have been remounted), from
+/// /proc/self/mountinfo: the daemon must not ask its own mount (statvfs would be a
+/// request to itself).
+fn mount_is_readonly(mnt: &Path) -> bool {
+    let Ok(s) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return false;
+    };
+    let want = mnt.as_os_str().as_bytes();
+    let unescape = |x: &str| {
+        x.replace("\\040", " ")
+            .replace("\\011", "\t")
+            .replace("\\012", "\n")
+            .replace("\\134", "\\")
+    };
+    s.lines()
+        .rev()
+        .find_map(|l| {
+            let f: Vec<&str> = l.split(' ').collect();
+            (f.len() > 5 && unescape(f[4]).as_bytes() == want)
+                .then(|| f[5].split(',').any(|o| o == "ro"))
+        })
+        .unwrap_or(false)
+}
+
+/// Whether the caller of `req` is in group `gid` (primary or supplementary).
+fn in_group(req: &Request, gid: u32) -> bool {
+    if req.gid() == gid {
+        return true;
+    }
+    let Ok(s) = std::fs::read_to_string(format!("/proc/{}/status", req.pid())) else {
+        return false;
+    };
+    s.lines()
+        .find_map(|l| l.strip_prefix("Groups:"))
+        .is_some_and(|g| g.split_whitespace().any(|x| x.parse() == Ok(gid)))
+}
+
 pub(crate) fn reply_xattr(reply: ReplyXattr, size: u32, data: crate::Result<Vec<u8>>, op: &str) {
     match data {
         Ok(d) if size == 0 => reply.size(d.len() as u32),
         Ok(d) if d.len() > size as usize => reply.error(Errno::from_i32(libc::ERANGE)),
         Ok(d) => reply.data(&d),
         Err(e) => reply.error(errno(&e, op)),
+    }
+}
+
+impl MainFs {
+    /// Runs `op`; if it finds no space, commits (tracks freed since the last commit
+    /// become allocatable only then) and runs it once more, as ext4 retries an
+    /// allocation after a journal commit. `rm big; fallocate big` then works at once.
+    fn retry_enospc<T>(&self, op: impl Fn() -> crate::Result<T>) -> crate::Result<T> {
+        match op() {
+            Err(Error::NoSpace(_)) if self.fs.commit(Vec::new()).is_ok() => op(),
+            r => r,
+        }
+    }
+
+    /// The cookie a readdir pass of `ino` starting now stops before.
+    fn dir_end(&self, ino: u64) -> u64 {
+        let st = self.fs.state();
+        st.get(ino)
+            .ok()
+            .and_then(|i| i.dir.as_ref())
+            .map_or(u64::MAX, |d| d.end_cookie())
+    }
+
+    /// Entries of a directory read through handle `fh` from `offset`: a pass (from
+    /// offset 0) returns only entries named before it began, so an entry renamed during
+    /// the pass (it gets a new, larger cookie) is not returned twice and the pass ends
+    /// (btrfs had the same problem, fixed the same way). Offset 0 also updates the atime.
+    fn entries(&self, ino: u64, fh: u64, offset: u64) -> crate::Result<Vec<(u64, Attr, Vec<u8>)>> {
+        let end = if offset == 0 {
+            let end = self.dir_end(ino);
+            let mut d = self.dirs.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(e) = d.get_mut(&fh) {
+                *e = end;
+            }
+            self.note_read(ino, true);
+            end
+        } else {
+            let d = self.dirs.lock().unwrap_or_else(|p| p.into_inner());
+            d.get(&fh).copied().unwrap_or(u64::MAX)
+        };
+        let mut v = self.fs.readdir(ino, offset)?;
+        v.retain(|e| e.0 < end);
+        Ok(v)
+    }
+
+    /// Clears set-user-id, and set-group-id when group-executable or the caller is not
+    /// in the file's group, after an unprivileged fallocate, as the kernel does for a
+    /// write (it does not for a FUSE fallocate).
+    fn kill_privs(&self, req: &Request, ino: u64) {
+        if req.uid() == 0 {
+            return;
+        }
+        let Ok(a) = self.fs.getattr(ino) else { return };
+        let perm = a.row.perm;
+        let mut new = perm & !libc::S_ISUID;
+        if perm & libc::S_ISGID != 0 && (perm & libc::S_IXGRP != 0 || !in_group(req, a.row.gid)) {
+            new &= !libc::S_ISGID;
+        }
+        if new != perm && a.row.kind == libc::S_IFREG {
+            let set = SetAttr {
+                mode: Some(new),
+                ..SetAttr::default()
+            };
+            if let Err(e) = self.fs.setattr(ctx(req), ino, set) {
+                log::debug!("clearing set-id bits of inode {ino}: {e}");
+            }
+            // The kernel keeps the mode it had; make it ask again (attributes only).
+            if let Some(n) = self.notifier.get()
+                && let Err(e) = n.inval_inode(INodeNo(ino), -1, 0)
+            {
+                log::debug!("invalidating the attributes of inode {ino}: {e}");
+            }
+        }
     }
 }
 
@@ -188,11 +338,34 @@ impl Filesystem for MainFs {
                 | InitFlags::FUSE_DO_READDIRPLUS
                 | InitFlags::FUSE_READDIRPLUS_AUTO,
         );
+        // Inode numbers are persistent and never reused (`next_ino` is committed), so a
+        // file handle (inode, generation 0) stays valid across cache drops and remounts:
+        // open_by_handle_at(2) and NFS export work. Needs lookup of "." and "..".
+        if config
+            .add_capabilities(InitFlags::FUSE_EXPORT_SUPPORT)
+            .is_err()
+        {
+            log::debug!("the kernel does not offer FUSE_EXPORT_SUPPORT");
+        }
         Ok(())
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        self.entry(self.fs.lookup(parent.0, name.as_bytes()), reply, "lookup");
+        // "." and ".." arrive only from the export code (a handle decoded after the
+        // inode left the kernel's cache, or a parent asked for).
+        let r = match name.as_bytes() {
+            b"." => self.fs.getattr(parent.0),
+            b".." => {
+                let p = self
+                    .fs
+                    .state()
+                    .get(parent.0)
+                    .map(|i| i.parent().unwrap_or(ROOT));
+                p.and_then(|p| self.fs.getattr(p))
+            }
+            n => self.fs.lookup(parent.0, n),
+        };
+        self.entry(r, reply, "lookup");
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
@@ -336,7 +509,7 @@ impl Filesystem for MainFs {
 
     fn rename(
         &self,
-        _req: &Request,
+        req: &Request,
         parent: INodeNo,
         name: &OsStr,
         newparent: INodeNo,
@@ -344,13 +517,30 @@ impl Filesystem for MainFs {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
-        match self.fs.rename(
-            parent.0,
-            name.as_bytes(),
-            newparent.0,
-            newname.as_bytes(),
-            flags.bits(),
-        ) {
+        // RENAME_WHITEOUT (overlayfs' upper layer): the rename, then a whiteout (a
+        // character device 0:0) at the old name. The kernel has checked CAP_MKNOD.
+        let whiteout = flags.bits() & libc::RENAME_WHITEOUT != 0;
+        let r = if whiteout && flags.bits() & libc::RENAME_EXCHANGE != 0 {
+            Err(Error::invalid("RENAME_WHITEOUT with RENAME_EXCHANGE"))
+        } else {
+            self.fs.rename(
+                parent.0,
+                name.as_bytes(),
+                newparent.0,
+                newname.as_bytes(),
+                flags.bits() & !libc::RENAME_WHITEOUT,
+            )
+        };
+        let r = r.and_then(|()| {
+            if whiteout {
+                self.fs
+                    .create_node(ctx(req), parent.0, name.as_bytes(), libc::S_IFCHR, 0, None)
+                    .map(|_| ())
+            } else {
+                Ok(())
+            }
+        });
+        match r {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(&e, "rename")),
         }
@@ -392,7 +582,11 @@ impl Filesystem for MainFs {
         reply: ReplyData,
     ) {
         match self.fs.read(ino.0, offset, size) {
-            Ok(d) => reply.data(&d),
+            Ok(d) => {
+                // Before the reply: a stat right after the read must see the new atime.
+                self.note_read(ino.0, false);
+                reply.data(&d);
+            }
             Err(e) => reply.error(errno(&e, "read")),
         }
     }
@@ -409,7 +603,7 @@ impl Filesystem for MainFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        match self.fs.write(ino.0, offset, data) {
+        match self.retry_enospc(|| self.fs.write(ino.0, offset, data)) {
             Ok(n) => reply.written(n as u32),
             Err(e) => reply.error(errno(&e, "write")),
         }
@@ -457,8 +651,17 @@ impl Filesystem for MainFs {
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        // A handle like a file's: an open directory that is removed or renamed over stays
+        // (with nlink 0) until it is closed; it also keeps the inode cached.
         match self.fs.opendir(ino.0) {
-            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+            Ok(fh) => {
+                let end = self.dir_end(ino.0);
+                self.dirs
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(fh, end);
+                reply.opened(FileHandle(fh), FopenFlags::empty())
+            }
             Err(e) => reply.error(errno(&e, "opendir")),
         }
     }
@@ -471,6 +674,10 @@ impl Filesystem for MainFs {
         _flags: OpenFlags,
         reply: ReplyEmpty,
     ) {
+        self.dirs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&fh.0);
         match self.fs.release(fh.0) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(&e, "releasedir")),
@@ -486,11 +693,11 @@ impl Filesystem for MainFs {
         &self,
         _req: &Request,
         ino: INodeNo,
-        _fh: FileHandle,
+        fh: FileHandle,
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        match self.fs.readdir(ino.0, offset) {
+        match self.entries(ino.0, fh.0, offset) {
             Ok(entries) => {
                 for (cookie, a, name) in entries {
                     if reply.add(
@@ -512,11 +719,11 @@ impl Filesystem for MainFs {
         &self,
         _req: &Request,
         ino: INodeNo,
-        _fh: FileHandle,
+        fh: FileHandle,
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
-        match self.fs.readdir(ino.0, offset) {
+        match self.entries(ino.0, fh.0, offset) {
             Ok(entries) => {
                 for (cookie, a, name) in entries {
                     let n = OsStr::from_bytes(&name);
@@ -683,7 +890,7 @@ impl Filesystem for MainFs {
 
     fn fallocate(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         _fh: FileHandle,
         offset: u64,
@@ -691,8 +898,11 @@ impl Filesystem for MainFs {
         mode: i32,
         reply: ReplyEmpty,
     ) {
-        match self.fs.fallocate(ino.0, offset, length, mode) {
-            Ok(()) => reply.ok(),
+        match self.retry_enospc(|| self.fs.fallocate(ino.0, offset, length, mode)) {
+            Ok(()) => {
+                self.kill_privs(req, ino.0);
+                reply.ok()
+            }
             Err(e) => reply.error(errno(&e, "fallocate")),
         }
     }
@@ -707,7 +917,13 @@ impl Filesystem for MainFs {
         reply: ReplyLseek,
     ) {
         if offset < 0 {
-            reply.error(Errno::from_i32(libc::EINVAL));
+            // As on ext4 and xfs: no data or hole before the start of the file.
+            let e = if whence == libc::SEEK_DATA || whence == libc::SEEK_HOLE {
+                libc::ENXIO
+            } else {
+                libc::EINVAL
+            };
+            reply.error(Errno::from_i32(e));
             return;
         }
         match self.fs.lseek(ino.0, offset as u64, whence) {
