@@ -36,7 +36,7 @@ fn view_is_shared_until_the_frozen_set_changes() {
 
     let empty = fs.engine.view(fs.ts);
     assert_eq!(empty.len(), 1, "only the root before any split");
-    fs.engine.control(&fs, d, Op::Split).unwrap();
+    fs.control(d, Op::Split).unwrap();
     let v1 = fs.engine.view(fs.ts);
     assert!(
         Arc::ptr_eq(&v1, &fs.engine.view(fs.ts)),
@@ -55,10 +55,7 @@ fn view_is_shared_until_the_frozen_set_changes() {
     let Content::File { pair, idx, ino } = v1.lookup(vd, b"b").unwrap().content else {
         panic!("b is a file");
     };
-    let read = |idx| {
-        fs.engine
-            .read_frozen_of(&fs, (pair, idx, Some(ino)), 0, 100)
-    };
+    let read = |idx| fs.engine.read_frozen_of((pair, idx, Some(ino)), 0, 100);
     assert_eq!(read(idx).unwrap(), b"BBBB");
 
     // Live changes do not reach the view; the update does, as a new view.
@@ -70,7 +67,7 @@ fn view_is_shared_until_the_frozen_set_changes() {
     // split's copy so the pair can be updated.
     let mut cursors = std::collections::BTreeMap::new();
     while fs.engine.copy_round(&fs, &mut cursors) > 0 {}
-    fs.engine.control(&fs, d, Op::Update).unwrap();
+    fs.control(d, Op::Update).unwrap();
     let v2 = fs.engine.view(fs.ts);
     assert!(!Arc::ptr_eq(&v1, &v2));
     assert!(v2.lookup(vd, b"a").is_none());
@@ -88,7 +85,7 @@ fn view_is_shared_until_the_frozen_set_changes() {
     assert_eq!(stale.errno(), libc::ESTALE, "{stale}");
     assert_eq!(read(idx2).unwrap(), b"bbbbbbbb");
 
-    fs.engine.control(&fs, d, Op::Release).unwrap();
+    fs.control(d, Op::Release).unwrap();
     assert_eq!(fs.engine.view(fs.ts).len(), 1, "released: only the root");
     fs.shutdown().unwrap();
 }

@@ -17,15 +17,18 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use crate::core::alloc::Allocator;
 use crate::core::durability::{BatchSource, Durability};
 use crate::core::extent::{Extent, Segment};
 use crate::core::inode::Inode;
+use crate::core::trackset::TrackSet;
 use crate::error::{Error, Result};
 use crate::meta::{Batch, Geometry, InodeLoad, InodeRow, Loaded, Meta, PairDelta, Reader};
-use crate::snap::engine::{Engine, Piece};
+use crate::snap::engine::{Engine, Handles, Op, Piece};
+use crate::snap::namespace::Namespace;
+use crate::snap::pair::{Frozen, FrozenAttr, FrozenKind, PairId, Pins, Scope};
 use crate::store::volume::{Checked, Volume};
 
 /// Root inode number.
@@ -54,12 +57,7 @@ pub const XATTR_SIZE_MAX: usize = 65536;
 /// mount checks it and rename refuses to create one, so this only bounds the work).
 pub const MAX_DEPTH: usize = 100_000;
 
-/// Now, in ns since the epoch.
-pub fn now_ns() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as i64)
-}
+pub use crate::core::now_ns;
 
 /// Who is asking.
 #[derive(Debug, Clone, Copy, Default)]
@@ -260,7 +258,7 @@ pub struct Fs {
     /// The metadata store.
     pub meta: Arc<Mutex<Meta>>,
     /// Every data sync and metadata commit goes through here.
-    pub durability: Durability,
+    pub durability: Arc<Durability>,
     /// Which files changed shape (extents, size) since which commit: `fdatasync` of a
     /// file whose shape is committed only needs its data synced.
     layout: Mutex<Layout>,
@@ -352,17 +350,27 @@ impl Fs {
         let vol = Arc::new(Checked::new(vol, "volume"));
         let copy = Arc::new(Checked::new(copy, "copy image"));
         let meta = Arc::new(Mutex::new(meta));
+        let durability = Arc::new(Durability::new(vol.clone(), copy.clone(), meta.clone()));
+        let engine = Engine::new(Handles {
+            vol: vol.clone(),
+            copy: copy.clone(),
+            ts,
+            durability: durability.clone(),
+            meta: meta.clone(),
+            copy_path: opts.copy_path.clone(),
+            snapshot_path: snapshot_path(&opts),
+        });
         let fs = Fs {
             geo,
             ts,
-            durability: Durability::new(vol.clone(), copy.clone(), meta.clone()),
+            durability,
             layout: Mutex::new(Layout::default()),
             vol,
             copy,
             st: Mutex::new(st),
             barrier: RwLock::new(()),
             meta,
-            engine: Engine::default(),
+            engine,
             opts,
             stop: Mutex::new(false),
             stop_cv: Condvar::new(),
@@ -372,6 +380,30 @@ impl Fs {
         fs.engine
             .load(&fs, loaded.pairs, loaded.clean, loaded.next_pair)?;
         Ok(fs)
+    }
+
+    /// Runs a pair control operation on inode `ino` (`user.pairfs.<op>`). Split
+    /// instants belong to the facade: it takes the write barrier, so no host change is
+    /// in flight, and the engine runs the operation under it.
+    pub fn control(&self, ino: u64, op: Op) -> Result<()> {
+        Fs::check_readonly(&self.opts)?;
+        let b = self.barrier.write().unwrap_or_else(|p| p.into_inner());
+        self.engine.control(self, &b, ino, op)
+    }
+
+    /// Runs `op` on pair `id` directly, e.g. to release a pair whose file was deleted
+    /// (`setfattr -n user.pairfs.release -v ID MOUNTPOINT`).
+    pub fn control_id(&self, id: PairId, op: Op) -> Result<()> {
+        Fs::check_readonly(&self.opts)?;
+        let b = self.barrier.write().unwrap_or_else(|p| p.into_inner());
+        self.engine.control_id(self, &b, id, op)
+    }
+
+    fn check_readonly(opts: &Options) -> Result<()> {
+        if opts.readonly {
+            return Err(Error::ReadOnly);
+        }
+        Ok(())
     }
 
     /// Locks the state.
@@ -1943,13 +1975,276 @@ impl Fs {
         }
         s
     }
+}
 
-    /// Where the metadata snapshot of a whole-volume split goes.
-    pub fn snapshot_path(&self, _id: u64) -> Option<std::path::PathBuf> {
-        self.opts.meta_path.as_ref().map(|m| {
-            let mut s = m.clone().into_os_string();
-            s.push(".snapshot");
-            s.into()
-        })
+/// Where the metadata snapshot of a whole-volume split goes.
+fn snapshot_path(opts: &Options) -> Option<std::path::PathBuf> {
+    opts.meta_path.as_ref().map(|m| {
+        let mut s = m.clone().into_os_string();
+        s.push(".snapshot");
+        s.into()
+    })
+}
+
+/// The namespace side of the pair engine: scopes, their tracks, frozen objects, pins.
+impl Fs {
+    /// Members of a scope: every inode beneath it (or the file itself), all cached.
+    fn members(&self, st: &mut State, scope: Scope) -> Result<Vec<u64>> {
+        match scope {
+            Scope::File(i) => Ok(if self.try_want(st, i)? {
+                vec![i]
+            } else {
+                Vec::new()
+            }),
+            Scope::Dir(i) => self.subtree(st, i),
+            Scope::Root => self.subtree(st, ROOT),
+        }
+    }
+
+    /// The inodes a pair covers now: the file, or the inodes beneath its directory
+    /// that carry this pair (a file with a pair of its own stays out). All cached.
+    fn scope_members(&self, st: &mut State, scope: Scope, id: PairId) -> Result<Vec<u64>> {
+        let mut v = self.members(st, scope)?;
+        if !matches!(scope, Scope::File(_)) {
+            v.retain(|i| st.inodes.get(i).is_some_and(|n| n.pair == Some(id)));
+        }
+        Ok(v)
+    }
+
+    /// Current tracks of the inodes a pair covers, walking its scope with the cache
+    /// kept within its budget (linear in the scope, bounded memory).
+    fn tracks_in(&self, st: &mut State, scope: Scope, id: PairId) -> Result<TrackSet> {
+        let mut s = TrackSet::new();
+        let top = match scope {
+            Scope::File(i) => {
+                if self.try_want(st, i)? {
+                    s.insert_extents(&st.get(i)?.extents);
+                }
+                return Ok(s);
+            }
+            Scope::Dir(i) => i,
+            Scope::Root => ROOT,
+        };
+        self.walk(st, top, true, |_, n| {
+            if n.pair == Some(id) {
+                s.insert_extents(&n.extents);
+            }
+        })?;
+        Ok(s)
+    }
+
+    /// Builds the frozen objects of a scope from the current state: every object with
+    /// its split-time attributes and xattrs, a hard-linked one with each of its names
+    /// inside the scope. `members` is breadth first from the top (parents first).
+    fn freeze_members(&self, st: &mut State, members: &[u64]) -> Result<Vec<Frozen>> {
+        let inside: std::collections::HashSet<u64> = members.iter().copied().collect();
+        // Paths of the directories seen so far.
+        let mut dir_paths: HashMap<u64, String> = HashMap::new();
+        let mut out = Vec::with_capacity(members.len());
+        for &ino in members {
+            let Some(links) = st.inodes.get(&ino).map(|i| i.links.clone()) else {
+                continue;
+            };
+            let mut names: Vec<String> = Vec::new();
+            for (parent, name) in &links {
+                if inside.contains(parent) {
+                    let dir = match dir_paths.get(parent) {
+                        Some(d) => d.clone(),
+                        None => {
+                            let d = self.path_of(st, *parent)?;
+                            dir_paths.insert(*parent, d.clone());
+                            d
+                        }
+                    };
+                    let name = String::from_utf8_lossy(name);
+                    names.push(if dir.is_empty() {
+                        name.into_owned()
+                    } else {
+                        format!("{dir}/{name}")
+                    });
+                }
+            }
+            if names.is_empty() {
+                names.push(self.path_of(st, ino)?);
+            }
+            let Some(i) = st.inodes.get(&ino) else {
+                continue;
+            };
+            let Some(kind) = FrozenKind::from_mode(i.row.kind) else {
+                continue;
+            };
+            if kind == FrozenKind::Dir {
+                dir_paths.insert(ino, names[0].clone());
+            }
+            let path = names.remove(0);
+            out.push(Frozen {
+                ino,
+                path,
+                attr: FrozenAttr {
+                    kind,
+                    perm: i.row.perm,
+                    uid: i.row.uid,
+                    gid: i.row.gid,
+                    size: i.row.size,
+                    atime: i.row.atime,
+                    mtime: i.row.mtime,
+                    ctime: i.row.ctime,
+                    rdev: i.row.rdev,
+                },
+                extents: if kind == FrozenKind::File {
+                    i.extents.clone()
+                } else {
+                    Default::default()
+                },
+                target: i.row.target.clone().unwrap_or_default(),
+                links: names,
+                xattrs: i
+                    .xattrs
+                    .iter()
+                    .filter(|(n, _)| !n.starts_with(b"user.pairfs."))
+                    .map(|(n, v)| (n.clone(), v.clone()))
+                    .collect(),
+            });
+        }
+        Ok(out)
+    }
+}
+
+impl Namespace for Fs {
+    fn check_writable(&self) -> Result<()> {
+        Fs::check_writable(self)
+    }
+
+    fn exists(&self, ino: u64) -> Result<bool> {
+        self.try_want(&mut self.state(), ino)
+    }
+
+    fn pair_of(&self, ino: u64) -> Result<Option<PairId>> {
+        Ok(self.state_with(ino)?.get(ino)?.pair)
+    }
+
+    fn members_of(&self, scope: Scope, id: PairId) -> Result<Vec<u64>> {
+        self.scope_members(&mut self.state(), scope, id)
+    }
+
+    fn scope_tracks(&self, scope: Scope, id: PairId) -> Result<TrackSet> {
+        self.tracks_in(&mut self.state(), scope, id)
+    }
+
+    fn freeze(&self, scope: Scope, id: PairId) -> Result<Vec<Frozen>> {
+        let mut st = self.state();
+        let members = self.scope_members(&mut st, scope, id)?;
+        self.freeze_members(&mut st, &members)
+    }
+
+    fn claim(
+        &self,
+        ino: u64,
+        register: &mut dyn FnMut(Scope, &str, TrackSet) -> PairId,
+    ) -> Result<PairId> {
+        let mut st = self.state_with(ino)?;
+        let i = st.get(ino)?;
+        let scope = match i.row.kind {
+            libc::S_IFREG => Scope::File(ino),
+            libc::S_IFDIR if ino == ROOT => Scope::Root,
+            libc::S_IFDIR => Scope::Dir(ino),
+            _ => {
+                return Err(Error::invalid(
+                    "only regular files and directories can be paired",
+                ));
+            }
+        };
+        let members = self.members(&mut st, scope)?;
+        for &m in &members {
+            if let Some(other) = st.get(m)?.pair {
+                return Err(Error::Busy(format!(
+                    "{} is already in pair {other}",
+                    self.path_of(&mut st, m)?
+                )));
+            }
+        }
+        for &m in &members {
+            st.get_mut(m)?.pair = Some(0);
+        }
+        let current = Fs::tracks_of(&st, &members);
+        let path = format!("/{}", self.path_of(&mut st, ino)?);
+        // Registered before the state lock is released: a member evicted and loaded
+        // again finds its pair through the engine.
+        let id = register(scope, &path, current);
+        for &m in &members {
+            st.get_mut(m)?.pair = Some(id);
+        }
+        Ok(id)
+    }
+
+    fn forget_pair(&self, id: PairId, unregister: &mut dyn FnMut()) {
+        let mut st = self.state();
+        unregister();
+        for i in st.inodes.values_mut() {
+            if i.pair == Some(id) {
+                i.pair = None;
+            }
+        }
+    }
+
+    fn hand_over(&self, id: PairId, members: &[u64]) -> Result<()> {
+        let mut st = self.state();
+        for &ino in members {
+            // An inode loaded now finds its pair by the usual rule (the released one
+            // is gone); a cached one lost it above and takes its parent's.
+            if !self.try_want(&mut st, ino)? {
+                continue;
+            }
+            let parent_pair = st
+                .inodes
+                .get(&ino)
+                .and_then(|i| i.parent())
+                .and_then(|p| st.inodes.get(&p))
+                .and_then(|p| p.pair)
+                .filter(|&pid| pid != id && self.engine.inherits(pid));
+            let Some(i) = st.inodes.get_mut(&ino) else {
+                continue;
+            };
+            if i.pair.is_none() || i.pair == Some(id) {
+                i.pair = parent_pair;
+            }
+            if let Some(pid) = i.pair {
+                let tracks: Vec<u64> = i.extents.vol_tracks().collect();
+                self.engine.written(pid, &tracks);
+            }
+        }
+        Ok(())
+    }
+
+    fn pin_frozen(&self, id: PairId, tracks: &TrackSet) -> Result<()> {
+        let mut st = self.state();
+        for t in tracks.iter() {
+            if t == 0 || t >= st.alloc.total() {
+                return Err(Error::Corrupt(format!(
+                    "pair {id}: frozen track {t} outside the volume"
+                )));
+            }
+            st.alloc.pin(t);
+        }
+        Ok(())
+    }
+
+    fn apply_pins(&self, pins: &Pins) {
+        let mut st = self.state();
+        st.alloc.pin_set(&pins.pin);
+        st.alloc.unpin_set(&pins.unpin);
+    }
+
+    fn unused_count(&self, tracks: &TrackSet) -> u64 {
+        let st = self.state();
+        tracks.iter().filter(|&t| !st.alloc.is_used(t)).count() as u64
+    }
+
+    fn commit(&self, extra: Vec<PairDelta>) -> Result<()> {
+        Fs::commit(self, extra)
+    }
+
+    fn commit_destaged(&self, extra: Vec<PairDelta>) -> Result<()> {
+        Fs::commit_destaged(self, extra)
     }
 }

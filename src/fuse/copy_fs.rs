@@ -188,7 +188,7 @@ impl Filesystem for CopyFs {
                 match self
                     .fs
                     .engine
-                    .read_frozen_of(&self.fs, (id, idx, Some(fino)), offset, size)
+                    .read_frozen_of((id, idx, Some(fino)), offset, size)
                 {
                     Ok(d) => reply.data(&d),
                     Err(e) => {

@@ -137,9 +137,9 @@ impl MainFs {
                 let id = v
                     .parse()
                     .map_err(|_| Error::invalid(format!("pair id {v:?} is not a number")))?;
-                self.fs.engine.control_id(&self.fs, id, op)
+                self.fs.control_id(id, op)
             }
-            None => self.fs.engine.control(&self.fs, ino, op),
+            None => self.fs.control(ino, op),
         };
         if let Err(e) = &r {
             log::warn!("{CONTROL_PREFIX}{name} on inode {ino}: {e}");
