@@ -34,12 +34,12 @@ fn view_is_shared_until_the_frozen_set_changes() {
     fs.setxattr(b, b"user.x", b"1", 0).unwrap();
     fs.setxattr(d, b"user.pairfs.ignored", b"-", 0).ok();
 
-    let empty = fs.engine.view(fs.ts);
+    let empty = fs.engine.view(fs.track_size);
     assert_eq!(empty.len(), 1, "only the root before any split");
     fs.control(d, Op::Split).unwrap();
-    let v1 = fs.engine.view(fs.ts);
+    let v1 = fs.engine.view(fs.track_size);
     assert!(
-        Arc::ptr_eq(&v1, &fs.engine.view(fs.ts)),
+        Arc::ptr_eq(&v1, &fs.engine.view(fs.track_size)),
         "the same view is handed out until the frozen set changes"
     );
     assert!(v1.generation() > empty.generation());
@@ -61,14 +61,14 @@ fn view_is_shared_until_the_frozen_set_changes() {
     // Live changes do not reach the view; the update does, as a new view.
     fs.write(b, 0, b"bbbbbbbb").unwrap();
     fs.unlink(d, b"a", false).unwrap();
-    assert!(Arc::ptr_eq(&v1, &fs.engine.view(fs.ts)));
+    assert!(Arc::ptr_eq(&v1, &fs.engine.view(fs.track_size)));
     assert_eq!(read(idx).unwrap(), b"BBBB");
     // The write was staged (copy-on-write without waiting); let the copier finish the
     // split's copy so the pair can be updated.
     let mut cursors = std::collections::BTreeMap::new();
     while fs.engine.copy_round(&fs, &mut cursors) > 0 {}
     fs.control(d, Op::Update).unwrap();
-    let v2 = fs.engine.view(fs.ts);
+    let v2 = fs.engine.view(fs.track_size);
     assert!(!Arc::ptr_eq(&v1, &v2));
     assert!(v2.lookup(vd, b"a").is_none());
     let Content::File { idx: idx2, .. } = v2.lookup(vd, b"b").unwrap().content else {
@@ -86,6 +86,10 @@ fn view_is_shared_until_the_frozen_set_changes() {
     assert_eq!(read(idx2).unwrap(), b"bbbbbbbb");
 
     fs.control(d, Op::Release).unwrap();
-    assert_eq!(fs.engine.view(fs.ts).len(), 1, "released: only the root");
+    assert_eq!(
+        fs.engine.view(fs.track_size).len(),
+        1,
+        "released: only the root"
+    );
     fs.shutdown().unwrap();
 }

@@ -1,7 +1,12 @@
 //! The filesystem core: POSIX operations on cached inodes (loaded from SQLite on demand,
-//! evicted when the kernel forgets them or over a budget; see [`State`]), data on a
+//! evicted when the kernel forgets them or over a budget; see [`NamespaceState`]), data on a
 //! [`Volume`], metadata committed to SQLite in batches. No FUSE types here: every operation takes
 //! plain arguments and returns [`Result`]; `fuse_main` converts and replies.
+//!
+//! [`Fs`] is the facade: it owns the namespace, the images, the barrier (split instants:
+//! [`Fs::control`]), the durability pipeline and the pair engine, which it builds with its
+//! handles and calls with itself as the engine's
+//! [`crate::snap::namespace::Namespace`] (implemented at the end of this file).
 //!
 //! Concurrency: the lock order is in [`crate::core::locks`]. Data I/O runs with only the
 //! barrier and the inode's `data_lock` held.
@@ -125,7 +130,7 @@ pub(crate) struct Dirty {
 /// ([`Fs::forget`]) or the cache is over its budget ([`Fs::shrink`]). A dirty or
 /// committing inode is always cached, so the database plus the cache is the truth;
 /// a directory in the cache always holds all its entries.
-pub struct State {
+pub struct NamespaceState {
     /// Cached inodes by number.
     pub inodes: HashMap<u64, Inode>,
     /// Track allocator.
@@ -154,7 +159,7 @@ pub struct State {
     pub(crate) shrink_at: usize,
 }
 
-impl State {
+impl NamespaceState {
     /// An inode or ENOENT.
     pub fn get(&self, ino: u64) -> Result<&Inode> {
         self.inodes
@@ -246,13 +251,13 @@ pub struct Fs {
     /// Geometry.
     pub geo: Geometry,
     /// Track size.
-    pub ts: u64,
+    pub track_size: u64,
     /// The volume image.
     pub vol: Arc<Checked>,
     /// The copy image.
     pub copy: Arc<Checked>,
-    /// State.
-    pub st: Mutex<State>,
+    /// The namespace: cached inodes, allocator, handles (lock 6 in [`crate::core::locks`]).
+    pub namespace: Mutex<NamespaceState>,
     /// Split instants take this exclusively; every data-changing operation shares it.
     pub barrier: RwLock<()>,
     /// The metadata store.
@@ -319,7 +324,7 @@ impl Fs {
             Some(r) if r.row.kind == libc::S_IFDIR => {}
             _ => return Err(Error::Corrupt("the root directory is missing".into())),
         }
-        let mut st = State {
+        let mut st = NamespaceState {
             inodes: HashMap::new(),
             alloc,
             next_ino: loaded.next_ino.max(2),
@@ -354,7 +359,7 @@ impl Fs {
         let engine = Engine::new(Handles {
             vol: vol.clone(),
             copy: copy.clone(),
-            ts,
+            track_size: ts,
             durability: durability.clone(),
             meta: meta.clone(),
             copy_path: opts.copy_path.clone(),
@@ -362,12 +367,12 @@ impl Fs {
         });
         let fs = Fs {
             geo,
-            ts,
+            track_size: ts,
             durability,
             layout: Mutex::new(Layout::default()),
             vol,
             copy,
-            st: Mutex::new(st),
+            namespace: Mutex::new(st),
             barrier: RwLock::new(()),
             meta,
             engine,
@@ -407,12 +412,12 @@ impl Fs {
     }
 
     /// Locks the state.
-    pub fn state(&self) -> MutexGuard<'_, State> {
-        self.st.lock().unwrap_or_else(|p| p.into_inner())
+    pub fn state(&self) -> MutexGuard<'_, NamespaceState> {
+        self.namespace.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Locks the state with `ino` in the cache.
-    pub fn state_with(&self, ino: u64) -> Result<MutexGuard<'_, State>> {
+    pub fn state_with(&self, ino: u64) -> Result<MutexGuard<'_, NamespaceState>> {
         let mut st = self.state();
         self.want(&mut st, ino)?;
         Ok(st)
@@ -421,7 +426,7 @@ impl Fs {
     /// True if `dir` is `a` or one of its ancestors (loading uncached ancestors). The
     /// walk is bounded by [`MAX_DEPTH`]; a longer chain can only be a corrupt tree and
     /// is refused.
-    fn is_ancestor(&self, st: &mut State, dir: u64, mut a: u64) -> Result<bool> {
+    fn is_ancestor(&self, st: &mut NamespaceState, dir: u64, mut a: u64) -> Result<bool> {
         for _ in 0..MAX_DEPTH {
             if a == dir {
                 return Ok(true);
@@ -439,7 +444,7 @@ impl Fs {
 
     /// Brings `ino` into the cache, reading it (and any uncached ancestors, so that its
     /// pair can be inherited) from the database. ENOENT if there is no such inode.
-    pub fn want(&self, st: &mut State, ino: u64) -> Result<()> {
+    pub fn want(&self, st: &mut NamespaceState, ino: u64) -> Result<()> {
         if st.inodes.contains_key(&ino) {
             return Ok(());
         }
@@ -490,7 +495,7 @@ impl Fs {
     }
 
     /// Like [`Fs::want`], but Ok(false) if the inode does not exist.
-    pub fn try_want(&self, st: &mut State, ino: u64) -> Result<bool> {
+    pub fn try_want(&self, st: &mut NamespaceState, ino: u64) -> Result<bool> {
         match self.want(st, ino) {
             Ok(()) => Ok(true),
             Err(Error::NotFound(_)) => Ok(false),
@@ -499,7 +504,7 @@ impl Fs {
     }
 
     /// Checks and caches one fetched inode; its parent is cached already.
-    fn install(&self, st: &mut State, f: Fetched) -> Result<()> {
+    fn install(&self, st: &mut NamespaceState, f: Fetched) -> Result<()> {
         let ino = f.load.row.ino;
         let mut i = Inode::new(f.load.row);
         if ino == ROOT && !i.is_dir() {
@@ -540,7 +545,12 @@ impl Fs {
     /// Scope membership of an inode being loaded: the pair whose scope it is the top
     /// of, else the pair whose committed frozen map holds it (most specific scope,
     /// then lowest id), else its parent directory's pair.
-    fn derive_pair(&self, st: &State, ino: u64, parent: Option<u64>) -> Result<Option<u64>> {
+    fn derive_pair(
+        &self,
+        st: &NamespaceState,
+        ino: u64,
+        parent: Option<u64>,
+    ) -> Result<Option<u64>> {
         if !self.engine.has_pairs() {
             return Ok(None);
         }
@@ -580,7 +590,7 @@ impl Fs {
 
     /// Counts what forgets freed; every so often hands freed heap back to the system
     /// (the kernel forgets in bursts, e.g. when it drops its caches).
-    fn freed_weight(&self, mut st: MutexGuard<'_, State>, n: u64) {
+    fn freed_weight(&self, mut st: MutexGuard<'_, NamespaceState>, n: u64) {
         const TRIM_EVERY: u64 = 16384;
         let before = self.forgotten.fetch_add(n, Ordering::Relaxed);
         if before / TRIM_EVERY != (before + n) / TRIM_EVERY {
@@ -613,7 +623,7 @@ impl Fs {
 
     /// Over budget, evicts clean inodes down to three quarters of it. Call only where
     /// no caller relies on an inode staying cached (end of an operation).
-    pub fn shrink(&self, st: &mut State) {
+    pub fn shrink(&self, st: &mut NamespaceState) {
         // (Table capacity is given back in `freed_weight`, on the kernel's forgets.)
         if st.weight() <= st.shrink_at {
             return;
@@ -638,7 +648,7 @@ impl Fs {
     }
 
     /// Path of an inode relative to the root (`a/b`), following first links.
-    pub fn path_of(&self, st: &mut State, mut ino: u64) -> Result<String> {
+    pub fn path_of(&self, st: &mut NamespaceState, mut ino: u64) -> Result<String> {
         let mut parts = Vec::new();
         let mut guard = 0;
         while ino != ROOT && guard < 1 << 16 {
@@ -657,7 +667,7 @@ impl Fs {
     }
 
     /// Every inode beneath (and including) `top`, breadth first, all left cached.
-    pub fn subtree(&self, st: &mut State, top: u64) -> Result<Vec<u64>> {
+    pub fn subtree(&self, st: &mut NamespaceState, top: u64) -> Result<Vec<u64>> {
         let mut out = Vec::new();
         self.walk(st, top, false, |ino, _| out.push(ino))?;
         Ok(out)
@@ -668,7 +678,7 @@ impl Fs {
     /// visitor must not rely on earlier inodes staying cached).
     pub fn walk(
         &self,
-        st: &mut State,
+        st: &mut NamespaceState,
         top: u64,
         shrink: bool,
         mut f: impl FnMut(u64, &Inode),
@@ -707,7 +717,7 @@ impl Fs {
     fn attr_of(&self, i: &Inode) -> Attr {
         Attr {
             row: i.row.clone(),
-            allocated: i.extents.tracks() * self.ts,
+            allocated: i.extents.tracks() * self.track_size,
         }
     }
 
@@ -891,7 +901,7 @@ impl Fs {
         Ok(())
     }
 
-    fn remove_entry(&self, st: &mut State, parent: u64, name: &[u8], ino: u64, now: i64) {
+    fn remove_entry(&self, st: &mut NamespaceState, parent: u64, name: &[u8], ino: u64, now: i64) {
         let is_dir = st.inodes[&ino].is_dir();
         let p = st.inodes.get_mut(&parent).expect("parent exists");
         p.dir.as_mut().expect("dir").remove(name);
@@ -917,7 +927,7 @@ impl Fs {
     }
 
     /// Frees an inode with no names and no open handles.
-    fn maybe_free(&self, st: &mut State, ino: u64) {
+    fn maybe_free(&self, st: &mut NamespaceState, ino: u64) {
         let Some(i) = st.inodes.get(&ino) else { return };
         if i.row.nlink > 0 || i.open > 0 || !i.links.is_empty() {
             return;
@@ -1171,7 +1181,7 @@ impl Fs {
         let _b = self.barrier.read().unwrap_or_else(|p| p.into_inner());
         let dl = self.data_lock(ino)?;
         let _d = dl.write().unwrap_or_else(|p| p.into_inner());
-        let ts = self.ts;
+        let ts = self.track_size;
         let now = now_ns();
         let (zero, pid) = {
             let mut st = self.state();
@@ -1243,7 +1253,7 @@ impl Fs {
             let zeros = vec![0u8; len as usize];
             // A staged track takes the zeros in memory (its newer content is there).
             if !self.engine.patch_staged(v, off, &zeros) {
-                self.vol.write_at(v * self.ts + off, &zeros)?;
+                self.vol.write_at(v * self.track_size + off, &zeros)?;
             }
         }
         if let Some(pid) = pid {
@@ -1253,7 +1263,7 @@ impl Fs {
     }
 
     /// Unmaps file tracks `[f, f+n)`, freeing them. Returns the volume tracks freed.
-    fn unmap(&self, st: &mut State, ino: u64, f: u64, n: u64) -> Result<Vec<u64>> {
+    fn unmap(&self, st: &mut NamespaceState, ino: u64, f: u64, n: u64) -> Result<Vec<u64>> {
         let runs = st.get_mut(ino)?.extents.remove(f, n);
         if !runs.is_empty() {
             self.layout_changed(ino);
@@ -1269,7 +1279,7 @@ impl Fs {
 
     /// Maps every hole of file tracks `[f0, f0+n)` to new, zeroed tracks. Returns the
     /// volume tracks allocated.
-    fn map_range(&self, st: &mut State, ino: u64, f0: u64, n: u64) -> Result<Vec<u64>> {
+    fn map_range(&self, st: &mut NamespaceState, ino: u64, f0: u64, n: u64) -> Result<Vec<u64>> {
         let holes: Vec<Segment> = st
             .get(ino)?
             .extents
@@ -1295,7 +1305,7 @@ impl Fs {
                 // to overwrite whole: until that write lands (or if it fails, or the
                 // extent is committed first and we crash) readers must see zeros, never
                 // the data of the file that had the track before.
-                self.vol.discard(v * self.ts, l * self.ts)?;
+                self.vol.discard(v * self.track_size, l * self.track_size)?;
                 self.engine.drop_staged(v..v + l);
                 st.get_mut(ino)?.extents.insert(f, v, l);
                 new.extend(v..v + l);
@@ -1310,7 +1320,7 @@ impl Fs {
         self.engine.host_io();
         let dl = self.data_lock(ino)?;
         let _d = dl.read().unwrap_or_else(|p| p.into_inner());
-        let ts = self.ts;
+        let ts = self.track_size;
         let (segs, len) = {
             let st = self.state();
             let i = st.get(ino)?;
@@ -1376,7 +1386,7 @@ impl Fs {
         let _b = self.barrier.read().unwrap_or_else(|p| p.into_inner());
         let dl = self.data_lock(ino)?;
         let _d = dl.read().unwrap_or_else(|p| p.into_inner());
-        let ts = self.ts;
+        let ts = self.track_size;
         let f0 = off / ts;
         let f1 = (end - 1) / ts;
         let now = now_ns();
@@ -1466,7 +1476,7 @@ impl Fs {
         let _b = self.barrier.read().unwrap_or_else(|p| p.into_inner());
         let dl = self.data_lock(ino)?;
         let _d = dl.write().unwrap_or_else(|p| p.into_inner());
-        let ts = self.ts;
+        let ts = self.track_size;
         let now = now_ns();
         let mut st = self.state();
         if !st.get(ino)?.is_file() {
@@ -1498,7 +1508,7 @@ impl Fs {
         let _b = self.barrier.read().unwrap_or_else(|p| p.into_inner());
         let dl = self.data_lock(ino)?;
         let _d = dl.write().unwrap_or_else(|p| p.into_inner());
-        let ts = self.ts;
+        let ts = self.track_size;
         let mut zeros = Vec::new();
         let pid = {
             let mut st = self.state();
@@ -1554,7 +1564,7 @@ impl Fs {
         if off >= size {
             return Err(Error::NoSuchOffset);
         }
-        let ts = self.ts;
+        let ts = self.track_size;
         match whence {
             libc::SEEK_DATA => {
                 let f = i.extents.next_data(off / ts).ok_or(Error::NoSuchOffset)?;
@@ -1630,7 +1640,7 @@ impl Fs {
 
     /// Attributes of an uncached inode, read without caching it (a directory listing
     /// does not make its entries resident; the kernel's lookups do).
-    fn peek(&self, st: &State, ino: u64) -> Result<Attr> {
+    fn peek(&self, st: &NamespaceState, ino: u64) -> Result<Attr> {
         let (load, exts) = st.reader.snapshot(|r| {
             let l = r
                 .inode(ino)?
@@ -1639,7 +1649,7 @@ impl Fs {
         })?;
         Ok(Attr {
             row: load.row,
-            allocated: exts.iter().map(|e| e.len).sum::<u64>() * self.ts,
+            allocated: exts.iter().map(|e| e.len).sum::<u64>() * self.track_size,
         })
     }
 
@@ -1659,7 +1669,7 @@ impl Fs {
         StatFs {
             tracks: st.alloc.total(),
             free: st.alloc.free_tracks(),
-            track_size: self.ts,
+            track_size: self.track_size,
             inodes: st.inode_count,
         }
     }
@@ -1966,7 +1976,7 @@ impl Fs {
     }
 
     /// Tracks of live files in a set of inodes.
-    pub fn tracks_of(st: &State, inos: &[u64]) -> crate::core::trackset::TrackSet {
+    pub fn tracks_of(st: &NamespaceState, inos: &[u64]) -> crate::core::trackset::TrackSet {
         let mut s = crate::core::trackset::TrackSet::new();
         for ino in inos {
             if let Some(i) = st.inodes.get(ino) {
@@ -1989,7 +1999,7 @@ fn snapshot_path(opts: &Options) -> Option<std::path::PathBuf> {
 /// The namespace side of the pair engine: scopes, their tracks, frozen objects, pins.
 impl Fs {
     /// Members of a scope: every inode beneath it (or the file itself), all cached.
-    fn members(&self, st: &mut State, scope: Scope) -> Result<Vec<u64>> {
+    fn members(&self, st: &mut NamespaceState, scope: Scope) -> Result<Vec<u64>> {
         match scope {
             Scope::File(i) => Ok(if self.try_want(st, i)? {
                 vec![i]
@@ -2003,7 +2013,7 @@ impl Fs {
 
     /// The inodes a pair covers now: the file, or the inodes beneath its directory
     /// that carry this pair (a file with a pair of its own stays out). All cached.
-    fn scope_members(&self, st: &mut State, scope: Scope, id: PairId) -> Result<Vec<u64>> {
+    fn scope_members(&self, st: &mut NamespaceState, scope: Scope, id: PairId) -> Result<Vec<u64>> {
         let mut v = self.members(st, scope)?;
         if !matches!(scope, Scope::File(_)) {
             v.retain(|i| st.inodes.get(i).is_some_and(|n| n.pair == Some(id)));
@@ -2013,7 +2023,7 @@ impl Fs {
 
     /// Current tracks of the inodes a pair covers, walking its scope with the cache
     /// kept within its budget (linear in the scope, bounded memory).
-    fn tracks_in(&self, st: &mut State, scope: Scope, id: PairId) -> Result<TrackSet> {
+    fn tracks_in(&self, st: &mut NamespaceState, scope: Scope, id: PairId) -> Result<TrackSet> {
         let mut s = TrackSet::new();
         let top = match scope {
             Scope::File(i) => {
@@ -2036,7 +2046,7 @@ impl Fs {
     /// Builds the frozen objects of a scope from the current state: every object with
     /// its split-time attributes and xattrs, a hard-linked one with each of its names
     /// inside the scope. `members` is breadth first from the top (parents first).
-    fn freeze_members(&self, st: &mut State, members: &[u64]) -> Result<Vec<Frozen>> {
+    fn freeze_members(&self, st: &mut NamespaceState, members: &[u64]) -> Result<Vec<Frozen>> {
         let inside: std::collections::HashSet<u64> = members.iter().copied().collect();
         // Paths of the directories seen so far.
         let mut dir_paths: HashMap<u64, String> = HashMap::new();

@@ -425,9 +425,9 @@ pub fn open_snapshot(p: &Paths) -> Result<(Fs, VolumeLock)> {
             .ok_or_else(|| Error::invalid("the volume has no whole-volume (root) pair"))?;
         let copying = matches!(
             root.state,
-            crate::snap::pair::State::Splitting | crate::snap::pair::State::Updating
+            crate::snap::pair::PairState::Splitting | crate::snap::pair::PairState::Updating
         );
-        if root.state == crate::snap::pair::State::Split {
+        if root.state == crate::snap::pair::PairState::Split {
             break root;
         }
         if !copying || std::time::Instant::now() >= deadline {

@@ -2,6 +2,13 @@
 //! control operations (pair, split, update, resync, release). The state machine itself
 //! is pure ([`crate::snap::pair`]); this module does the I/O and the locking around it.
 //!
+//! The engine is built ([`Engine::new`]) with the handles it works on: both images, the
+//! track size, the durability pipeline, the metadata store. It never sees the filesystem
+//! object: everything it needs from the namespace goes through
+//! [`Namespace`], which the core implements and passes to
+//! each call. Split instants belong to the core facade (`Fs::control`): it takes the
+//! write barrier and hands its guard to [`Engine::control`].
+//!
 //! Locks: the order is in [`crate::core::locks`]; syncs and commits go through
 //! [`crate::core::durability`].
 //!
@@ -31,7 +38,7 @@ use crate::core::trackset::TrackSet;
 use crate::error::{Error, Result};
 use crate::meta::{Meta, PairDelta, PairRow, take_dirty_chunks};
 use crate::snap::namespace::Namespace;
-use crate::snap::pair::{Frozen, FrozenKind, Pair, PairId, Scope, State};
+use crate::snap::pair::{Frozen, FrozenKind, Pair, PairId, PairState, Scope};
 use crate::snap::stage::StageTable;
 use crate::snap::view::{Builder, FrozenView, Numbering};
 use crate::store::volume::{Checked, Volume};
@@ -129,7 +136,7 @@ pub struct Engine {
     /// The copy image.
     copy: Arc<Checked>,
     /// Track size.
-    ts: u64,
+    track_size: u64,
     /// Every sync and commit of pair state goes through here.
     durability: Arc<Durability>,
     /// The metadata store (for the snapshot of a whole-volume split).
@@ -287,7 +294,7 @@ pub struct Handles {
     /// The copy image.
     pub copy: Arc<Checked>,
     /// Track size.
-    pub ts: u64,
+    pub track_size: u64,
     /// The durability pipeline.
     pub durability: Arc<Durability>,
     /// The metadata store.
@@ -304,7 +311,7 @@ impl Engine {
         Engine {
             vol: h.vol,
             copy: h.copy,
-            ts: h.ts,
+            track_size: h.track_size,
             durability: h.durability,
             meta: h.meta,
             copy_path: h.copy_path,
@@ -349,7 +356,7 @@ impl Engine {
     /// Installs loaded pairs: pins and unclean-shutdown recovery.
     ///
     /// Membership is not stored, nor rebuilt here: an inode finds its pair when it is
-    /// loaded ([`Fs::want`]): the pair it is the top of, else the pair whose frozen
+    /// loaded (`Fs::want` in the core): the pair it is the top of, else the pair whose frozen
     /// map holds it (it needs copy-on-write wherever it moved), else its parent's.
     pub fn load(
         &self,
@@ -468,7 +475,10 @@ impl Engine {
                 p.written(tracks);
                 // Only the unfrozen states give the copier new work; in the frozen ones
                 // a write just records split-diff/update-diff (no thread to wake).
-                matches!(p.state, State::Forming | State::Formed | State::Resyncing)
+                matches!(
+                    p.state,
+                    PairState::Forming | PairState::Formed | PairState::Resyncing
+                )
             };
             s.dirty.store(true, Ordering::Release);
             if copies {
@@ -590,7 +600,7 @@ impl Engine {
     pub fn fail_all(&self, ns: &dyn Namespace, e: &Error) {
         for s in self.slots() {
             let st = s.lock().state;
-            if st != State::Error {
+            if st != PairState::Error {
                 self.fail(ns, &s, e);
             }
         }
@@ -598,7 +608,7 @@ impl Engine {
 
     /// Copies volume tracks to the same addresses on the copy image.
     fn copy_tracks(&self, tracks: &[u64]) -> Result<()> {
-        let ts = self.ts;
+        let ts = self.track_size;
         let max_run = (COPY_BATCH_BYTES / ts).max(1);
         let mut buf = Vec::new();
         let mut i = 0;
@@ -623,7 +633,7 @@ impl Engine {
 
     /// A copy failed: the pair goes to `error`, its pins are dropped.
     fn fail(&self, ns: &dyn Namespace, slot: &Slot, e: &Error) {
-        if slot.lock().state == State::Error {
+        if slot.lock().state == PairState::Error {
             // Already failed (e.g. by every pair failing on a copy-image sync).
             return;
         }
@@ -671,7 +681,7 @@ impl Engine {
             let p = slot.lock();
             // Copy ahead: the pending tracks of the same aligned group (up to 1 MiB)
             // cost little more to copy now and spare later writes a sync each.
-            let group = (COW_GROUP_BYTES / self.ts).max(1);
+            let group = (COW_GROUP_BYTES / self.track_size).max(1);
             let mut around = std::collections::BTreeSet::new();
             for &t in &want {
                 let g0 = t - t % group;
@@ -730,7 +740,7 @@ impl Engine {
         pid: Option<PairId>,
         pieces: &[Piece<'_>],
     ) -> Result<()> {
-        let ts = self.ts;
+        let ts = self.track_size;
         let slot = pid
             .and_then(|p| self.slot(p))
             .filter(|s| !s.released.load(Ordering::Acquire));
@@ -920,7 +930,7 @@ impl Engine {
             for t in tracks {
                 let mut st = self.stage_table();
                 if let Some(e) = st.remove(t)
-                    && let Err(err) = self.vol.write_at(t * self.ts, &e.data)
+                    && let Err(err) = self.vol.write_at(t * self.track_size, &e.data)
                 {
                     first_err.get_or_insert(err);
                 }
@@ -956,7 +966,7 @@ impl Engine {
         }
     }
 
-    fn log_transition(&self, slot: &Slot, before: State) {
+    fn log_transition(&self, slot: &Slot, before: PairState) {
         let p = slot.lock();
         if p.state != before {
             log::info!(
@@ -996,7 +1006,7 @@ impl Engine {
         if slot.released.load(Ordering::Acquire) {
             return 0;
         }
-        let max = (COPY_BATCH_BYTES / self.ts).max(1) as usize;
+        let max = (COPY_BATCH_BYTES / self.track_size).max(1) as usize;
         let (batch, frozen, before) = {
             let mut p = slot.lock();
             let Some(pending) = p.pending() else { return 0 };
@@ -1041,7 +1051,7 @@ impl Engine {
                         u.extend_from_slice(&batch);
                         u.len() as u64
                     };
-                    if n * self.ts >= CONFIRM_BYTES
+                    if n * self.track_size >= CONFIRM_BYTES
                         && let Err(e) = self.confirm(ns, slot, &gate)
                     {
                         self.fail(ns, slot, &e);
@@ -1234,7 +1244,7 @@ impl Engine {
                     }
                 }
                 for (t, n) in runs {
-                    if let Err(e) = self.copy.discard(t * self.ts, n * self.ts) {
+                    if let Err(e) = self.copy.discard(t * self.track_size, n * self.track_size) {
                         log::warn!("pair {}: could not release copy-image space: {e}", slot.id);
                         break;
                     }
@@ -1356,8 +1366,8 @@ impl Engine {
         let pinned_only = ns.unused_count(&pinned);
         let p = s.lock();
         let dirty = match p.state {
-            State::Updating => p.update_diff.count(),
-            State::Splitting | State::Split => p.split_diff.count(),
+            PairState::Updating => p.update_diff.count(),
+            PairState::Splitting | PairState::Split => p.split_diff.count(),
             _ => p.forming.count(),
         };
         PairStatus {
@@ -1373,14 +1383,14 @@ impl Engine {
             split_ns: p.split_ns,
             frozen_tracks: pinned.count(),
             dirty,
-            pinned_bytes: pinned_only * self.ts,
+            pinned_bytes: pinned_only * self.track_size,
             files: p
                 .frozen
                 .iter()
                 .filter(|f| f.attr.kind == FrozenKind::File)
                 .count(),
             error: p.error.clone(),
-            track_size: self.ts,
+            track_size: self.track_size,
             staged: s.staged.load(Ordering::Relaxed),
         }
     }
@@ -1468,7 +1478,7 @@ impl Engine {
         let slot = self
             .slot(id)
             .ok_or_else(|| Error::NotFound(format!("pair {id}")))?;
-        let ts = self.ts;
+        let ts = self.track_size;
         let (segs, len) = {
             let p = slot.lock();
             if !p.state.is_frozen() {

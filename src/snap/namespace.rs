@@ -2,7 +2,7 @@
 //! scope and their tracks, a scope frozen into [`Frozen`] objects, the allocator's pins,
 //! and the namespace's commits. The core's `Fs` implements it and passes itself to each
 //! engine call; the engine never sees the filesystem object, and `snap` does not import
-//! `core::fs`.
+//! the core's `fs` module.
 //!
 //! Every method takes the namespace lock itself (it is above the pair state in the lock
 //! order, [`crate::core::locks`]); a caller holds no pair state lock (`Slot::p`) across a
