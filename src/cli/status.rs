@@ -7,7 +7,6 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::cli::run::{getxattr_state, pairfs_mounts};
 use crate::error::{Error, Result};
 
 /// One parsed state line: the state word and its `key=value` fields.
@@ -249,6 +248,60 @@ pub fn wait_until_done(path: &Path) -> Result<()> {
             }
         }
     }
+}
+
+/// The pairfs mounts in /proc/self/mountinfo: (mountpoint, fsname).
+pub fn pairfs_mounts() -> Vec<(PathBuf, String)> {
+    let Ok(s) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for line in s.lines() {
+        let f: Vec<&str> = line.split(' ').collect();
+        let Some(dash) = f.iter().position(|x| *x == "-") else {
+            continue;
+        };
+        let fstype = f.get(dash + 1).copied().unwrap_or("");
+        let source = f.get(dash + 2).copied().unwrap_or("");
+        if (fstype == "fuse" || fstype == "fuse.pairfs") && source.starts_with("pairfs:") {
+            let unescape = |x: &str| {
+                x.replace("\\040", " ")
+                    .replace("\\011", "\t")
+                    .replace("\\134", "\\")
+            };
+            out.push((
+                PathBuf::from(unescape(f[4])),
+                unescape(f.get(dash + 2).copied().unwrap_or("")),
+            ));
+        }
+    }
+    out
+}
+
+/// Reads `user.pairfs.state` of a path.
+pub fn getxattr_state(path: &Path) -> Result<String> {
+    let c =
+        CString::new(path.as_os_str().as_bytes()).map_err(|_| Error::invalid("path with NUL"))?;
+    let name = CString::new("user.pairfs.state").expect("no NUL");
+    let mut buf = vec![0u8; 4096];
+    // SAFETY: valid C strings and a buffer of the length passed.
+    let n = unsafe {
+        libc::getxattr(
+            c.as_ptr(),
+            name.as_ptr(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+        )
+    };
+    if n < 0 {
+        return Err(Error::invalid(format!(
+            "{}: {} (not on a pairfs mount?)",
+            path.display(),
+            std::io::Error::last_os_error()
+        )));
+    }
+    buf.truncate(n as usize);
+    Ok(String::from_utf8_lossy(&buf).into_owned())
 }
 
 #[cfg(test)]

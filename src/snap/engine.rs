@@ -1188,7 +1188,7 @@ impl Engine {
         // snapshot mount may be serving: refused while one holds it.
         let _copy_lock = match (&self.copy_path, scope, op) {
             (Some(copy), Scope::Root, Op::Update | Op::Resync | Op::Release) => {
-                match crate::core::volfile::lock_copy_for_rewrite(copy) {
+                match crate::store::lock::lock_copy_for_rewrite(copy) {
                     Ok(l) => Some(l),
                     Err(e) => {
                         log::warn!("pair {}: {op:?} refused: {e}", slot.id);
