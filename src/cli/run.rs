@@ -584,14 +584,14 @@ fn serve(spec: MountSpec, mut ready: Option<std::fs::File>) -> Result<u8> {
         workers.push(
             std::thread::Builder::new()
                 .name("pairfs-copier".into())
-                .spawn(move || f.engine.run_copier(&f))
+                .spawn(move || f.engine.run_copier(&*f))
                 .map_err(|e| Error::io("thread", e))?,
         );
         let f = fs.clone();
         workers.push(
             std::thread::Builder::new()
                 .name("pairfs-destage".into())
-                .spawn(move || f.engine.run_destager(&f))
+                .spawn(move || f.engine.run_destager(&*f))
                 .map_err(|e| Error::io("thread", e))?,
         );
     }

@@ -150,7 +150,7 @@ impl MainFs {
     fn control_get(&self, ino: u64, name: &str) -> crate::Result<Vec<u8>> {
         if name == "pairs" {
             let mut out = String::new();
-            for s in self.fs.engine.all_status(&self.fs) {
+            for s in self.fs.engine.all_status(&*self.fs) {
                 out.push_str(&format!("{} path={}\n", s.line(), s.path));
             }
             return Ok(out.into_bytes());
@@ -160,7 +160,7 @@ impl MainFs {
                 "unknown control attribute {CONTROL_PREFIX}{name}"
             )));
         }
-        let line = match self.fs.engine.status_of(&self.fs, ino)? {
+        let line = match self.fs.engine.status_of(&*self.fs, ino)? {
             Some(s) => s.line(),
             None => "none".to_string(),
         };

@@ -8,8 +8,6 @@
 //! order, [`crate::core::locks`]); a caller holds no pair state lock (`Slot::p`) across a
 //! call.
 
-use std::sync::Arc;
-
 use crate::core::trackset::TrackSet;
 use crate::error::Result;
 use crate::meta::PairDelta;
@@ -57,53 +55,4 @@ pub trait Namespace: Sync {
     fn commit(&self, extra: Vec<PairDelta>) -> Result<()>;
     /// [`Namespace::commit`] with a full flush barrier of both images first.
     fn commit_destaged(&self, extra: Vec<PairDelta>) -> Result<()>;
-}
-
-impl<T: Namespace + Send> Namespace for Arc<T> {
-    fn check_writable(&self) -> Result<()> {
-        (**self).check_writable()
-    }
-    fn exists(&self, ino: u64) -> Result<bool> {
-        (**self).exists(ino)
-    }
-    fn pair_of(&self, ino: u64) -> Result<Option<PairId>> {
-        (**self).pair_of(ino)
-    }
-    fn members_of(&self, scope: Scope, id: PairId) -> Result<Vec<u64>> {
-        (**self).members_of(scope, id)
-    }
-    fn scope_tracks(&self, scope: Scope, id: PairId) -> Result<TrackSet> {
-        (**self).scope_tracks(scope, id)
-    }
-    fn freeze(&self, scope: Scope, id: PairId) -> Result<Vec<Frozen>> {
-        (**self).freeze(scope, id)
-    }
-    fn claim(
-        &self,
-        ino: u64,
-        register: &mut dyn FnMut(Scope, &str, TrackSet) -> PairId,
-    ) -> Result<PairId> {
-        (**self).claim(ino, register)
-    }
-    fn forget_pair(&self, id: PairId, unregister: &mut dyn FnMut()) {
-        (**self).forget_pair(id, unregister)
-    }
-    fn hand_over(&self, id: PairId, members: &[u64]) -> Result<()> {
-        (**self).hand_over(id, members)
-    }
-    fn pin_frozen(&self, id: PairId, tracks: &TrackSet) -> Result<()> {
-        (**self).pin_frozen(id, tracks)
-    }
-    fn apply_pins(&self, pins: &Pins) {
-        (**self).apply_pins(pins)
-    }
-    fn unused_count(&self, tracks: &TrackSet) -> u64 {
-        (**self).unused_count(tracks)
-    }
-    fn commit(&self, extra: Vec<PairDelta>) -> Result<()> {
-        (**self).commit(extra)
-    }
-    fn commit_destaged(&self, extra: Vec<PairDelta>) -> Result<()> {
-        (**self).commit_destaged(extra)
-    }
 }
