@@ -27,7 +27,7 @@ fn main() -> pairfs::Result<()> {
     fs.write(ino, 0, b"version 1: the numbers as of the split")?;
 
     // Freeze the copy: O(1), nothing is copied here.
-    fs.engine.control(&fs, ino, Op::Split)?;
+    fs.control(ino, Op::Split)?;
     // The application goes on writing; the old track is copied first.
     fs.write(ino, 0, b"version 2: newer numbers, after the split")?;
 
@@ -37,7 +37,7 @@ fn main() -> pairfs::Result<()> {
         .into_iter()
         .find(|o| o.2.ino == ino)
         .expect("a frozen copy");
-    let copy = fs.engine.read_frozen(&fs, pair, idx, 0, 4096)?;
+    let copy = fs.engine.read_frozen(pair, idx, 0, 4096)?;
     let now = fs.read(ino, 0, 4096)?;
     println!(
         "frozen copy ({}): {}",

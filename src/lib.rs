@@ -7,9 +7,12 @@
 //! ```text
 //!   cli/    command line, mount helper, status, fsck, man pages
 //!   fuse/   main_fs (live tree) and copy_fs (frozen copies): convert and reply, nothing else
-//!   snap/   pair state machine (pure), engine: copier, copy-on-write, frozen copies
-//!   core/   fs: POSIX namespace and data path; alloc, extent, inode, trackset (pure);
-//!           volfile: image headers, lock, open
+//!   core/   fs: the facade (POSIX namespace and data path; owns the barrier, the pipeline
+//!           and the engine; implements snap::namespace::Namespace); volfile: image
+//!           headers, lock, open
+//!   snap/   pair state machine (pure), engine: copier, copy-on-write, frozen view; sees
+//!           the namespace only through the Namespace trait (never imports core::fs)
+//!   core/   durability (the one sync and commit path), alloc, extent, inode, trackset
 //!   meta/   the metadata store (SQLite, batched commits)
 //!   store/  the Volume trait and its implementations (file, memory, faults, poisoning)
 //! ```

@@ -86,7 +86,7 @@ fn read_frozen(fs: &Fs, ino: u64) -> Option<Vec<u8>> {
     while (out.len() as u64) < f.attr.size {
         let d = fs
             .engine
-            .read_frozen(fs, pair, idx, out.len() as u64, 1 << 20)
+            .read_frozen(pair, idx, out.len() as u64, 1 << 20)
             .unwrap();
         assert!(!d.is_empty());
         out.extend(d);
@@ -283,7 +283,7 @@ fn workload(seed: u64, ops: usize) -> (usize, u64) {
             10 | 11 => {
                 let Some(f) = files.get(&i) else { continue };
                 let (ino, content) = (f.0, f.1.clone());
-                if fs.engine.control(&fs, ino, Op::Split).is_ok() {
+                if fs.control(ino, Op::Split).is_ok() {
                     frozen.insert(ino, content);
                     commit_all(&mut files);
                 }
@@ -291,7 +291,7 @@ fn workload(seed: u64, ops: usize) -> (usize, u64) {
             12 => {
                 let Some(f) = files.get(&i) else { continue };
                 let (ino, content) = (f.0, f.1.clone());
-                if fs.engine.control(&fs, ino, Op::Update).is_ok() {
+                if fs.control(ino, Op::Update).is_ok() {
                     frozen.insert(ino, content);
                     commit_all(&mut files);
                 }
@@ -304,7 +304,7 @@ fn workload(seed: u64, ops: usize) -> (usize, u64) {
                 } else {
                     Op::Release
                 };
-                if fs.engine.control(&fs, ino, op).is_ok() {
+                if fs.control(ino, op).is_ok() {
                     frozen.remove(&ino);
                     commit_all(&mut files);
                 }

@@ -91,11 +91,7 @@ fn frozen(fs: &Fs, ino: u64) -> Option<Vec<u8>> {
         .frozen_objects()
         .into_iter()
         .find(|o| o.2.ino == ino)?;
-    Some(
-        fs.engine
-            .read_frozen(fs, p, i, 0, f.attr.size as u32)
-            .unwrap(),
-    )
+    Some(fs.engine.read_frozen(p, i, 0, f.attr.size as u32).unwrap())
 }
 
 /// A volume whose first sync blocks until released and then fails.
@@ -175,7 +171,7 @@ fn a_failed_commit_keeps_pair_chunks_refuses_commits_and_leaves_the_volume_uncle
     let (_d, path, _vol, _copy, fs) = rig(256);
     let f = node(&fs, ROOT, "f", libc::S_IFREG);
     fs.write(f, 0, &vec![1u8; 4 * TS as usize]).unwrap();
-    fs.engine.control(&fs, f, Op::Pair).unwrap();
+    fs.control(f, Op::Pair).unwrap();
     // Recorded in the forming bitmap, to be committed with the next batch.
     fs.write(f, 8 * TS, &vec![2u8; 2 * TS as usize]).unwrap();
     assert!(fs.engine.any_dirty());
@@ -211,8 +207,8 @@ fn a_failed_copy_image_sync_fails_every_pair() {
     let b = node(&fs, ROOT, "b", libc::S_IFREG);
     fs.write(a, 0, &vec![1u8; 8 * TS as usize]).unwrap();
     fs.write(b, 0, &vec![2u8; 8 * TS as usize]).unwrap();
-    fs.engine.control(&fs, a, Op::Split).unwrap();
-    fs.engine.control(&fs, b, Op::Split).unwrap();
+    fs.control(a, Op::Split).unwrap();
+    fs.control(b, Op::Split).unwrap();
     // One copier round: both pairs' tracks are on the copy image, not yet synced.
     let mut cur = std::collections::BTreeMap::new();
     fs.engine.copy_round(&fs, &mut cur);
@@ -233,7 +229,7 @@ fn a_failed_copy_image_sync_fails_every_pair() {
     );
     // Recovery of `a` clears the image's poison; `b` must not confirm lost copies then.
     copy.set_faults(Faults::default());
-    fs.engine.control(&fs, a, Op::Update).unwrap();
+    fs.control(a, Op::Update).unwrap();
     while fs.engine.copy_round(&fs, &mut cur) > 0 {}
     assert!(frozen(&fs, b).is_none());
     assert_eq!(
@@ -249,20 +245,20 @@ fn releasing_a_directory_pair_hands_moved_files_to_the_enclosing_pair() {
     let c = node(&fs, ROOT, "c", libc::S_IFDIR);
     let f = node(&fs, a, "f", libc::S_IFREG);
     fs.write(f, 0, &vec![1u8; 4 * TS as usize]).unwrap();
-    fs.engine.control(&fs, a, Op::Pair).unwrap();
-    fs.engine.control(&fs, c, Op::Pair).unwrap();
+    fs.control(a, Op::Pair).unwrap();
+    fs.control(c, Op::Pair).unwrap();
     let mut cur = std::collections::BTreeMap::new();
     while fs.engine.copy_round(&fs, &mut cur) > 0 {}
     // f moves from A's scope into C's; it stays A's until A is released.
     fs.rename(a, b"f", c, b"f", 0).unwrap();
     fs.write(f, 0, &vec![2u8; 4 * TS as usize]).unwrap();
-    fs.engine.control(&fs, a, Op::Release).unwrap();
+    fs.control(a, Op::Release).unwrap();
     fs.shutdown().unwrap();
     drop(fs);
     // At the next mount C claims f (it lies beneath C).
     let fs = open(&path, &vol, &copy);
     while fs.engine.copy_round(&fs, &mut cur) > 0 {}
-    fs.engine.control(&fs, c, Op::Split).unwrap();
+    fs.control(c, Op::Split).unwrap();
     while fs.engine.copy_round(&fs, &mut cur) > 0 {}
     fs.write(f, 0, &vec![3u8; 4 * TS as usize]).unwrap();
     assert_eq!(
@@ -279,8 +275,8 @@ fn a_file_moved_between_directory_pairs_is_recorded_for_the_pair_the_remount_giv
     let c = node(&fs, ROOT, "c", libc::S_IFDIR);
     let f = node(&fs, a, "f", libc::S_IFREG);
     fs.write(f, 0, &vec![1u8; 4 * TS as usize]).unwrap();
-    fs.engine.control(&fs, a, Op::Pair).unwrap();
-    fs.engine.control(&fs, c, Op::Pair).unwrap();
+    fs.control(a, Op::Pair).unwrap();
+    fs.control(c, Op::Pair).unwrap();
     let mut cur = std::collections::BTreeMap::new();
     while fs.engine.copy_round(&fs, &mut cur) > 0 {}
     // f moves from A's scope into C's and is rewritten; A (no frozen copy) records it.
@@ -291,7 +287,7 @@ fn a_file_moved_between_directory_pairs_is_recorded_for_the_pair_the_remount_giv
     // The next mount gives f to C, the pair whose scope holds it. C splits and f is
     // overwritten at once: only a copy-on-write keeps the split-time bytes.
     let fs = open(&path, &vol, &copy);
-    fs.engine.control(&fs, c, Op::Split).unwrap();
+    fs.control(c, Op::Split).unwrap();
     fs.write(f, 0, &vec![3u8; 4 * TS as usize]).unwrap();
     while fs.engine.copy_round(&fs, &mut cur) > 0 {}
     assert_eq!(
@@ -308,8 +304,8 @@ fn after_a_crash_the_pair_a_file_left_does_not_copy_over_the_new_pairs_frozen_co
     let c = node(&fs, ROOT, "c", libc::S_IFDIR);
     let f = node(&fs, a, "f", libc::S_IFREG);
     fs.write(f, 0, &vec![1u8; 4 * TS as usize]).unwrap();
-    fs.engine.control(&fs, a, Op::Pair).unwrap();
-    fs.engine.control(&fs, c, Op::Pair).unwrap();
+    fs.control(a, Op::Pair).unwrap();
+    fs.control(c, Op::Pair).unwrap();
     let mut cur = std::collections::BTreeMap::new();
     while fs.engine.copy_round(&fs, &mut cur) > 0 {}
     fs.rename(a, b"f", c, b"f", 0).unwrap();
@@ -318,7 +314,7 @@ fn after_a_crash_the_pair_a_file_left_does_not_copy_over_the_new_pairs_frozen_co
     fs.commit(Vec::new()).unwrap();
     drop(fs);
     let fs = open(&path, &vol, &copy);
-    fs.engine.control(&fs, c, Op::Split).unwrap();
+    fs.control(c, Op::Split).unwrap();
     fs.write(f, 0, &vec![3u8; 4 * TS as usize]).unwrap();
     // A's copier must not copy f's new bytes over C's frozen copy of them.
     while fs.engine.copy_round(&fs, &mut cur) > 0 {}
@@ -373,7 +369,7 @@ fn a_further_sink_gets_every_durability_point_in_order() {
         vec!["sync".to_string(), "commit 2 inodes 0 pairs".to_string()]
     );
     // A pair-only commit (copy-on-write clears bits) reaches it too, data first.
-    fs.engine.control(&fs, f, Op::Split).unwrap();
+    fs.control(f, Op::Split).unwrap();
     sink.log.lock().unwrap().clear();
     fs.write(f, 0, &vec![2u8; TS as usize]).unwrap();
     // Staged copy-on-write: the destage round syncs and commits the cleared bits.

@@ -65,11 +65,7 @@ fn frozen(fs: &Fs, ino: u64) -> Option<Vec<u8>> {
         .frozen_objects()
         .into_iter()
         .find(|o| o.2.ino == ino)?;
-    Some(
-        fs.engine
-            .read_frozen(fs, p, i, 0, f.attr.size as u32)
-            .unwrap(),
-    )
+    Some(fs.engine.read_frozen(p, i, 0, f.attr.size as u32).unwrap())
 }
 
 fn state(fs: &Fs, ino: u64) -> String {
@@ -85,7 +81,7 @@ fn copy_image_failure_puts_the_pair_in_error_and_update_recovers() {
     let r = rig(256);
     let ino = file(&r.fs, "db");
     r.fs.write(ino, 0, &vec![1u8; 8 * TS as usize]).unwrap();
-    r.fs.engine.control(&r.fs, ino, Op::Split).unwrap();
+    r.fs.control(ino, Op::Split).unwrap();
     // The copy image fails: the copy-on-write of the next write cannot be made.
     r.copy.set_faults(Faults {
         write: true,
@@ -110,7 +106,7 @@ fn copy_image_failure_puts_the_pair_in_error_and_update_recovers() {
     assert!(r.copy.injected() > 0);
     // Fault cleared: update recovers; the copy is the file as of the update.
     r.copy.set_faults(Faults::default());
-    r.fs.engine.control(&r.fs, ino, Op::Update).unwrap();
+    r.fs.control(ino, Op::Update).unwrap();
     r.fs.write(ino, TS, &vec![3u8; TS as usize]).unwrap();
     let mut c = std::collections::BTreeMap::new();
     while r.fs.engine.copy_round(&r.fs, &mut c) > 0 {}
@@ -136,7 +132,7 @@ fn a_full_copy_image_fails_the_pair_not_the_host() {
         full: true,
         ..Faults::default()
     });
-    r.fs.engine.control(&r.fs, ino, Op::Split).unwrap();
+    r.fs.control(ino, Op::Split).unwrap();
     let mut c = std::collections::BTreeMap::new();
     r.fs.engine.copy_round(&r.fs, &mut c);
     assert!(
@@ -146,7 +142,7 @@ fn a_full_copy_image_fails_the_pair_not_the_host() {
     );
     r.fs.write(ino, 0, b"still writable").unwrap();
     r.copy.set_faults(Faults::default());
-    r.fs.engine.control(&r.fs, ino, Op::Resync).unwrap();
+    r.fs.control(ino, Op::Resync).unwrap();
     while r.fs.engine.copy_round(&r.fs, &mut c) > 0 {}
     assert!(
         state(&r.fs, ino).starts_with("formed"),
@@ -211,7 +207,7 @@ fn pinned_space_is_counted_and_freed_by_release() {
     let r = rig(64);
     let ino = file(&r.fs, "f");
     r.fs.write(ino, 0, &vec![1u8; 10 * TS as usize]).unwrap();
-    r.fs.engine.control(&r.fs, ino, Op::Split).unwrap();
+    r.fs.control(ino, Op::Split).unwrap();
     r.fs.truncate(ino, 0).unwrap();
     r.fs.commit(Vec::new()).unwrap();
     let free_pinned = r.fs.statfs().free;
@@ -222,7 +218,7 @@ fn pinned_space_is_counted_and_freed_by_release() {
     );
     assert!(state(&r.fs, ino).contains(&format!("pinned_bytes={}", 10 * TS)));
     assert_eq!(frozen(&r.fs, ino).unwrap(), vec![1u8; 10 * TS as usize]);
-    r.fs.engine.control(&r.fs, ino, Op::Release).unwrap();
+    r.fs.control(ino, Op::Release).unwrap();
     assert_eq!(r.fs.statfs().free, 64 - 1);
 }
 
@@ -243,10 +239,10 @@ fn a_file_with_its_own_pair_moved_into_a_paired_directory_keeps_its_pair() {
     r.fs.write(g, 0, &vec![4u8; 2 * TS as usize]).unwrap();
     let f = file(&r.fs, "f");
     r.fs.write(f, 0, &vec![7u8; 3 * TS as usize]).unwrap();
-    r.fs.engine.control(&r.fs, f, Op::Split).unwrap();
-    r.fs.engine.control(&r.fs, d, Op::Pair).unwrap();
+    r.fs.control(f, Op::Split).unwrap();
+    r.fs.control(d, Op::Pair).unwrap();
     r.fs.rename(ROOT, b"f", d, b"f", 0).unwrap();
-    r.fs.engine.control(&r.fs, d, Op::Split).unwrap();
+    r.fs.control(d, Op::Split).unwrap();
     let frozen_d: Vec<u64> =
         r.fs.engine
             .frozen_objects()
@@ -262,7 +258,7 @@ fn a_file_with_its_own_pair_moved_into_a_paired_directory_keeps_its_pair() {
     // file's own frozen copy.
     let mut cur = std::collections::BTreeMap::new();
     while r.fs.engine.copy_round(&r.fs, &mut cur) > 0 {}
-    r.fs.engine.control(&r.fs, d, Op::Release).unwrap();
+    r.fs.control(d, Op::Release).unwrap();
     r.fs.write(f, 0, &vec![8u8; 3 * TS as usize]).unwrap();
     let x = file(&r.fs, "x");
     r.fs.write(x, 0, &vec![9u8; 200 * TS as usize]).unwrap();

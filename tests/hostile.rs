@@ -75,7 +75,7 @@ fn sample(dir: &Path) -> Paths {
     }
     fs.create_node(c, d, b"s", libc::S_IFLNK | 0o777, 0, Some(b"f0".to_vec()))
         .unwrap();
-    fs.engine.control(&fs, d, Op::Split).unwrap();
+    fs.control(d, Op::Split).unwrap();
     fs.shutdown().unwrap();
     drop((fs, lock));
     p
@@ -102,7 +102,7 @@ fn walk(p: &Paths) -> Result<(), String> {
         }
     }
     for o in fs.engine.frozen_objects() {
-        let _ = fs.engine.read_frozen(&fs, o.0, o.1, 0, 1 << 16);
+        let _ = fs.engine.read_frozen(o.0, o.1, 0, 1 << 16);
     }
     let _ = fs.engine.all_status(&fs);
     let mut c = std::collections::BTreeMap::new();

@@ -219,7 +219,7 @@ fn a_split_directory_member_loaded_again_still_keeps_its_frozen_data() {
         .row
         .ino;
     fs.write(g, 0, &[7u8; TS as usize]).unwrap();
-    fs.engine.control(&fs, d, Op::Split).unwrap();
+    fs.control(d, Op::Split).unwrap();
     // Moved out of the directory after the split: still a member (its frozen map).
     fs.rename(d, b"g", ROOT, b"g", 0).unwrap();
     fs.commit(Vec::new()).unwrap();
@@ -242,7 +242,7 @@ fn a_split_directory_member_loaded_again_still_keeps_its_frozen_data() {
             .find(|o| o.2.ino == ino)
             .unwrap();
         fs.engine
-            .read_frozen(&fs, id, idx, 0, o.attr.size as u32)
+            .read_frozen(id, idx, 0, o.attr.size as u32)
             .unwrap()
     };
     assert_eq!(frozen(f), vec![1u8; 3 * TS as usize]);

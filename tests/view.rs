@@ -34,12 +34,12 @@ fn view_is_shared_until_the_frozen_set_changes() {
     fs.setxattr(b, b"user.x", b"1", 0).unwrap();
     fs.setxattr(d, b"user.pairfs.ignored", b"-", 0).ok();
 
-    let empty = fs.engine.view(fs.ts);
+    let empty = fs.engine.view(fs.track_size);
     assert_eq!(empty.len(), 1, "only the root before any split");
-    fs.engine.control(&fs, d, Op::Split).unwrap();
-    let v1 = fs.engine.view(fs.ts);
+    fs.control(d, Op::Split).unwrap();
+    let v1 = fs.engine.view(fs.track_size);
     assert!(
-        Arc::ptr_eq(&v1, &fs.engine.view(fs.ts)),
+        Arc::ptr_eq(&v1, &fs.engine.view(fs.track_size)),
         "the same view is handed out until the frozen set changes"
     );
     assert!(v1.generation() > empty.generation());
@@ -55,23 +55,20 @@ fn view_is_shared_until_the_frozen_set_changes() {
     let Content::File { pair, idx, ino } = v1.lookup(vd, b"b").unwrap().content else {
         panic!("b is a file");
     };
-    let read = |idx| {
-        fs.engine
-            .read_frozen_of(&fs, (pair, idx, Some(ino)), 0, 100)
-    };
+    let read = |idx| fs.engine.read_frozen_of((pair, idx, Some(ino)), 0, 100);
     assert_eq!(read(idx).unwrap(), b"BBBB");
 
     // Live changes do not reach the view; the update does, as a new view.
     fs.write(b, 0, b"bbbbbbbb").unwrap();
     fs.unlink(d, b"a", false).unwrap();
-    assert!(Arc::ptr_eq(&v1, &fs.engine.view(fs.ts)));
+    assert!(Arc::ptr_eq(&v1, &fs.engine.view(fs.track_size)));
     assert_eq!(read(idx).unwrap(), b"BBBB");
     // The write was staged (copy-on-write without waiting); let the copier finish the
     // split's copy so the pair can be updated.
     let mut cursors = std::collections::BTreeMap::new();
     while fs.engine.copy_round(&fs, &mut cursors) > 0 {}
-    fs.engine.control(&fs, d, Op::Update).unwrap();
-    let v2 = fs.engine.view(fs.ts);
+    fs.control(d, Op::Update).unwrap();
+    let v2 = fs.engine.view(fs.track_size);
     assert!(!Arc::ptr_eq(&v1, &v2));
     assert!(v2.lookup(vd, b"a").is_none());
     let Content::File { idx: idx2, .. } = v2.lookup(vd, b"b").unwrap().content else {
@@ -88,7 +85,11 @@ fn view_is_shared_until_the_frozen_set_changes() {
     assert_eq!(stale.errno(), libc::ESTALE, "{stale}");
     assert_eq!(read(idx2).unwrap(), b"bbbbbbbb");
 
-    fs.engine.control(&fs, d, Op::Release).unwrap();
-    assert_eq!(fs.engine.view(fs.ts).len(), 1, "released: only the root");
+    fs.control(d, Op::Release).unwrap();
+    assert_eq!(
+        fs.engine.view(fs.track_size).len(),
+        1,
+        "released: only the root"
+    );
     fs.shutdown().unwrap();
 }

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use fuser::{Config, MountOption, SessionACL};
 
 use crate::cli::args::{Cli, Cmd, Gen, VolumeArgs};
+pub use crate::cli::status::{getxattr_state, pairfs_mounts};
 use crate::core::fs::Options;
 use crate::core::inode::AtimePolicy;
 use crate::core::volfile::{self, Paths};
@@ -463,55 +464,6 @@ pub fn unmount(p: &Path, lazy: bool) -> Result<()> {
     }
 }
 
-/// Whether `p` starts with the magic of a pairfs volume image.
-fn is_volume(p: &Path) -> bool {
-    let mut magic = [0u8; 8];
-    std::fs::File::open(p)
-        .and_then(|mut f| f.read_exact(&mut magic))
-        .is_ok()
-        && &magic == b"PAIRFSV1"
-}
-
-/// The pairfs mounts in /proc/self/mountinfo: (mountpoint, `pairfs:VOLUME` with a
-/// `:copy` or `:snapshot` suffix for those mounts).
-pub fn pairfs_mounts() -> Vec<(PathBuf, String)> {
-    let Ok(s) = std::fs::read_to_string("/proc/self/mountinfo") else {
-        return Vec::new();
-    };
-    let mut out = Vec::new();
-    for line in s.lines() {
-        let f: Vec<&str> = line.split(' ').collect();
-        let Some(dash) = f.iter().position(|x| *x == "-") else {
-            continue;
-        };
-        let fstype = f.get(dash + 1).copied().unwrap_or("");
-        let source = f.get(dash + 2).copied().unwrap_or("");
-        // Main mounts show the volume path (older versions `pairfs:PATH`), copy and
-        // snapshot mounts `pairfs:PATH:copy` and `pairfs:PATH:snapshot`. The type is
-        // `fuse` when mounted by root (mount(2) has no subtype), `fuse.pairfs` through
-        // fusermount3; a plain path is ours if it is a pairfs volume.
-        if (fstype != "fuse" && fstype != "fuse.pairfs") || f.len() <= 4 {
-            continue;
-        }
-        let unescape = |x: &str| {
-            x.replace("\\040", " ")
-                .replace("\\011", "\t")
-                .replace("\\012", "\n")
-                .replace("\\134", "\\")
-        };
-        let src = unescape(source);
-        let src = if src.starts_with("pairfs:") {
-            src
-        } else if src.starts_with('/') && is_volume(Path::new(&src)) {
-            format!("pairfs:{src}")
-        } else {
-            continue;
-        };
-        out.push((PathBuf::from(unescape(f[4])), src));
-    }
-    out
-}
-
 fn umount_and_wait(mnt: &Path) -> Result<()> {
     let mnt = std::fs::canonicalize(mnt).unwrap_or_else(|_| mnt.to_path_buf());
     let src = pairfs_mounts()
@@ -883,14 +835,14 @@ fn serve(spec: MountSpec, mut ready: Option<std::fs::File>) -> Result<u8> {
         workers.push(
             std::thread::Builder::new()
                 .name("pairfs-copier".into())
-                .spawn(move || f.engine.run_copier(&f))
+                .spawn(move || f.engine.run_copier(&*f))
                 .map_err(|e| Error::io("thread", e))?,
         );
         let f = fs.clone();
         workers.push(
             std::thread::Builder::new()
                 .name("pairfs-destage".into())
-                .spawn(move || f.engine.run_destager(&f))
+                .spawn(move || f.engine.run_destager(&*f))
                 .map_err(|e| Error::io("thread", e))?,
         );
     }
@@ -1020,32 +972,6 @@ pub fn setxattr_control(path: &Path, op: &str) -> Result<()> {
         )));
     }
     Ok(())
-}
-
-/// Reads `user.pairfs.state` of a path.
-pub fn getxattr_state(path: &Path) -> Result<String> {
-    let c =
-        CString::new(path.as_os_str().as_bytes()).map_err(|_| Error::invalid("path with NUL"))?;
-    let name = CString::new("user.pairfs.state").expect("no NUL");
-    let mut buf = vec![0u8; 4096];
-    // SAFETY: valid C strings and a buffer of the length passed.
-    let n = unsafe {
-        libc::getxattr(
-            c.as_ptr(),
-            name.as_ptr(),
-            buf.as_mut_ptr().cast(),
-            buf.len(),
-        )
-    };
-    if n < 0 {
-        return Err(Error::invalid(format!(
-            "{}: {} (not on a pairfs mount?)",
-            path.display(),
-            std::io::Error::last_os_error()
-        )));
-    }
-    buf.truncate(n as usize);
-    Ok(String::from_utf8_lossy(&buf).into_owned())
 }
 
 fn control(path: &Path, op: &str, wait: bool) -> Result<u8> {

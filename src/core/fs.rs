@@ -1,7 +1,12 @@
 //! The filesystem core: POSIX operations on cached inodes (loaded from SQLite on demand,
-//! evicted when the kernel forgets them or over a budget; see [`State`]), data on a
+//! evicted when the kernel forgets them or over a budget; see [`NamespaceState`]), data on a
 //! [`Volume`], metadata committed to SQLite in batches. No FUSE types here: every operation takes
 //! plain arguments and returns [`Result`]; `fuse_main` converts and replies.
+//!
+//! [`Fs`] is the facade: it owns the namespace, the images, the barrier (split instants:
+//! [`Fs::control`]), the durability pipeline and the pair engine, which it builds with its
+//! handles and calls with itself as the engine's
+//! [`crate::snap::namespace::Namespace`] (implemented at the end of this file).
 //!
 //! Concurrency: the lock order is in [`crate::core::locks`]. Data I/O runs with only the
 //! barrier and the inode's `data_lock` held.
@@ -17,15 +22,18 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use crate::core::alloc::Allocator;
 use crate::core::durability::{BatchSource, Durability};
 use crate::core::extent::{Extent, Segment};
 use crate::core::inode::{AtimePolicy, Inode};
+use crate::core::trackset::TrackSet;
 use crate::error::{Error, Result};
 use crate::meta::{Batch, Geometry, InodeLoad, InodeRow, Loaded, Meta, PairDelta, Reader};
-use crate::snap::engine::{Engine, Piece};
+use crate::snap::engine::{Engine, Handles, Op, Piece};
+use crate::snap::namespace::Namespace;
+use crate::snap::pair::{Frozen, FrozenAttr, FrozenKind, PairId, Pins, Scope};
 use crate::store::volume::{Checked, Volume};
 
 /// Root inode number.
@@ -54,12 +62,7 @@ pub const XATTR_SIZE_MAX: usize = 65536;
 /// mount checks it and rename refuses to create one, so this only bounds the work).
 pub const MAX_DEPTH: usize = 100_000;
 
-/// Now, in ns since the epoch.
-pub fn now_ns() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as i64)
-}
+pub use crate::core::now_ns;
 
 /// Who is asking.
 #[derive(Debug, Clone, Copy, Default)]
@@ -127,7 +130,7 @@ pub(crate) struct Dirty {
 /// ([`Fs::forget`]) or the cache is over its budget ([`Fs::shrink`]). A dirty or
 /// committing inode is always cached, so the database plus the cache is the truth;
 /// a directory in the cache always holds all its entries.
-pub struct State {
+pub struct NamespaceState {
     /// Cached inodes by number.
     pub inodes: HashMap<u64, Inode>,
     /// Track allocator.
@@ -156,7 +159,7 @@ pub struct State {
     pub(crate) shrink_at: usize,
 }
 
-impl State {
+impl NamespaceState {
     /// An inode or ENOENT.
     pub fn get(&self, ino: u64) -> Result<&Inode> {
         self.inodes
@@ -248,19 +251,19 @@ pub struct Fs {
     /// Geometry.
     pub geo: Geometry,
     /// Track size.
-    pub ts: u64,
+    pub track_size: u64,
     /// The volume image.
     pub vol: Arc<Checked>,
     /// The copy image.
     pub copy: Arc<Checked>,
-    /// State.
-    pub st: Mutex<State>,
+    /// The namespace: cached inodes, allocator, handles (lock 6 in [`crate::core::locks`]).
+    pub namespace: Mutex<NamespaceState>,
     /// Split instants take this exclusively; every data-changing operation shares it.
     pub barrier: RwLock<()>,
     /// The metadata store.
     pub meta: Arc<Mutex<Meta>>,
     /// Every data sync and metadata commit goes through here.
-    pub durability: Durability,
+    pub durability: Arc<Durability>,
     /// Which files changed shape (extents, size) since which commit: `fdatasync` of a
     /// file whose shape is committed only needs its data synced.
     layout: Mutex<Layout>,
@@ -321,7 +324,7 @@ impl Fs {
             Some(r) if r.row.kind == libc::S_IFDIR => {}
             _ => return Err(Error::Corrupt("the root directory is missing".into())),
         }
-        let mut st = State {
+        let mut st = NamespaceState {
             inodes: HashMap::new(),
             alloc,
             next_ino: loaded.next_ino.max(2),
@@ -352,17 +355,27 @@ impl Fs {
         let vol = Arc::new(Checked::new(vol, "volume"));
         let copy = Arc::new(Checked::new(copy, "copy image"));
         let meta = Arc::new(Mutex::new(meta));
+        let durability = Arc::new(Durability::new(vol.clone(), copy.clone(), meta.clone()));
+        let engine = Engine::new(Handles {
+            vol: vol.clone(),
+            copy: copy.clone(),
+            track_size: ts,
+            durability: durability.clone(),
+            meta: meta.clone(),
+            copy_path: opts.copy_path.clone(),
+            snapshot_path: snapshot_path(&opts),
+        });
         let fs = Fs {
             geo,
-            ts,
-            durability: Durability::new(vol.clone(), copy.clone(), meta.clone()),
+            track_size: ts,
+            durability,
             layout: Mutex::new(Layout::default()),
             vol,
             copy,
-            st: Mutex::new(st),
+            namespace: Mutex::new(st),
             barrier: RwLock::new(()),
             meta,
-            engine: Engine::default(),
+            engine,
             opts,
             stop: Mutex::new(false),
             stop_cv: Condvar::new(),
@@ -374,13 +387,37 @@ impl Fs {
         Ok(fs)
     }
 
+    /// Runs a pair control operation on inode `ino` (`user.pairfs.<op>`). Split
+    /// instants belong to the facade: it takes the write barrier, so no host change is
+    /// in flight, and the engine runs the operation under it.
+    pub fn control(&self, ino: u64, op: Op) -> Result<()> {
+        Fs::check_readonly(&self.opts)?;
+        let b = self.barrier.write().unwrap_or_else(|p| p.into_inner());
+        self.engine.control(self, &b, ino, op)
+    }
+
+    /// Runs `op` on pair `id` directly, e.g. to release a pair whose file was deleted
+    /// (`setfattr -n user.pairfs.release -v ID MOUNTPOINT`).
+    pub fn control_id(&self, id: PairId, op: Op) -> Result<()> {
+        Fs::check_readonly(&self.opts)?;
+        let b = self.barrier.write().unwrap_or_else(|p| p.into_inner());
+        self.engine.control_id(self, &b, id, op)
+    }
+
+    fn check_readonly(opts: &Options) -> Result<()> {
+        if opts.readonly {
+            return Err(Error::ReadOnly);
+        }
+        Ok(())
+    }
+
     /// Locks the state.
-    pub fn state(&self) -> MutexGuard<'_, State> {
-        self.st.lock().unwrap_or_else(|p| p.into_inner())
+    pub fn state(&self) -> MutexGuard<'_, NamespaceState> {
+        self.namespace.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Locks the state with `ino` in the cache.
-    pub fn state_with(&self, ino: u64) -> Result<MutexGuard<'_, State>> {
+    pub fn state_with(&self, ino: u64) -> Result<MutexGuard<'_, NamespaceState>> {
         let mut st = self.state();
         self.want(&mut st, ino)?;
         Ok(st)
@@ -389,7 +426,7 @@ impl Fs {
     /// True if `dir` is `a` or one of its ancestors (loading uncached ancestors). The
     /// walk is bounded by [`MAX_DEPTH`]; a longer chain can only be a corrupt tree and
     /// is refused.
-    fn is_ancestor(&self, st: &mut State, dir: u64, mut a: u64) -> Result<bool> {
+    fn is_ancestor(&self, st: &mut NamespaceState, dir: u64, mut a: u64) -> Result<bool> {
         for _ in 0..MAX_DEPTH {
             if a == dir {
                 return Ok(true);
@@ -407,7 +444,7 @@ impl Fs {
 
     /// Brings `ino` into the cache, reading it (and any uncached ancestors, so that its
     /// pair can be inherited) from the database. ENOENT if there is no such inode.
-    pub fn want(&self, st: &mut State, ino: u64) -> Result<()> {
+    pub fn want(&self, st: &mut NamespaceState, ino: u64) -> Result<()> {
         if st.inodes.contains_key(&ino) {
             return Ok(());
         }
@@ -458,7 +495,7 @@ impl Fs {
     }
 
     /// Like [`Fs::want`], but Ok(false) if the inode does not exist.
-    pub fn try_want(&self, st: &mut State, ino: u64) -> Result<bool> {
+    pub fn try_want(&self, st: &mut NamespaceState, ino: u64) -> Result<bool> {
         match self.want(st, ino) {
             Ok(()) => Ok(true),
             Err(Error::NotFound(_)) => Ok(false),
@@ -467,7 +504,7 @@ impl Fs {
     }
 
     /// Checks and caches one fetched inode; its parent is cached already.
-    fn install(&self, st: &mut State, f: Fetched) -> Result<()> {
+    fn install(&self, st: &mut NamespaceState, f: Fetched) -> Result<()> {
         let ino = f.load.row.ino;
         let mut i = Inode::new(f.load.row);
         if ino == ROOT && !i.is_dir() {
@@ -508,7 +545,12 @@ impl Fs {
     /// Scope membership of an inode being loaded: the pair whose scope it is the top
     /// of, else the pair whose committed frozen map holds it (most specific scope,
     /// then lowest id), else its parent directory's pair.
-    fn derive_pair(&self, st: &State, ino: u64, parent: Option<u64>) -> Result<Option<u64>> {
+    fn derive_pair(
+        &self,
+        st: &NamespaceState,
+        ino: u64,
+        parent: Option<u64>,
+    ) -> Result<Option<u64>> {
         if !self.engine.has_pairs() {
             return Ok(None);
         }
@@ -548,7 +590,7 @@ impl Fs {
 
     /// Counts what forgets freed; every so often hands freed heap back to the system
     /// (the kernel forgets in bursts, e.g. when it drops its caches).
-    fn freed_weight(&self, mut st: MutexGuard<'_, State>, n: u64) {
+    fn freed_weight(&self, mut st: MutexGuard<'_, NamespaceState>, n: u64) {
         const TRIM_EVERY: u64 = 16384;
         let before = self.forgotten.fetch_add(n, Ordering::Relaxed);
         if before / TRIM_EVERY != (before + n) / TRIM_EVERY {
@@ -581,7 +623,7 @@ impl Fs {
 
     /// Over budget, evicts clean inodes down to three quarters of it. Call only where
     /// no caller relies on an inode staying cached (end of an operation).
-    pub fn shrink(&self, st: &mut State) {
+    pub fn shrink(&self, st: &mut NamespaceState) {
         // (Table capacity is given back in `freed_weight`, on the kernel's forgets.)
         if st.weight() <= st.shrink_at {
             return;
@@ -606,7 +648,7 @@ impl Fs {
     }
 
     /// Path of an inode relative to the root (`a/b`), following first links.
-    pub fn path_of(&self, st: &mut State, mut ino: u64) -> Result<String> {
+    pub fn path_of(&self, st: &mut NamespaceState, mut ino: u64) -> Result<String> {
         let mut parts = Vec::new();
         let mut guard = 0;
         while ino != ROOT && guard < 1 << 16 {
@@ -625,7 +667,7 @@ impl Fs {
     }
 
     /// Every inode beneath (and including) `top`, breadth first, all left cached.
-    pub fn subtree(&self, st: &mut State, top: u64) -> Result<Vec<u64>> {
+    pub fn subtree(&self, st: &mut NamespaceState, top: u64) -> Result<Vec<u64>> {
         let mut out = Vec::new();
         self.walk(st, top, false, |ino, _| out.push(ino))?;
         Ok(out)
@@ -636,7 +678,7 @@ impl Fs {
     /// visitor must not rely on earlier inodes staying cached).
     pub fn walk(
         &self,
-        st: &mut State,
+        st: &mut NamespaceState,
         top: u64,
         shrink: bool,
         mut f: impl FnMut(u64, &Inode),
@@ -675,7 +717,7 @@ impl Fs {
     fn attr_of(&self, i: &Inode) -> Attr {
         Attr {
             row: i.row.clone(),
-            allocated: i.extents.tracks() * self.ts,
+            allocated: i.extents.tracks() * self.track_size,
         }
     }
 
@@ -859,7 +901,7 @@ impl Fs {
         Ok(())
     }
 
-    fn remove_entry(&self, st: &mut State, parent: u64, name: &[u8], ino: u64, now: i64) {
+    fn remove_entry(&self, st: &mut NamespaceState, parent: u64, name: &[u8], ino: u64, now: i64) {
         let is_dir = st.inodes[&ino].is_dir();
         let p = st.inodes.get_mut(&parent).expect("parent exists");
         p.dir.as_mut().expect("dir").remove(name);
@@ -885,7 +927,7 @@ impl Fs {
     }
 
     /// Frees an inode with no names and no open handles.
-    fn maybe_free(&self, st: &mut State, ino: u64) {
+    fn maybe_free(&self, st: &mut NamespaceState, ino: u64) {
         let Some(i) = st.inodes.get(&ino) else { return };
         if i.row.nlink > 0 || i.open > 0 || !i.links.is_empty() {
             return;
@@ -1139,7 +1181,7 @@ impl Fs {
         let _b = self.barrier.read().unwrap_or_else(|p| p.into_inner());
         let dl = self.data_lock(ino)?;
         let _d = dl.write().unwrap_or_else(|p| p.into_inner());
-        let ts = self.ts;
+        let ts = self.track_size;
         let now = now_ns();
         let (zero, pid) = {
             let mut st = self.state();
@@ -1211,7 +1253,7 @@ impl Fs {
             let zeros = vec![0u8; len as usize];
             // A staged track takes the zeros in memory (its newer content is there).
             if !self.engine.patch_staged(v, off, &zeros) {
-                self.vol.write_at(v * self.ts + off, &zeros)?;
+                self.vol.write_at(v * self.track_size + off, &zeros)?;
             }
         }
         if let Some(pid) = pid {
@@ -1221,7 +1263,7 @@ impl Fs {
     }
 
     /// Unmaps file tracks `[f, f+n)`, freeing them. Returns the volume tracks freed.
-    fn unmap(&self, st: &mut State, ino: u64, f: u64, n: u64) -> Result<Vec<u64>> {
+    fn unmap(&self, st: &mut NamespaceState, ino: u64, f: u64, n: u64) -> Result<Vec<u64>> {
         let runs = st.get_mut(ino)?.extents.remove(f, n);
         if !runs.is_empty() {
             self.layout_changed(ino);
@@ -1237,7 +1279,7 @@ impl Fs {
 
     /// Maps every hole of file tracks `[f0, f0+n)` to new, zeroed tracks. Returns the
     /// volume tracks allocated.
-    fn map_range(&self, st: &mut State, ino: u64, f0: u64, n: u64) -> Result<Vec<u64>> {
+    fn map_range(&self, st: &mut NamespaceState, ino: u64, f0: u64, n: u64) -> Result<Vec<u64>> {
         let holes: Vec<Segment> = st
             .get(ino)?
             .extents
@@ -1263,7 +1305,7 @@ impl Fs {
                 // to overwrite whole: until that write lands (or if it fails, or the
                 // extent is committed first and we crash) readers must see zeros, never
                 // the data of the file that had the track before.
-                self.vol.discard(v * self.ts, l * self.ts)?;
+                self.vol.discard(v * self.track_size, l * self.track_size)?;
                 self.engine.drop_staged(v..v + l);
                 st.get_mut(ino)?.extents.insert(f, v, l);
                 new.extend(v..v + l);
@@ -1278,7 +1320,7 @@ impl Fs {
         self.engine.host_io();
         let dl = self.data_lock(ino)?;
         let _d = dl.read().unwrap_or_else(|p| p.into_inner());
-        let ts = self.ts;
+        let ts = self.track_size;
         let (segs, len) = {
             let st = self.state();
             let i = st.get(ino)?;
@@ -1366,7 +1408,7 @@ impl Fs {
         let _b = self.barrier.read().unwrap_or_else(|p| p.into_inner());
         let dl = self.data_lock(ino)?;
         let _d = dl.read().unwrap_or_else(|p| p.into_inner());
-        let ts = self.ts;
+        let ts = self.track_size;
         let f0 = off / ts;
         let f1 = (end - 1) / ts;
         let now = now_ns();
@@ -1456,7 +1498,7 @@ impl Fs {
         let _b = self.barrier.read().unwrap_or_else(|p| p.into_inner());
         let dl = self.data_lock(ino)?;
         let _d = dl.write().unwrap_or_else(|p| p.into_inner());
-        let ts = self.ts;
+        let ts = self.track_size;
         let now = now_ns();
         let mut st = self.state();
         if !st.get(ino)?.is_file() {
@@ -1488,7 +1530,7 @@ impl Fs {
         let _b = self.barrier.read().unwrap_or_else(|p| p.into_inner());
         let dl = self.data_lock(ino)?;
         let _d = dl.write().unwrap_or_else(|p| p.into_inner());
-        let ts = self.ts;
+        let ts = self.track_size;
         let mut zeros = Vec::new();
         let pid = {
             let mut st = self.state();
@@ -1544,7 +1586,7 @@ impl Fs {
         if off >= size {
             return Err(Error::NoSuchOffset);
         }
-        let ts = self.ts;
+        let ts = self.track_size;
         match whence {
             libc::SEEK_DATA => {
                 let f = i.extents.next_data(off / ts).ok_or(Error::NoSuchOffset)?;
@@ -1620,7 +1662,7 @@ impl Fs {
 
     /// Attributes of an uncached inode, read without caching it (a directory listing
     /// does not make its entries resident; the kernel's lookups do).
-    fn peek(&self, st: &State, ino: u64) -> Result<Attr> {
+    fn peek(&self, st: &NamespaceState, ino: u64) -> Result<Attr> {
         let (load, exts) = st.reader.snapshot(|r| {
             let l = r
                 .inode(ino)?
@@ -1629,7 +1671,7 @@ impl Fs {
         })?;
         Ok(Attr {
             row: load.row,
-            allocated: exts.iter().map(|e| e.len).sum::<u64>() * self.ts,
+            allocated: exts.iter().map(|e| e.len).sum::<u64>() * self.track_size,
         })
     }
 
@@ -1649,7 +1691,7 @@ impl Fs {
         StatFs {
             tracks: st.alloc.total(),
             free: st.alloc.free_tracks(),
-            track_size: self.ts,
+            track_size: self.track_size,
             inodes: st.inode_count,
         }
     }
@@ -1956,7 +1998,7 @@ impl Fs {
     }
 
     /// Tracks of live files in a set of inodes.
-    pub fn tracks_of(st: &State, inos: &[u64]) -> crate::core::trackset::TrackSet {
+    pub fn tracks_of(st: &NamespaceState, inos: &[u64]) -> crate::core::trackset::TrackSet {
         let mut s = crate::core::trackset::TrackSet::new();
         for ino in inos {
             if let Some(i) = st.inodes.get(ino) {
@@ -1965,13 +2007,276 @@ impl Fs {
         }
         s
     }
+}
 
-    /// Where the metadata snapshot of a whole-volume split goes.
-    pub fn snapshot_path(&self, _id: u64) -> Option<std::path::PathBuf> {
-        self.opts.meta_path.as_ref().map(|m| {
-            let mut s = m.clone().into_os_string();
-            s.push(".snapshot");
-            s.into()
-        })
+/// Where the metadata snapshot of a whole-volume split goes.
+fn snapshot_path(opts: &Options) -> Option<std::path::PathBuf> {
+    opts.meta_path.as_ref().map(|m| {
+        let mut s = m.clone().into_os_string();
+        s.push(".snapshot");
+        s.into()
+    })
+}
+
+/// The namespace side of the pair engine: scopes, their tracks, frozen objects, pins.
+impl Fs {
+    /// Members of a scope: every inode beneath it (or the file itself), all cached.
+    fn members(&self, st: &mut NamespaceState, scope: Scope) -> Result<Vec<u64>> {
+        match scope {
+            Scope::File(i) => Ok(if self.try_want(st, i)? {
+                vec![i]
+            } else {
+                Vec::new()
+            }),
+            Scope::Dir(i) => self.subtree(st, i),
+            Scope::Root => self.subtree(st, ROOT),
+        }
+    }
+
+    /// The inodes a pair covers now: the file, or the inodes beneath its directory
+    /// that carry this pair (a file with a pair of its own stays out). All cached.
+    fn scope_members(&self, st: &mut NamespaceState, scope: Scope, id: PairId) -> Result<Vec<u64>> {
+        let mut v = self.members(st, scope)?;
+        if !matches!(scope, Scope::File(_)) {
+            v.retain(|i| st.inodes.get(i).is_some_and(|n| n.pair == Some(id)));
+        }
+        Ok(v)
+    }
+
+    /// Current tracks of the inodes a pair covers, walking its scope with the cache
+    /// kept within its budget (linear in the scope, bounded memory).
+    fn tracks_in(&self, st: &mut NamespaceState, scope: Scope, id: PairId) -> Result<TrackSet> {
+        let mut s = TrackSet::new();
+        let top = match scope {
+            Scope::File(i) => {
+                if self.try_want(st, i)? {
+                    s.insert_extents(&st.get(i)?.extents);
+                }
+                return Ok(s);
+            }
+            Scope::Dir(i) => i,
+            Scope::Root => ROOT,
+        };
+        self.walk(st, top, true, |_, n| {
+            if n.pair == Some(id) {
+                s.insert_extents(&n.extents);
+            }
+        })?;
+        Ok(s)
+    }
+
+    /// Builds the frozen objects of a scope from the current state: every object with
+    /// its split-time attributes and xattrs, a hard-linked one with each of its names
+    /// inside the scope. `members` is breadth first from the top (parents first).
+    fn freeze_members(&self, st: &mut NamespaceState, members: &[u64]) -> Result<Vec<Frozen>> {
+        let inside: std::collections::HashSet<u64> = members.iter().copied().collect();
+        // Paths of the directories seen so far.
+        let mut dir_paths: HashMap<u64, String> = HashMap::new();
+        let mut out = Vec::with_capacity(members.len());
+        for &ino in members {
+            let Some(links) = st.inodes.get(&ino).map(|i| i.links.clone()) else {
+                continue;
+            };
+            let mut names: Vec<String> = Vec::new();
+            for (parent, name) in &links {
+                if inside.contains(parent) {
+                    let dir = match dir_paths.get(parent) {
+                        Some(d) => d.clone(),
+                        None => {
+                            let d = self.path_of(st, *parent)?;
+                            dir_paths.insert(*parent, d.clone());
+                            d
+                        }
+                    };
+                    let name = String::from_utf8_lossy(name);
+                    names.push(if dir.is_empty() {
+                        name.into_owned()
+                    } else {
+                        format!("{dir}/{name}")
+                    });
+                }
+            }
+            if names.is_empty() {
+                names.push(self.path_of(st, ino)?);
+            }
+            let Some(i) = st.inodes.get(&ino) else {
+                continue;
+            };
+            let Some(kind) = FrozenKind::from_mode(i.row.kind) else {
+                continue;
+            };
+            if kind == FrozenKind::Dir {
+                dir_paths.insert(ino, names[0].clone());
+            }
+            let path = names.remove(0);
+            out.push(Frozen {
+                ino,
+                path,
+                attr: FrozenAttr {
+                    kind,
+                    perm: i.row.perm,
+                    uid: i.row.uid,
+                    gid: i.row.gid,
+                    size: i.row.size,
+                    atime: i.row.atime,
+                    mtime: i.row.mtime,
+                    ctime: i.row.ctime,
+                    rdev: i.row.rdev,
+                },
+                extents: if kind == FrozenKind::File {
+                    i.extents.clone()
+                } else {
+                    Default::default()
+                },
+                target: i.row.target.clone().unwrap_or_default(),
+                links: names,
+                xattrs: i
+                    .xattrs
+                    .iter()
+                    .filter(|(n, _)| !n.starts_with(b"user.pairfs."))
+                    .map(|(n, v)| (n.clone(), v.clone()))
+                    .collect(),
+            });
+        }
+        Ok(out)
+    }
+}
+
+impl Namespace for Fs {
+    fn check_writable(&self) -> Result<()> {
+        Fs::check_writable(self)
+    }
+
+    fn exists(&self, ino: u64) -> Result<bool> {
+        self.try_want(&mut self.state(), ino)
+    }
+
+    fn pair_of(&self, ino: u64) -> Result<Option<PairId>> {
+        Ok(self.state_with(ino)?.get(ino)?.pair)
+    }
+
+    fn members_of(&self, scope: Scope, id: PairId) -> Result<Vec<u64>> {
+        self.scope_members(&mut self.state(), scope, id)
+    }
+
+    fn scope_tracks(&self, scope: Scope, id: PairId) -> Result<TrackSet> {
+        self.tracks_in(&mut self.state(), scope, id)
+    }
+
+    fn freeze(&self, scope: Scope, id: PairId) -> Result<Vec<Frozen>> {
+        let mut st = self.state();
+        let members = self.scope_members(&mut st, scope, id)?;
+        self.freeze_members(&mut st, &members)
+    }
+
+    fn claim(
+        &self,
+        ino: u64,
+        register: &mut dyn FnMut(Scope, &str, TrackSet) -> PairId,
+    ) -> Result<PairId> {
+        let mut st = self.state_with(ino)?;
+        let i = st.get(ino)?;
+        let scope = match i.row.kind {
+            libc::S_IFREG => Scope::File(ino),
+            libc::S_IFDIR if ino == ROOT => Scope::Root,
+            libc::S_IFDIR => Scope::Dir(ino),
+            _ => {
+                return Err(Error::invalid(
+                    "only regular files and directories can be paired",
+                ));
+            }
+        };
+        let members = self.members(&mut st, scope)?;
+        for &m in &members {
+            if let Some(other) = st.get(m)?.pair {
+                return Err(Error::Busy(format!(
+                    "{} is already in pair {other}",
+                    self.path_of(&mut st, m)?
+                )));
+            }
+        }
+        for &m in &members {
+            st.get_mut(m)?.pair = Some(0);
+        }
+        let current = Fs::tracks_of(&st, &members);
+        let path = format!("/{}", self.path_of(&mut st, ino)?);
+        // Registered before the state lock is released: a member evicted and loaded
+        // again finds its pair through the engine.
+        let id = register(scope, &path, current);
+        for &m in &members {
+            st.get_mut(m)?.pair = Some(id);
+        }
+        Ok(id)
+    }
+
+    fn forget_pair(&self, id: PairId, unregister: &mut dyn FnMut()) {
+        let mut st = self.state();
+        unregister();
+        for i in st.inodes.values_mut() {
+            if i.pair == Some(id) {
+                i.pair = None;
+            }
+        }
+    }
+
+    fn hand_over(&self, id: PairId, members: &[u64]) -> Result<()> {
+        let mut st = self.state();
+        for &ino in members {
+            // An inode loaded now finds its pair by the usual rule (the released one
+            // is gone); a cached one lost it above and takes its parent's.
+            if !self.try_want(&mut st, ino)? {
+                continue;
+            }
+            let parent_pair = st
+                .inodes
+                .get(&ino)
+                .and_then(|i| i.parent())
+                .and_then(|p| st.inodes.get(&p))
+                .and_then(|p| p.pair)
+                .filter(|&pid| pid != id && self.engine.inherits(pid));
+            let Some(i) = st.inodes.get_mut(&ino) else {
+                continue;
+            };
+            if i.pair.is_none() || i.pair == Some(id) {
+                i.pair = parent_pair;
+            }
+            if let Some(pid) = i.pair {
+                let tracks: Vec<u64> = i.extents.vol_tracks().collect();
+                self.engine.written(pid, &tracks);
+            }
+        }
+        Ok(())
+    }
+
+    fn pin_frozen(&self, id: PairId, tracks: &TrackSet) -> Result<()> {
+        let mut st = self.state();
+        for t in tracks.iter() {
+            if t == 0 || t >= st.alloc.total() {
+                return Err(Error::Corrupt(format!(
+                    "pair {id}: frozen track {t} outside the volume"
+                )));
+            }
+            st.alloc.pin(t);
+        }
+        Ok(())
+    }
+
+    fn apply_pins(&self, pins: &Pins) {
+        let mut st = self.state();
+        st.alloc.pin_set(&pins.pin);
+        st.alloc.unpin_set(&pins.unpin);
+    }
+
+    fn unused_count(&self, tracks: &TrackSet) -> u64 {
+        let st = self.state();
+        tracks.iter().filter(|&t| !st.alloc.is_used(t)).count() as u64
+    }
+
+    fn commit(&self, extra: Vec<PairDelta>) -> Result<()> {
+        Fs::commit(self, extra)
+    }
+
+    fn commit_destaged(&self, extra: Vec<PairDelta>) -> Result<()> {
+        Fs::commit_destaged(self, extra)
     }
 }

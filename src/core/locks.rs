@@ -5,13 +5,13 @@
 //!
 //! | # | lock | owner | held for |
 //! |---|---|---|---|
-//! | 1 | `barrier` (RwLock) | [`Fs`](crate::core::fs::Fs) | host changes share it; split instants take it exclusively |
+//! | 1 | `barrier` (RwLock) | [`Fs`](crate::core::fs::Fs), the facade | host changes share it; split instants take it exclusively ([`Fs::control`](crate::core::fs::Fs::control), which hands the guard to [`Engine::control`](crate::snap::engine::Engine::control)) |
 //! | 2 | inode `data_lock` (RwLock) | [`Inode`](crate::core::inode::Inode) | reads and writes share it; truncate/punch/fallocate exclusive |
 //! | 2a | `destage_lock` | [`Engine`](crate::snap::engine::Engine) | one destage round of staged copy-on-write writes (takes gates, then commits pair bits) |
 //! | 3 | pair `gate` | [`Slot`](crate::snap::engine::Slot) | every copy of the pair's tracks (copy-on-write, copier batch, control op) |
 //! | 4 | `commit_lock` | [`Durability`](crate::core::durability::Durability) | one full commit |
 //! | 5 | `copy_lock` | [`Durability`](crate::core::durability::Durability) | a copy-image sync and the failing of every pair after it failed; clearing the copy image's poison |
-//! | 6 | `st` (namespace, inodes, allocator) | [`Fs`](crate::core::fs::Fs) | in-memory metadata changes; across I/O only to zero a track as it is mapped (`map_range`) or a partial track a truncate keeps (`write_tracks_zero`) |
+//! | 6 | `namespace` (cached inodes, allocator, handles) | [`Fs`](crate::core::fs::Fs); the engine takes it only through [`Namespace`](crate::snap::namespace::Namespace) calls | in-memory metadata changes; across I/O only to zero a track as it is mapped (`map_range`) or a partial track a truncate keeps (`write_tracks_zero`) |
 //! | 7 | `meta` (SQLite connection) | [`Fs`](crate::core::fs::Fs), shared with the pipeline | one transaction |
 //! | 7a | the stage table | [`Engine`](crate::snap::engine::Engine) | staged tracks: look-up, patch, insert; a destage writes one track to the volume under it |
 //! | 8 | pair state `Slot::p` | [`Slot`](crate::snap::engine::Slot) | bitmap and state changes |
@@ -22,7 +22,7 @@
 //! [`Checked`](crate::store::volume::Checked)'s `sync_lock` (held across one fsync).
 //!
 //! Data I/O runs holding only 1 and 2, so reads and writes of different files (and of
-//! the same file) run in parallel; syncs hold at most 3–5; `st` (6) is held across I/O
+//! the same file) run in parallel; syncs hold at most 3–5; `namespace` (6) is held across I/O
 //! only by the two zeroing cases above. A frozen-copy read takes no gate: it reads the volume while the pending bit is
 //! set and re-checks the bit afterwards (see `snap::engine::Engine::read_frozen_of`).
 //!
@@ -30,6 +30,6 @@
 //! [`PairHooks::take`](crate::core::durability::PairHooks::take) and
 //! `Engine::take_dirty_pairs` take `&MutexGuard<Meta>`, so pair chunks can only be
 //! taken under the metadata lock (two commits then write a pair's chunks in order), and
-//! `Engine::confirm` takes the pair's gate guard. The order itself is checked by review
+//! `Engine::confirm` takes the pair's gate guard, and `Engine::control` the barrier's write guard. The order itself is checked by review
 //! and by the tests that run these paths concurrently (`tests/concurrency.rs`, kill, crash);
 //! there is no runtime rank checker.

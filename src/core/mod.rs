@@ -13,3 +13,10 @@ pub mod inode;
 pub mod locks;
 pub mod trackset;
 pub mod volfile;
+
+/// Now, in ns since the epoch.
+pub fn now_ns() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as i64)
+}

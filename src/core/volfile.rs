@@ -21,13 +21,13 @@
 //! against two mounts on this host using the same metadata; it cannot stop another
 //! host from mounting the same export (the server's own access control must).
 
-use std::fs::File;
-use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
 use crate::core::fs::{Fs, Options, now_ns};
 use crate::error::{Error, Result};
 use crate::meta::{Geometry, Meta};
+use crate::store::lock::lock;
+pub use crate::store::lock::{VolumeLock, lock_copy_for_rewrite};
 use crate::store::nbd::{self, NbdVolume};
 use crate::store::volume::{FileVolume, Volume};
 
@@ -264,53 +264,6 @@ pub fn mkfs(p: &Paths, size: u64, track_size: u64, force: bool) -> Result<Geomet
     Ok(g)
 }
 
-/// An exclusive (read-write) or shared (read-only) lock on the volume image, held for
-/// the life of the mount.
-#[derive(Debug)]
-pub struct VolumeLock {
-    _file: File,
-}
-
-/// The lock a snapshot mount holds on the copy image: the live mount takes it
-/// exclusively, without waiting, for an update, resync or release of the root pair
-/// (which rewrite or free the copy image), and refuses the operation (EBUSY) while a
-/// snapshot mount holds it shared.
-pub fn lock_copy_for_rewrite(copy: &Path) -> Result<VolumeLock> {
-    lock(copy, true).map_err(|_| {
-        Error::Busy(format!(
-            "{} is served by a snapshot mount (pairfs mount-snapshot): unmount it first",
-            copy.display()
-        ))
-    })
-}
-
-fn lock(path: &Path, exclusive: bool) -> Result<VolumeLock> {
-    let file = if path.exists() {
-        File::open(path)
-    } else {
-        // A lock file beside the metadata of an NBD volume.
-        std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(path)
-    }
-    .map_err(|e| Error::io("volume", e))?;
-    let op = if exclusive {
-        libc::LOCK_EX
-    } else {
-        libc::LOCK_SH
-    } | libc::LOCK_NB;
-    // SAFETY: flock on a valid fd owned by `file`.
-    if unsafe { libc::flock(file.as_raw_fd(), op) } != 0 {
-        return Err(Error::Locked(format!(
-            "{} is in use by another pairfs process (already mounted?)",
-            path.display()
-        )));
-    }
-    Ok(VolumeLock { _file: file })
-}
-
 /// The file to `flock` for `image`: the image itself, or for an NBD URI the metadata's
 /// path plus `suffix`.
 fn lock_path(p: &Paths, image: &Path, suffix: &str) -> PathBuf {
@@ -425,9 +378,9 @@ pub fn open_snapshot(p: &Paths) -> Result<(Fs, VolumeLock)> {
             .ok_or_else(|| Error::invalid("the volume has no whole-volume (root) pair"))?;
         let copying = matches!(
             root.state,
-            crate::snap::pair::State::Splitting | crate::snap::pair::State::Updating
+            crate::snap::pair::PairState::Splitting | crate::snap::pair::PairState::Updating
         );
-        if root.state == crate::snap::pair::State::Split {
+        if root.state == crate::snap::pair::PairState::Split {
             break root;
         }
         if !copying || std::time::Instant::now() >= deadline {

@@ -177,9 +177,9 @@ impl MainFs {
                 let id = v
                     .parse()
                     .map_err(|_| Error::invalid(format!("pair id {v:?} is not a number")))?;
-                self.fs.engine.control_id(&self.fs, id, op)
+                self.fs.control_id(id, op)
             }
-            None => self.fs.engine.control(&self.fs, ino, op),
+            None => self.fs.control(ino, op),
         };
         if let Err(e) = &r {
             log::warn!("{CONTROL_PREFIX}{name} on inode {ino}: {e}");
@@ -190,7 +190,7 @@ impl MainFs {
     fn control_get(&self, ino: u64, name: &str) -> crate::Result<Vec<u8>> {
         if name == "pairs" {
             let mut out = String::new();
-            for s in self.fs.engine.all_status(&self.fs) {
+            for s in self.fs.engine.all_status(&*self.fs) {
                 out.push_str(&format!("{} path={}\n", s.line(), s.path));
             }
             return Ok(out.into_bytes());
@@ -200,7 +200,7 @@ impl MainFs {
                 "unknown control attribute {CONTROL_PREFIX}{name}"
             )));
         }
-        let line = match self.fs.engine.status_of(&self.fs, ino)? {
+        let line = match self.fs.engine.status_of(&*self.fs, ino)? {
             Some(s) => s.line(),
             None => "none".to_string(),
         };

@@ -15,7 +15,7 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use crate::core::extent::{Extent, ExtentMap};
 use crate::core::trackset::TrackSet;
 use crate::error::{Error, Result};
-use crate::snap::pair::{Frozen, FrozenAttr, FrozenKind, Pair, PairId, Progress, Scope, State};
+use crate::snap::pair::{Frozen, FrozenAttr, FrozenKind, Pair, PairId, PairState, Progress, Scope};
 
 /// Schema version written by this build. Older versions are migrated on a read-write
 /// open and read as they are on a read-only one: version 1 has no `rdev`, `links`,
@@ -177,7 +177,7 @@ pub struct PairRow {
     /// Display path.
     pub path: String,
     /// State.
-    pub state: State,
+    pub state: PairState,
     /// Split instant.
     pub split_ns: i64,
     /// Error text.
@@ -615,7 +615,7 @@ impl Meta {
                 "root" => Scope::Root,
                 k => return Err(corrupt(format!("pair {id}: unknown scope kind {k:?}"))),
             };
-            let state = State::parse(&state)
+            let state = PairState::parse(&state)
                 .ok_or_else(|| corrupt(format!("pair {id}: unknown state {state:?}")))?;
             let mut p = Pair::new(id, scope, path, TrackSet::new(), started_ns);
             p.state = state;

@@ -2,6 +2,13 @@
 //! control operations (pair, split, update, resync, release). The state machine itself
 //! is pure ([`crate::snap::pair`]); this module does the I/O and the locking around it.
 //!
+//! The engine is built ([`Engine::new`]) with the handles it works on: both images, the
+//! track size, the durability pipeline, the metadata store. It never sees the filesystem
+//! object: everything it needs from the namespace goes through
+//! [`Namespace`], which the core implements and passes to
+//! each call. Split instants belong to the core facade (`Fs::control`): it takes the
+//! write barrier and hands its guard to [`Engine::control`].
+//!
 //! Locks: the order is in [`crate::core::locks`]; syncs and commits go through
 //! [`crate::core::durability`].
 //!
@@ -20,19 +27,21 @@
 //!   re-check the bit: if a copy-on-write finished meanwhile, re-read from the copy.
 
 use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, RwLockWriteGuard};
 use std::time::Duration;
 
-use crate::core::durability::PairHooks;
-use crate::core::fs::{Fs, ROOT, State as FsState, now_ns};
+use crate::core::durability::{Durability, PairHooks};
+use crate::core::now_ns;
 use crate::core::trackset::TrackSet;
 use crate::error::{Error, Result};
 use crate::meta::{Meta, PairDelta, PairRow, take_dirty_chunks};
-use crate::snap::pair::{Frozen, FrozenAttr, FrozenKind, Pair, PairId, Pins, Scope, State};
+use crate::snap::namespace::Namespace;
+use crate::snap::pair::{Frozen, FrozenKind, Pair, PairId, PairState, Scope};
 use crate::snap::stage::StageTable;
 use crate::snap::view::{Builder, FrozenView, Numbering};
-use crate::store::volume::Volume;
+use crate::store::volume::{Checked, Volume};
 
 /// Largest copier batch in bytes (bounded memory; a host copy-on-write waits for at
 /// most one batch).
@@ -119,9 +128,24 @@ impl Op {
     }
 }
 
-/// All pairs.
-#[derive(Default)]
+/// All pairs. Built by the core with the handles it works on; everything it needs
+/// from the namespace goes through [`Namespace`], passed to each call.
 pub struct Engine {
+    /// The volume image.
+    vol: Arc<Checked>,
+    /// The copy image.
+    copy: Arc<Checked>,
+    /// Track size.
+    track_size: u64,
+    /// Every sync and commit of pair state goes through here.
+    durability: Arc<Durability>,
+    /// The metadata store (for the snapshot of a whole-volume split).
+    meta: Arc<Mutex<Meta>>,
+    /// The copy image's file, locked against snapshot mounts while the root pair
+    /// rewrites it.
+    copy_path: Option<PathBuf>,
+    /// Where the metadata snapshot of a whole-volume split goes.
+    snapshot_path: Option<PathBuf>,
     pairs: RwLock<BTreeMap<PairId, Arc<Slot>>>,
     next_id: AtomicU64,
     work: Mutex<u64>,
@@ -263,7 +287,55 @@ impl PairStatus {
     }
 }
 
+/// What the engine is built with ([`Engine::new`]).
+pub struct Handles {
+    /// The volume image.
+    pub vol: Arc<Checked>,
+    /// The copy image.
+    pub copy: Arc<Checked>,
+    /// Track size.
+    pub track_size: u64,
+    /// The durability pipeline.
+    pub durability: Arc<Durability>,
+    /// The metadata store.
+    pub meta: Arc<Mutex<Meta>>,
+    /// The copy image's file, if it is one.
+    pub copy_path: Option<PathBuf>,
+    /// Where the metadata snapshot of a whole-volume split goes (none: not written).
+    pub snapshot_path: Option<PathBuf>,
+}
+
 impl Engine {
+    /// An engine without pairs; [`Engine::load`] installs the stored ones.
+    pub fn new(h: Handles) -> Engine {
+        Engine {
+            vol: h.vol,
+            copy: h.copy,
+            track_size: h.track_size,
+            durability: h.durability,
+            meta: h.meta,
+            copy_path: h.copy_path,
+            snapshot_path: h.snapshot_path,
+            pairs: RwLock::default(),
+            next_id: AtomicU64::default(),
+            work: Mutex::default(),
+            work_cv: Condvar::default(),
+            stopping: AtomicBool::default(),
+            last_host_io: AtomicI64::default(),
+            copied_total: AtomicU64::default(),
+            cow_total: AtomicU64::default(),
+            stage: Mutex::default(),
+            staged_now: AtomicUsize::default(),
+            stage_cv: Condvar::default(),
+            destage_lock: Mutex::default(),
+            staged_total: AtomicU64::default(),
+            view_gen: AtomicU64::default(),
+            view: RwLock::default(),
+            view_numbering: Mutex::default(),
+            view_watchers: Mutex::default(),
+        }
+    }
+
     fn slot(&self, id: PairId) -> Option<Arc<Slot>> {
         self.pairs
             .read()
@@ -281,72 +353,24 @@ impl Engine {
             .collect()
     }
 
-    /// Members of a scope: every inode beneath it (or the file itself), all cached.
-    fn members(fs: &Fs, st: &mut FsState, scope: Scope) -> Result<Vec<u64>> {
-        match scope {
-            Scope::File(i) => Ok(if fs.try_want(st, i)? {
-                vec![i]
-            } else {
-                Vec::new()
-            }),
-            Scope::Dir(i) => fs.subtree(st, i),
-            Scope::Root => fs.subtree(st, ROOT),
-        }
-    }
-
-    /// The inodes a pair covers now: the file, or the inodes beneath its directory
-    /// that carry this pair (a file with a pair of its own stays out). All cached.
-    fn members_of(fs: &Fs, st: &mut FsState, scope: Scope, id: PairId) -> Result<Vec<u64>> {
-        let mut v = Self::members(fs, st, scope)?;
-        if !matches!(scope, Scope::File(_)) {
-            v.retain(|i| st.inodes.get(i).is_some_and(|n| n.pair == Some(id)));
-        }
-        Ok(v)
-    }
-
-    /// Current tracks of the inodes a pair covers, walking its scope with the cache
-    /// kept within its budget (linear in the scope, bounded memory).
-    fn scope_tracks(fs: &Fs, st: &mut FsState, scope: Scope, id: PairId) -> Result<TrackSet> {
-        let mut s = TrackSet::new();
-        let top = match scope {
-            Scope::File(i) => {
-                if fs.try_want(st, i)? {
-                    s.insert_extents(&st.get(i)?.extents);
-                }
-                return Ok(s);
-            }
-            Scope::Dir(i) => i,
-            Scope::Root => ROOT,
-        };
-        fs.walk(st, top, true, |_, n| {
-            if n.pair == Some(id) {
-                s.insert_extents(&n.extents);
-            }
-        })?;
-        Ok(s)
-    }
-
     /// Installs loaded pairs: pins and unclean-shutdown recovery.
     ///
     /// Membership is not stored, nor rebuilt here: an inode finds its pair when it is
-    /// loaded ([`Fs::want`]): the pair it is the top of, else the pair whose frozen
+    /// loaded (`Fs::want` in the core): the pair it is the top of, else the pair whose frozen
     /// map holds it (it needs copy-on-write wherever it moved), else its parent's.
-    pub fn load(&self, fs: &Fs, mut pairs: Vec<Pair>, clean: bool, next_pair: u64) -> Result<()> {
+    pub fn load(
+        &self,
+        ns: &dyn Namespace,
+        mut pairs: Vec<Pair>,
+        clean: bool,
+        next_pair: u64,
+    ) -> Result<()> {
         let mut max = next_pair.max(1);
         pairs.sort_by_key(|p| (p.scope.rank(), p.id));
         let mut slots = Vec::new();
         {
-            let mut st = fs.state();
             for p in pairs {
-                for t in p.pinned_tracks().iter() {
-                    if t == 0 || t >= st.alloc.total() {
-                        return Err(Error::Corrupt(format!(
-                            "pair {}: frozen track {t} outside the volume",
-                            p.id
-                        )));
-                    }
-                    st.alloc.pin(t);
-                }
+                ns.pin_frozen(p.id, &p.pinned_tracks())?;
                 max = max.max(p.id + 1);
                 let slot = Arc::new(Slot {
                     id: p.id,
@@ -372,8 +396,7 @@ impl Engine {
                 let p = slot.lock();
                 (p.scope, p.path.clone())
             };
-            let mut st = fs.state();
-            if !fs.try_want(&mut st, scope.ino())? {
+            if !ns.exists(scope.ino())? {
                 log::warn!(
                     "pair {} ({}): its file is gone; its frozen copy stays until \
                      `setfattr -n user.pairfs.release -v {} MOUNTPOINT`",
@@ -383,7 +406,7 @@ impl Engine {
                 );
             }
             if !clean {
-                let current = Self::scope_tracks(fs, &mut st, scope, slot.id)?;
+                let current = ns.scope_tracks(scope, slot.id)?;
                 let mut p = slot.lock();
                 // Bits of tracks the members no longer map (a file that left the
                 // scope) must not be copied over another pair's frozen copy.
@@ -452,7 +475,10 @@ impl Engine {
                 p.written(tracks);
                 // Only the unfrozen states give the copier new work; in the frozen ones
                 // a write just records split-diff/update-diff (no thread to wake).
-                matches!(p.state, State::Forming | State::Formed | State::Resyncing)
+                matches!(
+                    p.state,
+                    PairState::Forming | PairState::Formed | PairState::Resyncing
+                )
             };
             s.dirty.store(true, Ordering::Release);
             if copies {
@@ -532,12 +558,12 @@ impl Engine {
     /// Commits one pair's row and bitmaps now (durable on return), through the
     /// durability pipeline. On failure every later change is refused and the pair's
     /// chunks are all marked dirty again.
-    fn persist(&self, fs: &Fs, slot: &Slot, frozen: bool) -> Result<()> {
+    fn persist(&self, slot: &Slot, frozen: bool) -> Result<()> {
         if slot.released.load(Ordering::Acquire) {
             // Never resurrect the row of a released pair.
             return Ok(());
         }
-        fs.durability.commit_pairs(
+        self.durability.commit_pairs(
             &mut || {
                 slot.dirty.store(false, Ordering::Release);
                 let mut p = slot.lock();
@@ -565,24 +591,24 @@ impl Engine {
     }
 
     /// The engine's side of a commit, for the durability pipeline.
-    pub fn hooks<'a>(&'a self, fs: &'a Fs) -> Hooks<'a> {
-        Hooks { engine: self, fs }
+    pub fn hooks<'a>(&'a self, ns: &'a dyn Namespace) -> Hooks<'a> {
+        Hooks { engine: self, ns }
     }
 
     /// Puts every pair in `error` (the copy image failed a sync: none of the copies on
     /// it can be trusted).
-    pub fn fail_all(&self, fs: &Fs, e: &Error) {
+    pub fn fail_all(&self, ns: &dyn Namespace, e: &Error) {
         for s in self.slots() {
             let st = s.lock().state;
-            if st != State::Error {
-                self.fail(fs, &s, e);
+            if st != PairState::Error {
+                self.fail(ns, &s, e);
             }
         }
     }
 
     /// Copies volume tracks to the same addresses on the copy image.
-    fn copy_tracks(fs: &Fs, tracks: &[u64]) -> Result<()> {
-        let ts = fs.ts;
+    fn copy_tracks(&self, tracks: &[u64]) -> Result<()> {
+        let ts = self.track_size;
         let max_run = (COPY_BATCH_BYTES / ts).max(1);
         let mut buf = Vec::new();
         let mut i = 0;
@@ -593,12 +619,12 @@ impl Engine {
             }
             let len = ((j - i) as u64 * ts) as usize;
             buf.resize(len, 0);
-            fs.vol.read_at(tracks[i] * ts, &mut buf)?;
+            self.vol.read_at(tracks[i] * ts, &mut buf)?;
             if buf.iter().all(|&b| b == 0) {
                 // Never-written (fallocated or punched) tracks: keep the copy sparse.
-                fs.copy.discard(tracks[i] * ts, len as u64)?;
+                self.copy.discard(tracks[i] * ts, len as u64)?;
             } else {
-                fs.copy.write_at(tracks[i] * ts, &buf)?;
+                self.copy.write_at(tracks[i] * ts, &buf)?;
             }
             i = j;
         }
@@ -606,8 +632,8 @@ impl Engine {
     }
 
     /// A copy failed: the pair goes to `error`, its pins are dropped.
-    fn fail(&self, fs: &Fs, slot: &Slot, e: &Error) {
-        if slot.lock().state == State::Error {
+    fn fail(&self, ns: &dyn Namespace, slot: &Slot, e: &Error) {
+        if slot.lock().state == PairState::Error {
             // Already failed (e.g. by every pair failing on a copy-image sync).
             return;
         }
@@ -621,8 +647,8 @@ impl Engine {
         log::error!("pair {}: state error: {msg}", slot.id);
         slot.dirty.store(true, Ordering::Release);
         // The error state (no frozen map) is durable before its tracks can be reused.
-        match self.persist(fs, slot, true) {
-            Ok(()) => Self::apply_pins(fs, &pins),
+        match self.persist(slot, true) {
+            Ok(()) => ns.apply_pins(&pins),
             Err(e2) => log::error!(
                 "pair {}: cannot record the error state ({e2}); its tracks stay pinned",
                 slot.id
@@ -630,15 +656,9 @@ impl Engine {
         }
     }
 
-    fn apply_pins(fs: &Fs, pins: &Pins) {
-        let mut st = fs.state();
-        st.alloc.pin_set(&pins.pin);
-        st.alloc.unpin_set(&pins.unpin);
-    }
-
     /// Copy-on-write before a host write to `tracks` of pair `id`. Never fails the host
     /// write because of the copy image: a failed copy puts the pair in `error`.
-    pub fn cow(&self, fs: &Fs, id: PairId, tracks: &[u64]) -> Result<()> {
+    pub fn cow(&self, ns: &dyn Namespace, id: PairId, tracks: &[u64]) -> Result<()> {
         let Some(slot) = self.slot(id) else {
             return Ok(());
         };
@@ -653,7 +673,7 @@ impl Engine {
             .unwrap_or_else(|p| p.into_inner())
             .extend_from_slice(&mine);
         let _g = slot.gate();
-        fs.check_writable()?;
+        ns.check_writable()?;
         let mut want =
             std::mem::take(&mut *slot.cow_queue.lock().unwrap_or_else(|p| p.into_inner()));
         want.extend_from_slice(&mine);
@@ -661,7 +681,7 @@ impl Engine {
             let p = slot.lock();
             // Copy ahead: the pending tracks of the same aligned group (up to 1 MiB)
             // cost little more to copy now and spare later writes a sync each.
-            let group = (COW_GROUP_BYTES / fs.ts).max(1);
+            let group = (COW_GROUP_BYTES / self.track_size).max(1);
             let mut around = std::collections::BTreeSet::new();
             for &t in &want {
                 let g0 = t - t % group;
@@ -674,8 +694,11 @@ impl Engine {
             return Ok(());
         }
         let before = slot.lock().state;
-        let hooks = self.hooks(fs);
-        match Self::copy_tracks(fs, &need).and_then(|_| fs.durability.sync_copy(&hooks)) {
+        let hooks = self.hooks(ns);
+        match self
+            .copy_tracks(&need)
+            .and_then(|_| self.durability.sync_copy(&hooks))
+        {
             Ok(()) => {
                 // The sync also makes the copier's unconfirmed tracks durable.
                 let mut done = std::mem::take(
@@ -689,11 +712,11 @@ impl Engine {
                     .fetch_add(need.len() as u64, Ordering::Relaxed);
                 // The cleared bits must be durable before the host overwrites the track;
                 // until then `clearing` keeps other writers waiting on the gate.
-                self.persist(fs, &slot, false)?;
+                self.persist(&slot, false)?;
                 slot.lock().end_clear();
                 self.log_transition(&slot, before);
             }
-            Err(e) => self.fail(fs, &slot, &e),
+            Err(e) => self.fail(ns, &slot, &e),
         }
         Ok(())
     }
@@ -711,8 +734,13 @@ impl Engine {
     ///
     /// Lock order: the caller holds the barrier (shared) and the file's data lock, not
     /// the state lock. Here the stage table is taken before a pair's lock, never after.
-    pub fn host_write(&self, fs: &Fs, pid: Option<PairId>, pieces: &[Piece<'_>]) -> Result<()> {
-        let ts = fs.ts;
+    pub fn host_write(
+        &self,
+        ns: &dyn Namespace,
+        pid: Option<PairId>,
+        pieces: &[Piece<'_>],
+    ) -> Result<()> {
+        let ts = self.track_size;
         let slot = pid
             .and_then(|p| self.slot(p))
             .filter(|s| !s.released.load(Ordering::Acquire));
@@ -725,13 +753,13 @@ impl Engine {
         };
         if need.is_empty() && self.staged_now.load(Ordering::Acquire) == 0 {
             for p in pieces {
-                fs.vol.write_at(p.track * ts + p.off, p.data)?;
+                self.vol.write_at(p.track * ts + p.off, p.data)?;
             }
             return Ok(());
         }
         if !need.is_empty() && self.stage_table().bytes() > STAGE_LIMIT_BYTES {
             // Bounded memory: make room before staging more.
-            self.destage(fs)?;
+            self.destage(ns)?;
         }
         // The old content of the tracks to stage (not staged yet).
         let mut olds: HashMap<u64, Vec<u8>> = HashMap::new();
@@ -742,7 +770,7 @@ impl Engine {
             };
             for &t in &fresh {
                 let mut b = vec![0u8; ts as usize];
-                fs.vol.read_at(t * ts, &mut b)?;
+                self.vol.read_at(t * ts, &mut b)?;
                 olds.insert(t, b);
             }
             if !olds.is_empty() {
@@ -757,12 +785,12 @@ impl Engine {
                 for t in keys {
                     let b = &olds[&t];
                     let r = if b.iter().all(|&x| x == 0) {
-                        fs.copy.discard(t * ts, ts)
+                        self.copy.discard(t * ts, ts)
                     } else {
-                        fs.copy.write_at(t * ts, b)
+                        self.copy.write_at(t * ts, b)
                     };
                     if let Err(e) = r {
-                        self.fail(fs, slot, &e);
+                        self.fail(ns, slot, &e);
                         olds.clear();
                         break;
                     }
@@ -803,7 +831,7 @@ impl Engine {
         // Not pending (or its bit was cleared meanwhile, so the copy holds the old
         // data durably): straight to the volume.
         for p in direct {
-            fs.vol.write_at(p.track * ts + p.off, p.data)?;
+            self.vol.write_at(p.track * ts + p.off, p.data)?;
         }
         Ok(())
     }
@@ -859,7 +887,7 @@ impl Engine {
     ///
     /// Lock order: takes `destage_lock`, then each pair's gate: call it with no gate,
     /// commit lock or state lock held (the barrier and a data lock may be held).
-    pub fn destage(&self, fs: &Fs) -> Result<()> {
+    pub fn destage(&self, ns: &dyn Namespace) -> Result<()> {
         if self.staged_now.load(Ordering::Acquire) == 0 {
             return Ok(());
         }
@@ -874,7 +902,7 @@ impl Engine {
                 if !slot.lock().cow_needed(&tracks).is_empty() {
                     // A failed sync puts every pair in error (the pipeline calls the
                     // engine's copy-image-lost hook): then no copy needs the old tracks.
-                    match fs.durability.sync_copy(&self.hooks(fs)) {
+                    match self.durability.sync_copy(&self.hooks(ns)) {
                         Ok(()) => {
                             let before = slot.lock().state;
                             let mut done = std::mem::take(
@@ -882,7 +910,7 @@ impl Engine {
                             );
                             done.extend_from_slice(&tracks);
                             slot.lock().begin_clear(&done);
-                            if let Err(e) = self.persist(fs, &slot, false) {
+                            if let Err(e) = self.persist(&slot, false) {
                                 // The bits are not durably clear: the new data must not
                                 // reach the volume. The metadata store refuses every
                                 // change from now on (persist poisoned it).
@@ -902,7 +930,7 @@ impl Engine {
             for t in tracks {
                 let mut st = self.stage_table();
                 if let Some(e) = st.remove(t)
-                    && let Err(err) = fs.vol.write_at(t * fs.ts, &e.data)
+                    && let Err(err) = self.vol.write_at(t * self.track_size, &e.data)
                 {
                     first_err.get_or_insert(err);
                 }
@@ -915,7 +943,7 @@ impl Engine {
 
     /// The destager loop (one thread): a round whenever something is staged. Returns
     /// when the engine stops, after a last round.
-    pub fn run_destager(&self, fs: &Fs) {
+    pub fn run_destager(&self, ns: &dyn Namespace) {
         loop {
             {
                 let mut st = self.stage_table();
@@ -928,7 +956,7 @@ impl Engine {
                 }
             }
             let stopping = self.stopping.load(Ordering::Acquire);
-            if let Err(e) = self.destage(fs) {
+            if let Err(e) = self.destage(ns) {
                 log::error!("destage: {e}");
                 std::thread::sleep(Duration::from_millis(100));
             }
@@ -938,7 +966,7 @@ impl Engine {
         }
     }
 
-    fn log_transition(&self, slot: &Slot, before: State) {
+    fn log_transition(&self, slot: &Slot, before: PairState) {
         let p = slot.lock();
         if p.state != before {
             log::info!(
@@ -954,7 +982,7 @@ impl Engine {
 
     /// Makes the copier's unconfirmed tracks durable: sync the copy image, clear their
     /// pending bits and commit. Takes the held gate as proof (core::locks).
-    fn confirm(&self, fs: &Fs, slot: &Slot, _gate: &MutexGuard<'_, ()>) -> Result<()> {
+    fn confirm(&self, ns: &dyn Namespace, slot: &Slot, _gate: &MutexGuard<'_, ()>) -> Result<()> {
         let tracks =
             std::mem::take(&mut *slot.unconfirmed.lock().unwrap_or_else(|p| p.into_inner()));
         if tracks.is_empty() {
@@ -964,21 +992,21 @@ impl Engine {
             return Ok(());
         }
         let before = slot.lock().state;
-        fs.durability.sync_copy(&self.hooks(fs))?;
+        self.durability.sync_copy(&self.hooks(ns))?;
         slot.lock().begin_clear(&tracks);
-        self.persist(fs, slot, false)?;
+        self.persist(slot, false)?;
         slot.lock().end_clear();
         self.log_transition(slot, before);
         Ok(())
     }
 
     /// One copier batch for one pair. Returns the number of tracks copied.
-    fn copy_batch(&self, fs: &Fs, slot: &Slot, cursor: &mut u64) -> usize {
+    fn copy_batch(&self, ns: &dyn Namespace, slot: &Slot, cursor: &mut u64) -> usize {
         let gate = slot.gate();
         if slot.released.load(Ordering::Acquire) {
             return 0;
         }
-        let max = (COPY_BATCH_BYTES / fs.ts).max(1) as usize;
+        let max = (COPY_BATCH_BYTES / self.track_size).max(1) as usize;
         let (batch, frozen, before) = {
             let mut p = slot.lock();
             let Some(pending) = p.pending() else { return 0 };
@@ -999,8 +1027,8 @@ impl Engine {
                 drop(unconfirmed);
                 drop(p);
                 // Everything left is copied: make it durable.
-                if let Err(e) = self.confirm(fs, slot, &gate) {
-                    self.fail(fs, slot, &e);
+                if let Err(e) = self.confirm(ns, slot, &gate) {
+                    self.fail(ns, slot, &e);
                 }
                 return 0;
             }
@@ -1013,7 +1041,7 @@ impl Engine {
             (batch, frozen, before)
         };
         *cursor = batch.last().map_or(0, |t| t + 1);
-        match Self::copy_tracks(fs, &batch) {
+        match self.copy_tracks(&batch) {
             Ok(()) => {
                 self.copied_total
                     .fetch_add(batch.len() as u64, Ordering::Relaxed);
@@ -1023,23 +1051,23 @@ impl Engine {
                         u.extend_from_slice(&batch);
                         u.len() as u64
                     };
-                    if n * fs.ts >= CONFIRM_BYTES
-                        && let Err(e) = self.confirm(fs, slot, &gate)
+                    if n * self.track_size >= CONFIRM_BYTES
+                        && let Err(e) = self.confirm(ns, slot, &gate)
                     {
-                        self.fail(fs, slot, &e);
+                        self.fail(ns, slot, &e);
                         return 0;
                     }
                 } else {
                     self.log_transition(slot, before);
                     if slot.lock().state != before {
                         // Record the new state promptly.
-                        let _ = self.persist(fs, slot, false);
+                        let _ = self.persist(slot, false);
                     }
                 }
                 batch.len()
             }
             Err(e) => {
-                self.fail(fs, slot, &e);
+                self.fail(ns, slot, &e);
                 0
             }
         }
@@ -1047,7 +1075,7 @@ impl Engine {
 
     /// One copier round: one batch of every pair with pending tracks, round-robin.
     /// Returns the number of tracks copied (0: nothing to do).
-    pub fn copy_round(&self, fs: &Fs, cursors: &mut BTreeMap<PairId, u64>) -> usize {
+    pub fn copy_round(&self, ns: &dyn Namespace, cursors: &mut BTreeMap<PairId, u64>) -> usize {
         let mut did = 0;
         for s in self.slots() {
             if self.stopping.load(Ordering::Acquire) {
@@ -1060,27 +1088,27 @@ impl Engine {
                 std::thread::sleep(Duration::from_millis(2));
             }
             let c = cursors.entry(s.id).or_insert(0);
-            did += self.copy_batch(fs, &s, c);
+            did += self.copy_batch(ns, &s, c);
         }
         did
     }
 
     /// The background copier loop: [`Engine::copy_round`] until nothing is pending,
     /// then sleep until woken. Returns when the engine stops.
-    pub fn run_copier(&self, fs: &Fs) {
+    pub fn run_copier(&self, ns: &dyn Namespace) {
         let mut cursors: BTreeMap<PairId, u64> = BTreeMap::new();
         loop {
             if self.stopping.load(Ordering::Acquire) {
                 for s in self.slots() {
                     let gate = s.gate();
-                    if let Err(e) = self.confirm(fs, &s, &gate) {
+                    if let Err(e) = self.confirm(ns, &s, &gate) {
                         log::warn!("pair {}: copies of the last round not confirmed: {e}", s.id);
                     }
                 }
                 return;
             }
             let seen = *self.work.lock().unwrap_or_else(|p| p.into_inner());
-            if self.copy_round(fs, &mut cursors) == 0 {
+            if self.copy_round(ns, &mut cursors) == 0 {
                 let w = self.work.lock().unwrap_or_else(|p| p.into_inner());
                 if *w == seen && !self.stopping.load(Ordering::Acquire) {
                     let _ = self
@@ -1092,91 +1120,18 @@ impl Engine {
         }
     }
 
-    /// Builds the frozen objects of a scope from the current state: every object with
-    /// its split-time attributes and xattrs, a hard-linked one with each of its names
-    /// inside the scope. `members` is breadth first from the top (parents first).
-    fn freeze(fs: &Fs, st: &mut FsState, members: &[u64]) -> Result<Vec<Frozen>> {
-        let inside: std::collections::HashSet<u64> = members.iter().copied().collect();
-        // Paths of the directories seen so far.
-        let mut dir_paths: HashMap<u64, String> = HashMap::new();
-        let mut out = Vec::with_capacity(members.len());
-        for &ino in members {
-            let Some(links) = st.inodes.get(&ino).map(|i| i.links.clone()) else {
-                continue;
-            };
-            let mut names: Vec<String> = Vec::new();
-            for (parent, name) in &links {
-                if inside.contains(parent) {
-                    let dir = match dir_paths.get(parent) {
-                        Some(d) => d.clone(),
-                        None => {
-                            let d = fs.path_of(st, *parent)?;
-                            dir_paths.insert(*parent, d.clone());
-                            d
-                        }
-                    };
-                    let name = String::from_utf8_lossy(name);
-                    names.push(if dir.is_empty() {
-                        name.into_owned()
-                    } else {
-                        format!("{dir}/{name}")
-                    });
-                }
-            }
-            if names.is_empty() {
-                names.push(fs.path_of(st, ino)?);
-            }
-            let Some(i) = st.inodes.get(&ino) else {
-                continue;
-            };
-            let Some(kind) = FrozenKind::from_mode(i.row.kind) else {
-                continue;
-            };
-            if kind == FrozenKind::Dir {
-                dir_paths.insert(ino, names[0].clone());
-            }
-            let path = names.remove(0);
-            out.push(Frozen {
-                ino,
-                path,
-                attr: FrozenAttr {
-                    kind,
-                    perm: i.row.perm,
-                    uid: i.row.uid,
-                    gid: i.row.gid,
-                    size: i.row.size,
-                    atime: i.row.atime,
-                    mtime: i.row.mtime,
-                    ctime: i.row.ctime,
-                    rdev: i.row.rdev,
-                },
-                extents: if kind == FrozenKind::File {
-                    i.extents.clone()
-                } else {
-                    Default::default()
-                },
-                target: i.row.target.clone().unwrap_or_default(),
-                links: names,
-                xattrs: i
-                    .xattrs
-                    .iter()
-                    .filter(|(n, _)| !n.starts_with(b"user.pairfs."))
-                    .map(|(n, v)| (n.clone(), v.clone()))
-                    .collect(),
-            });
-        }
-        Ok(out)
-    }
-
-    /// Runs a control operation on the inode `ino`.
-    pub fn control(&self, fs: &Fs, ino: u64, op: Op) -> Result<()> {
-        if fs.opts.readonly {
-            return Err(Error::ReadOnly);
-        }
-        let _b = fs.barrier.write().unwrap_or_else(|p| p.into_inner());
+    /// Runs a control operation on the inode `ino`. The caller (the core facade,
+    /// `Fs::control`) checked that the volume is writable and holds the write barrier.
+    pub fn control(
+        &self,
+        ns: &dyn Namespace,
+        _barrier: &RwLockWriteGuard<'_, ()>,
+        ino: u64,
+        op: Op,
+    ) -> Result<()> {
         // Staged writes are acknowledged, so they belong before the new instant.
-        self.destage(fs)?;
-        let existing = fs.state_with(ino)?.get(ino)?.pair;
+        self.destage(ns)?;
+        let existing = ns.pair_of(ino)?;
         let slot = match (existing, op) {
             (Some(id), _) => {
                 let s = self
@@ -1194,43 +1149,46 @@ impl Engine {
                 }
                 s
             }
-            (None, Op::Pair | Op::Split) => self.create(fs, ino)?,
+            (None, Op::Pair | Op::Split) => self.create(ns, ino)?,
             (None, _) => return Err(Error::invalid("no pair here (pair or split it first)")),
         };
         if op == Op::Pair {
             // The new pair (state, bitmaps, memberships) is durable before we return.
-            fs.commit(Vec::new())?;
+            ns.commit(Vec::new())?;
             self.wake();
             return Ok(());
         }
-        self.run_locked(fs, slot, op)
+        self.run_locked(ns, slot, op)
     }
 
     /// Runs `op` on pair `id` directly, e.g. to release a pair whose file was deleted
     /// (`setfattr -n user.pairfs.release -v ID MOUNTPOINT`).
-    pub fn control_id(&self, fs: &Fs, id: PairId, op: Op) -> Result<()> {
-        if fs.opts.readonly {
-            return Err(Error::ReadOnly);
-        }
+    /// As for [`Engine::control`], the caller holds the write barrier.
+    pub fn control_id(
+        &self,
+        ns: &dyn Namespace,
+        _barrier: &RwLockWriteGuard<'_, ()>,
+        id: PairId,
+        op: Op,
+    ) -> Result<()> {
         if op == Op::Pair {
             return Err(Error::invalid("pair takes a path, not a pair id"));
         }
-        let _b = fs.barrier.write().unwrap_or_else(|p| p.into_inner());
-        self.destage(fs)?;
+        self.destage(ns)?;
         let slot = self
             .slot(id)
             .ok_or_else(|| Error::NotFound(format!("pair {id}")))?;
-        self.run_locked(fs, slot, op)
+        self.run_locked(ns, slot, op)
     }
 
     /// The body of a control operation; the caller holds the write barrier.
-    fn run_locked(&self, fs: &Fs, slot: Arc<Slot>, op: Op) -> Result<()> {
+    fn run_locked(&self, ns: &dyn Namespace, slot: Arc<Slot>, op: Op) -> Result<()> {
         let scope = slot.lock().scope;
         // Update, resync and release of the root pair rewrite or free the copy image a
         // snapshot mount may be serving: refused while one holds it.
-        let _copy_lock = match (&fs.opts.copy_path, scope, op) {
+        let _copy_lock = match (&self.copy_path, scope, op) {
             (Some(copy), Scope::Root, Op::Update | Op::Resync | Op::Release) => {
-                match crate::core::volfile::lock_copy_for_rewrite(copy) {
+                match crate::store::lock::lock_copy_for_rewrite(copy) {
                     Ok(l) => Some(l),
                     Err(e) => {
                         log::warn!("pair {}: {op:?} refused: {e}", slot.id);
@@ -1242,18 +1200,14 @@ impl Engine {
         };
         let gate = slot.gate();
         // Copies made for the current instant become durable before it changes.
-        if let Err(e) = self.confirm(fs, &slot, &gate) {
-            self.fail(fs, &slot, &e);
+        if let Err(e) = self.confirm(ns, &slot, &gate) {
+            self.fail(ns, &slot, &e);
         }
         let before = slot.lock().state;
         let now = now_ns();
         let frozen_changed = match op {
             Op::Split | Op::Update => {
-                let frozen = {
-                    let mut st = fs.state();
-                    let members = Self::members_of(fs, &mut st, scope, slot.id)?;
-                    Self::freeze(fs, &mut st, &members)?
-                };
+                let frozen = { ns.freeze(scope, slot.id)? };
                 let pins = {
                     let mut p = slot.lock();
                     if op == Op::Split {
@@ -1263,25 +1217,25 @@ impl Engine {
                     }
                 };
                 self.frozen_changed();
-                fs.durability.clear_copy_poison();
-                Self::apply_pins(fs, &pins);
+                self.durability.clear_copy_poison();
+                ns.apply_pins(&pins);
                 true
             }
             Op::Resync => {
-                let current = Self::scope_tracks(fs, &mut fs.state(), scope, slot.id)?;
+                let current = ns.scope_tracks(scope, slot.id)?;
                 let pins = slot.lock().resync(&current, now)?;
                 self.frozen_changed();
-                fs.durability.clear_copy_poison();
-                Self::apply_pins(fs, &pins);
+                self.durability.clear_copy_poison();
+                ns.apply_pins(&pins);
                 true
             }
             Op::Release => {
                 slot.released.store(true, Ordering::Release);
                 let pins = slot.lock().release();
-                Self::apply_pins(fs, &pins);
+                ns.apply_pins(&pins);
                 // Give the copy image's space back: the frozen tracks and the mirror
                 // of the scope's current tracks.
-                let mirror = Self::scope_tracks(fs, &mut fs.state(), scope, slot.id)?;
+                let mirror = ns.scope_tracks(scope, slot.id)?;
                 let mut runs: Vec<(u64, u64)> = Vec::new();
                 for t in pins.unpin.union(&mirror).iter() {
                     match runs.last_mut() {
@@ -1290,31 +1244,25 @@ impl Engine {
                     }
                 }
                 for (t, n) in runs {
-                    if let Err(e) = fs.copy.discard(t * fs.ts, n * fs.ts) {
+                    if let Err(e) = self.copy.discard(t * self.track_size, n * self.track_size) {
                         log::warn!("pair {}: could not release copy-image space: {e}", slot.id);
                         break;
                     }
                 }
                 // The members, before the pair goes (loading its scope, as the mirror
                 // above did): they join the enclosing pair, if any.
-                let members = Self::members_of(fs, &mut fs.state(), scope, slot.id)?;
-                {
-                    // Out of the engine first (under the state lock), so that no inode
-                    // loaded from now on finds this pair; then out of the cached ones.
-                    let mut st = fs.state();
+                let members = ns.members_of(scope, slot.id)?;
+                // Out of the engine first (under the state lock), so that no inode
+                // loaded from now on finds this pair; then out of the cached ones.
+                ns.forget_pair(slot.id, &mut || {
                     self.pairs
                         .write()
                         .unwrap_or_else(|p| p.into_inner())
                         .remove(&slot.id);
-                    for i in st.inodes.values_mut() {
-                        if i.pair == Some(slot.id) {
-                            i.pair = None;
-                        }
-                    }
-                }
+                });
                 self.frozen_changed();
-                self.hand_over(fs, slot.id, &members)?;
-                fs.commit_destaged(vec![PairDelta {
+                ns.hand_over(slot.id, &members)?;
+                ns.commit_destaged(vec![PairDelta {
                     id: slot.id,
                     delete: true,
                     ..PairDelta::default()
@@ -1333,13 +1281,13 @@ impl Engine {
         let frozen = frozen_changed.then(|| slot.lock().frozen.clone());
         // The flush barrier: both images synced, then the frozen map, pins and bitmaps
         // committed in one transaction.
-        fs.commit_destaged(vec![PairDelta {
+        ns.commit_destaged(vec![PairDelta {
             id: slot.id,
             frozen,
             ..PairDelta::default()
         }])?;
         if scope == Scope::Root && op != Op::Resync {
-            self.snapshot_meta(fs, slot.id)?;
+            self.snapshot_meta(slot.id)?;
         }
         let after = slot.lock().state;
         log::info!(
@@ -1353,128 +1301,73 @@ impl Engine {
         Ok(())
     }
 
-    /// After pair `id` was released: its former members (`members`, parents first)
-    /// join the enclosing directory or root pair, if any, with their tracks recorded as
-    /// written there (that pair never copied them: they were another pair's).
-    fn hand_over(&self, fs: &Fs, id: PairId, members: &[u64]) -> Result<()> {
-        let mut st = fs.state();
-        for &ino in members {
-            // An inode loaded now finds its pair by the usual rule (the released one
-            // is gone); a cached one lost it above and takes its parent's.
-            if !fs.try_want(&mut st, ino)? {
-                continue;
-            }
-            let parent_pair = st
-                .inodes
-                .get(&ino)
-                .and_then(|i| i.parent())
-                .and_then(|p| st.inodes.get(&p))
-                .and_then(|p| p.pair)
-                .filter(|&pid| pid != id && self.inherits(pid));
-            let Some(i) = st.inodes.get_mut(&ino) else {
-                continue;
-            };
-            if i.pair.is_none() || i.pair == Some(id) {
-                i.pair = parent_pair;
-            }
-            if let Some(pid) = i.pair {
-                let tracks: Vec<u64> = i.extents.vol_tracks().collect();
-                self.written(pid, &tracks);
-            }
-        }
-        Ok(())
-    }
-
     /// Writes the metadata snapshot of a whole-volume split beside the database.
-    fn snapshot_meta(&self, fs: &Fs, id: PairId) -> Result<()> {
-        let Some(path) = fs.snapshot_path(id) else {
+    fn snapshot_meta(&self, id: PairId) -> Result<()> {
+        let Some(path) = &self.snapshot_path else {
             return Ok(());
         };
-        fs.meta
+        self.meta
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .snapshot_to(&path)?;
+            .snapshot_to(path)?;
         log::info!("pair {id}: metadata snapshot written to {}", path.display());
         Ok(())
     }
 
-    fn create(&self, fs: &Fs, ino: u64) -> Result<Arc<Slot>> {
-        let mut st = fs.state_with(ino)?;
-        let i = st.get(ino)?;
-        let scope = match i.row.kind {
-            libc::S_IFREG => Scope::File(ino),
-            libc::S_IFDIR if ino == ROOT => Scope::Root,
-            libc::S_IFDIR => Scope::Dir(ino),
-            _ => {
-                return Err(Error::invalid(
-                    "only regular files and directories can be paired",
-                ));
-            }
-        };
-        let members = Self::members(fs, &mut st, scope)?;
-        for &m in &members {
-            if let Some(other) = st.get(m)?.pair {
-                return Err(Error::Busy(format!(
-                    "{} is already in pair {other}",
-                    fs.path_of(&mut st, m)?
-                )));
-            }
-        }
-        for &m in &members {
-            st.get_mut(m)?.pair = Some(0);
-        }
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed).max(1);
-        for &m in &members {
-            st.get_mut(m)?.pair = Some(id);
-        }
-        let current = Fs::tracks_of(&st, &members);
-        let path = format!("/{}", fs.path_of(&mut st, ino)?);
-        let p = Pair::new(id, scope, path.clone(), current, now_ns());
-        let slot = Arc::new(Slot {
-            id,
-            gate: Mutex::new(()),
-            p: Mutex::new(p),
-            dirty: AtomicBool::new(true),
-            unconfirmed: Mutex::new(Vec::new()),
-            cow_queue: Mutex::new(Vec::new()),
-            released: AtomicBool::new(false),
-            staged: AtomicU64::new(0),
-        });
-        // Registered before the state lock is released: a member evicted and loaded
-        // again finds its pair through the engine.
-        self.pairs
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(id, slot.clone());
-        drop(st);
-        log::info!("pair {id} ({path}): created, forming ({})", scope.kind());
+    fn create(&self, ns: &dyn Namespace, ino: u64) -> Result<Arc<Slot>> {
+        let mut made = None;
+        // The namespace marks the members and calls back, under its lock, to register
+        // the pair: a member evicted and loaded again finds its pair through the engine.
+        ns.claim(ino, &mut |scope, path, current| {
+            let id = self.next_id.fetch_add(1, Ordering::Relaxed).max(1);
+            let p = Pair::new(id, scope, path.to_string(), current, now_ns());
+            let slot = Arc::new(Slot {
+                id,
+                gate: Mutex::new(()),
+                p: Mutex::new(p),
+                dirty: AtomicBool::new(true),
+                unconfirmed: Mutex::new(Vec::new()),
+                cow_queue: Mutex::new(Vec::new()),
+                released: AtomicBool::new(false),
+                staged: AtomicU64::new(0),
+            });
+            self.pairs
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(id, slot.clone());
+            made = Some((slot, scope, path.to_string()));
+            id
+        })?;
+        let (slot, scope, path) = made.ok_or_else(|| Error::invalid("nothing to pair"))?;
+        log::info!(
+            "pair {} ({path}): created, forming ({})",
+            slot.id,
+            scope.kind()
+        );
         Ok(slot)
     }
 
     /// Status of the pair that holds `ino` (None if unpaired).
-    pub fn status_of(&self, fs: &Fs, ino: u64) -> Result<Option<PairStatus>> {
-        let Some(id) = fs.state_with(ino)?.get(ino)?.pair else {
+    pub fn status_of(&self, ns: &dyn Namespace, ino: u64) -> Result<Option<PairStatus>> {
+        let Some(id) = ns.pair_of(ino)? else {
             return Ok(None);
         };
-        Ok(self.slot(id).map(|s| self.status(fs, &s)))
+        Ok(self.slot(id).map(|s| self.status(ns, &s)))
     }
 
     /// Status of every pair.
-    pub fn all_status(&self, fs: &Fs) -> Vec<PairStatus> {
-        self.slots().iter().map(|s| self.status(fs, s)).collect()
+    pub fn all_status(&self, ns: &dyn Namespace) -> Vec<PairStatus> {
+        self.slots().iter().map(|s| self.status(ns, s)).collect()
     }
 
-    fn status(&self, fs: &Fs, s: &Slot) -> PairStatus {
-        // `st` comes before pair state (core::locks): count pinned tracks first.
+    fn status(&self, ns: &dyn Namespace, s: &Slot) -> PairStatus {
+        // The namespace comes before pair state (core::locks): count pinned tracks first.
         let pinned = s.lock().pinned_tracks();
-        let pinned_only = {
-            let st = fs.state();
-            pinned.iter().filter(|&t| !st.alloc.is_used(t)).count() as u64
-        };
+        let pinned_only = ns.unused_count(&pinned);
         let p = s.lock();
         let dirty = match p.state {
-            State::Updating => p.update_diff.count(),
-            State::Splitting | State::Split => p.split_diff.count(),
+            PairState::Updating => p.update_diff.count(),
+            PairState::Splitting | PairState::Split => p.split_diff.count(),
             _ => p.forming.count(),
         };
         PairStatus {
@@ -1490,14 +1383,14 @@ impl Engine {
             split_ns: p.split_ns,
             frozen_tracks: pinned.count(),
             dirty,
-            pinned_bytes: pinned_only * fs.ts,
+            pinned_bytes: pinned_only * self.track_size,
             files: p
                 .frozen
                 .iter()
                 .filter(|f| f.attr.kind == FrozenKind::File)
                 .count(),
             error: p.error.clone(),
-            track_size: fs.ts,
+            track_size: self.track_size,
             staged: s.staged.load(Ordering::Relaxed),
         }
     }
@@ -1570,22 +1463,14 @@ impl Engine {
     }
 
     /// Reads frozen file `idx` of pair `id` as of its split instant.
-    pub fn read_frozen(
-        &self,
-        fs: &Fs,
-        id: PairId,
-        idx: usize,
-        off: u64,
-        size: u32,
-    ) -> Result<Vec<u8>> {
-        self.read_frozen_of(fs, (id, idx, None), off, size)
+    pub fn read_frozen(&self, id: PairId, idx: usize, off: u64, size: u32) -> Result<Vec<u8>> {
+        self.read_frozen_of((id, idx, None), off, size)
     }
 
     /// [`Engine::read_frozen`], refusing (ESTALE) when the object at `idx` is no longer
     /// inode `ino` (an update reordered the frozen list since the caller looked it up).
     pub fn read_frozen_of(
         &self,
-        fs: &Fs,
         (id, idx, ino): (PairId, usize, Option<u64>),
         off: u64,
         size: u32,
@@ -1593,7 +1478,7 @@ impl Engine {
         let slot = self
             .slot(id)
             .ok_or_else(|| Error::NotFound(format!("pair {id}")))?;
-        let ts = fs.ts;
+        let ts = self.track_size;
         let (segs, len) = {
             let p = slot.lock();
             if !p.state.is_frozen() {
@@ -1628,14 +1513,14 @@ impl Engine {
                 let dst = &mut buf[(a - off) as usize..(b - off) as usize];
                 let voff = v * ts + (a - ft * ts);
                 if slot.lock().read_from_volume(v) {
-                    fs.vol.read_at(voff, dst)?;
+                    self.vol.read_at(voff, dst)?;
                     // A copy-on-write may have finished (and the host overwritten the
                     // track) while we read: then the copy image has the frozen data.
                     if !slot.lock().read_from_volume(v) {
-                        fs.copy.read_at(voff, dst)?;
+                        self.copy.read_at(voff, dst)?;
                     }
                 } else {
-                    fs.copy.read_at(voff, dst)?;
+                    self.copy.read_at(voff, dst)?;
                 }
             }
         }
@@ -1646,7 +1531,7 @@ impl Engine {
 /// The engine seen by the durability pipeline ([`PairHooks`]).
 pub struct Hooks<'a> {
     engine: &'a Engine,
-    fs: &'a Fs,
+    ns: &'a dyn Namespace,
 }
 
 impl PairHooks for Hooks<'_> {
@@ -1657,6 +1542,6 @@ impl PairHooks for Hooks<'_> {
         self.engine.restore_deltas(deltas);
     }
     fn copy_image_lost(&self, e: &Error) {
-        self.engine.fail_all(self.fs, e);
+        self.engine.fail_all(self.ns, e);
     }
 }

@@ -67,7 +67,7 @@ impl Scope {
 
 /// Pair states.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum State {
+pub enum PairState {
     /// Initial copy running.
     Forming,
     /// Copy mirrors the volume (writes are tracked in forming-diff).
@@ -84,44 +84,47 @@ pub enum State {
     Error,
 }
 
-impl State {
+impl PairState {
     /// The word `user.pairfs.state` starts with.
     pub fn name(&self) -> &'static str {
         match self {
-            State::Forming => "forming",
-            State::Formed => "formed",
-            State::Splitting => "splitting",
-            State::Split => "split",
-            State::Updating => "updating",
-            State::Resyncing => "resyncing",
-            State::Error => "error",
+            PairState::Forming => "forming",
+            PairState::Formed => "formed",
+            PairState::Splitting => "splitting",
+            PairState::Split => "split",
+            PairState::Updating => "updating",
+            PairState::Resyncing => "resyncing",
+            PairState::Error => "error",
         }
     }
 
-    /// Parses [`State::name`].
-    pub fn parse(s: &str) -> Option<State> {
+    /// Parses [`PairState::name`].
+    pub fn parse(s: &str) -> Option<PairState> {
         Some(match s {
-            "forming" => State::Forming,
-            "formed" => State::Formed,
-            "splitting" => State::Splitting,
-            "split" => State::Split,
-            "updating" => State::Updating,
-            "resyncing" => State::Resyncing,
-            "error" => State::Error,
+            "forming" => PairState::Forming,
+            "formed" => PairState::Formed,
+            "splitting" => PairState::Splitting,
+            "split" => PairState::Split,
+            "updating" => PairState::Updating,
+            "resyncing" => PairState::Resyncing,
+            "error" => PairState::Error,
             _ => return None,
         })
     }
 
     /// True while a frozen copy exists and is offered.
     pub fn is_frozen(&self) -> bool {
-        matches!(self, State::Splitting | State::Split | State::Updating)
+        matches!(
+            self,
+            PairState::Splitting | PairState::Split | PairState::Updating
+        )
     }
 
     /// True while the copier has work for this state.
     pub fn is_copying(&self) -> bool {
         matches!(
             self,
-            State::Forming | State::Splitting | State::Updating | State::Resyncing
+            PairState::Forming | PairState::Splitting | PairState::Updating | PairState::Resyncing
         )
     }
 }
@@ -256,7 +259,7 @@ pub struct Pair {
     /// Path of the scope when the pair was made (display).
     pub path: String,
     /// State.
-    pub state: State,
+    pub state: PairState,
     /// Forming-diff bitmap.
     pub forming: TrackSet,
     /// Split-diff bitmap.
@@ -303,7 +306,7 @@ impl Pair {
             id,
             scope,
             path,
-            state: State::Forming,
+            state: PairState::Forming,
             forming: current,
             split_diff: TrackSet::new(),
             update_diff: TrackSet::new(),
@@ -345,20 +348,22 @@ impl Pair {
     pub fn pending(&self) -> Option<&TrackSet> {
         match self.state {
             // Formed too: the copier keeps converging, so a later split has little to do.
-            State::Forming | State::Formed | State::Splitting | State::Resyncing => {
-                Some(&self.forming)
-            }
-            State::Updating => Some(&self.split_diff),
+            PairState::Forming
+            | PairState::Formed
+            | PairState::Splitting
+            | PairState::Resyncing => Some(&self.forming),
+            PairState::Updating => Some(&self.split_diff),
             _ => None,
         }
     }
 
     fn pending_mut(&mut self) -> Option<&mut TrackSet> {
         match self.state {
-            State::Forming | State::Formed | State::Splitting | State::Resyncing => {
-                Some(&mut self.forming)
-            }
-            State::Updating => Some(&mut self.split_diff),
+            PairState::Forming
+            | PairState::Formed
+            | PairState::Splitting
+            | PairState::Resyncing => Some(&mut self.forming),
+            PairState::Updating => Some(&mut self.split_diff),
             _ => None,
         }
     }
@@ -367,7 +372,7 @@ impl Pair {
     /// here. Allowed from forming and formed (forming: the tracks not copied yet are
     /// simply still pending).
     pub fn split(&mut self, frozen: Vec<Frozen>, now: i64) -> Result<Pins> {
-        if !matches!(self.state, State::Forming | State::Formed) {
+        if !matches!(self.state, PairState::Forming | PairState::Formed) {
             return Err(self.wrong_state("split"));
         }
         let keep = frozen_tracks(&frozen);
@@ -382,7 +387,7 @@ impl Pair {
         self.split_ns = now;
         self.split_diff.clear();
         self.update_diff.clear();
-        self.state = State::Splitting;
+        self.state = PairState::Splitting;
         self.start_op(self.forming.count(), now);
         self.finish_if_done();
         Ok(pins)
@@ -393,8 +398,8 @@ impl Pair {
     /// fresh split of every track.
     pub fn update(&mut self, frozen: Vec<Frozen>, now: i64) -> Result<Pins> {
         let old = match self.state {
-            State::Split => frozen_tracks(&self.frozen),
-            State::Error => TrackSet::new(),
+            PairState::Split => frozen_tracks(&self.frozen),
+            PairState::Error => TrackSet::new(),
             _ => return Err(self.wrong_state("update")),
         };
         let new = frozen_tracks(&frozen);
@@ -413,7 +418,7 @@ impl Pair {
         self.frozen = frozen;
         self.split_ns = now;
         self.error = None;
-        self.state = State::Updating;
+        self.state = PairState::Updating;
         self.start_op(self.split_diff.count(), now);
         self.finish_if_done();
         Ok(pins)
@@ -422,11 +427,11 @@ impl Pair {
     /// Resync: drop the frozen copy and converge back to `formed`. `current` is every
     /// track of the scope's live files now.
     pub fn resync(&mut self, current: &TrackSet, now: i64) -> Result<Pins> {
-        if !matches!(self.state, State::Split | State::Error) {
+        if !matches!(self.state, PairState::Split | PairState::Error) {
             return Err(self.wrong_state("resync"));
         }
         let old = frozen_tracks(&self.frozen);
-        let forming = if self.state == State::Error {
+        let forming = if self.state == PairState::Error {
             current.clone()
         } else {
             current
@@ -439,7 +444,7 @@ impl Pair {
         self.frozen.clear();
         self.error = None;
         self.split_ns = 0;
-        self.state = State::Resyncing;
+        self.state = PairState::Resyncing;
         self.start_op(self.forming.count(), now);
         self.finish_if_done();
         Ok(Pins {
@@ -464,7 +469,7 @@ impl Pair {
         self.split_diff.clear();
         self.update_diff.clear();
         self.error = Some(msg);
-        self.state = State::Error;
+        self.state = PairState::Error;
         Pins {
             pin: TrackSet::new(),
             unpin,
@@ -475,7 +480,7 @@ impl Pair {
     /// copy image first (copy-on-write).
     pub fn cow_needed(&self, tracks: &[u64]) -> Vec<u64> {
         let pending = match self.state {
-            State::Splitting | State::Updating => self.pending(),
+            PairState::Splitting | PairState::Updating => self.pending(),
             _ => None,
         };
         tracks
@@ -511,15 +516,15 @@ impl Pair {
     /// called after the data reached the volume and after any copy-on-write.
     pub fn written(&mut self, tracks: &[u64]) {
         let set = match self.state {
-            State::Forming | State::Formed | State::Resyncing => &mut self.forming,
-            State::Splitting | State::Split => &mut self.split_diff,
-            State::Updating => &mut self.update_diff,
-            State::Error => return,
+            PairState::Forming | PairState::Formed | PairState::Resyncing => &mut self.forming,
+            PairState::Splitting | PairState::Split => &mut self.split_diff,
+            PairState::Updating => &mut self.update_diff,
+            PairState::Error => return,
         };
         for &t in tracks {
             set.insert(t);
         }
-        if self.state == State::Forming || self.state == State::Resyncing {
+        if self.state == PairState::Forming || self.state == PairState::Resyncing {
             self.progress.total = self.progress.copied + self.forming.count();
         }
     }
@@ -529,7 +534,7 @@ impl Pair {
     pub fn freed(&mut self, tracks: &[u64]) {
         if matches!(
             self.state,
-            State::Forming | State::Formed | State::Resyncing
+            PairState::Forming | PairState::Formed | PairState::Resyncing
         ) {
             for &t in tracks {
                 self.forming.remove(t);
@@ -556,16 +561,16 @@ impl Pair {
         if self.pending().is_some_and(|p| p.is_empty()) {
             self.progress.last_copied = self.progress.copied;
             self.state = match self.state {
-                State::Forming | State::Resyncing => State::Formed,
-                State::Splitting => State::Split,
-                State::Updating => {
+                PairState::Forming | PairState::Resyncing => PairState::Formed,
+                PairState::Splitting => PairState::Split,
+                PairState::Updating => {
                     // Hand-off through assign/clear so the rows of chunks that became
                     // empty are deleted too (a stale set bit on disk would read as pending
                     // after a crash).
                     let written = self.update_diff.clone();
                     self.update_diff.clear();
                     self.split_diff.assign(written);
-                    State::Split
+                    PairState::Split
                 }
                 s => s,
             };
@@ -576,14 +581,14 @@ impl Pair {
     /// through synchronously) may have lost bits: assume every current track changed.
     pub fn recover_unclean(&mut self, current: &TrackSet) {
         let set = match self.state {
-            State::Forming | State::Formed | State::Resyncing => &mut self.forming,
-            State::Splitting | State::Split => &mut self.split_diff,
-            State::Updating => &mut self.update_diff,
-            State::Error => return,
+            PairState::Forming | PairState::Formed | PairState::Resyncing => &mut self.forming,
+            PairState::Splitting | PairState::Split => &mut self.split_diff,
+            PairState::Updating => &mut self.update_diff,
+            PairState::Error => return,
         };
         set.union_with(current);
-        if self.state == State::Formed {
-            self.state = State::Forming;
+        if self.state == PairState::Formed {
+            self.state = PairState::Forming;
         }
         self.finish_if_done();
     }

@@ -221,7 +221,10 @@ impl Sim {
                     p.state
                 );
             }
-        } else if matches!(p.state, State::Forming | State::Formed | State::Resyncing) {
+        } else if matches!(
+            p.state,
+            PairState::Forming | PairState::Formed | PairState::Resyncing
+        ) {
             for v in self.files[0].vol_tracks() {
                 if !p.forming.contains(v) {
                     assert_eq!(
@@ -231,7 +234,7 @@ impl Sim {
                 }
             }
         }
-        if p.state == State::Split {
+        if p.state == PairState::Split {
             // Every track changed since the instant (or new since) is in split-diff,
             // so an update will copy it.
             let snap = self.snapshot.as_ref().unwrap();
@@ -391,7 +394,7 @@ fn update_copies_only_changed_tracks() {
     for _ in 0..10 {
         s.copier_step(16);
     }
-    assert_eq!(s.pair.as_ref().unwrap().state, State::Split);
+    assert_eq!(s.pair.as_ref().unwrap().state, PairState::Split);
     s.write(0, 3);
     s.write(0, 7);
     let before = s.copies;
@@ -404,7 +407,7 @@ fn update_copies_only_changed_tracks() {
     }
     assert_eq!(s.copies - before, 2);
     let p = s.pair.as_ref().unwrap();
-    assert_eq!(p.state, State::Split);
+    assert_eq!(p.state, PairState::Split);
     assert_eq!(p.progress.last_copied, 2);
 }
 
@@ -419,14 +422,14 @@ fn wrong_state_transitions_are_refused() {
     );
     assert!(matches!(p.update(vec![], 0), Err(Error::Busy(_))));
     p.copied(&[5]);
-    assert_eq!(p.state, State::Formed);
+    assert_eq!(p.state, PairState::Formed);
     assert!(matches!(p.update(vec![], 0), Err(Error::Invalid(_))));
     assert!(matches!(
         p.resync(&TrackSet::new(), 0),
         Err(Error::Invalid(_))
     ));
     p.split(vec![], 0).unwrap();
-    assert_eq!(p.state, State::Split);
+    assert_eq!(p.state, PairState::Split);
     assert!(matches!(p.split(vec![], 0), Err(Error::Invalid(_))));
 }
 
@@ -440,7 +443,7 @@ fn retain_tracks_drops_bits_of_tracks_the_members_left_and_finishes_forming() {
     assert!(!p.retain_tracks(&set(&[5, 6])), "nothing left to drop");
     // Everything left: forming finishes.
     assert!(p.retain_tracks(&TrackSet::new()));
-    assert_eq!(p.state, State::Formed);
+    assert_eq!(p.state, PairState::Formed);
     // The record bitmap of a split pair is trimmed too.
     let mut p = Pair::new(3, Scope::Dir(2), "/d".into(), TrackSet::new(), 0);
     p.split(vec![], 1).unwrap();

@@ -1,0 +1,58 @@
+//! What the pair engine needs from the namespace, and nothing more: the members of a
+//! scope and their tracks, a scope frozen into [`Frozen`] objects, the allocator's pins,
+//! and the namespace's commits. The core's `Fs` implements it and passes itself to each
+//! engine call; the engine never sees the filesystem object, and `snap` does not import
+//! the core's `fs` module.
+//!
+//! Every method takes the namespace lock itself (it is above the pair state in the lock
+//! order, [`crate::core::locks`]); a caller holds no pair state lock (`Slot::p`) across a
+//! call.
+
+use crate::core::trackset::TrackSet;
+use crate::error::Result;
+use crate::meta::PairDelta;
+use crate::snap::pair::{Frozen, PairId, Pins, Scope};
+
+/// The namespace seen by the pair engine.
+pub trait Namespace: Sync {
+    /// `Err(ReadOnly)` on a read-only mount or after the metadata store failed.
+    fn check_writable(&self) -> Result<()>;
+    /// True if inode `ino` exists (loading it).
+    fn exists(&self, ino: u64) -> Result<bool>;
+    /// The pair inode `ino` belongs to (loading it; `NotFound` if it does not exist).
+    fn pair_of(&self, ino: u64) -> Result<Option<PairId>>;
+    /// The inodes pair `id` covers now: the file, or the inodes beneath its directory
+    /// that carry this pair (a file with a pair of its own stays out).
+    fn members_of(&self, scope: Scope, id: PairId) -> Result<Vec<u64>>;
+    /// Current tracks of the inodes pair `id` covers.
+    fn scope_tracks(&self, scope: Scope, id: PairId) -> Result<TrackSet>;
+    /// The frozen objects of pair `id`'s scope as of now, under one hold of the
+    /// namespace lock (parents first).
+    fn freeze(&self, scope: Scope, id: PairId) -> Result<Vec<Frozen>>;
+    /// Makes inode `ino` (a file or directory) and everything beneath it members of a
+    /// new pair: checks none is in a pair yet, then, under the namespace lock, calls
+    /// `register` with the scope, the path and the current tracks; `register` returns
+    /// the new pair's id, which the members take.
+    fn claim(
+        &self,
+        ino: u64,
+        register: &mut dyn FnMut(Scope, &str, TrackSet) -> PairId,
+    ) -> Result<PairId>;
+    /// Pair `id` is released: under the namespace lock, runs `unregister` (so that no
+    /// inode loaded from now on finds the pair), then takes the pair off cached inodes.
+    fn forget_pair(&self, id: PairId, unregister: &mut dyn FnMut());
+    /// After pair `id` was released: its former members (`members`, parents first) join
+    /// the enclosing pair, if any, with their tracks recorded as written there.
+    fn hand_over(&self, id: PairId, members: &[u64]) -> Result<()>;
+    /// Pins the frozen tracks of a stored pair at mount (`Corrupt` if one lies outside
+    /// the volume).
+    fn pin_frozen(&self, id: PairId, tracks: &TrackSet) -> Result<()>;
+    /// Applies a transition's pin changes to the allocator.
+    fn apply_pins(&self, pins: &Pins);
+    /// How many of `tracks` no live file uses (kept only by frozen copies).
+    fn unused_count(&self, tracks: &TrackSet) -> u64;
+    /// Commits everything dirty plus `extra` pair deltas (durable on return).
+    fn commit(&self, extra: Vec<PairDelta>) -> Result<()>;
+    /// [`Namespace::commit`] with a full flush barrier of both images first.
+    fn commit_destaged(&self, extra: Vec<PairDelta>) -> Result<()>;
+}
