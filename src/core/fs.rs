@@ -1359,14 +1359,13 @@ impl Fs {
                 continue;
             }
             for k in 0..s.len {
-                let Some(data) = staged.get(&(v + k)) else {
+                let Some(patches) = staged.get(&(v + k)) else {
                     continue;
                 };
                 let t0 = (s.file + k) * ts;
                 let (x, y) = (t0.max(a), (t0 + ts).min(b));
                 if x < y {
-                    buf[(x - off) as usize..(y - off) as usize]
-                        .copy_from_slice(&data[(x - t0) as usize..(y - t0) as usize]);
+                    patches.overlay(x - t0, &mut buf[(x - off) as usize..(y - off) as usize]);
                 }
             }
         }

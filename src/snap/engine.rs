@@ -39,7 +39,7 @@ use crate::error::{Error, Result};
 use crate::meta::{Meta, PairDelta, PairRow, take_dirty_chunks};
 use crate::snap::namespace::Namespace;
 use crate::snap::pair::{Frozen, FrozenKind, Pair, PairId, PairState, Scope};
-use crate::snap::stage::StageTable;
+use crate::snap::stage::{StageTable, Staged};
 use crate::snap::view::{Builder, FrozenView, Numbering};
 use crate::store::volume::{Checked, Volume};
 
@@ -726,11 +726,10 @@ impl Engine {
     }
 
     /// Writes host data into mapped volume tracks of a file of pair `pid` (or of no
-    /// pair). Tracks whose old content the frozen copy still needs are *staged*: the
-    /// old track goes to the copy image (unsynced), the new content of the track stays
-    /// in memory and reaches the volume only after [`Engine::destage`] made the old one
-    /// durable and its bit clear durably. Returns without waiting for any sync. A failed
-    /// copy puts the pair in `error` (the host write goes on).
+    /// pair). A write to a track whose old content the frozen copy still needs is
+    /// *staged*: its bytes are kept as a patch of the track (see [`crate::snap::stage`])
+    /// and reach the volume only after [`Engine::destage`] copied the old track, synced
+    /// the copy image and cleared its bit durably. Returns without any copy or sync.
     ///
     /// Lock order: the caller holds the barrier (shared) and the file's data lock, not
     /// the state lock. Here the stage table is taken before a pair's lock, never after.
@@ -761,59 +760,22 @@ impl Engine {
             // Bounded memory: make room before staging more.
             self.destage(ns)?;
         }
-        // The old content of the tracks to stage (not staged yet).
-        let mut olds: HashMap<u64, Vec<u8>> = HashMap::new();
-        if let Some(slot) = &slot {
-            let fresh: Vec<u64> = {
-                let st = self.stage_table();
-                need.iter().copied().filter(|t| !st.contains(*t)).collect()
-            };
-            for &t in &fresh {
-                let mut b = vec![0u8; ts as usize];
-                self.vol.read_at(t * ts, &mut b)?;
-                olds.insert(t, b);
-            }
-            if !olds.is_empty() {
-                // Bits only go from set to clear while we hold the barrier: a track
-                // still pending now was pending when we read it, so what we read is
-                // the instant's data (nothing overwrites a pending track).
-                let still = slot.lock().cow_needed(&fresh);
-                olds.retain(|t, _| still.contains(t));
-                let mut keys: Vec<u64> = olds.keys().copied().collect();
-                keys.sort_unstable();
-                let mut copied = 0u64;
-                for t in keys {
-                    let b = &olds[&t];
-                    let r = if b.iter().all(|&x| x == 0) {
-                        self.copy.discard(t * ts, ts)
-                    } else {
-                        self.copy.write_at(t * ts, b)
-                    };
-                    if let Err(e) = r {
-                        self.fail(ns, slot, &e);
-                        olds.clear();
-                        break;
-                    }
-                    copied += 1;
-                }
-                self.cow_total.fetch_add(copied, Ordering::Relaxed);
-                self.copied_total.fetch_add(copied, Ordering::Relaxed);
-            }
-        }
         let mut direct = Vec::new();
         let mut staged = 0u64;
         {
             let mut st = self.stage_table();
             for p in pieces {
-                if st.patch(p.track, p.off as usize, p.data) {
+                if st.patch(p.track, p.off, p.data) {
                     continue;
                 }
-                if let (Some(mut old), Some(slot), Some(pid)) = (olds.remove(&p.track), &slot, pid)
+                if let (Some(slot), Some(pid)) = (&slot, pid)
+                    && need.contains(&p.track)
                     && !slot.lock().cow_needed(&[p.track]).is_empty()
                 {
-                    // Still pending and not staged: the volume still holds what we read.
-                    old[p.off as usize..p.off as usize + p.data.len()].copy_from_slice(p.data);
-                    st.insert(p.track, pid, old.into_boxed_slice());
+                    // Pending and not staged: nothing overwrites the track on the volume
+                    // until the destager has copied it (bits only go from set to clear
+                    // while we hold the barrier).
+                    st.insert(p.track, pid, p.off, p.data);
                     staged += 1;
                     continue;
                 }
@@ -836,18 +798,18 @@ impl Engine {
         Ok(())
     }
 
-    /// Staged content of `tracks` (copies), for a read to lay over what it reads from
+    /// Staged patches of `tracks` (copies), for a read to lay over what it reads from
     /// the volume. Taken *before* the volume read: a track destaged meanwhile is on the
     /// volume by then.
-    pub fn staged_of(&self, tracks: impl Iterator<Item = u64>) -> HashMap<u64, Box<[u8]>> {
+    pub fn staged_of(&self, tracks: impl Iterator<Item = u64>) -> HashMap<u64, Staged> {
         let mut out = HashMap::new();
         if self.staged_now.load(Ordering::Acquire) == 0 {
             return out;
         }
         let st = self.stage_table();
         for t in tracks {
-            if let Some(b) = st.get(t) {
-                out.insert(t, b.into());
+            if let Some(e) = st.get(t) {
+                out.insert(t, e.clone());
             }
         }
         out
@@ -859,7 +821,7 @@ impl Engine {
         if self.staged_now.load(Ordering::Acquire) == 0 {
             return false;
         }
-        self.stage_table().patch(track, off as usize, data)
+        self.stage_table().patch(track, off, data)
     }
 
     /// Forgets the staged content of tracks no file maps any more (freed, or about to be
@@ -899,16 +861,31 @@ impl Engine {
                 && !slot.released.load(Ordering::Acquire)
             {
                 let _g = slot.gate();
-                if !slot.lock().cow_needed(&tracks).is_empty() {
-                    // A failed sync puts every pair in error (the pipeline calls the
-                    // engine's copy-image-lost hook): then no copy needs the old tracks.
+                let need = slot.lock().cow_needed(&tracks);
+                // The old tracks, still on the volume (their patches are not applied),
+                // go to the copy image; a failed copy puts the pair in error, a failed
+                // sync every pair (the pipeline calls the engine's copy-image-lost
+                // hook): then no copy needs the old tracks any more.
+                let copied = if need.is_empty() {
+                    false
+                } else if let Err(e) = self.copy_tracks(&need) {
+                    self.fail(ns, &slot, &e);
+                    false
+                } else {
+                    self.cow_total
+                        .fetch_add(need.len() as u64, Ordering::Relaxed);
+                    self.copied_total
+                        .fetch_add(need.len() as u64, Ordering::Relaxed);
+                    true
+                };
+                if copied {
                     match self.durability.sync_copy(&self.hooks(ns)) {
                         Ok(()) => {
                             let before = slot.lock().state;
                             let mut done = std::mem::take(
                                 &mut *slot.unconfirmed.lock().unwrap_or_else(|p| p.into_inner()),
                             );
-                            done.extend_from_slice(&tracks);
+                            done.extend_from_slice(&need);
                             slot.lock().begin_clear(&done);
                             if let Err(e) = self.persist(&slot, false) {
                                 // The bits are not durably clear: the new data must not
@@ -929,10 +906,13 @@ impl Engine {
             // The old tracks are durable on the copy (or no longer needed).
             for t in tracks {
                 let mut st = self.stage_table();
-                if let Some(e) = st.remove(t)
-                    && let Err(err) = self.vol.write_at(t * self.track_size, &e.data)
-                {
-                    first_err.get_or_insert(err);
+                if let Some(e) = st.remove(t) {
+                    for (off, d) in &e.patches {
+                        if let Err(err) = self.vol.write_at(t * self.track_size + off, d) {
+                            first_err.get_or_insert(err);
+                            break;
+                        }
+                    }
                 }
                 self.staged_now.store(st.len(), Ordering::Release);
             }

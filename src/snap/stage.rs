@@ -2,30 +2,50 @@
 //! on the copy image (seed 000's copy through cache).
 //!
 //! A host write to a track whose pending bit is set (the frozen copy still needs the
-//! volume's old data there) does not wait for the copy. The writer reads the old track,
-//! writes it to the copy image (not synced), and keeps the *new* content of the whole
-//! track here, in a [`Staged`] entry. The write is acknowledged at once. Later writes to
-//! the track patch the entry; reads see it. The destager
-//! ([`crate::snap::engine::Engine::destage`]) then, per pair: syncs the copy image,
-//! clears the pending bits and commits them, and only then writes each entry to the
-//! volume and drops it. So the order of `docs/design.md` still holds: the old track is
-//! durable on the copy and its bit cleared durably before the new data reaches the
-//! volume.
+//! volume's old data there) does not wait for the copy, and does not copy anything
+//! itself: its bytes are kept here as a *patch* of that track, and the write is
+//! acknowledged at once. The volume keeps the old track meanwhile, so reads of the
+//! live file lay the patches over what they read from the volume, and the frozen copy
+//! and the copier still find the split-time data there. The destager
+//! ([`crate::snap::engine::Engine::destage`]) then, per pair: copies the old tracks
+//! that still need it to the copy image, syncs it, clears the pending bits and commits
+//! them, and only then writes each track's patches to the volume, in order, and drops
+//! them. So the order of `docs/design.md` holds: the old track is durable on the copy
+//! and its bit cleared durably before the new data reaches the volume.
 //!
-//! This module is the container only (no I/O, no pair logic): entries by volume track,
+//! This module is the container only (no I/O, no pair logic): patches by volume track,
 //! the tracks awaiting a destage round per pair, and the byte count that bounds it.
 
 use std::collections::{BTreeMap, HashMap};
 
 use crate::snap::pair::PairId;
 
-/// One staged track: the full new content of volume track `track`.
-#[derive(Debug)]
+/// One staged track: the patches written to it since it was staged, oldest first.
+#[derive(Debug, Clone)]
 pub struct Staged {
     /// The pair whose copy-on-write the track waits for.
     pub pair: PairId,
-    /// The track's new content (one track long).
-    pub data: Box<[u8]>,
+    /// `(offset in the track, bytes)`, oldest first; a later patch wins where they
+    /// overlap.
+    pub patches: Vec<(u64, Box<[u8]>)>,
+}
+
+impl Staged {
+    fn bytes(&self) -> u64 {
+        self.patches.iter().map(|(_, d)| d.len() as u64).sum()
+    }
+
+    /// Lays the patches over `buf`, which holds the track's bytes `[off, off+len)`.
+    pub fn overlay(&self, off: u64, buf: &mut [u8]) {
+        let end = off + buf.len() as u64;
+        for (p, d) in &self.patches {
+            let (a, b) = ((*p).max(off), (p + d.len() as u64).min(end));
+            if a < b {
+                buf[(a - off) as usize..(b - off) as usize]
+                    .copy_from_slice(&d[(a - p) as usize..(b - p) as usize]);
+            }
+        }
+    }
 }
 
 /// Staged tracks, by volume track.
@@ -57,31 +77,40 @@ impl StageTable {
         self.entries.contains_key(&track)
     }
 
-    /// Patches `data` at `off` into the staged track; false if it is not staged.
-    pub fn patch(&mut self, track: u64, off: usize, data: &[u8]) -> bool {
-        match self.entries.get_mut(&track) {
-            Some(e) => {
-                e.data[off..off + data.len()].copy_from_slice(data);
-                true
-            }
-            None => false,
-        }
+    /// Adds `data` at `off` to the staged track; false if it is not staged. Earlier
+    /// patches the new one covers whole are dropped (repeated writes of the same range
+    /// do not grow the table).
+    pub fn patch(&mut self, track: u64, off: u64, data: &[u8]) -> bool {
+        let Some(e) = self.entries.get_mut(&track) else {
+            return false;
+        };
+        let end = off + data.len() as u64;
+        let before = e.bytes();
+        e.patches
+            .retain(|(p, d)| !(*p >= off && p + d.len() as u64 <= end));
+        e.patches.push((off, data.into()));
+        self.bytes = self.bytes - before + e.bytes();
+        true
     }
 
-    /// Stages `track` with content `data` (the old track with the write applied) for
-    /// pair `pair`. The caller has made sure it is not staged yet.
-    pub fn insert(&mut self, track: u64, pair: PairId, data: Box<[u8]>) {
-        self.bytes += data.len() as u64;
+    /// Stages `track` for pair `pair` with its first patch. The caller has made sure it
+    /// is not staged yet.
+    pub fn insert(&mut self, track: u64, pair: PairId, off: u64, data: &[u8]) {
+        let e = Staged {
+            pair,
+            patches: vec![(off, data.into())],
+        };
+        self.bytes += e.bytes();
         self.waiting.entry(pair).or_default().push(track);
-        if let Some(old) = self.entries.insert(track, Staged { pair, data }) {
+        if let Some(old) = self.entries.insert(track, e) {
             // Not expected; keep the count right if it happens.
-            self.bytes -= old.data.len() as u64;
+            self.bytes -= old.bytes();
         }
     }
 
-    /// The staged content of `track`.
-    pub fn get(&self, track: u64) -> Option<&[u8]> {
-        self.entries.get(&track).map(|e| &e.data[..])
+    /// The staged track, if any.
+    pub fn get(&self, track: u64) -> Option<&Staged> {
+        self.entries.get(&track)
     }
 
     /// True if some pair has tracks waiting for a destage round.
@@ -89,27 +118,15 @@ impl StageTable {
         !self.waiting.is_empty()
     }
 
-    /// Copies the staged part of `[off, off + buf.len())` of `track` into `buf`.
-    /// Returns false if the track is not staged.
-    pub fn read_into(&self, track: u64, off: usize, buf: &mut [u8]) -> bool {
-        match self.entries.get(&track) {
-            Some(e) => {
-                buf.copy_from_slice(&e.data[off..off + buf.len()]);
-                true
-            }
-            None => false,
-        }
-    }
-
     /// Takes the lists of tracks waiting for a destage round, by pair.
     pub fn take_waiting(&mut self) -> BTreeMap<PairId, Vec<u64>> {
         std::mem::take(&mut self.waiting)
     }
 
-    /// Removes a staged track (after it reached the volume, or it was freed).
+    /// Removes a staged track (after its patches reached the volume, or it was freed).
     pub fn remove(&mut self, track: u64) -> Option<Staged> {
         let e = self.entries.remove(&track)?;
-        self.bytes -= e.data.len() as u64;
+        self.bytes -= e.bytes();
         Some(e)
     }
 
@@ -123,29 +140,28 @@ impl StageTable {
             self.waiting.entry(pair).or_default().extend(tracks);
         }
     }
-
-    /// Every staged track (for a full flush when a pair's list was lost).
-    pub fn all_tracks(&self) -> Vec<u64> {
-        self.entries.keys().copied().collect()
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
 
     #[test]
-    fn patch_read_remove_and_count() {
+    fn patch_overlay_remove_and_count() {
         let mut t = StageTable::default();
         assert!(!t.patch(5, 0, &[1]));
-        t.insert(5, 1, vec![0u8; 8].into_boxed_slice());
-        t.insert(9, 2, vec![7u8; 8].into_boxed_slice());
-        assert_eq!(t.bytes(), 16);
-        assert!(t.patch(5, 2, &[1, 2]));
-        let mut b = [0u8; 4];
-        assert!(t.read_into(5, 1, &mut b));
-        assert_eq!(b, [0, 1, 2, 0]);
-        assert!(!t.read_into(6, 0, &mut b));
+        t.insert(5, 1, 2, &[1, 2]);
+        t.insert(9, 2, 0, &[7; 8]);
+        assert_eq!(t.bytes(), 10);
+        assert!(t.patch(5, 3, &[3, 4]));
+        let mut b = [0u8; 6];
+        t.get(5).unwrap().overlay(0, &mut b);
+        assert_eq!(b, [0, 0, 1, 3, 4, 0]);
+        // A patch covering an earlier one replaces it.
+        assert!(t.patch(5, 2, &[9, 9, 9]));
+        assert_eq!(t.get(5).unwrap().patches.len(), 1);
+        assert_eq!(t.bytes(), 11);
         let w = t.take_waiting();
         assert_eq!(w.get(&1), Some(&vec![5]));
         assert_eq!(w.get(&2), Some(&vec![9]));
@@ -154,7 +170,34 @@ mod tests {
         assert_eq!(t.take_waiting().get(&1), Some(&vec![5]));
         assert_eq!(t.remove(5).map(|e| e.pair), Some(1));
         assert_eq!(t.bytes(), 8);
-        assert_eq!(t.all_tracks(), vec![9]);
         assert!(t.remove(5).is_none());
+    }
+
+    proptest! {
+        /// Patches laid over a track, read back through any window, equal the same
+        /// writes applied to a plain buffer; the byte count never exceeds what was
+        /// written.
+        #[test]
+        fn overlay_matches_a_plain_buffer(
+            writes in proptest::collection::vec((0u64..64, 1usize..24, any::<u8>()), 1..40),
+            win in (0u64..64, 1usize..64),
+        ) {
+            let mut t = StageTable::default();
+            let mut model = [0u8; 96];
+            let mut written = 0u64;
+            for (k, (off, len, v)) in writes.iter().enumerate() {
+                let data = vec![v.wrapping_add(k as u8); *len];
+                if !t.patch(3, *off, &data) {
+                    t.insert(3, 1, *off, &data);
+                }
+                model[*off as usize..*off as usize + len].copy_from_slice(&data);
+                written += *len as u64;
+            }
+            prop_assert!(t.bytes() <= written);
+            let (o, l) = (win.0, win.1.min(96 - win.0 as usize));
+            let mut buf = vec![0u8; l];
+            t.get(3).unwrap().overlay(o, &mut buf);
+            prop_assert_eq!(&buf[..], &model[o as usize..o as usize + l]);
+        }
     }
 }
