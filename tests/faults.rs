@@ -89,6 +89,10 @@ fn copy_image_failure_puts_the_pair_in_error_and_update_recovers() {
     });
     r.fs.write(ino, 0, &vec![2u8; TS as usize])
         .expect("the original keeps working");
+    // The write was staged; the destage round copies the old track and that fails.
+    r.fs.engine
+        .destage(&r.fs)
+        .expect("the staged data still reaches the volume");
     assert!(
         state(&r.fs, ino).starts_with("error"),
         "{}",
