@@ -602,21 +602,7 @@ impl Pair {
             .copied()
             .filter(|&t| !pinned.contains(t))
             .collect();
-        let mut changed = false;
-        for set in [
-            &mut self.forming,
-            &mut self.split_diff,
-            &mut self.update_diff,
-        ] {
-            let kept = set.difference(&gone);
-            if kept.count() != set.count() {
-                set.assign(kept);
-                changed = true;
-            }
-        }
-        let before = self.state;
-        self.finish_if_done();
-        changed || self.state != before
+        self.narrow_bitmaps(|set| set.difference(&gone))
     }
 
     /// Keeps only the bits of `current` (the tracks the members map now) and of the
@@ -627,13 +613,19 @@ impl Pair {
     /// Returns true if a bit was dropped.
     pub fn retain_tracks(&mut self, current: &TrackSet) -> bool {
         let keep = current.union(&self.pinned_tracks());
+        self.narrow_bitmaps(|set| set.intersection(&keep))
+    }
+
+    /// Replaces each of the three bitmaps by `f` of it (a subset), then finishes a copy
+    /// that has nothing left. True if a bit was dropped or the state moved on.
+    fn narrow_bitmaps(&mut self, f: impl Fn(&TrackSet) -> TrackSet) -> bool {
         let mut changed = false;
         for set in [
             &mut self.forming,
             &mut self.split_diff,
             &mut self.update_diff,
         ] {
-            let kept = set.intersection(&keep);
+            let kept = f(set);
             if kept.count() != set.count() {
                 set.assign(kept);
                 changed = true;
