@@ -264,29 +264,8 @@ impl Meta {
         }
         let conn = Connection::open(path)?;
         Self::pragmas(&conn)?;
-        conn.execute_batch(SCHEMA)?;
-        conn.execute_batch(INDEXES)?;
         let tx = conn.unchecked_transaction()?;
-        for (k, v) in [
-            ("format", "pairfs".to_string()),
-            ("schema_version", SCHEMA_VERSION.to_string()),
-            ("uuid", geometry.uuid.clone()),
-            ("volume_size", geometry.size.to_string()),
-            ("track_size", geometry.track_size.to_string()),
-            ("next_ino", "2".to_string()),
-            ("next_pair", "1".to_string()),
-            ("clean", "1".to_string()),
-            ("inode_count", "1".to_string()),
-        ] {
-            tx.execute(
-                "INSERT INTO super(key, value) VALUES (?1, ?2)",
-                params![k, v],
-            )?;
-        }
-        tx.execute(
-            "INSERT INTO inodes VALUES (1, ?1, ?2, 0, 0, 2, 0, ?3, ?3, ?3, 0, NULL)",
-            params![libc::S_IFDIR, 0o755, now],
-        )?;
+        Self::init(&tx, geometry, now)?;
         tx.commit()?;
         Ok(Meta {
             conn,
@@ -296,9 +275,9 @@ impl Meta {
         })
     }
 
-    /// An in-memory database (tests).
-    pub fn in_memory(geometry: &Geometry) -> Result<Meta> {
-        let conn = Connection::open_in_memory()?;
+    /// Writes the schema, the indexes, the super rows and the root directory of a new
+    /// database (`now`: the root's times).
+    fn init(conn: &Connection, geometry: &Geometry, now: i64) -> Result<()> {
         conn.execute_batch(SCHEMA)?;
         conn.execute_batch(INDEXES)?;
         for (k, v) in [
@@ -318,9 +297,16 @@ impl Meta {
             )?;
         }
         conn.execute(
-            "INSERT INTO inodes VALUES (1, ?1, ?2, 0, 0, 2, 0, 0, 0, 0, 0, NULL)",
-            params![libc::S_IFDIR, 0o755],
+            "INSERT INTO inodes VALUES (1, ?1, ?2, 0, 0, 2, 0, ?3, ?3, ?3, 0, NULL)",
+            params![libc::S_IFDIR, 0o755, now],
         )?;
+        Ok(())
+    }
+
+    /// An in-memory database (tests).
+    pub fn in_memory(geometry: &Geometry) -> Result<Meta> {
+        let conn = Connection::open_in_memory()?;
+        Self::init(&conn, geometry, 0)?;
         Ok(Meta {
             conn,
             geometry: geometry.clone(),
