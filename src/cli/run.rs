@@ -560,19 +560,26 @@ fn bind_again(spec: &MountSpec, existing: &Path) -> Result<u8> {
         .map_err(|_| Error::invalid("path with NUL"))?;
     let to = CString::new(spec.mountpoint.as_os_str().as_bytes())
         .map_err(|_| Error::invalid("path with NUL"))?;
+    // A bind mount (then its flags by a bind remount); type and data are ignored.
+    let bind = |flags: libc::c_ulong| -> std::io::Result<()> {
+        // SAFETY: valid C strings; null type and data.
+        let r = unsafe {
+            libc::mount(
+                from.as_ptr(),
+                to.as_ptr(),
+                std::ptr::null(),
+                flags,
+                std::ptr::null(),
+            )
+        };
+        if r == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
+        }
+    };
     let mut flags = libc::MS_BIND;
-    // SAFETY: valid C strings; type and data are ignored by a bind mount.
-    if unsafe {
-        libc::mount(
-            from.as_ptr(),
-            to.as_ptr(),
-            std::ptr::null(),
-            flags,
-            std::ptr::null(),
-        )
-    } != 0
-    {
-        let e = std::io::Error::last_os_error();
+    if let Err(e) = bind(flags) {
         return Err(Error::Locked(format!(
             "{} is already mounted on {} and binding it to {} failed: {e}",
             spec.paths.volume.display(),
@@ -599,18 +606,7 @@ fn bind_again(spec: &MountSpec, existing: &Path) -> Result<u8> {
     if !spec.fuse_opts.iter().any(|x| x == "dev") {
         flags |= libc::MS_NODEV;
     }
-    // SAFETY: as above.
-    if unsafe {
-        libc::mount(
-            from.as_ptr(),
-            to.as_ptr(),
-            std::ptr::null(),
-            flags,
-            std::ptr::null(),
-        )
-    } != 0
-    {
-        let e = std::io::Error::last_os_error();
+    if let Err(e) = bind(flags) {
         let _ = unmount(&spec.mountpoint, true);
         return Err(Error::io("bind mount flags", e));
     }
