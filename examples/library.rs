@@ -14,7 +14,11 @@ fn main() -> pairfs::Result<()> {
     volfile::mkfs(&paths, 256 << 20, 64 << 10, true)?;
     let (fs, _lock) = volfile::open(&paths, Options::default())?;
 
-    let root = Ctx { uid: 0, gid: 0 };
+    let root = Ctx {
+        uid: 0,
+        gid: 0,
+        umask: 0,
+    };
     let f = fs.create_node(
         root,
         pairfs::core::fs::ROOT,

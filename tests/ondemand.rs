@@ -35,7 +35,11 @@ fn volume(dir: &Path) -> Paths {
 }
 
 fn ctx() -> Ctx {
-    Ctx { uid: 0, gid: 0 }
+    Ctx {
+        uid: 0,
+        gid: 0,
+        umask: 0,
+    }
 }
 
 /// Every name beneath the root with its attributes, xattrs and link target, by walking

@@ -2,7 +2,8 @@
 //! `posix_acl_xattr` format: a u32 version 2, then (u16 tag, u16 perm, u32 id) entries,
 //! little endian), tied to the mode bits as ext4 ties them: setting an ACL sets the
 //! owner, group (the mask when there is one) and other bits, an ACL that says no more
-//! than the mode is not stored, and chmod rewrites those entries. Pure functions.
+//! than the mode is not stored, and chmod rewrites those entries; a new object inherits
+//! its directory's default ACL as ext4 does (`posix_acl_create`). Pure functions.
 
 use crate::error::{Error, Result};
 
@@ -16,6 +17,8 @@ const OTHER: u16 = 0x20;
 
 /// The name of the access ACL xattr.
 pub const ACCESS: &[u8] = b"system.posix_acl_access";
+/// The name of the default ACL xattr (directories).
+pub const DEFAULT: &[u8] = b"system.posix_acl_default";
 
 fn entries(v: &[u8]) -> Result<Vec<(u16, u16, u32)>> {
     if v.len() < 4 || !(v.len() - 4).is_multiple_of(8) {
@@ -83,6 +86,40 @@ pub fn chmod(acl: &[u8], perm: u32) -> Result<Vec<u8>> {
     Ok(out)
 }
 
+fn encode(e: &[(u16, u16, u32)]) -> Vec<u8> {
+    let mut out = VERSION.to_le_bytes().to_vec();
+    for (tag, p, id) in e {
+        out.extend_from_slice(&tag.to_le_bytes());
+        out.extend_from_slice(&p.to_le_bytes());
+        out.extend_from_slice(&id.to_le_bytes());
+    }
+    out
+}
+
+/// What a new object created with `mode` (permission bits as asked, before any umask)
+/// in a directory whose default ACL is `default` gets, as `posix_acl_create` gives it
+/// on Linux: the permission bits (the owner, group class and other entries of the
+/// default ACL limited by `mode`'s bits; special bits kept) and the access ACL to store
+/// (`None` when it says no more than those bits). `Err` for a malformed default ACL.
+pub fn inherit(default: &[u8], mode: u32) -> Result<(u32, Option<Vec<u8>>)> {
+    let mut e = entries(default)?;
+    let has_mask = e.iter().any(|x| x.0 == MASK);
+    let mut perm = mode & !0o777;
+    for (tag, p, _) in e.iter_mut() {
+        let shift = match *tag {
+            USER_OBJ => 6,
+            MASK => 3,
+            GROUP_OBJ if !has_mask => 3,
+            OTHER => 0,
+            _ => continue,
+        };
+        *p &= ((mode >> shift) & 7) as u16;
+        perm |= (*p as u32) << shift;
+    }
+    let acl = (e.len() > 3).then(|| encode(&e));
+    Ok((perm, acl))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -134,5 +171,27 @@ mod tests {
         let mut v1 = acl(&[(USER_OBJ, 7, 0), (GROUP_OBJ, 5, 0), (OTHER, 0, 0)]);
         v1[0] = 1;
         assert!(mode_of(&v1, 0).is_err());
+    }
+
+    #[test]
+    fn a_new_object_inherits_the_default_acl_limited_by_its_mode() {
+        let d = acl(&[
+            (USER_OBJ, 7, u32::MAX),
+            (USER, 7, 1234),
+            (GROUP_OBJ, 5, u32::MAX),
+            (MASK, 7, u32::MAX),
+            (OTHER, 5, u32::MAX),
+        ]);
+        // open(O_CREAT, 0666) in such a directory: rw for the owner, the mask (rw-)
+        // limits the named user, r-- for others; no umask.
+        let (perm, a) = inherit(&d, 0o666).unwrap();
+        assert_eq!(perm, 0o664);
+        let a = a.expect("named entries keep an access ACL");
+        assert_eq!(mode_of(&a, 0).unwrap(), (0o664, false));
+        assert!(a.windows(8).any(|w| w == [2, 0, 7, 0, 0xd2, 4, 0, 0]));
+        // A minimal default ACL gives bits only.
+        let m = acl(&[(USER_OBJ, 7, 0), (GROUP_OBJ, 5, 0), (OTHER, 0, 0)]);
+        assert_eq!(inherit(&m, 0o2777).unwrap(), (0o2750, None));
+        assert!(inherit(&[1, 2, 3], 0o644).is_err());
     }
 }

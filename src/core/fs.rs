@@ -71,6 +71,9 @@ pub struct Ctx {
     pub uid: u32,
     /// Group id.
     pub gid: u32,
+    /// The creating process's umask (create, mkdir, mknod): applied unless the parent
+    /// directory has a default ACL, which replaces it (POSIX.1e).
+    pub umask: u32,
 }
 
 /// Attributes returned to the adapter.
@@ -780,7 +783,16 @@ impl Fs {
         if kind == libc::S_IFDIR && p.row.nlink >= LINK_MAX {
             return Err(Error::TooManyLinks);
         }
-        let mut perm = mode & 0o7777;
+        // A default ACL on the parent replaces the umask: the new object's access ACL is
+        // that ACL limited by the mode asked for, and a directory inherits it as its own
+        // default ACL (`acl::inherit`). Symlinks take neither.
+        let default_acl = (kind != libc::S_IFLNK)
+            .then(|| p.xattrs.get(crate::core::acl::DEFAULT).cloned())
+            .flatten();
+        let (mut perm, access_acl) = match &default_acl {
+            Some(d) => crate::core::acl::inherit(d, mode & 0o7777)?,
+            None => (mode & 0o7777 & !ctx.umask, None),
+        };
         // BSD/SysV group semantics: a set-gid directory passes its group on.
         let gid = if p.row.perm & libc::S_ISGID != 0 {
             if kind == libc::S_IFDIR {
@@ -810,6 +822,12 @@ impl Fs {
         let mut inode = Inode::new(row);
         inode.links.push((parent, name.to_vec()));
         inode.pair = pair;
+        if let Some(a) = access_acl {
+            inode.xattrs.insert(crate::core::acl::ACCESS.to_vec(), a);
+        }
+        if let Some(d) = default_acl.filter(|_| kind == libc::S_IFDIR) {
+            inode.xattrs.insert(crate::core::acl::DEFAULT.to_vec(), d);
+        }
         let attr = self.attr_of(&inode);
         st.inodes.insert(ino, inode);
         st.inode_count += 1;
@@ -1697,6 +1715,21 @@ impl Fs {
 
     /// Sets an ordinary xattr.
     pub fn setxattr(&self, ino: u64, name: &[u8], value: &[u8], flags: i32) -> Result<()> {
+        self.setxattr_by(ino, name, value, flags, &|_| true)
+    }
+
+    /// [`Fs::setxattr`] on behalf of a caller: `in_group(gid)` says whether the caller is
+    /// in group `gid` or may act as if (CAP_FSETID). Setting an access ACL on a set-gid
+    /// object of a group the caller is not in clears set-gid, as chmod does
+    /// (`posix_acl_update_mode`).
+    pub fn setxattr_by(
+        &self,
+        ino: u64,
+        name: &[u8],
+        value: &[u8],
+        flags: i32,
+        in_group: &dyn Fn(u32) -> bool,
+    ) -> Result<()> {
         self.check_writable()?;
         if name.is_empty() || name.len() > 255 {
             return Err(if name.is_empty() {
@@ -1728,7 +1761,10 @@ impl Fs {
         if name == crate::core::acl::ACCESS {
             // As ext4: the ACL sets the mode's permission bits, and one that says no more
             // than the mode is not stored.
-            let (perm, plain) = crate::core::acl::mode_of(value, i.row.perm)?;
+            let (mut perm, plain) = crate::core::acl::mode_of(value, i.row.perm)?;
+            if perm & libc::S_ISGID != 0 && !in_group(i.row.gid) {
+                perm &= !libc::S_ISGID;
+            }
             i.row.perm = perm;
             if plain {
                 i.xattrs.remove(name);

@@ -94,7 +94,30 @@ fn ctx(req: &Request) -> Ctx {
     Ctx {
         uid: req.uid(),
         gid: req.gid(),
+        umask: 0,
     }
+}
+
+/// The supplementary groups of process `pid` (`Groups:` of /proc/PID/status; empty if
+/// it is gone). FUSE passes only the caller's fsuid and fsgid; the rest of its
+/// credentials are read here when a rule needs them (an ACL set on a set-gid file).
+fn supplementary_groups(pid: u32) -> Vec<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines().find_map(|l| l.strip_prefix("Groups:")).map(|g| {
+                g.split_whitespace()
+                    .filter_map(|x| x.parse().ok())
+                    .collect()
+            })
+        })
+        .unwrap_or_default()
+}
+
+/// [`ctx`] for a create, mkdir or mknod: the core applies the umask, or the parent's
+/// default ACL instead (the kernel leaves both to us: `FUSE_POSIX_ACL`, `FUSE_DONT_MASK`).
+fn create_ctx(req: &Request, umask: u32) -> Ctx {
+    Ctx { umask, ..ctx(req) }
 }
 
 /// The main mount.
@@ -338,6 +361,15 @@ impl Filesystem for MainFs {
                 | InitFlags::FUSE_DO_READDIRPLUS
                 | InitFlags::FUSE_READDIRPLUS_AUTO,
         );
+        // POSIX ACLs: the kernel checks access against the access ACL it reads through
+        // getxattr (and caches), and passes the mode and umask of a create unmasked, so
+        // the core applies the parent's default ACL or else the umask.
+        if config
+            .add_capabilities(InitFlags::FUSE_POSIX_ACL | InitFlags::FUSE_DONT_MASK)
+            .is_err()
+        {
+            log::warn!("the kernel does not offer FUSE_POSIX_ACL: ACLs are kept, not enforced");
+        }
         // Inode numbers are persistent and never reused (`next_ino` is committed), so a
         // file handle (inode, generation 0) stays valid across cache drops and remounts:
         // open_by_handle_at(2) and NFS export work. Needs lookup of "." and "..".
@@ -436,10 +468,10 @@ impl Filesystem for MainFs {
         let r = match kind {
             libc::S_IFREG | libc::S_IFIFO | libc::S_IFSOCK | libc::S_IFCHR | libc::S_IFBLK => {
                 self.fs.create_node(
-                    ctx(req),
+                    create_ctx(req, umask),
                     parent.0,
                     name.as_bytes(),
-                    kind | (mode & !umask & 0o7777),
+                    kind | (mode & 0o7777),
                     rdev,
                     None,
                 )
@@ -459,10 +491,10 @@ impl Filesystem for MainFs {
         reply: ReplyEntry,
     ) {
         let r = self.fs.create_node(
-            ctx(req),
+            create_ctx(req, umask),
             parent.0,
             name.as_bytes(),
-            libc::S_IFDIR | (mode & !umask & 0o7777),
+            libc::S_IFDIR | (mode & 0o7777),
             0,
             None,
         );
@@ -786,7 +818,7 @@ impl Filesystem for MainFs {
 
     fn setxattr(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         name: &OsStr,
         value: &[u8],
@@ -800,7 +832,12 @@ impl Filesystem for MainFs {
             .and_then(|s| s.strip_prefix(CONTROL_PREFIX))
         {
             Some(op) => self.control_set(ino.0, op, value),
-            None => self.fs.setxattr(ino.0, n, value, flags),
+            None => {
+                let (uid, gid, pid) = (req.uid(), req.gid(), req.pid());
+                self.fs.setxattr_by(ino.0, n, value, flags, &|g| {
+                    uid == 0 || gid == g || supplementary_groups(pid).contains(&g)
+                })
+            }
         };
         if r.is_ok()
             && n == crate::core::acl::ACCESS
@@ -865,10 +902,10 @@ impl Filesystem for MainFs {
         let r = self
             .fs
             .create_node(
-                ctx(req),
+                create_ctx(req, umask),
                 parent.0,
                 name.as_bytes(),
-                libc::S_IFREG | (mode & !umask & 0o7777),
+                libc::S_IFREG | (mode & 0o7777),
                 0,
                 None,
             )
