@@ -86,11 +86,15 @@ if [ -n "${PAIRFS_BIN:-}" ]; then
 else
     if [ "$build" = 1 ]; then
         log "cargo build --release"
-        (cd "$root" && cargo build --release --quiet) || die "build failed"
+        (cd "$root" && cargo build --release --quiet && cargo build --release --quiet --example memfs) \
+            || die "build failed"
     fi
     src_bin=${CARGO_TARGET_DIR:-$root/target}/release/pairfs
 fi
 [ -x "$src_bin" ] || die "no pairfs binary at $src_bin"
+# The FUSE floor (examples/memfs.rs: an in-memory FUSE file system mounted as pairfs mounts,
+# doing no work): the meta and seq sections also run on it, to show what FUSE allows here.
+memfs_src=${MEMFS_BIN:-${CARGO_TARGET_DIR:-$root/target}/release/examples/memfs}
 
 # The real interpreter, once: a pyenv shim costs ~200 ms per call and we call it often.
 PY=$(python3 -c 'import sys; print(sys.executable)')
@@ -106,6 +110,13 @@ SHM=$(mktemp -d "${TMPFS_DIR:-/dev/shm}/pairfs-bench.XXXXXX")
 # A private copy of the binary: others may rebuild target/ while we run.
 PF=$WORK/pairfs
 cp "$src_bin" "$PF"
+MEMFS=""
+if [ -x "$memfs_src" ]; then
+    cp "$memfs_src" "$WORK/memfs"
+else
+    log "no memfs binary at $memfs_src (cargo build --release --example memfs): FUSE floor rows skipped"
+fi
+MEMMNT=$WORK/memfsmnt
 VOL=$WORK/vol.img MNT=$WORK/mnt CMNT=$WORK/copy
 NAT=$WORK/native
 RSSVOL=$WORK/rss.img RSSMNT=$WORK/rssmnt
@@ -131,6 +142,7 @@ cleanup() {
     local rc=$?
     set +e
     for m in "$CMNT" "$MNT" "$RSSMNT"; do unmount_one "$m"; done
+    if is_mounted "$MEMMNT"; then fusermount3 -u "$MEMMNT" 2>/dev/null || umount -l "$MEMMNT"; fi
     # Any daemon of ours still alive (e.g. after a lazy unmount): stop it by pid.
     for p in $(pgrep -f "^$PF mount " 2>/dev/null); do
         log "WARNING: daemon $p still running after unmount; sending SIGTERM"
@@ -152,6 +164,17 @@ trap 'exit 130' INT TERM
 mount_main() {
     "$PF" mount "$VOL" "$MNT" --copy-mount "$CMNT" --daemon 2>>"$WORK/daemon.log" || die "mount failed (see $WORK/daemon.log)"
     is_mounted "$MNT" || die "not mounted after pairfs mount --daemon"
+}
+
+# mount_memfs: the FUSE floor at $MEMMNT (sets MEMFS to it), if its binary is there.
+mount_memfs() {
+    [ -x "$WORK/memfs" ] || return 0
+    is_mounted "$MEMMNT" && { MEMFS=$MEMMNT; return 0; }
+    mkdir -p "$MEMMNT"
+    "$WORK/memfs" "$MEMMNT" 4 2>>"$WORK/memfs.log" &
+    local i
+    for i in $(seq 50); do is_mounted "$MEMMNT" && break; sleep 0.1; done
+    if is_mounted "$MEMMNT"; then MEMFS=$MEMMNT; else log "WARNING: memfs did not mount"; fi
 }
 
 # ---------------------------------------------------------------- small tools
@@ -243,6 +266,19 @@ sec_seq() {
         done
     done
     local sz="${SEQ_MB} MiB"
+    mount_memfs
+    if [ -n "$MEMFS" ]; then
+        for rep in $(seq "$SEQ_REPS"); do
+            f=$MEMFS/seq.dat
+            r=$(fio_run "seqw-memfs-$rep" --filename="$f" --rw=write --bs=1m --size="${SEQ_MB}m" --end_fsync=1)
+            v[memfs.w]+="$(jget "$r" MBps) "
+            rm -f "$f"
+        done
+        # shellcheck disable=SC2086
+        rec seq "write $sz + fsync" "$(median ${v[pairfs.wf]})" "FUSE floor (memfs)" "$(median ${v[memfs.w]})" MB/s higher "memfs keeps the bytes in RAM"
+        # shellcheck disable=SC2086
+        rec seq "FUSE floor: memfs write $sz" "$(median ${v[memfs.w]})" "raw file + fsync" "$(median ${v[raw.wf]})" MB/s higher "no pairfs: the best a FUSE write path reaches here"
+    fi
     # shellcheck disable=SC2086
     rec seq "write $sz, no fsync" "$(median ${v[pairfs.w]})" "raw file" "$(median ${v[raw.w]})" MB/s higher "median of $SEQ_REPS"
     # shellcheck disable=SC2086
@@ -289,10 +325,17 @@ sec_meta() {
     p=$(H meta "$MNT/meta" "$META_N")
     n=$(H meta "$NAT/meta" "$META_N")
     t=$(H meta "$SHM/meta" "$META_N")
+    local m=""
+    mount_memfs
+    [ -z "$MEMFS" ] || m=$(H meta "$MEMFS/meta" "$META_N")
     local op
     for op in create stat readdir rename unlink; do
         rec meta "$op $META_N files" "$(jget "$p" "$op.ops_per_s")" "native dir" "$(jget "$n" "$op.ops_per_s")" ops/s higher
         rec meta "$op $META_N files" "$(jget "$p" "$op.ops_per_s")" "tmpfs" "$(jget "$t" "$op.ops_per_s")" ops/s higher
+        if [ -n "$m" ]; then
+            rec meta "$op $META_N files" "$(jget "$p" "$op.ops_per_s")" "FUSE floor (memfs)" "$(jget "$m" "$op.ops_per_s")" ops/s higher
+            rec meta "FUSE floor: memfs $op $META_N files" "$(jget "$m" "$op.ops_per_s")" "native dir" "$(jget "$n" "$op.ops_per_s")" ops/s higher "no pairfs: the best a FUSE file system reaches here"
+        fi
     done
 }
 
