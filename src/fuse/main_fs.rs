@@ -98,22 +98,6 @@ fn ctx(req: &Request) -> Ctx {
     }
 }
 
-/// The supplementary groups of process `pid` (`Groups:` of /proc/PID/status; empty if
-/// it is gone). FUSE passes only the caller's fsuid and fsgid; the rest of its
-/// credentials are read here when a rule needs them (an ACL set on a set-gid file).
-fn supplementary_groups(pid: u32) -> Vec<u32> {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines().find_map(|l| l.strip_prefix("Groups:")).map(|g| {
-                g.split_whitespace()
-                    .filter_map(|x| x.parse().ok())
-                    .collect()
-            })
-        })
-        .unwrap_or_default()
-}
-
 /// [`ctx`] for a create, mkdir or mknod: the core applies the umask, or the parent's
 /// default ACL instead (the kernel leaves both to us: `FUSE_POSIX_ACL`, `FUSE_DONT_MASK`).
 fn create_ctx(req: &Request, umask: u32) -> Ctx {
@@ -832,12 +816,9 @@ impl Filesystem for MainFs {
             .and_then(|s| s.strip_prefix(CONTROL_PREFIX))
         {
             Some(op) => self.control_set(ino.0, op, value),
-            None => {
-                let (uid, gid, pid) = (req.uid(), req.gid(), req.pid());
-                self.fs.setxattr_by(ino.0, n, value, flags, &|g| {
-                    uid == 0 || gid == g || supplementary_groups(pid).contains(&g)
-                })
-            }
+            None => self.fs.setxattr_by(ino.0, n, value, flags, &|g| {
+                req.uid() == 0 || in_group(req, g)
+            }),
         };
         if r.is_ok()
             && n == crate::core::acl::ACCESS
