@@ -17,6 +17,7 @@
 #   BENCH_DIR               parent of the work directory (default /work/bench-tmp); must be on the
 #                           real disk, not tmpfs (the raw and native baselines go there too)
 #   TMPFS_DIR               a tmpfs directory for the metadata baseline (default /dev/shm)
+#   PAIRFS_MOUNT_OPTS       extra arguments for the main mount, e.g. "-o writeback_cache"
 #
 # Needs root (drop_caches, FUSE allow_other), fio, rsync, python3, getfattr/setfattr, fallocate.
 # See bench/README.md for what each figure means.
@@ -162,7 +163,8 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 mount_main() {
-    "$PF" mount "$VOL" "$MNT" --copy-mount "$CMNT" --daemon 2>>"$WORK/daemon.log" || die "mount failed (see $WORK/daemon.log)"
+    # shellcheck disable=SC2086  # PAIRFS_MOUNT_OPTS is a list of words, e.g. "-o writeback_cache"
+    "$PF" mount "$VOL" "$MNT" --copy-mount "$CMNT" --daemon ${PAIRFS_MOUNT_OPTS:-} 2>>"$WORK/daemon.log" || die "mount failed (see $WORK/daemon.log)"
     is_mounted "$MNT" || die "not mounted after pairfs mount --daemon"
 }
 

@@ -65,7 +65,9 @@ pub enum Cmd {
         #[arg(long)]
         daemon: bool,
         /// Mount options (comma separated): ro, allow_other, default_permissions,
-        /// copy_mount=DIR, threads=N, commit_ms=N; others are passed to FUSE.
+        /// copy_mount=DIR, threads=N, commit_ms=N, writeback_cache (kernel write-back
+        /// caching; a split first flushes the kernel's dirty pages of its scope); others
+        /// are passed to FUSE.
         #[arg(short = 'o', value_name = "OPTIONS")]
         options: Vec<String>,
         /// Milliseconds between background metadata commits.

@@ -82,6 +82,7 @@ pub fn run(cli: Cli) -> Result<u8> {
                 snapshot: false,
                 atime: AtimePolicy::default(),
                 nodiratime: false,
+                writeback_cache: false,
             };
             m.parse_options(&options)?;
             mount(m, daemon)
@@ -103,6 +104,7 @@ pub fn run(cli: Cli) -> Result<u8> {
                 snapshot: false,
                 atime: AtimePolicy::Never,
                 nodiratime: false,
+                writeback_cache: false,
             };
             mount(m, daemon)
         }
@@ -123,6 +125,7 @@ pub fn run(cli: Cli) -> Result<u8> {
                 snapshot: true,
                 atime: AtimePolicy::Never,
                 nodiratime: false,
+                writeback_cache: false,
             };
             mount(m, daemon)
         }
@@ -202,6 +205,9 @@ pub struct MountSpec {
     pub atime: AtimePolicy,
     /// Reading a directory does not update its atime.
     pub nodiratime: bool,
+    /// Kernel write-back caching (`-o writeback_cache`): writes return once in the
+    /// page cache; a split or update flushes the kernel's dirty pages of its scope first.
+    pub writeback_cache: bool,
 }
 
 impl MountSpec {
@@ -246,6 +252,8 @@ impl MountSpec {
                     self.atime = AtimePolicy::Never;
                     self.fuse_opts.push(k.to_string());
                 }
+                ("writeback_cache", None) => self.writeback_cache = true,
+                ("no_writeback_cache", None) => self.writeback_cache = false,
                 ("nodiratime", None) => self.nodiratime = true,
                 ("diratime", None) => self.nodiratime = false,
                 ("allow_other" | "default_permissions" | "allow_root", None) => {}
@@ -774,11 +782,9 @@ fn serve(spec: MountSpec, mut ready: Option<std::fs::File>) -> Result<u8> {
                 s.spawn()
             })
         } else {
-            let main = crate::fuse::main_fs::MainFs::new(fs.clone()).with_atime(
-                spec.atime,
-                spec.nodiratime,
-                spec.mountpoint.clone(),
-            );
+            let main = crate::fuse::main_fs::MainFs::new(fs.clone())
+                .with_atime(spec.atime, spec.nodiratime, spec.mountpoint.clone())
+                .with_writeback_cache(spec.writeback_cache);
             let slot = main.notifier_slot();
             fuser::Session::new(main, &spec.mountpoint, &config(&spec, false)).and_then(|s| {
                 let _ = slot.set(s.notifier());

@@ -115,6 +115,8 @@ pub struct MainFs {
     dirs: Mutex<HashMap<u64, u64>>,
     /// Tells the kernel of attribute changes it did not ask for (set once mounted).
     notifier: Arc<OnceLock<fuser::Notifier>>,
+    /// Kernel write-back caching asked for (`-o writeback_cache`), and granted at init.
+    writeback: bool,
 }
 
 impl MainFs {
@@ -128,6 +130,7 @@ impl MainFs {
             mountpoint: None,
             dirs: Mutex::new(HashMap::new()),
             notifier: Arc::new(OnceLock::new()),
+            writeback: false,
         }
     }
 
@@ -163,6 +166,47 @@ impl MainFs {
         }
     }
 
+    /// Asks for kernel write-back caching: writes return once they are in the page cache,
+    /// and the kernel keeps size and times while it holds dirty pages.
+    pub fn with_writeback_cache(mut self, on: bool) -> Self {
+        self.writeback = on;
+        self
+    }
+
+    /// With write-back caching, the kernel may hold data of `write()`s that returned
+    /// before a split request: they belong to the split's instant (SPEC "Kernel caches").
+    /// So before the instant is taken, the kernel writes the dirty pages of the scope to
+    /// us: a file's through an inode invalidation (its dirty pages are written back
+    /// first, `launder_folio`), a directory's or the whole volume's (or a pair named by
+    /// id) through syncfs(2) of the mount. Both send their writes to the other worker
+    /// threads and return when those are done; nothing is held meanwhile, and writes
+    /// that come after are simply after the instant or before it, like any concurrent
+    /// write.
+    fn flush_kernel_cache(&self, ino: u64, by_id: bool) -> crate::Result<()> {
+        let is_file = !by_id
+            && self
+                .fs
+                .getattr(ino)
+                .is_ok_and(|a| a.row.kind == libc::S_IFREG);
+        if is_file && let Some(n) = self.notifier.get() {
+            return n
+                .inval_inode(INodeNo(ino), 0, 0)
+                .map_err(|e| Error::io("flushing the kernel's dirty pages", e));
+        }
+        let Some(m) = &self.mountpoint else {
+            return Err(Error::invalid("no mountpoint known to flush"));
+        };
+        let dir = std::fs::File::open(m).map_err(|e| Error::io("open the mountpoint", e))?;
+        // SAFETY: syncfs takes an open descriptor, which `dir` is for the whole call.
+        if unsafe { libc::syncfs(std::os::fd::AsRawFd::as_raw_fd(&dir)) } != 0 {
+            return Err(Error::io(
+                "syncfs of the mount",
+                std::io::Error::last_os_error(),
+            ));
+        }
+        Ok(())
+    }
+
     fn entry(&self, r: crate::Result<Attr>, reply: ReplyEntry, op: &str) {
         match r {
             Ok(a) => reply.entry(&TTL, &fuse_attr(&a), Generation(0)),
@@ -179,6 +223,9 @@ impl MainFs {
             .ok()
             .map(|v| v.trim().trim_end_matches('\0'))
             .filter(|v| !v.is_empty() && ino == crate::core::fs::ROOT);
+        if self.writeback && matches!(op, Op::Split | Op::Update) {
+            self.flush_kernel_cache(ino, by_id.is_some())?;
+        }
         let r = match by_id {
             Some(v) => {
                 let id = v
@@ -345,6 +392,14 @@ impl Filesystem for MainFs {
                 | InitFlags::FUSE_DO_READDIRPLUS
                 | InitFlags::FUSE_READDIRPLUS_AUTO,
         );
+        if self.writeback
+            && config
+                .add_capabilities(InitFlags::FUSE_WRITEBACK_CACHE)
+                .is_err()
+        {
+            log::warn!("the kernel does not offer FUSE_WRITEBACK_CACHE: writes go through");
+            self.writeback = false;
+        }
         // POSIX ACLs: the kernel checks access against the access ACL it reads through
         // getxattr (and caches), and passes the mode and umask of a create unmasked, so
         // the core applies the parent's default ACL or else the umask.

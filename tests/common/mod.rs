@@ -68,6 +68,26 @@ impl Vol {
         self.mounted = true;
     }
 
+    /// [`Vol::mount`] with `-o OPTS` added.
+    pub fn mount_opts(&mut self, opts: &str) {
+        let out = pairfs(&[
+            "mount",
+            self.img.to_str().unwrap(),
+            self.mnt.to_str().unwrap(),
+            "--copy-mount",
+            self.copy.to_str().unwrap(),
+            "-o",
+            opts,
+            "--daemon",
+        ]);
+        assert!(
+            out.status.success(),
+            "mount -o {opts}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        self.mounted = true;
+    }
+
     pub fn umount(&mut self) {
         let out = pairfs(&["umount", self.mnt.to_str().unwrap()]);
         assert!(
