@@ -26,7 +26,7 @@ set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 root=$(cd "$here/.." && pwd)
 helpers="$here/helpers.py"
-cmdline=$(echo "bench/run.sh $*" | sed "s/ *$//")
+cmdline=$(echo "${PAIRFS_MOUNT_OPTS:+PAIRFS_MOUNT_OPTS='$PAIRFS_MOUNT_OPTS' }bench/run.sh $*" | sed "s/ *$//")
 
 mode=full keep=0 build=1 only="" out=""
 while [ $# -gt 0 ]; do
