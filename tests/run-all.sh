@@ -62,6 +62,14 @@ build_id() { readelf -n "$1" | awk '/Build ID/ { print $3 }'; }
 [ "$(build_id /usr/sbin/pairfs)" = "$(build_id target/release/pairfs)" ] ||
     { echo "the installed pairfs is not this build (GNU build ids differ)" >&2; exit 1; }
 MANWIDTH=80 man pairfs-status >/dev/null
+if command -v systemd-analyze >/dev/null; then
+    # The installed units, templates as instances (no systemd as PID 1 needed).
+    (cd "$tmp" && systemd-analyze verify /lib/systemd/system/pairfs@mnt-vol.service \
+        /lib/systemd/system/pairfs-split@mnt-vol-db.service \
+        /lib/systemd/system/pairfs-split-hourly@mnt-vol-db.timer \
+        /lib/systemd/system/pairfs-split-daily@mnt-vol-db.timer \
+        /lib/systemd/system/pairfs-textfile.service /lib/systemd/system/pairfs-textfile.timer)
+fi
 
 step "cargo test --release (unit + mount tests)"
 cargo test --release -- --test-threads=2
