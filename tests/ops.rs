@@ -249,6 +249,25 @@ fn prometheus_exposition_after_split() {
     let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
     assert_eq!(left.len(), 1, "temporary file left behind");
 
+    // A remount read-only shows (-i: mount(2) itself, not a helper for type fuse).
+    let remount = |how: &str| {
+        let st = Command::new("mount")
+            .args(["-i", "-o", &format!("remount,{how}")])
+            .arg(&v.mnt)
+            .status()
+            .unwrap();
+        assert!(st.success(), "remount,{how}");
+    };
+    remount("ro");
+    let o = Command::new(BIN)
+        .args(["status", "--prometheus"])
+        .arg(&v.mnt)
+        .output()
+        .unwrap();
+    let s3 = parse_exposition(&String::from_utf8(o.stdout).unwrap());
+    remount("rw");
+    assert_eq!(volume(&s3, "pairfs_volume_readonly"), 1.0);
+
     // --prometheus does not mix with --json.
     let o = Command::new(BIN)
         .args(["status", "--prometheus", "--json"])

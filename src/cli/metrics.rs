@@ -267,7 +267,7 @@ fn render(mounts: &[MountFigures]) -> String {
                     "readonly",
                     "pairfs_volume_readonly",
                     "gauge",
-                    "1 if the volume is mounted read-only.",
+                    "1 if the volume is mounted (or remounted) read-only.",
                 ),
                 (
                     "meta_failed",

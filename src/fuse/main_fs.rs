@@ -200,7 +200,10 @@ impl MainFs {
             s.track_size,
             s.inodes,
             u8::from(e.clean_at_load.load(Relaxed)),
-            u8::from(self.fs.opts.readonly),
+            // Mounted read-only, or remounted so since.
+            u8::from(
+                self.fs.opts.readonly || self.mountpoint.as_deref().is_some_and(mount_is_readonly)
+            ),
             u8::from(self.fs.durability.meta_failed()),
             e.copied_total.load(Relaxed),
             e.cow_total.load(Relaxed),
