@@ -276,3 +276,63 @@ fn prometheus_exposition_after_split() {
     assert_eq!(o.status.code(), Some(2));
     v.umount();
 }
+
+/// Our daemons of volume `img`: processes whose arguments include its path.
+fn daemon_pids(img: &std::path::Path) -> Vec<i32> {
+    use std::os::unix::ffi::OsStrExt;
+    let want = img.as_os_str().as_bytes();
+    let me = std::process::id() as i32;
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| {
+            let pid: i32 = e.file_name().to_str()?.parse().ok()?;
+            let cmd = std::fs::read(e.path().join("cmdline")).ok()?;
+            (pid != me && cmd.split(|&b| b == 0).any(|a| a == want)).then_some(pid)
+        })
+        .collect()
+}
+
+#[test]
+fn clean_at_mount_is_0_after_a_crash() {
+    let mut v = Vol::new("1G");
+    v.mount();
+    std::fs::write(v.path("f"), vec![1u8; 1 << 20]).unwrap();
+    setx(&v.path("f"), "user.pairfs.split").unwrap();
+    wait_state(&v.path("f"), "split");
+    let pids = daemon_pids(&v.img);
+    assert!(!pids.is_empty(), "no daemon found for {}", v.img.display());
+    for &p in &pids {
+        // SAFETY: kill(2) of the daemon this test started (its volume is in a new temp dir).
+        unsafe { libc::kill(p, libc::SIGKILL) };
+    }
+    for m in [&v.mnt, &v.copy] {
+        let _ = Command::new("umount").arg("-l").arg(m).status();
+    }
+    let t0 = std::time::Instant::now();
+    while !daemon_pids(&v.img).is_empty() {
+        assert!(t0.elapsed().as_secs() < 20, "daemon survived SIGKILL");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    v.mount();
+    let o = Command::new(BIN)
+        .args(["status", "--prometheus"])
+        .arg(&v.mnt)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let s = parse_exposition(&String::from_utf8(o.stdout).unwrap());
+    assert_eq!(volume(&s, "pairfs_volume_clean_at_mount"), 0.0);
+    assert_eq!(one(&s, "pairfs_pair_frozen_tracks", "/f").value, 16.0);
+    v.umount();
+    // After a clean unmount the flag is back.
+    v.mount();
+    let o = Command::new(BIN)
+        .args(["status", "--prometheus"])
+        .arg(&v.mnt)
+        .output()
+        .unwrap();
+    let s = parse_exposition(&String::from_utf8(o.stdout).unwrap());
+    assert_eq!(volume(&s, "pairfs_volume_clean_at_mount"), 1.0);
+    v.umount();
+}
