@@ -376,7 +376,12 @@ fn render(mounts: &[MountFigures]) -> String {
             ];
             for (k, name, kind, help) in per_pair {
                 if let Some(x) = num(p, k) {
-                    let x = if k == "progress" { x / 100.0 } else { x };
+                    // Percent with one decimal: a ratio with three, printed as such.
+                    let x = if k == "progress" {
+                        (x * 10.0).round() / 1000.0
+                    } else {
+                        x
+                    };
                     e.add(name, kind, help, &labels, x);
                 }
             }
@@ -495,7 +500,7 @@ mod tests {
                 "volume size_bytes=100 used_bytes=10 track_size=4 clean_at_mount=1 cow_tracks=2",
             )),
             pairs: vec![StateLine::parse(&format!(
-                "split pair=1 scope=file progress=50.0% to_copy=3 cow_tracks=2 split_time=1970-01-01T00:00:10.000000000Z path={:?}",
+                "split pair=1 scope=file progress=43.8% to_copy=3 cow_tracks=2 split_time=1970-01-01T00:00:10.000000000Z path={:?}",
                 "/a\"b"
             ))],
         };
@@ -507,7 +512,7 @@ mod tests {
         assert!(t.contains("pairfs_pair_bytes_to_copy{"), "{t}");
         assert!(t.contains("} 12\n"), "{t}");
         assert!(t.contains("pairfs_pair_progress_ratio{"), "{t}");
-        assert!(t.contains("} 0.5\n"), "{t}");
+        assert!(t.contains("} 0.438\n"), "{t}");
         assert!(t.contains("pairfs_pair_split_timestamp_seconds{"), "{t}");
         assert!(
             t.contains("# TYPE pairfs_pair_cow_tracks_total counter\n"),
