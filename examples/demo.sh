@@ -3,7 +3,11 @@
 # it is being written, read the frozen copy from the copy mount, refresh it with update.
 # Sets up what it needs on a fresh Debian machine (fuse3, attr; builds pairfs). Run as root.
 #
-#   bash examples/demo.sh
+#   bash examples/demo.sh                          # the build in target/release (cargo build if needed)
+#   PAIRFS_BIN=/usr/sbin/pairfs bash examples/demo.sh   # the installed package's binary
+#
+# Without PAIRFS_BIN it uses target/release/pairfs, building it if cargo is there, else the
+# pairfs on PATH (an installed package).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 say() { printf '\n\033[1m# %s\033[0m\n' "$*"; }
@@ -13,8 +17,19 @@ if ! command -v setfattr >/dev/null || ! command -v fusermount3 >/dev/null; then
     DEBIAN_FRONTEND=noninteractive apt-get update -q
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q fuse3 attr
 fi
-[ -x target/release/pairfs ] || cargo build --release
-pairfs=$PWD/target/release/pairfs
+if [ -n "${PAIRFS_BIN:-}" ]; then
+    pairfs=$(command -v "$PAIRFS_BIN") && pairfs=$(realpath "$pairfs") ||
+        { echo "PAIRFS_BIN=$PAIRFS_BIN: not found" >&2; exit 2; }
+elif [ -x target/release/pairfs ] || command -v cargo >/dev/null; then
+    [ -x target/release/pairfs ] || cargo build --release
+    pairfs=$PWD/target/release/pairfs
+elif command -v pairfs >/dev/null; then
+    pairfs=$(command -v pairfs)
+else
+    echo "no pairfs: set PAIRFS_BIN, install the package, or install cargo to build it" >&2
+    exit 2
+fi
+say "using $pairfs ($("$pairfs" --version))"
 
 work=$(mktemp -d /var/tmp/pairfs-demo.XXXXXX)
 chmod 755 "$work"

@@ -8,7 +8,8 @@
 # 1. Builds fstests from ../shared/vendor/xfstests-*.tar.gz (relative to the repository), once:
 #    the build is cached under $XFSTESTS_CACHE/<first 16 hex digits of the tarball's sha256>.
 # 2. Creates the users and group fstests switches to (fsgqa, fsgqa2, 123456-fsgqa).
-# 3. Links /sbin/mount.fuse.pairfs to the pairfs binary (put back as it was on exit).
+# 3. Links /sbin/mount.fuse.pairfs to the pairfs binary (put back as it was on exit, e.g. the
+#    Debian package's link to /usr/sbin/pairfs that tests/run-all.sh installs before this runs).
 # 4. Makes a test and a scratch volume (pairfs mkfs) and writes an fstests config with
 #    FSTYP=fuse, FUSE_SUBTYP=.pairfs, TEST_DEV/SCRATCH_DEV = the volume images.
 # 5. Runs ./check and compares its failures with tests/xfstests-expected.txt ("TEST reason" per

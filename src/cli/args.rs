@@ -128,6 +128,16 @@ pub enum Cmd {
         /// Refresh every second until interrupted.
         #[arg(long)]
         watch: bool,
+        /// Print the Prometheus text format: per pair (labels mountpoint, pair, scope,
+        /// path) its state, tracks and bytes to copy, copy rate, copy-on-write counts,
+        /// pinned bytes and split time; per volume size, used space, clean flag and
+        /// copy counters. Exit 1 if a mount could not be read.
+        #[arg(long, conflicts_with_all = ["json", "watch"])]
+        prometheus: bool,
+        /// Write the --prometheus text to PATH atomically (temporary file and rename),
+        /// e.g. for node_exporter's textfile collector (a *.prom file in its directory).
+        #[arg(long, value_name = "PATH", conflicts_with_all = ["json", "watch"])]
+        textfile: Option<PathBuf>,
     },
     /// Check a volume that is not mounted.
     Fsck {

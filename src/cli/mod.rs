@@ -1,9 +1,10 @@
 //! The command line: argument definitions ([`args`]), subcommands ([`run`]), `status`,
-//! offline `fsck`, man pages and size parsing.
+//! offline `fsck`, man pages, Prometheus metrics and size parsing.
 
 pub mod args;
 pub mod fsck;
 pub mod manpages;
+pub mod metrics;
 pub mod run;
 pub mod size;
 pub mod status;

@@ -138,8 +138,18 @@ pub fn run(cli: Cli) -> Result<u8> {
         Cmd::Split(a) => control(&a.path, "split", a.wait),
         Cmd::Update(a) => control(&a.path, "update", a.wait),
         Cmd::Resync(a) => control(&a.path, "resync", a.wait),
-        Cmd::Status { path, json, watch } => {
-            crate::cli::status::status(path.as_deref(), json, watch)
+        Cmd::Status {
+            path,
+            json,
+            watch,
+            prometheus,
+            textfile,
+        } => {
+            if prometheus || textfile.is_some() {
+                crate::cli::metrics::prometheus(path.as_deref(), textfile.as_deref())
+            } else {
+                crate::cli::status::status(path.as_deref(), json, watch)
+            }
         }
         Cmd::Fsck { vol, repair } => {
             let r = crate::cli::fsck::fsck(&paths(&vol)?, repair)?;

@@ -19,15 +19,15 @@ pub struct StateLine {
 }
 
 impl StateLine {
-    /// Parses `state k=v k="quoted v" ...`.
+    /// Parses `state k=v k="quoted v" ...`; a quoted value has Rust's string escapes
+    /// (`{:?}`: `\"`, `\\`, `\n`, `\t`, `\r`, `\0`, `\u{..}`).
     pub fn parse(line: &str) -> StateLine {
         let line = line.trim();
         let (state, mut rest) = line.split_once(' ').unwrap_or((line, ""));
         let mut fields = Vec::new();
         while let Some((k, r)) = rest.trim_start().split_once('=') {
             let (v, r2) = if let Some(q) = r.strip_prefix('"') {
-                let end = q.find('"').unwrap_or(q.len());
-                (q[..end].to_string(), q.get(end + 1..).unwrap_or(""))
+                unquote(q)
             } else {
                 let end = r.find(' ').unwrap_or(r.len());
                 (r[..end].to_string(), &r[end..])
@@ -65,10 +65,68 @@ impl StateLine {
     }
 }
 
-fn get_pairs(mnt: &Path) -> Result<Vec<StateLine>> {
+/// The value of a quoted field, `q` starting after the opening quote: its unescaped
+/// text and what follows the closing quote.
+fn unquote(q: &str) -> (String, &str) {
+    let mut out = String::new();
+    let mut it = q.char_indices();
+    while let Some((i, c)) = it.next() {
+        match c {
+            '"' => return (out, &q[i + 1..]),
+            '\\' => match it.next().map(|x| x.1) {
+                Some('n') => out.push('\n'),
+                Some('t') => out.push('\t'),
+                Some('r') => out.push('\r'),
+                Some('0') => out.push('\0'),
+                Some('u') => {
+                    // \u{HEX}
+                    let rest = &q[i + 2..];
+                    let hex = rest
+                        .strip_prefix('{')
+                        .and_then(|r| r.split_once('}'))
+                        .map(|(h, _)| h);
+                    match hex.and_then(|h| u32::from_str_radix(h, 16).ok()) {
+                        Some(n) => {
+                            out.push(char::from_u32(n).unwrap_or('\u{fffd}'));
+                            for _ in 0..hex.map_or(0, |h| h.len() + 2) {
+                                it.next();
+                            }
+                        }
+                        None => out.push_str("\\u"),
+                    }
+                }
+                Some(o) => out.push(o),
+                None => out.push('\\'),
+            },
+            c => out.push(c),
+        }
+    }
+    (out, "")
+}
+
+/// The pair lines of a mount (`user.pairfs.pairs` of its root).
+pub(crate) fn get_pairs(mnt: &Path) -> Result<Vec<StateLine>> {
+    Ok(
+        String::from_utf8_lossy(&get_root_xattr(mnt, "user.pairfs.pairs")?)
+            .lines()
+            .map(StateLine::parse)
+            .collect(),
+    )
+}
+
+/// The volume line of a mount (`user.pairfs.volume` of its root): sizes, clean flag,
+/// copy counters since mount.
+pub(crate) fn get_volume(mnt: &Path) -> Result<StateLine> {
+    Ok(StateLine::parse(&String::from_utf8_lossy(&get_root_xattr(
+        mnt,
+        "user.pairfs.volume",
+    )?)))
+}
+
+fn get_root_xattr(mnt: &Path, name: &str) -> Result<Vec<u8>> {
     let c =
         CString::new(mnt.as_os_str().as_bytes()).map_err(|_| Error::invalid("path with NUL"))?;
-    let name = CString::new("user.pairfs.pairs").expect("no NUL");
+    let name = CString::new(name).map_err(|_| Error::invalid("xattr name with NUL"))?;
     let mut buf = vec![0u8; 1 << 20];
     // SAFETY: valid C strings and a buffer of the length passed.
     let n = unsafe {
@@ -87,10 +145,7 @@ fn get_pairs(mnt: &Path) -> Result<Vec<StateLine>> {
         )));
     }
     buf.truncate(n as usize);
-    Ok(String::from_utf8_lossy(&buf)
-        .lines()
-        .map(StateLine::parse)
-        .collect())
+    Ok(buf)
 }
 
 fn collect(path: Option<&Path>) -> Result<Vec<(PathBuf, StateLine)>> {
@@ -338,6 +393,14 @@ mod tests {
         assert_eq!(l.get("x"), Some("y"));
         assert_eq!(l.json()["to_copy"], 0);
         assert_eq!(StateLine::parse("none").state, "none");
+        let odd = "/a \"b\" c\\d\ne\u{1b}é";
+        let l = StateLine::parse(&format!(
+            "split pair=1 path={odd:?} error={:?} x=1",
+            "e \"q\""
+        ));
+        assert_eq!(l.get("path"), Some(odd));
+        assert_eq!(l.get("error"), Some("e \"q\""));
+        assert_eq!(l.get("x"), Some("1"));
         assert_eq!(bar(Some("50.0%"), 10), "[#####-----]");
         assert_eq!(bar(None, 4), "[----]");
     }

@@ -241,13 +241,42 @@ impl MainFs {
         r
     }
 
+    /// `user.pairfs.volume` of the mount root: volume-wide figures for `pairfs status`
+    /// (sizes in bytes, counters in tracks since mount).
+    fn volume_line(&self) -> String {
+        use std::sync::atomic::Ordering::Relaxed;
+        let s = self.fs.statfs();
+        let e = &self.fs.engine;
+        format!(
+            "volume size_bytes={} used_bytes={} track_size={} inodes={} clean_at_mount={} readonly={} meta_failed={} copied_tracks={} cow_tracks={} staged_tracks={}\n",
+            s.tracks * s.track_size,
+            (s.tracks - s.free.min(s.tracks)) * s.track_size,
+            s.track_size,
+            s.inodes,
+            u8::from(e.clean_at_load.load(Relaxed)),
+            // Mounted read-only, or remounted so since.
+            u8::from(
+                self.fs.opts.readonly || self.mountpoint.as_deref().is_some_and(mount_is_readonly)
+            ),
+            u8::from(self.fs.durability.meta_failed()),
+            e.copied_total.load(Relaxed),
+            e.cow_total.load(Relaxed),
+            e.staged_total.load(Relaxed),
+        )
+    }
+
     fn control_get(&self, ino: u64, name: &str) -> crate::Result<Vec<u8>> {
         if name == "pairs" {
             let mut out = String::new();
             for s in self.fs.engine.all_status(&*self.fs) {
-                out.push_str(&format!("{} path={}\n", s.line(), s.path));
+                // Quoted with Rust's escapes (as `error=`): a path may hold spaces,
+                // quotes, backslashes or newlines.
+                out.push_str(&format!("{} path={:?}\n", s.line(), s.path));
             }
             return Ok(out.into_bytes());
+        }
+        if name == "volume" && ino == crate::core::fs::ROOT {
+            return Ok(self.volume_line().into_bytes());
         }
         if name != "state" {
             return Err(Error::invalid(format!(

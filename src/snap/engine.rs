@@ -87,6 +87,8 @@ pub struct Slot {
     released: AtomicBool,
     /// Host writes of this pair staged for copy-on-write since mount (tracks).
     staged: AtomicU64,
+    /// Tracks of this pair copied by copy-on-write since mount.
+    cow: AtomicU64,
 }
 
 impl Slot {
@@ -166,6 +168,9 @@ pub struct Engine {
     destage_lock: Mutex<()>,
     /// Tracks staged since mount.
     pub staged_total: AtomicU64,
+    /// Whether the volume was unmounted cleanly before this mount (set by
+    /// [`Engine::load`]; false after a crash, when every pair's tracks count as changed).
+    pub clean_at_load: AtomicBool,
     /// Bumped after every change of the set of frozen objects (split, update, resync,
     /// release, error, load); the view is rebuilt when it is behind.
     view_gen: AtomicU64,
@@ -215,6 +220,8 @@ pub struct PairStatus {
     pub track_size: u64,
     /// Host writes staged for copy-on-write since mount (tracks).
     pub staged: u64,
+    /// Tracks copied by copy-on-write since mount.
+    pub cow: u64,
 }
 
 fn unix_time(ns: i64) -> String {
@@ -270,6 +277,9 @@ impl PairStatus {
         );
         if self.staged > 0 {
             s.push_str(&format!(" staged_tracks={}", self.staged));
+        }
+        if self.cow > 0 {
+            s.push_str(&format!(" cow_tracks={}", self.cow));
         }
         if self.to_copy > 0 && self.copied > 0 {
             let secs = ((now_ns() - self.started_ns).max(1)) as f64 / 1e9;
@@ -329,6 +339,7 @@ impl Engine {
             stage_cv: Condvar::default(),
             destage_lock: Mutex::default(),
             staged_total: AtomicU64::default(),
+            clean_at_load: AtomicBool::default(),
             view_gen: AtomicU64::default(),
             view: RwLock::default(),
             view_numbering: Mutex::default(),
@@ -365,6 +376,7 @@ impl Engine {
         clean: bool,
         next_pair: u64,
     ) -> Result<()> {
+        self.clean_at_load.store(clean, Ordering::Relaxed);
         let mut max = next_pair.max(1);
         pairs.sort_by_key(|p| (p.scope.rank(), p.id));
         let mut slots = Vec::new();
@@ -381,6 +393,7 @@ impl Engine {
                     cow_queue: Mutex::new(Vec::new()),
                     released: AtomicBool::new(false),
                     staged: AtomicU64::new(0),
+                    cow: AtomicU64::new(0),
                 });
                 slots.push(slot.clone());
                 self.pairs
@@ -708,6 +721,7 @@ impl Engine {
                 slot.lock().begin_clear(&done);
                 self.cow_total
                     .fetch_add(need.len() as u64, Ordering::Relaxed);
+                slot.cow.fetch_add(need.len() as u64, Ordering::Relaxed);
                 self.copied_total
                     .fetch_add(need.len() as u64, Ordering::Relaxed);
                 // The cleared bits must be durable before the host overwrites the track;
@@ -874,6 +888,7 @@ impl Engine {
                 } else {
                     self.cow_total
                         .fetch_add(need.len() as u64, Ordering::Relaxed);
+                    slot.cow.fetch_add(need.len() as u64, Ordering::Relaxed);
                     self.copied_total
                         .fetch_add(need.len() as u64, Ordering::Relaxed);
                     true
@@ -1310,6 +1325,7 @@ impl Engine {
                 cow_queue: Mutex::new(Vec::new()),
                 released: AtomicBool::new(false),
                 staged: AtomicU64::new(0),
+                cow: AtomicU64::new(0),
             });
             self.pairs
                 .write()
@@ -1372,6 +1388,7 @@ impl Engine {
             error: p.error.clone(),
             track_size: self.track_size,
             staged: s.staged.load(Ordering::Relaxed),
+            cow: s.cow.load(Ordering::Relaxed),
         }
     }
 
