@@ -314,7 +314,8 @@ impl Filesystem for MemFs {
         _lo: LockOwner,
         reply: ReplyEmpty,
     ) {
-        reply.ok()
+        // As pairfs: no FLUSH wanted (the kernel stops sending it).
+        reply.error(Errno::ENOSYS)
     }
 
     fn release(
