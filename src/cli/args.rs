@@ -127,6 +127,25 @@ pub enum Cmd {
         #[arg(long)]
         watch: bool,
     },
+    /// List the byte ranges of a file changed since its pair's split (from the pair's
+    /// bitmaps and extent maps, reading no data); for a directory, of each regular file
+    /// beneath it.
+    ///
+    /// Text: a `# size=N old_size=M pair=ID state=S track_size=T` line, then one
+    /// `OFFSET LENGTH` line per merged range (a directory: `OFFSET LENGTH PATH`, PATH
+    /// relative to it). Ranges are whole tracks (except at the end of the file) and stop
+    /// at the current size: a file that shrank reports its new size. Exit code 2 (ENOENT)
+    /// for a generation other than `default`.
+    Diff {
+        /// A regular file or directory on a pairfs mount.
+        path: PathBuf,
+        /// The generation to compare with; only `default` exists for now.
+        #[arg(long, value_name = "NAME")]
+        generation: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Check a volume that is not mounted.
     Fsck {
         /// Volume files.

@@ -1,7 +1,8 @@
 //! The command line: argument definitions ([`args`]), subcommands ([`run`]), `status`,
-//! offline `fsck`, man pages and size parsing.
+//! `diff`, offline `fsck`, man pages and size parsing.
 
 pub mod args;
+pub mod diff;
 pub mod fsck;
 pub mod manpages;
 pub mod run;

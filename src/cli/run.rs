@@ -138,6 +138,11 @@ pub fn run(cli: Cli) -> Result<u8> {
         Cmd::Status { path, json, watch } => {
             crate::cli::status::status(path.as_deref(), json, watch)
         }
+        Cmd::Diff {
+            path,
+            generation,
+            json,
+        } => crate::cli::diff::diff(&path, generation.as_deref(), json),
         Cmd::Fsck { vol, repair } => {
             let r = crate::cli::fsck::fsck(&paths(&vol)?, repair)?;
             for (k, v) in &r.stats {

@@ -1427,6 +1427,47 @@ impl Engine {
         v
     }
 
+    /// The byte ranges of file `ino` (extents `now`, size `size` now) changed since the
+    /// instant of pair `id`'s frozen copy ([`crate::snap::diff`]). Refused (EINVAL)
+    /// when the pair has no frozen copy.
+    pub fn diff(
+        &self,
+        id: PairId,
+        ino: u64,
+        now: &crate::core::extent::ExtentMap,
+        size: u64,
+    ) -> Result<crate::snap::diff::FileDiff> {
+        let slot = self
+            .slot(id)
+            .ok_or_else(|| Error::NotFound(format!("pair {id}")))?;
+        let p = slot.lock();
+        // The record bitmap: host writes since the current instant.
+        let record = match p.state {
+            PairState::Splitting | PairState::Split => &p.split_diff,
+            PairState::Updating => &p.update_diff,
+            s => {
+                return Err(Error::invalid(format!(
+                    "diff: pair {id} ({}) is {}: no frozen copy to compare with (split it first)",
+                    p.path,
+                    s.name()
+                )));
+            }
+        };
+        let then = p
+            .frozen
+            .iter()
+            .find(|f| f.ino == ino && f.attr.kind == FrozenKind::File)
+            .map(|f| (&f.extents, f.attr.size));
+        Ok(crate::snap::diff::FileDiff {
+            pair: id,
+            state: p.state.name().to_string(),
+            size,
+            old_size: then.map_or(0, |t| t.1),
+            track_size: self.track_size,
+            ranges: crate::snap::diff::changed_ranges(self.track_size, now, size, then, record),
+        })
+    }
+
     /// A copy of every frozen object: (pair id, index, object). For tests and checks;
     /// the copy mount serves [`Engine::view`], which copies nothing per request.
     pub fn frozen_objects(&self) -> Vec<(PairId, usize, Frozen)> {
