@@ -146,6 +146,20 @@ pub enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Check every copied track of every frozen copy against its checksum (crc32c).
+    ///
+    /// Given a mountpoint, the running daemon does it; given a volume that is not
+    /// mounted, it reads the metadata and the copy image itself. Prints
+    /// `checked=N unsummed=N bad=N` (unsummed: copied before checksums existed), then
+    /// `bad pair=ID track=V file_track=F path=P` per mismatch. Exit code 1 on a mismatch.
+    Scrub {
+        /// Volume files, or the mountpoint of a mounted volume.
+        #[command(flatten)]
+        vol: VolumeArgs,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Check a volume that is not mounted.
     Fsck {
         /// Volume files.

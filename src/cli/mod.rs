@@ -1,10 +1,11 @@
 //! The command line: argument definitions ([`args`]), subcommands ([`run`]), `status`,
-//! `diff`, offline `fsck`, man pages and size parsing.
+//! `diff`, `scrub`, offline `fsck`, man pages and size parsing.
 
 pub mod args;
 pub mod diff;
 pub mod fsck;
 pub mod manpages;
 pub mod run;
+pub mod scrub;
 pub mod size;
 pub mod status;

@@ -143,6 +143,16 @@ pub fn run(cli: Cli) -> Result<u8> {
             generation,
             json,
         } => crate::cli::diff::diff(&path, generation.as_deref(), json),
+        Cmd::Scrub { vol, json } => {
+            let target = std::fs::canonicalize(&vol.volume).unwrap_or_else(|_| vol.volume.clone());
+            if target.is_dir() {
+                // A mountpoint: no volume files to resolve.
+                let p = Paths::new(&target, None, None);
+                crate::cli::scrub::run(&p, json)
+            } else {
+                crate::cli::scrub::run(&paths(&vol)?, json)
+            }
+        }
         Cmd::Fsck { vol, repair } => {
             let r = crate::cli::fsck::fsck(&paths(&vol)?, repair)?;
             for (k, v) in &r.stats {

@@ -382,6 +382,7 @@ impl Fs {
             evictions: AtomicU64::new(0),
             forgotten: AtomicU64::new(0),
         };
+        fs.engine.load_sums(fs.geo.tracks(), &loaded.sums);
         fs.engine
             .load(&fs, loaded.pairs, loaded.clean, loaded.next_pair)?;
         Ok(fs)

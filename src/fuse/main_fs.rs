@@ -211,6 +211,10 @@ impl MainFs {
             let d = self.fs.diff(ino)?;
             return Ok(crate::snap::diff::encode_page(&d, from));
         }
+        if name == "scrub" && ino == crate::core::fs::ROOT {
+            // Runs the whole scrub in this request (`pairfs scrub MOUNTPOINT`).
+            return Ok(self.fs.engine.scrub()?.text().into_bytes());
+        }
         if name != "state" {
             return Err(Error::invalid(format!(
                 "unknown control attribute {CONTROL_PREFIX}{name}"
