@@ -135,6 +135,8 @@ fn a_flipped_copy_byte_is_eio_and_scrub_names_it() {
     let j: serde_json::Value = serde_json::from_str(&s).unwrap();
     assert_eq!(j["bad"][0]["track"], vt, "{s}");
     drop(cf);
+    let st = state(&d);
+    assert!(st.contains("sum_errors="), "{st}");
     v.umount();
     let logged = std::fs::read_to_string(&log).unwrap();
     assert!(

@@ -91,6 +91,8 @@ pub struct Slot {
     /// Checksums of this pair's copies not yet committed: taken into the next commit of
     /// the pair's bitmaps, so a committed clear bit always has its sum.
     new_sums: Mutex<Vec<(u64, u32)>>,
+    /// Frozen reads refused since mount for a checksum mismatch.
+    sum_errors: AtomicU64,
 }
 
 impl Slot {
@@ -236,6 +238,9 @@ pub struct PairStatus {
     pub track_size: u64,
     /// Host writes staged for copy-on-write since mount (tracks).
     pub staged: u64,
+    /// Frozen reads of this pair refused since mount: a copy-image track did not match
+    /// its checksum (run `pairfs scrub`).
+    pub sum_errors: u64,
 }
 
 fn unix_time(ns: i64) -> String {
@@ -289,6 +294,9 @@ impl PairStatus {
             self.pinned_bytes,
             self.files
         );
+        if self.sum_errors > 0 {
+            s.push_str(&format!(" sum_errors={}", self.sum_errors));
+        }
         if self.staged > 0 {
             s.push_str(&format!(" staged_tracks={}", self.staged));
         }
@@ -455,6 +463,7 @@ impl Engine {
                     released: AtomicBool::new(false),
                     staged: AtomicU64::new(0),
                     new_sums: Mutex::new(Vec::new()),
+                    sum_errors: AtomicU64::new(0),
                 });
                 slots.push(slot.clone());
                 self.pairs
@@ -1408,6 +1417,7 @@ impl Engine {
                 released: AtomicBool::new(false),
                 staged: AtomicU64::new(0),
                 new_sums: Mutex::new(Vec::new()),
+                sum_errors: AtomicU64::new(0),
             });
             self.pairs
                 .write()
@@ -1470,6 +1480,7 @@ impl Engine {
             error: p.error.clone(),
             track_size: self.track_size,
             staged: s.staged.load(Ordering::Relaxed),
+            sum_errors: s.sum_errors.load(Ordering::Relaxed),
         }
     }
 
@@ -1683,6 +1694,9 @@ impl Engine {
         }
         if got != want {
             self.sum_errors.fetch_add(1, Ordering::Relaxed);
+            if let Some(s) = self.slot(id) {
+                s.sum_errors.fetch_add(1, Ordering::Relaxed);
+            }
             log::error!(
                 "pair {id}: frozen file {path}: file track {ft} (copy-image track {v}) fails \
                  its checksum (crc32c {got:08x}, stored {want:08x}): read refused (EIO); \

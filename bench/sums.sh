@@ -1,0 +1,76 @@
+#!/bin/bash
+# Cost of checksummed copies (issue 13 part 3), sums on vs off in one run:
+#
+#   sudo bench/sums.sh [MIB] [REPS]
+#
+# - background copy: `pairfs split FILE --wait` of a freshly written MIB MiB file of random
+#   data (the whole file is copied by the copier in the splitting state: batches, confirms,
+#   sums recorded and committed with the cleared bits); MB/s of copied data;
+# - copy-mount sequential read: `dd bs=1M` of the frozen file through the copy mount after a
+#   remount (no FUSE page cache; the copy image itself is in the host page cache, so this is
+#   the CPU-bound worst case for verification); MB/s;
+# - the verified-track cache: the same read on a volume with 1 MiB tracks (each 128 KiB
+#   FUSE read is an eighth of a track) with PAIRFS_SUMS_CACHE=0 vs the default.
+# Sums off = PAIRFS_SUMS=off in the daemon's environment (nothing computed, stored or
+# verified). On and off alternate REPS times (default 3); medians are printed.
+# PAIRFS_BIN picks the binary; BENCH_DIR the parent of the work directory (default
+# /work/bench-tmp, on the real disk).
+set -euo pipefail
+MIB=${1:-1024}
+REPS=${2:-3}
+BIN=${PAIRFS_BIN:-$(dirname "$0")/../target/release/pairfs}
+BIN=$(readlink -f "$BIN")
+BASE=${BENCH_DIR:-/work/bench-tmp}
+mkdir -p "$BASE"
+W=$(mktemp -d "$BASE/sums.XXXXXX")
+cleanup() {
+    "$BIN" umount "$W/mnt" >/dev/null 2>&1 || fusermount3 -u -z "$W/mnt" 2>/dev/null || true
+    fusermount3 -u -z "$W/copy" 2>/dev/null || true
+    rm -rf "$W"
+}
+trap cleanup EXIT
+mkdir "$W/mnt" "$W/copy"
+head -c $((MIB << 20)) /dev/urandom >"$W/data"
+now() { date +%s.%N; }
+mbps() { echo "scale=1; $MIB / ($2 - $1)" | bc; }
+
+# run TRACK ENV... : fresh volume, write, split --wait (timed), remount, read (timed).
+run() {
+    local track=$1; shift
+    rm -f "$W"/vol.img*
+    "$BIN" mkfs "$W/vol.img" --size $((MIB * 3 + 1024))M --track-size "$track" >/dev/null
+    env "$@" "$BIN" mount "$W/vol.img" "$W/mnt" --copy-mount "$W/copy" --daemon 2>/dev/null
+    dd if="$W/data" of="$W/mnt/f" bs=1M status=none conv=fsync
+    local t0 t1 t2 t3
+    t0=$(now)
+    "$BIN" split "$W/mnt/f" --wait >/dev/null
+    t1=$(now)
+    "$BIN" umount "$W/mnt" >/dev/null
+    env "$@" "$BIN" mount "$W/vol.img" "$W/mnt" --copy-mount "$W/copy" --daemon 2>/dev/null
+    cat "$W/vol.img.copy" >/dev/null # the copy image in the page cache for both runs
+    t2=$(now)
+    dd if="$W/copy/f" of=/dev/null bs=1M status=none
+    t3=$(now)
+    "$BIN" umount "$W/mnt" >/dev/null
+    echo "$(mbps "$t0" "$t1") $(mbps "$t2" "$t3")"
+}
+median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+
+declare -a on_copy on_read off_copy off_read c_on c_off
+for i in $(seq "$REPS"); do
+    read -r c r < <(run 64K PAIRFS_SUMS=on); on_copy+=("$c"); on_read+=("$r")
+    read -r c r < <(run 64K PAIRFS_SUMS=off); off_copy+=("$c"); off_read+=("$r")
+    read -r _ r < <(run 1M PAIRFS_SUMS=on); c_on+=("$r")
+    read -r _ r < <(run 1M PAIRFS_SUMS=on PAIRFS_SUMS_CACHE=0); c_off+=("$r")
+    echo "rep $i: copy on ${on_copy[-1]} off ${off_copy[-1]} MB/s; read on ${on_read[-1]} off ${off_read[-1]} MB/s; 1M tracks read cache ${c_on[-1]} no cache ${c_off[-1]} MB/s" >&2
+done
+m() { printf '%s\n' "$@" | median; }
+oc=$(m "${on_copy[@]}"); fc=$(m "${off_copy[@]}")
+orr=$(m "${on_read[@]}"); fr=$(m "${off_read[@]}")
+cc=$(m "${c_on[@]}"); nc=$(m "${c_off[@]}")
+echo
+echo "sums cost, ${MIB} MiB file, median of ${REPS}, load average at end: $(cut -d' ' -f1-3 /proc/loadavg)"
+printf '%-46s %10s %10s %8s\n' metric "sums on" "sums off" "on/off"
+printf '%-46s %10s %10s %8s\n' "background copy (split --wait), MB/s, 64K" "$oc" "$fc" "$(echo "scale=3; $oc / $fc" | bc)"
+printf '%-46s %10s %10s %8s\n' "copy-mount sequential read, MB/s, 64K" "$orr" "$fr" "$(echo "scale=3; $orr / $fr" | bc)"
+printf '%-46s %10s %10s %8s\n' "copy-mount read, 1M tracks: cache on / off" "$cc" "$nc" "$(echo "scale=3; $cc / $nc" | bc)"
