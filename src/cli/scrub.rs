@@ -11,7 +11,7 @@ use std::path::Path;
 use crate::core::volfile::Paths;
 use crate::error::{Error, Result};
 use crate::meta::Meta;
-use crate::snap::sums::{ScrubReport, SumTable, items_of, scrub};
+use crate::snap::sums::{ScrubReport, SumTable, files_of, scrub};
 
 /// Scrub through the daemon serving the main mount `mnt`.
 pub fn online(mnt: &Path) -> Result<ScrubReport> {
@@ -45,9 +45,17 @@ pub fn offline(p: &Paths) -> Result<ScrubReport> {
     copy.read_at(0, &mut h)?;
     crate::core::volfile::check_header(&h, b"PAIRFSC1", &g, "copy image")?;
     let sums = SumTable::new(g.tracks(), &loaded.sums);
-    let items = loaded.pairs.iter().flat_map(items_of).collect();
+    let files = loaded.pairs.iter().flat_map(files_of).collect();
     let ts = g.track_size;
-    scrub(items, ts, &|t| sums.get(t), &|t, b| copy.read_at(t * ts, b))
+    let pairs: std::collections::HashMap<u64, &crate::snap::pair::Pair> =
+        loaded.pairs.iter().map(|p| (p.id, p)).collect();
+    scrub(
+        files,
+        ts,
+        &|id, v| pairs.get(&id).is_some_and(|p| !p.read_from_volume(v)),
+        &|t| sums.get(t),
+        &|off, b| copy.read_at(off, b),
+    )
 }
 
 /// `pairfs scrub`.

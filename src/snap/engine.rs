@@ -1726,14 +1726,18 @@ impl Engine {
     /// copy image. Takes no gate (reads only); a track recopied meanwhile is rechecked
     /// with its new sum.
     pub fn scrub(&self) -> Result<ScrubReport> {
-        let mut items = Vec::new();
+        let mut files = Vec::new();
         for s in self.slots() {
-            items.extend(crate::snap::sums::items_of(&s.lock()));
+            files.extend(crate::snap::sums::files_of(&s.lock()));
         }
         let ts = self.track_size;
-        crate::snap::sums::scrub(items, ts, &|t| self.sum_of(t), &|t, b| {
-            self.copy.read_at(t * ts, b)
-        })
+        crate::snap::sums::scrub(
+            files,
+            ts,
+            &|id, v| self.slot(id).is_some_and(|s| !s.lock().read_from_volume(v)),
+            &|t| self.sum_of(t),
+            &|off, b| self.copy.read_at(off, b),
+        )
     }
 }
 
