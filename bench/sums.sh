@@ -34,43 +34,54 @@ head -c $((MIB << 20)) /dev/urandom >"$W/data"
 now() { date +%s.%N; }
 mbps() { echo "scale=1; $MIB / ($2 - $1)" | bc; }
 
-# run TRACK ENV... : fresh volume, write, split --wait (timed), remount, read (timed).
+# CPU seconds (user + system) the daemon has used so far: a figure other load barely moves.
+cpu() {
+    local pid
+    pid=$(pgrep -f -x "$BIN mount $W/vol.img $W/mnt --copy-mount $W/copy --daemon" | head -1)
+    awk -v hz="$(getconf CLK_TCK)" '{printf "%.3f", ($14 + $15) / hz}' "/proc/$pid/stat"
+}
+# run TRACK ENV... : fresh volume, write, split --wait (timed), remount, read (timed);
+# prints copy MB/s, read MB/s, daemon CPU s of the copy, daemon CPU s of the read.
 run() {
     local track=$1; shift
     rm -f "$W"/vol.img*
     "$BIN" mkfs "$W/vol.img" --size $((MIB * 3 + 1024))M --track-size "$track" >/dev/null
     env "$@" "$BIN" mount "$W/vol.img" "$W/mnt" --copy-mount "$W/copy" --daemon 2>/dev/null
     dd if="$W/data" of="$W/mnt/f" bs=1M status=none conv=fsync
-    local t0 t1 t2 t3
-    t0=$(now)
+    local t0 t1 t2 t3 c0 c1 c2 c3
+    c0=$(cpu); t0=$(now)
     "$BIN" split "$W/mnt/f" --wait >/dev/null
-    t1=$(now)
+    t1=$(now); c1=$(cpu)
     "$BIN" umount "$W/mnt" >/dev/null
     env "$@" "$BIN" mount "$W/vol.img" "$W/mnt" --copy-mount "$W/copy" --daemon 2>/dev/null
     cat "$W/vol.img.copy" >/dev/null # the copy image in the page cache for both runs
-    t2=$(now)
+    c2=$(cpu); t2=$(now)
     dd if="$W/copy/f" of=/dev/null bs=1M status=none
-    t3=$(now)
+    t3=$(now); c3=$(cpu)
     "$BIN" umount "$W/mnt" >/dev/null
-    echo "$(mbps "$t0" "$t1") $(mbps "$t2" "$t3")"
+    echo "$(mbps "$t0" "$t1") $(mbps "$t2" "$t3") $(echo "$c1 - $c0" | bc) $(echo "$c3 - $c2" | bc)"
 }
 median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 
-declare -a on_copy on_read off_copy off_read c_on c_off
+declare -a on_copy on_read off_copy off_read c_on c_off on_cc off_cc on_rc off_rc cc_on cc_off
 for i in $(seq "$REPS"); do
-    read -r c r < <(run 64K PAIRFS_SUMS=on); on_copy+=("$c"); on_read+=("$r")
-    read -r c r < <(run 64K PAIRFS_SUMS=off); off_copy+=("$c"); off_read+=("$r")
-    read -r _ r < <(run 1M PAIRFS_SUMS=on); c_on+=("$r")
-    read -r _ r < <(run 1M PAIRFS_SUMS=on PAIRFS_SUMS_CACHE=0); c_off+=("$r")
-    echo "rep $i: copy on ${on_copy[-1]} off ${off_copy[-1]} MB/s; read on ${on_read[-1]} off ${off_read[-1]} MB/s; 1M tracks read cache ${c_on[-1]} no cache ${c_off[-1]} MB/s" >&2
+    read -r c r x y < <(run 64K PAIRFS_SUMS=on); on_copy+=("$c"); on_read+=("$r"); on_cc+=("$x"); on_rc+=("$y")
+    read -r c r x y < <(run 64K PAIRFS_SUMS=off); off_copy+=("$c"); off_read+=("$r"); off_cc+=("$x"); off_rc+=("$y")
+    read -r _ r _ y < <(run 1M PAIRFS_SUMS=on); c_on+=("$r"); cc_on+=("$y")
+    read -r _ r _ y < <(run 1M PAIRFS_SUMS=on PAIRFS_SUMS_CACHE=0); c_off+=("$r"); cc_off+=("$y")
+    echo "rep $i: copy on ${on_copy[-1]} off ${off_copy[-1]} MB/s (cpu ${on_cc[-1]} / ${off_cc[-1]} s);" \
+        "read on ${on_read[-1]} off ${off_read[-1]} MB/s (cpu ${on_rc[-1]} / ${off_rc[-1]} s);" \
+        "1M tracks read cache ${c_on[-1]} no cache ${c_off[-1]} MB/s (cpu ${cc_on[-1]} / ${cc_off[-1]} s)" >&2
 done
 m() { printf '%s\n' "$@" | median; }
-oc=$(m "${on_copy[@]}"); fc=$(m "${off_copy[@]}")
-orr=$(m "${on_read[@]}"); fr=$(m "${off_read[@]}")
-cc=$(m "${c_on[@]}"); nc=$(m "${c_off[@]}")
+ratio() { echo "scale=3; $1 / $2" | bc; }
+row() { printf '%-50s %10s %10s %8s\n' "$1" "$2" "$3" "$(ratio "$2" "$3")"; }
 echo
 echo "sums cost, ${MIB} MiB file, median of ${REPS}, load average at end: $(cut -d' ' -f1-3 /proc/loadavg)"
-printf '%-46s %10s %10s %8s\n' metric "sums on" "sums off" "on/off"
-printf '%-46s %10s %10s %8s\n' "background copy (split --wait), MB/s, 64K" "$oc" "$fc" "$(echo "scale=3; $oc / $fc" | bc)"
-printf '%-46s %10s %10s %8s\n' "copy-mount sequential read, MB/s, 64K" "$orr" "$fr" "$(echo "scale=3; $orr / $fr" | bc)"
-printf '%-46s %10s %10s %8s\n' "copy-mount read, 1M tracks: cache on / off" "$cc" "$nc" "$(echo "scale=3; $cc / $nc" | bc)"
+printf '%-50s %10s %10s %8s\n' metric "sums on" "sums off" "on/off"
+row "background copy (split --wait), MB/s, 64K" "$(m "${on_copy[@]}")" "$(m "${off_copy[@]}")"
+row "  daemon CPU s during it" "$(m "${on_cc[@]}")" "$(m "${off_cc[@]}")"
+row "copy-mount sequential read, MB/s, 64K" "$(m "${on_read[@]}")" "$(m "${off_read[@]}")"
+row "  daemon CPU s during it" "$(m "${on_rc[@]}")" "$(m "${off_rc[@]}")"
+row "copy-mount read, 1M tracks, MB/s: cache / no cache" "$(m "${c_on[@]}")" "$(m "${c_off[@]}")"
+row "  daemon CPU s during it" "$(m "${cc_on[@]}")" "$(m "${cc_off[@]}")"

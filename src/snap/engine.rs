@@ -1683,14 +1683,20 @@ impl Engine {
         {
             return self.copy.read_at(v * ts + in_off, dst);
         }
-        let mut tb = vec![0u8; ts as usize];
-        self.copy.read_at(v * ts, &mut tb)?;
-        let mut got = crate::snap::sums::crc(&tb);
+        // A read of the whole track verifies in the caller's buffer (no second copy).
+        let whole = in_off == 0 && dst.len() as u64 == ts;
+        let mut own = Vec::new();
+        if !whole {
+            own.resize(ts as usize, 0);
+        }
+        let tb: &mut [u8] = if whole { &mut *dst } else { &mut own };
+        self.copy.read_at(v * ts, tb)?;
+        let mut got = crate::snap::sums::crc(tb);
         if got != want {
             // A copy may have rewritten the track (and its sum) meanwhile: look once more.
             want = self.sum_of(v).unwrap_or(want);
-            self.copy.read_at(v * ts, &mut tb)?;
-            got = crate::snap::sums::crc(&tb);
+            self.copy.read_at(v * ts, tb)?;
+            got = crate::snap::sums::crc(tb);
         }
         if got != want {
             self.sum_errors.fetch_add(1, Ordering::Relaxed);
@@ -1717,7 +1723,9 @@ impl Engine {
             }
             c.insert(v, want);
         }
-        dst.copy_from_slice(&tb[in_off as usize..in_off as usize + dst.len()]);
+        if !whole {
+            dst.copy_from_slice(&own[in_off as usize..in_off as usize + dst.len()]);
+        }
         Ok(())
     }
 
