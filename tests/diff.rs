@@ -181,3 +181,76 @@ fn diff_lists_exactly_the_changed_tracks() {
     assert!(!out.status.success());
     v.umount();
 }
+
+/// The diff in each pair state, through the core (the copier runs only when told): the
+/// record bitmap of the current instant decides, a running copy changes nothing, and an
+/// update starts a new instant.
+#[test]
+fn diff_follows_the_instant_not_the_copy() {
+    use pairfs::core::fs::{Ctx, Options, ROOT};
+    use pairfs::core::volfile::{self, Paths};
+    use pairfs::snap::engine::Op;
+    let dir = tempfile::tempdir().unwrap();
+    let p = Paths::new(&dir.path().join("v"), None, None);
+    let ts = 4096u64;
+    volfile::mkfs(&p, 8 << 20, ts, false).unwrap();
+    let (fs, _lock) = volfile::open(&p, Options::default()).unwrap();
+    let f = fs
+        .create_node(Ctx::default(), ROOT, b"f", libc::S_IFREG | 0o644, 0, None)
+        .unwrap()
+        .row
+        .ino;
+    fs.write(f, 0, &vec![1u8; (16 * ts) as usize]).unwrap();
+    let copy_all = || {
+        let mut c = std::collections::BTreeMap::new();
+        while fs.engine.copy_round(&fs, &mut c) > 0 {}
+    };
+    let state = || fs.engine.status_of(&fs, f).unwrap().unwrap().state;
+    // No frozen copy yet: refused.
+    fs.control(f, Op::Pair).unwrap();
+    assert_eq!(fs.diff(f).unwrap_err().errno(), libc::EINVAL);
+    fs.control(f, Op::Split).unwrap();
+    assert_eq!(state(), "splitting");
+    assert!(fs.diff(f).unwrap().ranges.is_empty());
+    fs.write(f, 3 * ts + 10, b"x").unwrap();
+    let d = fs.diff(f).unwrap();
+    assert_eq!(
+        (d.state.as_str(), d.ranges.clone()),
+        ("splitting", vec![(3 * ts, ts)])
+    );
+    // The copier finishing the split's copy changes nothing.
+    copy_all();
+    assert_eq!(state(), "split");
+    assert_eq!(fs.diff(f).unwrap().ranges, vec![(3 * ts, ts)]);
+    // Update: a new instant; while its copy runs (updating) the diff is against it.
+    fs.control(f, Op::Update).unwrap();
+    assert_eq!(state(), "updating");
+    assert!(fs.diff(f).unwrap().ranges.is_empty());
+    fs.write(f, 9 * ts, b"y").unwrap();
+    fs.write(f, 20 * ts, b"z").unwrap(); // grows the file: the new bytes too
+    let want = vec![(9 * ts, ts), (16 * ts, 4 * ts + 1)];
+    assert_eq!(fs.diff(f).unwrap().ranges, want);
+    copy_all();
+    assert_eq!(state(), "split");
+    assert_eq!(
+        fs.diff(f).unwrap().ranges,
+        want,
+        "update-diff became split-diff"
+    );
+    // Punched tracks read zeros now: changed.
+    fs.fallocate(
+        f,
+        12 * ts,
+        ts,
+        libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+    )
+    .unwrap();
+    assert_eq!(
+        fs.diff(f).unwrap().ranges,
+        vec![(9 * ts, ts), (12 * ts, ts), (16 * ts, 4 * ts + 1)]
+    );
+    // Resync drops the frozen copy: refused again.
+    fs.control(f, Op::Resync).unwrap();
+    assert_eq!(fs.diff(f).unwrap_err().errno(), libc::EINVAL);
+    fs.shutdown().unwrap();
+}
