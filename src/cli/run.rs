@@ -147,8 +147,18 @@ pub fn run(cli: Cli) -> Result<u8> {
             let target = std::fs::canonicalize(&vol.volume).unwrap_or_else(|_| vol.volume.clone());
             if target.is_dir() {
                 // A mountpoint: no volume files to resolve.
-                let p = Paths::new(&target, None, None);
-                crate::cli::scrub::run(&p, json)
+                let main = crate::cli::status::pairfs_mounts()
+                    .into_iter()
+                    .any(|(m, src)| {
+                        m == target && !src.ends_with(":copy") && !src.ends_with(":snapshot")
+                    });
+                if !main {
+                    return Err(Error::invalid(format!(
+                        "{}: not the mountpoint of a pairfs main mount (give it, or a volume image)",
+                        target.display()
+                    )));
+                }
+                crate::cli::scrub::run(&Paths::new(&target, None, None), json)
             } else {
                 crate::cli::scrub::run(&paths(&vol)?, json)
             }
