@@ -10,6 +10,8 @@
 //! - every frozen copy whose split/update returned reads exactly its instant's content,
 //!   before and after the copier resumes and finishes;
 //! - every file unchanged since the last fsync/commit reads back exactly;
+//! - every track a frozen copy reads from the copy image has a committed checksum that
+//!   matches it (`Engine::scrub`), before and after the copier finishes;
 //! - no pair is left in error; fsck is clean.
 //!
 //! `PAIRFS_CRASH_SEED` and `PAIRFS_CRASH_WORKLOADS` reproduce or lengthen a run.
@@ -165,6 +167,16 @@ fn check_crash(
                 String::from_utf8_lossy(n)
             );
         }
+        // Every track frozen reads take from the copy image (pending bit clear on disk)
+        // has its checksum committed with it, matching the copy image's bytes.
+        let sums = |when: &str| {
+            let r = fs.engine.scrub().unwrap();
+            assert!(
+                r.bad_total == 0 && r.unsummed == 0,
+                "{ctx}: {when}: copied tracks without a matching sum: {r:?}"
+            );
+        };
+        sums("after the crash");
         let mut cursors = BTreeMap::new();
         for _ in 0..10_000 {
             if fs.engine.copy_round(&fs, &mut cursors) == 0 {
@@ -179,6 +191,7 @@ fn check_crash(
                 s.line()
             );
         }
+        sums("after the copier finished");
         for (ino, want) in &exp.frozen {
             let got = read_frozen(&fs, *ino).unwrap();
             assert!(

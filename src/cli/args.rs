@@ -139,6 +139,39 @@ pub enum Cmd {
         #[arg(long, value_name = "PATH", conflicts_with_all = ["json", "watch"])]
         textfile: Option<PathBuf>,
     },
+    /// List the byte ranges of a file changed since its pair's split (from the pair's
+    /// bitmaps and extent maps, reading no data); for a directory, of each regular file
+    /// beneath it.
+    ///
+    /// Text: a `# size=N old_size=M pair=ID state=S track_size=T` line, then one
+    /// `OFFSET LENGTH` line per merged range (a directory: `OFFSET LENGTH PATH`, PATH
+    /// relative to it). Ranges are whole tracks (except at the end of the file) and stop
+    /// at the current size: a file that shrank reports its new size. Exit code 2 (ENOENT)
+    /// for a generation other than `default`.
+    Diff {
+        /// A regular file or directory on a pairfs mount.
+        path: PathBuf,
+        /// The generation to compare with; only `default` exists for now.
+        #[arg(long, value_name = "NAME")]
+        generation: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check every copied track of every frozen copy against its checksum (crc32c).
+    ///
+    /// Given a mountpoint, the running daemon does it; given a volume that is not
+    /// mounted, it reads the metadata and the copy image itself. Prints
+    /// `checked=N unsummed=N bad=N` (unsummed: copied before checksums existed), then
+    /// `bad pair=ID track=V file_track=F path=P` per mismatch. Exit code 1 on a mismatch.
+    Scrub {
+        /// Volume files, or the mountpoint of a mounted volume.
+        #[command(flatten)]
+        vol: VolumeArgs,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Check a volume that is not mounted.
     Fsck {
         /// Volume files.

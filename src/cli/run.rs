@@ -151,6 +151,31 @@ pub fn run(cli: Cli) -> Result<u8> {
                 crate::cli::status::status(path.as_deref(), json, watch)
             }
         }
+        Cmd::Diff {
+            path,
+            generation,
+            json,
+        } => crate::cli::diff::diff(&path, generation.as_deref(), json),
+        Cmd::Scrub { vol, json } => {
+            let target = std::fs::canonicalize(&vol.volume).unwrap_or_else(|_| vol.volume.clone());
+            if target.is_dir() {
+                // A mountpoint: no volume files to resolve.
+                let main = crate::cli::status::pairfs_mounts()
+                    .into_iter()
+                    .any(|(m, src)| {
+                        m == target && !src.ends_with(":copy") && !src.ends_with(":snapshot")
+                    });
+                if !main {
+                    return Err(Error::invalid(format!(
+                        "{}: not the mountpoint of a pairfs main mount (give it, or a volume image)",
+                        target.display()
+                    )));
+                }
+                crate::cli::scrub::run(&Paths::new(&target, None, None), json)
+            } else {
+                crate::cli::scrub::run(&paths(&vol)?, json)
+            }
+        }
         Cmd::Fsck { vol, repair } => {
             let r = crate::cli::fsck::fsck(&paths(&vol)?, repair)?;
             for (k, v) in &r.stats {

@@ -385,6 +385,7 @@ impl Fs {
             evictions: AtomicU64::new(0),
             forgotten: AtomicU64::new(0),
         };
+        fs.engine.load_sums(fs.geo.tracks(), &loaded.sums);
         fs.engine
             .load(&fs, loaded.pairs, loaded.clean, loaded.next_pair)?;
         Ok(fs)
@@ -405,6 +406,26 @@ impl Fs {
         Fs::check_readonly(&self.opts)?;
         let b = self.barrier.write().unwrap_or_else(|p| p.into_inner());
         self.engine.control_id(self, &b, id, op)
+    }
+
+    /// The byte ranges of regular file `ino` changed since its pair's instant
+    /// (`pairfs diff`, [`crate::snap::diff`]). Takes the write barrier, so every write
+    /// is wholly before (and reported) or after; reads no data.
+    pub fn diff(&self, ino: u64) -> Result<crate::snap::diff::FileDiff> {
+        let _b = self.barrier.write().unwrap_or_else(|p| p.into_inner());
+        let (now, size, pid) = {
+            let st = self.state_with(ino)?;
+            let i = st.get(ino)?;
+            if i.is_dir() {
+                return Err(Error::IsDir);
+            }
+            if !i.is_file() {
+                return Err(Error::invalid("diff: not a regular file"));
+            }
+            (i.extents.clone(), i.row.size, i.pair)
+        };
+        let pid = pid.ok_or_else(|| Error::invalid("diff: not paired (split it first)"))?;
+        self.engine.diff(pid, ino, &now, size)
     }
 
     fn check_readonly(opts: &Options) -> Result<()> {

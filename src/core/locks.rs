@@ -18,7 +18,8 @@
 //!
 //! Leaves (nothing is taken while holding them): `Fs::layout` (shape-change stamps for
 //! `fdatasync`), the engine's pair map, a slot's
-//! `unconfirmed` and `cow_queue` lists, the copier's `work` counter, and
+//! `unconfirmed`, `cow_queue` and `new_sums` lists, the engine's checksum table (`sums`)
+//! and verified-track map (`verified`), the copier's `work` counter, and
 //! [`Checked`](crate::store::volume::Checked)'s `sync_lock` (held across one fsync).
 //!
 //! Data I/O runs holding only 1 and 2, so reads and writes of different files (and of

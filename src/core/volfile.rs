@@ -369,8 +369,9 @@ pub fn open_snapshot(p: &Paths) -> Result<(Fs, VolumeLock)> {
     // The live database says whether every track is copied. A copy that just finished
     // is visible in `getfattr` a moment before its state row is committed: allow it 3 s.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
-    let root = loop {
+    let (root, live_sums) = loop {
         let live = Meta::open(&p.meta, true)?.load()?;
+        let live_sums = live.sums;
         let root = live
             .pairs
             .into_iter()
@@ -381,7 +382,7 @@ pub fn open_snapshot(p: &Paths) -> Result<(Fs, VolumeLock)> {
             crate::snap::pair::PairState::Splitting | crate::snap::pair::PairState::Updating
         );
         if root.state == crate::snap::pair::PairState::Split {
-            break root;
+            break (root, live_sums);
         }
         if !copying || std::time::Instant::now() >= deadline {
             return Err(Error::Busy(format!(
@@ -392,7 +393,10 @@ pub fn open_snapshot(p: &Paths) -> Result<(Fs, VolumeLock)> {
         std::thread::sleep(std::time::Duration::from_millis(50));
     };
     let meta = Meta::open(&snap, true)?;
-    let loaded = meta.load()?;
+    let mut loaded = meta.load()?;
+    // The checksums of the copies made since the snapshot was written (the split's copy)
+    // are in the live database; it has every sum the snapshot has.
+    loaded.sums = live_sums;
     let snap_root = loaded
         .pairs
         .iter()

@@ -278,6 +278,26 @@ impl MainFs {
         if name == "volume" && ino == crate::core::fs::ROOT {
             return Ok(self.volume_line().into_bytes());
         }
+        if let Some(from) = name.strip_prefix("diff") {
+            // `diff` or `diff.FROM`: one page of changed ranges (snap::diff).
+            let from = match from.strip_prefix('.') {
+                Some(n) => n
+                    .parse()
+                    .map_err(|_| Error::invalid(format!("bad diff offset {n:?}")))?,
+                None if from.is_empty() => 0,
+                None => {
+                    return Err(Error::invalid(format!(
+                        "unknown control attribute {CONTROL_PREFIX}{name}"
+                    )));
+                }
+            };
+            let d = self.fs.diff(ino)?;
+            return Ok(crate::snap::diff::encode_page(&d, from));
+        }
+        if name == "scrub" && ino == crate::core::fs::ROOT {
+            // Runs the whole scrub in this request (`pairfs scrub MOUNTPOINT`).
+            return Ok(self.fs.engine.scrub()?.text().into_bytes());
+        }
         if name != "state" {
             return Err(Error::invalid(format!(
                 "unknown control attribute {CONTROL_PREFIX}{name}"

@@ -19,8 +19,19 @@ use crate::snap::pair::{Frozen, FrozenAttr, FrozenKind, Pair, PairId, PairState,
 
 /// Schema version written by this build. Older versions are migrated on a read-write
 /// open and read as they are on a read-only one: version 1 has no `rdev`, `links`,
-/// `xattrs` in `frozen`; versions 1 and 2 lack the on-demand indexes and `inode_count`.
-pub const SCHEMA_VERSION: u32 = 3;
+/// `xattrs` in `frozen`; versions 1 and 2 lack the on-demand indexes and `inode_count`;
+/// versions 1 to 3 lack the `sums` table (copy-image track checksums, [`SUMS_SCHEMA`]).
+pub const SCHEMA_VERSION: u32 = 4;
+
+/// The schema version that added the `sums` table.
+pub const SUMS_VERSION: u32 = 4;
+
+/// Checksums of the copy image (schema version 4): the crc32c of each copy-image track as
+/// last written by a copy, committed with (or before) the clear of its pending bit.
+/// Kept in its own statement so the migration step stays one function
+/// ([`Meta::migrate_sums`]).
+pub const SUMS_SCHEMA: &str =
+    "CREATE TABLE IF NOT EXISTS sums(track INTEGER PRIMARY KEY, crc INTEGER NOT NULL);";
 
 /// Version 1 to 2: frozen objects keep their device number, hard-link names and xattrs.
 /// Each column is added only if missing.
@@ -167,6 +178,9 @@ pub struct PairDelta {
     pub chunks: Vec<(u8, u64, Option<Vec<u8>>)>,
     /// Replace the frozen map with this one.
     pub frozen: Option<Vec<Frozen>>,
+    /// Copy-image track checksums (track, crc32c) of this pair's copies since its last
+    /// commit, written in the same transaction as `chunks`.
+    pub sums: Vec<(u64, u32)>,
 }
 
 /// The scalar fields of a pair.
@@ -240,6 +254,8 @@ pub struct Loaded {
     pub next_pair: u64,
     /// False if the last mount did not end cleanly.
     pub clean: bool,
+    /// Copy-image track checksums ([`Meta::load_sums`]).
+    pub sums: Vec<(u64, u32)>,
 }
 
 /// The open metadata database.
@@ -280,6 +296,7 @@ impl Meta {
     fn init(conn: &Connection, geometry: &Geometry, now: i64) -> Result<()> {
         conn.execute_batch(SCHEMA)?;
         conn.execute_batch(INDEXES)?;
+        conn.execute_batch(SUMS_SCHEMA)?;
         for (k, v) in [
             ("format", "pairfs".to_string()),
             ("schema_version", SCHEMA_VERSION.to_string()),
@@ -414,18 +431,50 @@ impl Meta {
                 }
             }
         }
-        tx.execute_batch(INDEXES)?;
-        tx.execute(
-            "INSERT OR REPLACE INTO super(key, value) \
-             SELECT 'inode_count', CAST(count(*) AS TEXT) FROM inodes",
-            [],
-        )?;
+        if from < 3 {
+            tx.execute_batch(INDEXES)?;
+            tx.execute(
+                "INSERT OR REPLACE INTO super(key, value) \
+                 SELECT 'inode_count', CAST(count(*) AS TEXT) FROM inodes",
+                [],
+            )?;
+        }
+        if from < SUMS_VERSION {
+            Self::migrate_sums(&tx)?;
+        }
         tx.execute(
             "UPDATE super SET value = ?1 WHERE key = 'schema_version'",
             [SCHEMA_VERSION.to_string()],
         )?;
         tx.commit()?;
         Ok(())
+    }
+
+    /// Migration step to [`SUMS_VERSION`]: the `sums` table, empty (tracks copied by an
+    /// older version have no sum: reads and scrub pass them as unverified). Runs inside
+    /// the caller's migration transaction.
+    fn migrate_sums(tx: &Connection) -> Result<()> {
+        tx.execute_batch(SUMS_SCHEMA)?;
+        Ok(())
+    }
+
+    /// Every stored copy-image track checksum (none before schema version 4: a read-only
+    /// open of an older database).
+    pub fn load_sums(&self) -> Result<Vec<(u64, u32)>> {
+        if self.version < SUMS_VERSION {
+            return Ok(Vec::new());
+        }
+        let mut st = self.conn.prepare("SELECT track, crc FROM sums")?;
+        let rows = st.query_map([], |r| Ok((r.get::<_, u64>(0)?, r.get::<_, u32>(1)?)))?;
+        let mut out = Vec::new();
+        for r in rows {
+            let (t, c) = r.map_err(|e| corrupt(format!("bad sums row: {e}")))?;
+            if t == 0 || t >= self.geometry.tracks() {
+                return Err(corrupt(format!("sum of track {t} outside the volume")));
+            }
+            out.push((t, c));
+        }
+        Ok(out)
     }
 
     /// A second, read-only connection for loading inodes on demand. It sees what
@@ -500,6 +549,7 @@ impl Meta {
             out.orphans.push(r?);
         }
         out.pairs = self.load_pairs()?;
+        out.sums = self.load_sums()?;
         Ok(out)
     }
 
@@ -570,6 +620,7 @@ impl Meta {
                 .push(r.map_err(|e| corrupt(format!("bad dirent row: {e}")))?);
         }
         out.pairs = self.load_pairs()?;
+        out.sums = self.load_sums()?;
         Ok(out)
     }
 
@@ -781,6 +832,12 @@ impl Meta {
             tx.execute("DELETE FROM bitmaps WHERE pair = ?1", [d.id])?;
             tx.execute("DELETE FROM frozen WHERE pair = ?1", [d.id])?;
             return Ok(());
+        }
+        if !d.sums.is_empty() {
+            let mut put = tx.prepare_cached("INSERT OR REPLACE INTO sums VALUES (?1, ?2)")?;
+            for (t, c) in &d.sums {
+                put.execute(params![t, c])?;
+            }
         }
         if let Some(r) = &d.row {
             tx.execute(
@@ -1235,6 +1292,60 @@ mod tests {
         drop(m);
         let m = Meta::open(&q, true).unwrap();
         assert_eq!(m.load().unwrap().pairs[0].frozen, vec![f]);
+    }
+
+    #[test]
+    fn sums_commit_with_the_bits_and_version_3_migrates() {
+        let dir = tempfile::tempdir().unwrap();
+        let q = dir.path().join("v.meta");
+        let mut m = Meta::create(&q, &geo(), 0).unwrap();
+        let b = Batch {
+            pairs: vec![PairDelta {
+                id: 3,
+                sums: vec![(5, 0xdead_beef), (6, 0)],
+                ..PairDelta::default()
+            }],
+            ..Batch::default()
+        };
+        m.commit(&b).unwrap();
+        assert_eq!(m.load().unwrap().sums, vec![(5, 0xdead_beef), (6, 0)]);
+        drop(m);
+        // A version 3 database: no sums table.
+        let c = Connection::open(&q).unwrap();
+        c.execute_batch(
+            "DROP TABLE sums; UPDATE super SET value = '3' WHERE key = 'schema_version';",
+        )
+        .unwrap();
+        drop(c);
+        // Read-only: read as it is, nothing written.
+        let ro = Meta::open(&q, true).unwrap();
+        assert!(ro.load().unwrap().sums.is_empty());
+        drop(ro);
+        let ver = || -> String {
+            Connection::open(&q)
+                .unwrap()
+                .query_row(
+                    "SELECT value FROM super WHERE key = 'schema_version'",
+                    [],
+                    |r| r.get(0),
+                )
+                .unwrap()
+        };
+        assert_eq!(ver(), "3");
+        // Read-write: migrated in one transaction; sums work.
+        let mut rw = Meta::open(&q, false).unwrap();
+        assert_eq!(ver(), SCHEMA_VERSION.to_string());
+        assert!(rw.load().unwrap().sums.is_empty());
+        rw.commit(&Batch {
+            pairs: vec![PairDelta {
+                id: 3,
+                sums: vec![(7, 1)],
+                ..PairDelta::default()
+            }],
+            ..Batch::default()
+        })
+        .unwrap();
+        assert_eq!(rw.load().unwrap().sums, vec![(7, 1)]);
     }
 
     #[test]

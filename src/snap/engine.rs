@@ -40,6 +40,7 @@ use crate::meta::{Meta, PairDelta, PairRow, take_dirty_chunks};
 use crate::snap::namespace::Namespace;
 use crate::snap::pair::{Frozen, FrozenKind, Pair, PairId, PairState, Scope};
 use crate::snap::stage::{StageTable, Staged};
+use crate::snap::sums::{ScrubReport, SumTable};
 use crate::snap::view::{Builder, FrozenView, Numbering};
 use crate::store::volume::{Checked, Volume};
 
@@ -89,6 +90,11 @@ pub struct Slot {
     staged: AtomicU64,
     /// Tracks of this pair copied by copy-on-write since mount.
     cow: AtomicU64,
+    /// Checksums of this pair's copies not yet committed: taken into the next commit of
+    /// the pair's bitmaps, so a committed clear bit always has its sum.
+    new_sums: Mutex<Vec<(u64, u32)>>,
+    /// Frozen reads refused since mount for a checksum mismatch.
+    sum_errors: AtomicU64,
 }
 
 impl Slot {
@@ -181,7 +187,24 @@ pub struct Engine {
     /// Told (without blocking) after every change of the frozen set, e.g. so a copy
     /// mount can drop the kernel's cached names of the old view.
     view_watchers: Mutex<Vec<std::sync::mpsc::Sender<u64>>>,
+    /// Checksums on ([`crate::snap::sums::enabled_by_env`]).
+    sums_on: bool,
+    /// The crc32c of every copy-image track as last written by a copy.
+    sums: RwLock<SumTable>,
+    /// Tracks a frozen read verified, with the sum they matched (a new copy changes the
+    /// sum, so the entry no longer counts): later reads of them skip the whole-track
+    /// read. Bounded: cleared when it reaches [`VERIFIED_MAX`] entries.
+    verified: Mutex<HashMap<u64, u32>>,
+    /// Whether `verified` is used (`PAIRFS_SUMS_CACHE=0` turns it off, to measure it).
+    verify_cache: bool,
+    /// Frozen reads refused since mount because a track did not match its sum.
+    pub sum_errors: AtomicU64,
+    /// The sum of a track of zeros (a discarded all-zero copy).
+    zero_sum: u32,
 }
+
+/// Most entries of the verified-track cache (16 bytes each).
+pub const VERIFIED_MAX: usize = 1 << 20;
 
 /// A snapshot of one pair for status displays.
 #[derive(Debug, Clone)]
@@ -222,6 +245,9 @@ pub struct PairStatus {
     pub staged: u64,
     /// Tracks copied by copy-on-write since mount.
     pub cow: u64,
+    /// Frozen reads of this pair refused since mount: a copy-image track did not match
+    /// its checksum (run `pairfs scrub`).
+    pub sum_errors: u64,
 }
 
 fn unix_time(ns: i64) -> String {
@@ -275,6 +301,9 @@ impl PairStatus {
             self.pinned_bytes,
             self.files
         );
+        if self.sum_errors > 0 {
+            s.push_str(&format!(" sum_errors={}", self.sum_errors));
+        }
         if self.staged > 0 {
             s.push_str(&format!(" staged_tracks={}", self.staged));
         }
@@ -344,7 +373,59 @@ impl Engine {
             view: RwLock::default(),
             view_numbering: Mutex::default(),
             view_watchers: Mutex::default(),
+            sums_on: crate::snap::sums::enabled_by_env(),
+            sums: RwLock::default(),
+            verified: Mutex::default(),
+            verify_cache: !matches!(std::env::var("PAIRFS_SUMS_CACHE").as_deref(), Ok("0")),
+            sum_errors: AtomicU64::default(),
+            zero_sum: crate::snap::sums::crc(&vec![0u8; h.track_size as usize]),
         }
+    }
+
+    /// Installs the stored checksums (at mount, before serving).
+    pub fn load_sums(&self, tracks: u64, sums: &[(u64, u32)]) {
+        *self.sums.write().unwrap_or_else(|p| p.into_inner()) = SumTable::new(tracks, sums);
+    }
+
+    /// Tracks with a stored or pending checksum.
+    pub fn sums_count(&self) -> u64 {
+        self.sums.read().unwrap_or_else(|p| p.into_inner()).count()
+    }
+
+    fn sum_of(&self, t: u64) -> Option<u32> {
+        if !self.sums_on {
+            return None;
+        }
+        self.sums.read().unwrap_or_else(|p| p.into_inner()).get(t)
+    }
+
+    /// Records the sums of tracks just written to the copy image by a copy of `slot`'s
+    /// tracks: in the table at once (reads of them still come from the volume until
+    /// their pending bits clear), and in the slot's list for its next bitmap commit.
+    fn record_sums(&self, slot: &Slot, sums: Vec<(u64, u32)>) {
+        if sums.is_empty() {
+            return;
+        }
+        {
+            let mut t = self.sums.write().unwrap_or_else(|p| p.into_inner());
+            for &(k, c) in &sums {
+                t.set(k, c);
+            }
+        }
+        if self.verify_cache {
+            let mut v = self.verified.lock().unwrap_or_else(|p| p.into_inner());
+            for (k, _) in &sums {
+                v.remove(k);
+            }
+        }
+        slot.new_sums
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend(sums);
+    }
+
+    fn take_sums(slot: &Slot) -> Vec<(u64, u32)> {
+        std::mem::take(&mut *slot.new_sums.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
     fn slot(&self, id: PairId) -> Option<Arc<Slot>> {
@@ -394,6 +475,8 @@ impl Engine {
                     released: AtomicBool::new(false),
                     staged: AtomicU64::new(0),
                     cow: AtomicU64::new(0),
+                    new_sums: Mutex::new(Vec::new()),
+                    sum_errors: AtomicU64::new(0),
                 });
                 slots.push(slot.clone());
                 self.pairs
@@ -561,6 +644,7 @@ impl Engine {
                     id: s.id,
                     row: Some(PairRow::of(&p)),
                     chunks: take_dirty_chunks(&mut p),
+                    sums: Self::take_sums(&s),
                     ..PairDelta::default()
                 });
             }
@@ -585,6 +669,7 @@ impl Engine {
                     row: Some(PairRow::of(&p)),
                     chunks: take_dirty_chunks(&mut p),
                     frozen: frozen.then(|| p.frozen.clone()),
+                    sums: Self::take_sums(slot),
                     ..PairDelta::default()
                 }]
             },
@@ -598,6 +683,10 @@ impl Engine {
         for d in deltas.iter().filter(|d| !d.delete) {
             if let Some(s) = self.slot(d.id) {
                 s.lock().mark_all_dirty();
+                s.new_sums
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .extend_from_slice(&d.sums);
                 s.dirty.store(true, Ordering::Release);
             }
         }
@@ -619,11 +708,14 @@ impl Engine {
         }
     }
 
-    /// Copies volume tracks to the same addresses on the copy image.
-    fn copy_tracks(&self, tracks: &[u64]) -> Result<()> {
+    /// Copies volume tracks of `slot`'s pair to the same addresses on the copy image,
+    /// recording the checksum of each ([`Engine::record_sums`]).
+    fn copy_tracks(&self, slot: &Slot, tracks: &[u64]) -> Result<()> {
         let ts = self.track_size;
         let max_run = (COPY_BATCH_BYTES / ts).max(1);
         let mut buf = Vec::new();
+        let mut sums = Vec::new();
+        let zero_sum = self.sums_on.then_some(self.zero_sum);
         let mut i = 0;
         while i < tracks.len() {
             let mut j = i + 1;
@@ -636,11 +728,23 @@ impl Engine {
             if buf.iter().all(|&b| b == 0) {
                 // Never-written (fallocated or punched) tracks: keep the copy sparse.
                 self.copy.discard(tracks[i] * ts, len as u64)?;
+                if let Some(z) = zero_sum {
+                    sums.extend(tracks[i..j].iter().map(|&t| (t, z)));
+                }
             } else {
                 self.copy.write_at(tracks[i] * ts, &buf)?;
+                if self.sums_on {
+                    sums.extend(
+                        tracks[i..j]
+                            .iter()
+                            .zip(buf.chunks(ts as usize))
+                            .map(|(&t, d)| (t, crate::snap::sums::crc(d))),
+                    );
+                }
             }
             i = j;
         }
+        self.record_sums(slot, sums);
         Ok(())
     }
 
@@ -709,7 +813,7 @@ impl Engine {
         let before = slot.lock().state;
         let hooks = self.hooks(ns);
         match self
-            .copy_tracks(&need)
+            .copy_tracks(&slot, &need)
             .and_then(|_| self.durability.sync_copy(&hooks))
         {
             Ok(()) => {
@@ -882,7 +986,7 @@ impl Engine {
                 // hook): then no copy needs the old tracks any more.
                 let copied = if need.is_empty() {
                     false
-                } else if let Err(e) = self.copy_tracks(&need) {
+                } else if let Err(e) = self.copy_tracks(&slot, &need) {
                     self.fail(ns, &slot, &e);
                     false
                 } else {
@@ -1036,7 +1140,7 @@ impl Engine {
             (batch, frozen, before)
         };
         *cursor = batch.last().map_or(0, |t| t + 1);
-        match self.copy_tracks(&batch) {
+        match self.copy_tracks(slot, &batch) {
             Ok(()) => {
                 self.copied_total
                     .fetch_add(batch.len() as u64, Ordering::Relaxed);
@@ -1053,6 +1157,8 @@ impl Engine {
                         return 0;
                     }
                 } else {
+                    // The sums recorded for the batch go with the next commit.
+                    slot.dirty.store(true, Ordering::Release);
                     self.log_transition(slot, before);
                     if slot.lock().state != before {
                         // Record the new state promptly.
@@ -1326,6 +1432,8 @@ impl Engine {
                 released: AtomicBool::new(false),
                 staged: AtomicU64::new(0),
                 cow: AtomicU64::new(0),
+                new_sums: Mutex::new(Vec::new()),
+                sum_errors: AtomicU64::new(0),
             });
             self.pairs
                 .write()
@@ -1389,6 +1497,7 @@ impl Engine {
             track_size: self.track_size,
             staged: s.staged.load(Ordering::Relaxed),
             cow: s.cow.load(Ordering::Relaxed),
+            sum_errors: s.sum_errors.load(Ordering::Relaxed),
         }
     }
 
@@ -1444,6 +1553,47 @@ impl Engine {
         v
     }
 
+    /// The byte ranges of file `ino` (extents `now`, size `size` now) changed since the
+    /// instant of pair `id`'s frozen copy ([`crate::snap::diff`]). Refused (EINVAL)
+    /// when the pair has no frozen copy.
+    pub fn diff(
+        &self,
+        id: PairId,
+        ino: u64,
+        now: &crate::core::extent::ExtentMap,
+        size: u64,
+    ) -> Result<crate::snap::diff::FileDiff> {
+        let slot = self
+            .slot(id)
+            .ok_or_else(|| Error::NotFound(format!("pair {id}")))?;
+        let p = slot.lock();
+        // The record bitmap: host writes since the current instant.
+        let record = match p.state {
+            PairState::Splitting | PairState::Split => &p.split_diff,
+            PairState::Updating => &p.update_diff,
+            s => {
+                return Err(Error::invalid(format!(
+                    "diff: pair {id} ({}) is {}: no frozen copy to compare with (split it first)",
+                    p.path,
+                    s.name()
+                )));
+            }
+        };
+        let then = p
+            .frozen
+            .iter()
+            .find(|f| f.ino == ino && f.attr.kind == FrozenKind::File)
+            .map(|f| (&f.extents, f.attr.size));
+        Ok(crate::snap::diff::FileDiff {
+            pair: id,
+            state: p.state.name().to_string(),
+            size,
+            old_size: then.map_or(0, |t| t.1),
+            track_size: self.track_size,
+            ranges: crate::snap::diff::changed_ranges(self.track_size, now, size, then, record),
+        })
+    }
+
     /// A copy of every frozen object: (pair id, index, object). For tests and checks;
     /// the copy mount serves [`Engine::view`], which copies nothing per request.
     pub fn frozen_objects(&self) -> Vec<(PairId, usize, Frozen)> {
@@ -1476,7 +1626,7 @@ impl Engine {
             .slot(id)
             .ok_or_else(|| Error::NotFound(format!("pair {id}")))?;
         let ts = self.track_size;
-        let (segs, len) = {
+        let (segs, len, path) = {
             let p = slot.lock();
             if !p.state.is_frozen() {
                 return Err(Error::NotFound("the frozen copy is gone".into()));
@@ -1494,7 +1644,7 @@ impl Engine {
             let len = (size as u64).min(f.attr.size - off);
             let f0 = off / ts;
             let f1 = (off + len - 1) / ts;
-            (f.extents.segments(f0, f1 - f0 + 1), len)
+            (f.extents.segments(f0, f1 - f0 + 1), len, f.path.clone())
         };
         let mut buf = vec![0u8; len as usize];
         for s in segs {
@@ -1509,19 +1659,110 @@ impl Engine {
                 }
                 let dst = &mut buf[(a - off) as usize..(b - off) as usize];
                 let voff = v * ts + (a - ft * ts);
+                let at = (id, path.as_str(), ft, v, a - ft * ts);
                 if slot.lock().read_from_volume(v) {
                     self.vol.read_at(voff, dst)?;
                     // A copy-on-write may have finished (and the host overwritten the
                     // track) while we read: then the copy image has the frozen data.
                     if !slot.lock().read_from_volume(v) {
-                        self.copy.read_at(voff, dst)?;
+                        self.read_copy(at, dst)?;
                     }
                 } else {
-                    self.copy.read_at(voff, dst)?;
+                    self.read_copy(at, dst)?;
                 }
             }
         }
         Ok(buf)
+    }
+}
+
+impl Engine {
+    /// Reads `dst` at offset `in_off` of copy-image track `v` (file track `ft` of frozen
+    /// file `path` of pair `id`), verifying the whole track's checksum unless the
+    /// verified-track cache says it matched this sum already. A mismatch is EIO and a log
+    /// line; a track without a sum (copied before checksums) is read unverified.
+    fn read_copy(
+        &self,
+        (id, path, ft, v, in_off): (PairId, &str, u64, u64, u64),
+        dst: &mut [u8],
+    ) -> Result<()> {
+        let ts = self.track_size;
+        let Some(mut want) = self.sum_of(v) else {
+            return self.copy.read_at(v * ts + in_off, dst);
+        };
+        if self.verify_cache
+            && self
+                .verified
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&v)
+                == Some(&want)
+        {
+            return self.copy.read_at(v * ts + in_off, dst);
+        }
+        // A read of the whole track verifies in the caller's buffer (no second copy).
+        let whole = in_off == 0 && dst.len() as u64 == ts;
+        let mut own = Vec::new();
+        if !whole {
+            own.resize(ts as usize, 0);
+        }
+        let tb: &mut [u8] = if whole { &mut *dst } else { &mut own };
+        self.copy.read_at(v * ts, tb)?;
+        let mut got = crate::snap::sums::crc(tb);
+        if got != want {
+            // A copy may have rewritten the track (and its sum) meanwhile: look once more.
+            want = self.sum_of(v).unwrap_or(want);
+            self.copy.read_at(v * ts, tb)?;
+            got = crate::snap::sums::crc(tb);
+        }
+        if got != want {
+            self.sum_errors.fetch_add(1, Ordering::Relaxed);
+            if let Some(s) = self.slot(id) {
+                s.sum_errors.fetch_add(1, Ordering::Relaxed);
+            }
+            log::error!(
+                "pair {id}: frozen file {path}: file track {ft} (copy-image track {v}) fails \
+                 its checksum (crc32c {got:08x}, stored {want:08x}): read refused (EIO); \
+                 run `pairfs scrub`"
+            );
+            return Err(Error::io(
+                "copy image",
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!("checksum mismatch in copy-image track {v}"),
+                ),
+            ));
+        }
+        if self.verify_cache {
+            let mut c = self.verified.lock().unwrap_or_else(|p| p.into_inner());
+            if c.len() >= VERIFIED_MAX {
+                c.clear();
+            }
+            c.insert(v, want);
+        }
+        if !whole {
+            dst.copy_from_slice(&own[in_off as usize..in_off as usize + dst.len()]);
+        }
+        Ok(())
+    }
+
+    /// Checks every copied track of every frozen copy against its checksum (`pairfs
+    /// scrub`): the tracks of frozen files whose pending bits are clear, read from the
+    /// copy image. Takes no gate (reads only); a track recopied meanwhile is rechecked
+    /// with its new sum.
+    pub fn scrub(&self) -> Result<ScrubReport> {
+        let mut files = Vec::new();
+        for s in self.slots() {
+            files.extend(crate::snap::sums::files_of(&s.lock()));
+        }
+        let ts = self.track_size;
+        crate::snap::sums::scrub(
+            files,
+            ts,
+            &|id, v| self.slot(id).is_some_and(|s| !s.lock().read_from_volume(v)),
+            &|t| self.sum_of(t),
+            &|off, b| self.copy.read_at(off, b),
+        )
     }
 }
 
