@@ -79,14 +79,14 @@ fn read_file(fs: &Fs, ino: u64) -> Vec<u8> {
 fn read_frozen(fs: &Fs, ino: u64) -> Option<Vec<u8>> {
     let (pair, idx, f) = fs
         .engine
-        .frozen_objects()
+        .frozen_objects(&*fs)
         .into_iter()
         .find(|o| o.2.ino == ino)?;
     let mut out = Vec::new();
     while (out.len() as u64) < f.attr.size {
         let d = fs
             .engine
-            .read_frozen(pair, idx, out.len() as u64, 1 << 20)
+            .read_frozen(&*fs, pair, idx, out.len() as u64, 1 << 20)
             .unwrap();
         assert!(!d.is_empty());
         out.extend(d);
@@ -334,7 +334,12 @@ fn workload(seed: u64, ops: usize) -> (usize, u64) {
             );
         }
         // Frozen copies of unlinked files stay (pinned); drop the ones whose pair is gone.
-        let live: Vec<u64> = fs.engine.frozen_objects().iter().map(|o| o.2.ino).collect();
+        let live: Vec<u64> = fs
+            .engine
+            .frozen_objects(&fs)
+            .iter()
+            .map(|o| o.2.ino)
+            .collect();
         frozen.retain(|ino, _| live.contains(ino));
         let exp = Expect {
             frozen: frozen.clone(),

@@ -69,10 +69,10 @@ pub fn invalidate_on_change(fs: Arc<Fs>, notifier: fuser::Notifier) -> std::io::
     std::thread::Builder::new()
         .name("pairfs-copy-inval".into())
         .spawn(move || {
-            let mut old = fs.engine.view(fs.track_size);
+            let mut old = fs.engine.view(&*fs, fs.track_size);
             while rx.recv().is_ok() {
                 while rx.try_recv().is_ok() {}
-                let new = fs.engine.view(fs.track_size);
+                let new = fs.engine.view(&*fs, fs.track_size);
                 let mut names: Vec<&[u8]> = Vec::new();
                 for v in [&old, &new] {
                     if let Some(Content::Dir(d)) = v.get(VIEW_ROOT).map(|n| &n.content) {
@@ -103,7 +103,7 @@ impl CopyFs {
     }
 
     fn view(&self) -> Arc<FrozenView> {
-        self.fs.engine.view(self.fs.track_size)
+        self.fs.engine.view(&*self.fs, self.fs.track_size)
     }
 
     /// Runs `f` on node `ino` of the current view (ENOENT if absent).
@@ -188,7 +188,7 @@ impl Filesystem for CopyFs {
                 match self
                     .fs
                     .engine
-                    .read_frozen_of((id, idx, Some(fino)), offset, size)
+                    .read_frozen_of(&*self.fs, (id, idx, Some(fino)), offset, size)
                 {
                     Ok(d) => reply.data(&d),
                     Err(e) => {

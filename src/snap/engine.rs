@@ -33,10 +33,11 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, RwLockWriteGuard};
 use std::time::Duration;
 
 use crate::core::durability::{Durability, PairHooks};
+use crate::core::extent::ExtentMap;
 use crate::core::now_ns;
 use crate::core::trackset::TrackSet;
 use crate::error::{Error, Result};
-use crate::meta::{Meta, PairDelta, PairRow, take_dirty_chunks};
+use crate::meta::{Meta, PairDelta, PairRow, take_appends, take_dirty_chunks};
 use crate::snap::namespace::Namespace;
 use crate::snap::pair::{Frozen, FrozenKind, Pair, PairId, PairState, Scope};
 use crate::snap::stage::{StageTable, Staged};
@@ -487,11 +488,62 @@ impl Engine {
         }
     }
 
-    /// Inodes pair `id`'s frozen copy holds (they keep copy-on-write wherever they move).
-    pub fn frozen_inos(&self, id: PairId) -> std::collections::HashSet<u64> {
-        self.slot(id)
-            .map(|s| s.lock().frozen.iter().map(|f| f.ino).collect())
-            .unwrap_or_default()
+    /// True if pair `id`'s frozen copy holds inode `ino` (it keeps copy-on-write
+    /// wherever it moves), [`Pair::holds`].
+    pub fn holds(&self, id: PairId, ino: u64) -> bool {
+        self.slot(id).is_some_and(|s| s.lock().holds(ino))
+    }
+
+    /// True if inode `ino` must be frozen in pair `id` before its first change (a lazy
+    /// instant that has not frozen it yet, [`Pair::needs_freeze`]).
+    pub fn needs_freeze(&self, id: PairId, ino: u64) -> bool {
+        self.slot(id).is_some_and(|s| s.lock().needs_freeze(ino))
+    }
+
+    /// Where a lazy pair's frozen map places inode `ino`: None if it is not frozen
+    /// there, Some(None) if it is marked absent, else its instant path.
+    pub fn frozen_path(&self, id: PairId, ino: u64) -> Option<Option<String>> {
+        let s = self.slot(id)?;
+        let p = s.lock();
+        p.frozen_of(ino)
+            .map(|f| (!f.absent).then(|| f.path.clone()))
+    }
+
+    /// The instant's record of `ino` in lazy pair `id`, if frozen: (size, extents), or
+    /// Some(None) for an absent marker.
+    fn lazy_record(&self, id: PairId, ino: u64) -> Option<Option<(u64, ExtentMap)>> {
+        let s = self.slot(id)?;
+        let p = s.lock();
+        p.frozen_of(ino)
+            .map(|f| (!f.absent).then(|| (f.attr.size, f.extents.clone())))
+    }
+
+    /// Adds the instant's record of one object to lazy pair `id` (the caller, holding
+    /// the namespace lock, checked [`Engine::needs_freeze`] and is about to change the
+    /// object). Returns the tracks to pin now. The next commit appends the record.
+    pub fn lazy_freeze(&self, id: PairId, f: Frozen) -> TrackSet {
+        let Some(s) = self.slot(id) else {
+            return TrackSet::new();
+        };
+        let pin = s.lock().lazy_freeze(f);
+        s.dirty.store(true, Ordering::Release);
+        pin
+    }
+
+    /// (size, extents) of file `ino` at lazy pair `id`'s instant, under the namespace
+    /// lock (`instant`: the namespace's live state, valid only while the pair has not
+    /// frozen the inode: both are asked under that one lock).
+    pub fn instant_file_of(
+        &self,
+        id: PairId,
+        ino: u64,
+        live: impl FnOnce() -> Result<(u64, ExtentMap)>,
+    ) -> Result<(u64, ExtentMap)> {
+        match self.lazy_record(id, ino) {
+            Some(Some(r)) => Ok(r),
+            Some(None) => Err(Error::NotFound("frozen file".into())),
+            None => live(),
+        }
     }
 
     /// A file left pair `id`'s scope (and its frozen copy does not hold it): the pair
@@ -548,6 +600,7 @@ impl Engine {
                     id: s.id,
                     row: Some(PairRow::of(&p)),
                     chunks: take_dirty_chunks(&mut p),
+                    append: take_appends(&mut p),
                     ..PairDelta::default()
                 });
             }
@@ -567,11 +620,16 @@ impl Engine {
             &mut || {
                 slot.dirty.store(false, Ordering::Release);
                 let mut p = slot.lock();
+                let whole = frozen.then(|| p.frozen.clone());
+                if whole.is_some() {
+                    p.frozen_saved = p.frozen.len();
+                }
                 vec![PairDelta {
                     id: slot.id,
                     row: Some(PairRow::of(&p)),
                     chunks: take_dirty_chunks(&mut p),
-                    frozen: frozen.then(|| p.frozen.clone()),
+                    append: take_appends(&mut p),
+                    frozen: whole,
                     ..PairDelta::default()
                 }]
             },
@@ -584,7 +642,15 @@ impl Engine {
     fn restore_deltas(&self, deltas: &[PairDelta]) {
         for d in deltas.iter().filter(|d| !d.delete) {
             if let Some(s) = self.slot(d.id) {
-                s.lock().mark_all_dirty();
+                let mut p = s.lock();
+                p.mark_all_dirty();
+                // Frozen objects the failed commit carried are appended again.
+                if d.frozen.is_some() {
+                    p.frozen_saved = 0;
+                } else if let Some((k, _)) = d.append.first() {
+                    p.frozen_saved = p.frozen_saved.min(*k);
+                }
+                drop(p);
                 s.dirty.store(true, Ordering::Release);
             }
         }
@@ -1186,6 +1252,27 @@ impl Engine {
         let before = slot.lock().state;
         let now = now_ns();
         let frozen_changed = match op {
+            Op::Split | Op::Update if !matches!(scope, Scope::File(_)) => {
+                // A lazy instant: O(1) in the scope (docs/design.md, "Lazy instants").
+                let from_error = slot.lock().state == PairState::Error;
+                let current = if op == Op::Update && from_error {
+                    Some(ns.scope_tracks(scope, slot.id)?)
+                } else {
+                    None
+                };
+                let pins = ns.instant(scope, &mut |top, limit| {
+                    let mut p = slot.lock();
+                    if op == Op::Split {
+                        p.split_lazy(top, limit, now)
+                    } else {
+                        p.update_lazy(top, limit, current.as_ref(), now)
+                    }
+                })?;
+                self.frozen_changed();
+                self.durability.clear_copy_poison();
+                ns.apply_pins(&pins);
+                true
+            }
             Op::Split | Op::Update => {
                 let frozen = { ns.freeze(scope, slot.id)? };
                 let pins = {
@@ -1367,7 +1454,7 @@ impl Engine {
             files: p
                 .frozen
                 .iter()
-                .filter(|f| f.attr.kind == FrozenKind::File)
+                .filter(|f| !f.absent && f.attr.kind == FrozenKind::File)
                 .count(),
             error: p.error.clone(),
             track_size: self.track_size,
@@ -1397,7 +1484,7 @@ impl Engine {
 
     /// The frozen view of every pair in a frozen state (what the copy mount serves).
     /// Built once per change of the frozen set; callers share it.
-    pub fn view(&self, ts: u64) -> Arc<FrozenView> {
+    pub fn view(&self, ns: &dyn Namespace, ts: u64) -> Arc<FrozenView> {
         let current = |g: u64| {
             let v = self.view.read().unwrap_or_else(|p| p.into_inner());
             (v.generation() == g && !v.is_empty()).then(|| v.clone())
@@ -1418,8 +1505,17 @@ impl Engine {
         let mut b = Builder::new(g, ts, &mut numbering);
         for s in self.slots() {
             let p = s.lock();
-            if p.state.is_frozen() {
+            if !p.state.is_frozen() {
+                continue;
+            }
+            if p.lazy.is_none() {
                 b.add_pair(p.id, &p.frozen);
+                continue;
+            }
+            drop(p);
+            match self.lazy_objects(ns, &s) {
+                Ok(objects) => b.add_pair(s.id, &objects),
+                Err(e) => log::warn!("pair {}: frozen view incomplete: {e}", s.id),
             }
         }
         let v = Arc::new(b.finish());
@@ -1427,30 +1523,77 @@ impl Engine {
         v
     }
 
+    /// Every object of a lazy pair's instant: its frozen records placed by their paths
+    /// plus the unchanged members found by walking the live tree from the frozen
+    /// directories, one directory per hold of the namespace lock
+    /// ([`crate::snap::view::lazy_objects`]). No pair lock is held across a namespace
+    /// call (the namespace comes first in the lock order).
+    fn lazy_objects(&self, ns: &dyn Namespace, s: &Slot) -> Result<Vec<Frozen>> {
+        let id = s.id;
+        crate::snap::view::lazy_objects(
+            |from| {
+                let p = s.lock();
+                if !p.state.is_frozen() || p.lazy.is_none() {
+                    return Err(Error::NotFound("the frozen copy is gone".into()));
+                }
+                Ok(p.frozen
+                    .get(from..)
+                    .map(<[Frozen]>::to_vec)
+                    .unwrap_or_default())
+            },
+            |dir| ns.instant_children(id, dir),
+        )
+    }
+
     /// A copy of every frozen object: (pair id, index, object). For tests and checks;
-    /// the copy mount serves [`Engine::view`], which copies nothing per request.
-    pub fn frozen_objects(&self) -> Vec<(PairId, usize, Frozen)> {
+    /// the copy mount serves [`Engine::view`], which copies nothing per request. A lazy
+    /// pair's objects are indexed in the list this returns; read them by inode
+    /// ([`Engine::read_frozen_of`] with `Some(ino)`).
+    pub fn frozen_objects(&self, ns: &dyn Namespace) -> Vec<(PairId, usize, Frozen)> {
         let mut out = Vec::new();
         for s in self.slots() {
             let p = s.lock();
-            if p.state.is_frozen() {
-                for (i, f) in p.frozen.iter().enumerate() {
-                    out.push((p.id, i, f.clone()));
-                }
+            if !p.state.is_frozen() {
+                continue;
+            }
+            let objects = if p.lazy.is_some() {
+                drop(p);
+                self.lazy_objects(ns, &s).unwrap_or_default()
+            } else {
+                p.frozen.clone()
+            };
+            for (i, f) in objects.into_iter().enumerate() {
+                out.push((s.id, i, f));
             }
         }
         out
     }
 
     /// Reads frozen file `idx` of pair `id` as of its split instant.
-    pub fn read_frozen(&self, id: PairId, idx: usize, off: u64, size: u32) -> Result<Vec<u8>> {
-        self.read_frozen_of((id, idx, None), off, size)
+    pub fn read_frozen(
+        &self,
+        ns: &dyn Namespace,
+        id: PairId,
+        idx: usize,
+        off: u64,
+        size: u32,
+    ) -> Result<Vec<u8>> {
+        // A lazy pair's objects are numbered in `frozen_objects`' list (tests and
+        // checks only: this walks the instant).
+        let ino = match self.slot(id) {
+            Some(s) if s.lock().lazy.is_some() => {
+                self.lazy_objects(ns, &s)?.get(idx).map(|f| f.ino)
+            }
+            _ => None,
+        };
+        self.read_frozen_of(ns, (id, idx, ino), off, size)
     }
 
     /// [`Engine::read_frozen`], refusing (ESTALE) when the object at `idx` is no longer
     /// inode `ino` (an update reordered the frozen list since the caller looked it up).
     pub fn read_frozen_of(
         &self,
+        ns: &dyn Namespace,
         (id, idx, ino): (PairId, usize, Option<u64>),
         off: u64,
         size: u32,
@@ -1459,11 +1602,27 @@ impl Engine {
             .slot(id)
             .ok_or_else(|| Error::NotFound(format!("pair {id}")))?;
         let ts = self.track_size;
-        let (segs, len) = {
+        let lazy = {
             let p = slot.lock();
             if !p.state.is_frozen() {
                 return Err(Error::NotFound("the frozen copy is gone".into()));
             }
+            p.lazy.is_some()
+        };
+        let (segs, len) = if lazy {
+            // A lazy pair: the instant's record if the file changed since, else its
+            // live (unchanged) map, both under the namespace lock.
+            let ino = ino.ok_or_else(|| Error::NotFound("frozen file".into()))?;
+            let (size_at, extents) = ns.instant_file(id, ino)?;
+            if off >= size_at {
+                return Ok(Vec::new());
+            }
+            let len = (size as u64).min(size_at - off);
+            let f0 = off / ts;
+            let f1 = (off + len - 1) / ts;
+            (extents.segments(f0, f1 - f0 + 1), len)
+        } else {
+            let p = slot.lock();
             let f = p
                 .frozen
                 .get(idx)

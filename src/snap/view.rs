@@ -431,6 +431,132 @@ impl<'a> Builder<'a> {
     }
 }
 
+/// Every object of a lazy pair's instant (docs/design.md, "Lazy instants").
+///
+/// `records(from)` returns the pair's frozen records from index `from` on (the scope's
+/// top first; objects frozen before their first change since; absent markers);
+/// `children(dir)` the unchanged members named in live directory `dir` (None if it is
+/// gone), each with its bare name as path. The objects are the records (absent
+/// markers left out) plus the unchanged members reached from the frozen directories
+/// through unchanged directories, at their parent's path. The records are read again
+/// until no new one appeared during the walk: an object frozen after its directory
+/// was listed was found there unchanged (same object); one frozen before was left out
+/// of the listing and comes with its record (a record replaces what the walk found,
+/// since it holds all the object's names; a directory's entries are walked once).
+pub fn lazy_objects(
+    mut records: impl FnMut(usize) -> crate::error::Result<Vec<Frozen>>,
+    mut children: impl FnMut(u64) -> crate::error::Result<Option<Vec<(Vec<u8>, Frozen)>>>,
+) -> crate::error::Result<Vec<Frozen>> {
+    use std::collections::{HashSet, VecDeque};
+    let mut out: Vec<Frozen> = Vec::new();
+    let mut at: HashMap<u64, usize> = HashMap::new();
+    let mut from_record: HashSet<u64> = HashSet::new();
+    let mut walked: HashSet<u64> = HashSet::new();
+    let mut queue: VecDeque<(u64, String)> = VecDeque::new();
+    let mut seen = 0;
+    loop {
+        let fresh = records(seen)?;
+        seen += fresh.len();
+        let got_new = !fresh.is_empty();
+        for f in fresh {
+            if f.absent || !from_record.insert(f.ino) {
+                continue;
+            }
+            if f.attr.kind == FrozenKind::Dir {
+                queue.push_back((f.ino, f.path.clone()));
+            }
+            match at.get(&f.ino) {
+                Some(&k) => out[k] = f,
+                None => {
+                    at.insert(f.ino, out.len());
+                    out.push(f);
+                }
+            }
+        }
+        if !got_new && queue.is_empty() {
+            break;
+        }
+        while let Some((dir, path)) = queue.pop_front() {
+            if !walked.insert(dir) {
+                continue;
+            }
+            let Some(kids) = children(dir)? else {
+                continue;
+            };
+            for (name, mut f) in kids {
+                let name = String::from_utf8_lossy(&name);
+                let p = if path.is_empty() {
+                    name.into_owned()
+                } else {
+                    format!("{path}/{name}")
+                };
+                if let Some(&k) = at.get(&f.ino) {
+                    // Another name of an unchanged hard-linked file (a record already
+                    // holds all of its names).
+                    if !from_record.contains(&f.ino) && !out[k].links.contains(&p) {
+                        out[k].links.push(p);
+                    }
+                    continue;
+                }
+                f.path = p.clone();
+                f.links.clear();
+                if f.attr.kind == FrozenKind::Dir {
+                    queue.push_back((f.ino, p));
+                }
+                at.insert(f.ino, out.len());
+                out.push(f);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The names of an unchanged member at a lazy pair's instant, as paths (docs/design.md,
+/// "Lazy instants"). An inode not frozen in the pair is unchanged since the instant, so
+/// its names now are its names then; `names(ino)` gives them as (parent, name).
+/// `frozen(ino)` tells where the pair froze an inode: None (not frozen: unchanged),
+/// Some(None) (marked absent: not in the scope at the instant), Some(Some(path)).
+/// Each name is resolved by walking up: a frozen directory gives its instant path, an
+/// unchanged one its one name, until a frozen directory (the scope's top always is)
+/// or a directory with no name (above the scope: that name was outside it). Empty:
+/// the inode was not in the scope at the instant. `max_depth` bounds each walk.
+pub fn instant_paths(
+    ino: u64,
+    mut names: impl FnMut(u64) -> crate::error::Result<Vec<(u64, Vec<u8>)>>,
+    mut frozen: impl FnMut(u64) -> Option<Option<String>>,
+    max_depth: usize,
+) -> crate::error::Result<Vec<String>> {
+    let mut out = Vec::new();
+    'names: for (parent, name) in names(ino)? {
+        let mut parts: Vec<Vec<u8>> = vec![name];
+        let mut dir = parent;
+        for _ in 0..max_depth {
+            match frozen(dir) {
+                Some(None) => continue 'names,
+                Some(Some(base)) => {
+                    let mut p = base;
+                    for part in parts.iter().rev() {
+                        if !p.is_empty() {
+                            p.push('/');
+                        }
+                        p.push_str(&String::from_utf8_lossy(part));
+                    }
+                    out.push(p);
+                    continue 'names;
+                }
+                None => {
+                    let Some((up, n)) = names(dir)?.into_iter().next() else {
+                        continue 'names;
+                    };
+                    parts.push(n);
+                    dir = up;
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// (parent path, last name) of a relative path.
 fn split_path(path: &str) -> (&str, &str) {
     match path.rfind('/') {
