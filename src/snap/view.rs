@@ -707,4 +707,131 @@ mod tests {
             FrozenKind::File
         );
     }
+
+    /// A tree as (ino -> names) and a lazy pair's frozen map (ino -> path or absent).
+    fn paths_of(
+        ino: u64,
+        names: &[(u64, &[(u64, &str)])],
+        frozen: &[(u64, Option<&str>)],
+    ) -> Vec<String> {
+        let names: HashMap<u64, Vec<(u64, Vec<u8>)>> = names
+            .iter()
+            .map(|(i, ns)| {
+                (
+                    *i,
+                    ns.iter()
+                        .map(|(p, n)| (*p, n.as_bytes().to_vec()))
+                        .collect(),
+                )
+            })
+            .collect();
+        let frozen: HashMap<u64, Option<String>> = frozen
+            .iter()
+            .map(|(i, p)| (*i, p.map(str::to_string)))
+            .collect();
+        instant_paths(
+            ino,
+            |i| Ok(names.get(&i).cloned().unwrap_or_default()),
+            |i| frozen.get(&i).cloned(),
+            64,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn instant_paths_walk_up_to_a_frozen_directory() {
+        // Root 1; pair top 2 at "top" (frozen at the split); 3 = top/a (unchanged),
+        // 4 = top/a/f with a second name in 5 = top/b (frozen: renamed to "top/old_b"
+        // at the instant it was "top/b"), 6 = a directory moved in (absent), 7 in it,
+        // 8 outside the scope.
+        let tree: &[(u64, &[(u64, &str)])] = &[
+            (2, &[(1, "top")]),
+            (3, &[(2, "a")]),
+            (4, &[(3, "f"), (5, "g")]),
+            (5, &[(2, "renamed_b")]),
+            (6, &[(3, "in")]),
+            (7, &[(6, "x")]),
+            (8, &[(1, "out")]),
+            (9, &[(8, "o"), (3, "o2")]),
+        ];
+        let frozen: &[(u64, Option<&str>)] = &[(2, Some("top")), (5, Some("top/b")), (6, None)];
+        assert_eq!(paths_of(3, tree, frozen), ["top/a"]);
+        assert_eq!(paths_of(4, tree, frozen), ["top/a/f", "top/b/g"]);
+        assert!(paths_of(7, tree, frozen).is_empty(), "under an absent dir");
+        assert!(paths_of(8, tree, frozen).is_empty(), "above the top");
+        assert_eq!(
+            paths_of(9, tree, frozen),
+            ["top/a/o2"],
+            "only the name inside the scope"
+        );
+        // A root pair: the root is the frozen top at "".
+        assert_eq!(paths_of(8, tree, &[(1, Some(""))]), ["out"]);
+        assert_eq!(
+            paths_of(4, tree, &[(1, Some(""))]),
+            ["top/a/f", "top/renamed_b/g"]
+        );
+    }
+
+    #[test]
+    fn lazy_objects_merge_records_with_the_unchanged_live_tree() {
+        // Live tree: top(2) holds a(3, dir), f(4, file, also named a/f2), n(9, new:
+        // not listed by `children`, which leaves out frozen and new inodes); a holds
+        // f2 (4) and g (5). Records: top, and 6 = "top/gone" (removed since), and an
+        // absent marker for 7. A record for 5 appears during the walk (frozen after
+        // `a` was listed: the walk already found it, the record replaces it).
+        let mut top = obj(2, "top", FrozenKind::Dir);
+        top.attr.perm = 0o700;
+        let records = std::cell::RefCell::new(vec![
+            top,
+            obj(6, "top/gone", FrozenKind::File),
+            Frozen::absent(7),
+        ]);
+        let children = |dir: u64| -> crate::error::Result<Option<Vec<(Vec<u8>, Frozen)>>> {
+            Ok(match dir {
+                2 => Some(vec![
+                    (b"a".to_vec(), obj(3, "", FrozenKind::Dir)),
+                    (b"f".to_vec(), obj(4, "", FrozenKind::File)),
+                ]),
+                3 => {
+                    let mut g = obj(5, "top/a/g", FrozenKind::File);
+                    g.attr.size = 99;
+                    records.borrow_mut().push(g);
+                    Some(vec![
+                        (b"f2".to_vec(), obj(4, "", FrozenKind::File)),
+                        (b"g".to_vec(), obj(5, "", FrozenKind::File)),
+                    ])
+                }
+                _ => None,
+            })
+        };
+        let got = lazy_objects(
+            |from| Ok(records.borrow().get(from..).unwrap_or_default().to_vec()),
+            children,
+        )
+        .unwrap();
+        let by: HashMap<u64, &Frozen> = got.iter().map(|f| (f.ino, f)).collect();
+        assert_eq!(got.len(), 5, "{got:?}");
+        assert_eq!(by[&2].attr.perm, 0o700);
+        assert_eq!(by[&3].path, "top/a");
+        assert_eq!(by[&4].path, "top/f");
+        assert_eq!(by[&4].links, ["top/a/f2"]);
+        assert_eq!(
+            by[&5].attr.size, 99,
+            "the record replaced the walk's object"
+        );
+        assert_eq!(by[&6].path, "top/gone");
+        assert!(!by.contains_key(&7), "absent markers are left out");
+        // Built into a view: one inode under both names.
+        let mut num = Numbering::default();
+        let mut b = Builder::new(1, 4096, &mut num);
+        b.add_pair(1, &got);
+        let v = b.finish();
+        let t = v.lookup(VIEW_ROOT, b"top").unwrap().attr.ino;
+        let a = v.lookup(t, b"a").unwrap().attr.ino;
+        assert_eq!(
+            v.lookup(t, b"f").unwrap().attr.ino,
+            v.lookup(a, b"f2").unwrap().attr.ino
+        );
+        assert_eq!(v.lookup(t, b"f").unwrap().attr.nlink, 2);
+    }
 }
