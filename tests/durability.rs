@@ -88,12 +88,12 @@ fn state(fs: &Fs, ino: u64) -> String {
 fn frozen(fs: &Fs, ino: u64) -> Option<Vec<u8>> {
     let (p, i, f) = fs
         .engine
-        .frozen_objects(&*fs)
+        .frozen_objects(fs)
         .into_iter()
         .find(|o| o.2.ino == ino)?;
     Some(
         fs.engine
-            .read_frozen(&*fs, p, i, 0, f.attr.size as u32)
+            .read_frozen(fs, p, i, 0, f.attr.size as u32)
             .unwrap(),
     )
 }

@@ -2284,7 +2284,7 @@ impl Namespace for Fs {
         set(rec, st.next_ino)
     }
 
-    fn instant_children(&self, id: PairId, dir: u64) -> Result<Option<Vec<(Vec<u8>, Frozen)>>> {
+    fn instant_children(&self, id: PairId, dir: u64) -> Result<crate::snap::view::Children> {
         let mut st = self.state();
         if !self.try_want(&mut st, dir)? {
             return Ok(None);

@@ -13,6 +13,7 @@ use crate::core::trackset::TrackSet;
 use crate::error::Result;
 use crate::meta::PairDelta;
 use crate::snap::pair::{Frozen, PairId, Pins, Scope};
+use crate::snap::view::Children;
 
 /// The namespace seen by the pair engine.
 pub trait Namespace: Sync {
@@ -44,7 +45,7 @@ pub trait Namespace: Sync {
     /// its object at the instant (path: just the name): live entries whose inode
     /// existed at the instant, belongs to the pair and is not frozen in it. None if
     /// `dir` is gone. One hold of the namespace lock.
-    fn instant_children(&self, id: PairId, dir: u64) -> Result<Option<Vec<(Vec<u8>, Frozen)>>>;
+    fn instant_children(&self, id: PairId, dir: u64) -> Result<Children>;
     /// (size, extents) of file `ino` at lazy pair `id`'s instant: the pair's record if
     /// it froze the file, else the live ones (unchanged since), under one hold of the
     /// namespace lock.

@@ -431,6 +431,10 @@ impl<'a> Builder<'a> {
     }
 }
 
+/// The unchanged members named in one live directory (name, object with an empty
+/// path), or None when the directory is gone ([`crate::snap::namespace::Namespace::instant_children`]).
+pub type Children = Option<Vec<(Vec<u8>, Frozen)>>;
+
 /// Every object of a lazy pair's instant (docs/design.md, "Lazy instants").
 ///
 /// `records(from)` returns the pair's frozen records from index `from` on (the scope's
@@ -445,7 +449,7 @@ impl<'a> Builder<'a> {
 /// since it holds all the object's names; a directory's entries are walked once).
 pub fn lazy_objects(
     mut records: impl FnMut(usize) -> crate::error::Result<Vec<Frozen>>,
-    mut children: impl FnMut(u64) -> crate::error::Result<Option<Vec<(Vec<u8>, Frozen)>>>,
+    mut children: impl FnMut(u64) -> crate::error::Result<Children>,
 ) -> crate::error::Result<Vec<Frozen>> {
     use std::collections::{HashSet, VecDeque};
     let mut out: Vec<Frozen> = Vec::new();
@@ -786,7 +790,7 @@ mod tests {
             obj(6, "top/gone", FrozenKind::File),
             Frozen::absent(7),
         ]);
-        let children = |dir: u64| -> crate::error::Result<Option<Vec<(Vec<u8>, Frozen)>>> {
+        let children = |dir: u64| -> crate::error::Result<Children> {
             Ok(match dir {
                 2 => Some(vec![
                     (b"a".to_vec(), obj(3, "", FrozenKind::Dir)),
