@@ -10,9 +10,11 @@
 # `setxattr user.pairfs.split` on the top (in process, perf_counter); wait for `split`; the
 # same for `user.pairfs.update`, five times. Prints a table: split latency, update latency
 # (median of 5), the worst single write during the split and during the updates (ms), the
-# pairing time (s), and the split's growth against the first N.
+# worst single write in three 0.6 s windows with no operation (the writer's own baseline on
+# this machine), the pairing time (s), and the split's growth against the first N.
 # Environment: PAIRFS_BIN (default target/release/pairfs), BENCH_DIR (default /work/bench-tmp),
-# KEEP=1 keeps the work directories. Progress on stderr.
+# KEEP=1 keeps the work directories, SCOPE=root pairs and splits the whole volume (the mount
+# root) instead of the tree's top. Progress on stderr.
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 sizes=()
@@ -62,9 +64,11 @@ with open(os.path.join(top, "w", "file"), "wb") as f:
     f.write(b"x" * 65536)
 print("created %d files in %.1f s" % (n, time.time() - t))
 PY
-    python3 - "$MNT/tree" "$n" <<'PY'
+    local top=$MNT/tree
+    [ "${SCOPE:-dir}" = root ] && top=$MNT
+    python3 - "$top" "$n" "$MNT/tree" <<'PY'
 import os, sys, threading, time
-top, n = sys.argv[1], int(sys.argv[2])
+top, n, tree = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 P = "user.pairfs."
 def state():
     return os.getxattr(top, P + "state").decode().split()[0]
@@ -76,8 +80,10 @@ def wait(want, limit=3600):
         time.sleep(0.01)
 t = time.perf_counter(); os.setxattr(top, P + "pair", b""); pair_s = time.perf_counter() - t
 wait("formed")
-fd = os.open(os.path.join(top, "w", "file"), os.O_WRONLY)
+fd = os.open(os.path.join(tree, "w", "file"), os.O_WRONLY)
 def timed_op(name):
+    """Worst single write in a 0.6 s window with `name` run in its middle (None: no op,
+    the writer's own worst case as a baseline)."""
     stop = threading.Event(); worst = [0.0]
     def writer():
         k = 0
@@ -88,26 +94,31 @@ def timed_op(name):
             k += 1
     th = threading.Thread(target=writer); th.start()
     time.sleep(0.3)
-    t = time.perf_counter(); os.setxattr(top, P + name, b""); dt = time.perf_counter() - t
+    t = time.perf_counter()
+    if name:
+        os.setxattr(top, P + name, b"")
+    dt = time.perf_counter() - t
     time.sleep(0.3)
     stop.set(); th.join()
-    wait("split")
+    if name:
+        wait("split")
     return dt * 1e3, worst[0] * 1e3
+idle = max(timed_op(None)[1] for _ in range(3))
 s, sw = timed_op("split")
 ups = [timed_op("update") for _ in range(5)]
 u = sorted(x[0] for x in ups)[2]
 uw = max(x[1] for x in ups)
-print("%.2f %.2f %.2f %.2f %.2f" % (s, sw, u, uw, pair_s))
+print("%.2f %.2f %.2f %.2f %.2f %.2f" % (s, sw, u, uw, idle, pair_s))
 PY
     "$PF" umount "$MNT" >/dev/null
     if [ -z "${KEEP:-}" ]; then rm -rf "$WORK"; fi
     WORK= MNT=
 }
 
-printf '%-10s %12s %14s %12s %14s %9s %10s\n' files split_ms worst_write_ms update_ms_p50 worst_write_ms pair_s split_growth
+printf '%-10s %10s %13s %14s %14s %13s %8s %8s\n' files split_ms split_worst_w update_ms_p50 update_worst_w idle_worst_w pair_s growth
 first=
 for n in "${sizes[@]}"; do
-    read -r s sw u uw p < <(one "$n")
+    read -r s sw u uw idle p < <(one "$n")
     [ -n "$first" ] || first=$s
-    printf '%-10s %12s %14s %12s %14s %9s %9.1fx\n' "$n" "$s" "$sw" "$u" "$uw" "$p" "$(echo "$s / $first" | bc -l)"
+    printf '%-10s %10s %13s %14s %14s %13s %8s %7.1fx\n' "$n" "$s" "$sw" "$u" "$uw" "$idle" "$p" "$(echo "$s / $first" | bc -l)"
 done

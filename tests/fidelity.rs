@@ -465,5 +465,21 @@ fn lazy_split_of_a_paired_tree_keeps_the_instant_through_every_change() {
     v.fsck();
     v.mount();
     assert_eq!(listing(&v.copy, "t", true), now, "update after remount");
+    // SIGKILL right after first changes (some committed by the flusher, some not): the
+    // instant is intact after the unclean remount.
+    sh(
+        &v.mnt,
+        "printf y >> t/f2_renamed; mv t/later t/later2; chmod 711 t/a; touch t/new2
+         setfattr -n user.k -v 1 t/b/s; rm t/o",
+    );
+    v.kill9();
+    v.fsck();
+    v.mount();
+    assert_eq!(
+        listing(&v.copy, "t", true),
+        now,
+        "after kill -9 and remount"
+    );
     v.umount();
+    v.fsck();
 }

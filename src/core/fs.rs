@@ -393,7 +393,23 @@ impl Fs {
     pub fn control(&self, ino: u64, op: Op) -> Result<()> {
         Fs::check_readonly(&self.opts)?;
         let b = self.barrier.write().unwrap_or_else(|p| p.into_inner());
-        self.engine.control(self, &b, ino, op)
+        let r = self.engine.control(self, &b, ino, op);
+        self.snapshot_after(b)?;
+        r
+    }
+
+    /// After a whole-volume split or update: writes the metadata snapshot with full
+    /// commits held off (so the database still holds the instant's live rows) but the
+    /// write barrier released (host writes go on; a commit or fsync waits for it).
+    fn snapshot_after(&self, barrier: std::sync::RwLockWriteGuard<'_, ()>) -> Result<()> {
+        let Some(id) = self.engine.take_snapshot_due() else {
+            return Ok(());
+        };
+        let hold = self.durability.hold_commits();
+        drop(barrier);
+        let r = self.engine.snapshot_meta(id);
+        drop(hold);
+        r
     }
 
     /// Runs `op` on pair `id` directly, e.g. to release a pair whose file was deleted
@@ -401,7 +417,9 @@ impl Fs {
     pub fn control_id(&self, id: PairId, op: Op) -> Result<()> {
         Fs::check_readonly(&self.opts)?;
         let b = self.barrier.write().unwrap_or_else(|p| p.into_inner());
-        self.engine.control_id(self, &b, id, op)
+        let r = self.engine.control_id(self, &b, id, op);
+        self.snapshot_after(b)?;
+        r
     }
 
     fn check_readonly(opts: &Options) -> Result<()> {

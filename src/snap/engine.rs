@@ -174,6 +174,9 @@ pub struct Engine {
     view: RwLock<Arc<FrozenView>>,
     /// Serializes rebuilds; keeps inode numbers stable across them.
     view_numbering: Mutex<Numbering>,
+    /// A whole-volume split or update whose metadata snapshot is still to be written
+    /// ([`Engine::take_snapshot_due`]).
+    snapshot_due: Mutex<Option<PairId>>,
     /// Told (without blocking) after every change of the frozen set, e.g. so a copy
     /// mount can drop the kernel's cached names of the old view.
     view_watchers: Mutex<Vec<std::sync::mpsc::Sender<u64>>>,
@@ -333,6 +336,7 @@ impl Engine {
             view_gen: AtomicU64::default(),
             view: RwLock::default(),
             view_numbering: Mutex::default(),
+            snapshot_due: Mutex::default(),
             view_watchers: Mutex::default(),
         }
     }
@@ -1353,8 +1357,10 @@ impl Engine {
             frozen,
             ..PairDelta::default()
         }])?;
-        if scope == Scope::Root && op != Op::Resync {
-            self.snapshot_meta(slot.id)?;
+        if scope == Scope::Root && op != Op::Resync && self.snapshot_path.is_some() {
+            // Written by the facade after it released the write barrier, holding off
+            // full commits instead (`Fs::control`): writers are not stalled by it.
+            *self.snapshot_due.lock().unwrap_or_else(|p| p.into_inner()) = Some(slot.id);
         }
         let after = slot.lock().state;
         log::info!(
@@ -1368,8 +1374,19 @@ impl Engine {
         Ok(())
     }
 
-    /// Writes the metadata snapshot of a whole-volume split beside the database.
-    fn snapshot_meta(&self, id: PairId) -> Result<()> {
+    /// The pair whose whole-volume instant needs its metadata snapshot written now
+    /// ([`Engine::snapshot_meta`]), taken once.
+    pub fn take_snapshot_due(&self) -> Option<PairId> {
+        self.snapshot_due
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+    }
+
+    /// Writes the metadata snapshot of a whole-volume split beside the database. The
+    /// caller holds off full commits (`Durability::hold_commits`), so the database's
+    /// live rows are still those of the instant.
+    pub fn snapshot_meta(&self, id: PairId) -> Result<()> {
         let Some(path) = &self.snapshot_path else {
             return Ok(());
         };
