@@ -753,12 +753,13 @@ impl Meta {
                     absent: false,
                 });
             }
-            if lazy_ino > 0 {
-                let frozen = std::mem::take(&mut p.frozen);
-                p.lazy = Some(lazy_ino);
-                p.frozen_at = frozen.iter().enumerate().map(|(k, f)| (f.ino, k)).collect();
-                p.frozen = frozen;
-            }
+            p.lazy = (lazy_ino > 0).then_some(lazy_ino);
+            p.frozen_at = p
+                .frozen
+                .iter()
+                .enumerate()
+                .map(|(k, f)| (f.ino, k))
+                .collect();
             p.frozen_saved = p.frozen.len();
             pairs.push(p);
         }

@@ -293,7 +293,7 @@ pub struct Pair {
     /// instants"); every other member numbered below `limit` (the next inode number at
     /// the instant) is unchanged, so its live state is its instant state.
     pub lazy: Option<u64>,
-    /// Index of `frozen` by inode (lazy pairs).
+    /// Index of `frozen` by inode.
     pub frozen_at: HashMap<u64, usize>,
     /// Entries of `frozen` from this index on are not in the database yet: the next
     /// commit appends them (a lazy freeze rides in the commit of the change it precedes).
@@ -431,11 +431,7 @@ impl Pair {
     }
 
     fn set_frozen(&mut self, frozen: Vec<Frozen>, lazy: Option<u64>) {
-        self.frozen_at = if lazy.is_some() {
-            index_of(&frozen)
-        } else {
-            HashMap::new()
-        };
+        self.frozen_at = index_of(&frozen);
         self.frozen_saved = frozen.len();
         self.frozen = frozen;
         self.lazy = lazy;
@@ -535,8 +531,7 @@ impl Pair {
     pub fn holds(&self, ino: u64) -> bool {
         match self.frozen_at.get(&ino) {
             Some(&k) => !self.frozen[k].absent,
-            None if self.lazy.is_some() => self.lazy_limit().is_some_and(|l| ino < l),
-            None => self.frozen.iter().any(|f| f.ino == ino),
+            None => self.lazy_limit().is_some_and(|l| ino < l),
         }
     }
 
