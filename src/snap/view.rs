@@ -12,7 +12,10 @@
 //!
 //! A file node names its pair, its index in the pair's frozen list and its main-volume
 //! inode: reads go to [`crate::snap::engine::Engine::read_frozen_of`], which refuses
-//! (ESTALE) when an update moved another object to that index meanwhile.
+//! (ESTALE) when an update moved another object to that index meanwhile. A lazy pair's
+//! objects ([`lazy_objects`]: its records plus the unchanged live tree, docs/design.md
+//! "Lazy instants") are read by main inode instead; [`instant_paths`] gives an unchanged
+//! object's names at the instant when it is frozen.
 
 use std::collections::HashMap;
 
