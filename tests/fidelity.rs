@@ -390,7 +390,9 @@ fn lazy_split_of_a_paired_tree_keeps_the_instant_through_every_change() {
          head -c 200000 /dev/urandom > t/deep/big
          printf outside > out/o1
          printf inner > out/sub/o2
-         setfattr -n user.keep -v k t/deep/x",
+         setfattr -n user.keep -v k t/deep/x
+         mkdir t/many
+         for i in $(seq 700); do printf $i > t/many/m$i; done",
     );
     setx(&v.path("t"), "user.pairfs.pair").unwrap();
     wait_state(&v.path("t"), "formed");
@@ -416,7 +418,9 @@ fn lazy_split_of_a_paired_tree_keeps_the_instant_through_every_change() {
          touch -d '2011-11-11' t/moved_x/y
          setfattr -x user.keep t/moved_x
          setfattr -n user.late -v l t/moved_x/y/f4
-         rm out/f3_out",
+         rm out/f3_out
+         rm t/many/m1*; mv t/many/m5 t/many/m5x; mv t/many/m6 t/m6; touch t/many/new
+         printf x >> t/many/m700",
     );
     wait_state(&v.path("t"), "split");
     assert_eq!(

@@ -100,3 +100,61 @@ fn view_is_shared_until_the_frozen_set_changes() {
     );
     fs.shutdown().unwrap();
 }
+
+/// A lazy instant's view of a directory larger than one listing batch, with an inode
+/// cache far smaller than the tree (directories are evicted and loaded again while the
+/// view is built): every unchanged name once, changed ones from their records.
+#[test]
+fn lazy_view_of_a_big_directory_with_a_tiny_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = Paths::new(&dir.path().join("v"), None, None);
+    volfile::mkfs(&p, 8 << 20, 4096, false).unwrap();
+    let opts = Options {
+        cache_inodes: 32,
+        ..Options::default()
+    };
+    let (fs, _lock) = volfile::open(&p, opts).unwrap();
+    let c = Ctx::default();
+    let d = fs
+        .create_node(c, ROOT, b"d", libc::S_IFDIR | 0o755, 0, None)
+        .unwrap()
+        .row
+        .ino;
+    let mut want = std::collections::BTreeSet::new();
+    for k in 0..700 {
+        let n = format!("f{k:03}");
+        fs.create_node(c, d, n.as_bytes(), libc::S_IFREG | 0o644, 0, None)
+            .unwrap();
+        want.insert(format!("d/{n}"));
+    }
+    fs.commit(Vec::new()).unwrap();
+    fs.control(d, Op::Split).unwrap();
+    // Changes after the instant: removals, renames, new names.
+    for k in (0..700).step_by(7) {
+        let n = format!("f{k:03}");
+        if k % 2 == 0 {
+            fs.unlink(d, n.as_bytes(), false).unwrap();
+        } else {
+            fs.rename(d, n.as_bytes(), d, format!("r{k}").as_bytes(), 0)
+                .unwrap();
+        }
+    }
+    fs.create_node(c, d, b"new", libc::S_IFREG | 0o644, 0, None)
+        .unwrap();
+    fs.commit(Vec::new()).unwrap();
+    let got: std::collections::BTreeSet<String> = fs
+        .engine
+        .frozen_objects(&fs)
+        .into_iter()
+        .filter(|o| o.2.attr.kind == FrozenKind::File)
+        .flat_map(|o| std::iter::once(o.2.path.clone()).chain(o.2.links.clone()))
+        .collect();
+    assert_eq!(got, want);
+    let v = fs.engine.view(&fs, fs.track_size);
+    let vd = v.lookup(VIEW_ROOT, b"d").unwrap().attr.ino;
+    let Content::Dir(entries) = &v.get(vd).unwrap().content else {
+        panic!("d is a directory");
+    };
+    assert_eq!(entries.entries().len(), 700);
+    fs.shutdown().unwrap();
+}

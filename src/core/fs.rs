@@ -2302,13 +2302,37 @@ impl Namespace for Fs {
         set(rec, st.next_ino)
     }
 
-    fn instant_children(&self, id: PairId, dir: u64) -> Result<crate::snap::view::Children> {
+    fn instant_children(
+        &self,
+        id: PairId,
+        dir: u64,
+        after: Option<crate::snap::view::Cursor>,
+    ) -> Result<crate::snap::view::Children> {
+        use crate::snap::view::Cursor;
+        // Entries looked at per hold of the namespace lock (each may load an inode).
+        const BATCH: usize = 256;
         let mut st = self.state();
         if !self.try_want(&mut st, dir)? {
             return Ok(None);
         }
-        let entries: Vec<(Vec<u8>, u64)> = match st.get(dir)?.dir.as_ref() {
-            Some(d) => d.iter().map(|(n, i)| (n.to_vec(), i)).collect(),
+        let from = after.as_ref().map_or(0, |c| c.cookie);
+        let i = st.get(dir)?;
+        let (entries, next): (Vec<(Vec<u8>, u64)>, Option<Cursor>) = match i.dir.as_ref() {
+            Some(d) => {
+                let mut v: Vec<(u64, Vec<u8>, u64)> = d
+                    .after(from)
+                    .take(BATCH + 1)
+                    .map(|(c, n, i)| (c, n.to_vec(), i))
+                    .collect();
+                // The directory stays cached (not evictable while its data lock is
+                // shared), so its cookies stay, until the caller drops the cursor.
+                let next = (v.len() > BATCH).then(|| Cursor {
+                    cookie: v[BATCH - 1].0,
+                    hold: i.data_lock.clone(),
+                });
+                v.truncate(BATCH);
+                (v.into_iter().map(|(_, n, i)| (n, i)).collect(), next)
+            }
             None => return Ok(None),
         };
         let mut out = Vec::new();
@@ -2325,7 +2349,7 @@ impl Namespace for Fs {
             }
         }
         self.shrink(&mut st);
-        Ok(Some(out))
+        Ok(Some((out, next)))
     }
 
     fn instant_file(&self, id: PairId, ino: u64) -> Result<(u64, crate::core::extent::ExtentMap)> {

@@ -1558,7 +1558,7 @@ impl Engine {
                     .map(<[Frozen]>::to_vec)
                     .unwrap_or_default())
             },
-            |dir| ns.instant_children(id, dir),
+            |dir, after| ns.instant_children(id, dir, after),
         )
     }
 

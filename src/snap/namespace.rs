@@ -13,7 +13,7 @@ use crate::core::trackset::TrackSet;
 use crate::error::Result;
 use crate::meta::PairDelta;
 use crate::snap::pair::{Frozen, PairId, Pins, Scope};
-use crate::snap::view::Children;
+use crate::snap::view::{Children, Cursor};
 
 /// The namespace seen by the pair engine.
 pub trait Namespace: Sync {
@@ -41,11 +41,12 @@ pub trait Namespace: Sync {
         scope: Scope,
         set: &mut dyn FnMut(Frozen, u64) -> Result<Pins>,
     ) -> Result<Pins>;
-    /// The unchanged members of lazy pair `id` named in directory `dir` now, each as
-    /// its object at the instant (path: just the name): live entries whose inode
-    /// existed at the instant, belongs to the pair and is not frozen in it. None if
-    /// `dir` is gone. One hold of the namespace lock.
-    fn instant_children(&self, id: PairId, dir: u64) -> Result<Children>;
+    /// A batch of the unchanged members of lazy pair `id` named in directory `dir` now,
+    /// after `after` (None: from the start), each as its object at the instant (path: just the
+    /// name): live entries whose inode existed at the instant, belongs to the pair and is
+    /// not frozen in it; with the cookie to continue after. None if `dir` is gone. One
+    /// hold of the namespace lock per batch (a bounded number of entries).
+    fn instant_children(&self, id: PairId, dir: u64, after: Option<Cursor>) -> Result<Children>;
     /// (size, extents) of file `ino` at lazy pair `id`'s instant: the pair's record if
     /// it froze the file, else the live ones (unchanged since), under one hold of the
     /// namespace lock.

@@ -434,16 +434,31 @@ impl<'a> Builder<'a> {
     }
 }
 
-/// The unchanged members named in one live directory (name, object with an empty
-/// path), or None when the directory is gone ([`crate::snap::namespace::Namespace::instant_children`]).
-pub type Children = Option<Vec<(Vec<u8>, Frozen)>>;
+/// Where a directory listed in batches continues: the last readdir cookie seen, and a
+/// hold that keeps the directory in the namespace's cache (so its cookies stay) until
+/// the listing ends.
+pub struct Cursor {
+    /// Continue after this cookie.
+    pub cookie: u64,
+    /// Dropped when the listing ends.
+    pub hold: std::sync::Arc<dyn std::any::Any + Send + Sync>,
+}
+
+/// One batch of the unchanged members named in a live directory (name, object with an
+/// empty path) and where to continue (None: the end), or None when the directory is
+/// gone ([`crate::snap::namespace::Namespace::instant_children`]).
+pub type Children = Option<(Vec<(Vec<u8>, Frozen)>, Option<Cursor>)>;
 
 /// Every object of a lazy pair's instant (docs/design.md, "Lazy instants").
 ///
 /// `records(from)` returns the pair's frozen records from index `from` on (the scope's
 /// top first; objects frozen before their first change since; absent markers);
-/// `children(dir)` the unchanged members named in live directory `dir` (None if it is
-/// gone), each with its bare name as path. The objects are the records (absent
+/// `children(dir, after)` a batch of the unchanged members named in live directory `dir`
+/// after readdir cookie `after` (None if it is gone), each with its bare name as path,
+/// and where to continue: a directory is listed in batches, each in its own hold of the
+/// namespace lock. Batches may see the directory change in between: an entry changed
+/// since the instant names a frozen (left out) or new inode, so the unchanged entries
+/// listed are exactly the instant's, each once (an entry keeps its cookie). The objects are the records (absent
 /// markers left out) plus the unchanged members reached from the frozen directories
 /// through unchanged directories, at their parent's path. The records are read again
 /// until no new one appeared during the walk: an object frozen after its directory
@@ -452,7 +467,7 @@ pub type Children = Option<Vec<(Vec<u8>, Frozen)>>;
 /// since it holds all the object's names; a directory's entries are walked once).
 pub fn lazy_objects(
     mut records: impl FnMut(usize) -> crate::error::Result<Vec<Frozen>>,
-    mut children: impl FnMut(u64) -> crate::error::Result<Children>,
+    mut children: impl FnMut(u64, Option<Cursor>) -> crate::error::Result<Children>,
 ) -> crate::error::Result<Vec<Frozen>> {
     use std::collections::{HashSet, VecDeque};
     let mut out: Vec<Frozen> = Vec::new();
@@ -487,9 +502,18 @@ pub fn lazy_objects(
             if !walked.insert(dir) {
                 continue;
             }
-            let Some(kids) = children(dir)? else {
-                continue;
-            };
+            let mut kids = Vec::new();
+            let mut after = None;
+            loop {
+                let Some((batch, next)) = children(dir, after.take())? else {
+                    break;
+                };
+                kids.extend(batch);
+                match next {
+                    Some(c) => after = Some(c),
+                    None => break,
+                }
+            }
             for (name, mut f) in kids {
                 let name = String::from_utf8_lossy(&name);
                 let p = if path.is_empty() {
@@ -793,20 +817,29 @@ mod tests {
             obj(6, "top/gone", FrozenKind::File),
             Frozen::absent(7),
         ]);
-        let children = |dir: u64| -> crate::error::Result<Children> {
-            Ok(match dir {
-                2 => Some(vec![
-                    (b"a".to_vec(), obj(3, "", FrozenKind::Dir)),
-                    (b"f".to_vec(), obj(4, "", FrozenKind::File)),
-                ]),
-                3 => {
+        let children = |dir: u64, after: Option<Cursor>| -> crate::error::Result<Children> {
+            let cursor = |cookie| Cursor {
+                cookie,
+                hold: std::sync::Arc::new(()),
+            };
+            Ok(match (dir, after.map(|c| c.cookie)) {
+                // Two batches.
+                (2, None) => Some((
+                    vec![(b"a".to_vec(), obj(3, "", FrozenKind::Dir))],
+                    Some(cursor(5)),
+                )),
+                (2, Some(5)) => Some((vec![(b"f".to_vec(), obj(4, "", FrozenKind::File))], None)),
+                (3, None) => {
                     let mut g = obj(5, "top/a/g", FrozenKind::File);
                     g.attr.size = 99;
                     records.borrow_mut().push(g);
-                    Some(vec![
-                        (b"f2".to_vec(), obj(4, "", FrozenKind::File)),
-                        (b"g".to_vec(), obj(5, "", FrozenKind::File)),
-                    ])
+                    Some((
+                        vec![
+                            (b"f2".to_vec(), obj(4, "", FrozenKind::File)),
+                            (b"g".to_vec(), obj(5, "", FrozenKind::File)),
+                        ],
+                        None,
+                    ))
                 }
                 _ => None,
             })
