@@ -1562,6 +1562,50 @@ impl Engine {
         )
     }
 
+    /// The names in the frozen view's root directory, without building the view: the
+    /// first component of every frozen record's path, and for a lazy root pair the
+    /// unchanged names in the root too (one directory listed). A copy mount drops the
+    /// kernel's cached names of the old and the new instant with them after a change.
+    pub fn top_names(&self, ns: &dyn Namespace) -> Vec<Vec<u8>> {
+        let mut out: Vec<Vec<u8>> = Vec::new();
+        for s in self.slots() {
+            let (lazy_root, firsts) = {
+                let p = s.lock();
+                if !p.state.is_frozen() {
+                    continue;
+                }
+                let firsts: Vec<Vec<u8>> = p
+                    .frozen
+                    .iter()
+                    .filter(|f| !f.absent)
+                    .flat_map(|f| std::iter::once(&f.path).chain(f.links.iter()))
+                    .filter_map(|path| path.split('/').next())
+                    .filter(|n| !n.is_empty())
+                    .map(|n| n.as_bytes().to_vec())
+                    .collect();
+                // A lazy pair's first record is its top (the root for a root pair).
+                let lazy_root = (p.lazy.is_some() && p.scope == Scope::Root)
+                    .then(|| p.frozen.first().map(|f| f.ino))
+                    .flatten();
+                (lazy_root, firsts)
+            };
+            out.extend(firsts);
+            if let Some(root) = lazy_root {
+                let mut after = None;
+                while let Ok(Some((batch, next))) = ns.instant_children(s.id, root, after.take()) {
+                    out.extend(batch.into_iter().map(|(n, _)| n));
+                    match next {
+                        Some(c) => after = Some(c),
+                        None => break,
+                    }
+                }
+            }
+        }
+        out.sort();
+        out.dedup();
+        out
+    }
+
     /// A copy of every frozen object: (pair id, index, object). For tests and checks;
     /// the copy mount serves [`Engine::view`], which copies nothing per request. A lazy
     /// pair's objects are indexed in the list this returns; read them by inode
