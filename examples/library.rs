@@ -37,11 +37,11 @@ fn main() -> pairfs::Result<()> {
 
     let (pair, idx, frozen) = fs
         .engine
-        .frozen_objects()
+        .frozen_objects(&fs)
         .into_iter()
         .find(|o| o.2.ino == ino)
         .expect("a frozen copy");
-    let copy = fs.engine.read_frozen(pair, idx, 0, 4096)?;
+    let copy = fs.engine.read_frozen(&fs, pair, idx, 0, 4096)?;
     let now = fs.read(ino, 0, 4096)?;
     println!(
         "frozen copy ({}): {}",

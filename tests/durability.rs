@@ -88,10 +88,14 @@ fn state(fs: &Fs, ino: u64) -> String {
 fn frozen(fs: &Fs, ino: u64) -> Option<Vec<u8>> {
     let (p, i, f) = fs
         .engine
-        .frozen_objects()
+        .frozen_objects(fs)
         .into_iter()
         .find(|o| o.2.ino == ino)?;
-    Some(fs.engine.read_frozen(p, i, 0, f.attr.size as u32).unwrap())
+    Some(
+        fs.engine
+            .read_frozen(fs, p, i, 0, f.attr.size as u32)
+            .unwrap(),
+    )
 }
 
 /// A volume whose first sync blocks until released and then fails.

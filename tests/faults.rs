@@ -62,10 +62,14 @@ fn file(fs: &Fs, name: &str) -> u64 {
 fn frozen(fs: &Fs, ino: u64) -> Option<Vec<u8>> {
     let (p, i, f) = fs
         .engine
-        .frozen_objects()
+        .frozen_objects(fs)
         .into_iter()
         .find(|o| o.2.ino == ino)?;
-    Some(fs.engine.read_frozen(p, i, 0, f.attr.size as u32).unwrap())
+    Some(
+        fs.engine
+            .read_frozen(fs, p, i, 0, f.attr.size as u32)
+            .unwrap(),
+    )
 }
 
 fn state(fs: &Fs, ino: u64) -> String {
@@ -249,7 +253,7 @@ fn a_file_with_its_own_pair_moved_into_a_paired_directory_keeps_its_pair() {
     r.fs.control(d, Op::Split).unwrap();
     let frozen_d: Vec<u64> =
         r.fs.engine
-            .frozen_objects()
+            .frozen_objects(&r.fs)
             .iter()
             .filter(|o| o.2.path.starts_with('d'))
             .map(|o| o.2.ino)

@@ -101,8 +101,8 @@ fn walk(p: &Paths) -> Result<(), String> {
             }
         }
     }
-    for o in fs.engine.frozen_objects() {
-        let _ = fs.engine.read_frozen(o.0, o.1, 0, 1 << 16);
+    for o in fs.engine.frozen_objects(&fs) {
+        let _ = fs.engine.read_frozen(&fs, o.0, o.1, 0, 1 << 16);
     }
     let _ = fs.engine.all_status(&fs);
     let mut c = std::collections::BTreeMap::new();

@@ -241,12 +241,12 @@ fn a_split_directory_member_loaded_again_still_keeps_its_frozen_data() {
     let frozen = |ino: u64| {
         let (id, idx, o) = fs
             .engine
-            .frozen_objects()
+            .frozen_objects(&fs)
             .into_iter()
             .find(|o| o.2.ino == ino)
             .unwrap();
         fs.engine
-            .read_frozen(id, idx, 0, o.attr.size as u32)
+            .read_frozen(&fs, id, idx, 0, o.attr.size as u32)
             .unwrap()
     };
     assert_eq!(frozen(f), vec![1u8; 3 * TS as usize]);

@@ -1,8 +1,8 @@
 //! `pairfs scrub VOLUME|MOUNTPOINT [--json]`: checks every copied track of every frozen
 //! copy against its checksum ([`crate::snap::sums`]). On a mountpoint the running daemon
 //! does it (`getxattr(MOUNTPOINT, "user.pairfs.scrub")` returns the report); on a volume
-//! that is not mounted (or mounted only by `mount-copy`) it reads the database and the
-//! copy image itself. Exit code 1 if a track does not match its sum.
+//! that is not mounted (or mounted only by `mount-copy`) it opens the volume read-only and
+//! reads the copy image itself. Exit code 1 if a track does not match its sum.
 
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
@@ -10,8 +10,7 @@ use std::path::Path;
 
 use crate::core::volfile::Paths;
 use crate::error::{Error, Result};
-use crate::meta::Meta;
-use crate::snap::sums::{ScrubReport, SumTable, files_of, scrub};
+use crate::snap::sums::ScrubReport;
 
 /// Scrub through the daemon serving the main mount `mnt`.
 pub fn online(mnt: &Path) -> Result<ScrubReport> {
@@ -27,35 +26,22 @@ pub fn online(mnt: &Path) -> Result<ScrubReport> {
     ScrubReport::parse(&String::from_utf8_lossy(&buf))
 }
 
-/// Scrub of a volume that no live mount holds: the stored sums and bitmaps, the copy
-/// image read directly.
+/// Scrub of a volume that no live mount holds: a read-only open of the volume (the
+/// stored sums, bitmaps and frozen maps; a lazy instant's unchanged files from the live
+/// tables), the copy image read directly.
 pub fn offline(p: &Paths) -> Result<ScrubReport> {
-    let _lock = crate::core::volfile::lock_volume(p, false).map_err(|e| match e {
+    let opts = crate::core::fs::Options {
+        readonly: true,
+        ..crate::core::fs::Options::default()
+    };
+    let (fs, _lock) = crate::core::volfile::open(p, opts).map_err(|e| match e {
         Error::Locked(_) => Error::Locked(format!(
             "{} is mounted; scrub its mountpoint instead",
             p.volume.display()
         )),
         e => e,
     })?;
-    let meta = Meta::open(&p.meta, true)?;
-    let g = meta.geometry().clone();
-    let loaded = meta.load()?;
-    let copy = crate::core::volfile::open_image(&p.copy, false, "copy image")?;
-    let mut h = [0u8; 64];
-    copy.read_at(0, &mut h)?;
-    crate::core::volfile::check_header(&h, b"PAIRFSC1", &g, "copy image")?;
-    let sums = SumTable::new(g.tracks(), &loaded.sums);
-    let files = loaded.pairs.iter().flat_map(files_of).collect();
-    let ts = g.track_size;
-    let pairs: std::collections::HashMap<u64, &crate::snap::pair::Pair> =
-        loaded.pairs.iter().map(|p| (p.id, p)).collect();
-    scrub(
-        files,
-        ts,
-        &|id, v| pairs.get(&id).is_some_and(|p| !p.read_from_volume(v)),
-        &|t| sums.get(t),
-        &|off, b| copy.read_at(off, b),
-    )
+    fs.engine.scrub(&fs)
 }
 
 /// `pairfs scrub`.

@@ -397,7 +397,23 @@ impl Fs {
     pub fn control(&self, ino: u64, op: Op) -> Result<()> {
         Fs::check_readonly(&self.opts)?;
         let b = self.barrier.write().unwrap_or_else(|p| p.into_inner());
-        self.engine.control(self, &b, ino, op)
+        let r = self.engine.control(self, &b, ino, op);
+        self.snapshot_after(b)?;
+        r
+    }
+
+    /// After a whole-volume split or update: writes the metadata snapshot with full
+    /// commits held off (so the database still holds the instant's live rows) but the
+    /// write barrier released (host writes go on; a commit or fsync waits for it).
+    fn snapshot_after(&self, barrier: std::sync::RwLockWriteGuard<'_, ()>) -> Result<()> {
+        let Some(id) = self.engine.take_snapshot_due() else {
+            return Ok(());
+        };
+        let hold = self.durability.hold_commits();
+        drop(barrier);
+        let r = self.engine.snapshot_meta(id);
+        drop(hold);
+        r
     }
 
     /// Runs `op` on pair `id` directly, e.g. to release a pair whose file was deleted
@@ -405,7 +421,9 @@ impl Fs {
     pub fn control_id(&self, id: PairId, op: Op) -> Result<()> {
         Fs::check_readonly(&self.opts)?;
         let b = self.barrier.write().unwrap_or_else(|p| p.into_inner());
-        self.engine.control_id(self, &b, id, op)
+        let r = self.engine.control_id(self, &b, id, op);
+        self.snapshot_after(b)?;
+        r
     }
 
     /// The byte ranges of regular file `ino` changed since its pair's instant
@@ -824,6 +842,7 @@ impl Fs {
             ctx.gid
         };
         let pair = p.pair.filter(|&pid| self.engine.inherits(pid));
+        self.freeze_before(&mut st, parent)?;
         let ino = st.next_ino;
         st.next_ino += 1;
         let row = InodeRow {
@@ -900,6 +919,8 @@ impl Fs {
         if p.row.nlink == 0 {
             return Err(Error::NotFound("directory was removed".into()));
         }
+        self.freeze_before(&mut st, ino)?;
+        self.freeze_before(&mut st, newparent)?;
         let p = st.get_mut(newparent)?;
         p.dir.as_mut().expect("dir").insert(newname.to_vec(), ino);
         p.row.mtime = now;
@@ -936,6 +957,8 @@ impl Fs {
         } else if i.is_dir() {
             return Err(Error::IsDir);
         }
+        self.freeze_before(&mut st, parent)?;
+        self.freeze_before(&mut st, ino)?;
         self.remove_entry(&mut st, parent, name, ino, now);
         Ok(())
     }
@@ -1017,6 +1040,20 @@ impl Fs {
         // A directory may not move beneath itself.
         if src_dir && self.is_ancestor(&mut st, src, newparent)? {
             return Err(Error::invalid("cannot move a directory beneath itself"));
+        }
+        // Lazy instants: each object this rename changes is frozen first; one moving
+        // into a lazily split directory pair it was not a member of is marked absent
+        // there (its unchanged subtree then stays out of that pair's view).
+        for ino in [Some(parent), Some(newparent), Some(src), dst]
+            .into_iter()
+            .flatten()
+        {
+            self.freeze_before(&mut st, ino)?;
+        }
+        if let Some(tp) = st.get(newparent)?.pair.filter(|&p| self.engine.inherits(p))
+            && st.get(src)?.pair != Some(tp)
+        {
+            self.freeze_in(&mut st, tp, src)?;
         }
         if exchange {
             let dst = dst.ok_or_else(|| Error::NotFound("exchange target".into()))?;
@@ -1111,7 +1148,6 @@ impl Fs {
         let target = np_pair.filter(|&p| self.engine.inherits(p));
         let leaves = old.is_some_and(|p| Some(p) != target && self.engine.inherits(p));
         if (old.is_none() && target.is_some()) || leaves {
-            let held = old.map(|p| self.engine.frozen_inos(p)).unwrap_or_default();
             let sub = self.subtree(&mut st, src)?;
             for ino in sub {
                 let n = st.get_mut(ino)?;
@@ -1120,7 +1156,7 @@ impl Fs {
                     Some(p) => {
                         leaves
                             && Some(p) == old
-                            && !held.contains(&ino)
+                            && !self.engine.holds(p, ino)
                             && (n.is_dir() || n.links.len() <= 1)
                     }
                 };
@@ -1163,6 +1199,9 @@ impl Fs {
         }
         let now = now_ns();
         let mut st = self.state_with(ino)?;
+        if changes {
+            self.freeze_before(&mut st, ino)?;
+        }
         let i = st.get_mut(ino)?;
         if let Some(m) = a.mode {
             i.row.perm = m & 0o7777;
@@ -1231,6 +1270,8 @@ impl Fs {
             if !i.is_file() {
                 return Err(Error::invalid("truncate of a special file"));
             }
+            self.freeze_before(&mut st, ino)?;
+            let i = st.get(ino)?;
             let old = i.row.size;
             let pid = i.pair;
             let mut zero = None;
@@ -1428,6 +1469,7 @@ impl Fs {
         if !policy.due(&st.get(ino)?.row, now) || !allowed() {
             return Ok(false);
         }
+        self.freeze_before(&mut st, ino)?;
         st.get_mut(ino)?.row.atime = now;
         st.touch(ino);
         Ok(true)
@@ -1460,6 +1502,7 @@ impl Fs {
                     Error::invalid("not a regular file")
                 });
             }
+            self.freeze_before(&mut st, ino)?;
             self.map_range(&mut st, ino, f0, f1 - f0 + 1)?;
             let i = st.get_mut(ino)?;
             if end > i.row.size {
@@ -1542,6 +1585,7 @@ impl Fs {
         if !st.get(ino)?.is_file() {
             return Err(Error::NotSupported("fallocate on a non-regular file"));
         }
+        self.freeze_before(&mut st, ino)?;
         let f0 = off / ts;
         let f1 = (end - 1) / ts;
         let new = self.map_range(&mut st, ino, f0, f1 - f0 + 1)?;
@@ -1580,6 +1624,8 @@ impl Fs {
             if end <= off {
                 return Ok(());
             }
+            self.freeze_before(&mut st, ino)?;
+            let i = st.get(ino)?;
             let pid = i.pair;
             let c0 = off.div_ceil(ts);
             let c1 = end / ts;
@@ -1768,6 +1814,7 @@ impl Fs {
             ));
         }
         let mut st = self.state_with(ino)?;
+        self.freeze_before(&mut st, ino)?;
         let i = st.get_mut(ino)?;
         if name.starts_with(b"user.") && !(i.is_file() || i.is_dir()) {
             return Err(Error::NotPermitted);
@@ -1821,6 +1868,10 @@ impl Fs {
     pub fn removexattr(&self, ino: u64, name: &[u8]) -> Result<()> {
         self.check_writable()?;
         let mut st = self.state_with(ino)?;
+        if !st.get(ino)?.xattrs.contains_key(name) {
+            return Err(Error::NoData);
+        }
+        self.freeze_before(&mut st, ino)?;
         let i = st.get_mut(ino)?;
         i.xattrs.remove(name).ok_or(Error::NoData)?;
         i.row.ctime = now_ns();
@@ -2158,43 +2209,109 @@ impl Fs {
             let Some(i) = st.inodes.get(&ino) else {
                 continue;
             };
-            let Some(kind) = FrozenKind::from_mode(i.row.kind) else {
+            let path = names.remove(0);
+            let Some(f) = object_of(i, ino, path, names) else {
                 continue;
             };
-            if kind == FrozenKind::Dir {
-                dir_paths.insert(ino, names[0].clone());
+            if f.attr.kind == FrozenKind::Dir {
+                dir_paths.insert(ino, f.path.clone());
             }
-            let path = names.remove(0);
-            out.push(Frozen {
-                ino,
-                path,
-                attr: FrozenAttr {
-                    kind,
-                    perm: i.row.perm,
-                    uid: i.row.uid,
-                    gid: i.row.gid,
-                    size: i.row.size,
-                    atime: i.row.atime,
-                    mtime: i.row.mtime,
-                    ctime: i.row.ctime,
-                    rdev: i.row.rdev,
-                },
-                extents: if kind == FrozenKind::File {
-                    i.extents.clone()
-                } else {
-                    Default::default()
-                },
-                target: i.row.target.clone().unwrap_or_default(),
-                links: names,
-                xattrs: i
-                    .xattrs
-                    .iter()
-                    .filter(|(n, _)| !n.starts_with(b"user.pairfs."))
-                    .map(|(n, v)| (n.clone(), v.clone()))
-                    .collect(),
-            });
+            out.push(f);
         }
         Ok(out)
+    }
+}
+
+/// The object of inode `i` (number `ino`) as of now, at `path` with the other names
+/// `links` (None for a kind the frozen copy does not keep).
+fn object_of(i: &Inode, ino: u64, path: String, links: Vec<String>) -> Option<Frozen> {
+    let kind = FrozenKind::from_mode(i.row.kind)?;
+    Some(Frozen {
+        ino,
+        path,
+        attr: FrozenAttr {
+            kind,
+            perm: i.row.perm,
+            uid: i.row.uid,
+            gid: i.row.gid,
+            size: i.row.size,
+            atime: i.row.atime,
+            mtime: i.row.mtime,
+            ctime: i.row.ctime,
+            rdev: i.row.rdev,
+        },
+        extents: if kind == FrozenKind::File {
+            i.extents.clone()
+        } else {
+            Default::default()
+        },
+        target: i.row.target.clone().unwrap_or_default(),
+        links,
+        xattrs: i
+            .xattrs
+            .iter()
+            .filter(|(n, _)| !n.starts_with(b"user.pairfs."))
+            .map(|(n, v)| (n.clone(), v.clone()))
+            .collect(),
+        absent: false,
+    })
+}
+
+/// Lazy instants (docs/design.md, "Lazy instants"): freeze before first change.
+impl Fs {
+    /// Called under the namespace lock before the first change of inode `ino` (its
+    /// attributes, data, xattrs, names, or a directory's entries): if its pair is a
+    /// lazy instant that has not frozen it yet, freezes it now.
+    pub(crate) fn freeze_before(&self, st: &mut NamespaceState, ino: u64) -> Result<()> {
+        match st.inodes.get(&ino).and_then(|i| i.pair) {
+            Some(p) => self.freeze_in(st, p, ino),
+            None => Ok(()),
+        }
+    }
+
+    /// Freezes inode `ino` (cached) in lazy pair `p` if that instant has not frozen it
+    /// yet: its object as of now (still the instant's) at its names at the instant, or
+    /// an absent marker if it was not in the scope then (no name reaches the top, or it
+    /// is not a member of `p` now: it is joining it). Pins its tracks at once; the
+    /// record rides in the next commit, with (or before) the change that follows.
+    pub(crate) fn freeze_in(&self, st: &mut NamespaceState, p: PairId, ino: u64) -> Result<()> {
+        if !self.engine.needs_freeze(p, ino) {
+            return Ok(());
+        }
+        let member = st.get(ino)?.pair == Some(p);
+        let names = if member {
+            self.instant_names(st, p, ino)?
+        } else {
+            Vec::new()
+        };
+        let rec = match names.split_first() {
+            Some((first, rest)) => object_of(st.get(ino)?, ino, first.clone(), rest.to_vec())
+                .unwrap_or_else(|| Frozen::absent(ino)),
+            None => Frozen::absent(ino),
+        };
+        let pin = self.engine.lazy_freeze(p, rec);
+        if !pin.is_empty() {
+            st.alloc.pin_set(&pin);
+        }
+        Ok(())
+    }
+
+    /// The names of unchanged inode `ino` at lazy pair `p`'s instant, as paths
+    /// ([`crate::snap::view::instant_paths`]), loading ancestors as needed.
+    fn instant_names(&self, st: &mut NamespaceState, p: PairId, ino: u64) -> Result<Vec<String>> {
+        let cell = std::cell::RefCell::new(st);
+        crate::snap::view::instant_paths(
+            ino,
+            |i| {
+                let mut st = cell.borrow_mut();
+                if !self.try_want(&mut st, i)? {
+                    return Ok(Vec::new());
+                }
+                Ok(st.get(i)?.links.clone())
+            },
+            |i| self.engine.frozen_path(p, i),
+            MAX_DEPTH,
+        )
     }
 }
 
@@ -2223,6 +2340,84 @@ impl Namespace for Fs {
         let mut st = self.state();
         let members = self.scope_members(&mut st, scope, id)?;
         self.freeze_members(&mut st, &members)
+    }
+
+    fn instant(
+        &self,
+        scope: Scope,
+        set: &mut dyn FnMut(Frozen, u64) -> Result<Pins>,
+    ) -> Result<Pins> {
+        let mut st = self.state();
+        let top = match scope {
+            Scope::File(i) | Scope::Dir(i) => i,
+            Scope::Root => ROOT,
+        };
+        self.want(&mut st, top)?;
+        let path = self.path_of(&mut st, top)?;
+        let rec = object_of(st.get(top)?, top, path, Vec::new())
+            .ok_or_else(|| Error::invalid("the scope's top is not a directory"))?;
+        set(rec, st.next_ino)
+    }
+
+    fn instant_children(
+        &self,
+        id: PairId,
+        dir: u64,
+        after: Option<crate::snap::view::Cursor>,
+    ) -> Result<crate::snap::view::Children> {
+        use crate::snap::view::Cursor;
+        // Entries looked at per hold of the namespace lock (each may load an inode).
+        const BATCH: usize = 256;
+        let mut st = self.state();
+        if !self.try_want(&mut st, dir)? {
+            return Ok(None);
+        }
+        let from = after.as_ref().map_or(0, |c| c.cookie);
+        let i = st.get(dir)?;
+        let (entries, next): (Vec<(Vec<u8>, u64)>, Option<Cursor>) = match i.dir.as_ref() {
+            Some(d) => {
+                let mut v: Vec<(u64, Vec<u8>, u64)> = d
+                    .after(from)
+                    .take(BATCH + 1)
+                    .map(|(c, n, i)| (c, n.to_vec(), i))
+                    .collect();
+                // The directory stays cached (not evictable while its data lock is
+                // shared), so its cookies stay, until the caller drops the cursor.
+                let next = (v.len() > BATCH).then(|| Cursor {
+                    cookie: v[BATCH - 1].0,
+                    hold: i.data_lock.clone(),
+                });
+                v.truncate(BATCH);
+                (v.into_iter().map(|(_, n, i)| (n, i)).collect(), next)
+            }
+            None => return Ok(None),
+        };
+        let mut out = Vec::new();
+        for (name, ino) in entries {
+            if !self.engine.needs_freeze(id, ino) || !self.try_want(&mut st, ino)? {
+                continue;
+            }
+            let i = st.get(ino)?;
+            if i.pair != Some(id) {
+                continue;
+            }
+            if let Some(f) = object_of(i, ino, String::new(), Vec::new()) {
+                out.push((name, f));
+            }
+        }
+        self.shrink(&mut st);
+        Ok(Some((out, next)))
+    }
+
+    fn instant_file(&self, id: PairId, ino: u64) -> Result<(u64, crate::core::extent::ExtentMap)> {
+        let mut st = self.state();
+        self.engine.instant_file_of(id, ino, || {
+            if !self.try_want(&mut st, ino)? {
+                return Err(Error::NotFound("frozen file".into()));
+            }
+            let i = st.get(ino)?;
+            Ok((i.row.size, i.extents.clone()))
+        })
     }
 
     fn claim(
@@ -2290,6 +2485,14 @@ impl Namespace for Fs {
                 .and_then(|p| st.inodes.get(&p))
                 .and_then(|p| p.pair)
                 .filter(|&pid| pid != id && self.engine.inherits(pid));
+            let joins = st
+                .inodes
+                .get(&ino)
+                .is_some_and(|i| i.pair.is_none() || i.pair == Some(id));
+            if joins && let Some(pp) = parent_pair {
+                // Not a member of the enclosing pair's lazy instant: marked absent there.
+                self.freeze_in(&mut st, pp, ino)?;
+            }
             let Some(i) = st.inodes.get_mut(&ino) else {
                 continue;
             };

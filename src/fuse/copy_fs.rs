@@ -69,16 +69,14 @@ pub fn invalidate_on_change(fs: Arc<Fs>, notifier: fuser::Notifier) -> std::io::
     std::thread::Builder::new()
         .name("pairfs-copy-inval".into())
         .spawn(move || {
-            let mut old = fs.engine.view(fs.track_size);
+            // Only the root's names, not the view: building a lazy instant's view walks
+            // its tree, which the first copy-mount request does anyway.
+            let mut old = fs.engine.top_names(&*fs);
             while rx.recv().is_ok() {
                 while rx.try_recv().is_ok() {}
-                let new = fs.engine.view(fs.track_size);
-                let mut names: Vec<&[u8]> = Vec::new();
-                for v in [&old, &new] {
-                    if let Some(Content::Dir(d)) = v.get(VIEW_ROOT).map(|n| &n.content) {
-                        names.extend(d.entries().iter().map(|(n, _)| n.as_slice()));
-                    }
-                }
+                let new = fs.engine.top_names(&*fs);
+                let mut names: Vec<&[u8]> =
+                    old.iter().chain(new.iter()).map(Vec::as_slice).collect();
                 names.sort();
                 names.dedup();
                 for n in names {
@@ -103,7 +101,7 @@ impl CopyFs {
     }
 
     fn view(&self) -> Arc<FrozenView> {
-        self.fs.engine.view(self.fs.track_size)
+        self.fs.engine.view(&*self.fs, self.fs.track_size)
     }
 
     /// Runs `f` on node `ino` of the current view (ENOENT if absent).
@@ -188,7 +186,7 @@ impl Filesystem for CopyFs {
                 match self
                     .fs
                     .engine
-                    .read_frozen_of((id, idx, Some(fino)), offset, size)
+                    .read_frozen_of(&*self.fs, (id, idx, Some(fino)), offset, size)
                 {
                     Ok(d) => reply.data(&d),
                     Err(e) => {

@@ -296,7 +296,7 @@ impl MainFs {
         }
         if name == "scrub" && ino == crate::core::fs::ROOT {
             // Runs the whole scrub in this request (`pairfs scrub MOUNTPOINT`).
-            return Ok(self.fs.engine.scrub()?.text().into_bytes());
+            return Ok(self.fs.engine.scrub(&*self.fs)?.text().into_bytes());
         }
         if name != "state" {
             return Err(Error::invalid(format!(

@@ -20,11 +20,15 @@ use crate::snap::pair::{Frozen, FrozenAttr, FrozenKind, Pair, PairId, PairState,
 /// Schema version written by this build. Older versions are migrated on a read-write
 /// open and read as they are on a read-only one: version 1 has no `rdev`, `links`,
 /// `xattrs` in `frozen`; versions 1 and 2 lack the on-demand indexes and `inode_count`;
-/// versions 1 to 3 lack the `sums` table (copy-image track checksums, [`SUMS_SCHEMA`]).
-pub const SCHEMA_VERSION: u32 = 4;
+/// versions 1 to 3 lack the `sums` table (copy-image track checksums, [`SUMS_SCHEMA`]);
+/// versions 1 to 4 lack `pairs.lazy_ino` (lazy instants: 0 = the frozen map is whole).
+pub const SCHEMA_VERSION: u32 = 5;
 
 /// The schema version that added the `sums` table.
 pub const SUMS_VERSION: u32 = 4;
+
+/// The schema version that added `pairs.lazy_ino` (lazy instants).
+pub const LAZY_VERSION: u32 = 5;
 
 /// Checksums of the copy image (schema version 4): the crc32c of each copy-image track as
 /// last written by a copy, committed with (or before) the clear of its pending bit.
@@ -32,6 +36,9 @@ pub const SUMS_VERSION: u32 = 4;
 /// ([`Meta::migrate_sums`]).
 pub const SUMS_SCHEMA: &str =
     "CREATE TABLE IF NOT EXISTS sums(track INTEGER PRIMARY KEY, crc INTEGER NOT NULL);";
+
+/// Frozen-row kind code of an absent marker ([`Frozen::absent`]).
+const KIND_ABSENT: u8 = 7;
 
 /// Version 1 to 2: frozen objects keep their device number, hard-link names and xattrs.
 /// Each column is added only if missing.
@@ -65,7 +72,7 @@ CREATE TABLE xattrs(ino INTEGER NOT NULL, name BLOB NOT NULL, value BLOB NOT NUL
 CREATE TABLE pairs(id INTEGER PRIMARY KEY, scope_kind TEXT NOT NULL, scope_ino INTEGER NOT NULL,
   path TEXT NOT NULL, state TEXT NOT NULL, split_ns INTEGER NOT NULL, error TEXT,
   total INTEGER NOT NULL, copied INTEGER NOT NULL, last_copied INTEGER NOT NULL,
-  started_ns INTEGER NOT NULL);
+  started_ns INTEGER NOT NULL, lazy_ino INTEGER NOT NULL DEFAULT 0);
 CREATE TABLE bitmaps(pair INTEGER NOT NULL, which INTEGER NOT NULL, chunk INTEGER NOT NULL,
   bits BLOB NOT NULL, PRIMARY KEY(pair, which, chunk)) WITHOUT ROWID;
 CREATE TABLE frozen(pair INTEGER NOT NULL, seq INTEGER NOT NULL, ino INTEGER NOT NULL,
@@ -181,6 +188,9 @@ pub struct PairDelta {
     /// Copy-image track checksums (track, crc32c) of this pair's copies since its last
     /// commit, written in the same transaction as `chunks`.
     pub sums: Vec<(u64, u32)>,
+    /// Frozen objects to add (a lazy pair's objects frozen since the last commit):
+    /// (sequence number, object), after `frozen` if both are given.
+    pub append: Vec<(usize, Frozen)>,
 }
 
 /// The scalar fields of a pair.
@@ -198,6 +208,8 @@ pub struct PairRow {
     pub error: Option<String>,
     /// Progress.
     pub progress: Progress,
+    /// Inode limit of a lazy instant (0: none).
+    pub lazy_ino: u64,
 }
 
 impl PairRow {
@@ -210,6 +222,7 @@ impl PairRow {
             split_ns: p.split_ns,
             error: p.error.clone(),
             progress: p.progress,
+            lazy_ino: p.lazy.unwrap_or(0),
         }
     }
 }
@@ -225,6 +238,19 @@ pub fn take_dirty_chunks(p: &mut Pair) -> Vec<(u8, u64, Option<Vec<u8>>)> {
             out.push((w as u8, ci, b));
         }
     }
+    out
+}
+
+/// Takes a pair's frozen objects not yet in the database (a lazy pair's objects frozen
+/// since the last commit), with their sequence numbers.
+pub fn take_appends(p: &mut Pair) -> Vec<(usize, Frozen)> {
+    let from = p.frozen_saved.min(p.frozen.len());
+    let out = p.frozen[from..]
+        .iter()
+        .enumerate()
+        .map(|(k, f)| (from + k, f.clone()))
+        .collect();
+    p.frozen_saved = p.frozen.len();
     out
 }
 
@@ -442,6 +468,18 @@ impl Meta {
         if from < SUMS_VERSION {
             Self::migrate_sums(&tx)?;
         }
+        if from < LAZY_VERSION {
+            let have: Vec<String> = {
+                let mut q = tx.prepare("SELECT name FROM pragma_table_info('pairs')")?;
+                q.query_map([], |r| r.get(0))?
+                    .collect::<std::result::Result<_, _>>()?
+            };
+            if !have.iter().any(|c| c == "lazy_ino") {
+                tx.execute_batch(
+                    "ALTER TABLE pairs ADD COLUMN lazy_ino INTEGER NOT NULL DEFAULT 0",
+                )?;
+            }
+        }
         tx.execute(
             "UPDATE super SET value = ?1 WHERE key = 'schema_version'",
             [SCHEMA_VERSION.to_string()],
@@ -626,9 +664,11 @@ impl Meta {
 
     fn load_pairs(&self) -> Result<Vec<Pair>> {
         let c = &self.conn;
-        let mut st = c.prepare(
-            "SELECT id, scope_kind, scope_ino, path, state, split_ns, error, total, copied, last_copied, started_ns FROM pairs ORDER BY id",
-        )?;
+        let mut st = c.prepare(if self.version >= LAZY_VERSION {
+            "SELECT id, scope_kind, scope_ino, path, state, split_ns, error, total, copied, last_copied, started_ns, lazy_ino FROM pairs ORDER BY id"
+        } else {
+            "SELECT id, scope_kind, scope_ino, path, state, split_ns, error, total, copied, last_copied, started_ns, 0 FROM pairs ORDER BY id"
+        })?;
         let rows = st.query_map([], |r| {
             Ok((
                 r.get::<_, u64>(0)?,
@@ -639,12 +679,12 @@ impl Meta {
                 r.get::<_, i64>(5)?,
                 r.get::<_, Option<String>>(6)?,
                 [r.get::<_, u64>(7)?, r.get(8)?, r.get(9)?],
-                r.get::<_, i64>(10)?,
+                (r.get::<_, i64>(10)?, r.get::<_, u64>(11)?),
             ))
         })?;
         let mut pairs = Vec::new();
         for r in rows {
-            let (id, kind, ino, path, state, split_ns, error, prog, started_ns) =
+            let (id, kind, ino, path, state, split_ns, error, prog, (started_ns, lazy_ino)) =
                 r.map_err(|e| corrupt(format!("bad pair row: {e}")))?;
             let scope = match kind.as_str() {
                 "file" => Scope::File(ino),
@@ -715,6 +755,10 @@ impl Meta {
             })?;
             for r in rows {
                 let (ino, path, kind, pug, size, t, target, ext, (rdev, links, xattrs)) = r?;
+                if kind == KIND_ABSENT {
+                    p.frozen.push(Frozen::absent(ino));
+                    continue;
+                }
                 let kind = FrozenKind::from_code(kind)
                     .ok_or_else(|| corrupt(format!("pair {id}: frozen kind {kind}")))?;
                 let links = decode_blobs(&links)
@@ -760,8 +804,17 @@ impl Meta {
                         m
                     },
                     target,
+                    absent: false,
                 });
             }
+            p.lazy = (lazy_ino > 0).then_some(lazy_ino);
+            p.frozen_at = p
+                .frozen
+                .iter()
+                .enumerate()
+                .map(|(k, f)| (f.ino, k))
+                .collect();
+            p.frozen_saved = p.frozen.len();
             pairs.push(p);
         }
         Ok(pairs)
@@ -841,7 +894,7 @@ impl Meta {
         }
         if let Some(r) = &d.row {
             tx.execute(
-                "INSERT OR REPLACE INTO pairs VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+                "INSERT OR REPLACE INTO pairs VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
                 params![
                     d.id,
                     r.scope.kind(),
@@ -853,7 +906,8 @@ impl Meta {
                     r.progress.total,
                     r.progress.copied,
                     r.progress.last_copied,
-                    r.progress.started_ns
+                    r.progress.started_ns,
+                    r.lazy_ino
                 ],
             )?;
             tx.execute(
@@ -874,13 +928,20 @@ impl Meta {
                 };
             }
         }
-        if let Some(frozen) = &d.frozen {
+        if d.frozen.is_some() {
             tx.execute("DELETE FROM frozen WHERE pair = ?1", [d.id])?;
+        }
+        if d.frozen.is_some() || !d.append.is_empty() {
             let mut put = tx.prepare_cached(
-                "INSERT INTO frozen VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)",
+                "INSERT OR REPLACE INTO frozen VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)",
             )?;
-            for (seq, f) in frozen.iter().enumerate() {
-                let kind = f.attr.kind.code();
+            let whole = d.frozen.iter().flat_map(|v| v.iter().enumerate());
+            for (seq, f) in whole.chain(d.append.iter().map(|(k, f)| (*k, f))) {
+                let kind = if f.absent {
+                    KIND_ABSENT
+                } else {
+                    f.attr.kind.code()
+                };
                 let links = encode_blobs(f.links.iter().map(|l| l.as_bytes()));
                 let xattrs = encode_blobs(
                     f.xattrs
@@ -1034,7 +1095,7 @@ impl Reader {
     pub fn frozen_pairs(&self, ino: u64) -> Result<Vec<PairId>> {
         let mut st = self
             .conn
-            .prepare_cached("SELECT DISTINCT pair FROM frozen WHERE ino = ?1")?;
+            .prepare_cached("SELECT DISTINCT pair FROM frozen WHERE ino = ?1 AND kind != 7")?;
         let v = st
             .query_map([ino], |r| r.get(0))?
             .collect::<rusqlite::Result<Vec<_>>>()?;

@@ -33,10 +33,11 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, RwLockWriteGuard};
 use std::time::Duration;
 
 use crate::core::durability::{Durability, PairHooks};
+use crate::core::extent::ExtentMap;
 use crate::core::now_ns;
 use crate::core::trackset::TrackSet;
 use crate::error::{Error, Result};
-use crate::meta::{Meta, PairDelta, PairRow, take_dirty_chunks};
+use crate::meta::{Meta, PairDelta, PairRow, take_appends, take_dirty_chunks};
 use crate::snap::namespace::Namespace;
 use crate::snap::pair::{Frozen, FrozenKind, Pair, PairId, PairState, Scope};
 use crate::snap::stage::{StageTable, Staged};
@@ -184,6 +185,9 @@ pub struct Engine {
     view: RwLock<Arc<FrozenView>>,
     /// Serializes rebuilds; keeps inode numbers stable across them.
     view_numbering: Mutex<Numbering>,
+    /// A whole-volume split or update whose metadata snapshot is still to be written
+    /// ([`Engine::take_snapshot_due`]).
+    snapshot_due: Mutex<Option<PairId>>,
     /// Told (without blocking) after every change of the frozen set, e.g. so a copy
     /// mount can drop the kernel's cached names of the old view.
     view_watchers: Mutex<Vec<std::sync::mpsc::Sender<u64>>>,
@@ -372,6 +376,7 @@ impl Engine {
             view_gen: AtomicU64::default(),
             view: RwLock::default(),
             view_numbering: Mutex::default(),
+            snapshot_due: Mutex::default(),
             view_watchers: Mutex::default(),
             sums_on: crate::snap::sums::enabled_by_env(),
             sums: RwLock::default(),
@@ -583,11 +588,62 @@ impl Engine {
         }
     }
 
-    /// Inodes pair `id`'s frozen copy holds (they keep copy-on-write wherever they move).
-    pub fn frozen_inos(&self, id: PairId) -> std::collections::HashSet<u64> {
-        self.slot(id)
-            .map(|s| s.lock().frozen.iter().map(|f| f.ino).collect())
-            .unwrap_or_default()
+    /// True if pair `id`'s frozen copy holds inode `ino` (it keeps copy-on-write
+    /// wherever it moves), [`Pair::holds`].
+    pub fn holds(&self, id: PairId, ino: u64) -> bool {
+        self.slot(id).is_some_and(|s| s.lock().holds(ino))
+    }
+
+    /// True if inode `ino` must be frozen in pair `id` before its first change (a lazy
+    /// instant that has not frozen it yet, [`Pair::needs_freeze`]).
+    pub fn needs_freeze(&self, id: PairId, ino: u64) -> bool {
+        self.slot(id).is_some_and(|s| s.lock().needs_freeze(ino))
+    }
+
+    /// Where a lazy pair's frozen map places inode `ino`: None if it is not frozen
+    /// there, Some(None) if it is marked absent, else its instant path.
+    pub fn frozen_path(&self, id: PairId, ino: u64) -> Option<Option<String>> {
+        let s = self.slot(id)?;
+        let p = s.lock();
+        p.frozen_of(ino)
+            .map(|f| (!f.absent).then(|| f.path.clone()))
+    }
+
+    /// The instant's record of `ino` in lazy pair `id`, if frozen: (size, extents), or
+    /// Some(None) for an absent marker.
+    fn lazy_record(&self, id: PairId, ino: u64) -> Option<Option<(u64, ExtentMap)>> {
+        let s = self.slot(id)?;
+        let p = s.lock();
+        p.frozen_of(ino)
+            .map(|f| (!f.absent).then(|| (f.attr.size, f.extents.clone())))
+    }
+
+    /// Adds the instant's record of one object to lazy pair `id` (the caller, holding
+    /// the namespace lock, checked [`Engine::needs_freeze`] and is about to change the
+    /// object). Returns the tracks to pin now. The next commit appends the record.
+    pub fn lazy_freeze(&self, id: PairId, f: Frozen) -> TrackSet {
+        let Some(s) = self.slot(id) else {
+            return TrackSet::new();
+        };
+        let pin = s.lock().lazy_freeze(f);
+        s.dirty.store(true, Ordering::Release);
+        pin
+    }
+
+    /// (size, extents) of file `ino` at lazy pair `id`'s instant, under the namespace
+    /// lock (`instant`: the namespace's live state, valid only while the pair has not
+    /// frozen the inode: both are asked under that one lock).
+    pub fn instant_file_of(
+        &self,
+        id: PairId,
+        ino: u64,
+        live: impl FnOnce() -> Result<(u64, ExtentMap)>,
+    ) -> Result<(u64, ExtentMap)> {
+        match self.lazy_record(id, ino) {
+            Some(Some(r)) => Ok(r),
+            Some(None) => Err(Error::NotFound("frozen file".into())),
+            None => live(),
+        }
     }
 
     /// A file left pair `id`'s scope (and its frozen copy does not hold it): the pair
@@ -645,6 +701,7 @@ impl Engine {
                     row: Some(PairRow::of(&p)),
                     chunks: take_dirty_chunks(&mut p),
                     sums: Self::take_sums(&s),
+                    append: take_appends(&mut p),
                     ..PairDelta::default()
                 });
             }
@@ -664,12 +721,17 @@ impl Engine {
             &mut || {
                 slot.dirty.store(false, Ordering::Release);
                 let mut p = slot.lock();
+                let whole = frozen.then(|| p.frozen.clone());
+                if whole.is_some() {
+                    p.frozen_saved = p.frozen.len();
+                }
                 vec![PairDelta {
                     id: slot.id,
                     row: Some(PairRow::of(&p)),
                     chunks: take_dirty_chunks(&mut p),
-                    frozen: frozen.then(|| p.frozen.clone()),
                     sums: Self::take_sums(slot),
+                    append: take_appends(&mut p),
+                    frozen: whole,
                     ..PairDelta::default()
                 }]
             },
@@ -682,7 +744,15 @@ impl Engine {
     fn restore_deltas(&self, deltas: &[PairDelta]) {
         for d in deltas.iter().filter(|d| !d.delete) {
             if let Some(s) = self.slot(d.id) {
-                s.lock().mark_all_dirty();
+                let mut p = s.lock();
+                p.mark_all_dirty();
+                // Frozen objects the failed commit carried are appended again.
+                if d.frozen.is_some() {
+                    p.frozen_saved = 0;
+                } else if let Some((k, _)) = d.append.first() {
+                    p.frozen_saved = p.frozen_saved.min(*k);
+                }
+                drop(p);
                 s.new_sums
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
@@ -1307,6 +1377,27 @@ impl Engine {
         let before = slot.lock().state;
         let now = now_ns();
         let frozen_changed = match op {
+            Op::Split | Op::Update if !matches!(scope, Scope::File(_)) => {
+                // A lazy instant: O(1) in the scope (docs/design.md, "Lazy instants").
+                let from_error = slot.lock().state == PairState::Error;
+                let current = if op == Op::Update && from_error {
+                    Some(ns.scope_tracks(scope, slot.id)?)
+                } else {
+                    None
+                };
+                let pins = ns.instant(scope, &mut |top, limit| {
+                    let mut p = slot.lock();
+                    if op == Op::Split {
+                        p.split_lazy(top, limit, now)
+                    } else {
+                        p.update_lazy(top, limit, current.as_ref(), now)
+                    }
+                })?;
+                self.frozen_changed();
+                self.durability.clear_copy_poison();
+                ns.apply_pins(&pins);
+                true
+            }
             Op::Split | Op::Update => {
                 let frozen = { ns.freeze(scope, slot.id)? };
                 let pins = {
@@ -1387,8 +1478,10 @@ impl Engine {
             frozen,
             ..PairDelta::default()
         }])?;
-        if scope == Scope::Root && op != Op::Resync {
-            self.snapshot_meta(slot.id)?;
+        if scope == Scope::Root && op != Op::Resync && self.snapshot_path.is_some() {
+            // Written by the facade after it released the write barrier, holding off
+            // full commits instead (`Fs::control`): writers are not stalled by it.
+            *self.snapshot_due.lock().unwrap_or_else(|p| p.into_inner()) = Some(slot.id);
         }
         let after = slot.lock().state;
         log::info!(
@@ -1402,8 +1495,19 @@ impl Engine {
         Ok(())
     }
 
-    /// Writes the metadata snapshot of a whole-volume split beside the database.
-    fn snapshot_meta(&self, id: PairId) -> Result<()> {
+    /// The pair whose whole-volume instant needs its metadata snapshot written now
+    /// ([`Engine::snapshot_meta`]), taken once.
+    pub fn take_snapshot_due(&self) -> Option<PairId> {
+        self.snapshot_due
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+    }
+
+    /// Writes the metadata snapshot of a whole-volume split beside the database. The
+    /// caller holds off full commits (`Durability::hold_commits`), so the database's
+    /// live rows are still those of the instant.
+    pub fn snapshot_meta(&self, id: PairId) -> Result<()> {
         let Some(path) = &self.snapshot_path else {
             return Ok(());
         };
@@ -1491,7 +1595,7 @@ impl Engine {
             files: p
                 .frozen
                 .iter()
-                .filter(|f| f.attr.kind == FrozenKind::File)
+                .filter(|f| !f.absent && f.attr.kind == FrozenKind::File)
                 .count(),
             error: p.error.clone(),
             track_size: self.track_size,
@@ -1523,7 +1627,7 @@ impl Engine {
 
     /// The frozen view of every pair in a frozen state (what the copy mount serves).
     /// Built once per change of the frozen set; callers share it.
-    pub fn view(&self, ts: u64) -> Arc<FrozenView> {
+    pub fn view(&self, ns: &dyn Namespace, ts: u64) -> Arc<FrozenView> {
         let current = |g: u64| {
             let v = self.view.read().unwrap_or_else(|p| p.into_inner());
             (v.generation() == g && !v.is_empty()).then(|| v.clone())
@@ -1544,8 +1648,17 @@ impl Engine {
         let mut b = Builder::new(g, ts, &mut numbering);
         for s in self.slots() {
             let p = s.lock();
-            if p.state.is_frozen() {
+            if !p.state.is_frozen() {
+                continue;
+            }
+            if p.lazy.is_none() {
                 b.add_pair(p.id, &p.frozen);
+                continue;
+            }
+            drop(p);
+            match self.lazy_objects(ns, &s) {
+                Ok(objects) => b.add_pair(s.id, &objects),
+                Err(e) => log::warn!("pair {}: frozen view incomplete: {e}", s.id),
             }
         }
         let v = Arc::new(b.finish());
@@ -1579,11 +1692,22 @@ impl Engine {
                 )));
             }
         };
-        let then = p
-            .frozen
-            .iter()
-            .find(|f| f.ino == ino && f.attr.kind == FrozenKind::File)
-            .map(|f| (&f.extents, f.attr.size));
+        // The file at the instant: its frozen record; for a lazy pair an inode that
+        // existed then and has no record has not changed since (any change freezes it
+        // first), so it is compared with itself; an absent marker or a newer inode had
+        // no instant state (all of it is changed).
+        let then = match p.frozen_of(ino) {
+            Some(f) if !f.absent && f.attr.kind == FrozenKind::File => {
+                Some((&f.extents, f.attr.size))
+            }
+            Some(_) => None,
+            None if p.lazy.is_some_and(|l| ino < l) => Some((now, size)),
+            None => p
+                .frozen
+                .iter()
+                .find(|f| f.ino == ino && f.attr.kind == FrozenKind::File && !f.absent)
+                .map(|f| (&f.extents, f.attr.size)),
+        };
         Ok(crate::snap::diff::FileDiff {
             pair: id,
             state: p.state.name().to_string(),
@@ -1594,30 +1718,121 @@ impl Engine {
         })
     }
 
+    /// Every object of a lazy pair's instant: its frozen records placed by their paths
+    /// plus the unchanged members found by walking the live tree from the frozen
+    /// directories, one directory per hold of the namespace lock
+    /// ([`crate::snap::view::lazy_objects`]). No pair lock is held across a namespace
+    /// call (the namespace comes first in the lock order).
+    fn lazy_objects(&self, ns: &dyn Namespace, s: &Slot) -> Result<Vec<Frozen>> {
+        let id = s.id;
+        crate::snap::view::lazy_objects(
+            |from| {
+                let p = s.lock();
+                if !p.state.is_frozen() || p.lazy.is_none() {
+                    return Err(Error::NotFound("the frozen copy is gone".into()));
+                }
+                Ok(p.frozen
+                    .get(from..)
+                    .map(<[Frozen]>::to_vec)
+                    .unwrap_or_default())
+            },
+            |dir, after| ns.instant_children(id, dir, after),
+        )
+    }
+
+    /// The names in the frozen view's root directory, without building the view: the
+    /// first component of every frozen record's path, and for a lazy root pair the
+    /// unchanged names in the root too (one directory listed). A copy mount drops the
+    /// kernel's cached names of the old and the new instant with them after a change.
+    pub fn top_names(&self, ns: &dyn Namespace) -> Vec<Vec<u8>> {
+        let mut out: Vec<Vec<u8>> = Vec::new();
+        for s in self.slots() {
+            let (lazy_root, firsts) = {
+                let p = s.lock();
+                if !p.state.is_frozen() {
+                    continue;
+                }
+                let firsts: Vec<Vec<u8>> = p
+                    .frozen
+                    .iter()
+                    .filter(|f| !f.absent)
+                    .flat_map(|f| std::iter::once(&f.path).chain(f.links.iter()))
+                    .filter_map(|path| path.split('/').next())
+                    .filter(|n| !n.is_empty())
+                    .map(|n| n.as_bytes().to_vec())
+                    .collect();
+                // A lazy pair's first record is its top (the root for a root pair).
+                let lazy_root = (p.lazy.is_some() && p.scope == Scope::Root)
+                    .then(|| p.frozen.first().map(|f| f.ino))
+                    .flatten();
+                (lazy_root, firsts)
+            };
+            out.extend(firsts);
+            if let Some(root) = lazy_root {
+                let mut after = None;
+                while let Ok(Some((batch, next))) = ns.instant_children(s.id, root, after.take()) {
+                    out.extend(batch.into_iter().map(|(n, _)| n));
+                    match next {
+                        Some(c) => after = Some(c),
+                        None => break,
+                    }
+                }
+            }
+        }
+        out.sort();
+        out.dedup();
+        out
+    }
+
     /// A copy of every frozen object: (pair id, index, object). For tests and checks;
-    /// the copy mount serves [`Engine::view`], which copies nothing per request.
-    pub fn frozen_objects(&self) -> Vec<(PairId, usize, Frozen)> {
+    /// the copy mount serves [`Engine::view`], which copies nothing per request. A lazy
+    /// pair's objects are indexed in the list this returns; read them by inode
+    /// ([`Engine::read_frozen_of`] with `Some(ino)`).
+    pub fn frozen_objects(&self, ns: &dyn Namespace) -> Vec<(PairId, usize, Frozen)> {
         let mut out = Vec::new();
         for s in self.slots() {
             let p = s.lock();
-            if p.state.is_frozen() {
-                for (i, f) in p.frozen.iter().enumerate() {
-                    out.push((p.id, i, f.clone()));
-                }
+            if !p.state.is_frozen() {
+                continue;
+            }
+            let objects = if p.lazy.is_some() {
+                drop(p);
+                self.lazy_objects(ns, &s).unwrap_or_default()
+            } else {
+                p.frozen.clone()
+            };
+            for (i, f) in objects.into_iter().enumerate() {
+                out.push((s.id, i, f));
             }
         }
         out
     }
 
     /// Reads frozen file `idx` of pair `id` as of its split instant.
-    pub fn read_frozen(&self, id: PairId, idx: usize, off: u64, size: u32) -> Result<Vec<u8>> {
-        self.read_frozen_of((id, idx, None), off, size)
+    pub fn read_frozen(
+        &self,
+        ns: &dyn Namespace,
+        id: PairId,
+        idx: usize,
+        off: u64,
+        size: u32,
+    ) -> Result<Vec<u8>> {
+        // A lazy pair's objects are numbered in `frozen_objects`' list (tests and
+        // checks only: this walks the instant).
+        let ino = match self.slot(id) {
+            Some(s) if s.lock().lazy.is_some() => {
+                self.lazy_objects(ns, &s)?.get(idx).map(|f| f.ino)
+            }
+            _ => None,
+        };
+        self.read_frozen_of(ns, (id, idx, ino), off, size)
     }
 
     /// [`Engine::read_frozen`], refusing (ESTALE) when the object at `idx` is no longer
     /// inode `ino` (an update reordered the frozen list since the caller looked it up).
     pub fn read_frozen_of(
         &self,
+        ns: &dyn Namespace,
         (id, idx, ino): (PairId, usize, Option<u64>),
         off: u64,
         size: u32,
@@ -1626,11 +1841,32 @@ impl Engine {
             .slot(id)
             .ok_or_else(|| Error::NotFound(format!("pair {id}")))?;
         let ts = self.track_size;
-        let (segs, len, path) = {
+        let lazy = {
             let p = slot.lock();
             if !p.state.is_frozen() {
                 return Err(Error::NotFound("the frozen copy is gone".into()));
             }
+            p.lazy.is_some()
+        };
+        let (segs, len, path) = if lazy {
+            // A lazy pair: the instant's record if the file changed since, else its
+            // live (unchanged) map, both under the namespace lock.
+            let ino = ino.ok_or_else(|| Error::NotFound("frozen file".into()))?;
+            let (size_at, extents) = ns.instant_file(id, ino)?;
+            if off >= size_at {
+                return Ok(Vec::new());
+            }
+            let len = (size as u64).min(size_at - off);
+            let f0 = off / ts;
+            let f1 = (off + len - 1) / ts;
+            // For log lines: the record's path when the file changed since the instant.
+            let path = slot
+                .lock()
+                .frozen_of(ino)
+                .map_or_else(|| format!("(inode {ino})"), |f| f.path.clone());
+            (extents.segments(f0, f1 - f0 + 1), len, path)
+        } else {
+            let p = slot.lock();
             let f = p
                 .frozen
                 .get(idx)
@@ -1750,10 +1986,20 @@ impl Engine {
     /// scrub`): the tracks of frozen files whose pending bits are clear, read from the
     /// copy image. Takes no gate (reads only); a track recopied meanwhile is rechecked
     /// with its new sum.
-    pub fn scrub(&self) -> Result<ScrubReport> {
+    pub fn scrub(&self, ns: &dyn Namespace) -> Result<ScrubReport> {
         let mut files = Vec::new();
         for s in self.slots() {
-            files.extend(crate::snap::sums::files_of(&s.lock()));
+            let lazy = {
+                let p = s.lock();
+                p.state.is_frozen() && p.lazy.is_some()
+            };
+            if lazy {
+                // A lazy instant's files: its records plus the unchanged live files.
+                let objects = self.lazy_objects(ns, &s)?;
+                files.extend(crate::snap::sums::files_in(s.id, &objects));
+            } else {
+                files.extend(crate::snap::sums::files_of(&s.lock()));
+            }
         }
         let ts = self.track_size;
         crate::snap::sums::scrub(

@@ -8,10 +8,12 @@
 //! order, [`crate::core::locks`]); a caller holds no pair state lock (`Slot::p`) across a
 //! call.
 
+use crate::core::extent::ExtentMap;
 use crate::core::trackset::TrackSet;
 use crate::error::Result;
 use crate::meta::PairDelta;
 use crate::snap::pair::{Frozen, PairId, Pins, Scope};
+use crate::snap::view::{Children, Cursor};
 
 /// The namespace seen by the pair engine.
 pub trait Namespace: Sync {
@@ -29,6 +31,26 @@ pub trait Namespace: Sync {
     /// The frozen objects of pair `id`'s scope as of now, under one hold of the
     /// namespace lock (parents first).
     fn freeze(&self, scope: Scope, id: PairId) -> Result<Vec<Frozen>>;
+    /// A lazy instant of a directory or root scope: under one hold of the namespace
+    /// lock, calls `set` with the top directory's object as of now (at its path) and
+    /// the next inode number (every inode below it existed before the instant), so no
+    /// change of the namespace falls between the instant and the pair's new state.
+    /// O(1). Returns what `set` returns.
+    fn instant(
+        &self,
+        scope: Scope,
+        set: &mut dyn FnMut(Frozen, u64) -> Result<Pins>,
+    ) -> Result<Pins>;
+    /// A batch of the unchanged members of lazy pair `id` named in directory `dir` now,
+    /// after `after` (None: from the start), each as its object at the instant (path: just the
+    /// name): live entries whose inode existed at the instant, belongs to the pair and is
+    /// not frozen in it; with the cookie to continue after. None if `dir` is gone. One
+    /// hold of the namespace lock per batch (a bounded number of entries).
+    fn instant_children(&self, id: PairId, dir: u64, after: Option<Cursor>) -> Result<Children>;
+    /// (size, extents) of file `ino` at lazy pair `id`'s instant: the pair's record if
+    /// it froze the file, else the live ones (unchanged since), under one hold of the
+    /// namespace lock.
+    fn instant_file(&self, id: PairId, ino: u64) -> Result<(u64, ExtentMap)>;
     /// Makes inode `ino` (a file or directory) and everything beneath it members of a
     /// new pair: checks none is in a pair yet, then, under the namespace lock, calls
     /// `register` with the scope, the path and the current tracks; `register` returns

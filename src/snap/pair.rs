@@ -21,6 +21,8 @@
 //! write. A frozen file reads a track from the volume while its pending bit is set (the
 //! volume still holds the split-time data) and from the copy image once it is clear.
 
+use std::collections::HashMap;
+
 use crate::core::extent::ExtentMap;
 use crate::core::trackset::TrackSet;
 use crate::error::{Error, Result};
@@ -234,6 +236,22 @@ pub struct Frozen {
     pub links: Vec<String>,
     /// Extended attributes at the split instant (internal `user.pairfs.*` left out).
     pub xattrs: Vec<(Vec<u8>, Vec<u8>)>,
+    /// A lazy pair's marker for an inode that was *not* part of the scope at the instant
+    /// but joined it since without a change of its own (a directory's subtree moved in,
+    /// a file whose own pair was released): the frozen view leaves it out. No path,
+    /// attributes or extents.
+    pub absent: bool,
+}
+
+impl Frozen {
+    /// The marker of an inode that was not in the scope at the instant.
+    pub fn absent(ino: u64) -> Frozen {
+        Frozen {
+            ino,
+            absent: true,
+            ..Frozen::default()
+        }
+    }
 }
 
 /// Progress counters of the current copy operation.
@@ -266,8 +284,20 @@ pub struct Pair {
     pub split_diff: TrackSet,
     /// Update-diff bitmap.
     pub update_diff: TrackSet,
-    /// The frozen copy (empty unless frozen).
+    /// The frozen copy (empty unless frozen). For a lazy pair: the scope's top and the
+    /// objects changed since the instant, as they were at the instant (see `lazy`).
     pub frozen: Vec<Frozen>,
+    /// `Some(limit)`: the instant is *lazy* (directory and root pairs, schema 4): the
+    /// frozen map holds only the scope's top and the objects that changed since the
+    /// instant, each frozen just before its first change (`docs/design.md`, "Lazy
+    /// instants"); every other member numbered below `limit` (the next inode number at
+    /// the instant) is unchanged, so its live state is its instant state.
+    pub lazy: Option<u64>,
+    /// Index of `frozen` by inode.
+    pub frozen_at: HashMap<u64, usize>,
+    /// Entries of `frozen` from this index on are not in the database yet: the next
+    /// commit appends them (a lazy freeze rides in the commit of the change it precedes).
+    pub frozen_saved: usize,
     /// Time of the split/update instant (ns).
     pub split_ns: i64,
     /// Last error, in state `error`.
@@ -288,6 +318,10 @@ pub struct Pins {
     pub pin: TrackSet,
     /// Tracks to unpin now.
     pub unpin: TrackSet,
+}
+
+fn index_of(frozen: &[Frozen]) -> HashMap<u64, usize> {
+    frozen.iter().enumerate().map(|(k, f)| (f.ino, k)).collect()
 }
 
 fn frozen_tracks(frozen: &[Frozen]) -> TrackSet {
@@ -311,6 +345,9 @@ impl Pair {
             split_diff: TrackSet::new(),
             update_diff: TrackSet::new(),
             frozen: Vec::new(),
+            lazy: None,
+            frozen_at: HashMap::new(),
+            frozen_saved: 0,
             split_ns: 0,
             error: None,
             progress: Progress {
@@ -383,7 +420,7 @@ impl Pair {
             pin: keep,
             unpin: TrackSet::new(),
         };
-        self.frozen = frozen;
+        self.set_frozen(frozen, None);
         self.split_ns = now;
         self.split_diff.clear();
         self.update_diff.clear();
@@ -391,6 +428,111 @@ impl Pair {
         self.start_op(self.forming.count(), now);
         self.finish_if_done();
         Ok(pins)
+    }
+
+    fn set_frozen(&mut self, frozen: Vec<Frozen>, lazy: Option<u64>) {
+        self.frozen_at = index_of(&frozen);
+        self.frozen_saved = frozen.len();
+        self.frozen = frozen;
+        self.lazy = lazy;
+    }
+
+    /// Lazy split: records the instant in O(1). `top` is the scope's top directory as
+    /// of now, `limit` the next inode number. Nothing of the scope is read: pending
+    /// stays the forming-diff (the tracks of the scope not copied yet, which the
+    /// forming states keep within the scope's live tracks, `Pair::freed`), and each
+    /// member is frozen just before its first change ([`Pair::lazy_freeze`]).
+    pub fn split_lazy(&mut self, top: Frozen, limit: u64, now: i64) -> Result<Pins> {
+        if !matches!(self.state, PairState::Forming | PairState::Formed) {
+            return Err(self.wrong_state("split"));
+        }
+        let pins = Pins {
+            pin: frozen_tracks(std::slice::from_ref(&top)),
+            unpin: TrackSet::new(),
+        };
+        self.set_frozen(vec![top], Some(limit));
+        self.split_ns = now;
+        self.split_diff.clear();
+        self.update_diff.clear();
+        self.state = PairState::Splitting;
+        self.start_op(self.forming.count(), now);
+        self.finish_if_done();
+        Ok(pins)
+    }
+
+    /// Lazy update: a new lazy instant. The objects frozen for the old one are dropped
+    /// (their pins too); to copy: the split-diff (every track the scope's files wrote,
+    /// allocated or brought in since the last instant and still map, `Pair::freed`),
+    /// or, from `error`, `current` (every track of the scope, which the caller reads
+    /// only then).
+    pub fn update_lazy(
+        &mut self,
+        top: Frozen,
+        limit: u64,
+        current: Option<&TrackSet>,
+        now: i64,
+    ) -> Result<Pins> {
+        let pending = match (self.state, current) {
+            (PairState::Split, _) => self.split_diff.clone(),
+            (PairState::Error, Some(c)) => c.clone(),
+            (PairState::Error, None) => {
+                return Err(Error::invalid("update from error needs the scope's tracks"));
+            }
+            _ => return Err(self.wrong_state("update")),
+        };
+        let old = frozen_tracks(&self.frozen);
+        self.split_diff.assign(pending);
+        self.update_diff.clear();
+        self.forming.clear();
+        let pins = Pins {
+            pin: frozen_tracks(std::slice::from_ref(&top)),
+            unpin: old,
+        };
+        self.set_frozen(vec![top], Some(limit));
+        self.split_ns = now;
+        self.error = None;
+        self.state = PairState::Updating;
+        self.start_op(self.split_diff.count(), now);
+        self.finish_if_done();
+        Ok(pins)
+    }
+
+    /// The instant's record of inode `ino` if a lazy pair froze it (or marked it absent).
+    pub fn frozen_of(&self, ino: u64) -> Option<&Frozen> {
+        self.frozen_at.get(&ino).map(|&k| &self.frozen[k])
+    }
+
+    /// The inode limit of a lazy pair in a frozen state (None otherwise).
+    pub fn lazy_limit(&self) -> Option<u64> {
+        self.lazy.filter(|_| self.state.is_frozen())
+    }
+
+    /// True if inode `ino` must still be frozen before its first change: a lazy pair in
+    /// a frozen state, an inode that existed at the instant, not frozen yet.
+    pub fn needs_freeze(&self, ino: u64) -> bool {
+        self.lazy_limit()
+            .is_some_and(|l| ino < l && !self.frozen_at.contains_key(&ino))
+    }
+
+    /// Adds the instant's record of one object of a lazy pair (see
+    /// [`Pair::needs_freeze`]); returns the tracks to pin now. The record is appended
+    /// to the database by the next commit (`frozen_saved`).
+    pub fn lazy_freeze(&mut self, f: Frozen) -> TrackSet {
+        let pin = frozen_tracks(std::slice::from_ref(&f));
+        self.frozen_at.insert(f.ino, self.frozen.len());
+        self.frozen.push(f);
+        pin
+    }
+
+    /// True if the frozen copy holds inode `ino` (it keeps copy-on-write wherever it
+    /// moves): an object of the frozen map, or, for a lazy pair, any inode that existed
+    /// at the instant and is not marked absent (conservative: it may have been outside
+    /// the scope).
+    pub fn holds(&self, ino: u64) -> bool {
+        match self.frozen_at.get(&ino) {
+            Some(&k) => !self.frozen[k].absent,
+            None => self.lazy_limit().is_some_and(|l| ino < l),
+        }
     }
 
     /// Update: refresh the frozen copy to `frozen` (the scope as of now), copying only
@@ -415,7 +557,7 @@ impl Pair {
             pin: new.difference(&old),
             unpin: old.difference(&new),
         };
-        self.frozen = frozen;
+        self.set_frozen(frozen, None);
         self.split_ns = now;
         self.error = None;
         self.state = PairState::Updating;
@@ -433,6 +575,10 @@ impl Pair {
         let old = frozen_tracks(&self.frozen);
         let forming = if self.state == PairState::Error {
             current.clone()
+        } else if self.lazy.is_some() {
+            // Every track the scope maps now and did not map unchanged at the instant
+            // was written, allocated or brought in since: it is in the split-diff.
+            current.intersection(&self.split_diff)
         } else {
             current
                 .intersection(&self.split_diff)
@@ -441,7 +587,7 @@ impl Pair {
         self.forming.assign(forming);
         self.split_diff.clear();
         self.update_diff.clear();
-        self.frozen.clear();
+        self.set_frozen(Vec::new(), None);
         self.error = None;
         self.split_ns = 0;
         self.state = PairState::Resyncing;
@@ -464,7 +610,7 @@ impl Pair {
     /// A copy failed: enter `error`, drop the frozen copy (it can no longer be trusted).
     pub fn fail(&mut self, msg: String) -> Pins {
         let unpin = frozen_tracks(&self.frozen);
-        self.frozen.clear();
+        self.set_frozen(Vec::new(), None);
         self.forming.clear();
         self.split_diff.clear();
         self.update_diff.clear();
@@ -532,13 +678,17 @@ impl Pair {
     /// Records that a live file of the scope no longer maps `tracks`. In the unfrozen
     /// states they need no copy any more; frozen maps keep (and pin) theirs.
     pub fn freed(&mut self, tracks: &[u64]) {
-        if matches!(
-            self.state,
-            PairState::Forming | PairState::Formed | PairState::Resyncing
-        ) {
-            for &t in tracks {
-                self.forming.remove(t);
-            }
+        // The record bitmap of the frozen states loses them too (they are not part of
+        // the next instant unless written again): a lazy update copies the split-diff
+        // as it is.
+        let set = match self.state {
+            PairState::Forming | PairState::Formed | PairState::Resyncing => &mut self.forming,
+            PairState::Splitting | PairState::Split => &mut self.split_diff,
+            PairState::Updating => &mut self.update_diff,
+            PairState::Error => return,
+        };
+        for &t in tracks {
+            set.remove(t);
         }
     }
 

@@ -11,7 +11,7 @@
 
 use crate::core::extent::Extent;
 use crate::error::{Error, Result};
-use crate::snap::pair::{FrozenKind, Pair};
+use crate::snap::pair::{Frozen, FrozenKind, Pair, PairId};
 
 /// Checksum of one track's bytes.
 pub fn crc(data: &[u8]) -> u32 {
@@ -112,11 +112,17 @@ pub fn files_of(p: &Pair) -> Vec<ScrubFile> {
     if !p.state.is_frozen() {
         return Vec::new();
     }
-    p.frozen
+    files_in(p.id, &p.frozen)
+}
+
+/// The files with data among frozen objects `objects` of pair `pair` (absent markers
+/// of a lazy instant left out).
+pub fn files_in(pair: PairId, objects: &[Frozen]) -> Vec<ScrubFile> {
+    objects
         .iter()
-        .filter(|f| f.attr.kind == FrozenKind::File && !f.extents.is_empty())
+        .filter(|f| !f.absent && f.attr.kind == FrozenKind::File && !f.extents.is_empty())
         .map(|f| ScrubFile {
-            pair: p.id,
+            pair,
             path: f.path.clone(),
             extents: f.extents.iter().collect(),
         })

@@ -12,7 +12,10 @@
 //!
 //! A file node names its pair, its index in the pair's frozen list and its main-volume
 //! inode: reads go to [`crate::snap::engine::Engine::read_frozen_of`], which refuses
-//! (ESTALE) when an update moved another object to that index meanwhile.
+//! (ESTALE) when an update moved another object to that index meanwhile. A lazy pair's
+//! objects ([`lazy_objects`]: its records plus the unchanged live tree, docs/design.md
+//! "Lazy instants") are read by main inode instead; [`instant_paths`] gives an unchanged
+//! object's names at the instant when it is frozen.
 
 use std::collections::HashMap;
 
@@ -431,6 +434,160 @@ impl<'a> Builder<'a> {
     }
 }
 
+/// Where a directory listed in batches continues: the last readdir cookie seen, and a
+/// hold that keeps the directory in the namespace's cache (so its cookies stay) until
+/// the listing ends.
+pub struct Cursor {
+    /// Continue after this cookie.
+    pub cookie: u64,
+    /// Dropped when the listing ends.
+    pub hold: std::sync::Arc<dyn std::any::Any + Send + Sync>,
+}
+
+/// One batch of the unchanged members named in a live directory (name, object with an
+/// empty path) and where to continue (None: the end), or None when the directory is
+/// gone ([`crate::snap::namespace::Namespace::instant_children`]).
+pub type Children = Option<(Vec<(Vec<u8>, Frozen)>, Option<Cursor>)>;
+
+/// Every object of a lazy pair's instant (docs/design.md, "Lazy instants").
+///
+/// `records(from)` returns the pair's frozen records from index `from` on (the scope's
+/// top first; objects frozen before their first change since; absent markers);
+/// `children(dir, after)` a batch of the unchanged members named in live directory `dir`
+/// after readdir cookie `after` (None if it is gone), each with its bare name as path,
+/// and where to continue: a directory is listed in batches, each in its own hold of the
+/// namespace lock. Batches may see the directory change in between: an entry changed
+/// since the instant names a frozen (left out) or new inode, so the unchanged entries
+/// listed are exactly the instant's, each once (an entry keeps its cookie). The objects are the records (absent
+/// markers left out) plus the unchanged members reached from the frozen directories
+/// through unchanged directories, at their parent's path. The records are read again
+/// until no new one appeared during the walk: an object frozen after its directory
+/// was listed was found there unchanged (same object); one frozen before was left out
+/// of the listing and comes with its record (a record replaces what the walk found,
+/// since it holds all the object's names; a directory's entries are walked once).
+pub fn lazy_objects(
+    mut records: impl FnMut(usize) -> crate::error::Result<Vec<Frozen>>,
+    mut children: impl FnMut(u64, Option<Cursor>) -> crate::error::Result<Children>,
+) -> crate::error::Result<Vec<Frozen>> {
+    use std::collections::{HashSet, VecDeque};
+    let mut out: Vec<Frozen> = Vec::new();
+    let mut at: HashMap<u64, usize> = HashMap::new();
+    let mut from_record: HashSet<u64> = HashSet::new();
+    let mut walked: HashSet<u64> = HashSet::new();
+    let mut queue: VecDeque<(u64, String)> = VecDeque::new();
+    let mut seen = 0;
+    loop {
+        let fresh = records(seen)?;
+        seen += fresh.len();
+        let got_new = !fresh.is_empty();
+        for f in fresh {
+            if f.absent || !from_record.insert(f.ino) {
+                continue;
+            }
+            if f.attr.kind == FrozenKind::Dir {
+                queue.push_back((f.ino, f.path.clone()));
+            }
+            match at.get(&f.ino) {
+                Some(&k) => out[k] = f,
+                None => {
+                    at.insert(f.ino, out.len());
+                    out.push(f);
+                }
+            }
+        }
+        if !got_new && queue.is_empty() {
+            break;
+        }
+        while let Some((dir, path)) = queue.pop_front() {
+            if !walked.insert(dir) {
+                continue;
+            }
+            let mut kids = Vec::new();
+            let mut after = None;
+            loop {
+                let Some((batch, next)) = children(dir, after.take())? else {
+                    break;
+                };
+                kids.extend(batch);
+                match next {
+                    Some(c) => after = Some(c),
+                    None => break,
+                }
+            }
+            for (name, mut f) in kids {
+                let name = String::from_utf8_lossy(&name);
+                let p = if path.is_empty() {
+                    name.into_owned()
+                } else {
+                    format!("{path}/{name}")
+                };
+                if let Some(&k) = at.get(&f.ino) {
+                    // Another name of an unchanged hard-linked file (a record already
+                    // holds all of its names).
+                    if !from_record.contains(&f.ino) && !out[k].links.contains(&p) {
+                        out[k].links.push(p);
+                    }
+                    continue;
+                }
+                f.path = p.clone();
+                f.links.clear();
+                if f.attr.kind == FrozenKind::Dir {
+                    queue.push_back((f.ino, p));
+                }
+                at.insert(f.ino, out.len());
+                out.push(f);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The names of an unchanged member at a lazy pair's instant, as paths (docs/design.md,
+/// "Lazy instants"). An inode not frozen in the pair is unchanged since the instant, so
+/// its names now are its names then; `names(ino)` gives them as (parent, name).
+/// `frozen(ino)` tells where the pair froze an inode: None (not frozen: unchanged),
+/// Some(None) (marked absent: not in the scope at the instant), Some(Some(path)).
+/// Each name is resolved by walking up: a frozen directory gives its instant path, an
+/// unchanged one its one name, until a frozen directory (the scope's top always is)
+/// or a directory with no name (above the scope: that name was outside it). Empty:
+/// the inode was not in the scope at the instant. `max_depth` bounds each walk.
+pub fn instant_paths(
+    ino: u64,
+    mut names: impl FnMut(u64) -> crate::error::Result<Vec<(u64, Vec<u8>)>>,
+    mut frozen: impl FnMut(u64) -> Option<Option<String>>,
+    max_depth: usize,
+) -> crate::error::Result<Vec<String>> {
+    let mut out = Vec::new();
+    'names: for (parent, name) in names(ino)? {
+        let mut parts: Vec<Vec<u8>> = vec![name];
+        let mut dir = parent;
+        for _ in 0..max_depth {
+            match frozen(dir) {
+                Some(None) => continue 'names,
+                Some(Some(base)) => {
+                    let mut p = base;
+                    for part in parts.iter().rev() {
+                        if !p.is_empty() {
+                            p.push('/');
+                        }
+                        p.push_str(&String::from_utf8_lossy(part));
+                    }
+                    out.push(p);
+                    continue 'names;
+                }
+                None => {
+                    let Some((up, n)) = names(dir)?.into_iter().next() else {
+                        continue 'names;
+                    };
+                    parts.push(n);
+                    dir = up;
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// (parent path, last name) of a relative path.
 fn split_path(path: &str) -> (&str, &str) {
     match path.rfind('/') {
@@ -580,5 +737,141 @@ mod tests {
             v.lookup(VIEW_ROOT, b"f").unwrap().attr.kind,
             FrozenKind::File
         );
+    }
+
+    /// A tree as (ino -> names) and a lazy pair's frozen map (ino -> path or absent).
+    fn paths_of(
+        ino: u64,
+        names: &[(u64, &[(u64, &str)])],
+        frozen: &[(u64, Option<&str>)],
+    ) -> Vec<String> {
+        let names: HashMap<u64, Vec<(u64, Vec<u8>)>> = names
+            .iter()
+            .map(|(i, ns)| {
+                (
+                    *i,
+                    ns.iter()
+                        .map(|(p, n)| (*p, n.as_bytes().to_vec()))
+                        .collect(),
+                )
+            })
+            .collect();
+        let frozen: HashMap<u64, Option<String>> = frozen
+            .iter()
+            .map(|(i, p)| (*i, p.map(str::to_string)))
+            .collect();
+        instant_paths(
+            ino,
+            |i| Ok(names.get(&i).cloned().unwrap_or_default()),
+            |i| frozen.get(&i).cloned(),
+            64,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn instant_paths_walk_up_to_a_frozen_directory() {
+        // Root 1; pair top 2 at "top" (frozen at the split); 3 = top/a (unchanged),
+        // 4 = top/a/f with a second name in 5 = top/b (frozen: renamed to "top/old_b"
+        // at the instant it was "top/b"), 6 = a directory moved in (absent), 7 in it,
+        // 8 outside the scope.
+        let tree: &[(u64, &[(u64, &str)])] = &[
+            (2, &[(1, "top")]),
+            (3, &[(2, "a")]),
+            (4, &[(3, "f"), (5, "g")]),
+            (5, &[(2, "renamed_b")]),
+            (6, &[(3, "in")]),
+            (7, &[(6, "x")]),
+            (8, &[(1, "out")]),
+            (9, &[(8, "o"), (3, "o2")]),
+        ];
+        let frozen: &[(u64, Option<&str>)] = &[(2, Some("top")), (5, Some("top/b")), (6, None)];
+        assert_eq!(paths_of(3, tree, frozen), ["top/a"]);
+        assert_eq!(paths_of(4, tree, frozen), ["top/a/f", "top/b/g"]);
+        assert!(paths_of(7, tree, frozen).is_empty(), "under an absent dir");
+        assert!(paths_of(8, tree, frozen).is_empty(), "above the top");
+        assert_eq!(
+            paths_of(9, tree, frozen),
+            ["top/a/o2"],
+            "only the name inside the scope"
+        );
+        // A root pair: the root is the frozen top at "".
+        assert_eq!(paths_of(8, tree, &[(1, Some(""))]), ["out"]);
+        assert_eq!(
+            paths_of(4, tree, &[(1, Some(""))]),
+            ["top/a/f", "top/renamed_b/g"]
+        );
+    }
+
+    #[test]
+    fn lazy_objects_merge_records_with_the_unchanged_live_tree() {
+        // Live tree: top(2) holds a(3, dir), f(4, file, also named a/f2), n(9, new:
+        // not listed by `children`, which leaves out frozen and new inodes); a holds
+        // f2 (4) and g (5). Records: top, and 6 = "top/gone" (removed since), and an
+        // absent marker for 7. A record for 5 appears during the walk (frozen after
+        // `a` was listed: the walk already found it, the record replaces it).
+        let mut top = obj(2, "top", FrozenKind::Dir);
+        top.attr.perm = 0o700;
+        let records = std::cell::RefCell::new(vec![
+            top,
+            obj(6, "top/gone", FrozenKind::File),
+            Frozen::absent(7),
+        ]);
+        let children = |dir: u64, after: Option<Cursor>| -> crate::error::Result<Children> {
+            let cursor = |cookie| Cursor {
+                cookie,
+                hold: std::sync::Arc::new(()),
+            };
+            Ok(match (dir, after.map(|c| c.cookie)) {
+                // Two batches.
+                (2, None) => Some((
+                    vec![(b"a".to_vec(), obj(3, "", FrozenKind::Dir))],
+                    Some(cursor(5)),
+                )),
+                (2, Some(5)) => Some((vec![(b"f".to_vec(), obj(4, "", FrozenKind::File))], None)),
+                (3, None) => {
+                    let mut g = obj(5, "top/a/g", FrozenKind::File);
+                    g.attr.size = 99;
+                    records.borrow_mut().push(g);
+                    Some((
+                        vec![
+                            (b"f2".to_vec(), obj(4, "", FrozenKind::File)),
+                            (b"g".to_vec(), obj(5, "", FrozenKind::File)),
+                        ],
+                        None,
+                    ))
+                }
+                _ => None,
+            })
+        };
+        let got = lazy_objects(
+            |from| Ok(records.borrow().get(from..).unwrap_or_default().to_vec()),
+            children,
+        )
+        .unwrap();
+        let by: HashMap<u64, &Frozen> = got.iter().map(|f| (f.ino, f)).collect();
+        assert_eq!(got.len(), 5, "{got:?}");
+        assert_eq!(by[&2].attr.perm, 0o700);
+        assert_eq!(by[&3].path, "top/a");
+        assert_eq!(by[&4].path, "top/f");
+        assert_eq!(by[&4].links, ["top/a/f2"]);
+        assert_eq!(
+            by[&5].attr.size, 99,
+            "the record replaced the walk's object"
+        );
+        assert_eq!(by[&6].path, "top/gone");
+        assert!(!by.contains_key(&7), "absent markers are left out");
+        // Built into a view: one inode under both names.
+        let mut num = Numbering::default();
+        let mut b = Builder::new(1, 4096, &mut num);
+        b.add_pair(1, &got);
+        let v = b.finish();
+        let t = v.lookup(VIEW_ROOT, b"top").unwrap().attr.ino;
+        let a = v.lookup(t, b"a").unwrap().attr.ino;
+        assert_eq!(
+            v.lookup(t, b"f").unwrap().attr.ino,
+            v.lookup(a, b"f2").unwrap().attr.ino
+        );
+        assert_eq!(v.lookup(t, b"f").unwrap().attr.nlink, 2);
     }
 }

@@ -98,6 +98,37 @@ impl Vol {
         self.mounted = false;
     }
 
+    /// Kills this volume's daemon with SIGKILL (no last commit, no clean flag), waits
+    /// until it is gone and lazily unmounts its dead mounts.
+    pub fn kill9(&mut self) {
+        let pat = format!(" mount {} ", self.img.display());
+        let out = Command::new("pgrep").arg("-f").arg(&pat).output().unwrap();
+        let pids: Vec<String> = String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .map(str::to_string)
+            .collect();
+        assert!(!pids.is_empty(), "no daemon of {}", self.img.display());
+        for p in &pids {
+            let _ = Command::new("kill").args(["-9", p]).output();
+        }
+        let t = Instant::now();
+        while pids
+            .iter()
+            .any(|p| Path::new(&format!("/proc/{p}")).exists())
+            && t.elapsed() < Duration::from_secs(20)
+        {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        for m in [&self.mnt, &self.copy] {
+            let _ = Command::new("fusermount3")
+                .arg("-u")
+                .arg("-z")
+                .arg(m)
+                .output();
+        }
+        self.mounted = false;
+    }
+
     pub fn path(&self, rel: &str) -> PathBuf {
         self.mnt.join(rel)
     }

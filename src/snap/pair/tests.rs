@@ -451,3 +451,84 @@ fn retain_tracks_drops_bits_of_tracks_the_members_left_and_finishes_forming() {
     assert!(p.retain_tracks(&set(&[7])));
     assert_eq!(p.split_diff.iter().collect::<Vec<_>>(), vec![7]);
 }
+
+/// A lazy instant: the split keeps the forming-diff as pending and pins nothing of the
+/// scope; a lazy freeze pins its object's tracks; `needs_freeze` and `holds` follow the
+/// inode limit and the records; a freed track leaves the split-diff; a lazy update copies
+/// the split-diff and drops (unpins) the old records; a lazy resync copies the
+/// split-diff tracks the scope still maps.
+#[test]
+fn lazy_instants_freeze_on_demand() {
+    let file = |ino: u64, tracks: &[(u64, u64)]| {
+        let mut e = ExtentMap::new();
+        for (k, &(v, l)) in tracks.iter().enumerate() {
+            e.insert(k as u64 * 100, v, l);
+        }
+        Frozen {
+            ino,
+            path: format!("d/f{ino}"),
+            attr: FrozenAttr {
+                kind: FrozenKind::File,
+                ..FrozenAttr::default()
+            },
+            extents: e,
+            ..Frozen::default()
+        }
+    };
+    let top = Frozen {
+        ino: 2,
+        path: "d".into(),
+        ..Frozen::default()
+    };
+    let mut p = Pair::new(
+        1,
+        Scope::Dir(2),
+        "/d".into(),
+        [7u64].into_iter().collect(),
+        0,
+    );
+    let pins = p.split_lazy(top.clone(), 50, 1).unwrap();
+    assert!(pins.pin.is_empty() && pins.unpin.is_empty());
+    assert_eq!(p.state, PairState::Splitting);
+    assert_eq!(
+        p.pending().unwrap().count(),
+        1,
+        "the forming-diff stays pending"
+    );
+    assert!(p.needs_freeze(10) && !p.needs_freeze(2) && !p.needs_freeze(50));
+    assert!(p.holds(10) && p.holds(2) && !p.holds(50));
+    let pin = p.lazy_freeze(file(10, &[(20, 2)]));
+    assert_eq!(pin.iter().collect::<Vec<_>>(), [20, 21]);
+    assert!(!p.needs_freeze(10) && p.holds(10));
+    p.lazy_freeze(Frozen::absent(11));
+    assert!(!p.needs_freeze(11) && !p.holds(11), "absent: not held");
+    assert_eq!(p.pinned_tracks().count(), 2);
+    assert_eq!(p.frozen_saved, 1, "the top is written with the split");
+    p.copied(&[7]);
+    assert_eq!(p.state, PairState::Split);
+    p.written(&[30, 31, 40]);
+    p.freed(&[40]);
+    assert_eq!(p.split_diff.iter().collect::<Vec<_>>(), [30, 31]);
+    let pins = p.update_lazy(top.clone(), 60, None, 2).unwrap();
+    assert_eq!(pins.unpin.iter().collect::<Vec<_>>(), [20, 21]);
+    assert_eq!(p.state, PairState::Updating);
+    assert_eq!(p.pending().unwrap().iter().collect::<Vec<_>>(), [30, 31]);
+    assert_eq!(p.frozen.len(), 1);
+    assert!(p.needs_freeze(10) && p.needs_freeze(55));
+    p.copied(&[30, 31]);
+    assert_eq!(p.state, PairState::Split);
+    p.written(&[33]);
+    let current: TrackSet = [31u64, 33, 90].into_iter().collect();
+    p.resync(&current, 3).unwrap();
+    assert_eq!(p.forming.iter().collect::<Vec<_>>(), [33]);
+    assert_eq!(p.lazy, None);
+    assert!(!p.needs_freeze(10));
+    // From error, a lazy update needs the scope's tracks.
+    p.copied(&[33]);
+    p.split_lazy(top.clone(), 70, 4).unwrap();
+    p.fail("x".into());
+    assert!(p.update_lazy(top.clone(), 80, None, 5).is_err());
+    let all: TrackSet = [5u64, 6].into_iter().collect();
+    p.update_lazy(top, 80, Some(&all), 5).unwrap();
+    assert_eq!(p.pending().unwrap().count(), 2);
+}
