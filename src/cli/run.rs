@@ -1023,7 +1023,7 @@ fn migrate(mnt: &Path, to: Option<&str>, copy_image: bool, wait: bool, abort: bo
         (false, None) => return Err(Error::invalid("migrate: give --to TARGET or --abort")),
     };
     crate::cli::status::setxattr_value(mnt, "migrate", value.as_bytes())?;
-    if !wait {
+    if !wait && !abort {
         println!(
             "{}: {}",
             mnt.display(),

@@ -129,6 +129,9 @@ pub struct Migrator {
     tracks: u64,
     st: Mutex<State>,
     cv: Condvar,
+    /// Copy rate limit in bytes per second (`PAIRFS_MIGRATE_BPS` in the daemon's
+    /// environment), none by default.
+    bps: Option<u64>,
 }
 
 fn quote(s: &str) -> String {
@@ -202,6 +205,10 @@ impl Migrator {
                 ..State::default()
             }),
             cv: Condvar::new(),
+            bps: std::env::var("PAIRFS_MIGRATE_BPS")
+                .ok()
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .filter(|&b| b > 0),
         }
     }
 
@@ -512,7 +519,15 @@ impl Migrator {
         let img = self.image(which).clone();
         let mut cursor = 0u64;
         let mut last_mark = 0u64;
+        let t0 = Instant::now();
         loop {
+            if let Some(bps) = self.bps {
+                let due = Duration::from_secs_f64((cursor * ts) as f64 / bps as f64);
+                if let Some(wait) = due.checked_sub(t0.elapsed()) {
+                    std::thread::sleep(wait.min(Duration::from_millis(200)));
+                    continue;
+                }
+            }
             {
                 let st = self.lock();
                 if st.stop {
