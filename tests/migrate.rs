@@ -656,6 +656,9 @@ fn kill_during(when: &str) {
     check_synced(&e, &m);
     e.check_sums();
     let s = e.migration();
+    crashmodel::say(&format!(
+        "kill {when}: killed at `{at}`; after remount: `{s}`"
+    ));
     if s.starts_with("migrating") {
         assert!(s.contains("phase=verify") || when == "early", "{s}");
         let end = e.wait_migration(Duration::from_secs(120));
