@@ -66,7 +66,7 @@ cleanup() {
 trap cleanup EXIT
 dropcaches() { sync; echo 3 >/proc/sys/vm/drop_caches; }
 mountit() {
-    PAIRFS_LOG_FILE=$W/daemon.log RUST_LOG=info "$pf" mount "$VOL" "$MNT" --copy-mount "$CMNT" --daemon \
+    PAIRFS_LOG_FILE=$W/daemon.log RUST_LOG=info "$pf" mount "$VOL" "$MNT" --copy-mount "$CMNT" --daemon 2>>"$W/daemon.log" \
         || die "mount failed: $(tail -5 "$W/daemon.log")"
 }
 sums() { (cd "$MNT" && find . -type f ! -name w.bin -print0 | sort -z | xargs -0 md5sum; \
@@ -134,10 +134,9 @@ else
     target=$W/new/vol.img
 fi
 log "migration to $target under the writer"
+dropcaches
 rm -f "$W/stop"
 writer "$W/during.txt" & writer_pid=$!
-sleep 1
-dropcaches
 t0=$(date +%s.%N)
 "$pf" migrate "$MNT" --to "$target" --wait >"$W/migrate.out" || die "migrate failed: $(cat "$W/migrate.out")"
 t1=$(date +%s.%N)

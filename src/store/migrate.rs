@@ -391,6 +391,52 @@ mod tests {
     }
 
     #[test]
+    fn concurrent_writes_during_the_copy_leave_the_target_equal() {
+        // Without the range exclusion this fails in about one round of three.
+        for _ in 0..12 {
+            copy_under_concurrent_writes();
+        }
+    }
+
+    fn copy_under_concurrent_writes() {
+        let len = 1u64 << 20;
+        let src = Arc::new(MemVolume::new(len as usize));
+        let m = Arc::new(MigratingVolume::new(src.clone(), "volume"));
+        let dst = Arc::new(MemVolume::new(len as usize));
+        m.start(dst.clone()).unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let writers: Vec<_> = (0..3u64)
+            .map(|w| {
+                let (m, stop) = (m.clone(), stop.clone());
+                std::thread::spawn(move || {
+                    let mut x = w * 7919 + 1;
+                    while !stop.load(Ordering::Relaxed) {
+                        x = x
+                            .wrapping_mul(6364136223846793005)
+                            .wrapping_add(1442695040888963407);
+                        let off = (x >> 20) % (len - 5000);
+                        m.write_at(off, &vec![(x >> 8) as u8; 1 + (x % 4999) as usize])
+                            .unwrap();
+                    }
+                })
+            })
+            .collect();
+        let mut off = 0;
+        while off < len {
+            m.copy_batch(off, 16384, false, true).unwrap();
+            off += 16384;
+        }
+        stop.store(true, Ordering::Relaxed);
+        for w in writers {
+            w.join().unwrap();
+        }
+        assert!(
+            src.live_image() == dst.live_image(),
+            "target differs from source"
+        );
+    }
+
+    #[test]
     fn verify_rewrites_only_what_differs() {
         let src = Arc::new(MemVolume::new(1 << 14));
         src.write_at(0, &[7u8; 1 << 14]).unwrap();
