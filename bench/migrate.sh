@@ -16,7 +16,8 @@
 # Environment: PAIRFS_BIN (default target/release/pairfs, built unless --no-build),
 # BENCH_DIR (parent of the work directory, default /var/tmp; a real disk, not tmpfs),
 # FILE_MB (default 1024; --quick 64), VOL_SIZE (default 2G; --quick 256M),
-# IDLE_S (writer seconds before the migration, default 10; --quick 3).
+# IDLE_S (writer seconds before the migration, default 10; --quick 3), MIGRATE_BPS (the
+# daemon's copy-rate cap PAIRFS_MIGRATE_BPS, bytes/s; default none).
 # Needs root (drop_caches, FUSE), python3; nbdkit for --nbd.
 set -euo pipefail
 
@@ -66,7 +67,7 @@ cleanup() {
 trap cleanup EXIT
 dropcaches() { sync; echo 3 >/proc/sys/vm/drop_caches; }
 mountit() {
-    PAIRFS_LOG_FILE=$W/daemon.log RUST_LOG=info "$pf" mount "$VOL" "$MNT" --copy-mount "$CMNT" --daemon 2>>"$W/daemon.log" \
+    PAIRFS_MIGRATE_BPS=${MIGRATE_BPS:-0} PAIRFS_LOG_FILE=$W/daemon.log RUST_LOG=info "$pf" mount "$VOL" "$MNT" --copy-mount "$CMNT" --daemon 2>>"$W/daemon.log" \
         || die "mount failed: $(tail -5 "$W/daemon.log")"
 }
 sums() { (cd "$MNT" && find . -type f ! -name w.bin -print0 | sort -z | xargs -0 md5sum; \

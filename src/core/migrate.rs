@@ -44,6 +44,9 @@ const K_MARK: &str = "migrate_mark";
 const BATCH_BYTES: u64 = 1 << 20;
 /// Bytes between durable marks.
 const MARK_BYTES: u64 = 64 << 20;
+/// Bytes between syncs of the target: copied data not yet synced is what a host `fsync`
+/// (which syncs both images while mirroring) has to flush on top of its own.
+const SYNC_BYTES: u64 = 8 << 20;
 
 /// Which image moves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -511,6 +514,7 @@ impl Migrator {
         let ts = self.track_size;
         let per_batch = (BATCH_BYTES / ts).max(1);
         let per_mark = (MARK_BYTES / ts).max(1);
+        let per_sync = (SYNC_BYTES / ts).max(1);
         let (which, verify_below, fresh) = {
             let st = self.lock();
             let j = st.job.as_ref().expect("job");
@@ -566,6 +570,13 @@ impl Migrator {
                     self.finish_abort(d, Some(msg));
                     return;
                 }
+            }
+            if cursor % per_sync == 0
+                && cursor - last_mark < per_mark
+                && let Err(e) = img.sync_target()
+            {
+                self.finish_abort(d, Some(e.to_string()));
+                return;
             }
             if cursor - last_mark >= per_mark && cursor < self.tracks && cursor > verify_below {
                 if let Err(e) = img.sync_target() {
