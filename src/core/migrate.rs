@@ -7,7 +7,8 @@
 //! `pairfs mount` follows ([`crate::core::volfile::follow_locations`]).
 //!
 //! Order of writes (docs/design.md, "Online migration"):
-//! 1. record the migration (target, mark 0), then mirror every write to both images;
+//! 1. record the migration (target, mark 0), then mirror every write to both images (syncs
+//!    go to the source alone: it stays the volume until the switch);
 //! 2. copy every track in order, in 1 MiB batches; every 64 MiB sync the target, then
 //!    commit the mark (tracks below it were copied);
 //! 3. switch: syncs wait; sync the target; commit `<image>_image = TARGET` with the
@@ -44,8 +45,8 @@ const K_MARK: &str = "migrate_mark";
 const BATCH_BYTES: u64 = 1 << 20;
 /// Bytes between durable marks.
 const MARK_BYTES: u64 = 64 << 20;
-/// Bytes between syncs of the target: copied data not yet synced is what a host `fsync`
-/// (which syncs both images while mirroring) has to flush on top of its own.
+/// Bytes between syncs of the target (host syncs go to the source only), so that the
+/// switch, which holds syncs back while it syncs the target, has little left to flush.
 const SYNC_BYTES: u64 = 8 << 20;
 
 /// Which image moves.
