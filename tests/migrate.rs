@@ -620,6 +620,13 @@ fn a_target_that_fills_up_aborts_with_the_source_intact() {
 /// kill -9 of the daemon during a migration at `when`; the next mount resumes it (or has
 /// completed it) and nothing fsync'd is lost.
 fn kill_during(when: &str) {
+    kill_and_resume(when, false);
+}
+
+/// [`kill_during`]; with `scribble`, garbage is then written over the target's first
+/// 64 MiB (below the durable mark): what a power cut could leave of copied tracks and of
+/// mirrored writes never synced on the target. The resume must verify and repair them.
+fn kill_and_resume(when: &str, scribble: bool) {
     let mut e = Env::new(Some(48 << 20));
     let target = e.root().join("t.img");
     e.mount();
@@ -651,6 +658,17 @@ fn kill_during(when: &str) {
     let at = e.migration();
     e.kill9();
     let m = load.stop_after_kill();
+    if scribble {
+        let t = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&target)
+            .unwrap();
+        let junk = vec![0xA5u8; 1 << 20];
+        for mib in 1..65u64 {
+            t.write_all_at(&junk, mib << 20).unwrap();
+        }
+        t.sync_all().unwrap();
+    }
     e.fsck();
     e.mount();
     check_synced(&e, &m);
@@ -709,6 +727,11 @@ fn kill_9_early_in_a_migration_resumes_it() {
 #[test]
 fn kill_9_midway_resumes_with_verification() {
     kill_during("mid");
+}
+
+#[test]
+fn a_resume_repairs_what_the_target_lost_below_the_mark() {
+    kill_and_resume("mid", true);
 }
 
 #[test]
