@@ -102,11 +102,16 @@ while not os.path.exists(stop):
     os.pwrite(fd, buf, off)
     os.fdatasync(fd)
     lat.append((time.monotonic() - t) * 1000)
+    if len(lat) == 1:
+        open(out + ".started", "w").close()
 el = time.monotonic() - t0
 lat.sort()
 q = lambda p: lat[min(len(lat) - 1, int(p * len(lat)))]
 with open(out, "w") as f:
-    f.write(f"{q(0.5):.3f} {q(0.99):.3f} {lat[-1]:.3f} {len(lat) / el:.0f}\n")
+    if lat:
+        f.write(f"{q(0.5):.3f} {q(0.99):.3f} {lat[-1]:.3f} {len(lat) / el:.0f}\n")
+    else:
+        f.write("- - - 0\n")  # no write completed in the window
 EOF
 }
 
@@ -138,6 +143,7 @@ log "migration to $target under the writer"
 dropcaches
 rm -f "$W/stop"
 writer "$W/during.txt" & writer_pid=$!
+until [ -e "$W/during.txt.started" ]; do sleep 0.01; done
 t0=$(date +%s.%N)
 "$pf" migrate "$MNT" --to "$target" --wait >"$W/migrate.out" || die "migrate failed: $(cat "$W/migrate.out")"
 t1=$(date +%s.%N)
