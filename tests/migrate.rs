@@ -537,9 +537,14 @@ fn abort_returns_to_the_source() {
     e.mount();
     let m = e.populate();
     let load = Load::start(&e, m);
+    let inside = e.mnt.join("inside.img");
+    let (ok, t) = e.migrate(&["--to", inside.to_str().unwrap()]);
+    assert!(!ok, "a target inside the mount itself is refused: {t}");
     let target = e.root().join("t.img");
     let (ok, t) = e.migrate(&["--to", target.to_str().unwrap()]);
     assert!(ok, "{t}");
+    let (ok, t) = e.migrate(&["--to", e.root().join("t2.img").to_str().unwrap()]);
+    assert!(!ok, "one migration at a time: {t}");
     thread::sleep(Duration::from_millis(1500));
     assert!(e.migration().starts_with("migrating"), "{}", e.migration());
     let (ok, t) = e.migrate(&["--abort"]);

@@ -1013,10 +1013,15 @@ fn migrate(mnt: &Path, to: Option<&str>, copy_image: bool, wait: bool, abort: bo
             let t = if volfile::is_uri(Path::new(t)) {
                 t.to_string()
             } else {
-                std::path::absolute(t)
-                    .map_err(|e| Error::io("migration target", e))?
-                    .display()
-                    .to_string()
+                let abs = std::path::absolute(t).map_err(|e| Error::io("migration target", e))?;
+                // Resolve the directory (symlinks), so the daemon can tell a target inside
+                // its own mount.
+                match (abs.parent().map(std::fs::canonicalize), abs.file_name()) {
+                    (Some(Ok(dir)), Some(name)) => dir.join(name),
+                    _ => abs,
+                }
+                .display()
+                .to_string()
             };
             format!("{} {t}", if copy_image { "copy" } else { "volume" })
         }

@@ -207,6 +207,15 @@ impl MainFs {
             .trim_end_matches('\0')
             .trim();
         let (word, rest) = v.split_once(' ').unwrap_or((v, ""));
+        // An image inside the file system it holds would be written through this daemon.
+        if let Some(m) = &self.mountpoint
+            && Path::new(rest.trim()).starts_with(m)
+        {
+            return Err(Error::invalid(format!(
+                "migrate: the target {rest} is inside the mount {} itself",
+                m.display()
+            )));
+        }
         match word {
             "abort" => self.fs.migrator.abort(),
             "volume" => self.fs.migrate(crate::core::migrate::Which::Volume, rest),
