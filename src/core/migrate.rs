@@ -234,7 +234,7 @@ impl Migrator {
 
     /// The locks a target needs: a volume target becomes the mount lock (the file, or
     /// `META.lock` for a URI, unless the mount already holds that); a copy-image target
-    /// is locked against snapshot mounts until the switch, and so is the source.
+    /// is locked against snapshot mounts until the switch.
     fn target_locks(&self, which: Which, target: &str, places: &Places) -> Result<Vec<VolumeLock>> {
         let t = Path::new(target);
         let mut locks = Vec::new();
@@ -246,8 +246,10 @@ impl Migrator {
                 }
             }
             Which::Copy => {
+                // The source's snapshot lock stays the engine's until the switch (a snapshot
+                // mount of it keeps refusing root-pair update/resync/release); the target's
+                // is held so that nothing mounts it before it is the copy image.
                 let src = volfile::image_lock_path(&places.meta, &places.copy, ".copy.lock");
-                locks.push(crate::store::lock::lock_copy_for_rewrite(&src)?);
                 let lk = volfile::image_lock_path(&places.meta, t, ".copy.lock");
                 if lk != src {
                     locks.push(crate::store::lock::lock(&lk, true)?);
@@ -550,6 +552,7 @@ impl Migrator {
             }
             if d.meta_failed() {
                 // Nothing commits until remount; the record resumes then.
+                self.idle_until_stop();
                 return;
             }
             if cursor >= self.tracks {
@@ -572,7 +575,7 @@ impl Migrator {
                     return;
                 }
             }
-            if cursor % per_sync == 0
+            if cursor.is_multiple_of(per_sync)
                 && cursor - last_mark < per_mark
                 && let Err(e) = img.sync_target()
             {
@@ -588,6 +591,8 @@ impl Migrator {
                 if d.commit_record(&mut |m: &Meta| m.set_super_values(&[(K_MARK, Some(&mark))]))
                     .is_err()
                 {
+                    // The metadata failed: nothing commits until remount.
+                    self.idle_until_stop();
                     return;
                 }
                 last_mark = cursor;
@@ -670,6 +675,14 @@ impl Migrator {
                 });
                 self.finish_abort(d, Some(e.to_string()));
             }
+        }
+    }
+
+    /// Waits for unmount (the job stays recorded and resumes at the next mount).
+    fn idle_until_stop(&self) {
+        let mut st = self.lock();
+        while !st.stop {
+            st = self.cv.wait(st).unwrap_or_else(|p| p.into_inner());
         }
     }
 
