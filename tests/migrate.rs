@@ -633,6 +633,10 @@ fn kill_during(when: &str) {
 /// mirrored writes never synced on the target. The resume must verify and repair them.
 fn kill_and_resume(when: &str, scribble: bool) {
     let mut e = Env::new(Some(48 << 20));
+    if when == "recorded" {
+        e.extra_env
+            .push(("PAIRFS_MIGRATE_SWITCH_PAUSE_MS".into(), "3000".into()));
+    }
     let target = e.root().join("t.img");
     e.mount();
     let m = e.populate();
@@ -653,6 +657,11 @@ fn kill_and_resume(when: &str, scribble: bool) {
                 thread::sleep(Duration::from_millis(2));
             }
         }
+        "recorded" => {
+            while !e.migration().contains("phase=switching") && t0.elapsed() < limit {
+                thread::sleep(Duration::from_millis(5));
+            }
+        }
         "after" => {
             while !e.migration().starts_with("migrated") && t0.elapsed() < limit {
                 thread::sleep(Duration::from_millis(2));
@@ -661,6 +670,10 @@ fn kill_and_resume(when: &str, scribble: bool) {
         _ => unreachable!(),
     }
     let at = e.migration();
+    if when == "recorded" {
+        assert!(at.contains("phase=switching"), "{at}");
+        assert_eq!(e.super_row("volume_image").as_deref(), target.to_str());
+    }
     e.kill9();
     let m = load.stop_after_kill();
     if scribble {
@@ -742,6 +755,11 @@ fn a_resume_repairs_what_the_target_lost_below_the_mark() {
 #[test]
 fn kill_9_around_the_switch_loses_nothing() {
     kill_during("switch");
+}
+
+#[test]
+fn kill_9_between_the_durable_switch_and_the_swap_mounts_the_target() {
+    kill_during("recorded");
 }
 
 #[test]

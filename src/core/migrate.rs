@@ -109,6 +109,8 @@ struct Job {
     started: Instant,
     written: u64,
     abort: bool,
+    /// Between the durable switch and the swap (shown only with the test hook's pause).
+    switching: bool,
     /// A regular file we created: removed if the migration is aborted.
     created: Option<PathBuf>,
     locks: Vec<VolumeLock>,
@@ -330,6 +332,7 @@ impl Migrator {
             started: Instant::now(),
             written: 0,
             abort: false,
+            switching: false,
             created,
             locks,
         });
@@ -402,6 +405,7 @@ impl Migrator {
             started: Instant::now(),
             written: 0,
             abort: false,
+            switching: false,
             locks,
         });
         self.cv.notify_all();
@@ -466,7 +470,9 @@ impl Migrator {
             rate,
             quote(&j.from),
             quote(&j.target),
-            if j.cursor < j.verify_below {
+            if j.switching {
+                " phase=switching"
+            } else if j.cursor < j.verify_below {
                 " phase=verify"
             } else {
                 ""
@@ -630,13 +636,25 @@ impl Migrator {
             ])
         });
         if let Err(e) = r {
-            // Still mirroring, so either image is complete; nothing commits until remount.
+            // Whether or not the record reached the disk, both images stay complete as long
+            // as the writes are mirrored: keep mirroring until unmount (nothing commits
+            // until remount; the next mount follows whichever record is durable).
             img.end_switch();
             log::error!("migration: the switch could not be recorded: {e}");
-            if let Some(j) = self.lock().job.as_mut() {
-                j.abort = true;
-            }
+            self.idle_until_stop();
             return;
+        }
+        if let Some(ms) = std::env::var("PAIRFS_MIGRATE_SWITCH_PAUSE_MS")
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok())
+        {
+            // Test hook (tests/migrate.rs): a kill lands between the durable switch and
+            // the swap.
+            if let Some(j) = self.lock().job.as_mut() {
+                j.switching = true;
+            }
+            log::info!("migration: switch recorded; pausing {ms} ms before the swap (test hook)");
+            std::thread::sleep(Duration::from_millis(ms));
         }
         match img.finish_switch() {
             Ok(old) => {
