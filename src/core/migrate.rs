@@ -707,31 +707,39 @@ impl Migrator {
     /// Aborts the job: clears the record, drops the target, removes a target file we
     /// created.
     fn finish_abort(&self, d: &Durability, why: Option<String>) {
-        let Some(j) = self.lock().job.take() else {
+        // The job stays (status: still migrating) until the abort is done, then goes with
+        // the final state set in the same step.
+        let Some((which, target, from, created)) = self
+            .lock()
+            .job
+            .as_ref()
+            .map(|j| (j.which, j.target.clone(), j.from.clone(), j.created.clone()))
+        else {
             return;
         };
         if let Err(e) = d.commit_record(&mut |m: &Meta| clear_rows(m)) {
             log::error!("migration abort: {e}");
         }
-        self.image(j.which).abort();
-        if let Some(p) = &j.created {
+        self.image(which).abort();
+        if let Some(p) = &created {
             let _ = std::fs::remove_file(p);
         }
         let why = why.unwrap_or_else(|| "aborted".into());
         log::warn!(
-            "migration of the {} image to {} aborted: {why}; it stays at {}",
-            j.which.name(),
-            j.target,
-            j.from
+            "migration of the {} image to {target} aborted: {why}; it stays at {from}",
+            which.name(),
         );
-        self.lock().last = Some(format!(
+        let mut st = self.lock();
+        let j = st.job.take();
+        st.last = Some(format!(
             "aborted image={} from={} target={} error={}",
-            j.which.name(),
-            quote(&j.from),
-            quote(&j.target),
+            which.name(),
+            quote(&from),
+            quote(&target),
             quote(&why)
         ));
-        drop(j.locks);
+        drop(st);
+        drop(j);
     }
 
     /// Waits until no migration runs or `timeout` passes (tests, `--wait`).
