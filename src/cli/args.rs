@@ -117,6 +117,31 @@ pub enum Cmd {
     Resync(WaitArgs),
     /// Delete the pair and its frozen copy.
     Release(PathArgs),
+    /// Move the volume image (or the copy image) of a mounted volume to TARGET while it
+    /// is in use.
+    ///
+    /// A background copy runs while every write goes to both images; at the end the
+    /// metadata records the new place in one durable step and the old image is no longer
+    /// used (it is left in place: delete it yourself). Pairs, frozen copies and the copy
+    /// mount are unaffected. `pairfs status` shows progress, rate and ETA. A kill or crash
+    /// at any point: the next mount resumes or has completed it. The volume mounts again
+    /// with the same command line (the metadata says where its images are now).
+    Migrate {
+        /// The mountpoint.
+        mountpoint: PathBuf,
+        /// Where to: a new file, a block device or an NBD URI.
+        #[arg(long, value_name = "PATH|URI", conflicts_with = "abort")]
+        to: Option<String>,
+        /// Move the copy image instead of the volume image.
+        #[arg(long)]
+        copy_image: bool,
+        /// Block until the migration has switched (or aborted).
+        #[arg(long)]
+        wait: bool,
+        /// Stop the running migration and stay on the source.
+        #[arg(long)]
+        abort: bool,
+    },
     /// Show pairs: states, progress, rate and ETA, pinned space.
     Status {
         /// A file or directory on a pairfs mount, or a mountpoint (all its pairs).

@@ -23,6 +23,12 @@ fn paths(v: &VolumeArgs) -> Result<Paths> {
     Paths::resolve(&v.volume, v.meta.as_deref(), v.copy.as_deref())
 }
 
+/// The paths of an existing volume: those of the command line, or where a migration
+/// moved its images (recorded in the metadata).
+fn located(v: &VolumeArgs) -> Result<Paths> {
+    volfile::follow_locations(&paths(v)?)
+}
+
 /// Runs one command; returns the exit code.
 pub fn run(cli: Cli) -> Result<u8> {
     match cli.cmd {
@@ -71,7 +77,7 @@ pub fn run(cli: Cli) -> Result<u8> {
                 return Ok(0);
             }
             let mut m = MountSpec {
-                paths: paths(&vol)?,
+                paths: located(&vol)?,
                 mountpoint,
                 copy_mount,
                 threads: threads as usize,
@@ -93,7 +99,7 @@ pub fn run(cli: Cli) -> Result<u8> {
             daemon,
         } => {
             let m = MountSpec {
-                paths: paths(&vol)?,
+                paths: located(&vol)?,
                 mountpoint: mountpoint.clone(),
                 copy_mount: Some(mountpoint),
                 threads: 2,
@@ -114,7 +120,7 @@ pub fn run(cli: Cli) -> Result<u8> {
             daemon,
         } => {
             let m = MountSpec {
-                paths: paths(&vol)?,
+                paths: located(&vol)?,
                 mountpoint,
                 copy_mount: None,
                 threads: 2,
@@ -138,6 +144,13 @@ pub fn run(cli: Cli) -> Result<u8> {
         Cmd::Split(a) => control(&a.path, "split", a.wait),
         Cmd::Update(a) => control(&a.path, "update", a.wait),
         Cmd::Resync(a) => control(&a.path, "resync", a.wait),
+        Cmd::Migrate {
+            mountpoint,
+            to,
+            copy_image,
+            wait,
+            abort,
+        } => migrate(&mountpoint, to.as_deref(), copy_image, wait, abort),
         Cmd::Status {
             path,
             json,
@@ -173,11 +186,11 @@ pub fn run(cli: Cli) -> Result<u8> {
                 }
                 crate::cli::scrub::run(&Paths::new(&target, None, None), json)
             } else {
-                crate::cli::scrub::run(&paths(&vol)?, json)
+                crate::cli::scrub::run(&located(&vol)?, json)
             }
         }
         Cmd::Fsck { vol, repair } => {
-            let r = crate::cli::fsck::fsck(&paths(&vol)?, repair)?;
+            let r = crate::cli::fsck::fsck(&located(&vol)?, repair)?;
             for (k, v) in &r.stats {
                 println!("{k}: {v}");
             }
@@ -794,6 +807,7 @@ fn serve(spec: MountSpec, mut ready: Option<std::fs::File>) -> Result<u8> {
             .ok()
             .and_then(|v| v.parse().ok())
             .unwrap_or(Options::default().cache_inodes),
+        ..Options::default()
     };
     let (fs, _lock) = match open_volume(&spec, opts) {
         Ok(x) => x,
@@ -880,6 +894,13 @@ fn serve(spec: MountSpec, mut ready: Option<std::fs::File>) -> Result<u8> {
             std::thread::Builder::new()
                 .name("pairfs-destage".into())
                 .spawn(move || f.engine.run_destager(&*f))
+                .map_err(|e| Error::io("thread", e))?,
+        );
+        let f = fs.clone();
+        workers.push(
+            std::thread::Builder::new()
+                .name("pairfs-migrate".into())
+                .spawn(move || f.run_migrator())
                 .map_err(|e| Error::io("thread", e))?,
         );
     }
@@ -1021,4 +1042,46 @@ fn control(path: &Path, op: &str, wait: bool) -> Result<u8> {
     crate::cli::status::wait_until_done(path)?;
     println!("{}: {}", path.display(), getxattr_state(path)?);
     Ok(0)
+}
+
+/// `pairfs migrate`: sets `user.pairfs.migrate` on the mount root, then shows (or with
+/// `--wait` follows) `user.pairfs.migration`.
+fn migrate(mnt: &Path, to: Option<&str>, copy_image: bool, wait: bool, abort: bool) -> Result<u8> {
+    let value = match (abort, to) {
+        (true, _) => "abort".to_string(),
+        (false, Some(t)) => {
+            // The daemon's working directory is not ours: a path goes absolute.
+            let t = if volfile::is_uri(Path::new(t)) {
+                t.to_string()
+            } else {
+                let abs = std::path::absolute(t).map_err(|e| Error::io("migration target", e))?;
+                // Resolve the directory (symlinks), so the daemon can tell a target inside
+                // its own mount.
+                match (abs.parent().map(std::fs::canonicalize), abs.file_name()) {
+                    (Some(Ok(dir)), Some(name)) => dir.join(name),
+                    _ => abs,
+                }
+                .display()
+                .to_string()
+            };
+            format!("{} {t}", if copy_image { "copy" } else { "volume" })
+        }
+        (false, None) => return Err(Error::invalid("migrate: give --to TARGET or --abort")),
+    };
+    crate::cli::status::setxattr_value(mnt, "migrate", value.as_bytes())?;
+    if !wait && !abort {
+        println!(
+            "{}: {}",
+            mnt.display(),
+            crate::cli::status::migration_state(mnt)?
+        );
+        return Ok(0);
+    }
+    let line = crate::cli::status::wait_migration(mnt)?;
+    println!("{}: {line}", mnt.display());
+    Ok(if line.starts_with("migrated") || abort {
+        0
+    } else {
+        1
+    })
 }

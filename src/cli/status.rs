@@ -224,10 +224,107 @@ fn print_table(rows: &[(PathBuf, StateLine)]) {
     }
 }
 
+/// Sets `user.pairfs.NAME` to `value` on a path.
+pub fn setxattr_value(path: &Path, name: &str, value: &[u8]) -> Result<()> {
+    let c =
+        CString::new(path.as_os_str().as_bytes()).map_err(|_| Error::invalid("path with NUL"))?;
+    let n = CString::new(format!("user.pairfs.{name}")).expect("no NUL");
+    // SAFETY: valid C strings and a buffer of the length passed.
+    let r = unsafe {
+        libc::setxattr(
+            c.as_ptr(),
+            n.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            0,
+        )
+    };
+    if r != 0 {
+        return Err(Error::invalid(format!(
+            "{name} {}: {} (see the daemon's log; not a pairfs mount root?)",
+            path.display(),
+            std::io::Error::last_os_error()
+        )));
+    }
+    Ok(())
+}
+
+/// `user.pairfs.migration` of a mount: `none`, `migrating ...`, `migrated ...` or
+/// `aborted ...`.
+pub fn migration_state(mnt: &Path) -> Result<String> {
+    getxattr_named(mnt, "user.pairfs.migration")
+}
+
+/// Blocks until the migration of `mnt` has switched or aborted; a progress bar on a
+/// terminal. Returns the final state line.
+pub fn wait_migration(mnt: &Path) -> Result<String> {
+    let bar = std::io::stderr().is_terminal().then(|| {
+        let b = indicatif::ProgressBar::new(1000);
+        b.set_style(
+            indicatif::ProgressStyle::with_template("{msg} [{bar:40}] {elapsed} (eta {eta})")
+                .expect("template")
+                .progress_chars("=> "),
+        );
+        b
+    });
+    loop {
+        let line = migration_state(mnt)?;
+        let l = StateLine::parse(&line);
+        if l.state != "migrating" {
+            if let Some(b) = &bar {
+                b.finish_and_clear();
+            }
+            return Ok(line);
+        }
+        if let Some(b) = &bar {
+            let pct: f64 = l
+                .get("progress")
+                .and_then(|p| p.trim_end_matches('%').parse().ok())
+                .unwrap_or(0.0);
+            b.set_position((pct * 10.0) as u64);
+            b.set_message(format!("migrating {}/s", human_bytes(l.get("rate_bps"))));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The migration of each mount in `rows` that has one, as a row (path: `image -> target`).
+fn migration_rows(path: Option<&Path>) -> Vec<(PathBuf, StateLine)> {
+    let want = path.map(|p| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf()));
+    let mounts = pairfs_mounts()
+        .into_iter()
+        .filter(|(m, s)| {
+            !s.ends_with(":copy")
+                && !s.ends_with(":snapshot")
+                && want.as_ref().is_none_or(|w| w == m)
+        })
+        .map(|(m, _)| m);
+    let mut out = Vec::new();
+    for m in mounts {
+        let Ok(line) = migration_state(&m) else {
+            continue;
+        };
+        let mut l = StateLine::parse(&line);
+        if l.state == "none" {
+            continue;
+        }
+        let desc = format!(
+            "{} image -> {}",
+            l.get("image").unwrap_or("?"),
+            l.get("target").unwrap_or("?")
+        );
+        l.fields.push(("path".into(), desc));
+        out.push((m, l));
+    }
+    out
+}
+
 /// `pairfs status`.
 pub fn status(path: Option<&Path>, json: bool, watch: bool) -> Result<u8> {
     loop {
-        let rows = collect(path)?;
+        let mut rows = collect(path)?;
+        let mig = migration_rows(path);
+        rows.extend(mig);
         if json {
             let v: Vec<serde_json::Value> = rows
                 .iter()
@@ -356,9 +453,13 @@ pub fn pairfs_mounts() -> Vec<(PathBuf, String)> {
 
 /// Reads `user.pairfs.state` of a path.
 pub fn getxattr_state(path: &Path) -> Result<String> {
+    getxattr_named(path, "user.pairfs.state")
+}
+
+fn getxattr_named(path: &Path, name: &str) -> Result<String> {
     let c =
         CString::new(path.as_os_str().as_bytes()).map_err(|_| Error::invalid("path with NUL"))?;
-    let name = CString::new("user.pairfs.state").expect("no NUL");
+    let name = CString::new(name).expect("no NUL");
     let mut buf = vec![0u8; 4096];
     // SAFETY: valid C strings and a buffer of the length passed.
     let n = unsafe {

@@ -267,6 +267,21 @@ impl Durability {
         Ok(())
     }
 
+    /// Commits a record that is not part of a batch (an image's new location, a
+    /// migration's progress) in its own transaction: `write` runs under the metadata
+    /// lock. It syncs no image: the caller has made the data it describes durable. A
+    /// failure sets the metadata-failed flag like any failed commit.
+    pub fn commit_record(&self, write: &mut dyn FnMut(&Meta) -> Result<()>) -> Result<()> {
+        self.check()?;
+        let meta = self.lock_meta();
+        let r = write(&meta);
+        drop(meta);
+        if let Err(e) = &r {
+            self.fail_meta(e);
+        }
+        r
+    }
+
     /// Writes the clean flag after a final commit; never after a failed commit (the next
     /// mount must then treat the volume as unclean and repair).
     pub fn mark_clean(&self) -> Result<()> {

@@ -28,12 +28,14 @@ use crate::core::alloc::Allocator;
 use crate::core::durability::{BatchSource, Durability};
 use crate::core::extent::{Extent, Segment};
 use crate::core::inode::{AtimePolicy, Inode};
+use crate::core::migrate::{Migrator, Places, Which};
 use crate::core::trackset::TrackSet;
 use crate::error::{Error, Result};
 use crate::meta::{Batch, Geometry, InodeLoad, InodeRow, Loaded, Meta, PairDelta, Reader};
 use crate::snap::engine::{Engine, Handles, Op, Piece};
 use crate::snap::namespace::Namespace;
 use crate::snap::pair::{Frozen, FrozenAttr, FrozenKind, PairId, Pins, Scope};
+use crate::store::migrate::MigratingVolume;
 use crate::store::volume::{Checked, Volume};
 
 /// Root inode number.
@@ -235,6 +237,10 @@ pub struct Options {
     /// Cache weight (inodes plus entries of cached directories) kept in memory before
     /// clean inodes are evicted.
     pub cache_inodes: usize,
+    /// Where the volume image is (as mounted; for a migration's locks and record).
+    pub volume_image: Option<std::path::PathBuf>,
+    /// Where the copy image is (as mounted).
+    pub copy_image: Option<std::path::PathBuf>,
 }
 
 impl Default for Options {
@@ -245,6 +251,8 @@ impl Default for Options {
             meta_path: None,
             copy_path: None,
             cache_inodes: 65_536,
+            volume_image: None,
+            copy_image: None,
         }
     }
 }
@@ -280,6 +288,8 @@ pub struct Fs {
     pub evictions: AtomicU64,
     /// Lookup counts, inodes and entries freed by forgets (heap trimming).
     forgotten: AtomicU64,
+    /// Online migration of the images (`pairfs migrate`).
+    pub migrator: Migrator,
 }
 
 /// Shape changes of files, stamped in order, and the stamp the last commit covered.
@@ -355,8 +365,22 @@ impl Fs {
             st.inode_count = st.inode_count.saturating_sub(1);
             st.dirty.deleted.insert(ino);
         }
-        let vol = Arc::new(Checked::new(vol, "volume"));
-        let copy = Arc::new(Checked::new(copy, "copy image"));
+        // Both images can be moved while mounted (`pairfs migrate`).
+        let mvol = Arc::new(MigratingVolume::new(Arc::from(vol), "volume image"));
+        let mcopy = Arc::new(MigratingVolume::new(Arc::from(copy), "copy image"));
+        let migrator = Migrator::new(
+            mvol.clone(),
+            mcopy.clone(),
+            ts,
+            geo.tracks(),
+            Places {
+                meta: opts.meta_path.clone().unwrap_or_default(),
+                volume: opts.volume_image.clone().unwrap_or_default(),
+                copy: opts.copy_image.clone().unwrap_or_default(),
+            },
+        );
+        let vol = Arc::new(Checked::new(Box::new(mvol), "volume"));
+        let copy = Arc::new(Checked::new(Box::new(mcopy), "copy image"));
         let meta = Arc::new(Mutex::new(meta));
         let durability = Arc::new(Durability::new(vol.clone(), copy.clone(), meta.clone()));
         let engine = Engine::new(Handles {
@@ -384,10 +408,14 @@ impl Fs {
             stop_cv: Condvar::new(),
             evictions: AtomicU64::new(0),
             forgotten: AtomicU64::new(0),
+            migrator,
         };
         fs.engine.load_sums(fs.geo.tracks(), &loaded.sums);
         fs.engine
             .load(&fs, loaded.pairs, loaded.clean, loaded.next_pair)?;
+        if !fs.opts.readonly && fs.opts.volume_image.is_some() {
+            fs.migrator.resume(&fs.durability, &fs.meta)?;
+        }
         Ok(fs)
     }
 
@@ -2081,11 +2109,35 @@ impl Fs {
         }
     }
 
-    /// Asks the flusher and copier to stop.
+    /// Asks the flusher, copier and migrator to stop.
     pub fn request_stop(&self) {
         *self.stop.lock().unwrap_or_else(|p| p.into_inner()) = true;
         self.stop_cv.notify_all();
         self.engine.stop();
+        self.migrator.stop();
+    }
+
+    /// Starts moving an image to `target` (`user.pairfs.migrate`, `pairfs migrate`).
+    pub fn migrate(&self, which: Which, target: &str) -> Result<()> {
+        Fs::check_readonly(&self.opts)?;
+        self.durability.check()?;
+        self.migrator.start(&self.durability, which, target)
+    }
+
+    /// The migration thread (`pairfs-migrate`): runs until [`Fs::request_stop`].
+    pub fn run_migrator(&self) {
+        self.migrator.run(&self.durability, &|which, place| {
+            if which == Which::Copy
+                && let Some(meta) = &self.opts.meta_path
+            {
+                self.engine
+                    .set_copy_lock_path(crate::core::volfile::image_lock_path(
+                        meta,
+                        place,
+                        ".copy.lock",
+                    ));
+            }
+        });
     }
 
     /// True once [`Fs::request_stop`] was called.

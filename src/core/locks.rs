@@ -20,8 +20,12 @@
 //! Leaves (nothing is taken while holding them): `Fs::layout` (shape-change stamps for
 //! `fdatasync`), the engine's pair map, a slot's
 //! `unconfirmed`, `cow_queue` and `new_sums` lists, the engine's checksum table (`sums`)
-//! and verified-track map (`verified`), the copier's `work` counter, and
-//! [`Checked`](crate::store::volume::Checked)'s `sync_lock` (held across one fsync).
+//! and verified-track map (`verified`), the copier's `work` counter,
+//! [`Checked`](crate::store::volume::Checked)'s `sync_lock` (held across one fsync), and
+//! the image-level locks of [`MigratingVolume`](crate::store::migrate::MigratingVolume)
+//! (`images`, read-held across each call on an image; `ranges`; `switching`).
+//! [`Migrator`](crate::core::migrate::Migrator)'s state mutex is taken before `meta`
+//! (7) and an image's `images`, never under them.
 //!
 //! Data I/O runs holding only 1 and 2, so reads and writes of different files (and of
 //! the same file) run in parallel; syncs hold at most 3–5; `namespace` (6) is held across I/O

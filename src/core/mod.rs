@@ -1,6 +1,7 @@
 //! The filesystem core: the POSIX namespace and data path ([`fs`]), the pure building
 //! blocks it is made of ([`acl`], [`alloc`], [`extent`], [`inode`], [`trackset`]), the
-//! one path every sync and commit takes ([`durability`]), the lock order ([`locks`]) and
+//! one path every sync and commit takes ([`durability`]), the lock order ([`locks`]), online
+//! migration of an image ([`migrate`]) and
 //! opening a
 //! volume from its images and database ([`volfile`]).
 
@@ -11,6 +12,7 @@ pub mod extent;
 pub mod fs;
 pub mod inode;
 pub mod locks;
+pub mod migrate;
 pub mod trackset;
 pub mod volfile;
 

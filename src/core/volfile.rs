@@ -267,13 +267,50 @@ pub fn mkfs(p: &Paths, size: u64, track_size: u64, force: bool) -> Result<Geomet
 /// The file to `flock` for `image`: the image itself, or for an NBD URI the metadata's
 /// path plus `suffix`.
 fn lock_path(p: &Paths, image: &Path, suffix: &str) -> PathBuf {
+    image_lock_path(&p.meta, image, suffix)
+}
+
+/// The file to `flock` for `image` of the volume whose metadata is `meta`: the image
+/// itself, or for an NBD URI the metadata's path plus `suffix`.
+pub fn image_lock_path(meta: &Path, image: &Path, suffix: &str) -> PathBuf {
     if is_uri(image) {
-        let mut s = p.meta.clone().into_os_string();
+        let mut s = meta.to_path_buf().into_os_string();
         s.push(suffix);
         s.into()
     } else {
         image.to_path_buf()
     }
+}
+
+/// The paths with the image locations recorded in the metadata by a migration
+/// (`pairfs migrate`) in place of those of the command line, each change logged. A
+/// database that does not exist (yet) changes nothing.
+pub fn follow_locations(p: &Paths) -> Result<Paths> {
+    if !p.meta.exists() {
+        return Ok(p.clone());
+    }
+    let meta = Meta::open(&p.meta, true)?;
+    let mut q = p.clone();
+    for (key, place, what) in [
+        (
+            crate::core::migrate::KEY_VOLUME,
+            &mut q.volume,
+            "volume image",
+        ),
+        (crate::core::migrate::KEY_COPY, &mut q.copy, "copy image"),
+    ] {
+        if let Some(v) = meta.super_value(key)?
+            && Path::new(&v) != place.as_path()
+        {
+            log::info!(
+                "{what}: at {v} since a migration (recorded in {}), not {}",
+                p.meta.display(),
+                place.display()
+            );
+            *place = PathBuf::from(v);
+        }
+    }
+    Ok(q)
 }
 
 /// The file whose `flock` is the volume's mount lock: the image, or `META.lock` for an
@@ -333,6 +370,8 @@ pub fn open(p: &Paths, mut opts: Options) -> Result<(Fs, VolumeLock)> {
         meta.set_clean(false)?;
     }
     opts.meta_path = Some(p.meta.clone());
+    opts.volume_image = Some(p.volume.clone());
+    opts.copy_image = Some(p.copy.clone());
     // The lock a snapshot mount takes on the copy image (a file beside the metadata
     // for an NBD copy image).
     opts.copy_path = Some(lock_path(p, &p.copy, ".copy.lock"));

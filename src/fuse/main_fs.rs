@@ -215,6 +215,13 @@ impl MainFs {
     }
 
     fn control_set(&self, ino: u64, name: &str, value: &[u8]) -> crate::Result<()> {
+        if name == "migrate" {
+            let r = self.migrate_set(ino, value);
+            if let Err(e) = &r {
+                log::warn!("{CONTROL_PREFIX}{name}: {e}");
+            }
+            return r;
+        }
         let op = Op::parse(name).ok_or_else(|| {
             Error::invalid(format!("unknown control attribute {CONTROL_PREFIX}{name}"))
         })?;
@@ -265,7 +272,42 @@ impl MainFs {
         )
     }
 
+    /// `user.pairfs.migrate` on the mount root: `volume TARGET`, `copy TARGET` or
+    /// `abort` (`pairfs migrate`).
+    fn migrate_set(&self, ino: u64, value: &[u8]) -> crate::Result<()> {
+        if ino != crate::core::fs::ROOT {
+            return Err(Error::invalid(format!(
+                "{CONTROL_PREFIX}migrate is set on the mount root"
+            )));
+        }
+        let v = std::str::from_utf8(value)
+            .map_err(|_| Error::invalid("migrate: the value is not UTF-8"))?
+            .trim_end_matches('\0')
+            .trim();
+        let (word, rest) = v.split_once(' ').unwrap_or((v, ""));
+        // An image inside the file system it holds would be written through this daemon.
+        if let Some(m) = &self.mountpoint
+            && Path::new(rest.trim()).starts_with(m)
+        {
+            return Err(Error::invalid(format!(
+                "migrate: the target {rest} is inside the mount {} itself",
+                m.display()
+            )));
+        }
+        match word {
+            "abort" => self.fs.migrator.abort(),
+            "volume" => self.fs.migrate(crate::core::migrate::Which::Volume, rest),
+            "copy" => self.fs.migrate(crate::core::migrate::Which::Copy, rest),
+            _ => Err(Error::invalid(format!(
+                "migrate: {v:?}: expected `volume TARGET`, `copy TARGET` or `abort`"
+            ))),
+        }
+    }
+
     fn control_get(&self, ino: u64, name: &str) -> crate::Result<Vec<u8>> {
+        if name == "migration" {
+            return Ok(self.fs.migrator.status_line().into_bytes());
+        }
         if name == "pairs" {
             let mut out = String::new();
             for s in self.fs.engine.all_status(&*self.fs) {

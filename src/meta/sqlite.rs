@@ -544,6 +544,36 @@ impl Meta {
         Ok(())
     }
 
+    /// A free-form `super` row (image locations, a migration's progress record), if set.
+    pub fn super_value(&self, key: &str) -> Result<Option<String>> {
+        Ok(self
+            .conn
+            .query_row("SELECT value FROM super WHERE key = ?1", [key], |r| {
+                r.get(0)
+            })
+            .optional()?)
+    }
+
+    /// Sets (`Some`) or deletes (`None`) `super` rows, all in one durable transaction.
+    pub fn set_super_values(&self, rows: &[(&str, Option<&str>)]) -> Result<()> {
+        let tx = self.conn.unchecked_transaction()?;
+        for (k, v) in rows {
+            match v {
+                Some(v) => {
+                    tx.execute(
+                        "INSERT OR REPLACE INTO super(key, value) VALUES (?1, ?2)",
+                        [k, v],
+                    )?;
+                }
+                None => {
+                    tx.execute("DELETE FROM super WHERE key = ?1", [k])?;
+                }
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
     /// What mount needs, without reading the inode table: counters, pairs, the used
     /// track runs (a scan of the extent table only) and the orphans (an indexed query).
     pub fn load(&self) -> Result<Loaded> {

@@ -152,7 +152,7 @@ pub struct Engine {
     meta: Arc<Mutex<Meta>>,
     /// The copy image's file, locked against snapshot mounts while the root pair
     /// rewrites it.
-    copy_path: Option<PathBuf>,
+    copy_path: Mutex<Option<PathBuf>>,
     /// Where the metadata snapshot of a whole-volume split goes.
     snapshot_path: Option<PathBuf>,
     pairs: RwLock<BTreeMap<PairId, Arc<Slot>>>,
@@ -357,7 +357,7 @@ impl Engine {
             track_size: h.track_size,
             durability: h.durability,
             meta: h.meta,
-            copy_path: h.copy_path,
+            copy_path: Mutex::new(h.copy_path),
             snapshot_path: h.snapshot_path,
             pairs: RwLock::default(),
             next_id: AtomicU64::default(),
@@ -1357,7 +1357,12 @@ impl Engine {
         let scope = slot.lock().scope;
         // Update, resync and release of the root pair rewrite or free the copy image a
         // snapshot mount may be serving: refused while one holds it.
-        let _copy_lock = match (&self.copy_path, scope, op) {
+        let copy_path = self
+            .copy_path
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let _copy_lock = match (&copy_path, scope, op) {
             (Some(copy), Scope::Root, Op::Update | Op::Resync | Op::Release) => {
                 match crate::store::lock::lock_copy_for_rewrite(copy) {
                     Ok(l) => Some(l),
@@ -1493,6 +1498,12 @@ impl Engine {
         );
         self.wake();
         Ok(())
+    }
+
+    /// The copy image moved (`pairfs migrate --copy-image`): snapshot mounts now lock
+    /// `path`.
+    pub fn set_copy_lock_path(&self, path: PathBuf) {
+        *self.copy_path.lock().unwrap_or_else(|p| p.into_inner()) = Some(path);
     }
 
     /// The pair whose whole-volume instant needs its metadata snapshot written now
