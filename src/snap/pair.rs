@@ -661,11 +661,8 @@ impl Pair {
     /// Records that the host wrote (or allocated) `tracks` inside the scope. Must be
     /// called after the data reached the volume and after any copy-on-write.
     pub fn written(&mut self, tracks: &[u64]) {
-        let set = match self.state {
-            PairState::Forming | PairState::Formed | PairState::Resyncing => &mut self.forming,
-            PairState::Splitting | PairState::Split => &mut self.split_diff,
-            PairState::Updating => &mut self.update_diff,
-            PairState::Error => return,
+        let Some(set) = self.record_mut() else {
+            return;
         };
         for &t in tracks {
             set.insert(t);
@@ -681,14 +678,24 @@ impl Pair {
         // The record bitmap of the frozen states loses them too (they are not part of
         // the next instant unless written again): a lazy update copies the split-diff
         // as it is.
-        let set = match self.state {
-            PairState::Forming | PairState::Formed | PairState::Resyncing => &mut self.forming,
-            PairState::Splitting | PairState::Split => &mut self.split_diff,
-            PairState::Updating => &mut self.update_diff,
-            PairState::Error => return,
+        let Some(set) = self.record_mut() else {
+            return;
         };
         for &t in tracks {
             set.remove(t);
+        }
+    }
+
+    /// The bitmap that records host writes in the current state: forming-diff while
+    /// unfrozen, split-diff while split, update-diff while updating (none in `error`).
+    fn record_mut(&mut self) -> Option<&mut TrackSet> {
+        match self.state {
+            PairState::Forming | PairState::Formed | PairState::Resyncing => {
+                Some(&mut self.forming)
+            }
+            PairState::Splitting | PairState::Split => Some(&mut self.split_diff),
+            PairState::Updating => Some(&mut self.update_diff),
+            PairState::Error => None,
         }
     }
 

@@ -52,37 +52,28 @@ impl Vol {
     }
 
     pub fn mount(&mut self) {
-        let out = pairfs(&[
-            "mount",
-            self.img.to_str().unwrap(),
-            self.mnt.to_str().unwrap(),
-            "--copy-mount",
-            self.copy.to_str().unwrap(),
-            "--daemon",
-        ]);
-        assert!(
-            out.status.success(),
-            "mount: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        self.mounted = true;
+        self.mount_with(&[]);
     }
 
     /// [`Vol::mount`] with `-o OPTS` added.
     pub fn mount_opts(&mut self, opts: &str) {
-        let out = pairfs(&[
+        self.mount_with(&["-o", opts]);
+    }
+
+    fn mount_with(&mut self, extra: &[&str]) {
+        let mut args = vec![
             "mount",
             self.img.to_str().unwrap(),
             self.mnt.to_str().unwrap(),
             "--copy-mount",
             self.copy.to_str().unwrap(),
-            "-o",
-            opts,
-            "--daemon",
-        ]);
+        ];
+        args.extend_from_slice(extra);
+        args.push("--daemon");
+        let out = pairfs(&args);
         assert!(
             out.status.success(),
-            "mount -o {opts}: {}",
+            "mount {extra:?}: {}",
             String::from_utf8_lossy(&out.stderr)
         );
         self.mounted = true;
