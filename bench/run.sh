@@ -290,7 +290,7 @@ sec_seq() {
 }
 
 sec_rand() {
-    log "4 KiB random I/O, O_DIRECT, QD1, ${RAND_MB} MiB file, ${RAND_RT} each, $RAND_REPS rep(s): mount vs native dir"
+    log "4 KiB random I/O, O_DIRECT, QD1 (psync) and QD16 (libaio), ${RAND_MB} MiB file, ${RAND_RT} each, $RAND_REPS rep(s): mount vs native dir"
     local -A v=()
     local t f r rep k
     for t in pairfs native; do
@@ -306,15 +306,23 @@ sec_rand() {
             for k in iops p50_us p99_us; do v[$t.rr.$k]+="$(jget "$r" $k) "; done
             r=$(fio_run "rw-$t-$rep" --filename="$f" --rw=randwrite --bs=4k --direct=1 --size="${RAND_MB}m" --runtime="$RAND_RT" --time_based)
             for k in iops p50_us p99_us; do v[$t.rw.$k]+="$(jget "$r" $k) "; done
+            # QD16: libaio (the later --ioengine/--iodepth override fio_run's psync QD1).
+            dropcaches
+            r=$(fio_run "rr16-$t-$rep" --filename="$f" --rw=randread --bs=4k --direct=1 --size="${RAND_MB}m" --runtime="$RAND_RT" --time_based --ioengine=libaio --iodepth=16)
+            for k in iops p50_us p99_us; do v[$t.rr16.$k]+="$(jget "$r" $k) "; done
+            r=$(fio_run "rw16-$t-$rep" --filename="$f" --rw=randwrite --bs=4k --direct=1 --size="${RAND_MB}m" --runtime="$RAND_RT" --time_based --ioengine=libaio --iodepth=16)
+            for k in iops p50_us p99_us; do v[$t.rw16.$k]+="$(jget "$r" $k) "; done
         done
     done
     rm -f "$MNT/rand.dat" "$NAT/rand.dat"
     local name
-    for k in rr rw; do
-        [ $k = rr ] && name="randread" || name="randwrite"
+    local qd
+    for k in rr rw rr16 rw16; do
+        case $k in rr*) name="randread" ;; *) name="randwrite" ;; esac
+        case $k in *16) qd=16; name="$name QD16" ;; *) qd=1 ;; esac
         # shellcheck disable=SC2086
         {
-        rec rand "4K $name IOPS" "$(median ${v[pairfs.$k.iops]})" "native dir" "$(median ${v[native.$k.iops]})" IOPS higher "O_DIRECT QD1, median of $RAND_REPS"
+        rec rand "4K $name IOPS" "$(median ${v[pairfs.$k.iops]})" "native dir" "$(median ${v[native.$k.iops]})" IOPS higher "O_DIRECT QD$qd, median of $RAND_REPS"
         rec rand "4K $name p50" "$(median ${v[pairfs.$k.p50_us]})" "native dir" "$(median ${v[native.$k.p50_us]})" us lower
         rec rand "4K $name p99" "$(median ${v[pairfs.$k.p99_us]})" "native dir" "$(median ${v[native.$k.p99_us]})" us lower
         }

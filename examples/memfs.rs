@@ -100,6 +100,7 @@ impl Filesystem for MemFs {
         let _ = config.add_capabilities(
             InitFlags::FUSE_PARALLEL_DIROPS
                 | InitFlags::FUSE_ASYNC_READ
+                | InitFlags::FUSE_ASYNC_DIO
                 | InitFlags::FUSE_MAX_PAGES
                 | InitFlags::FUSE_DO_READDIRPLUS
                 | InitFlags::FUSE_READDIRPLUS_AUTO,

@@ -476,9 +476,12 @@ impl Filesystem for MainFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         let _ = config.set_max_write(1 << 20);
         let _ = config.set_max_readahead(1 << 20);
+        // FUSE_ASYNC_DIO: an application's queued O_DIRECT I/O (libaio, io_uring) reaches
+        // the worker threads as concurrent requests instead of one at a time.
         let _ = config.add_capabilities(
             InitFlags::FUSE_PARALLEL_DIROPS
                 | InitFlags::FUSE_ASYNC_READ
+                | InitFlags::FUSE_ASYNC_DIO
                 | InitFlags::FUSE_MAX_PAGES
                 | InitFlags::FUSE_DO_READDIRPLUS
                 | InitFlags::FUSE_READDIRPLUS_AUTO,
