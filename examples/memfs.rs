@@ -1,10 +1,10 @@
 //! The floor under any FUSE file system on this machine: a trivial in-memory file
 //! system mounted the way pairfs mounts its volume (same fuser version and session
-//! configuration: worker threads, `clone_fd`, `default_permissions`, 1 MiB writes, the
-//! same init flags and a 10 s TTL) that does no work beyond a hash-map update per
-//! request — no storage, no durability, no metadata store. `bench/run.sh` runs the
-//! same metadata and sequential-write work on it, so each pairfs figure can be set
-//! against what FUSE itself allows here (issue 10: "show where the floor is").
+//! configuration: worker threads, `clone_fd`, `default_permissions`, pairfs' own
+//! data-path init `pairfs::fuse::main_fs::data_path_init`, a 10 s TTL) that does no
+//! work beyond a hash-map update per request — no storage, no durability, no metadata
+//! store. `bench/run.sh` runs the same metadata and sequential-write work on it, so
+//! each pairfs figure can be set against what FUSE itself allows here (issue 10: "show where the floor is").
 //!
 //! ```sh
 //! cargo run --release --example memfs -- MOUNTPOINT [THREADS]   # until unmounted
@@ -18,9 +18,9 @@ use std::time::{Duration, SystemTime};
 
 use fuser::{
     Config, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
-    InitFlags, KernelConfig, LockOwner, MountOption, OpenFlags, RenameFlags, ReplyAttr,
-    ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen,
-    ReplyWrite, Request, SessionACL, TimeOrNow, WriteFlags,
+    KernelConfig, LockOwner, MountOption, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate,
+    ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyWrite,
+    Request, SessionACL, TimeOrNow, WriteFlags,
 };
 
 const TTL: Duration = Duration::from_secs(10);
@@ -95,16 +95,8 @@ impl MemFs {
 
 impl Filesystem for MemFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
-        let _ = config.set_max_write(1 << 20);
-        let _ = config.set_max_readahead(1 << 20);
-        let _ = config.add_capabilities(
-            InitFlags::FUSE_PARALLEL_DIROPS
-                | InitFlags::FUSE_ASYNC_READ
-                | InitFlags::FUSE_ASYNC_DIO
-                | InitFlags::FUSE_MAX_PAGES
-                | InitFlags::FUSE_DO_READDIRPLUS
-                | InitFlags::FUSE_READDIRPLUS_AUTO,
-        );
+        // pairfs' own data-path settings, so the floor is mounted as pairfs is.
+        pairfs::fuse::main_fs::data_path_init(config);
         Ok(())
     }
 

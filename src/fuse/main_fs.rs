@@ -472,20 +472,28 @@ impl MainFs {
     }
 }
 
+/// The main mount's data-path settings at FUSE init: 1 MiB writes and readahead,
+/// parallel directory operations, asynchronous reads and O_DIRECT (FUSE_ASYNC_DIO: an
+/// application's queued O_DIRECT I/O, libaio or io_uring, reaches the worker threads as
+/// concurrent requests instead of one at a time), readdirplus. Also used by
+/// `examples/memfs.rs`, the FUSE floor the benchmarks compare against, so both are
+/// mounted alike.
+pub fn data_path_init(config: &mut KernelConfig) {
+    let _ = config.set_max_write(1 << 20);
+    let _ = config.set_max_readahead(1 << 20);
+    let _ = config.add_capabilities(
+        InitFlags::FUSE_PARALLEL_DIROPS
+            | InitFlags::FUSE_ASYNC_READ
+            | InitFlags::FUSE_ASYNC_DIO
+            | InitFlags::FUSE_MAX_PAGES
+            | InitFlags::FUSE_DO_READDIRPLUS
+            | InitFlags::FUSE_READDIRPLUS_AUTO,
+    );
+}
+
 impl Filesystem for MainFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
-        let _ = config.set_max_write(1 << 20);
-        let _ = config.set_max_readahead(1 << 20);
-        // FUSE_ASYNC_DIO: an application's queued O_DIRECT I/O (libaio, io_uring) reaches
-        // the worker threads as concurrent requests instead of one at a time.
-        let _ = config.add_capabilities(
-            InitFlags::FUSE_PARALLEL_DIROPS
-                | InitFlags::FUSE_ASYNC_READ
-                | InitFlags::FUSE_ASYNC_DIO
-                | InitFlags::FUSE_MAX_PAGES
-                | InitFlags::FUSE_DO_READDIRPLUS
-                | InitFlags::FUSE_READDIRPLUS_AUTO,
-        );
+        data_path_init(config);
         if self.writeback
             && config
                 .add_capabilities(InitFlags::FUSE_WRITEBACK_CACHE)

@@ -420,14 +420,20 @@ impl Pair {
             pin: keep,
             unpin: TrackSet::new(),
         };
-        self.set_frozen(frozen, None);
+        self.enter_splitting(frozen, None, now);
+        Ok(pins)
+    }
+
+    /// The common end of a split (whole or lazy): the frozen map, the instant, empty
+    /// record bitmaps, state `splitting` copying the forming-diff's pending tracks.
+    fn enter_splitting(&mut self, frozen: Vec<Frozen>, lazy: Option<u64>, now: i64) {
+        self.set_frozen(frozen, lazy);
         self.split_ns = now;
         self.split_diff.clear();
         self.update_diff.clear();
         self.state = PairState::Splitting;
         self.start_op(self.forming.count(), now);
         self.finish_if_done();
-        Ok(pins)
     }
 
     fn set_frozen(&mut self, frozen: Vec<Frozen>, lazy: Option<u64>) {
@@ -450,13 +456,7 @@ impl Pair {
             pin: frozen_tracks(std::slice::from_ref(&top)),
             unpin: TrackSet::new(),
         };
-        self.set_frozen(vec![top], Some(limit));
-        self.split_ns = now;
-        self.split_diff.clear();
-        self.update_diff.clear();
-        self.state = PairState::Splitting;
-        self.start_op(self.forming.count(), now);
-        self.finish_if_done();
+        self.enter_splitting(vec![top], Some(limit), now);
         Ok(pins)
     }
 
