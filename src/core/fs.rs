@@ -685,6 +685,15 @@ impl Fs {
         self.state().looked_up(ino);
     }
 
+    /// The inodes with an open handle (each once).
+    pub fn open_inodes(&self) -> Vec<u64> {
+        let st = self.state();
+        let mut v: Vec<u64> = st.handles.values().copied().collect();
+        v.sort_unstable();
+        v.dedup();
+        v
+    }
+
     /// Cached inodes and kernel-known inodes (statistics, tests).
     pub fn cache_stats(&self) -> (usize, usize) {
         let st = self.state();

@@ -193,6 +193,16 @@ impl MainFs {
                 .inval_inode(INodeNo(ino), 0, 0)
                 .map_err(|e| Error::io("flushing the kernel's dirty pages", e));
         }
+        // A directory or the volume: first every open file's dirty pages, as for a file
+        // scope (syncfs alone was seen to return with an open file's pages unwritten);
+        // then syncfs for pages of files closed since (closing writes them back too).
+        if let Some(n) = self.notifier.get() {
+            for ino in self.fs.open_inodes() {
+                if let Err(e) = n.inval_inode(INodeNo(ino), 0, 0) {
+                    return Err(Error::io("flushing the kernel's dirty pages", e));
+                }
+            }
+        }
         let Some(m) = &self.mountpoint else {
             return Err(Error::invalid("no mountpoint known to flush"));
         };
