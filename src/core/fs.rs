@@ -2160,9 +2160,12 @@ impl Fs {
         if self.opts.readonly {
             return Ok(());
         }
-        self.commit(Vec::new())?;
-        // Never after a failed commit: the next mount must repair.
-        self.durability.mark_clean()
+        let r = self.commit(Vec::new()).and_then(|()| {
+            // Never after a failed commit: the next mount must repair.
+            self.durability.mark_clean()
+        });
+        self.migrator.release_locks();
+        r
     }
 
     /// Tracks of live files in a set of inodes.

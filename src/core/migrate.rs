@@ -229,6 +229,19 @@ impl Migrator {
         }
     }
 
+    /// Releases every lock the migrator holds (a running job's target locks and those
+    /// kept after a switch). Called at unmount, after the last commit, so that the locks
+    /// a target took are free before the volume's mount lock is: `pairfs umount` waits on
+    /// that one, and a `pairfs fsck` right after must find the new location free. A job
+    /// left running resumes at the next mount (it is recorded in the metadata).
+    pub fn release_locks(&self) {
+        let mut st = self.lock();
+        st.held.clear();
+        if let Some(j) = st.job.as_mut() {
+            j.locks.clear();
+        }
+    }
+
     /// The image locations in use now.
     pub fn places(&self) -> Places {
         self.lock().places.clone()
