@@ -285,6 +285,20 @@ fn snapshot_mount_serves_the_view_and_holds_off_root_rewrites() {
     );
     let r = std::panic::catch_unwind(|| {
         assert_eq!(listing(&snap, "t", true), before, "snapshot mount");
+        // The snapshot mount copied the metadata when it mounted; first changes made
+        // after that (objects still unchanged since the split) leave it as it was.
+        sh(
+            &v.mnt,
+            "setfattr -n user.dir -v changed-later t/b
+             mv t/sg t/sg2
+             chmod 700 t/b/dl 2>/dev/null || true
+             printf x >> t/o
+             rm -r t/a
+             mkdir t/after",
+        );
+        // Past the kernel's 1 s attribute and name cache: the daemon answers.
+        std::thread::sleep(std::time::Duration::from_millis(1200));
+        assert_eq!(listing(&snap, "t", true), before, "after later live changes");
         for op in [
             "user.pairfs.update",
             "user.pairfs.resync",

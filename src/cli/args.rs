@@ -86,10 +86,12 @@ pub enum Cmd {
         daemon: bool,
     },
     /// Mount the whole volume as of its last root split, read-only (copy image plus
-    /// the metadata snapshot), e.g. to back it all up or to recover from it.
+    /// a copy of the metadata), e.g. to back it all up or to recover from it.
     ///
     /// It serves the same frozen view as the copy mount (hard links, special files,
-    /// owners, times, xattrs and ACLs as at the split). It holds a shared lock on the copy
+    /// owners, times, xattrs and ACLs as at the split). It copies the metadata database
+    /// when it mounts (one read transaction, beside the database, removed once open;
+    /// the live mount does not wait for it). It holds a shared lock on the copy
     /// image: while it is mounted the live mount refuses update, resync and release of
     /// the root pair with EBUSY; it is refused while the root pair is not split.
     MountSnapshot {

@@ -247,7 +247,7 @@ pub struct MountSpec {
     pub commit_ms: u64,
     /// Serve only the copy mount.
     pub copy_only: bool,
-    /// Serve the whole-volume snapshot (copy image + metadata snapshot), read-only.
+    /// Serve the whole-volume snapshot (copy image + a copy of the metadata), read-only.
     pub snapshot: bool,
     /// When reads update atimes (`relatime` default, `strictatime`, `noatime`).
     pub atime: AtimePolicy,

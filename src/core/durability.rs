@@ -145,13 +145,6 @@ impl Durability {
         r
     }
 
-    /// Holds off every full commit while the guard lives (the metadata database's live
-    /// rows do not change meanwhile; pair-only commits still run): a whole-volume split
-    /// writes its metadata snapshot under it after releasing the write barrier.
-    pub fn hold_commits(&self) -> MutexGuard<'_, ()> {
-        self.commit_lock.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
     /// Clears the copy image's poison (an operator's update or resync recovers it).
     pub fn clear_copy_poison(&self) {
         let _c = self.copy_lock.lock().unwrap_or_else(|p| p.into_inner());

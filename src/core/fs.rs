@@ -388,9 +388,7 @@ impl Fs {
             copy: copy.clone(),
             track_size: ts,
             durability: durability.clone(),
-            meta: meta.clone(),
             copy_path: opts.copy_path.clone(),
-            snapshot_path: snapshot_path(&opts),
         });
         let fs = Fs {
             geo,
@@ -425,23 +423,7 @@ impl Fs {
     pub fn control(&self, ino: u64, op: Op) -> Result<()> {
         Fs::check_readonly(&self.opts)?;
         let b = self.barrier.write().unwrap_or_else(|p| p.into_inner());
-        let r = self.engine.control(self, &b, ino, op);
-        self.snapshot_after(b)?;
-        r
-    }
-
-    /// After a whole-volume split or update: writes the metadata snapshot with full
-    /// commits held off (so the database still holds the instant's live rows) but the
-    /// write barrier released (host writes go on; a commit or fsync waits for it).
-    fn snapshot_after(&self, barrier: std::sync::RwLockWriteGuard<'_, ()>) -> Result<()> {
-        let Some(id) = self.engine.take_snapshot_due() else {
-            return Ok(());
-        };
-        let hold = self.durability.hold_commits();
-        drop(barrier);
-        let r = self.engine.snapshot_meta(id);
-        drop(hold);
-        r
+        self.engine.control(self, &b, ino, op)
     }
 
     /// Runs `op` on pair `id` directly, e.g. to release a pair whose file was deleted
@@ -449,9 +431,7 @@ impl Fs {
     pub fn control_id(&self, id: PairId, op: Op) -> Result<()> {
         Fs::check_readonly(&self.opts)?;
         let b = self.barrier.write().unwrap_or_else(|p| p.into_inner());
-        let r = self.engine.control_id(self, &b, id, op);
-        self.snapshot_after(b)?;
-        r
+        self.engine.control_id(self, &b, id, op)
     }
 
     /// The byte ranges of regular file `ino` changed since its pair's instant
@@ -2180,14 +2160,6 @@ impl Fs {
     }
 }
 
-/// Where the metadata snapshot of a whole-volume split goes.
-fn snapshot_path(opts: &Options) -> Option<std::path::PathBuf> {
-    opts.meta_path.as_ref().map(|m| {
-        let mut s = m.clone().into_os_string();
-        s.push(".snapshot");
-        s.into()
-    })
-}
 
 /// The namespace side of the pair engine: scopes, their tracks, frozen objects, pins.
 impl Fs {

@@ -379,24 +379,62 @@ pub fn open(p: &Paths, mut opts: Options) -> Result<(Fs, VolumeLock)> {
     Ok((fs, lk))
 }
 
-/// Path of the metadata snapshot written by a whole-volume split.
-pub fn snapshot_path(p: &Paths) -> PathBuf {
+/// Where `mount-snapshot` copies the metadata database for daemon `pid`: beside the
+/// database (same file system, same space), removed once opened.
+fn snapshot_copy_path(p: &Paths, pid: u32) -> PathBuf {
     let mut s = p.meta.clone().into_os_string();
-    s.push(".snapshot");
+    s.push(format!(".snapshot-{pid}"));
     s.into()
 }
 
-/// Opens the whole volume as of its last root split, read-only: the copy image holds
-/// the data, `VOLUME.meta.snapshot` the metadata. Refused until the root pair is
-/// `split` (every track copied) and while the snapshot is not of that instant.
-pub fn open_snapshot(p: &Paths) -> Result<(Fs, VolumeLock)> {
-    let snap = snapshot_path(p);
-    if !snap.exists() {
-        return Err(Error::NotFound(format!(
-            "{} (split the mount root to make one)",
-            snap.display()
-        )));
+/// Removes the metadata copies left by `mount-snapshot` daemons that died between
+/// writing and opening theirs (a live one's copy is its own), and the fixed-name
+/// snapshot older versions wrote at every whole-volume split.
+fn sweep_snapshot_copies(p: &Paths) {
+    let Some(dir) = p.meta.parent().map(|d| {
+        if d.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            d
+        }
+    }) else {
+        return;
+    };
+    let Some(base) = p.meta.file_name().map(|n| n.to_string_lossy().into_owned()) else {
+        return;
+    };
+    let _ = std::fs::remove_file(dir.join(format!("{base}.snapshot")));
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let prefix = format!("{base}.snapshot-");
+    for e in rd.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name
+            .strip_prefix(&prefix)
+            .and_then(|v| v.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = std::fs::remove_file(e.path());
+        }
     }
+}
+
+/// Opens the whole volume as of its last root split, read-only (`mount-snapshot`): the
+/// copy image holds the data; the metadata comes from a consistent copy of the live
+/// database taken now, served as the root pair's frozen view (the records of what
+/// changed since the instant plus the unchanged rows, exactly as the copy mount serves
+/// it). Refused until the root pair is `split` (every track copied).
+///
+/// A split writes nothing for this (it stays O(1)); the copy costs O(database) here, in
+/// one SQLite read transaction of the live database (`VACUUM INTO`), which neither
+/// stalls nor waits for the live daemon. Every committed state of the database gives the
+/// instant exactly: a member's record is committed in the same transaction as its first
+/// change after the instant, or an earlier one (design rule 8a), so a member without a
+/// record is unchanged.
+pub fn open_snapshot(p: &Paths) -> Result<(Fs, VolumeLock)> {
     // Shared lock on the copy image first: from here on the live mount refuses update,
     // resync and release of the root pair, so the state checked below stays true.
     let lk = lock(&lock_path(p, &p.copy, ".copy.lock"), false).map_err(|_| {
@@ -405,47 +443,69 @@ pub fn open_snapshot(p: &Paths) -> Result<(Fs, VolumeLock)> {
             p.copy.display()
         ))
     })?;
-    // The live database says whether every track is copied. A copy that just finished
-    // is visible in `getfattr` a moment before its state row is committed: allow it 3 s.
+    sweep_snapshot_copies(p);
+    let copy_path = snapshot_copy_path(p, std::process::id());
+    // A copy that just finished is visible in `getfattr` a moment before its state row
+    // is committed: allow it 3 s.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
-    let (root, live_sums) = loop {
-        let live = Meta::open(&p.meta, true)?.load()?;
-        let live_sums = live.sums;
-        let root = live
+    let (meta, loaded) = loop {
+        let t = std::time::Instant::now();
+        Meta::open(&p.meta, true)?.snapshot_to(&copy_path)?;
+        let took = t.elapsed();
+        let opened = Meta::open(&copy_path, true);
+        let meta = match opened {
+            Ok(m) => m,
+            Err(e) => {
+                let _ = std::fs::remove_file(&copy_path);
+                return Err(e);
+            }
+        };
+        let loaded = match meta.load() {
+            Ok(l) => l,
+            Err(e) => {
+                let _ = std::fs::remove_file(&copy_path);
+                return Err(e);
+            }
+        };
+        let state = loaded
             .pairs
-            .into_iter()
+            .iter()
             .find(|x| x.scope == crate::snap::pair::Scope::Root)
-            .ok_or_else(|| Error::invalid("the volume has no whole-volume (root) pair"))?;
+            .map(|r| r.state);
         let copying = matches!(
-            root.state,
-            crate::snap::pair::PairState::Splitting | crate::snap::pair::PairState::Updating
+            state,
+            Some(crate::snap::pair::PairState::Splitting | crate::snap::pair::PairState::Updating)
         );
-        if root.state == crate::snap::pair::PairState::Split {
-            break (root, live_sums);
+        if state == Some(crate::snap::pair::PairState::Split) {
+            log::info!(
+                "metadata of the whole-volume instant copied in {} ms",
+                took.as_millis()
+            );
+            break (meta, loaded);
         }
+        drop(meta);
+        let _ = std::fs::remove_file(&copy_path);
+        let Some(state) = state else {
+            return Err(Error::invalid(
+                "the volume has no whole-volume (root) pair (pair and split the mount root)",
+            ));
+        };
         if !copying || std::time::Instant::now() >= deadline {
             return Err(Error::Busy(format!(
                 "the whole-volume copy is {} (wait for `pairfs split --wait MOUNTPOINT`)",
-                root.state.name()
+                state.name()
             )));
         }
         std::thread::sleep(std::time::Duration::from_millis(50));
     };
-    let meta = Meta::open(&snap, true)?;
-    let mut loaded = meta.load()?;
-    // The checksums of the copies made since the snapshot was written (the split's copy)
-    // are in the live database; it has every sum the snapshot has.
-    loaded.sums = live_sums;
-    let snap_root = loaded
-        .pairs
-        .iter()
-        .find(|x| x.scope == crate::snap::pair::Scope::Root);
-    if snap_root.map(|r| r.split_ns) != Some(root.split_ns) {
-        return Err(Error::Corrupt(format!(
-            "{} is not of the current split instant",
-            snap.display()
-        )));
-    }
+    let r = open_snapshot_fs(p, meta, loaded);
+    // The daemon holds its connections open; the name is no longer needed.
+    let _ = std::fs::remove_file(&copy_path);
+    Ok((r?, lk))
+}
+
+/// The read-only file system of `mount-snapshot` over the copied metadata `meta`.
+fn open_snapshot_fs(p: &Paths, meta: Meta, loaded: crate::meta::Loaded) -> Result<Fs> {
     let g = meta.geometry().clone();
     let copy = open_image(&p.copy, false, "copy image")?;
     if copy.len() < g.size || (!is_uri(&p.copy) && copy.len() != g.size) {
@@ -463,8 +523,7 @@ pub fn open_snapshot(p: &Paths) -> Result<(Fs, VolumeLock)> {
     // Served as the frozen view of the root pair: its reads go to the copy image
     // whichever image the pair's bits point them at.
     let copy2 = open_image(&p.copy, false, "copy image")?;
-    let fs = Fs::new(meta, loaded, copy, copy2, opts)?;
-    Ok((fs, lk))
+    Fs::new(meta, loaded, copy, copy2, opts)
 }
 
 #[cfg(test)]

@@ -148,13 +148,9 @@ pub struct Engine {
     track_size: u64,
     /// Every sync and commit of pair state goes through here.
     durability: Arc<Durability>,
-    /// The metadata store (for the snapshot of a whole-volume split).
-    meta: Arc<Mutex<Meta>>,
     /// The copy image's file, locked against snapshot mounts while the root pair
     /// rewrites it.
     copy_path: Mutex<Option<PathBuf>>,
-    /// Where the metadata snapshot of a whole-volume split goes.
-    snapshot_path: Option<PathBuf>,
     pairs: RwLock<BTreeMap<PairId, Arc<Slot>>>,
     next_id: AtomicU64,
     work: Mutex<u64>,
@@ -185,9 +181,6 @@ pub struct Engine {
     view: RwLock<Arc<FrozenView>>,
     /// Serializes rebuilds; keeps inode numbers stable across them.
     view_numbering: Mutex<Numbering>,
-    /// A whole-volume split or update whose metadata snapshot is still to be written
-    /// ([`Engine::take_snapshot_due`]).
-    snapshot_due: Mutex<Option<PairId>>,
     /// Told (without blocking) after every change of the frozen set, e.g. so a copy
     /// mount can drop the kernel's cached names of the old view.
     view_watchers: Mutex<Vec<std::sync::mpsc::Sender<u64>>>,
@@ -340,12 +333,8 @@ pub struct Handles {
     pub track_size: u64,
     /// The durability pipeline.
     pub durability: Arc<Durability>,
-    /// The metadata store.
-    pub meta: Arc<Mutex<Meta>>,
     /// The copy image's file, if it is one.
     pub copy_path: Option<PathBuf>,
-    /// Where the metadata snapshot of a whole-volume split goes (none: not written).
-    pub snapshot_path: Option<PathBuf>,
 }
 
 impl Engine {
@@ -356,9 +345,7 @@ impl Engine {
             copy: h.copy,
             track_size: h.track_size,
             durability: h.durability,
-            meta: h.meta,
             copy_path: Mutex::new(h.copy_path),
-            snapshot_path: h.snapshot_path,
             pairs: RwLock::default(),
             next_id: AtomicU64::default(),
             work: Mutex::default(),
@@ -376,7 +363,6 @@ impl Engine {
             view_gen: AtomicU64::default(),
             view: RwLock::default(),
             view_numbering: Mutex::default(),
-            snapshot_due: Mutex::default(),
             view_watchers: Mutex::default(),
             sums_on: crate::snap::sums::enabled_by_env(),
             sums: RwLock::default(),
@@ -1483,11 +1469,6 @@ impl Engine {
             frozen,
             ..PairDelta::default()
         }])?;
-        if scope == Scope::Root && op != Op::Resync && self.snapshot_path.is_some() {
-            // Written by the facade after it released the write barrier, holding off
-            // full commits instead (`Fs::control`): writers are not stalled by it.
-            *self.snapshot_due.lock().unwrap_or_else(|p| p.into_inner()) = Some(slot.id);
-        }
         let after = slot.lock().state;
         log::info!(
             "pair {} ({}): {} -> {} ({op:?})",
@@ -1504,30 +1485,6 @@ impl Engine {
     /// `path`.
     pub fn set_copy_lock_path(&self, path: PathBuf) {
         *self.copy_path.lock().unwrap_or_else(|p| p.into_inner()) = Some(path);
-    }
-
-    /// The pair whose whole-volume instant needs its metadata snapshot written now
-    /// ([`Engine::snapshot_meta`]), taken once.
-    pub fn take_snapshot_due(&self) -> Option<PairId> {
-        self.snapshot_due
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take()
-    }
-
-    /// Writes the metadata snapshot of a whole-volume split beside the database. The
-    /// caller holds off full commits (`Durability::hold_commits`), so the database's
-    /// live rows are still those of the instant.
-    pub fn snapshot_meta(&self, id: PairId) -> Result<()> {
-        let Some(path) = &self.snapshot_path else {
-            return Ok(());
-        };
-        self.meta
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .snapshot_to(path)?;
-        log::info!("pair {id}: metadata snapshot written to {}", path.display());
-        Ok(())
     }
 
     fn create(&self, ns: &dyn Namespace, ino: u64) -> Result<Arc<Slot>> {
