@@ -298,7 +298,11 @@ fn snapshot_mount_serves_the_view_and_holds_off_root_rewrites() {
         );
         // Past the kernel's 1 s attribute and name cache: the daemon answers.
         std::thread::sleep(std::time::Duration::from_millis(1200));
-        assert_eq!(listing(&snap, "t", true), before, "after later live changes");
+        assert_eq!(
+            listing(&snap, "t", true),
+            before,
+            "after later live changes"
+        );
         for op in [
             "user.pairfs.update",
             "user.pairfs.resync",
@@ -533,6 +537,113 @@ fn lazy_split_of_a_paired_tree_keeps_the_instant_through_every_change() {
         now,
         "after kill -9 and remount"
     );
+    v.umount();
+    v.fsck();
+}
+
+/// Random first changes inside `t` until `stop` (errors ignored: the daemon may die
+/// under them): data, truncate, rename, unlink, chmod, xattrs, new names and links.
+/// Returns how many succeeded.
+fn mutate(mnt: &Path, seed: u64, stop: &std::sync::atomic::AtomicBool) -> usize {
+    use std::os::unix::ffi::OsStrExt;
+    let mut x = seed | 1;
+    let mut next = move |n: u64| {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x % n
+    };
+    let mut n = 0;
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        let i = next(300) + 1;
+        let p = mnt.join(format!("t/many/m{i}"));
+        let r = match next(8) {
+            0 => std::fs::OpenOptions::new()
+                .append(true)
+                .open(&p)
+                .and_then(|mut f| std::io::Write::write_all(&mut f, b"appended")),
+            1 => std::fs::OpenOptions::new()
+                .write(true)
+                .open(&p)
+                .and_then(|f| f.set_len(next(3))),
+            2 => std::fs::rename(&p, mnt.join(format!("t/many/r{i}-{n}"))),
+            3 => std::fs::remove_file(&p),
+            4 => std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o600)),
+            5 => {
+                let c = std::ffi::CString::new(p.as_os_str().as_bytes()).unwrap();
+                // SAFETY: valid C strings and buffer.
+                let r = unsafe {
+                    libc::setxattr(c.as_ptr(), c"user.k".as_ptr(), b"v".as_ptr().cast(), 1, 0)
+                };
+                if r == 0 {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::last_os_error())
+                }
+            }
+            6 => std::fs::write(mnt.join(format!("t/new{n}")), b"new"),
+            _ => std::fs::hard_link(&p, mnt.join(format!("t/deep/l{i}-{n}"))),
+        };
+        n += usize::from(r.is_ok());
+    }
+    n
+}
+
+/// A kill -9 of the daemon right after a directory split (no change yet) and in the
+/// middle of a stream of first changes: after the remount, the copy mount shows the
+/// listing taken just before the split or update, every time.
+#[test]
+fn kill_9_during_first_changes_after_a_lazy_split_keeps_the_instant() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let mut v = Vol::new("1G");
+    v.mount();
+    build_tree(&v.mnt);
+    sh(
+        &v.mnt,
+        "mkdir -p t/deep t/many
+         for i in $(seq 300); do printf \"content $i\" > t/many/m$i; done
+         head -c 300000 /dev/urandom > t/deep/big",
+    );
+    setx(&v.path("t"), "user.pairfs.pair").unwrap();
+    wait_state(&v.path("t"), "formed");
+    for round in 0..5u64 {
+        let op = if round == 0 { "split" } else { "update" };
+        let before = listing(&v.mnt, "t", true);
+        setx(&v.path("t"), &format!("user.pairfs.{op}")).unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let changes = if round == 0 {
+            // Between the split and the first change.
+            0
+        } else {
+            let (mnt, s) = (v.mnt.clone(), stop.clone());
+            let h = std::thread::spawn(move || mutate(&mnt, round * 7919, &s));
+            std::thread::sleep(std::time::Duration::from_millis(60 * round));
+            v.kill9();
+            stop.store(true, Ordering::Relaxed);
+            h.join().unwrap()
+        };
+        if round == 0 {
+            v.kill9();
+        }
+        v.mount();
+        assert_eq!(
+            listing(&v.copy, "t", true),
+            before,
+            "round {round} ({op}, {changes} changes before the kill)"
+        );
+        wait_state(&v.path("t"), "split");
+        assert_eq!(
+            listing(&v.copy, "t", true),
+            before,
+            "round {round}: once the copy finished"
+        );
+        println!("round {round}: {op}, {changes} changes, killed, instant kept");
+        assert!(
+            round == 0 || changes > 0,
+            "round {round}: no change reached the daemon"
+        );
+    }
     v.umount();
     v.fsck();
 }

@@ -2160,7 +2160,6 @@ impl Fs {
     }
 }
 
-
 /// The namespace side of the pair engine: scopes, their tracks, frozen objects, pins.
 impl Fs {
     /// Members of a scope: every inode beneath it (or the file itself), all cached.

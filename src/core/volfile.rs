@@ -452,7 +452,7 @@ pub fn open_snapshot(p: &Paths) -> Result<(Fs, VolumeLock)> {
         let t = std::time::Instant::now();
         Meta::open(&p.meta, true)?.snapshot_to(&copy_path)?;
         let took = t.elapsed();
-        let opened = Meta::open(&copy_path, true);
+        let opened = Meta::open_immutable(&copy_path);
         let meta = match opened {
             Ok(m) => m,
             Err(e) => {
@@ -505,7 +505,11 @@ pub fn open_snapshot(p: &Paths) -> Result<(Fs, VolumeLock)> {
 }
 
 /// The read-only file system of `mount-snapshot` over the copied metadata `meta`.
-fn open_snapshot_fs(p: &Paths, meta: Meta, loaded: crate::meta::Loaded) -> Result<Fs> {
+fn open_snapshot_fs(p: &Paths, meta: Meta, mut loaded: crate::meta::Loaded) -> Result<Fs> {
+    // The copy was taken from a mounted volume, so its clean flag is off; nothing here
+    // copies or recovers (the root pair is `split`, every read goes to the copy image),
+    // so the walk an unclean mount makes of every pair's scope is skipped.
+    loaded.clean = true;
     let g = meta.geometry().clone();
     let copy = open_image(&p.copy, false, "copy image")?;
     if copy.len() < g.size || (!is_uri(&p.copy) && copy.len() != g.size) {
