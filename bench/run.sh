@@ -536,12 +536,31 @@ sec_pgbench() {
         return
     fi
     log "PostgreSQL pgbench TPC-B, scale $PG_SCALE, $PG_CLIENTS clients, ${PG_T} s: native dir vs pairfs, and with a split updated every 2 s"
-    local nat pf pfs
+    local nat pf pfs bnd=""
     nat=$(pg_run "$NAT/pg" 55433)
     pf=$(pg_run "$MNT/pg" 55434)
     pfs=$(pg_run "$MNT/pgs" 55435 2)
+    # The FUSE floor for a database: bindfs (libfuse 3, multithreaded) passing every request
+    # through to a native directory, so the same disk and the same file system underneath,
+    # plus nothing but FUSE's round trips.
+    if command -v bindfs >/dev/null; then
+        local bsrc=$NAT/bindfs-src bmnt=$WORK/bindfsmnt
+        mkdir -p "$bsrc" "$bmnt"; chmod 755 "$bsrc"
+        if bindfs --multithreaded "$bsrc" "$bmnt" 2>>"$WORK/bindfs.log"; then
+            bnd=$(pg_run "$bmnt/pg" 55436)
+            fusermount3 -u "$bmnt" || umount -l "$bmnt" || true
+        else
+            log "bindfs did not mount (see $WORK/bindfs.log): FUSE floor row skipped"
+        fi
+    else
+        log "bindfs not installed (apt-get install bindfs): pgbench FUSE floor row skipped"
+    fi
     rec pgbench "tps" "$pf" "native dir" "$nat" tps higher "PostgreSQL $($PG_BIN/postgres --version | awk '{print $3}'), synchronous_commit on"
     rec pgbench "tps, data dir split + updated every 2 s" "$pfs" "native dir" "$nat" tps higher "copy-on-write of each update's changed tracks"
+    if [ -n "$bnd" ]; then
+        rec pgbench "tps" "$pf" "FUSE floor (bindfs)" "$bnd" tps higher "bindfs passthrough to a native dir"
+        rec pgbench "FUSE floor: bindfs tps" "$bnd" "native dir" "$nat" tps higher "no pairfs: a passthrough FUSE file system"
+    fi
 }
 
 rss_of() { awk -v k="$2:" '$1 == k {printf "%.1f", $2/1024}' "/proc/$1/status"; }
