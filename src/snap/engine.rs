@@ -254,6 +254,12 @@ pub struct PairStatus {
     pub sum_errors: u64,
 }
 
+/// A clone's backing that cannot be read (EIO: the clone's data is missing, not the
+/// clone itself).
+fn backing_gone(msg: String) -> Error {
+    Error::io("clone backing", std::io::Error::other(msg))
+}
+
 fn unix_time(ns: i64) -> String {
     // RFC 3339 in UTC, without pulling a date crate in.
     let secs = ns.div_euclid(1_000_000_000);
@@ -1355,6 +1361,19 @@ impl Engine {
     /// The body of a control operation; the caller holds the write barrier.
     fn run_locked(&self, ns: &dyn Namespace, slot: Arc<Slot>, op: Op) -> Result<()> {
         let scope = slot.lock().scope;
+        // A writable clone reads its unwritten tracks from this frozen copy: it stays
+        // until every clone is detached (`pairfs clone --detach`).
+        if matches!(op, Op::Update | Op::Resync | Op::Release)
+            && let Some(clone) = ns.clone_dependent(slot.id)?
+        {
+            let e = Error::Busy(format!(
+                "pair {}: the clone {clone} reads from its frozen copy \
+                 (detach it first: pairfs clone --detach)",
+                slot.id
+            ));
+            log::warn!("{op:?} refused: {e}");
+            return Err(e);
+        }
         // Update, resync and release of the root pair rewrite or free the copy image a
         // snapshot mount may be serving: refused while one holds it.
         let copy_path = self
@@ -1636,6 +1655,12 @@ impl Engine {
         rx
     }
 
+    /// True while `v` is the view of the current frozen set (no split, update, resync,
+    /// release or error since it was built).
+    pub fn view_is_current(&self, v: &FrozenView) -> bool {
+        v.generation() == self.view_gen.load(Ordering::Acquire)
+    }
+
     /// The frozen view of every pair in a frozen state (what the copy mount serves).
     /// Built once per change of the frozen set; callers share it.
     pub fn view(&self, ns: &dyn Namespace, ts: u64) -> Arc<FrozenView> {
@@ -1817,6 +1842,44 @@ impl Engine {
             }
         }
         out
+    }
+
+    /// True if pair `id` exists and has a frozen copy (splitting, split, updating).
+    pub fn is_frozen(&self, id: PairId) -> bool {
+        self.slot(id).is_some_and(|s| s.lock().state.is_frozen())
+    }
+
+    /// Reads frozen file `ino` (its main inode) of pair `id` as of its instant: what a
+    /// writable clone reads from its backing ([`crate::core::clone`]).
+    pub fn read_frozen_ino(
+        &self,
+        ns: &dyn Namespace,
+        id: PairId,
+        ino: u64,
+        off: u64,
+        size: u32,
+    ) -> Result<Vec<u8>> {
+        let slot = self
+            .slot(id)
+            .ok_or_else(|| backing_gone(format!("the frozen copy of pair {id} is gone")))?;
+        let idx = {
+            let p = slot.lock();
+            if p.lazy.is_some() {
+                0
+            } else {
+                p.frozen
+                    .iter()
+                    .position(|f| f.ino == ino && !f.absent)
+                    .ok_or_else(|| {
+                        backing_gone(format!("pair {id}: frozen file of inode {ino} is gone"))
+                    })?
+            }
+        };
+        self.read_frozen_of(ns, (id, idx, Some(ino)), off, size)
+            .map_err(|e| match e {
+                Error::NotFound(m) => backing_gone(format!("pair {id}: {m}")),
+                e => e,
+            })
     }
 
     /// Reads frozen file `idx` of pair `id` as of its split instant.

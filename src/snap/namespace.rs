@@ -73,6 +73,9 @@ pub trait Namespace: Sync {
     fn apply_pins(&self, pins: &Pins);
     /// How many of `tracks` no live file uses (kept only by frozen copies).
     fn unused_count(&self, tracks: &TrackSet) -> u64;
+    /// The path of a writable clone that reads from pair `id`'s frozen copy, if any
+    /// ([`crate::core::clone::Dependents`]).
+    fn clone_dependent(&self, id: PairId) -> Result<Option<String>>;
     /// Commits everything dirty plus `extra` pair deltas (durable on return).
     fn commit(&self, extra: Vec<PairDelta>) -> Result<()>;
     /// [`Namespace::commit`] with a full flush barrier of both images first.
