@@ -1019,6 +1019,16 @@ pub fn setxattr_control(path: &Path, op: &str) -> Result<()> {
     let r = unsafe { libc::setxattr(c.as_ptr(), name.as_ptr(), std::ptr::null(), 0, 0) };
     if r != 0 {
         let e = std::io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EBUSY)
+            && matches!(op, "update" | "resync" | "release")
+            && let Some(clones) = crate::cli::status::clones_of(path)
+        {
+            return Err(Error::Busy(format!(
+                "{op} {}: {e}: the frozen copy is read by the clone {clones} \
+                 (detach it first: pairfs clone --detach)",
+                path.display()
+            )));
+        }
         let hint = match e.raw_os_error() {
             Some(libc::EINVAL) => " (wrong state for this operation; see `pairfs status`)",
             Some(libc::EBUSY) => " (an operation is running or the path is inside another pair)",

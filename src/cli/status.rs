@@ -374,6 +374,27 @@ fn print_clones(rows: &[(PathBuf, StateLine)]) {
     }
 }
 
+/// The paths of the clones that read from the frozen copy of the pair at `path` (comma
+/// separated), if any: why its update, resync or release is refused.
+pub fn clones_of(path: &Path) -> Option<String> {
+    let id = StateLine::parse(&getxattr_state(path).ok()?)
+        .get("pair")?
+        .to_string();
+    let canon = std::fs::canonicalize(path).ok()?;
+    let (mnt, _) = pairfs_mounts()
+        .into_iter()
+        .filter(|(m, s)| !s.ends_with(":copy") && !s.ends_with(":snapshot") && canon.starts_with(m))
+        .max_by_key(|(m, _)| m.as_os_str().len())?;
+    let v = get_root_xattr(&mnt, "user.pairfs.clones").ok()?;
+    let paths: Vec<String> = String::from_utf8_lossy(&v)
+        .lines()
+        .map(StateLine::parse)
+        .filter(|l| l.state == "clone" && l.get("pair") == Some(id.as_str()))
+        .filter_map(|l| l.get("path").map(|p| format!("{}{p}", mnt.display())))
+        .collect();
+    (!paths.is_empty()).then(|| paths.join(", "))
+}
+
 /// `pairfs status`.
 pub fn status(path: Option<&Path>, json: bool, watch: bool) -> Result<u8> {
     loop {
