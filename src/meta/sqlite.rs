@@ -1544,6 +1544,67 @@ mod tests {
     }
 
     #[test]
+    fn clone_references_round_trip_and_version_5_migrates() {
+        let dir = tempfile::tempdir().unwrap();
+        let q = dir.path().join("v.meta");
+        let mut m = Meta::create(&q, &geo(), 0).unwrap();
+        let row = |ino, clone| InodeRow {
+            ino,
+            kind: libc::S_IFREG,
+            perm: 0o644,
+            uid: 0,
+            gid: 0,
+            nlink: 1,
+            size: 10,
+            atime: 0,
+            mtime: 0,
+            ctime: 0,
+            rdev: 0,
+            target: None,
+            clone,
+        };
+        let c = CloneRef {
+            pair: 4,
+            src: 9,
+            limit: 10,
+        };
+        let mut b = Batch {
+            next_ino: 4,
+            ..Batch::default()
+        };
+        b.inodes.push((row(2, Some(c)), vec![], vec![]));
+        b.inodes.push((row(3, None), vec![], vec![]));
+        m.commit(&b).unwrap();
+        assert_eq!(m.load().unwrap().clones, vec![(2, 4)]);
+        let r = m.reader().unwrap();
+        assert_eq!(r.inode(2).unwrap().unwrap().row.clone, Some(c));
+        assert_eq!(r.inode(3).unwrap().unwrap().row.clone, None);
+        drop((m, r));
+        // A version 5 database: no clone columns, no index.
+        let conn = Connection::open(&q).unwrap();
+        conn.execute_batch(
+            "DROP INDEX inodes_clone; ALTER TABLE inodes DROP COLUMN clone_pair; \
+             ALTER TABLE inodes DROP COLUMN clone_src; ALTER TABLE inodes DROP COLUMN clone_lim; \
+             UPDATE super SET value = '5' WHERE key = 'schema_version';",
+        )
+        .unwrap();
+        drop(conn);
+        let ro = Meta::open(&q, true).unwrap();
+        assert!(ro.load().unwrap().clones.is_empty());
+        assert_eq!(ro.load_all().unwrap().inodes.len(), 3);
+        drop(ro);
+        let mut rw = Meta::open(&q, false).unwrap();
+        let mut b = Batch::default();
+        b.inodes.push((row(3, Some(c)), vec![], vec![]));
+        rw.commit(&b).unwrap();
+        assert_eq!(rw.load().unwrap().clones, vec![(3, 4)]);
+        assert_eq!(
+            rw.reader().unwrap().inode(2).unwrap().unwrap().row.clone,
+            None
+        );
+    }
+
+    #[test]
     fn blob_list_is_validated() {
         let items: Vec<&[u8]> = vec![b"a", b"", b"xyz"];
         let e = encode_blobs(items.iter().copied());

@@ -1363,7 +1363,9 @@ impl Engine {
         let scope = slot.lock().scope;
         // A writable clone reads its unwritten tracks from this frozen copy: it stays
         // until every clone is detached (`pairfs clone --detach`).
+        // (A pair in `error` has lost its frozen copy already: it can go.)
         if matches!(op, Op::Update | Op::Resync | Op::Release)
+            && slot.lock().state.is_frozen()
             && let Some(clone) = ns.clone_dependent(slot.id)?
         {
             let e = Error::Busy(format!(
