@@ -360,7 +360,7 @@ fn a_clone_can_itself_be_split_and_cloned() {
 fn clones_survive_kill9_under_writes() {
     let mut v = Vol::new("2G");
     v.mount();
-    let blocks = 2048u64; // 8 MiB
+    let blocks = 16384u64; // 64 MiB, 1024 tracks: first writes (fills) go on all along
     let size = blocks * 4096;
     let orig = block(5, 0, size as usize);
     let f = v.path("f");
@@ -410,7 +410,7 @@ fn clones_survive_kill9_under_writes() {
             version
         })
     };
-    std::thread::sleep(Duration::from_millis(1500));
+    std::thread::sleep(Duration::from_millis(2500));
     v.kill9();
     stop.store(true, Ordering::Relaxed);
     let n = writer.join().unwrap();
