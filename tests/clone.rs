@@ -286,6 +286,22 @@ fn a_directory_clone_keeps_the_tree_and_the_source_waits_for_detach() {
     assert_eq!(&read_all(&dc.join("hard"))[100..105], b"clone");
     assert!(d.join("sub/f6").exists());
 
+    // Single files of the split directory: one unchanged since the split (its live
+    // inode is the instant's), one changed since (the pair's record).
+    let (f7, f8) = (v.path("f7c"), v.path("f8c"));
+    ok(&["clone", s(&d.join("sub/f7")), s(&f7)]);
+    write_at(&d.join("sub/f8"), 10, b"changed");
+    ok(&["clone", s(&d.join("sub/f8")), s(&f8)]);
+    assert_same("f7 clone", &read_all(&f7), &block(7, 0, 7 * 37_000));
+    assert_same("f8 clone", &read_all(&f8), &block(8, 0, 8 * 37_000));
+    write_at(&f7, 0, b"mine");
+    assert_same(
+        "source f7",
+        &read_all(&d.join("sub/f7")),
+        &block(7, 0, 7 * 37_000),
+    );
+    ok(&["clone", "--detach", s(&f7)]);
+    ok(&["clone", "--detach", s(&f8)]);
     // The source's frozen copy stays while the clone depends on it.
     for op in ["release", "update", "resync"] {
         let (good, out) = run(&[op, s(&d)]);

@@ -1716,7 +1716,9 @@ impl Fs {
         // A clone: partial tracks at either end take their frozen bytes first (then are
         // zeroed in part below); whole tracks below its limit are mapped to zeroed tracks
         // after the unmap, or they would read the frozen copy again.
-        let clone_limit = {
+        let clone_limit = if self.dependents().is_empty() {
+            None
+        } else {
             let st = self.state_with(ino)?;
             st.get(ino)?.row.clone.map(|c| c.limit)
         };

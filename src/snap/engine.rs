@@ -615,6 +615,14 @@ impl Engine {
             .map(|f| (!f.absent).then(|| f.path.clone()))
     }
 
+    /// Pair `id`'s record of `ino` (None if it has none; an absent marker is returned
+    /// as it is).
+    pub fn frozen_record(&self, id: PairId, ino: u64) -> Option<Frozen> {
+        let s = self.slot(id)?;
+        let p = s.lock();
+        p.frozen_of(ino).cloned()
+    }
+
     /// The instant's record of `ino` in lazy pair `id`, if frozen: (size, extents), or
     /// Some(None) for an absent marker.
     fn lazy_record(&self, id: PairId, ino: u64) -> Option<Option<(u64, ExtentMap)>> {

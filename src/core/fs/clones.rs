@@ -70,6 +70,11 @@ impl Fs {
     /// True if a write to file tracks `[f0, f0+n)` of `ino` must fill backed tracks of a
     /// clone first.
     pub(super) fn clone_needs_fill(&self, ino: u64, f0: u64, n: u64) -> Result<bool> {
+        // Every linked clone is in the dependency table: without any, no write asks the
+        // namespace lock a second time.
+        if self.dependents().is_empty() {
+            return Ok(false);
+        }
         let st = self.state_with(ino)?;
         let i = st.get(ino)?;
         Ok(match i.row.clone {
@@ -91,6 +96,9 @@ impl Fs {
         n: u64,
         overlay: Option<(u64, &[u8])>,
     ) -> Result<()> {
+        if self.dependents().is_empty() {
+            return Ok(());
+        }
         let ts = self.track_size;
         let mut f = f0;
         let end = f0.saturating_add(n);
@@ -246,6 +254,21 @@ impl Fs {
                     .ok_or_else(|| Error::invalid("clone: SRC could not be split"))?
             }
         };
+        // 2a. A file: its frozen object directly (the pair's record, or for a lazy
+        // instant the unchanged live inode), no view: flat in the size of the pair.
+        let is_file = self.state_with(src)?.get(src)?.is_file();
+        if is_file {
+            let b = self.barrier.read().unwrap_or_else(|p| p.into_inner());
+            if !self.engine.is_frozen(pid) {
+                return Err(Error::Busy(format!(
+                    "clone: pair {pid} lost its frozen copy meanwhile"
+                )));
+            }
+            let made = self.clone_file_under_barrier(pid, src, parent, name)?;
+            drop(b);
+            self.commit(Vec::new())?;
+            return Ok(made);
+        }
         // 2. The frozen view (built with no lock held), then the barrier: no split,
         // update, resync or release until the clone is registered. A view that changed
         // meanwhile is built again.
@@ -286,6 +309,97 @@ impl Fs {
         }
     }
 
+    /// A clone of regular file `src` as pair `pid` froze it. The caller holds the
+    /// barrier shared.
+    fn clone_file_under_barrier(
+        &self,
+        pid: PairId,
+        src: u64,
+        parent: u64,
+        name: &[u8],
+    ) -> Result<CloneMade> {
+        let mut st = self.state_with(src)?;
+        let absent = || Error::NotFound("clone: SRC is not in its pair's frozen copy".into());
+        let f = match self.engine.frozen_record(pid, src) {
+            Some(f) if f.absent => return Err(absent()),
+            Some(f) => f,
+            // Not frozen yet in a lazy instant that holds it: unchanged since.
+            None if st.get(src)?.pair == Some(pid) && self.engine.holds(pid, src) => {
+                super::object_of(st.get(src)?, src, String::new(), Vec::new()).ok_or_else(absent)?
+            }
+            None => return Err(absent()),
+        };
+        if f.attr.kind != FrozenKind::File {
+            return Err(Error::invalid(
+                "clone: SRC is not a regular file in the frozen copy",
+            ));
+        }
+        self.check_clone_parent(&mut st, parent, name)?;
+        let now = now_ns();
+        let ino = st.next_ino;
+        st.next_ino += 1;
+        let a = f.attr;
+        let clone = CloneRef {
+            pair: pid,
+            src,
+            limit: a.size,
+        };
+        let row = InodeRow {
+            ino,
+            kind: libc::S_IFREG,
+            perm: a.perm,
+            uid: a.uid,
+            gid: a.gid,
+            nlink: 0,
+            size: a.size,
+            atime: a.atime,
+            mtime: a.mtime,
+            ctime: now,
+            rdev: 0,
+            target: None,
+            clone: Some(clone),
+        };
+        let mut inode = Inode::new(row);
+        inode.xattrs.extend(
+            f.xattrs
+                .into_iter()
+                .filter(|(k, _)| super::stored_xattr(k) && !k.starts_with(b"user.pairfs.")),
+        );
+        st.inodes.insert(ino, inode);
+        st.inode_count += 1;
+        st.touch(ino);
+        self.link_clone(&mut st, ino, parent, name, now)?;
+        self.layout_changed(ino);
+        self.dependents().add(pid, ino);
+        Ok(CloneMade {
+            ino,
+            objects: 1,
+            files: 1,
+            pair: pid,
+        })
+    }
+
+    /// DST's directory: a directory outside every directory or volume pair, with no
+    /// `name` in it yet.
+    fn check_clone_parent(&self, st: &mut NamespaceState, parent: u64, name: &[u8]) -> Result<()> {
+        self.want(st, parent)?;
+        let p = st.get(parent)?;
+        let d = p.dir.as_ref().ok_or(Error::NotDir)?;
+        if d.get(name).is_some() {
+            return Err(Error::Exists(String::from_utf8_lossy(name).into_owned()));
+        }
+        if p.row.nlink == 0 {
+            return Err(Error::NotFound("directory was removed".into()));
+        }
+        if let Some(q) = p.pair.filter(|&q| self.engine.inherits(q)) {
+            return Err(Error::Busy(format!(
+                "clone: DST would be inside the scope of pair {q}; a clone lives outside \
+                 directory and volume pairs"
+            )));
+        }
+        self.freeze_before(st, parent)
+    }
+
     fn clone_under_barrier(
         &self,
         view: &FrozenView,
@@ -315,22 +429,7 @@ impl Fs {
             ));
         }
         // DST: a new name in a directory outside every directory or volume pair.
-        self.want(&mut st, parent)?;
-        let p = st.get(parent)?;
-        let d = p.dir.as_ref().ok_or(Error::NotDir)?;
-        if d.get(name).is_some() {
-            return Err(Error::Exists(String::from_utf8_lossy(name).into_owned()));
-        }
-        if p.row.nlink == 0 {
-            return Err(Error::NotFound("directory was removed".into()));
-        }
-        if let Some(q) = p.pair.filter(|&q| self.engine.inherits(q)) {
-            return Err(Error::Busy(format!(
-                "clone: DST would be inside the scope of pair {q}; a clone lives outside \
-                 directory and volume pairs"
-            )));
-        }
-        self.freeze_before(&mut st, parent)?;
+        self.check_clone_parent(&mut st, parent, name)?;
         // Breadth first over the frozen tree; a hard-linked file is one clone under
         // each of its names.
         let now = now_ns();
