@@ -127,7 +127,8 @@ pub enum Cmd {
     /// While a clone depends on it, SRC's frozen copy cannot be updated, resynced or
     /// released (EBUSY, naming the clone). `--detach DST` copies the tracks a clone still
     /// reads from the frozen copy into its own and drops the dependency. Pairing or
-    /// splitting a clone detaches it first. `pairfs status` lists linked clones.
+    /// splitting a clone detaches it first. `pairfs status` lists linked clones. Root
+    /// only (a clone keeps the frozen owners and modes).
     Clone {
         /// The source (with --detach: the clone, or a directory holding clones).
         src: PathBuf,

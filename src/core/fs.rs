@@ -2570,14 +2570,14 @@ impl Namespace for Fs {
         Ok(Some((out, next)))
     }
 
-    fn instant_file(&self, id: PairId, ino: u64) -> Result<(u64, crate::core::extent::ExtentMap)> {
+    fn instant_file(&self, id: PairId, ino: u64, f0: u64, n: u64) -> Result<(u64, Vec<Segment>)> {
         let mut st = self.state();
-        self.engine.instant_file_of(id, ino, || {
+        self.engine.instant_file_of(id, (ino, f0, n), || {
             if !self.try_want(&mut st, ino)? {
                 return Err(Error::NotFound("frozen file".into()));
             }
             let i = st.get(ino)?;
-            Ok((i.row.size, i.extents.clone()))
+            Ok((i.row.size, i.extents.segments(f0, n)))
         })
     }
 

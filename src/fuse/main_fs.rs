@@ -1028,6 +1028,9 @@ impl Filesystem for MainFs {
             .ok()
             .and_then(|s| s.strip_prefix(CONTROL_PREFIX))
         {
+            // A clone keeps the frozen owners and modes (set-uid files too), as `cp -a`
+            // can only for root.
+            Some("clone") if req.uid() != 0 => Err(Error::NotPermitted),
             Some(op) => self.control_set(ino.0, op, value),
             None => self.fs.setxattr_by(ino.0, n, value, flags, &|g| {
                 req.uid() == 0 || in_group(req, g)

@@ -33,7 +33,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, RwLockWriteGuard};
 use std::time::Duration;
 
 use crate::core::durability::{Durability, PairHooks};
-use crate::core::extent::ExtentMap;
+use crate::core::extent::Segment;
 use crate::core::now_ns;
 use crate::core::trackset::TrackSet;
 use crate::error::{Error, Result};
@@ -623,13 +623,19 @@ impl Engine {
         p.frozen_of(ino).cloned()
     }
 
-    /// The instant's record of `ino` in lazy pair `id`, if frozen: (size, extents), or
-    /// Some(None) for an absent marker.
-    fn lazy_record(&self, id: PairId, ino: u64) -> Option<Option<(u64, ExtentMap)>> {
+    /// The instant's record of `ino` in lazy pair `id`, if frozen: its size and the
+    /// segments of file tracks `[f0, f0+n)`, or Some(None) for an absent marker.
+    fn lazy_record(
+        &self,
+        id: PairId,
+        ino: u64,
+        f0: u64,
+        n: u64,
+    ) -> Option<Option<(u64, Vec<Segment>)>> {
         let s = self.slot(id)?;
         let p = s.lock();
         p.frozen_of(ino)
-            .map(|f| (!f.absent).then(|| (f.attr.size, f.extents.clone())))
+            .map(|f| (!f.absent).then(|| (f.attr.size, f.extents.segments(f0, n))))
     }
 
     /// Adds the instant's record of one object to lazy pair `id` (the caller, holding
@@ -644,16 +650,16 @@ impl Engine {
         pin
     }
 
-    /// (size, extents) of file `ino` at lazy pair `id`'s instant, under the namespace
-    /// lock (`instant`: the namespace's live state, valid only while the pair has not
-    /// frozen the inode: both are asked under that one lock).
+    /// Size of file `ino` at lazy pair `id`'s instant and the segments of its file tracks
+    /// `[f0, f0+n)`, under the namespace lock (`live`: the namespace's live state, valid
+    /// only while the pair has not frozen the inode: both are asked under that one lock).
     pub fn instant_file_of(
         &self,
         id: PairId,
-        ino: u64,
-        live: impl FnOnce() -> Result<(u64, ExtentMap)>,
-    ) -> Result<(u64, ExtentMap)> {
-        match self.lazy_record(id, ino) {
+        (ino, f0, n): (u64, u64, u64),
+        live: impl FnOnce() -> Result<(u64, Vec<Segment>)>,
+    ) -> Result<(u64, Vec<Segment>)> {
+        match self.lazy_record(id, ino, f0, n) {
             Some(Some(r)) => Ok(r),
             Some(None) => Err(Error::NotFound("frozen file".into())),
             None => live(),
@@ -1936,19 +1942,24 @@ impl Engine {
             // A lazy pair: the instant's record if the file changed since, else its
             // live (unchanged) map, both under the namespace lock.
             let ino = ino.ok_or_else(|| Error::NotFound("frozen file".into()))?;
-            let (size_at, extents) = ns.instant_file(id, ino)?;
+            if size == 0 {
+                return Ok(Vec::new());
+            }
+            // The segments of the range asked (clipped to the instant's size below:
+            // segments past it are skipped), not a copy of the whole map.
+            let f0 = off / ts;
+            let f1 = (off + size as u64 - 1) / ts;
+            let (size_at, segs) = ns.instant_file(id, ino, f0, f1 - f0 + 1)?;
             if off >= size_at {
                 return Ok(Vec::new());
             }
             let len = (size as u64).min(size_at - off);
-            let f0 = off / ts;
-            let f1 = (off + len - 1) / ts;
             // For log lines: the record's path when the file changed since the instant.
             let path = slot
                 .lock()
                 .frozen_of(ino)
                 .map_or_else(|| format!("(inode {ino})"), |f| f.path.clone());
-            (extents.segments(f0, f1 - f0 + 1), len, path)
+            (segs, len, path)
         } else {
             let p = slot.lock();
             let f = p
