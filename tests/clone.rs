@@ -701,6 +701,19 @@ fn postgres_starts_on_a_clone_of_a_running_clusters_data_directory() {
     let on_first = tpcb_sums(&bin, &s1, p1);
     assert!(on_first.iter().all(|&x| x == on_first[0]), "{on_first:?}");
     assert_ne!(on_clone[3], on_first[3], "two databases went separate ways");
+    // Only root clones (a clone keeps owners and modes, set-uid bits too).
+    let o = Command::new("runuser")
+        .args(["-u", "postgres", "--"])
+        .arg(BIN)
+        .args(["clone", s(&data), s(&pg.join("byuser"))])
+        .output()
+        .unwrap();
+    assert!(
+        !o.status.success()
+            && String::from_utf8_lossy(&o.stderr).contains("Operation not permitted"),
+        "clone by a non-root user: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     // The data directory's pair waits for the clone.
     let (good, out) = run(&["release", s(&data)]);
     assert!(!good && out.contains(s(&clone)), "{out}");
