@@ -286,6 +286,15 @@ fn a_directory_clone_keeps_the_tree_and_the_source_waits_for_detach() {
     assert_eq!(&read_all(&dc.join("hard"))[100..105], b"clone");
     assert!(d.join("sub/f6").exists());
 
+    // A linked clone stays out of the directory pair: rename and link are EXDEV (`mv`
+    // would copy).
+    for r in [
+        std::fs::rename(dc.join("sub/f5"), d.join("moved")),
+        std::fs::rename(dc.join("sub"), d.join("movedsub")),
+        std::fs::hard_link(dc.join("sub/f5"), d.join("linked")),
+    ] {
+        assert_eq!(r.unwrap_err().raw_os_error(), Some(libc::EXDEV));
+    }
     // Single files of the split directory: one unchanged since the split (its live
     // inode is the instant's), one changed since (the pair's record).
     let (f7, f8) = (v.path("f7c"), v.path("f8c"));

@@ -972,6 +972,15 @@ impl Fs {
         if p.row.nlink == 0 {
             return Err(Error::NotFound("directory was removed".into()));
         }
+        // A linked clone stays out of directory and volume pairs (see `rename`).
+        if st.get(ino)?.row.clone.is_some()
+            && st
+                .get(newparent)?
+                .pair
+                .is_some_and(|q| self.engine.inherits(q))
+        {
+            return Err(Error::CrossDevice);
+        }
         self.freeze_before(&mut st, ino)?;
         self.freeze_before(&mut st, newparent)?;
         let p = st.get_mut(newparent)?;
@@ -1098,17 +1107,21 @@ impl Fs {
             return Err(Error::invalid("cannot move a directory beneath itself"));
         }
         // A linked clone may not join a pair's scope: its frozen copy would miss the
-        // tracks the clone still reads from its backing (`mv` copies on EXDEV).
-        if st
-            .get(newparent)?
-            .pair
-            .is_some_and(|p| self.engine.inherits(p))
-            && st.get(src)?.pair.is_none()
-            && !self.dependents().is_empty()
-        {
-            for ino in self.subtree(&mut st, src)? {
-                if st.get(ino)?.row.clone.is_some() {
-                    return Err(Error::CrossDevice);
+        // tracks the clone still reads from its backing (`mv` copies on EXDEV). With
+        // RENAME_EXCHANGE the target moves the other way.
+        let mut moving = vec![(src, newparent)];
+        if exchange && let Some(d) = dst {
+            moving.push((d, parent));
+        }
+        for (top, to) in moving {
+            if st.get(to)?.pair.is_some_and(|p| self.engine.inherits(p))
+                && st.get(top)?.pair.is_none()
+                && !self.dependents().is_empty()
+            {
+                for ino in self.subtree(&mut st, top)? {
+                    if st.get(ino)?.row.clone.is_some() {
+                        return Err(Error::CrossDevice);
+                    }
                 }
             }
         }
