@@ -1883,9 +1883,10 @@ impl Engine {
             if p.lazy.is_some() {
                 0
             } else {
-                p.frozen
-                    .iter()
-                    .position(|f| f.ino == ino && !f.absent)
+                p.frozen_at
+                    .get(&ino)
+                    .copied()
+                    .filter(|&k| !p.frozen[k].absent)
                     .ok_or_else(|| {
                         backing_gone(format!("pair {id}: frozen file of inode {ino} is gone"))
                     })?
