@@ -631,12 +631,16 @@ impl Fs {
     }
 
     /// `user.pairfs.clones` of the mount root: one line per linked clone (at most
-    /// `max`), then a `clones total=N` line.
+    /// `max`, and about 60,000 bytes), then a `clones total=N` line.
     pub fn clone_lines(&self, max: usize) -> Result<String> {
         let all = self.dependents().all();
         let ts = self.track_size;
         let mut out = String::new();
         for &(ino, pair) in all.iter().take(max) {
+            // A getxattr value is at most 64 KiB (paths may be long).
+            if out.len() > 60_000 {
+                break;
+            }
             let mut st = self.state();
             if !self.try_want(&mut st, ino)? {
                 continue;
