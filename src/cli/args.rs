@@ -119,6 +119,29 @@ pub enum Cmd {
     Resync(WaitArgs),
     /// Delete the pair and its frozen copy.
     Release(PathArgs),
+    /// Make DST a writable clone of SRC's frozen copy, at once, copying no data.
+    ///
+    /// SRC is a regular file or a directory; without a frozen copy it is split first
+    /// (creating its pair if needed). DST (a new name, outside every directory or volume
+    /// pair) is an ordinary read-write file or tree (directories, symlinks, special files,
+    /// hard links and xattrs as in the frozen copy; each regular file a clone): its
+    /// unwritten tracks read SRC's frozen copy, its writes go to newly allocated tracks.
+    /// While a clone depends on it, SRC's frozen copy cannot be updated, resynced or
+    /// released (EBUSY, naming the clone). `--detach DST` copies the tracks a clone still
+    /// reads from the frozen copy into its own and drops the dependency. Pairing or
+    /// splitting a clone detaches it first. `pairfs status` lists linked clones. Root
+    /// only (a clone keeps the frozen owners and modes).
+    Clone {
+        /// The source (with --detach: the clone, or a directory holding clones).
+        src: PathBuf,
+        /// The new clone (a path that does not exist yet, on the same mount).
+        #[arg(required_unless_present = "detach", conflicts_with = "detach")]
+        dst: Option<PathBuf>,
+        /// Detach the clone(s) at SRC instead: copy the remaining tracks, drop the
+        /// dependency on the frozen copy.
+        #[arg(long)]
+        detach: bool,
+    },
     /// Move the volume image (or the copy image) of a mounted volume to TARGET while it
     /// is in use.
     ///

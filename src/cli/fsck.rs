@@ -100,6 +100,30 @@ pub fn fsck(p: &Paths, repair: bool) -> Result<Report> {
         }
     }
     let pinned_only = pinned.iter().filter(|t| !owner.contains_key(t)).count() as u64;
+    // Writable clones: each reads from a frozen copy that must still be there.
+    let mut clones = 0u64;
+    for i in &l.inodes {
+        let Some(c) = i.clone else { continue };
+        clones += 1;
+        let frozen = l
+            .pairs
+            .iter()
+            .find(|p| p.id == c.pair)
+            .filter(|p| p.state.is_frozen());
+        if i.kind != libc::S_IFREG || frozen.is_none() {
+            r.problems.push(format!(
+                "inode {}: a clone of inode {} in pair {}, which has no frozen copy{}",
+                i.ino,
+                c.src,
+                c.pair,
+                if i.kind != libc::S_IFREG {
+                    " (and not a regular file)"
+                } else {
+                    ""
+                }
+            ));
+        }
+    }
     // Entries and link counts.
     let mut links: HashMap<u64, u32> = HashMap::new();
     let mut subdirs: HashMap<u64, u32> = HashMap::new();
@@ -212,6 +236,7 @@ pub fn fsck(p: &Paths, repair: bool) -> Result<Report> {
     );
     r.stats.insert("inodes", l.inodes.len() as u64);
     r.stats.insert("pairs", l.pairs.len() as u64);
+    r.stats.insert("clones", clones);
     if repair && !r.problems.is_empty() {
         let c = meta.conn();
         let tx = c.unchecked_transaction()?;

@@ -141,6 +141,7 @@ pub fn run(cli: Cli) -> Result<u8> {
         }
         Cmd::Pair(a) => control(&a.path, "pair", false),
         Cmd::Release(a) => control(&a.path, "release", false),
+        Cmd::Clone { src, dst, detach } => clone(&src, dst.as_deref(), detach),
         Cmd::Split(a) => control(&a.path, "split", a.wait),
         Cmd::Update(a) => control(&a.path, "update", a.wait),
         Cmd::Resync(a) => control(&a.path, "resync", a.wait),
@@ -1018,6 +1019,16 @@ pub fn setxattr_control(path: &Path, op: &str) -> Result<()> {
     let r = unsafe { libc::setxattr(c.as_ptr(), name.as_ptr(), std::ptr::null(), 0, 0) };
     if r != 0 {
         let e = std::io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EBUSY)
+            && matches!(op, "update" | "resync" | "release")
+            && let Some(clones) = crate::cli::status::clones_of(path)
+        {
+            return Err(Error::Busy(format!(
+                "{op} {}: {e}: the frozen copy is read by the clone {clones} \
+                 (detach it first: pairfs clone --detach)",
+                path.display()
+            )));
+        }
         let hint = match e.raw_os_error() {
             Some(libc::EINVAL) => " (wrong state for this operation; see `pairfs status`)",
             Some(libc::EBUSY) => " (an operation is running or the path is inside another pair)",
@@ -1030,6 +1041,50 @@ pub fn setxattr_control(path: &Path, op: &str) -> Result<()> {
         )));
     }
     Ok(())
+}
+
+/// `pairfs clone SRC DST` (setxattr `user.pairfs.clone` = `SRC_INO NAME` on DST's
+/// directory) and `pairfs clone --detach PATH` (`user.pairfs.detach` on PATH).
+fn clone(src: &Path, dst: Option<&Path>, detach: bool) -> Result<u8> {
+    use std::os::unix::fs::MetadataExt;
+    let t = std::time::Instant::now();
+    let Some(dst) = dst.filter(|_| !detach) else {
+        crate::cli::status::setxattr_value(src, "detach", b"")?;
+        println!(
+            "{}: detached ({:.1} ms)",
+            src.display(),
+            t.elapsed().as_secs_f64() * 1e3
+        );
+        return Ok(0);
+    };
+    let sm =
+        std::fs::metadata(src).map_err(|e| Error::invalid(format!("{}: {e}", src.display())))?;
+    let name = dst
+        .file_name()
+        .ok_or_else(|| Error::invalid(format!("{}: not a new name", dst.display())))?;
+    let parent = match dst.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let pm = std::fs::metadata(&parent)
+        .map_err(|e| Error::invalid(format!("{}: {e}", parent.display())))?;
+    if pm.dev() != sm.dev() {
+        return Err(Error::invalid(format!(
+            "{} and {} are not on the same pairfs mount",
+            src.display(),
+            dst.display()
+        )));
+    }
+    let mut value = format!("{} ", sm.ino()).into_bytes();
+    value.extend_from_slice(name.as_bytes());
+    crate::cli::status::setxattr_value(&parent, "clone", &value)?;
+    println!(
+        "{}: clone of {} ({:.1} ms)",
+        dst.display(),
+        src.display(),
+        t.elapsed().as_secs_f64() * 1e3
+    );
+    Ok(0)
 }
 
 fn control(path: &Path, op: &str, wait: bool) -> Result<u8> {

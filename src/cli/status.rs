@@ -319,15 +319,93 @@ fn migration_rows(path: Option<&Path>) -> Vec<(PathBuf, StateLine)> {
     out
 }
 
+/// The linked clones of each mount (`user.pairfs.clones` of its root, `pairfs clone`):
+/// `clone ...` lines, and a `clones total=N` line when some were left out.
+fn clone_rows(path: Option<&Path>) -> Vec<(PathBuf, StateLine)> {
+    let want = path.map(|p| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf()));
+    let mut out = Vec::new();
+    for (m, s) in pairfs_mounts() {
+        if s.ends_with(":copy")
+            || s.ends_with(":snapshot")
+            || want.as_ref().is_some_and(|w| w != &m)
+        {
+            continue;
+        }
+        let Ok(v) = get_root_xattr(&m, "user.pairfs.clones") else {
+            continue;
+        };
+        let lines: Vec<StateLine> = String::from_utf8_lossy(&v)
+            .lines()
+            .map(StateLine::parse)
+            .collect();
+        let shown = lines.iter().filter(|l| l.state == "clone").count();
+        for l in lines {
+            let total: usize = l.get("total").and_then(|t| t.parse().ok()).unwrap_or(0);
+            if l.state == "clone" || (l.state == "clones" && total > shown) {
+                out.push((m.clone(), l));
+            }
+        }
+    }
+    out
+}
+
+fn print_clones(rows: &[(PathBuf, StateLine)]) {
+    println!(
+        "{:<6} {:>6} {:>12} {:>10} {:>14}  PATH",
+        "CLONE", "PAIR", "SIZE", "WRITTEN", "FROM_FROZEN"
+    );
+    for (_, l) in rows {
+        if l.state == "clones" {
+            println!(
+                "(and more: {} clones in all)",
+                l.get("total").unwrap_or("?")
+            );
+            continue;
+        }
+        println!(
+            "{:<6} {:>6} {:>12} {:>10} {:>14}  {}",
+            "clone",
+            l.get("pair").unwrap_or("-"),
+            human_bytes(l.get("size")),
+            l.get("written_tracks").unwrap_or("-"),
+            l.get("backed_tracks").unwrap_or("-"),
+            l.get("path").unwrap_or("-"),
+        );
+    }
+}
+
+/// The paths of the clones that read from the frozen copy of the pair at `path` (comma
+/// separated), if any: why its update, resync or release is refused.
+pub fn clones_of(path: &Path) -> Option<String> {
+    let id = StateLine::parse(&getxattr_state(path).ok()?)
+        .get("pair")?
+        .to_string();
+    let canon = std::fs::canonicalize(path).ok()?;
+    let (mnt, _) = pairfs_mounts()
+        .into_iter()
+        .filter(|(m, s)| !s.ends_with(":copy") && !s.ends_with(":snapshot") && canon.starts_with(m))
+        .max_by_key(|(m, _)| m.as_os_str().len())?;
+    let v = get_root_xattr(&mnt, "user.pairfs.clones").ok()?;
+    let paths: Vec<String> = String::from_utf8_lossy(&v)
+        .lines()
+        .map(StateLine::parse)
+        .filter(|l| l.state == "clone" && l.get("pair") == Some(id.as_str()))
+        .filter_map(|l| l.get("path").map(|p| format!("{}{p}", mnt.display())))
+        .collect();
+    (!paths.is_empty()).then(|| paths.join(", "))
+}
+
 /// `pairfs status`.
 pub fn status(path: Option<&Path>, json: bool, watch: bool) -> Result<u8> {
     loop {
         let mut rows = collect(path)?;
         let mig = migration_rows(path);
         rows.extend(mig);
+        let clones = clone_rows(path);
         if json {
             let v: Vec<serde_json::Value> = rows
                 .iter()
+                .chain(clones.iter())
                 .map(|(p, l)| {
                     let mut j = l.json();
                     if j.get("path").is_none() {
@@ -345,6 +423,9 @@ pub fn status(path: Option<&Path>, json: bool, watch: bool) -> Result<u8> {
                 println!("no pairs");
             } else {
                 print_table(&rows);
+            }
+            if !clones.is_empty() {
+                print_clones(&clones);
             }
         }
         if !watch {

@@ -25,6 +25,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
 use std::time::Duration;
 
 use crate::core::alloc::Allocator;
+use crate::core::clone::{Dependents, backed_ranges};
 use crate::core::durability::{BatchSource, Durability};
 use crate::core::extent::{Extent, Segment};
 use crate::core::inode::{AtimePolicy, Inode};
@@ -37,6 +38,8 @@ use crate::snap::namespace::Namespace;
 use crate::snap::pair::{Frozen, FrozenAttr, FrozenKind, PairId, Pins, Scope};
 use crate::store::migrate::MigratingVolume;
 use crate::store::volume::{Checked, Volume};
+
+mod clones;
 
 /// Root inode number.
 pub const ROOT: u64 = 1;
@@ -290,6 +293,8 @@ pub struct Fs {
     forgotten: AtomicU64,
     /// Online migration of the images (`pairfs migrate`).
     pub migrator: Migrator,
+    /// Which writable clones read from which pair's frozen copy (a leaf lock).
+    clones: Mutex<Dependents>,
 }
 
 /// Shape changes of files, stamped in order, and the stamp the last commit covered.
@@ -331,6 +336,10 @@ impl Fs {
                 return Err(Error::Corrupt(format!("empty extent at track {v}")));
             }
             alloc.mark_used(v, l)?;
+        }
+        let mut clones = Dependents::default();
+        for &(ino, pair) in &loaded.clones {
+            clones.add(pair, ino);
         }
         let reader = meta.reader()?;
         match reader.inode(ROOT)? {
@@ -407,6 +416,7 @@ impl Fs {
             evictions: AtomicU64::new(0),
             forgotten: AtomicU64::new(0),
             migrator,
+            clones: Mutex::new(clones),
         };
         fs.engine.load_sums(fs.geo.tracks(), &loaded.sums);
         fs.engine
@@ -422,6 +432,11 @@ impl Fs {
     /// in flight, and the engine runs the operation under it.
     pub fn control(&self, ino: u64, op: Op) -> Result<()> {
         Fs::check_readonly(&self.opts)?;
+        if matches!(op, Op::Pair | Op::Split) {
+            // Pairing a clone (or a tree holding clones) detaches them first: a frozen
+            // copy holds only a file's own tracks.
+            self.detach_new_scope(ino)?;
+        }
         let b = self.barrier.write().unwrap_or_else(|p| p.into_inner());
         self.engine.control(self, &b, ino, op)
     }
@@ -875,6 +890,7 @@ impl Fs {
             ctime: now,
             rdev,
             target,
+            clone: None,
         };
         let mut inode = Inode::new(row);
         inode.links.push((parent, name.to_vec()));
@@ -935,6 +951,15 @@ impl Fs {
         }
         if p.row.nlink == 0 {
             return Err(Error::NotFound("directory was removed".into()));
+        }
+        // A linked clone stays out of directory and volume pairs (see `rename`).
+        if st.get(ino)?.row.clone.is_some()
+            && st
+                .get(newparent)?
+                .pair
+                .is_some_and(|q| self.engine.inherits(q))
+        {
+            return Err(Error::CrossDevice);
         }
         self.freeze_before(&mut st, ino)?;
         self.freeze_before(&mut st, newparent)?;
@@ -1012,6 +1037,9 @@ impl Fs {
             return;
         }
         let i = st.evict(ino).expect("exists");
+        if i.row.clone.is_some() {
+            self.dependents().remove(ino);
+        }
         st.inode_count = st.inode_count.saturating_sub(1);
         let freed: Vec<u64> = i.extents.vol_tracks().collect();
         for e in i.extents.iter() {
@@ -1057,6 +1085,25 @@ impl Fs {
         // A directory may not move beneath itself.
         if src_dir && self.is_ancestor(&mut st, src, newparent)? {
             return Err(Error::invalid("cannot move a directory beneath itself"));
+        }
+        // A linked clone may not join a pair's scope: its frozen copy would miss the
+        // tracks the clone still reads from its backing (`mv` copies on EXDEV). With
+        // RENAME_EXCHANGE the target moves the other way.
+        let mut moving = vec![(src, newparent)];
+        if exchange && let Some(d) = dst {
+            moving.push((d, parent));
+        }
+        for (top, to) in moving {
+            if st.get(to)?.pair.is_some_and(|p| self.engine.inherits(p))
+                && st.get(top)?.pair.is_none()
+                && !self.dependents().is_empty()
+            {
+                for ino in self.subtree(&mut st, top)? {
+                    if st.get(ino)?.row.clone.is_some() {
+                        return Err(Error::CrossDevice);
+                    }
+                }
+            }
         }
         // Lazy instants: each object this rename changes is frozen first; one moving
         // into a lazily split directory pair it was not a member of is marked absent
@@ -1292,6 +1339,12 @@ impl Fs {
             let old = i.row.size;
             let pid = i.pair;
             let mut zero = None;
+            if let Some(c) = st.get(ino)?.row.clone
+                && size < c.limit
+            {
+                // Bytes past a shrink read zero after a later extension.
+                st.get_mut(ino)?.row.clone = Some(c.truncated(size));
+            }
             if size < old {
                 let keep = size.div_ceil(ts);
                 let freed = self.unmap(&mut st, ino, keep, u64::MAX - keep)?;
@@ -1418,7 +1471,7 @@ impl Fs {
         let dl = self.data_lock(ino)?;
         let _d = dl.read().unwrap_or_else(|p| p.into_inner());
         let ts = self.track_size;
-        let (segs, len) = {
+        let (segs, len, clone) = {
             let st = self.state();
             let i = st.get(ino)?;
             if i.is_dir() {
@@ -1430,7 +1483,7 @@ impl Fs {
             let len = (size as u64).min(i.row.size - off);
             let f0 = off / ts;
             let f1 = (off + len - 1) / ts;
-            (i.extents.segments(f0, f1 - f0 + 1), len)
+            (i.extents.segments(f0, f1 - f0 + 1), len, i.row.clone)
         };
         // Staged writes first (see `snap::stage`): a track destaged after this is on
         // the volume by the time we read it.
@@ -1440,6 +1493,18 @@ impl Fs {
                 .flatten(),
         );
         let mut buf = vec![0u8; len as usize];
+        // A clone's unwritten tracks below its limit read its frozen source (the same
+        // checked path as the copy mount); past the limit they read zero.
+        if let Some(c) = clone {
+            for (a, b) in backed_ranges(&segs, c.limit, ts, off, len) {
+                let d = self
+                    .engine
+                    .read_frozen_ino(self, c.pair, c.src, a, (b - a) as u32)?;
+                let at = (a - off) as usize;
+                let n = d.len().min((b - a) as usize);
+                buf[at..at + n].copy_from_slice(&d[..n]);
+            }
+        }
         for s in segs {
             let Some(v) = s.vol else { continue };
             let seg_start = s.file * ts;
@@ -1504,10 +1569,18 @@ impl Fs {
             .ok_or(Error::TooBig)?;
         let _b = self.barrier.read().unwrap_or_else(|p| p.into_inner());
         let dl = self.data_lock(ino)?;
-        let _d = dl.read().unwrap_or_else(|p| p.into_inner());
         let ts = self.track_size;
         let f0 = off / ts;
         let f1 = (end - 1) / ts;
+        // A write to a clone's unwritten (backed) tracks fills them from the frozen copy
+        // first, with the data lock exclusive so no other write to them interleaves.
+        let (_rd, _wr);
+        if self.clone_needs_fill(ino, f0, f1 - f0 + 1)? {
+            _wr = dl.write().unwrap_or_else(|p| p.into_inner());
+            self.fill_clone(ino, f0, f1 - f0 + 1, Some((off, data)))?;
+        } else {
+            _rd = dl.read().unwrap_or_else(|p| p.into_inner());
+        }
         let now = now_ns();
         let (segs, pid, touched) = {
             let mut st = self.state();
@@ -1598,6 +1671,8 @@ impl Fs {
         let _d = dl.write().unwrap_or_else(|p| p.into_inner());
         let ts = self.track_size;
         let now = now_ns();
+        // A clone's backed holes take their frozen bytes, not zeros.
+        self.fill_clone(ino, off / ts, (end - 1) / ts - off / ts + 1, None)?;
         let mut st = self.state();
         if !st.get(ino)?.is_file() {
             return Err(Error::NotSupported("fallocate on a non-regular file"));
@@ -1631,6 +1706,23 @@ impl Fs {
         let _d = dl.write().unwrap_or_else(|p| p.into_inner());
         let ts = self.track_size;
         let mut zeros = Vec::new();
+        // A clone: partial tracks at either end take their frozen bytes first (then are
+        // zeroed in part below); whole tracks below its limit are mapped to zeroed tracks
+        // after the unmap, or they would read the frozen copy again.
+        let clone_limit = if self.dependents().is_empty() {
+            None
+        } else {
+            let st = self.state_with(ino)?;
+            st.get(ino)?.row.clone.map(|c| c.limit)
+        };
+        if clone_limit.is_some() {
+            if !off.is_multiple_of(ts) {
+                self.fill_clone(ino, off / ts, 1, None)?;
+            }
+            if !end.is_multiple_of(ts) {
+                self.fill_clone(ino, end / ts, 1, None)?;
+            }
+        }
         let pid = {
             let mut st = self.state();
             let i = st.get(ino)?;
@@ -1650,6 +1742,15 @@ impl Fs {
                 let freed = self.unmap(&mut st, ino, c0, c1 - c0)?;
                 if let Some(pid) = pid {
                     self.engine.freed(pid, &freed);
+                }
+                if let Some(limit) = clone_limit {
+                    let upto = c1.min(limit.div_ceil(ts));
+                    if upto > c0 {
+                        let new = self.map_range(&mut st, ino, c0, upto - c0)?;
+                        if let Some(pid) = pid {
+                            self.engine.written(pid, &new);
+                        }
+                    }
                 }
             }
             let i = st.get(ino)?;
@@ -1686,6 +1787,15 @@ impl Fs {
         let size = i.row.size;
         if off >= size {
             return Err(Error::NoSuchOffset);
+        }
+        if i.row.clone.is_some() {
+            // A clone is all data (its unwritten tracks read the frozen copy): valid
+            // answers for SEEK_DATA and SEEK_HOLE.
+            return match whence {
+                libc::SEEK_DATA => Ok(off),
+                libc::SEEK_HOLE => Ok(size),
+                _ => Err(Error::invalid("lseek whence")),
+            };
         }
         let ts = self.track_size;
         match whence {
@@ -2444,14 +2554,14 @@ impl Namespace for Fs {
         Ok(Some((out, next)))
     }
 
-    fn instant_file(&self, id: PairId, ino: u64) -> Result<(u64, crate::core::extent::ExtentMap)> {
+    fn instant_file(&self, id: PairId, ino: u64, f0: u64, n: u64) -> Result<(u64, Vec<Segment>)> {
         let mut st = self.state();
-        self.engine.instant_file_of(id, ino, || {
+        self.engine.instant_file_of(id, (ino, f0, n), || {
             if !self.try_want(&mut st, ino)? {
                 return Err(Error::NotFound("frozen file".into()));
             }
             let i = st.get(ino)?;
-            Ok((i.row.size, i.extents.clone()))
+            Ok((i.row.size, i.extents.segments(f0, n)))
         })
     }
 
@@ -2477,6 +2587,14 @@ impl Namespace for Fs {
             if let Some(other) = st.get(m)?.pair {
                 return Err(Error::Busy(format!(
                     "{} is already in pair {other}",
+                    self.path_of(&mut st, m)?
+                )));
+            }
+            // A linked clone's frozen copy would miss what it reads from its backing
+            // (`Fs::control` detaches the clones of a new scope first).
+            if st.get(m)?.row.clone.is_some() {
+                return Err(Error::Busy(format!(
+                    "/{} is a linked clone (pairfs clone --detach it first)",
                     self.path_of(&mut st, m)?
                 )));
             }
@@ -2564,6 +2682,10 @@ impl Namespace for Fs {
     fn unused_count(&self, tracks: &TrackSet) -> u64 {
         let st = self.state();
         tracks.iter().filter(|&t| !st.alloc.is_used(t)).count() as u64
+    }
+
+    fn clone_dependent(&self, id: PairId) -> Result<Option<String>> {
+        self.clone_of_pair(id)
     }
 
     fn commit(&self, extra: Vec<PairDelta>) -> Result<()> {

@@ -197,6 +197,7 @@ mod tests {
             ctime: mtime,
             rdev: 0,
             target: None,
+            clone: None,
         };
         let day = 24 * 3600 * 1_000_000_000i64;
         let now = 10 * day;

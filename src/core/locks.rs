@@ -18,7 +18,7 @@
 //! | 8 | pair state `Slot::p` | [`Slot`](crate::snap::engine::Slot) | bitmap and state changes |
 //!
 //! Leaves (nothing is taken while holding them): `Fs::layout` (shape-change stamps for
-//! `fdatasync`), the engine's pair map, a slot's
+//! `fdatasync`), `Fs::clones` (which writable clones depend on which pair), the engine's pair map, a slot's
 //! `unconfirmed`, `cow_queue` and `new_sums` lists, the engine's checksum table (`sums`)
 //! and verified-track map (`verified`), the copier's `work` counter,
 //! [`Checked`](crate::store::volume::Checked)'s `sync_lock` (held across one fsync), and

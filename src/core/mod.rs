@@ -1,5 +1,5 @@
 //! The filesystem core: the POSIX namespace and data path ([`fs`]), the pure building
-//! blocks it is made of ([`acl`], [`alloc`], [`extent`], [`inode`], [`trackset`]), the
+//! blocks it is made of ([`acl`], [`alloc`], [`clone`], [`extent`], [`inode`], [`trackset`]), the
 //! one path every sync and commit takes ([`durability`]), the lock order ([`locks`]), online
 //! migration of an image ([`migrate`]) and
 //! opening a
@@ -7,6 +7,7 @@
 
 pub mod acl;
 pub mod alloc;
+pub mod clone;
 pub mod durability;
 pub mod extent;
 pub mod fs;

@@ -232,6 +232,13 @@ impl MainFs {
             }
             return r;
         }
+        if name == "clone" || name == "detach" {
+            let r = self.clone_set(ino, name, value);
+            if let Err(e) = &r {
+                log::warn!("{CONTROL_PREFIX}{name} on inode {ino}: {e}");
+            }
+            return r;
+        }
         let op = Op::parse(name).ok_or_else(|| {
             Error::invalid(format!("unknown control attribute {CONTROL_PREFIX}{name}"))
         })?;
@@ -256,6 +263,37 @@ impl MainFs {
             log::warn!("{CONTROL_PREFIX}{name} on inode {ino}: {e}");
         }
         r
+    }
+
+    /// `user.pairfs.clone` on a directory, value `SRC_INO NAME`: makes NAME in it a
+    /// writable clone of inode SRC_INO's frozen copy (`pairfs clone`);
+    /// `user.pairfs.detach` on a clone or a directory: detaches the clones there.
+    fn clone_set(&self, ino: u64, name: &str, value: &[u8]) -> crate::Result<()> {
+        if name == "detach" {
+            self.fs.detach(ino)?;
+            return Ok(());
+        }
+        let value = value.strip_suffix(b"\0").unwrap_or(value);
+        let sp = value
+            .iter()
+            .position(|&b| b == b' ')
+            .ok_or_else(|| Error::invalid("clone: the value is `SRC_INO NAME`"))?;
+        let src: u64 = std::str::from_utf8(&value[..sp])
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| Error::invalid("clone: SRC_INO is not a number"))?;
+        if self.writeback {
+            self.flush_kernel_cache(src, false)?;
+        }
+        let made = self.fs.make_clone(src, ino, &value[sp + 1..])?;
+        log::info!(
+            "clone of inode {src}: inode {} ({} objects, {} files, pair {})",
+            made.ino,
+            made.objects,
+            made.files,
+            made.pair
+        );
+        Ok(())
     }
 
     /// `user.pairfs.volume` of the mount root: volume-wide figures for `pairfs status`
@@ -326,6 +364,10 @@ impl MainFs {
                 out.push_str(&format!("{} path={:?}\n", s.line(), s.path));
             }
             return Ok(out.into_bytes());
+        }
+        if name == "clones" && ino == crate::core::fs::ROOT {
+            // At most 300 lines: a getxattr value is at most 64 KiB.
+            return Ok(self.fs.clone_lines(300)?.into_bytes());
         }
         if name == "volume" && ino == crate::core::fs::ROOT {
             return Ok(self.volume_line().into_bytes());
@@ -1018,6 +1060,9 @@ impl Filesystem for MainFs {
             .ok()
             .and_then(|s| s.strip_prefix(CONTROL_PREFIX))
         {
+            // A clone keeps the frozen owners and modes (set-uid files too), as `cp -a`
+            // can only for root.
+            Some("clone") if req.uid() != 0 => Err(Error::NotPermitted),
             Some(op) => self.control_set(ino.0, op, value),
             None => self.fs.setxattr_by(ino.0, n, value, flags, &|g| {
                 req.uid() == 0 || in_group(req, g)

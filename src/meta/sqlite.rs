@@ -12,6 +12,7 @@ use std::path::Path;
 
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 
+use crate::core::clone::CloneRef;
 use crate::core::extent::{Extent, ExtentMap};
 use crate::core::trackset::TrackSet;
 use crate::error::{Error, Result};
@@ -21,14 +22,39 @@ use crate::snap::pair::{Frozen, FrozenAttr, FrozenKind, Pair, PairId, PairState,
 /// open and read as they are on a read-only one: version 1 has no `rdev`, `links`,
 /// `xattrs` in `frozen`; versions 1 and 2 lack the on-demand indexes and `inode_count`;
 /// versions 1 to 3 lack the `sums` table (copy-image track checksums, [`SUMS_SCHEMA`]);
-/// versions 1 to 4 lack `pairs.lazy_ino` (lazy instants: 0 = the frozen map is whole).
-pub const SCHEMA_VERSION: u32 = 5;
+/// versions 1 to 4 lack `pairs.lazy_ino` (lazy instants: 0 = the frozen map is whole);
+/// versions 1 to 5 lack the clone columns of `inodes` (`clone_pair`, `clone_src`,
+/// `clone_lim`: a writable clone's backing reference) and their index.
+pub const SCHEMA_VERSION: u32 = 6;
 
 /// The schema version that added the `sums` table.
 pub const SUMS_VERSION: u32 = 4;
 
 /// The schema version that added `pairs.lazy_ino` (lazy instants).
 pub const LAZY_VERSION: u32 = 5;
+
+/// The schema version that added writable clones (`inodes.clone_*`).
+pub const CLONE_VERSION: u32 = 6;
+
+/// Version 5 to 6: the backing reference of a clone (NULL for every other inode).
+const CLONE_COLUMNS_6: [(&str, &str); 3] = [
+    (
+        "clone_pair",
+        "ALTER TABLE inodes ADD COLUMN clone_pair INTEGER",
+    ),
+    (
+        "clone_src",
+        "ALTER TABLE inodes ADD COLUMN clone_src INTEGER",
+    ),
+    (
+        "clone_lim",
+        "ALTER TABLE inodes ADD COLUMN clone_lim INTEGER",
+    ),
+];
+
+/// The clones of a pair, found at mount without a scan of `inodes` (schema version 6).
+const CLONE_INDEX: &str =
+    "CREATE INDEX IF NOT EXISTS inodes_clone ON inodes(clone_pair) WHERE clone_pair IS NOT NULL;";
 
 /// Checksums of the copy image (schema version 4): the crc32c of each copy-image track as
 /// last written by a copy, committed with (or before) the clear of its pending bit.
@@ -62,7 +88,7 @@ CREATE TABLE super(key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE inodes(ino INTEGER PRIMARY KEY, kind INTEGER NOT NULL, perm INTEGER NOT NULL,
   uid INTEGER NOT NULL, gid INTEGER NOT NULL, nlink INTEGER NOT NULL, size INTEGER NOT NULL,
   atime INTEGER NOT NULL, mtime INTEGER NOT NULL, ctime INTEGER NOT NULL, rdev INTEGER NOT NULL,
-  target BLOB);
+  target BLOB, clone_pair INTEGER, clone_src INTEGER, clone_lim INTEGER);
 CREATE TABLE dirents(parent INTEGER NOT NULL, name BLOB NOT NULL, ino INTEGER NOT NULL,
   PRIMARY KEY(parent, name)) WITHOUT ROWID;
 CREATE TABLE extents(ino INTEGER NOT NULL, ftrack INTEGER NOT NULL, vtrack INTEGER NOT NULL,
@@ -137,6 +163,8 @@ pub struct InodeRow {
     pub rdev: u32,
     /// Symlink target.
     pub target: Option<Vec<u8>>,
+    /// A writable clone's backing reference (None for every other inode).
+    pub clone: Option<CloneRef>,
 }
 
 /// One inode's rows: the inode, its extents, its xattrs.
@@ -282,6 +310,8 @@ pub struct Loaded {
     pub clean: bool,
     /// Copy-image track checksums ([`Meta::load_sums`]).
     pub sums: Vec<(u64, u32)>,
+    /// Linked clones and the pair each depends on (an indexed query).
+    pub clones: Vec<(u64, PairId)>,
 }
 
 /// The open metadata database.
@@ -330,6 +360,17 @@ fn connect(path: &Path, readonly: bool, immutable: bool) -> rusqlite::Result<Con
     Connection::open_with_flags(path, flags)
 }
 
+/// The clone columns (12, 13, 14) of an inode row: all NULL, or all set.
+fn clone_of(r: &rusqlite::Row<'_>) -> rusqlite::Result<Option<CloneRef>> {
+    let pair: Option<u64> = r.get(12)?;
+    let src: Option<u64> = r.get(13)?;
+    let limit: Option<u64> = r.get(14)?;
+    Ok(match (pair, src, limit) {
+        (Some(pair), Some(src), Some(limit)) => Some(CloneRef { pair, src, limit }),
+        _ => None,
+    })
+}
+
 fn corrupt(msg: impl Into<String>) -> Error {
     Error::Corrupt(msg.into())
 }
@@ -359,6 +400,7 @@ impl Meta {
     fn init(conn: &Connection, geometry: &Geometry, now: i64) -> Result<()> {
         conn.execute_batch(SCHEMA)?;
         conn.execute_batch(INDEXES)?;
+        conn.execute_batch(CLONE_INDEX)?;
         conn.execute_batch(SUMS_SCHEMA)?;
         for (k, v) in [
             ("format", "pairfs".to_string()),
@@ -377,7 +419,7 @@ impl Meta {
             )?;
         }
         conn.execute(
-            "INSERT INTO inodes VALUES (1, ?1, ?2, 0, 0, 2, 0, ?3, ?3, ?3, 0, NULL)",
+            "INSERT INTO inodes VALUES (1, ?1, ?2, 0, 0, 2, 0, ?3, ?3, ?3, 0, NULL, NULL, NULL, NULL)",
             params![libc::S_IFDIR, 0o755, now],
         )?;
         Ok(())
@@ -526,11 +568,32 @@ impl Meta {
                 )?;
             }
         }
+        if from < CLONE_VERSION {
+            Self::migrate_clones(&tx)?;
+        }
         tx.execute(
             "UPDATE super SET value = ?1 WHERE key = 'schema_version'",
             [SCHEMA_VERSION.to_string()],
         )?;
         tx.commit()?;
+        Ok(())
+    }
+
+    /// Migration step to [`CLONE_VERSION`]: the clone columns of `inodes` (each added
+    /// only if missing; NULL = not a clone) and their partial index. Runs inside the
+    /// caller's migration transaction.
+    fn migrate_clones(tx: &Connection) -> Result<()> {
+        let have: Vec<String> = {
+            let mut q = tx.prepare("SELECT name FROM pragma_table_info('inodes')")?;
+            q.query_map([], |r| r.get(0))?
+                .collect::<std::result::Result<_, _>>()?
+        };
+        for (col, sql) in CLONE_COLUMNS_6 {
+            if !have.iter().any(|c| c == col) {
+                tx.execute_batch(sql)?;
+            }
+        }
+        tx.execute_batch(CLONE_INDEX)?;
         Ok(())
     }
 
@@ -578,6 +641,7 @@ impl Meta {
         Ok(Reader {
             conn,
             held: self.immutable,
+            clones: self.version >= CLONE_VERSION,
         })
     }
 
@@ -669,7 +733,20 @@ impl Meta {
         }
         out.pairs = self.load_pairs()?;
         out.sums = self.load_sums()?;
+        out.clones = self.load_clones()?;
         Ok(out)
+    }
+
+    /// The clones (with a name) and the pair each depends on; none before schema 6.
+    pub fn load_clones(&self) -> Result<Vec<(u64, PairId)>> {
+        if self.version < CLONE_VERSION {
+            return Ok(Vec::new());
+        }
+        let mut st = self.conn.prepare(
+            "SELECT ino, clone_pair FROM inodes WHERE clone_pair IS NOT NULL AND nlink > 0",
+        )?;
+        let rows = st.query_map([], |r| Ok((r.get::<_, u64>(0)?, r.get::<_, u64>(1)?)))?;
+        Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
     }
 
     /// Loads every row (`fsck`), validating as it goes.
@@ -688,7 +765,11 @@ impl Meta {
             ..Loaded::default()
         };
         let mut st = c.prepare(
-            "SELECT ino, kind, perm, uid, gid, nlink, size, atime, mtime, ctime, rdev, target FROM inodes",
+            if self.version >= CLONE_VERSION {
+                "SELECT ino, kind, perm, uid, gid, nlink, size, atime, mtime, ctime, rdev, target, clone_pair, clone_src, clone_lim FROM inodes"
+            } else {
+                "SELECT ino, kind, perm, uid, gid, nlink, size, atime, mtime, ctime, rdev, target, NULL, NULL, NULL FROM inodes"
+            },
         )?;
         let rows = st.query_map([], |r| {
             Ok(InodeRow {
@@ -704,6 +785,7 @@ impl Meta {
                 ctime: r.get(9)?,
                 rdev: r.get(10)?,
                 target: r.get(11)?,
+                clone: clone_of(r)?,
             })
         })?;
         for r in rows {
@@ -908,14 +990,27 @@ impl Meta {
             let mut del_ext = tx.prepare_cached("DELETE FROM extents WHERE ino = ?1")?;
             let mut del_x = tx.prepare_cached("DELETE FROM xattrs WHERE ino = ?1")?;
             let mut put_i = tx.prepare_cached(
-                "INSERT OR REPLACE INTO inodes VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+                "INSERT OR REPLACE INTO inodes VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
             )?;
             let mut put_e = tx.prepare_cached("INSERT INTO extents VALUES (?1, ?2, ?3, ?4)")?;
             let mut put_x = tx.prepare_cached("INSERT INTO xattrs VALUES (?1, ?2, ?3)")?;
             for (i, exts, xattrs) in &b.inodes {
                 put_i.execute(params![
-                    i.ino, i.kind, i.perm, i.uid, i.gid, i.nlink, i.size, i.atime, i.mtime,
-                    i.ctime, i.rdev, i.target
+                    i.ino,
+                    i.kind,
+                    i.perm,
+                    i.uid,
+                    i.gid,
+                    i.nlink,
+                    i.size,
+                    i.atime,
+                    i.mtime,
+                    i.ctime,
+                    i.rdev,
+                    i.target,
+                    i.clone.map(|c| c.pair),
+                    i.clone.map(|c| c.src),
+                    i.clone.map(|c| c.limit)
                 ])?;
                 del_ext.execute([i.ino])?;
                 for e in exts {
@@ -1086,6 +1181,8 @@ pub struct Reader {
     conn: Connection,
     /// One read transaction open for the reader's life (an immutable file).
     held: bool,
+    /// The database has the clone columns (schema version 6).
+    clones: bool,
 }
 
 /// One inode's rows as [`Reader::inode`] returns them.
@@ -1104,10 +1201,13 @@ pub struct InodeLoad {
 impl Reader {
     /// The row and names of an inode, or None if there is no such row.
     pub fn inode(&self, ino: u64) -> Result<Option<InodeLoad>> {
-        let mut st = self.conn.prepare_cached(
-            "SELECT ino, kind, perm, uid, gid, nlink, size, atime, mtime, ctime, rdev, target \
-             FROM inodes WHERE ino = ?1",
-        )?;
+        let mut st = self.conn.prepare_cached(if self.clones {
+            "SELECT ino, kind, perm, uid, gid, nlink, size, atime, mtime, ctime, rdev, target, \
+             clone_pair, clone_src, clone_lim FROM inodes WHERE ino = ?1"
+        } else {
+            "SELECT ino, kind, perm, uid, gid, nlink, size, atime, mtime, ctime, rdev, target, \
+             NULL, NULL, NULL FROM inodes WHERE ino = ?1"
+        })?;
         let row = st
             .query_row([ino], |r| {
                 Ok(InodeRow {
@@ -1123,6 +1223,7 @@ impl Reader {
                     ctime: r.get(9)?,
                     rdev: r.get(10)?,
                     target: r.get(11)?,
+                    clone: clone_of(r)?,
                 })
             })
             .optional()
@@ -1290,6 +1391,7 @@ mod tests {
             ctime: 3,
             rdev: 0,
             target: None,
+            clone: None,
         };
         let mut b = Batch {
             next_ino: 3,
@@ -1502,6 +1604,67 @@ mod tests {
         })
         .unwrap();
         assert_eq!(rw.load().unwrap().sums, vec![(7, 1)]);
+    }
+
+    #[test]
+    fn clone_references_round_trip_and_version_5_migrates() {
+        let dir = tempfile::tempdir().unwrap();
+        let q = dir.path().join("v.meta");
+        let mut m = Meta::create(&q, &geo(), 0).unwrap();
+        let row = |ino, clone| InodeRow {
+            ino,
+            kind: libc::S_IFREG,
+            perm: 0o644,
+            uid: 0,
+            gid: 0,
+            nlink: 1,
+            size: 10,
+            atime: 0,
+            mtime: 0,
+            ctime: 0,
+            rdev: 0,
+            target: None,
+            clone,
+        };
+        let c = CloneRef {
+            pair: 4,
+            src: 9,
+            limit: 10,
+        };
+        let mut b = Batch {
+            next_ino: 4,
+            ..Batch::default()
+        };
+        b.inodes.push((row(2, Some(c)), vec![], vec![]));
+        b.inodes.push((row(3, None), vec![], vec![]));
+        m.commit(&b).unwrap();
+        assert_eq!(m.load().unwrap().clones, vec![(2, 4)]);
+        let r = m.reader().unwrap();
+        assert_eq!(r.inode(2).unwrap().unwrap().row.clone, Some(c));
+        assert_eq!(r.inode(3).unwrap().unwrap().row.clone, None);
+        drop((m, r));
+        // A version 5 database: no clone columns, no index.
+        let conn = Connection::open(&q).unwrap();
+        conn.execute_batch(
+            "DROP INDEX inodes_clone; ALTER TABLE inodes DROP COLUMN clone_pair; \
+             ALTER TABLE inodes DROP COLUMN clone_src; ALTER TABLE inodes DROP COLUMN clone_lim; \
+             UPDATE super SET value = '5' WHERE key = 'schema_version';",
+        )
+        .unwrap();
+        drop(conn);
+        let ro = Meta::open(&q, true).unwrap();
+        assert!(ro.load().unwrap().clones.is_empty());
+        assert_eq!(ro.load_all().unwrap().inodes.len(), 3);
+        drop(ro);
+        let mut rw = Meta::open(&q, false).unwrap();
+        let mut b = Batch::default();
+        b.inodes.push((row(3, Some(c)), vec![], vec![]));
+        rw.commit(&b).unwrap();
+        assert_eq!(rw.load().unwrap().clones, vec![(3, 4)]);
+        assert_eq!(
+            rw.reader().unwrap().inode(2).unwrap().unwrap().row.clone,
+            None
+        );
     }
 
     #[test]

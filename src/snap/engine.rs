@@ -33,7 +33,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, RwLockWriteGuard};
 use std::time::Duration;
 
 use crate::core::durability::{Durability, PairHooks};
-use crate::core::extent::ExtentMap;
+use crate::core::extent::Segment;
 use crate::core::now_ns;
 use crate::core::trackset::TrackSet;
 use crate::error::{Error, Result};
@@ -245,6 +245,12 @@ pub struct PairStatus {
     /// Frozen reads of this pair refused since mount: a copy-image track did not match
     /// its checksum (run `pairfs scrub`).
     pub sum_errors: u64,
+}
+
+/// A clone's backing that cannot be read (EIO: the clone's data is missing, not the
+/// clone itself).
+fn backing_gone(msg: String) -> Error {
+    Error::io("clone backing", std::io::Error::other(msg))
 }
 
 fn unix_time(ns: i64) -> String {
@@ -595,13 +601,27 @@ impl Engine {
             .map(|f| (!f.absent).then(|| f.path.clone()))
     }
 
-    /// The instant's record of `ino` in lazy pair `id`, if frozen: (size, extents), or
-    /// Some(None) for an absent marker.
-    fn lazy_record(&self, id: PairId, ino: u64) -> Option<Option<(u64, ExtentMap)>> {
+    /// Pair `id`'s record of `ino` (None if it has none; an absent marker is returned
+    /// as it is).
+    pub fn frozen_record(&self, id: PairId, ino: u64) -> Option<Frozen> {
+        let s = self.slot(id)?;
+        let p = s.lock();
+        p.frozen_of(ino).cloned()
+    }
+
+    /// The instant's record of `ino` in lazy pair `id`, if frozen: its size and the
+    /// segments of file tracks `[f0, f0+n)`, or Some(None) for an absent marker.
+    fn lazy_record(
+        &self,
+        id: PairId,
+        ino: u64,
+        f0: u64,
+        n: u64,
+    ) -> Option<Option<(u64, Vec<Segment>)>> {
         let s = self.slot(id)?;
         let p = s.lock();
         p.frozen_of(ino)
-            .map(|f| (!f.absent).then(|| (f.attr.size, f.extents.clone())))
+            .map(|f| (!f.absent).then(|| (f.attr.size, f.extents.segments(f0, n))))
     }
 
     /// Adds the instant's record of one object to lazy pair `id` (the caller, holding
@@ -616,16 +636,16 @@ impl Engine {
         pin
     }
 
-    /// (size, extents) of file `ino` at lazy pair `id`'s instant, under the namespace
-    /// lock (`instant`: the namespace's live state, valid only while the pair has not
-    /// frozen the inode: both are asked under that one lock).
+    /// Size of file `ino` at lazy pair `id`'s instant and the segments of its file tracks
+    /// `[f0, f0+n)`, under the namespace lock (`live`: the namespace's live state, valid
+    /// only while the pair has not frozen the inode: both are asked under that one lock).
     pub fn instant_file_of(
         &self,
         id: PairId,
-        ino: u64,
-        live: impl FnOnce() -> Result<(u64, ExtentMap)>,
-    ) -> Result<(u64, ExtentMap)> {
-        match self.lazy_record(id, ino) {
+        (ino, f0, n): (u64, u64, u64),
+        live: impl FnOnce() -> Result<(u64, Vec<Segment>)>,
+    ) -> Result<(u64, Vec<Segment>)> {
+        match self.lazy_record(id, ino, f0, n) {
             Some(Some(r)) => Ok(r),
             Some(None) => Err(Error::NotFound("frozen file".into())),
             None => live(),
@@ -1341,6 +1361,21 @@ impl Engine {
     /// The body of a control operation; the caller holds the write barrier.
     fn run_locked(&self, ns: &dyn Namespace, slot: Arc<Slot>, op: Op) -> Result<()> {
         let scope = slot.lock().scope;
+        // A writable clone reads its unwritten tracks from this frozen copy: it stays
+        // until every clone is detached (`pairfs clone --detach`).
+        // (A pair in `error` has lost its frozen copy already: it can go.)
+        if matches!(op, Op::Update | Op::Resync | Op::Release)
+            && slot.lock().state.is_frozen()
+            && let Some(clone) = ns.clone_dependent(slot.id)?
+        {
+            let e = Error::Busy(format!(
+                "pair {}: the clone {clone} reads from its frozen copy \
+                 (detach it first: pairfs clone --detach)",
+                slot.id
+            ));
+            log::warn!("{op:?} refused: {e}");
+            return Err(e);
+        }
         // Update, resync and release of the root pair rewrite or free the copy image a
         // snapshot mount may be serving: refused while one holds it.
         let copy_path = self
@@ -1593,6 +1628,12 @@ impl Engine {
         rx
     }
 
+    /// True while `v` is the view of the current frozen set (no split, update, resync,
+    /// release or error since it was built).
+    pub fn view_is_current(&self, v: &FrozenView) -> bool {
+        v.generation() == self.view_gen.load(Ordering::Acquire)
+    }
+
     /// The frozen view of every pair in a frozen state (what the copy mount serves).
     /// Built once per change of the frozen set; callers share it.
     pub fn view(&self, ns: &dyn Namespace, ts: u64) -> Arc<FrozenView> {
@@ -1776,6 +1817,45 @@ impl Engine {
         out
     }
 
+    /// True if pair `id` exists and has a frozen copy (splitting, split, updating).
+    pub fn is_frozen(&self, id: PairId) -> bool {
+        self.slot(id).is_some_and(|s| s.lock().state.is_frozen())
+    }
+
+    /// Reads frozen file `ino` (its main inode) of pair `id` as of its instant: what a
+    /// writable clone reads from its backing ([`crate::core::clone`]).
+    pub fn read_frozen_ino(
+        &self,
+        ns: &dyn Namespace,
+        id: PairId,
+        ino: u64,
+        off: u64,
+        size: u32,
+    ) -> Result<Vec<u8>> {
+        let slot = self
+            .slot(id)
+            .ok_or_else(|| backing_gone(format!("the frozen copy of pair {id} is gone")))?;
+        let idx = {
+            let p = slot.lock();
+            if p.lazy.is_some() {
+                0
+            } else {
+                p.frozen_at
+                    .get(&ino)
+                    .copied()
+                    .filter(|&k| !p.frozen[k].absent)
+                    .ok_or_else(|| {
+                        backing_gone(format!("pair {id}: frozen file of inode {ino} is gone"))
+                    })?
+            }
+        };
+        self.read_frozen_of(ns, (id, idx, Some(ino)), off, size)
+            .map_err(|e| match e {
+                Error::NotFound(m) => backing_gone(format!("pair {id}: {m}")),
+                e => e,
+            })
+    }
+
     /// Reads frozen file `idx` of pair `id` as of its split instant.
     pub fn read_frozen(
         &self,
@@ -1820,19 +1900,24 @@ impl Engine {
             // A lazy pair: the instant's record if the file changed since, else its
             // live (unchanged) map, both under the namespace lock.
             let ino = ino.ok_or_else(|| Error::NotFound("frozen file".into()))?;
-            let (size_at, extents) = ns.instant_file(id, ino)?;
+            if size == 0 {
+                return Ok(Vec::new());
+            }
+            // The segments of the range asked (clipped to the instant's size below:
+            // segments past it are skipped), not a copy of the whole map.
+            let f0 = off / ts;
+            let f1 = (off + size as u64 - 1) / ts;
+            let (size_at, segs) = ns.instant_file(id, ino, f0, f1 - f0 + 1)?;
             if off >= size_at {
                 return Ok(Vec::new());
             }
             let len = (size as u64).min(size_at - off);
-            let f0 = off / ts;
-            let f1 = (off + len - 1) / ts;
             // For log lines: the record's path when the file changed since the instant.
             let path = slot
                 .lock()
                 .frozen_of(ino)
                 .map_or_else(|| format!("(inode {ino})"), |f| f.path.clone());
-            (extents.segments(f0, f1 - f0 + 1), len, path)
+            (segs, len, path)
         } else {
             let p = slot.lock();
             let f = p

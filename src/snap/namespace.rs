@@ -8,7 +8,7 @@
 //! order, [`crate::core::locks`]); a caller holds no pair state lock (`Slot::p`) across a
 //! call.
 
-use crate::core::extent::ExtentMap;
+use crate::core::extent::Segment;
 use crate::core::trackset::TrackSet;
 use crate::error::Result;
 use crate::meta::PairDelta;
@@ -47,10 +47,10 @@ pub trait Namespace: Sync {
     /// not frozen in it; with the cookie to continue after. None if `dir` is gone. One
     /// hold of the namespace lock per batch (a bounded number of entries).
     fn instant_children(&self, id: PairId, dir: u64, after: Option<Cursor>) -> Result<Children>;
-    /// (size, extents) of file `ino` at lazy pair `id`'s instant: the pair's record if
-    /// it froze the file, else the live ones (unchanged since), under one hold of the
-    /// namespace lock.
-    fn instant_file(&self, id: PairId, ino: u64) -> Result<(u64, ExtentMap)>;
+    /// Size of file `ino` at lazy pair `id`'s instant and the segments of its file tracks
+    /// `[f0, f0+n)`: from the pair's record if it froze the file, else from the live map
+    /// (unchanged since), under one hold of the namespace lock (the map is not copied).
+    fn instant_file(&self, id: PairId, ino: u64, f0: u64, n: u64) -> Result<(u64, Vec<Segment>)>;
     /// Makes inode `ino` (a file or directory) and everything beneath it members of a
     /// new pair: checks none is in a pair yet, then, under the namespace lock, calls
     /// `register` with the scope, the path and the current tracks; `register` returns
@@ -73,6 +73,9 @@ pub trait Namespace: Sync {
     fn apply_pins(&self, pins: &Pins);
     /// How many of `tracks` no live file uses (kept only by frozen copies).
     fn unused_count(&self, tracks: &TrackSet) -> u64;
+    /// The path of a writable clone that reads from pair `id`'s frozen copy, if any
+    /// ([`crate::core::clone::Dependents`]).
+    fn clone_dependent(&self, id: PairId) -> Result<Option<String>>;
     /// Commits everything dirty plus `extra` pair deltas (durable on return).
     fn commit(&self, extra: Vec<PairDelta>) -> Result<()>;
     /// [`Namespace::commit`] with a full flush barrier of both images first.
