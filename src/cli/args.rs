@@ -117,6 +117,12 @@ pub enum Cmd {
     Resync(WaitArgs),
     /// Delete the pair and its frozen copy.
     Release(PathArgs),
+    /// End the own pair of a file split on its own inside a directory or root pair
+    /// (`pairfs split DIR/FILE`) and join the file back into that group pair: its
+    /// changes are recorded there, so the group's next update or split covers it. The
+    /// group's frozen copy is unchanged. Refused (EINVAL) for a pair that is not a file
+    /// pair inside a group.
+    Join(PathArgs),
     /// Move the volume image (or the copy image) of a mounted volume to TARGET while it
     /// is in use.
     ///

@@ -24,6 +24,11 @@ use crate::snap::pair::{Frozen, FrozenKind, PairId};
 /// Inode number of the copy mount's root directory.
 pub const VIEW_ROOT: u64 = 1;
 
+/// The copy-mount directory where a file pair's frozen object goes when the view has
+/// its path already (a file split on its own inside a frozen group):
+/// `.pairfs/PAIR/PATH`.
+pub const ASIDE_DIR: &str = ".pairfs";
+
 /// Attributes of one object of the view.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct ViewAttr {
@@ -279,6 +284,41 @@ impl<'a> Builder<'a> {
             cur = ino;
         }
         Some(cur)
+    }
+
+    /// The node at `path`, if the view has one (nothing is synthesized).
+    fn resolve(&self, path: &str) -> Option<u64> {
+        let mut cur = VIEW_ROOT;
+        for part in path.split('/').filter(|p| !p.is_empty()) {
+            let Content::Dir(d) = &self.view.nodes.get(&cur)?.content else {
+                return None;
+            };
+            cur = d.get(part.as_bytes())?;
+        }
+        Some(cur)
+    }
+
+    /// Adds the frozen objects of a file pair, after every directory and root pair: an
+    /// object whose path (or another name) the view already has — a file split on its
+    /// own inside a group whose frozen copy holds it too — goes to
+    /// `.pairfs/PAIR/PATH` instead ([`ASIDE_DIR`]), so both frozen copies are served.
+    pub fn add_file_pair(&mut self, pair: PairId, objects: &[Frozen]) {
+        for (idx, f) in objects.iter().enumerate() {
+            let taken = std::iter::once(&f.path)
+                .chain(f.links.iter())
+                .any(|p| self.resolve(p).is_some());
+            if taken {
+                let aside = |p: &String| format!("{ASIDE_DIR}/{pair}/{p}");
+                let moved = Frozen {
+                    path: aside(&f.path),
+                    links: f.links.iter().map(aside).collect(),
+                    ..f.clone()
+                };
+                self.add(pair, idx, &moved);
+            } else {
+                self.add(pair, idx, f);
+            }
+        }
     }
 
     /// Adds the frozen objects of pair `pair` (its list, in order).
