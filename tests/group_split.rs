@@ -1,0 +1,258 @@
+//! Seed 004, third embodiment, through a real mount: a file of a paired directory split
+//! on its own (`user.pairfs.split` on the file), updated alone, joined back into the
+//! group pair (`user.pairfs.join`), split off again and released. At every step both
+//! frozen copies are checked byte for byte: the group's (`COPY/d/f`, the directory's
+//! instant) and the file's own (`COPY/.pairfs/ID/d/f` while the group's frozen copy holds
+//! the file too, else `COPY/d/f`). Remounts, a kill -9 and `pairfs fsck` in between.
+
+mod common;
+
+use std::io::Read;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+use common::*;
+
+const KIB: usize = 1024;
+
+fn read_all(p: &Path) -> Vec<u8> {
+    let mut v = Vec::new();
+    std::fs::File::open(p)
+        .unwrap_or_else(|e| panic!("open {}: {e}", p.display()))
+        .read_to_end(&mut v)
+        .unwrap();
+    v
+}
+
+/// Writes `len` bytes of version `ver` at block `b` (64 KiB blocks) of `p`.
+fn put(p: &Path, b: u64, ver: u64, len: usize) {
+    let f = std::fs::OpenOptions::new().write(true).open(p).unwrap();
+    f.write_all_at(&block(b, ver, len), b * 64 * KIB as u64)
+        .unwrap();
+    f.sync_all().unwrap();
+}
+
+fn make(p: &Path, blocks: u64, ver: u64) {
+    std::fs::write(p, b"").unwrap();
+    for b in 0..blocks {
+        put(p, b, ver, 64 * KIB);
+    }
+}
+
+fn same(what: &str, got: &[u8], want: &[u8]) {
+    assert_eq!(got.len(), want.len(), "{what}: size");
+    if let Some(k) = (0..got.len()).find(|&k| got[k] != want[k]) {
+        panic!("{what}: first difference at byte {k}");
+    }
+}
+
+fn pair_id(p: &Path) -> u64 {
+    field(&state(p), "pair").expect("pair id")
+}
+
+fn scope(p: &Path) -> String {
+    state(p)
+        .split(' ')
+        .find_map(|kv| kv.strip_prefix("scope=").map(str::to_string))
+        .unwrap()
+}
+
+fn ctl(p: &Path, op: &str) {
+    setx(p, &format!("user.pairfs.{op}"))
+        .unwrap_or_else(|e| panic!("{op} {}: {e}", p.display()));
+}
+
+#[test]
+fn a_file_split_on_its_own_inside_a_group_keeps_both_frozen_copies() {
+    let mut v = Vol::new("256M");
+    v.mount();
+    let (d, f, g) = (v.path("d"), v.path("d/f"), v.path("d/g"));
+    std::fs::create_dir(&d).unwrap();
+    make(&f, 48, 0);
+    make(&g, 8, 0);
+    ctl(&d, "pair");
+    wait_state(&d, "formed");
+    put(&f, 3, 1, 64 * KIB);
+
+    // The group's instant.
+    ctl(&d, "split");
+    let dir_id = pair_id(&d);
+    let f_group = read_all(&f);
+    let g_group = read_all(&g);
+    put(&f, 3, 2, 64 * KIB);
+    put(&f, 10, 2, 5 * KIB);
+    put(&g, 1, 2, 64 * KIB);
+    same("group copy of f", &read_all(&v.copy_path("d/f")), &f_group);
+
+    // A file pair inside a pair that is not a file can only come from a split or pair.
+    assert!(setx(&f, "user.pairfs.update").is_err());
+    assert!(setx(&f, "user.pairfs.join").is_err());
+
+    // f split on its own: its own instant, the group's copy of f unchanged.
+    ctl(&f, "split");
+    let own_id = pair_id(&f);
+    assert_ne!(own_id, dir_id);
+    assert_eq!(scope(&f), "file");
+    assert_eq!(pair_id(&d), dir_id);
+    let f_own = read_all(&f);
+    let own = |v: &Vol| v.copy_path(&format!(".pairfs/{own_id}/d/f"));
+    let check = |v: &Vol, step: &str, own_want: &[u8]| {
+        same(
+            &format!("{step}: group copy of f"),
+            &read_all(&v.copy_path("d/f")),
+            &f_group,
+        );
+        same(
+            &format!("{step}: group copy of g"),
+            &read_all(&v.copy_path("d/g")),
+            &g_group,
+        );
+        same(&format!("{step}: f's own copy"), &read_all(&own(v)), own_want);
+    };
+    check(&v, "after the split of f", &f_own);
+    // Overwrite the tracks both copies hold, extend, shrink a little.
+    for b in [0, 3, 10, 47] {
+        put(&f, b, 3, 64 * KIB);
+    }
+    put(&f, 60, 3, 7 * KIB);
+    put(&g, 2, 3, 64 * KIB);
+    check(&v, "after writes", &f_own);
+    wait_state(&f, "split");
+    wait_state(&d, "split");
+    check(&v, "copied", &f_own);
+
+    v.umount();
+    v.fsck();
+    v.mount();
+    check(&v, "after a remount", &f_own);
+
+    // Update of f alone: its copy moves to now, the group's stays.
+    ctl(&f, "update");
+    let f_own2 = read_all(&f);
+    put(&f, 5, 4, 64 * KIB);
+    check(&v, "after the update of f", &f_own2);
+    wait_state(&f, "split");
+    check(&v, "update copied", &f_own2);
+    assert!(v.copy_path("d/f").exists());
+
+    // A kill -9 with both copies in place, then fsck and remount.
+    put(&f, 6, 5, 64 * KIB);
+    v.kill9();
+    v.fsck();
+    v.mount();
+    check(&v, "after a kill -9", &f_own2);
+    assert_eq!(pair_id(&f), own_id);
+
+    // Join: f's own pair ends, the group's frozen copy of f stays as it was.
+    ctl(&f, "join");
+    assert_eq!(pair_id(&f), dir_id);
+    assert!(!own(&v).exists(), "f's own copy is gone after join");
+    same(
+        "group copy of f after join",
+        &read_all(&v.copy_path("d/f")),
+        &f_group,
+    );
+    put(&f, 7, 6, 64 * KIB);
+    same(
+        "group copy of f after a write",
+        &read_all(&v.copy_path("d/f")),
+        &f_group,
+    );
+
+    // The group's next update covers f again.
+    ctl(&d, "update");
+    let f_group2 = read_all(&f);
+    let g_group2 = read_all(&g);
+    put(&f, 7, 7, 64 * KIB);
+    wait_state(&d, "split");
+    same(
+        "group copy of f after the group update",
+        &read_all(&v.copy_path("d/f")),
+        &f_group2,
+    );
+    same(
+        "group copy of g after the group update",
+        &read_all(&v.copy_path("d/g")),
+        &g_group2,
+    );
+
+    // Split off again, write, remount, then release f's pair: the group's copy stays.
+    ctl(&f, "split");
+    let own2 = pair_id(&f);
+    assert_ne!(own2, dir_id);
+    let f_own3 = read_all(&f);
+    put(&f, 7, 8, 64 * KIB);
+    put(&f, 20, 8, 64 * KIB);
+    let own2_path = v.copy_path(&format!(".pairfs/{own2}/d/f"));
+    same("f's second own copy", &read_all(&own2_path), &f_own3);
+    same(
+        "group copy of f beside the second own copy",
+        &read_all(&v.copy_path("d/f")),
+        &f_group2,
+    );
+    v.umount();
+    v.fsck();
+    v.mount();
+    wait_state(&f, "split");
+    same("f's second own copy after a remount", &read_all(&own2_path), &f_own3);
+    ctl(&f, "release");
+    assert_eq!(pair_id(&f), dir_id);
+    assert!(!own2_path.exists());
+    same(
+        "group copy of f after the release of f's pair",
+        &read_all(&v.copy_path("d/f")),
+        &f_group2,
+    );
+    put(&f, 21, 9, 64 * KIB);
+    same(
+        "group copy of f after a write",
+        &read_all(&v.copy_path("d/f")),
+        &f_group2,
+    );
+
+    // Release the group; nothing is left pinned.
+    ctl(&d, "release");
+    assert!(!v.copy_path("d/f").exists());
+    let live = read_all(&f);
+    v.umount();
+    let out = v.fsck();
+    assert!(out.contains("pinned_only_tracks: 0"), "fsck: {out}");
+    v.mount();
+    same("f after everything", &read_all(&f), &live);
+    v.umount();
+    v.fsck();
+}
+
+/// With the group not frozen (formed), a file split on its own keeps its plain path in
+/// the copy mount (nothing to share it with), the group's later split leaves it out, and
+/// after join the group's next update covers it.
+#[test]
+fn a_file_split_off_a_formed_group_and_joined_back() {
+    let mut v = Vol::new("128M");
+    v.mount();
+    let (d, f, g) = (v.path("d"), v.path("d/f"), v.path("d/g"));
+    std::fs::create_dir(&d).unwrap();
+    make(&f, 16, 0);
+    make(&g, 4, 0);
+    ctl(&d, "pair");
+    wait_state(&d, "formed");
+    ctl(&f, "split");
+    let f_own = read_all(&f);
+    put(&f, 2, 1, 64 * KIB);
+    same("own copy at its path", &read_all(&v.copy_path("d/f")), &f_own);
+    // The group's split leaves f (another pair's) out.
+    ctl(&d, "split");
+    let g_group = read_all(&g);
+    same("own copy beside the group", &read_all(&v.copy_path("d/f")), &f_own);
+    same("group copy of g", &read_all(&v.copy_path("d/g")), &g_group);
+    ctl(&f, "join");
+    assert!(!v.copy_path("d/f").exists(), "f was not in the group's instant");
+    put(&f, 3, 2, 64 * KIB);
+    ctl(&d, "update");
+    let f_now = read_all(&f);
+    put(&f, 3, 3, 64 * KIB);
+    wait_state(&d, "split");
+    same("group copy of f after join and update", &read_all(&v.copy_path("d/f")), &f_now);
+    v.umount();
+    v.fsck();
+}
