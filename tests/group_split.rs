@@ -58,8 +58,7 @@ fn scope(p: &Path) -> String {
 }
 
 fn ctl(p: &Path, op: &str) {
-    setx(p, &format!("user.pairfs.{op}"))
-        .unwrap_or_else(|e| panic!("{op} {}: {e}", p.display()));
+    setx(p, &format!("user.pairfs.{op}")).unwrap_or_else(|e| panic!("{op} {}: {e}", p.display()));
 }
 
 #[test]
@@ -107,7 +106,11 @@ fn a_file_split_on_its_own_inside_a_group_keeps_both_frozen_copies() {
             &read_all(&v.copy_path("d/g")),
             &g_group,
         );
-        same(&format!("{step}: f's own copy"), &read_all(&own(v)), own_want);
+        same(
+            &format!("{step}: f's own copy"),
+            &read_all(&own(v)),
+            own_want,
+        );
     };
     check(&v, "after the split of f", &f_own);
     // Overwrite the tracks both copies hold, extend, shrink a little.
@@ -194,7 +197,11 @@ fn a_file_split_on_its_own_inside_a_group_keeps_both_frozen_copies() {
     v.fsck();
     v.mount();
     wait_state(&f, "split");
-    same("f's second own copy after a remount", &read_all(&own2_path), &f_own3);
+    same(
+        "f's second own copy after a remount",
+        &read_all(&own2_path),
+        &f_own3,
+    );
     ctl(&f, "release");
     assert_eq!(pair_id(&f), dir_id);
     assert!(!own2_path.exists());
@@ -239,20 +246,35 @@ fn a_file_split_off_a_formed_group_and_joined_back() {
     ctl(&f, "split");
     let f_own = read_all(&f);
     put(&f, 2, 1, 64 * KIB);
-    same("own copy at its path", &read_all(&v.copy_path("d/f")), &f_own);
+    same(
+        "own copy at its path",
+        &read_all(&v.copy_path("d/f")),
+        &f_own,
+    );
     // The group's split leaves f (another pair's) out.
     ctl(&d, "split");
     let g_group = read_all(&g);
-    same("own copy beside the group", &read_all(&v.copy_path("d/f")), &f_own);
+    same(
+        "own copy beside the group",
+        &read_all(&v.copy_path("d/f")),
+        &f_own,
+    );
     same("group copy of g", &read_all(&v.copy_path("d/g")), &g_group);
     ctl(&f, "join");
-    assert!(!v.copy_path("d/f").exists(), "f was not in the group's instant");
+    assert!(
+        !v.copy_path("d/f").exists(),
+        "f was not in the group's instant"
+    );
     put(&f, 3, 2, 64 * KIB);
     ctl(&d, "update");
     let f_now = read_all(&f);
     put(&f, 3, 3, 64 * KIB);
     wait_state(&d, "split");
-    same("group copy of f after join and update", &read_all(&v.copy_path("d/f")), &f_now);
+    same(
+        "group copy of f after join and update",
+        &read_all(&v.copy_path("d/f")),
+        &f_now,
+    );
     v.umount();
     v.fsck();
 }

@@ -2570,7 +2570,10 @@ impl Namespace for Fs {
         // copy-image tracks where the group keeps its instant (`snap::group`).
         let moves = {
             let NamespaceState { inodes, alloc, .. } = &mut *st;
-            let ext = &inodes.get(&ino).ok_or(Error::NotFound("inode".into()))?.extents;
+            let ext = &inodes
+                .get(&ino)
+                .ok_or(Error::NotFound("inode".into()))?
+                .extents;
             crate::snap::group::plan_moves(ext, alloc)?
         };
         if let Err(e) = self.move_tracks(&moves) {
@@ -2611,10 +2614,7 @@ impl Namespace for Fs {
         if !self.try_want(&mut st, parent)? {
             return Ok(None);
         }
-        Ok(st
-            .get(parent)?
-            .pair
-            .filter(|&p| self.engine.inherits(p)))
+        Ok(st.get(parent)?.pair.filter(|&p| self.engine.inherits(p)))
     }
 
     fn forget_pair(&self, id: PairId, unregister: &mut dyn FnMut()) {

@@ -1510,7 +1510,11 @@ impl Engine {
                     slot.id,
                     slot.lock().path,
                     before.name(),
-                    if op == Op::Join { "joined its group" } else { "released" }
+                    if op == Op::Join {
+                        "joined its group"
+                    } else {
+                        "released"
+                    }
                 );
                 return Ok(());
             }

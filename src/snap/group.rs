@@ -41,9 +41,7 @@ pub fn pinned_runs(extents: &ExtentMap, pinned: impl Fn(u64) -> bool) -> Vec<Ext
                 continue;
             }
             match out.last_mut() {
-                Some(l) if l.file + l.len == e.file + k && l.vol + l.len == e.vol + k => {
-                    l.len += 1
-                }
+                Some(l) if l.file + l.len == e.file + k && l.vol + l.len == e.vol + k => l.len += 1,
                 _ => out.push(Extent {
                     file: e.file + k,
                     vol: e.vol + k,
