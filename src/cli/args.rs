@@ -110,6 +110,10 @@ pub enum Cmd {
     /// Pair a file or directory with its copy (forming).
     Pair(PathArgs),
     /// Freeze the copy of a file or directory now (creates the pair if needed).
+    ///
+    /// A regular file inside a paired directory (or volume) gets a pair of its own with
+    /// its own instant; the directory's frozen copy keeps the file as of its instant (see
+    /// `pairfs join`).
     Split(WaitArgs),
     /// Refresh the frozen copy to now, copying only changed tracks.
     Update(WaitArgs),
