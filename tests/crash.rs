@@ -633,7 +633,8 @@ fn group_workload(seed: u64, ops: usize) -> (usize, usize) {
     let mut group: Tree = (0..FILES)
         .map(|i| (path(i), (data[i].clone(), 0o644)))
         .collect();
-    let mut own: BTreeMap<usize, (u64, Vec<u8>)> = BTreeMap::new();
+    // (None: paired on its own, not split yet.)
+    let mut own: BTreeMap<usize, (u64, Option<Vec<u8>>)> = BTreeMap::new();
     let mut cursors = BTreeMap::new();
     let (mut points, mut offs) = (0, 0);
     let mut token = 1u8;
@@ -660,18 +661,25 @@ fn group_workload(seed: u64, ops: usize) -> (usize, usize) {
                 data[i].truncate(l as usize);
             }
             4 | 5 => {
-                // Split on its own (a pair of its own; a split of an own pair that is
-                // not formed is refused).
-                if fs.control(ino, Op::Split).is_ok() {
+                // Split (or pair) on its own: a pair of its own; a split of an own pair
+                // that is not forming or formed is refused.
+                let op = if rng.below(4) == 0 {
+                    Op::Pair
+                } else {
+                    Op::Split
+                };
+                let was = own.contains_key(&i);
+                if fs.control(ino, op).is_ok() {
                     let id = pair_of(ino).unwrap();
                     assert_ne!(id, gid, "seed {seed:#x}: the split made no pair of its own");
-                    own.insert(i, (id, data[i].clone()));
-                    offs += 1;
+                    let content = (op == Op::Split).then(|| data[i].clone());
+                    own.insert(i, (id, content));
+                    offs += usize::from(!was);
                 }
             }
             6 => {
                 if own.contains_key(&i) && fs.control(ino, Op::Update).is_ok() {
-                    own.get_mut(&i).unwrap().1 = data[i].clone();
+                    own.get_mut(&i).unwrap().1 = Some(data[i].clone());
                 }
             }
             7 | 8 => {
@@ -703,7 +711,8 @@ fn group_workload(seed: u64, ops: usize) -> (usize, usize) {
         }
         let mut pairs = vec![(gid, group.clone())];
         for (&k, (id, c)) in &own {
-            pairs.push((*id, [(path(k), (c.clone(), 0o644))].into_iter().collect()));
+            let t: Tree = c.iter().map(|c| (path(k), (c.clone(), 0o644))).collect();
+            pairs.push((*id, t));
         }
         for (id, t) in &pairs {
             assert!(
