@@ -2330,7 +2330,8 @@ impl Fs {
     /// Copies the data of each move (`snap::group`) from its old volume tracks to its new
     /// ones, whole tracks (bytes past EOF are zero in the old track, so in the new one),
     /// 1 MiB at a time. The caller holds the write barrier (nothing is staged, no write
-    /// in flight) and the namespace lock (nothing else maps either run).
+    /// in flight, the file's extents cannot change); the new tracks are allocated and
+    /// mapped by nothing yet, the old ones are the file's and pinned.
     fn move_tracks(&self, moves: &[crate::snap::group::Move]) -> Result<()> {
         let ts = self.track_size;
         let per = (MOVE_CHUNK_BYTES / ts).max(1);
@@ -2556,19 +2557,20 @@ impl Namespace for Fs {
         group: PairId,
         register: &mut dyn FnMut(Scope, &str, TrackSet) -> PairId,
     ) -> Result<PairId> {
-        let mut st = self.state_with(ino)?;
-        let i = st.get(ino)?;
-        if !i.is_file() || i.pair != Some(group) {
-            return Err(Error::Busy(format!(
-                "inside the scope of pair {group}: only a regular file of it can be split \
-                 on its own"
-            )));
-        }
-        // The group's instant keeps the file as it is now (unchanged since the instant).
-        self.freeze_in(&mut st, group, ino)?;
-        // Tracks a frozen copy pins move: the file's own pair must never copy to the
-        // copy-image tracks where the group keeps its instant (`snap::group`).
         let moves = {
+            let mut st = self.state_with(ino)?;
+            let i = st.get(ino)?;
+            if !i.is_file() || i.pair != Some(group) {
+                return Err(Error::Busy(format!(
+                    "inside the scope of pair {group}: only a regular file of it can be split \
+                     on its own"
+                )));
+            }
+            // The group's instant keeps the file as it is now (unchanged since the instant).
+            self.freeze_in(&mut st, group, ino)?;
+            // Tracks a frozen copy pins move: the file's own pair must never copy to the
+            // copy-image tracks where the group keeps its instant (`snap::group`). The new
+            // tracks are taken now (used), mapped after the copy.
             let NamespaceState { inodes, alloc, .. } = &mut *st;
             let ext = &inodes
                 .get(&ino)
@@ -2576,11 +2578,30 @@ impl Namespace for Fs {
                 .extents;
             crate::snap::group::plan_moves(ext, alloc)?
         };
-        if let Err(e) = self.move_tracks(&moves) {
+        // The copy runs without the namespace lock: the caller holds the write barrier
+        // (the file's data and extents cannot change) and the commits (nothing of it is
+        // committed half-way); readers of other files go on.
+        let copied = self.move_tracks(&moves);
+        let mut st = self.state_with(ino)?;
+        let still = {
+            let e = &st.get(ino)?.extents;
+            moves.iter().all(|m| {
+                e.segments(m.file, m.len).as_slice()
+                    == [crate::core::extent::Segment {
+                        file: m.file,
+                        vol: Some(m.from),
+                        len: m.len,
+                    }]
+            })
+        };
+        if copied.is_err() || !still {
             for m in &moves {
                 st.alloc.free(m.to, m.len);
             }
-            return Err(e);
+            copied?;
+            return Err(Error::Busy(format!(
+                "inode {ino} changed during its split-off; try again"
+            )));
         }
         if !moves.is_empty() {
             let old = crate::snap::group::apply_moves(&mut st.get_mut(ino)?.extents, &moves);

@@ -61,13 +61,14 @@ pub trait Namespace: Sync {
         register: &mut dyn FnMut(Scope, &str, TrackSet) -> PairId,
     ) -> Result<PairId>;
     /// Third embodiment ([`crate::snap::group`]): regular file `ino`, a member of the
-    /// directory or root pair `group`, leaves it for a new pair of its own. Under one
-    /// hold of the namespace lock: freezes it in `group`'s lazy instant if that has not
-    /// (the group's frozen copy keeps it as it is now), moves every track of it that a
-    /// frozen copy pins to new tracks (data copied on the volume, extents changed), drops
-    /// its tracks from `group`'s bitmaps, then calls `register` with the file's scope,
-    /// path and current tracks; the file takes the id `register` returns. `Busy` if
-    /// `ino` is not a regular file of `group`.
+    /// directory or root pair `group`, leaves it for a new pair of its own: freezes it
+    /// in `group`'s lazy instant if that has not (the group's frozen copy keeps it as it
+    /// is now) and allocates new tracks for every track of it that a frozen copy pins;
+    /// copies their data on the volume without the namespace lock (the caller holds the
+    /// write barrier and the commits); then, under the lock again, points the file's
+    /// extents at the new tracks, drops its tracks from `group`'s bitmaps and calls
+    /// `register` with the file's scope, path and current tracks; the file takes the id
+    /// `register` returns. `Busy` if `ino` is not a regular file of `group`.
     fn split_off(
         &self,
         ino: u64,
