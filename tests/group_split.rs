@@ -278,3 +278,100 @@ fn a_file_split_off_a_formed_group_and_joined_back() {
     v.umount();
     v.fsck();
 }
+
+/// Split-offs, updates and joins of a file while a writer rewrites it and its sibling:
+/// no deadlock with the copier, the flusher and copy-on-write, the group's frozen copy of
+/// both files stays exactly the group's instant throughout, and once the writer stops a
+/// split of the file alone equals it byte for byte.
+#[test]
+fn split_off_under_a_running_writer() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let mut v = Vol::new("256M");
+    v.mount();
+    let (d, f, g) = (v.path("d"), v.path("d/f"), v.path("d/g"));
+    std::fs::create_dir(&d).unwrap();
+    make(&f, 32, 0);
+    make(&g, 16, 0);
+    ctl(&d, "split");
+    let f_group = read_all(&f);
+    let g_group = read_all(&g);
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (stop, f, g) = (stop.clone(), f.clone(), g.clone());
+        std::thread::spawn(move || {
+            let files = [
+                std::fs::OpenOptions::new().write(true).open(&f).unwrap(),
+                std::fs::OpenOptions::new().write(true).open(&g).unwrap(),
+            ];
+            let mut x: u64 = 0x9e37_79b9;
+            let mut ver = 1;
+            while !stop.load(Ordering::Relaxed) {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let k = (x % 2) as usize;
+                let b = (x >> 8) % if k == 0 { 40 } else { 16 };
+                let len = if x & 1 == 0 { 64 * KIB } else { 3 * KIB };
+                files[k]
+                    .write_all_at(&block(b, ver, len), b * 64 * KIB as u64)
+                    .unwrap();
+                if ver % 64 == 0 {
+                    files[k].sync_all().unwrap();
+                }
+                ver += 1;
+            }
+            ver
+        })
+    };
+    let group_exact = |v: &Vol, step: &str| {
+        same(
+            &format!("{step}: group copy of f"),
+            &read_all(&v.copy_path("d/f")),
+            &f_group,
+        );
+        same(
+            &format!("{step}: group copy of g"),
+            &read_all(&v.copy_path("d/g")),
+            &g_group,
+        );
+    };
+    for round in 0..6 {
+        ctl(&f, "split");
+        let id = pair_id(&f);
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        group_exact(&v, &format!("round {round}, split off"));
+        let own = v.copy_path(&format!(".pairfs/{id}/d/f"));
+        assert!(own.exists(), "round {round}: f's own copy");
+        wait_state(&f, "split");
+        ctl(&f, "update");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        group_exact(&v, &format!("round {round}, updated alone"));
+        ctl(&f, if round % 2 == 0 { "join" } else { "release" });
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        group_exact(&v, &format!("round {round}, joined"));
+    }
+    stop.store(true, Ordering::Relaxed);
+    let writes = writer.join().unwrap();
+    assert!(writes > 100, "the writer barely ran: {writes} writes");
+    ctl(&f, "split");
+    let id = pair_id(&f);
+    wait_state(&f, "split");
+    let f_now = read_all(&f);
+    same(
+        "f's own copy after the writer stopped",
+        &read_all(&v.copy_path(&format!(".pairfs/{id}/d/f"))),
+        &f_now,
+    );
+    group_exact(&v, "after the writer stopped");
+    ctl(&f, "join");
+    ctl(&d, "update");
+    wait_state(&d, "split");
+    same(
+        "group copy of f after the group update",
+        &read_all(&v.copy_path("d/f")),
+        &f_now,
+    );
+    v.umount();
+    v.fsck();
+}
