@@ -438,10 +438,8 @@ fn kill9_rounds_keep_both_frozen_copies() {
                     ctl(&f, "split");
                     own = Some((pair_id(&f), read_all(&f)));
                 }
-                (0 | 1, true) => {
-                    if setx(&f, "user.pairfs.update").is_ok() {
-                        own.as_mut().unwrap().1 = read_all(&f);
-                    }
+                (0 | 1, true) if setx(&f, "user.pairfs.update").is_ok() => {
+                    own.as_mut().unwrap().1 = read_all(&f);
                 }
                 (2, true) => {
                     ctl(&f, if rnd(2) == 0 { "join" } else { "release" });
