@@ -779,6 +779,44 @@ mod tests {
         );
     }
 
+    /// A file pair whose path the view has (a file split off a frozen group) goes to
+    /// `.pairfs/ID/PATH`; one whose path is free stays at PATH.
+    #[test]
+    fn a_file_pair_clashing_with_a_group_goes_aside() {
+        let mut num = Numbering::default();
+        let mut b = Builder::new(1, 4096, &mut num);
+        b.add_pair(
+            1,
+            &[
+                obj(2, "d", FrozenKind::Dir),
+                obj(3, "d/f", FrozenKind::File),
+            ],
+        );
+        b.add_file_pair(7, &[obj(3, "d/f", FrozenKind::File)]);
+        b.add_file_pair(8, &[obj(4, "d/g", FrozenKind::File)]);
+        let v = b.finish();
+        assert_eq!(names(&v, VIEW_ROOT), ["d", ASIDE_DIR]);
+        let d = v.lookup(VIEW_ROOT, b"d").unwrap().attr.ino;
+        assert_eq!(names(&v, d), ["f", "g"]);
+        let f = v.lookup(d, b"f").unwrap();
+        assert!(matches!(f.content, Content::File { pair: 1, .. }));
+        let g = v.lookup(d, b"g").unwrap();
+        assert!(matches!(g.content, Content::File { pair: 8, .. }));
+        let aside = v.lookup(VIEW_ROOT, ASIDE_DIR.as_bytes()).unwrap().attr.ino;
+        let seven = v.lookup(aside, b"7").unwrap().attr.ino;
+        let d7 = v.lookup(seven, b"d").unwrap().attr.ino;
+        let f7 = v.lookup(d7, b"f").unwrap();
+        assert!(matches!(
+            f7.content,
+            Content::File {
+                pair: 7,
+                ino: 3,
+                idx: 0
+            }
+        ));
+        assert_ne!(f7.attr.ino, f.attr.ino);
+    }
+
     /// A tree as (ino -> names) and a lazy pair's frozen map (ino -> path or absent).
     fn paths_of(
         ino: u64,
