@@ -375,3 +375,72 @@ fn split_off_under_a_running_writer() {
     v.umount();
     v.fsck();
 }
+
+/// The group is the whole volume (root pair): a file split off it is served beside the
+/// root's instant; `mount-snapshot` still shows the root's instant; an update of the root
+/// leaves the file out (its own copy moves to its plain path); join brings it back.
+#[test]
+fn a_file_split_off_the_volume_pair() {
+    let mut v = Vol::new("128M");
+    v.mount();
+    let (f, g) = (v.path("f"), v.path("g"));
+    make(&f, 16, 0);
+    make(&g, 4, 0);
+    ctl(&v.mnt, "split");
+    let root_id = pair_id(&v.mnt);
+    let f_root = read_all(&f);
+    put(&f, 1, 1, 64 * KIB);
+    ctl(&f, "split");
+    let id = pair_id(&f);
+    assert_ne!(id, root_id);
+    let f_own = read_all(&f);
+    put(&f, 1, 2, 64 * KIB);
+    put(&f, 2, 2, 64 * KIB);
+    same("root copy of f", &read_all(&v.copy_path("f")), &f_root);
+    let own = v.copy_path(&format!(".pairfs/{id}/f"));
+    same("own copy of f", &read_all(&own), &f_own);
+    // The snapshot mount serves the root's instant.
+    wait_state(&v.mnt, "split");
+    let snap = v.dir.path().join("snap");
+    std::fs::create_dir(&snap).unwrap();
+    let out = pairfs(&[
+        "mount-snapshot",
+        v.img.to_str().unwrap(),
+        snap.to_str().unwrap(),
+        "--daemon",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r = std::panic::catch_unwind(|| {
+        same("snapshot of f", &read_all(&snap.join("f")), &f_root);
+    });
+    let out = pairfs(&["umount", snap.to_str().unwrap()]);
+    assert!(out.status.success());
+    r.unwrap();
+    // The root's update leaves f (another pair's) out; its own copy is at its path.
+    ctl(&v.mnt, "update");
+    wait_state(&v.mnt, "split");
+    same(
+        "own copy of f at its path",
+        &read_all(&v.copy_path("f")),
+        &f_own,
+    );
+    assert!(!own.exists());
+    ctl(&f, "join");
+    assert_eq!(pair_id(&f), root_id);
+    assert!(!v.copy_path("f").exists(), "f is not in the root's instant");
+    let f_now = read_all(&f);
+    ctl(&v.mnt, "update");
+    put(&f, 3, 3, 64 * KIB);
+    wait_state(&v.mnt, "split");
+    same(
+        "root copy of f after join and update",
+        &read_all(&v.copy_path("f")),
+        &f_now,
+    );
+    v.umount();
+    v.fsck();
+}
