@@ -2,8 +2,9 @@
 //! on its own (`user.pairfs.split` on the file), updated alone, joined back into the
 //! group pair (`user.pairfs.join`), split off again and released. At every step both
 //! frozen copies are checked byte for byte: the group's (`COPY/d/f`, the directory's
-//! instant) and the file's own (`COPY/.pairfs/ID/d/f` while the group's frozen copy holds
-//! the file too, else `COPY/d/f`). Remounts, a kill -9 and `pairfs fsck` in between.
+//! instant) and the file's own (always at `COPY/.pairfs/ID/d/f`; at `COPY/d/f` too when the
+//! group's frozen copy does not hold the file). Remounts, a kill -9 and `pairfs fsck` in
+//! between (kill -9 rounds under a writer: `tests/group_kill.rs`).
 
 mod common;
 
@@ -230,9 +231,9 @@ fn a_file_split_on_its_own_inside_a_group_keeps_both_frozen_copies() {
     v.fsck();
 }
 
-/// With the group not frozen (formed), a file split on its own keeps its plain path in
-/// the copy mount (nothing to share it with), the group's later split leaves it out, and
-/// after join the group's next update covers it.
+/// With the group not frozen (formed), a file split on its own is at its plain path in
+/// the copy mount too (nothing to share it with), the group's later split leaves it out,
+/// and after join the group's next update covers it.
 #[test]
 fn a_file_split_off_a_formed_group_and_joined_back() {
     let mut v = Vol::new("128M");
@@ -249,6 +250,12 @@ fn a_file_split_off_a_formed_group_and_joined_back() {
     same(
         "own copy at its path",
         &read_all(&v.copy_path("d/f")),
+        &f_own,
+    );
+    let id = pair_id(&f);
+    same(
+        "own copy at its stable path",
+        &read_all(&v.copy_path(&format!(".pairfs/{id}/d/f"))),
         &f_own,
     );
     // The group's split leaves f (another pair's) out.
@@ -428,7 +435,7 @@ fn a_file_split_off_the_volume_pair() {
         &read_all(&v.copy_path("f")),
         &f_own,
     );
-    assert!(!own.exists());
+    same("own copy of f, stable path", &read_all(&own), &f_own);
     ctl(&f, "join");
     assert_eq!(pair_id(&f), root_id);
     assert!(!v.copy_path("f").exists(), "f is not in the root's instant");

@@ -1753,7 +1753,7 @@ impl Engine {
         }
         let mut b = Builder::new(g, ts, &mut numbering);
         // Directory and root pairs first, then file pairs: a file split on its own
-        // inside a frozen group goes aside (`Builder::add_file_pair`).
+        // inside a group is (also) served aside (`Builder::add_file_pair`).
         let mut slots = self.slots();
         slots.sort_by_key(|s| (matches!(s.lock().scope, Scope::File(_)), s.id));
         for s in slots {
@@ -1761,8 +1761,12 @@ impl Engine {
             if !p.state.is_frozen() {
                 continue;
             }
-            if matches!(p.scope, Scope::File(_)) {
-                b.add_file_pair(p.id, &p.frozen);
+            if let Scope::File(ino) = p.scope {
+                let (id, frozen) = (p.id, p.frozen.clone());
+                drop(p);
+                // Namespace lock after the pair's state lock is dropped (lock order).
+                let in_group = ns.group_of(ino).ok().flatten().is_some();
+                b.add_file_pair(id, &frozen, in_group);
                 continue;
             }
             if p.lazy.is_none() {

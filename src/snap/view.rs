@@ -298,26 +298,34 @@ impl<'a> Builder<'a> {
         Some(cur)
     }
 
-    /// Adds the frozen objects of a file pair, after every directory and root pair: an
-    /// object whose path (or another name) the view already has — a file split on its
-    /// own inside a group whose frozen copy holds it too — goes to
-    /// `.pairfs/PAIR/PATH` instead ([`ASIDE_DIR`]), so both frozen copies are served.
-    pub fn add_file_pair(&mut self, pair: PairId, objects: &[Frozen]) {
+    /// Adds the frozen objects of a file pair, after every directory and root pair. A
+    /// file pair inside a group (`in_group`: a file split on its own inside a directory
+    /// or root pair) is always served at `.pairfs/PAIR/PATH` ([`ASIDE_DIR`]), and also
+    /// at PATH when the view does not have that path already (the group's frozen copy
+    /// holds the file too); any other file pair at PATH, or aside when PATH is taken.
+    /// So both frozen copies are served, and the file's own one at a stable path.
+    pub fn add_file_pair(&mut self, pair: PairId, objects: &[Frozen], in_group: bool) {
         for (idx, f) in objects.iter().enumerate() {
-            let taken = std::iter::once(&f.path)
+            let names: Vec<String> = std::iter::once(&f.path)
                 .chain(f.links.iter())
-                .any(|p| self.resolve(p).is_some());
-            if taken {
-                let aside = |p: &String| format!("{ASIDE_DIR}/{pair}/{p}");
-                let moved = Frozen {
-                    path: aside(&f.path),
-                    links: f.links.iter().map(aside).collect(),
-                    ..f.clone()
-                };
-                self.add(pair, idx, &moved);
-            } else {
-                self.add(pair, idx, f);
+                .cloned()
+                .collect();
+            let taken = names.iter().any(|p| self.resolve(p).is_some());
+            let mut all: Vec<String> = Vec::new();
+            if !taken {
+                all.extend(names.iter().cloned());
             }
+            if taken || in_group {
+                all.extend(names.iter().map(|p| format!("{ASIDE_DIR}/{pair}/{p}")));
+            }
+            let mut it = all.into_iter();
+            let Some(path) = it.next() else { continue };
+            let placed = Frozen {
+                path,
+                links: it.collect(),
+                ..f.clone()
+            };
+            self.add(pair, idx, &placed);
         }
     }
 
@@ -780,7 +788,8 @@ mod tests {
     }
 
     /// A file pair whose path the view has (a file split off a frozen group) goes to
-    /// `.pairfs/ID/PATH`; one whose path is free stays at PATH.
+    /// `.pairfs/ID/PATH`; one inside a group whose path is free is at PATH and there
+    /// too; a file pair outside any group only at PATH.
     #[test]
     fn a_file_pair_clashing_with_a_group_goes_aside() {
         let mut num = Numbering::default();
@@ -792,17 +801,24 @@ mod tests {
                 obj(3, "d/f", FrozenKind::File),
             ],
         );
-        b.add_file_pair(7, &[obj(3, "d/f", FrozenKind::File)]);
-        b.add_file_pair(8, &[obj(4, "d/g", FrozenKind::File)]);
+        b.add_file_pair(7, &[obj(3, "d/f", FrozenKind::File)], true);
+        b.add_file_pair(8, &[obj(4, "d/g", FrozenKind::File)], true);
+        b.add_file_pair(9, &[obj(5, "h", FrozenKind::File)], false);
         let v = b.finish();
-        assert_eq!(names(&v, VIEW_ROOT), ["d", ASIDE_DIR]);
+        assert_eq!(names(&v, VIEW_ROOT), ["d", ASIDE_DIR, "h"]);
+        assert_eq!(v.lookup(VIEW_ROOT, b"h").unwrap().attr.nlink, 1);
         let d = v.lookup(VIEW_ROOT, b"d").unwrap().attr.ino;
         assert_eq!(names(&v, d), ["f", "g"]);
         let f = v.lookup(d, b"f").unwrap();
         assert!(matches!(f.content, Content::File { pair: 1, .. }));
         let g = v.lookup(d, b"g").unwrap();
         assert!(matches!(g.content, Content::File { pair: 8, .. }));
+        assert_eq!(g.attr.nlink, 2, "also at .pairfs/8/d/g");
         let aside = v.lookup(VIEW_ROOT, ASIDE_DIR.as_bytes()).unwrap().attr.ino;
+        assert_eq!(names(&v, aside), ["7", "8"]);
+        let eight = v.lookup(aside, b"8").unwrap().attr.ino;
+        let d8 = v.lookup(eight, b"d").unwrap().attr.ino;
+        assert_eq!(v.lookup(d8, b"g").unwrap().attr.ino, g.attr.ino);
         let seven = v.lookup(aside, b"7").unwrap().attr.ino;
         let d7 = v.lookup(seven, b"d").unwrap().attr.ino;
         let f7 = v.lookup(d7, b"f").unwrap();
