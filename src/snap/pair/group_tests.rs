@@ -233,8 +233,9 @@ impl Sim {
         }
     }
 
-    /// The third embodiment: file 0 leaves G for a pair of its own, split at once.
-    fn split_off(&mut self, now: i64) {
+    /// The third embodiment: file 0 leaves G for a pair of its own, split at once
+    /// (`split`) or forming (`pair`).
+    fn split_off(&mut self, now: i64, split: bool) {
         if self.member[0] != Some(G) || self.pairs[P].is_some() {
             return;
         }
@@ -272,12 +273,17 @@ impl Sim {
             tracks.iter().copied().collect(),
             now,
         );
-        let pins = p.split(vec![self.record(0)], now).unwrap();
-        self.pairs[P] = Some(p);
         self.member[0] = Some(P);
-        self.apply(pins);
-        self.p_snap = Some(self.content(0));
         self.splits_off += 1;
+        if split {
+            let pins = p.split(vec![self.record(0)], now).unwrap();
+            self.pairs[P] = Some(p);
+            self.apply(pins);
+            self.p_snap = Some(self.content(0));
+        } else {
+            self.pairs[P] = Some(p);
+            self.commit();
+        }
     }
 
     /// Join (or release) of P: `Namespace::hand_over` to G, if G is there.
@@ -358,7 +364,19 @@ impl Sim {
                     }
                 }
             }
-            17 | 18 => self.split_off(now),
+            17 => self.split_off(now, true),
+            18 => {
+                if self.pairs[P].is_none() {
+                    self.split_off(now, rng.below(2) == 0);
+                } else {
+                    // A split of P (from forming or formed).
+                    let rec = self.record(0);
+                    if let Ok(pins) = self.pairs[P].as_mut().unwrap().split(vec![rec], now) {
+                        self.apply(pins);
+                        self.p_snap = Some(self.content(0));
+                    }
+                }
+            }
             19 => {
                 let rec = self.record(0);
                 if let Some(p) = self.pairs[P].as_mut()
