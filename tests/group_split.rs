@@ -244,7 +244,13 @@ fn a_file_split_off_a_formed_group_and_joined_back() {
     make(&g, 4, 0);
     ctl(&d, "pair");
     wait_state(&d, "formed");
-    ctl(&f, "split");
+    // Through the CLI this time.
+    let out = pairfs(&["split", f.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let f_own = read_all(&f);
     put(&f, 2, 1, 64 * KIB);
     same(
@@ -267,7 +273,15 @@ fn a_file_split_off_a_formed_group_and_joined_back() {
         &f_own,
     );
     same("group copy of g", &read_all(&v.copy_path("d/g")), &g_group);
-    ctl(&f, "join");
+    let out = pairfs(&["join", f.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Join of a pair that is not a file pair inside a group: refused.
+    let out = pairfs(&["join", d.to_str().unwrap()]);
+    assert!(!out.status.success(), "join of the group itself");
     assert!(
         !v.copy_path("d/f").exists(),
         "f was not in the group's instant"
