@@ -434,6 +434,31 @@ fn a_file_split_off_the_volume_pair() {
     same("root copy of f", &read_all(&v.copy_path("f")), &f_root);
     let own = v.copy_path(&format!(".pairfs/{id}/f"));
     same("own copy of f", &read_all(&own), &f_own);
+    // Resync of f's own pair: only its copy goes (formed), the root's stays; split again.
+    wait_state(&f, "split");
+    ctl(&f, "resync");
+    wait_state(&f, "formed");
+    assert_eq!(pair_id(&f), id);
+    assert!(gone(&own), "f's own copy after its resync");
+    same(
+        "root copy of f after f's resync",
+        &read_all(&v.copy_path("f")),
+        &f_root,
+    );
+    put(&f, 4, 3, 64 * KIB);
+    ctl(&f, "split");
+    let f_own = read_all(&f);
+    put(&f, 4, 4, 64 * KIB);
+    same(
+        "own copy of f after a resync and split",
+        &read_all(&own),
+        &f_own,
+    );
+    same(
+        "root copy of f beside it",
+        &read_all(&v.copy_path("f")),
+        &f_root,
+    );
     // The snapshot mount serves the root's instant.
     wait_state(&v.mnt, "split");
     let snap = v.dir.path().join("snap");
