@@ -590,8 +590,9 @@ fn lazy_workload(seed: u64, ops: usize) -> (usize, usize) {
 }
 
 /// Third embodiment under power loss: the files of a lazily split directory `d` are
-/// written and truncated while single files are split on their own (their pinned
-/// tracks move), updated alone, joined back or released, and `d` is updated. At every
+/// written and truncated while single files are split (or paired) on their own (their
+/// pinned tracks move), updated or resynced alone, joined back or released, and `d` is
+/// updated. At every
 /// step, after a crash, `d`'s frozen files are exactly its instant's (a file split off
 /// after the instant keeps its instant content there; one split off before it is left
 /// out) and each file pair's frozen file is exactly its own instant's, before and after
@@ -678,7 +679,13 @@ fn group_workload(seed: u64, ops: usize) -> (usize, usize) {
                 }
             }
             6 => {
-                if own.contains_key(&i) && fs.control(ino, Op::Update).is_ok() {
+                if !own.contains_key(&i) {
+                } else if rng.below(4) == 0 {
+                    // Resync of the file's own pair: its frozen copy goes.
+                    if fs.control(ino, Op::Resync).is_ok() {
+                        own.get_mut(&i).unwrap().1 = None;
+                    }
+                } else if fs.control(ino, Op::Update).is_ok() {
                     own.get_mut(&i).unwrap().1 = Some(data[i].clone());
                 }
             }
