@@ -483,6 +483,27 @@ fn a_file_split_off_the_volume_pair() {
     // The root's update leaves f (another pair's) out; its own copy is at its path.
     ctl(&v.mnt, "update");
     wait_state(&v.mnt, "split");
+    // The snapshot of that instant has g, not f (nor f's own pair's copy).
+    let g_root2 = read_all(&g);
+    let out = pairfs(&[
+        "mount-snapshot",
+        v.img.to_str().unwrap(),
+        snap.to_str().unwrap(),
+        "--daemon",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r = std::panic::catch_unwind(|| {
+        assert!(!snap.join("f").exists(), "f was not in the root's instant");
+        assert!(!snap.join(".pairfs").exists());
+        same("snapshot of g", &read_all(&snap.join("g")), &g_root2);
+    });
+    let out = pairfs(&["umount", snap.to_str().unwrap()]);
+    assert!(out.status.success());
+    r.unwrap();
     same(
         "own copy of f at its path",
         &read_all(&v.copy_path("f")),

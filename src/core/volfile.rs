@@ -433,6 +433,24 @@ pub fn open_snapshot(p: &Paths) -> Result<(Fs, VolumeLock)> {
     };
     let meta = Meta::open(&snap, true)?;
     let mut loaded = meta.load()?;
+    // The root pair's instant only: another pair in the snapshot (a file split on its own
+    // inside the volume, `snap::group`) is not offered here (its copy is not complete on
+    // the copy image, and the volume is not read), and its file keeps that pair as its
+    // membership, so the root's view leaves it out: it was not in the root's instant.
+    for q in loaded
+        .pairs
+        .iter_mut()
+        .filter(|x| x.scope != crate::snap::pair::Scope::Root)
+    {
+        q.frozen.clear();
+        q.frozen_at.clear();
+        q.frozen_saved = 0;
+        q.lazy = None;
+        q.forming = crate::core::trackset::TrackSet::new();
+        q.split_diff = crate::core::trackset::TrackSet::new();
+        q.update_diff = crate::core::trackset::TrackSet::new();
+        q.state = crate::snap::pair::PairState::Formed;
+    }
     // The checksums of the copies made since the snapshot was written (the split's copy)
     // are in the live database; it has every sum the snapshot has.
     loaded.sums = live_sums;
