@@ -102,6 +102,9 @@ struct Expect {
     durable: Vec<(Vec<u8>, Vec<u8>)>,
     /// A lazily split directory `d`: its files at the instant (path, content, mode).
     tree: Option<Tree>,
+    /// Third embodiment: the frozen files of one pair (pair id, its tree), checked
+    /// apart from every other pair's objects at the same paths.
+    pairs: Vec<(u64, Tree)>,
     /// A writable clone: its name, its content as of the last commit, and the writes
     /// (offset, bytes) since, any of which may have reached the disk.
     clone: Option<CloneExpect>,
@@ -118,9 +121,17 @@ type Tree = BTreeMap<String, (Vec<u8>, u32)>;
 
 /// The files of the frozen view under `d/` (path -> content, mode).
 fn frozen_tree(fs: &Fs) -> Tree {
+    frozen_tree_of(fs, None)
+}
+
+/// [`frozen_tree`] of one pair's objects only (`Some(id)`), or of every pair's.
+fn frozen_tree_of(fs: &Fs, only: Option<u64>) -> Tree {
     let mut out = Tree::new();
     for (pair, idx, f) in fs.engine.frozen_objects(fs) {
-        if f.attr.kind != pairfs::snap::pair::FrozenKind::File || !f.path.starts_with("d/") {
+        if f.attr.kind != pairfs::snap::pair::FrozenKind::File
+            || !f.path.starts_with("d/")
+            || only.is_some_and(|p| p != pair)
+        {
             continue;
         }
         let mut data = Vec::new();
@@ -202,6 +213,14 @@ fn check_crash(
                 t.keys().collect::<Vec<_>>()
             );
         }
+        for (id, t) in &exp.pairs {
+            assert!(
+                frozen_tree_of(&fs, Some(*id)) == *t,
+                "{ctx}: the frozen files of pair {id} differ after the crash:\n{:?}\nwant\n{:?}",
+                frozen_tree_of(&fs, Some(*id)).keys().collect::<Vec<_>>(),
+                t.keys().collect::<Vec<_>>()
+            );
+        }
         for (n, want) in &exp.durable {
             let a = fs.lookup(ROOT, n).unwrap_or_else(|e| {
                 panic!("{ctx}: fsync'd {:?} lost: {e}", String::from_utf8_lossy(n))
@@ -268,6 +287,12 @@ fn check_crash(
             assert!(
                 frozen_tree(&fs) == *t,
                 "{ctx}: the lazily split directory's view differs after the copier finished"
+            );
+        }
+        for (id, t) in &exp.pairs {
+            assert!(
+                frozen_tree_of(&fs, Some(*id)) == *t,
+                "{ctx}: the frozen files of pair {id} differ after the copier finished"
             );
         }
         fs.shutdown().unwrap();
@@ -433,6 +458,7 @@ fn workload(seed: u64, ops: usize) -> (usize, u64) {
                 .map(|(i, f)| (name(*i), f.1.clone()))
                 .collect(),
             tree: None,
+            pairs: Vec::new(),
             clone: None,
         };
         check_crash(seed, points, &cdir, &paths, &vol, &copy, &exp, &mut rng);
@@ -585,6 +611,7 @@ fn lazy_workload(seed: u64, ops: usize) -> (usize, usize) {
             frozen: BTreeMap::new(),
             durable: Vec::new(),
             tree: tree.clone(),
+            pairs: Vec::new(),
             clone: None,
         };
         with_tree += usize::from(tree.is_some());
@@ -592,6 +619,182 @@ fn lazy_workload(seed: u64, ops: usize) -> (usize, usize) {
         points += 1;
     }
     (points, with_tree)
+}
+
+/// Third embodiment under power loss: the files of a lazily split directory `d` are
+/// written and truncated while single files are split (or paired) on their own (their
+/// pinned tracks move), updated or resynced alone, joined back or released, and `d` is
+/// updated. At every
+/// step, after a crash, `d`'s frozen files are exactly its instant's (a file split off
+/// after the instant keeps its instant content there; one split off before it is left
+/// out) and each file pair's frozen file is exactly its own instant's, before and after
+/// the copiers finish; fsck is clean.
+fn group_workload(seed: u64, ops: usize) -> (usize, usize) {
+    let dir = tempfile::tempdir_in(
+        std::env::var("PAIRFS_TEST_DIR").unwrap_or_else(|_| "/dev/shm".into()),
+    )
+    .unwrap();
+    let cdir = dir.path().join("crash");
+    std::fs::create_dir(&cdir).unwrap();
+    let (paths, _g, vol, copy) = new_volume(dir.path());
+    let fs = open_fs(&paths, Box::new(vol.clone()), Box::new(copy.clone()));
+    let mut rng = Rng(seed);
+    let ctx = Ctx::default();
+    let d = fs
+        .create_node(ctx, ROOT, b"d", libc::S_IFDIR | 0o755, 0, None)
+        .unwrap()
+        .row
+        .ino;
+    let mut inos = Vec::new();
+    let mut data: Vec<Vec<u8>> = Vec::new();
+    for i in 0..FILES {
+        let ino = fs
+            .create_node(ctx, d, &name(i), libc::S_IFREG | 0o644, 0, None)
+            .unwrap()
+            .row
+            .ino;
+        let v = vec![i as u8 + 1; 1 + i * 3000 + 2 * TS as usize];
+        fs.write(ino, 0, &v).unwrap();
+        inos.push(ino);
+        data.push(v);
+    }
+    let path = |i: usize| format!("d/{}", String::from_utf8_lossy(&name(i)));
+    let pair_of = |ino: u64| fs.engine.status_of(&fs, ino).unwrap().map(|s| s.id);
+    fs.control(d, Op::Split).unwrap();
+    let gid = pair_of(d).unwrap();
+    // The group's instant, and each file pair: slot -> (pair, content at its instant).
+    let mut group: Tree = (0..FILES)
+        .map(|i| (path(i), (data[i].clone(), 0o644)))
+        .collect();
+    // (None: paired on its own, not split yet.)
+    let mut own: BTreeMap<usize, (u64, Option<Vec<u8>>)> = BTreeMap::new();
+    let mut cursors = BTreeMap::new();
+    let (mut points, mut offs) = (0, 0);
+    let mut token = 1u8;
+    for _ in 0..ops {
+        let i = rng.below(FILES as u64) as usize;
+        let ino = inos[i];
+        match rng.below(13) {
+            0..=2 => {
+                let off = rng.below(5 * TS);
+                let len = 1 + rng.below(2 * TS) as usize;
+                token = token.wrapping_add(1).max(1);
+                let w = vec![token; len];
+                fs.write(ino, off, &w).unwrap();
+                let f = &mut data[i];
+                let end = off as usize + len;
+                if f.len() < end {
+                    f.resize(end, 0);
+                }
+                f[off as usize..end].copy_from_slice(&w);
+            }
+            3 => {
+                let l = rng.below(data[i].len() as u64 + 1);
+                fs.truncate(ino, l).unwrap();
+                data[i].truncate(l as usize);
+            }
+            4 | 5 => {
+                // Split (or pair) on its own: a pair of its own; a split of an own pair
+                // that is not forming or formed is refused.
+                let op = if rng.below(4) == 0 {
+                    Op::Pair
+                } else {
+                    Op::Split
+                };
+                let was = own.contains_key(&i);
+                if fs.control(ino, op).is_ok() {
+                    let id = pair_of(ino).unwrap();
+                    assert_ne!(id, gid, "seed {seed:#x}: the split made no pair of its own");
+                    let content = (op == Op::Split).then(|| data[i].clone());
+                    own.insert(i, (id, content));
+                    offs += usize::from(!was);
+                }
+            }
+            6 => {
+                if !own.contains_key(&i) {
+                } else if rng.below(4) == 0 {
+                    // Resync of the file's own pair: its frozen copy goes.
+                    if fs.control(ino, Op::Resync).is_ok() {
+                        own.get_mut(&i).unwrap().1 = None;
+                    }
+                } else if fs.control(ino, Op::Update).is_ok() {
+                    own.get_mut(&i).unwrap().1 = Some(data[i].clone());
+                }
+            }
+            7 | 8 => {
+                if own.contains_key(&i) {
+                    let op = if rng.below(2) == 0 {
+                        Op::Join
+                    } else {
+                        Op::Release
+                    };
+                    fs.control(ino, op).unwrap();
+                    own.remove(&i);
+                    assert_eq!(pair_of(ino), Some(gid), "seed {seed:#x}: back in the group");
+                }
+            }
+            9 => {
+                if fs.control(d, Op::Update).is_ok() {
+                    // Files with pairs of their own are not in the group's instant.
+                    group = (0..FILES)
+                        .filter(|k| !own.contains_key(k))
+                        .map(|k| (path(k), (data[k].clone(), 0o644)))
+                        .collect();
+                }
+            }
+            10 => fs.commit(Vec::new()).unwrap(),
+            11 => fs.engine.destage(&fs).unwrap(),
+            _ => {
+                fs.engine.copy_round(&fs, &mut cursors);
+            }
+        }
+        let mut pairs = vec![(gid, group.clone())];
+        for (&k, (id, c)) in &own {
+            let t: Tree = c.iter().map(|c| (path(k), (c.clone(), 0o644))).collect();
+            pairs.push((*id, t));
+        }
+        for (id, t) in &pairs {
+            assert!(
+                frozen_tree_of(&fs, Some(*id)) == *t,
+                "seed {seed:#x}: the frozen files of pair {id} differ while live"
+            );
+        }
+        let exp = Expect {
+            frozen: BTreeMap::new(),
+            durable: Vec::new(),
+            tree: None,
+            pairs,
+            clone: None,
+        };
+        check_crash(seed, points, &cdir, &paths, &vol, &copy, &exp, &mut rng);
+        points += 1;
+    }
+    (points, offs)
+}
+
+#[test]
+fn power_loss_keeps_a_group_and_a_file_split_off_it() {
+    let base: u64 = std::env::var("PAIRFS_CRASH_SEED")
+        .ok()
+        .and_then(|s| u64::from_str_radix(s.trim_start_matches("0x"), 16).ok())
+        .unwrap_or(0x6e0_0001);
+    let workloads: u64 = std::env::var("PAIRFS_CRASH_WORKLOADS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(20);
+    let (mut points, mut offs) = (0, 0);
+    for w in 0..workloads {
+        let seed = base.wrapping_add(w.wrapping_mul(0x9E3779B97F4A7C15)) | 1;
+        println!("group crash workload {w}: seed {seed:#x}");
+        let (p, o) = group_workload(seed, 40);
+        points += p;
+        offs += o;
+    }
+    println!(
+        "group power-loss test: {workloads} workloads, {points} crash points, {offs} files \
+         split off, 0 losses"
+    );
+    assert!(offs as u64 >= workloads, "too few splits off: {offs}");
 }
 
 /// Writable clones under power loss: a file is split and cloned; the clone is written
@@ -701,6 +904,7 @@ fn clone_workload(seed: u64, ops: usize) -> usize {
             frozen: frozen.clone(),
             durable: Vec::new(),
             tree: None,
+            pairs: Vec::new(),
             clone: Some(CloneExpect {
                 name: b"c".to_vec(),
                 durable: durable.clone(),

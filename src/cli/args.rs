@@ -112,6 +112,10 @@ pub enum Cmd {
     /// Pair a file or directory with its copy (forming).
     Pair(PathArgs),
     /// Freeze the copy of a file or directory now (creates the pair if needed).
+    ///
+    /// A regular file inside a paired directory (or volume) gets a pair of its own with
+    /// its own instant; the directory's frozen copy keeps the file as of its instant (see
+    /// `pairfs join`).
     Split(WaitArgs),
     /// Refresh the frozen copy to now, copying only changed tracks.
     Update(WaitArgs),
@@ -142,6 +146,12 @@ pub enum Cmd {
         #[arg(long)]
         detach: bool,
     },
+    /// End the own pair of a file split on its own inside a directory or root pair
+    /// (`pairfs split DIR/FILE`) and join the file back into that group pair: its
+    /// changes are recorded there, so the group's next update or split covers it. The
+    /// group's frozen copy is unchanged. Refused (EINVAL) for a pair that is not a file
+    /// pair inside a group.
+    Join(PathArgs),
     /// Move the volume image (or the copy image) of a mounted volume to TARGET while it
     /// is in use.
     ///

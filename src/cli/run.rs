@@ -142,6 +142,7 @@ pub fn run(cli: Cli) -> Result<u8> {
         Cmd::Pair(a) => control(&a.path, "pair", false),
         Cmd::Release(a) => control(&a.path, "release", false),
         Cmd::Clone { src, dst, detach } => clone(&src, dst.as_deref(), detach),
+        Cmd::Join(a) => control(&a.path, "join", false),
         Cmd::Split(a) => control(&a.path, "split", a.wait),
         Cmd::Update(a) => control(&a.path, "update", a.wait),
         Cmd::Resync(a) => control(&a.path, "resync", a.wait),

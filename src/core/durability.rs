@@ -145,6 +145,13 @@ impl Durability {
         r
     }
 
+    /// Holds off every full commit while the guard lives (pair-only commits still run):
+    /// a file split off its group (`Engine::split_off`) changes memory in several steps
+    /// that must reach the database in one transaction.
+    pub fn hold_commits(&self) -> MutexGuard<'_, ()> {
+        self.commit_lock.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Clears the copy image's poison (an operator's update or resync recovers it).
     pub fn clear_copy_poison(&self) {
         let _c = self.copy_lock.lock().unwrap_or_else(|p| p.into_inner());

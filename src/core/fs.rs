@@ -67,6 +67,10 @@ pub const XATTR_SIZE_MAX: usize = 65536;
 /// mount checks it and rename refuses to create one, so this only bounds the work).
 pub const MAX_DEPTH: usize = 100_000;
 
+/// Bytes copied per volume read/write when a file split on its own inside a group moves
+/// its pinned tracks (`snap::group`).
+const MOVE_CHUNK_BYTES: u64 = 1 << 20;
+
 pub use crate::core::now_ns;
 
 /// Who is asking.
@@ -2404,6 +2408,29 @@ fn object_of(i: &Inode, ino: u64, path: String, links: Vec<String>) -> Option<Fr
 
 /// Lazy instants (docs/design.md, "Lazy instants"): freeze before first change.
 impl Fs {
+    /// Copies the data of each move (`snap::group`) from its old volume tracks to its new
+    /// ones, whole tracks (bytes past EOF are zero in the old track, so in the new one),
+    /// 1 MiB at a time. The caller holds the write barrier (nothing is staged, no write
+    /// in flight, the file's extents cannot change); the new tracks are allocated and
+    /// mapped by nothing yet, the old ones are the file's and pinned.
+    fn move_tracks(&self, moves: &[crate::snap::group::Move]) -> Result<()> {
+        let ts = self.track_size;
+        let per = (MOVE_CHUNK_BYTES / ts).max(1);
+        let mut buf = Vec::new();
+        for m in moves {
+            self.engine.drop_staged(m.to..m.to + m.len);
+            let mut k = 0;
+            while k < m.len {
+                let n = per.min(m.len - k);
+                buf.resize((n * ts) as usize, 0);
+                self.vol.read_at((m.from + k) * ts, &mut buf)?;
+                self.vol.write_at((m.to + k) * ts, &buf)?;
+                k += n;
+            }
+        }
+        Ok(())
+    }
+
     /// Called under the namespace lock before the first change of inode `ino` (its
     /// attributes, data, xattrs, names, or a directory's entries): if its pair is a
     /// lazy instant that has not frozen it yet, freezes it now.
@@ -2611,6 +2638,93 @@ impl Namespace for Fs {
             st.get_mut(m)?.pair = Some(id);
         }
         Ok(id)
+    }
+
+    fn split_off(
+        &self,
+        ino: u64,
+        group: PairId,
+        register: &mut dyn FnMut(Scope, &str, TrackSet) -> PairId,
+    ) -> Result<PairId> {
+        let moves = {
+            let mut st = self.state_with(ino)?;
+            let i = st.get(ino)?;
+            if !i.is_file() || i.pair != Some(group) {
+                return Err(Error::Busy(format!(
+                    "inside the scope of pair {group}: only a regular file of it can be split \
+                     on its own"
+                )));
+            }
+            // The group's instant keeps the file as it is now (unchanged since the instant).
+            self.freeze_in(&mut st, group, ino)?;
+            // Tracks a frozen copy pins move: the file's own pair must never copy to the
+            // copy-image tracks where the group keeps its instant (`snap::group`). The new
+            // tracks are taken now (used), mapped after the copy.
+            let NamespaceState { inodes, alloc, .. } = &mut *st;
+            let ext = &inodes
+                .get(&ino)
+                .ok_or(Error::NotFound("inode".into()))?
+                .extents;
+            crate::snap::group::plan_moves(ext, alloc)?
+        };
+        // The copy runs without the namespace lock: the caller holds the write barrier
+        // (the file's data and extents cannot change) and the commits (nothing of it is
+        // committed half-way); readers of other files go on.
+        let copied = self.move_tracks(&moves);
+        let mut st = self.state_with(ino)?;
+        let still = {
+            let e = &st.get(ino)?.extents;
+            moves.iter().all(|m| {
+                e.segments(m.file, m.len).as_slice()
+                    == [crate::core::extent::Segment {
+                        file: m.file,
+                        vol: Some(m.from),
+                        len: m.len,
+                    }]
+            })
+        };
+        if copied.is_err() || !still {
+            for m in &moves {
+                st.alloc.free(m.to, m.len);
+            }
+            copied?;
+            return Err(Error::Busy(format!(
+                "inode {ino} changed during its split-off; try again"
+            )));
+        }
+        if !moves.is_empty() {
+            let old = crate::snap::group::apply_moves(&mut st.get_mut(ino)?.extents, &moves);
+            let mut freed = Vec::new();
+            for (v, l) in old {
+                st.alloc.free(v, l);
+                freed.extend(v..v + l);
+            }
+            self.engine.freed(group, &freed);
+            self.layout_changed(ino);
+            st.touch(ino);
+            log::info!(
+                "inode {ino}: {} tracks moved off the frozen copy of pair {group}",
+                freed.len()
+            );
+        }
+        let tracks: Vec<u64> = st.get(ino)?.extents.vol_tracks().collect();
+        self.engine.left(group, &tracks);
+        let path = format!("/{}", self.path_of(&mut st, ino)?);
+        let current: TrackSet = tracks.iter().copied().collect();
+        let id = register(Scope::File(ino), &path, current);
+        st.get_mut(ino)?.pair = Some(id);
+        Ok(id)
+    }
+
+    fn group_of(&self, ino: u64) -> Result<Option<PairId>> {
+        let mut st = self.state_with(ino)?;
+        let Some(parent) = st.get(ino)?.parent() else {
+            return Ok(None);
+        };
+        if !self.try_want(&mut st, parent)? {
+            return Ok(None);
+        }
+        Ok(st.get(parent)?.pair.filter(|&p| self.engine.inherits(p)))
     }
 
     fn forget_pair(&self, id: PairId, unregister: &mut dyn FnMut()) {

@@ -510,6 +510,24 @@ fn open_snapshot_fs(p: &Paths, meta: Meta, mut loaded: crate::meta::Loaded) -> R
     // copies or recovers (the root pair is `split`, every read goes to the copy image),
     // so the walk an unclean mount makes of every pair's scope is skipped.
     loaded.clean = true;
+    // The root pair's instant only: another pair in the snapshot (a file split on its own
+    // inside the volume, `snap::group`) is not offered here (its copy is not complete on
+    // the copy image, and the volume is not read), and its file keeps that pair as its
+    // membership, so the root's view leaves it out: it was not in the root's instant.
+    for q in loaded
+        .pairs
+        .iter_mut()
+        .filter(|x| x.scope != crate::snap::pair::Scope::Root)
+    {
+        q.frozen.clear();
+        q.frozen_at.clear();
+        q.frozen_saved = 0;
+        q.lazy = None;
+        q.forming = crate::core::trackset::TrackSet::new();
+        q.split_diff = crate::core::trackset::TrackSet::new();
+        q.update_diff = crate::core::trackset::TrackSet::new();
+        q.state = crate::snap::pair::PairState::Formed;
+    }
     let g = meta.geometry().clone();
     let copy = open_image(&p.copy, false, "copy image")?;
     if copy.len() < g.size || (!is_uri(&p.copy) && copy.len() != g.size) {

@@ -99,6 +99,23 @@ pub struct Slot {
 }
 
 impl Slot {
+    /// A slot for pair `p` (dirty: its row is written by the next commit).
+    fn new(p: Pair) -> Slot {
+        Slot {
+            id: p.id,
+            gate: Mutex::new(()),
+            p: Mutex::new(p),
+            dirty: AtomicBool::new(true),
+            unconfirmed: Mutex::new(Vec::new()),
+            cow_queue: Mutex::new(Vec::new()),
+            released: AtomicBool::new(false),
+            staged: AtomicU64::new(0),
+            cow: AtomicU64::new(0),
+            new_sums: Mutex::new(Vec::new()),
+            sum_errors: AtomicU64::new(0),
+        }
+    }
+
     /// Locks the pair.
     pub fn lock(&self) -> MutexGuard<'_, Pair> {
         self.p.lock().unwrap_or_else(|p| p.into_inner())
@@ -121,6 +138,10 @@ pub enum Op {
     Resync,
     /// Delete the pair.
     Release,
+    /// A file pair inside a directory or root pair (split on its own, third
+    /// embodiment) ends and the file joins the group pair again: its tracks are
+    /// recorded as written there, so the group's next update or split covers it.
+    Join,
 }
 
 impl Op {
@@ -132,6 +153,7 @@ impl Op {
             "update" => Op::Update,
             "resync" => Op::Resync,
             "release" => Op::Release,
+            "join" => Op::Join,
             _ => return None,
         })
     }
@@ -1314,8 +1336,12 @@ impl Engine {
                 let s = self
                     .slot(id)
                     .ok_or_else(|| Error::NotFound(format!("pair {id}")))?;
-                let top = s.lock().scope.ino();
-                if top != ino {
+                let scope = s.lock().scope;
+                if scope.ino() != ino {
+                    if matches!(op, Op::Pair | Op::Split) && !matches!(scope, Scope::File(_)) {
+                        // Third embodiment: a file of a group gets a pair of its own.
+                        return self.split_off(ns, s, ino, op);
+                    }
                     let path = s.lock().path.clone();
                     return Err(Error::Busy(format!(
                         "inside the scope of pair {id} ({path})"
@@ -1364,7 +1390,7 @@ impl Engine {
         // A writable clone reads its unwritten tracks from this frozen copy: it stays
         // until every clone is detached (`pairfs clone --detach`).
         // (A pair in `error` has lost its frozen copy already: it can go.)
-        if matches!(op, Op::Update | Op::Resync | Op::Release)
+        if matches!(op, Op::Update | Op::Resync | Op::Release | Op::Join)
             && slot.lock().state.is_frozen()
             && let Some(clone) = ns.clone_dependent(slot.id)?
         {
@@ -1375,6 +1401,21 @@ impl Engine {
             ));
             log::warn!("{op:?} refused: {e}");
             return Err(e);
+        }
+        if op == Op::Join {
+            // A release whose hand-over has a group to go to (`Namespace::hand_over`).
+            let group = match scope {
+                Scope::File(i) => ns.group_of(i)?,
+                _ => None,
+            };
+            if group.is_none() {
+                return Err(Error::invalid(format!(
+                    "join: pair {} ({}) is not a file pair inside a directory or root pair \
+                     (release it instead)",
+                    slot.id,
+                    slot.lock().path
+                )));
+            }
         }
         // Update, resync and release of the root pair rewrite or free the copy image a
         // snapshot mount may be serving: refused while one holds it.
@@ -1447,7 +1488,7 @@ impl Engine {
                 ns.apply_pins(&pins);
                 true
             }
-            Op::Release => {
+            Op::Release | Op::Join => {
                 slot.released.store(true, Ordering::Release);
                 let pins = slot.lock().release();
                 ns.apply_pins(&pins);
@@ -1486,10 +1527,15 @@ impl Engine {
                     ..PairDelta::default()
                 }])?;
                 log::info!(
-                    "pair {} ({}): {} -> released",
+                    "pair {} ({}): {} -> {}",
                     slot.id,
                     slot.lock().path,
-                    before.name()
+                    before.name(),
+                    if op == Op::Join {
+                        "joined its group"
+                    } else {
+                        "released"
+                    }
                 );
                 return Ok(());
             }
@@ -1522,6 +1568,67 @@ impl Engine {
         *self.copy_path.lock().unwrap_or_else(|p| p.into_inner()) = Some(path);
     }
 
+    /// Third embodiment ([`crate::snap::group`]): regular file `ino`, a member of the
+    /// directory or root pair `group`, gets a pair of its own: forming for
+    /// [`Op::Pair`], split at once for [`Op::Split`]. The namespace freezes the file in
+    /// the group's instant if it had not, moves the tracks a frozen copy pins, drops
+    /// the file's tracks from the group's bitmaps and registers the new pair; all of it
+    /// reaches the database in one transaction (commits are held off meanwhile, so no
+    /// commit carries a part of it). The caller holds the write barrier.
+    fn split_off(&self, ns: &dyn Namespace, group: Arc<Slot>, ino: u64, op: Op) -> Result<()> {
+        // No copy of the group's in flight while its bits of the file are dropped.
+        let _group_gate = group.gate();
+        let now = now_ns();
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed).max(1);
+        let slot = Arc::new(Slot::new(Pair::new(
+            id,
+            Scope::File(ino),
+            String::new(),
+            TrackSet::new(),
+            now,
+        )));
+        // Taken before the pair is registered: the copier finds it only after the commit.
+        let _gate = slot.gate();
+        {
+            let _hold = self.durability.hold_commits();
+            ns.split_off(ino, group.id, &mut |scope, path, current| {
+                *slot.lock() = Pair::new(id, scope, path.to_string(), current, now);
+                self.pairs
+                    .write()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(id, slot.clone());
+                id
+            })?;
+            if op == Op::Split {
+                let frozen = ns.freeze(Scope::File(ino), id)?;
+                let pins = {
+                    let mut p = slot.lock();
+                    let pins = p.split(frozen, now)?;
+                    // The frozen map rides as appended records with the pair's first
+                    // row, in whichever commit comes first.
+                    p.frozen_saved = 0;
+                    pins
+                };
+                ns.apply_pins(&pins);
+                self.frozen_changed();
+            }
+            slot.dirty.store(true, Ordering::Release);
+            group.dirty.store(true, Ordering::Release);
+        }
+        ns.commit_destaged(Vec::new())?;
+        let (path, state) = {
+            let p = slot.lock();
+            (p.path.clone(), p.state)
+        };
+        log::info!(
+            "pair {id} ({path}): split off pair {} on its own, {}",
+            group.id,
+            state.name()
+        );
+        self.wake();
+        Ok(())
+    }
+
     fn create(&self, ns: &dyn Namespace, ino: u64) -> Result<Arc<Slot>> {
         let mut made = None;
         // The namespace marks the members and calls back, under its lock, to register
@@ -1529,19 +1636,7 @@ impl Engine {
         ns.claim(ino, &mut |scope, path, current| {
             let id = self.next_id.fetch_add(1, Ordering::Relaxed).max(1);
             let p = Pair::new(id, scope, path.to_string(), current, now_ns());
-            let slot = Arc::new(Slot {
-                id,
-                gate: Mutex::new(()),
-                p: Mutex::new(p),
-                dirty: AtomicBool::new(true),
-                unconfirmed: Mutex::new(Vec::new()),
-                cow_queue: Mutex::new(Vec::new()),
-                released: AtomicBool::new(false),
-                staged: AtomicU64::new(0),
-                cow: AtomicU64::new(0),
-                new_sums: Mutex::new(Vec::new()),
-                sum_errors: AtomicU64::new(0),
-            });
+            let slot = Arc::new(Slot::new(p));
             self.pairs
                 .write()
                 .unwrap_or_else(|p| p.into_inner())
@@ -1655,9 +1750,21 @@ impl Engine {
             return v;
         }
         let mut b = Builder::new(g, ts, &mut numbering);
-        for s in self.slots() {
+        // Directory and root pairs first, then file pairs: a file split on its own
+        // inside a group is (also) served aside (`Builder::add_file_pair`).
+        let mut slots = self.slots();
+        slots.sort_by_key(|s| (matches!(s.lock().scope, Scope::File(_)), s.id));
+        for s in slots {
             let p = s.lock();
             if !p.state.is_frozen() {
+                continue;
+            }
+            if let Scope::File(ino) = p.scope {
+                let (id, frozen) = (p.id, p.frozen.clone());
+                drop(p);
+                // Namespace lock after the pair's state lock is dropped (lock order).
+                let in_group = ns.group_of(ino).ok().flatten().is_some();
+                b.add_file_pair(id, &frozen, in_group);
                 continue;
             }
             if p.lazy.is_none() {
@@ -1777,6 +1884,10 @@ impl Engine {
                 (lazy_root, firsts)
             };
             out.extend(firsts);
+            if matches!(s.lock().scope, Scope::File(_)) {
+                // Where a file pair's object goes when its path is taken.
+                out.push(crate::snap::view::ASIDE_DIR.as_bytes().to_vec());
+            }
             if let Some(root) = lazy_root {
                 let mut after = None;
                 while let Ok(Some((batch, next))) = ns.instant_children(s.id, root, after.take()) {

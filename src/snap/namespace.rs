@@ -60,6 +60,24 @@ pub trait Namespace: Sync {
         ino: u64,
         register: &mut dyn FnMut(Scope, &str, TrackSet) -> PairId,
     ) -> Result<PairId>;
+    /// Third embodiment ([`crate::snap::group`]): regular file `ino`, a member of the
+    /// directory or root pair `group`, leaves it for a new pair of its own: freezes it
+    /// in `group`'s lazy instant if that has not (the group's frozen copy keeps it as it
+    /// is now) and allocates new tracks for every track of it that a frozen copy pins;
+    /// copies their data on the volume without the namespace lock (the caller holds the
+    /// write barrier and the commits); then, under the lock again, points the file's
+    /// extents at the new tracks, drops its tracks from `group`'s bitmaps and calls
+    /// `register` with the file's scope, path and current tracks; the file takes the id
+    /// `register` returns. `Busy` if `ino` is not a regular file of `group`.
+    fn split_off(
+        &self,
+        ino: u64,
+        group: PairId,
+        register: &mut dyn FnMut(Scope, &str, TrackSet) -> PairId,
+    ) -> Result<PairId>;
+    /// The group a file pair's file would join at release: its parent directory's pair
+    /// if that is a directory or root pair (None otherwise).
+    fn group_of(&self, ino: u64) -> Result<Option<PairId>>;
     /// Pair `id` is released: under the namespace lock, runs `unregister` (so that no
     /// inode loaded from now on finds the pair), then takes the pair off cached inodes.
     fn forget_pair(&self, id: PairId, unregister: &mut dyn FnMut());

@@ -807,3 +807,6 @@ impl Pair {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod group_tests;

@@ -24,6 +24,11 @@ use crate::snap::pair::{Frozen, FrozenKind, PairId};
 /// Inode number of the copy mount's root directory.
 pub const VIEW_ROOT: u64 = 1;
 
+/// The copy-mount directory where a file pair's frozen object goes when the view has
+/// its path already (a file split on its own inside a frozen group):
+/// `.pairfs/PAIR/PATH`.
+pub const ASIDE_DIR: &str = ".pairfs";
+
 /// Attributes of one object of the view.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct ViewAttr {
@@ -279,6 +284,49 @@ impl<'a> Builder<'a> {
             cur = ino;
         }
         Some(cur)
+    }
+
+    /// The node at `path`, if the view has one (nothing is synthesized).
+    fn resolve(&self, path: &str) -> Option<u64> {
+        let mut cur = VIEW_ROOT;
+        for part in path.split('/').filter(|p| !p.is_empty()) {
+            let Content::Dir(d) = &self.view.nodes.get(&cur)?.content else {
+                return None;
+            };
+            cur = d.get(part.as_bytes())?;
+        }
+        Some(cur)
+    }
+
+    /// Adds the frozen objects of a file pair, after every directory and root pair. A
+    /// file pair inside a group (`in_group`: a file split on its own inside a directory
+    /// or root pair) is always served at `.pairfs/PAIR/PATH` ([`ASIDE_DIR`]), and also
+    /// at PATH when the view does not have that path already (the group's frozen copy
+    /// holds the file too); any other file pair at PATH, or aside when PATH is taken.
+    /// So both frozen copies are served, and the file's own one at a stable path.
+    pub fn add_file_pair(&mut self, pair: PairId, objects: &[Frozen], in_group: bool) {
+        for (idx, f) in objects.iter().enumerate() {
+            let names: Vec<String> = std::iter::once(&f.path)
+                .chain(f.links.iter())
+                .cloned()
+                .collect();
+            let taken = names.iter().any(|p| self.resolve(p).is_some());
+            let mut all: Vec<String> = Vec::new();
+            if !taken {
+                all.extend(names.iter().cloned());
+            }
+            if taken || in_group {
+                all.extend(names.iter().map(|p| format!("{ASIDE_DIR}/{pair}/{p}")));
+            }
+            let mut it = all.into_iter();
+            let Some(path) = it.next() else { continue };
+            let placed = Frozen {
+                path,
+                links: it.collect(),
+                ..f.clone()
+            };
+            self.add(pair, idx, &placed);
+        }
     }
 
     /// Adds the frozen objects of pair `pair` (its list, in order).
@@ -737,6 +785,52 @@ mod tests {
             v.lookup(VIEW_ROOT, b"f").unwrap().attr.kind,
             FrozenKind::File
         );
+    }
+
+    /// A file pair whose path the view has (a file split off a frozen group) goes to
+    /// `.pairfs/ID/PATH`; one inside a group whose path is free is at PATH and there
+    /// too; a file pair outside any group only at PATH.
+    #[test]
+    fn a_file_pair_clashing_with_a_group_goes_aside() {
+        let mut num = Numbering::default();
+        let mut b = Builder::new(1, 4096, &mut num);
+        b.add_pair(
+            1,
+            &[
+                obj(2, "d", FrozenKind::Dir),
+                obj(3, "d/f", FrozenKind::File),
+            ],
+        );
+        b.add_file_pair(7, &[obj(3, "d/f", FrozenKind::File)], true);
+        b.add_file_pair(8, &[obj(4, "d/g", FrozenKind::File)], true);
+        b.add_file_pair(9, &[obj(5, "h", FrozenKind::File)], false);
+        let v = b.finish();
+        assert_eq!(names(&v, VIEW_ROOT), ["d", ASIDE_DIR, "h"]);
+        assert_eq!(v.lookup(VIEW_ROOT, b"h").unwrap().attr.nlink, 1);
+        let d = v.lookup(VIEW_ROOT, b"d").unwrap().attr.ino;
+        assert_eq!(names(&v, d), ["f", "g"]);
+        let f = v.lookup(d, b"f").unwrap();
+        assert!(matches!(f.content, Content::File { pair: 1, .. }));
+        let g = v.lookup(d, b"g").unwrap();
+        assert!(matches!(g.content, Content::File { pair: 8, .. }));
+        assert_eq!(g.attr.nlink, 2, "also at .pairfs/8/d/g");
+        let aside = v.lookup(VIEW_ROOT, ASIDE_DIR.as_bytes()).unwrap().attr.ino;
+        assert_eq!(names(&v, aside), ["7", "8"]);
+        let eight = v.lookup(aside, b"8").unwrap().attr.ino;
+        let d8 = v.lookup(eight, b"d").unwrap().attr.ino;
+        assert_eq!(v.lookup(d8, b"g").unwrap().attr.ino, g.attr.ino);
+        let seven = v.lookup(aside, b"7").unwrap().attr.ino;
+        let d7 = v.lookup(seven, b"d").unwrap().attr.ino;
+        let f7 = v.lookup(d7, b"f").unwrap();
+        assert!(matches!(
+            f7.content,
+            Content::File {
+                pair: 7,
+                ino: 3,
+                idx: 0
+            }
+        ));
+        assert_ne!(f7.attr.ino, f.attr.ino);
     }
 
     /// A tree as (ino -> names) and a lazy pair's frozen map (ino -> path or absent).
