@@ -43,6 +43,40 @@ pub trait DurabilitySink: Send + Sync {
     fn sync_data(&self) -> Result<()>;
     /// Commits a metadata batch (called after every `sync_data` succeeded).
     fn commit_meta(&self, batch: &Batch) -> Result<()>;
+    /// A status line for `pairfs status` (`user.pairfs.replica`), empty if none.
+    fn status(&self) -> String {
+        String::new()
+    }
+    /// The volume is unmounting: every durability point has been sent; finish.
+    fn close(&self) {}
+}
+
+/// Attaches a replica at mount (implemented by `repl::link::Replica`; the core only
+/// calls it): called by [`crate::core::volfile::open`] with the mount lock held, the
+/// database open and migrated, the images opened and checked, *before* anything is
+/// written. It may copy everything to the secondary, then installs its
+/// [`crate::meta::CommitTap`] on `meta` and returns the images wrapped (every write and
+/// discard also goes to the secondary) and the sink the pipeline adds.
+pub trait Attach: Send + Sync {
+    /// See the trait doc.
+    #[allow(clippy::type_complexity)]
+    fn attach(
+        &self,
+        meta: &mut Meta,
+        meta_path: &std::path::Path,
+        vol: Box<dyn Volume>,
+        copy: Box<dyn Volume>,
+    ) -> Result<(Box<dyn Volume>, Box<dyn Volume>, Arc<dyn DurabilitySink>)>;
+}
+
+/// [`Attach`] in [`crate::core::fs::Options`] (cloneable, printable).
+#[derive(Clone)]
+pub struct ReplicaHook(pub Arc<dyn Attach>);
+
+impl std::fmt::Debug for ReplicaHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ReplicaHook")
+    }
 }
 
 /// The core's side of a commit: its dirty rows and the tracks held until they commit.
@@ -109,6 +143,24 @@ impl Durability {
 
     fn sinks(&self) -> Vec<Arc<dyn DurabilitySink>> {
         self.sinks.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// True if a sink (a replica) is attached.
+    pub fn has_sinks(&self) -> bool {
+        !self.sinks().is_empty()
+    }
+
+    /// The sinks' status lines (`none` without a sink).
+    pub fn sinks_status(&self) -> String {
+        let s: String = self.sinks().iter().map(|s| s.status()).collect();
+        if s.is_empty() { "none\n".into() } else { s }
+    }
+
+    /// Ends every sink after the last commit (unmount).
+    pub fn close_sinks(&self) {
+        for s in self.sinks() {
+            s.close();
+        }
     }
 
     /// Refuses when a metadata commit failed since mount.

@@ -334,7 +334,17 @@ pub fn open(p: &Paths, mut opts: Options) -> Result<(Fs, VolumeLock)> {
         )));
     }
     let lk = lock_volume(p, !opts.readonly)?;
-    let meta = Meta::open(&p.meta, opts.readonly)?;
+    let mut meta = Meta::open(&p.meta, opts.readonly)?;
+    if !opts.readonly
+        && let Some(of) = meta.super_value(REPLICA_KEY)?
+    {
+        return Err(Error::invalid(format!(
+            "{} is a replica of volume {of} (pairfs replica serve): it mounts read-write only \
+             after `pairfs replica promote {}`",
+            p.volume.display(),
+            p.volume.display()
+        )));
+    }
     let g = meta.geometry().clone();
     let vol = open_image(&p.volume, !opts.readonly, "volume")?;
     if vol.len() < g.size {
@@ -365,6 +375,13 @@ pub fn open(p: &Paths, mut opts: Options) -> Result<(Fs, VolumeLock)> {
     }
     copy.read_at(0, &mut h)?;
     check_header(&h, MAGIC_COPY, &g, "copy image")?;
+    let (vol, copy, sink) = match opts.replica.clone() {
+        Some(r) if !opts.readonly => {
+            let (v, c, s) = r.0.attach(&mut meta, &p.meta, vol, copy)?;
+            (v, c, Some(s))
+        }
+        _ => (vol, copy, None),
+    };
     let loaded = meta.load()?;
     if !opts.readonly {
         meta.set_clean(false)?;
@@ -376,8 +393,15 @@ pub fn open(p: &Paths, mut opts: Options) -> Result<(Fs, VolumeLock)> {
     // for an NBD copy image).
     opts.copy_path = Some(lock_path(p, &p.copy, ".copy.lock"));
     let fs = Fs::new(meta, loaded, vol, copy, opts)?;
+    if let Some(s) = sink {
+        fs.durability.add_sink(s);
+    }
     Ok((fs, lk))
 }
+
+/// The `super` row that marks a replica (`pairfs replica serve`): the primary's UUID.
+/// A volume with it refuses a read-write mount until `pairfs replica promote`.
+pub const REPLICA_KEY: &str = "replica_of";
 
 /// Path of the metadata snapshot written by a whole-volume split.
 pub fn snapshot_path(p: &Paths) -> PathBuf {

@@ -292,6 +292,19 @@ pub struct Meta {
     /// an old volume).
     version: u32,
     path: Option<std::path::PathBuf>,
+    /// Told of every committed write transaction (a replica link), if set.
+    tap: Option<std::sync::Mutex<Box<dyn CommitTap>>>,
+}
+
+/// Told of every write transaction the store commits ([`Meta::commit`],
+/// [`Meta::set_clean`], [`Meta::set_super_values`]), in commit order, right after it
+/// committed and while the caller still holds the store: a replica link takes the
+/// transaction's row changes here (`repl::capture`).
+pub trait CommitTap: Send {
+    /// Installs whatever the tap needs on the writer connection (once).
+    fn install(&mut self, conn: &Connection) -> Result<()>;
+    /// A transaction committed on `conn`.
+    fn committed(&mut self, conn: &Connection);
 }
 
 fn corrupt(msg: impl Into<String>) -> Error {
@@ -314,6 +327,7 @@ impl Meta {
             geometry: geometry.clone(),
             version: SCHEMA_VERSION,
             path: Some(path.to_path_buf()),
+            tap: None,
         })
     }
 
@@ -355,6 +369,7 @@ impl Meta {
             geometry: geometry.clone(),
             version: SCHEMA_VERSION,
             path: None,
+            tap: None,
         })
     }
 
@@ -437,6 +452,7 @@ impl Meta {
             geometry,
             version,
             path: Some(path.to_path_buf()),
+            tap: None,
         })
     }
 
@@ -541,7 +557,24 @@ impl Meta {
             "UPDATE super SET value = ?1 WHERE key = 'clean'",
             [if clean { "1" } else { "0" }],
         )?;
+        self.tapped();
         Ok(())
+    }
+
+    /// Installs a [`CommitTap`] (a replica link): from now on it sees every committed
+    /// write transaction of this store.
+    pub fn set_tap(&mut self, mut tap: Box<dyn CommitTap>) -> Result<()> {
+        tap.install(&self.conn)?;
+        self.tap = Some(std::sync::Mutex::new(tap));
+        Ok(())
+    }
+
+    fn tapped(&self) {
+        if let Some(t) = &self.tap {
+            t.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .committed(&self.conn);
+        }
     }
 
     /// A free-form `super` row (image locations, a migration's progress record), if set.
@@ -571,6 +604,7 @@ impl Meta {
             }
         }
         tx.commit()?;
+        self.tapped();
         Ok(())
     }
 
@@ -852,6 +886,12 @@ impl Meta {
 
     /// Writes one batch in one transaction (durable when this returns).
     pub fn commit(&mut self, b: &Batch) -> Result<()> {
+        self.commit_batch(b)?;
+        self.tapped();
+        Ok(())
+    }
+
+    fn commit_batch(&mut self, b: &Batch) -> Result<()> {
         let tx = self.conn.transaction()?;
         {
             let mut del_ext = tx.prepare_cached("DELETE FROM extents WHERE ino = ?1")?;

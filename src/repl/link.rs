@@ -1,0 +1,811 @@
+//! The primary's side of a replica link: the record stream, the image wrapper that
+//! feeds it, the durability sink that waits for acks, reconnection and replay.
+//!
+//! Every change the primary makes durable becomes a numbered **record** in one stream,
+//! in the order the primary made it: image writes and discards ([`Tapped`], under a
+//! per-track stripe lock so two writes to the same bytes enter the stream in the order
+//! they reached the image), syncs ([`Sink::sync_data`], one per durability point) and
+//! committed metadata transactions ([`LinkTap`], under the metadata lock, so in commit
+//! order). Records are kept, encoded, until the secondary acknowledges them; an ack of
+//! record N means every record up to N is durable on the secondary (it fsyncs its
+//! images and commits `repl_seq = N` before acking), so after a lost connection the
+//! link reconnects and replays from the secondary's `repl_seq + 1`.
+//!
+//! `sync` mode: a durability point returns only once its record is acked. `async`:
+//! it returns at once; the stream drains behind. While disconnected, `block` makes
+//! durability points (and writers, once 256 MiB are buffered) wait for the link;
+//! `continue` lets them return and keeps buffering; past the buffer the link drops the
+//! stream and is *out of sync* until the next mount (which starts with a full sync).
+//!
+//! The first connection of a mount sends a **full sync** (both images, skipping
+//! all-zero MiBs, and a `VACUUM INTO` copy of the database) before the volume is
+//! served, so nothing changes under it.
+
+use std::collections::VecDeque;
+use std::io::{BufWriter, Write};
+use std::net::{Shutdown, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use rusqlite::Connection;
+
+use crate::core::durability::{Attach, DurabilitySink};
+use crate::error::{Error, Result};
+use crate::meta::{CommitTap, Meta};
+use crate::repl::capture;
+use crate::repl::proto::{self, Image, Key, MAX_DATA, Msg, VERSION};
+use crate::store::volume::Volume;
+
+/// `sync` or `async`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Durability points wait for the secondary's ack.
+    Sync,
+    /// They do not.
+    Async,
+}
+
+/// What a lost link does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnDisconnect {
+    /// Durability points wait for the link to come back.
+    Block,
+    /// The primary goes on; the stream is buffered, then dropped (out of sync).
+    Continue,
+}
+
+/// How to reach the secondary.
+#[derive(Debug)]
+pub struct Config {
+    /// `HOST:PORT`.
+    pub addr: String,
+    /// The shared key.
+    pub key: Key,
+    /// `sync` or `async`.
+    pub mode: Mode,
+    /// `block` or `continue`.
+    pub on_disconnect: OnDisconnect,
+}
+
+/// Records buffered before writers wait (`block`, or while connected) or the stream is
+/// dropped (`continue`, disconnected).
+const BUFFER: u64 = 256 << 20;
+
+struct State {
+    stream: u64,
+    next_seq: u64,
+    /// Records not yet acked: (seq, frame).
+    buf: VecDeque<(u64, Arc<Vec<u8>>)>,
+    buf_bytes: u64,
+    /// Highest record written on the current connection.
+    sent: u64,
+    acked: u64,
+    connected: bool,
+    /// The stream was dropped (continue mode over the buffer, or the secondary diverged):
+    /// nothing more is sent until remount.
+    out_of_sync: bool,
+    dropped_bytes: u64,
+    /// Bytes of records acked since mount.
+    acked_bytes: u64,
+    closing: bool,
+    last_error: Option<String>,
+    reconnects: u64,
+}
+
+/// The link (shared by the image wrappers, the tap, the sink and its threads).
+pub struct Link {
+    cfg: Config,
+    uuid: [u8; 16],
+    size: u64,
+    track_size: u64,
+    st: Mutex<State>,
+    cv: Condvar,
+    stop: AtomicBool,
+}
+
+impl Link {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.st.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn wait<'a>(&self, g: MutexGuard<'a, State>) -> MutexGuard<'a, State> {
+        self.cv
+            .wait_timeout(g, Duration::from_millis(200))
+            .unwrap_or_else(|p| p.into_inner())
+            .0
+    }
+
+    /// Appends one record made by `make(seq)`; returns its number.
+    fn push(&self, make: &dyn Fn(u64) -> Msg) -> u64 {
+        let mut g = self.lock();
+        loop {
+            if g.out_of_sync || g.closing {
+                let seq = g.next_seq;
+                g.next_seq += 1;
+                g.dropped_bytes += proto::encode(&make(seq)).len() as u64;
+                return seq;
+            }
+            if g.buf_bytes < BUFFER {
+                break;
+            }
+            if !g.connected && self.cfg.on_disconnect == OnDisconnect::Continue {
+                log::error!(
+                    "replica {}: link down and {} MiB buffered: dropping the stream; the \
+                     secondary is out of sync until the next mount (full sync)",
+                    self.cfg.addr,
+                    g.buf_bytes >> 20
+                );
+                g.out_of_sync = true;
+                g.dropped_bytes += g.buf_bytes;
+                g.buf.clear();
+                g.buf_bytes = 0;
+                self.cv.notify_all();
+                continue;
+            }
+            g = self.wait(g);
+        }
+        let seq = g.next_seq;
+        g.next_seq += 1;
+        let f = Arc::new(proto::frame(&make(seq)));
+        g.buf_bytes += f.len() as u64;
+        g.buf.push_back((seq, f));
+        self.cv.notify_all();
+        seq
+    }
+
+    /// Waits (in `sync` mode) until record `seq` is acked, within the disconnect policy.
+    fn wait_acked(&self, seq: u64) -> Result<()> {
+        if self.cfg.mode == Mode::Async {
+            return Ok(());
+        }
+        let mut g = self.lock();
+        loop {
+            if g.acked >= seq || g.out_of_sync {
+                return Ok(());
+            }
+            if g.closing && !g.connected {
+                return Err(Error::io(
+                    "replica link",
+                    std::io::Error::other("the link closed before the secondary acknowledged"),
+                ));
+            }
+            if !g.connected && self.cfg.on_disconnect == OnDisconnect::Continue {
+                return Ok(());
+            }
+            g = self.wait(g);
+        }
+    }
+
+    /// One status line for `pairfs status` (`user.pairfs.replica`).
+    pub fn status_line(&self) -> String {
+        let g = self.lock();
+        let state = if g.out_of_sync {
+            "out_of_sync"
+        } else if g.connected {
+            if g.buf.is_empty() {
+                "in_sync"
+            } else {
+                "connected"
+            }
+        } else {
+            "disconnected"
+        };
+        let mut s = format!(
+            "{state} peer={} mode={} on_disconnect={} queued_bytes={} queued_records={} out_of_sync_bytes={} acked_seq={} next_seq={} acked_bytes={} reconnects={}",
+            self.cfg.addr,
+            if self.cfg.mode == Mode::Sync {
+                "sync"
+            } else {
+                "async"
+            },
+            if self.cfg.on_disconnect == OnDisconnect::Block {
+                "block"
+            } else {
+                "continue"
+            },
+            g.buf_bytes,
+            g.buf.len(),
+            g.dropped_bytes,
+            g.acked,
+            g.next_seq,
+            g.acked_bytes,
+            g.reconnects,
+        );
+        if let Some(e) = &g.last_error {
+            s.push_str(&format!(" error={e:?}"));
+        }
+        s.push('\n');
+        s
+    }
+
+    /// Connects and authenticates; returns the stream and the secondary's position.
+    fn connect(&self) -> Result<(TcpStream, u64, u64)> {
+        let mut s = TcpStream::connect(&self.cfg.addr)
+            .map_err(|e| Error::io("replica link (connect)", e))?;
+        let _ = s.set_nodelay(true);
+        s.set_read_timeout(Some(Duration::from_secs(30)))
+            .map_err(|e| Error::io("replica link", e))?;
+        let np = proto::nonce()?;
+        proto::send(
+            &mut s,
+            &Msg::Hello {
+                version: VERSION,
+                nonce: np,
+                uuid: self.uuid,
+                size: self.size,
+                track_size: self.track_size,
+            },
+        )?;
+        let refused =
+            |r: String| Error::invalid(format!("replica {}: refused: {r}", self.cfg.addr));
+        let (ns, mac) = match proto::recv(&mut s)? {
+            Msg::Challenge {
+                version,
+                nonce,
+                mac,
+            } => {
+                if version != VERSION {
+                    return Err(refused(format!(
+                        "it speaks protocol version {version}, this primary {VERSION}"
+                    )));
+                }
+                (nonce, mac)
+            }
+            Msg::Refuse { reason } => return Err(refused(reason)),
+            m => return Err(refused(format!("unexpected answer {m:?}"))),
+        };
+        if !self.cfg.key.verify_s(&np, &ns, &self.uuid, &mac) {
+            let _ = proto::send(
+                &mut s,
+                &Msg::Refuse {
+                    reason: "authentication failed: the secondary does not have this key".into(),
+                },
+            );
+            return Err(Error::invalid(format!(
+                "replica {}: authentication failed: the secondary does not have this key \
+                 (wrong --key-file on one side)",
+                self.cfg.addr
+            )));
+        }
+        proto::send(
+            &mut s,
+            &Msg::Auth {
+                mac: self.cfg.key.mac_p(&np, &ns, &self.uuid),
+            },
+        )?;
+        match proto::recv(&mut s)? {
+            Msg::Welcome { stream, seq } => Ok((s, stream, seq)),
+            Msg::Refuse { reason } => Err(refused(reason)),
+            m => Err(refused(format!("unexpected answer {m:?}"))),
+        }
+    }
+
+    /// Sends both images and the database; the stream starts after it.
+    fn full_sync(
+        &self,
+        s: &mut TcpStream,
+        meta: &Meta,
+        meta_path: &std::path::Path,
+        vol: &dyn Volume,
+        copy: &dyn Volume,
+    ) -> Result<u64> {
+        let stream = loop {
+            let n = proto::nonce()?;
+            let v = u64::from_le_bytes([n[0], n[1], n[2], n[3], n[4], n[5], n[6], n[7]]);
+            if v != 0 {
+                break v;
+            }
+        };
+        let t0 = Instant::now();
+        let mut w = BufWriter::with_capacity(
+            1 << 20,
+            s.try_clone().map_err(|e| Error::io("replica link", e))?,
+        );
+        proto::send(&mut w, &Msg::SyncBegin { stream })?;
+        let mut sent = 0u64;
+        let step = 1u64 << 20;
+        let mut buf = vec![0u8; step as usize];
+        for (img, v) in [(Image::Volume, vol), (Image::Copy, copy)] {
+            let mut off = 0;
+            while off < self.size {
+                let n = step.min(self.size - off) as usize;
+                v.read_at(off, &mut buf[..n])?;
+                if buf[..n].iter().any(|b| *b != 0) {
+                    proto::send(
+                        &mut w,
+                        &Msg::Chunk {
+                            image: img,
+                            off,
+                            data: buf[..n].to_vec(),
+                        },
+                    )?;
+                    sent += n as u64;
+                }
+                off += n as u64;
+            }
+        }
+        let mut tmp = meta_path.as_os_str().to_owned();
+        tmp.push(".repl-sync.tmp");
+        let tmp = std::path::PathBuf::from(tmp);
+        meta.snapshot_to(&tmp)?;
+        let db = std::fs::read(&tmp).map_err(|e| Error::io("metadata", e));
+        let _ = std::fs::remove_file(&tmp);
+        let db = db?;
+        for c in db.chunks(MAX_DATA) {
+            proto::send(&mut w, &Msg::MetaChunk { data: c.to_vec() })?;
+        }
+        sent += db.len() as u64;
+        proto::send(&mut w, &Msg::SyncEnd { seq: 0 })?;
+        w.flush().map_err(|e| Error::io("replica link", e))?;
+        drop(w);
+        s.set_read_timeout(Some(Duration::from_secs(600)))
+            .map_err(|e| Error::io("replica link", e))?;
+        match proto::recv(s)? {
+            Msg::Ack { seq: 0 } => {}
+            Msg::Refuse { reason } => {
+                return Err(Error::invalid(format!(
+                    "replica {}: full sync refused: {reason}",
+                    self.cfg.addr
+                )));
+            }
+            m => {
+                return Err(Error::invalid(format!(
+                    "replica {}: unexpected answer to the full sync: {m:?}",
+                    self.cfg.addr
+                )));
+            }
+        }
+        s.set_read_timeout(Some(Duration::from_secs(30)))
+            .map_err(|e| Error::io("replica link", e))?;
+        log::info!(
+            "replica {}: full sync done: {} MiB sent in {:.1} s",
+            self.cfg.addr,
+            sent >> 20,
+            t0.elapsed().as_secs_f64()
+        );
+        Ok(stream)
+    }
+
+    /// Runs one connection: an ack reader thread and the sender (this thread) until
+    /// either fails or the link closes.
+    fn run_connection(self: &Arc<Self>, s: TcpStream) {
+        let r = match s.try_clone() {
+            Ok(r) => r,
+            Err(e) => {
+                self.lock().last_error = Some(e.to_string());
+                return;
+            }
+        };
+        let me = self.clone();
+        let reader = std::thread::Builder::new()
+            .name("pairfs-repl-ack".into())
+            .spawn(move || me.read_acks(r));
+        let mut w = BufWriter::with_capacity(1 << 20, &s);
+        let mut last_send = Instant::now();
+        let link_err = |e: std::io::Error| Some(e.to_string());
+        let err: Option<String> = loop {
+            let item = {
+                let mut g = self.lock();
+                if !g.connected {
+                    break g.last_error.clone();
+                }
+                // Records in `buf` are numbered without gaps from the oldest unacked one.
+                let next = g.buf.front().and_then(|(first, _)| {
+                    let i = (g.sent + 1).checked_sub(*first)? as usize;
+                    g.buf.get(i).map(|(q, f)| (*q, f.clone()))
+                });
+                if let Some((q, _)) = &next {
+                    g.sent = *q;
+                }
+                next
+            };
+            if let Some((_, f)) = item {
+                if let Err(e) = w.write_all(&f) {
+                    break link_err(e);
+                }
+                last_send = Instant::now();
+                continue;
+            }
+            if let Err(e) = w.flush() {
+                break link_err(e);
+            }
+            let mut g = self.lock();
+            let all_sent = g.buf.back().is_none_or(|(q, _)| *q <= g.sent);
+            if g.closing && all_sent {
+                // Every record is sent: wait for the last ack, then say goodbye.
+                let until = Instant::now() + Duration::from_secs(30);
+                while !g.buf.is_empty() && g.connected && Instant::now() < until {
+                    g = self.wait(g);
+                }
+                drop(g);
+                let _ = proto::send(&mut w, &Msg::Bye);
+                let _ = w.flush();
+                break None;
+            }
+            if all_sent && g.connected {
+                g = self.wait(g);
+            }
+            drop(g);
+            if last_send.elapsed() > Duration::from_secs(5) {
+                if let Err(e) = proto::send(&mut w, &Msg::Ping) {
+                    break Some(e.to_string());
+                }
+                last_send = Instant::now();
+            }
+        };
+        drop(w);
+        let _ = s.shutdown(Shutdown::Both);
+        if let Ok(h) = reader {
+            let _ = h.join();
+        }
+        let mut g = self.lock();
+        g.connected = false;
+        if let Some(e) = err {
+            g.last_error = Some(e);
+        }
+        self.cv.notify_all();
+    }
+
+    fn read_acks(&self, mut r: TcpStream) {
+        loop {
+            match proto::recv(&mut r) {
+                Ok(Msg::Ack { seq }) => {
+                    let mut g = self.lock();
+                    if seq > g.acked {
+                        g.acked = seq;
+                    }
+                    while g.buf.front().is_some_and(|(q, _)| *q <= seq) {
+                        if let Some((_, f)) = g.buf.pop_front() {
+                            g.buf_bytes -= f.len() as u64;
+                            g.acked_bytes += f.len() as u64;
+                        }
+                    }
+                    self.cv.notify_all();
+                }
+                Ok(Msg::Refuse { reason }) => {
+                    log::error!("replica {}: the secondary stopped: {reason}", self.cfg.addr);
+                    let mut g = self.lock();
+                    g.connected = false;
+                    g.last_error = Some(reason);
+                    self.cv.notify_all();
+                    let _ = r.shutdown(Shutdown::Both);
+                    return;
+                }
+                Ok(Msg::Ping) => {}
+                Ok(m) => {
+                    log::error!("replica {}: unexpected message {m:?}", self.cfg.addr);
+                }
+                Err(e) => {
+                    let mut g = self.lock();
+                    if g.connected && !g.closing {
+                        log::warn!("replica {}: link lost: {e}", self.cfg.addr);
+                    }
+                    g.connected = false;
+                    g.last_error.get_or_insert_with(|| e.to_string());
+                    self.cv.notify_all();
+                    let _ = r.shutdown(Shutdown::Both);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// The link thread: serves the connection made at mount, then reconnects and
+    /// replays until the link closes.
+    fn run(self: Arc<Self>, first: TcpStream) {
+        self.run_connection(first);
+        let mut delay = Duration::from_millis(200);
+        while !self.stop.load(Ordering::Acquire) {
+            {
+                let g = self.lock();
+                if g.out_of_sync {
+                    return;
+                }
+                if g.closing && g.buf.is_empty() {
+                    return;
+                }
+            }
+            std::thread::sleep(delay);
+            delay = (delay * 2).min(Duration::from_secs(2));
+            match self.connect() {
+                Ok((s, stream, seq)) => {
+                    let mut g = self.lock();
+                    if stream != g.stream || seq < g.acked || seq >= g.next_seq {
+                        let e = format!(
+                            "the secondary holds stream {stream:x} at record {seq}; this mount's stream is {:x}, acked to {}: it needs a full sync (remount)",
+                            g.stream, g.acked
+                        );
+                        log::error!("replica {}: {e}", self.cfg.addr);
+                        g.out_of_sync = true;
+                        g.dropped_bytes += g.buf_bytes;
+                        g.buf.clear();
+                        g.buf_bytes = 0;
+                        g.last_error = Some(e);
+                        self.cv.notify_all();
+                        return;
+                    }
+                    // Everything up to `seq` is durable there: replay from seq + 1.
+                    while g.buf.front().is_some_and(|(q, _)| *q <= seq) {
+                        if let Some((_, f)) = g.buf.pop_front() {
+                            g.buf_bytes -= f.len() as u64;
+                        }
+                    }
+                    g.acked = seq;
+                    g.sent = seq;
+                    g.connected = true;
+                    g.reconnects += 1;
+                    g.last_error = None;
+                    log::info!(
+                        "replica {}: reconnected; replaying {} records from {}",
+                        self.cfg.addr,
+                        g.buf.len(),
+                        seq + 1
+                    );
+                    self.cv.notify_all();
+                    drop(g);
+                    delay = Duration::from_millis(200);
+                    self.run_connection(s);
+                }
+                Err(e) => {
+                    self.lock().last_error = Some(e.to_string());
+                }
+            }
+        }
+    }
+
+    /// Drains the stream (waits for the last ack, up to 30 s) and ends the link.
+    pub fn close(&self) {
+        let mut g = self.lock();
+        g.closing = true;
+        self.cv.notify_all();
+        let until = Instant::now() + Duration::from_secs(30);
+        while g.connected && Instant::now() < until {
+            g = self.wait(g);
+        }
+        if !g.buf.is_empty() {
+            log::warn!(
+                "replica {}: closed with {} records ({} bytes) not acknowledged",
+                self.cfg.addr,
+                g.buf.len(),
+                g.buf_bytes
+            );
+        }
+        drop(g);
+        self.stop.store(true, Ordering::Release);
+    }
+}
+
+/// The metadata tap: each committed transaction's rows become one `Commit` record.
+struct LinkTap(Arc<Link>);
+
+impl CommitTap for LinkTap {
+    fn install(&mut self, conn: &Connection) -> Result<()> {
+        capture::install(conn)
+    }
+
+    fn committed(&mut self, conn: &Connection) {
+        match capture::drain(conn) {
+            Ok(rows) if rows.is_empty() => {}
+            Ok(rows) => {
+                self.0.push(&|seq| Msg::Commit {
+                    seq,
+                    rows: rows.clone(),
+                });
+            }
+            Err(e) => {
+                log::error!("replica: reading the row log failed: {e}; out of sync");
+                let mut g = self.0.lock();
+                g.out_of_sync = true;
+                g.last_error = Some(e.to_string());
+            }
+        }
+    }
+}
+
+/// An image whose writes and discards also enter the stream.
+pub struct Tapped {
+    inner: Box<dyn Volume>,
+    image: Image,
+    link: Arc<Link>,
+    track_size: u64,
+    stripes: Vec<Mutex<()>>,
+}
+
+impl Tapped {
+    fn stripes(&self, off: u64, len: u64) -> Vec<MutexGuard<'_, ()>> {
+        let n = self.stripes.len() as u64;
+        let first = off / self.track_size;
+        let last = (off + len.max(1) - 1) / self.track_size;
+        let mut idx: Vec<usize> = if last - first + 1 >= n {
+            (0..n as usize).collect()
+        } else {
+            (first..=last).map(|t| (t % n) as usize).collect()
+        };
+        idx.sort_unstable();
+        idx.dedup();
+        idx.into_iter()
+            .map(|i| self.stripes[i].lock().unwrap_or_else(|p| p.into_inner()))
+            .collect()
+    }
+}
+
+impl Volume for Tapped {
+    fn read_at(&self, off: u64, buf: &mut [u8]) -> Result<()> {
+        self.inner.read_at(off, buf)
+    }
+
+    fn write_at(&self, off: u64, buf: &[u8]) -> Result<()> {
+        let _g = self.stripes(off, buf.len() as u64);
+        self.inner.write_at(off, buf)?;
+        for (i, c) in buf.chunks(MAX_DATA).enumerate() {
+            let o = off + (i * MAX_DATA) as u64;
+            self.link.push(&|seq| Msg::Write {
+                seq,
+                image: self.image,
+                off: o,
+                data: c.to_vec(),
+            });
+        }
+        Ok(())
+    }
+
+    fn discard(&self, off: u64, len: u64) -> Result<()> {
+        let _g = self.stripes(off, len);
+        self.inner.discard(off, len)?;
+        self.link.push(&|seq| Msg::Discard {
+            seq,
+            image: self.image,
+            off,
+            len,
+        });
+        Ok(())
+    }
+
+    fn sync(&self) -> Result<()> {
+        self.inner.sync()
+    }
+
+    fn len(&self) -> u64 {
+        self.inner.len()
+    }
+
+    fn allocated(&self) -> Option<u64> {
+        self.inner.allocated()
+    }
+}
+
+/// The durability sink: a sync record per durability point, acks awaited in `sync` mode.
+pub struct Sink(Arc<Link>);
+
+impl DurabilitySink for Sink {
+    fn name(&self) -> &str {
+        "replica"
+    }
+
+    fn sync_data(&self) -> Result<()> {
+        let seq = self.0.push(&|seq| Msg::Sync { seq });
+        self.0.wait_acked(seq)
+    }
+
+    fn commit_meta(&self, _batch: &crate::meta::Batch) -> Result<()> {
+        // The tap already queued the transaction's rows (under the metadata lock).
+        let seq = self.0.lock().next_seq.saturating_sub(1);
+        self.0.wait_acked(seq)
+    }
+
+    fn status(&self) -> String {
+        self.0.status_line()
+    }
+
+    fn close(&self) {
+        self.0.close();
+    }
+}
+
+/// Attaches a replica at mount ([`Attach`]): connect, full sync, then the stream.
+pub struct Replica {
+    cfg: Mutex<Option<Config>>,
+}
+
+impl Replica {
+    /// A replica to attach at mount.
+    pub fn new(cfg: Config) -> Replica {
+        Replica {
+            cfg: Mutex::new(Some(cfg)),
+        }
+    }
+}
+
+impl Attach for Replica {
+    fn attach(
+        &self,
+        meta: &mut Meta,
+        meta_path: &std::path::Path,
+        vol: Box<dyn Volume>,
+        copy: Box<dyn Volume>,
+    ) -> Result<(Box<dyn Volume>, Box<dyn Volume>, Arc<dyn DurabilitySink>)> {
+        let cfg = self
+            .cfg
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+            .ok_or_else(|| Error::invalid("replica attached twice"))?;
+        if meta.super_value("migrate_image")?.is_some() {
+            return Err(Error::invalid(
+                "a migration is in progress: mount without --replica until it has switched",
+            ));
+        }
+        let g = meta.geometry().clone();
+        let uuid = *uuid::Uuid::parse_str(&g.uuid)
+            .map_err(|_| Error::Corrupt(format!("volume uuid {:?}", g.uuid)))?
+            .as_bytes();
+        let link = Arc::new(Link {
+            cfg,
+            uuid,
+            size: g.size,
+            track_size: g.track_size,
+            st: Mutex::new(State {
+                stream: 0,
+                next_seq: 1,
+                buf: VecDeque::new(),
+                buf_bytes: 0,
+                sent: 0,
+                acked: 0,
+                connected: false,
+                out_of_sync: false,
+                dropped_bytes: 0,
+                acked_bytes: 0,
+                closing: false,
+                last_error: None,
+                reconnects: 0,
+            }),
+            cv: Condvar::new(),
+            stop: AtomicBool::new(false),
+        });
+        // The secondary may be starting: try for 10 s.
+        let until = Instant::now() + Duration::from_secs(10);
+        let (mut s, _stream, _seq) = loop {
+            match link.connect() {
+                Ok(x) => break x,
+                Err(e @ Error::Io { .. }) if Instant::now() < until => {
+                    log::info!("replica {}: {e}; retrying", link.cfg.addr);
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                Err(e) => return Err(e),
+            }
+        };
+        let stream = link.full_sync(&mut s, meta, meta_path, &*vol, &*copy)?;
+        {
+            let mut g = link.lock();
+            g.stream = stream;
+            g.connected = true;
+        }
+        meta.set_tap(Box::new(LinkTap(link.clone())))?;
+        log::info!(
+            "replica {}: connected, mode {:?}, on disconnect {:?}",
+            link.cfg.addr,
+            link.cfg.mode,
+            link.cfg.on_disconnect
+        );
+        let l = link.clone();
+        std::thread::Builder::new()
+            .name("pairfs-repl".into())
+            .spawn(move || l.run(s))
+            .map_err(|e| Error::io("thread", e))?;
+        let wrap = |inner: Box<dyn Volume>, image| -> Box<dyn Volume> {
+            Box::new(Tapped {
+                inner,
+                image,
+                link: link.clone(),
+                track_size: g.track_size,
+                stripes: (0..64).map(|_| Mutex::new(())).collect(),
+            })
+        };
+        Ok((
+            wrap(vol, Image::Volume),
+            wrap(copy, Image::Copy),
+            Arc::new(Sink(link.clone())),
+        ))
+    }
+}
