@@ -452,13 +452,23 @@ pub fn parse_frame(buf: &[u8]) -> std::result::Result<Option<(Msg, usize)>, Stri
 
 /// Reads one framed message (blocking). A malformed frame is `Error::Corrupt`.
 pub fn recv(r: &mut dyn Read) -> Result<Msg> {
+    recv_max(r, MAX_FRAME)
+}
+
+/// Largest frame of the handshake (before the peer is authenticated, nothing bigger
+/// is read).
+pub const MAX_HANDSHAKE: usize = 4096;
+
+/// [`recv`] of a frame of at most `max` payload bytes.
+pub fn recv_max(r: &mut dyn Read, max: usize) -> Result<Msg> {
     let mut h = [0u8; 8];
     r.read_exact(&mut h)
         .map_err(|e| Error::io("replica link", e))?;
     let len = u32::from_le_bytes([h[0], h[1], h[2], h[3]]) as usize;
-    if len > MAX_FRAME {
+    if len > max.min(MAX_FRAME) {
         return Err(Error::Corrupt(format!(
-            "replica link: frame of {len} bytes, at most {MAX_FRAME} allowed"
+            "replica link: frame of {len} bytes, at most {} allowed here",
+            max.min(MAX_FRAME)
         )));
     }
     let mut p = vec![0u8; len];

@@ -181,7 +181,7 @@ impl Conn<'_> {
             .get_ref()
             .set_read_timeout(Some(Duration::from_secs(10)))
             .map_err(|e| Error::io("replica link", e))?;
-        let (np, uuid, size, ts) = match proto::recv(&mut self.r)? {
+        let (np, uuid, size, ts) = match proto::recv_max(&mut self.r, proto::MAX_HANDSHAKE)? {
             Msg::Hello {
                 version,
                 nonce,
@@ -205,7 +205,7 @@ impl Conn<'_> {
             nonce: ns,
             mac,
         })?;
-        match proto::recv(&mut self.r)? {
+        match proto::recv_max(&mut self.r, proto::MAX_HANDSHAKE)? {
             Msg::Auth { mac } if self.key.verify_p(&np, &ns, &uuid, &mac) => {}
             Msg::Auth { .. } => {
                 return Err(self.refuse(
@@ -278,7 +278,8 @@ impl Conn<'_> {
                     self.send(&Msg::Ack { seq: s })?;
                     log::info!("replica: full sync from {} done", self.peer);
                 }
-                Msg::Ping => {}
+                // Answered, so the primary's ack reader hears from an idle link.
+                Msg::Ping => self.send(&Msg::Ping)?,
                 Msg::Bye => {
                     log::info!(
                         "replica: {} ended the stream at record {}",

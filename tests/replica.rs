@@ -1,0 +1,485 @@
+//! Replication to a second node over loopback (`pairfs replica serve` + `pairfs mount
+//! --replica`): byte-identical files and frozen copies on both sides after a clean
+//! stop (fsck on both), refusals (wrong key, other volume, other protocol version, a
+//! replica mounted read-write), garbage on the listener, and kill -9 of the secondary
+//! with `--on-disconnect continue` (the primary keeps serving; the restarted secondary
+//! is brought back by replay).
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{BIN, Vol, block, pairfs};
+use pairfs::repl::proto::{self, Msg};
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn key_file(dir: &Path, name: &str, content: &str) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, content).unwrap();
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+    p
+}
+
+/// A secondary: `pairfs replica serve` in the background.
+struct Secondary {
+    img: PathBuf,
+    addr: String,
+    key: PathBuf,
+    log: PathBuf,
+    child: Option<Child>,
+}
+
+impl Secondary {
+    fn start(dir: &Path, key: &Path) -> Secondary {
+        let mut s = Secondary {
+            img: dir.join("secondary.img"),
+            addr: format!("127.0.0.1:{}", free_port()),
+            key: key.to_path_buf(),
+            log: dir.join("secondary.log"),
+            child: None,
+        };
+        s.restart();
+        s
+    }
+
+    fn restart(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let child = Command::new(BIN)
+            .args(["replica", "serve", self.img.to_str().unwrap()])
+            .args([
+                "--listen",
+                &self.addr,
+                "--key-file",
+                self.key.to_str().unwrap(),
+            ])
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let t = Instant::now();
+        while TcpStream::connect(&self.addr).is_err() {
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "secondary did not listen"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn alive(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| c.try_wait().unwrap().is_none())
+    }
+
+    /// SIGTERM (clean) or SIGKILL.
+    fn stop(&mut self, sig: &str) {
+        if let Some(mut c) = self.child.take() {
+            let _ = Command::new("kill")
+                .args([sig, &c.id().to_string()])
+                .output();
+            let _ = c.wait();
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Secondary {
+    fn drop(&mut self) {
+        self.stop("-9");
+    }
+}
+
+fn mount_replica(v: &Vol, s: &Secondary, extra: &[&str]) -> std::process::Output {
+    let mut args = vec![
+        "mount",
+        v.img.to_str().unwrap(),
+        v.mnt.to_str().unwrap(),
+        "--copy-mount",
+        v.copy.to_str().unwrap(),
+        "--replica",
+        &s.addr,
+        "--key-file",
+        s.key.to_str().unwrap(),
+        "--daemon",
+    ];
+    args.extend_from_slice(extra);
+    Command::new(BIN)
+        .args(&args)
+        .env("PAIRFS_LOG_FILE", v.dir.path().join("primary.log"))
+        .env("RUST_LOG", "info")
+        .output()
+        .unwrap()
+}
+
+fn replica_line(mnt: &Path) -> String {
+    let out = Command::new("getfattr")
+        .args(["-n", "user.pairfs.replica", "--only-values"])
+        .arg(mnt)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "getfattr replica: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn write_fsync(p: &Path, data: &[u8]) {
+    let mut f = std::fs::File::create(p).unwrap();
+    f.write_all(data).unwrap();
+    f.sync_all().unwrap();
+}
+
+/// Every path under `root` with its kind, mode, size and (files) content hash.
+fn tree(root: &Path) -> Vec<String> {
+    fn walk(root: &Path, d: &Path, out: &mut Vec<String>) {
+        let mut names: Vec<_> = std::fs::read_dir(d)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        names.sort();
+        for p in names {
+            let m = std::fs::symlink_metadata(&p).unwrap();
+            let rel = p.strip_prefix(root).unwrap().display().to_string();
+            if m.is_dir() {
+                out.push(format!("{rel}/ mode={:o}", m.mode()));
+                walk(root, &p, out);
+            } else if m.file_type().is_symlink() {
+                out.push(format!("{rel} -> {:?}", std::fs::read_link(&p).unwrap()));
+            } else {
+                let data = std::fs::read(&p).unwrap();
+                out.push(format!(
+                    "{rel} mode={:o} size={} crc={:08x} mtime={}",
+                    m.mode(),
+                    m.len(),
+                    crc32c::crc32c(&data),
+                    m.mtime_nsec() + m.mtime() * 1_000_000_000
+                ));
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(root, root, &mut out);
+    out
+}
+
+fn ok(out: &std::process::Output, what: &str) {
+    assert!(
+        out.status.success(),
+        "{what}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Mounts the (promoted) secondary with its copy mount and compares both trees with
+/// the primary's, then unmounts both.
+fn compare_sides(v: &mut Vol, s: &Secondary) {
+    let smnt = v.dir.path().join("smnt");
+    let scopy = v.dir.path().join("scopy");
+    std::fs::create_dir_all(&smnt).unwrap();
+    std::fs::create_dir_all(&scopy).unwrap();
+    v.mount();
+    ok(
+        &pairfs(&[
+            "mount",
+            s.img.to_str().unwrap(),
+            smnt.to_str().unwrap(),
+            "--copy-mount",
+            scopy.to_str().unwrap(),
+            "--daemon",
+        ]),
+        "mount the promoted secondary",
+    );
+    let (a, b) = (tree(&v.mnt), tree(&smnt));
+    let (ca, cb) = (tree(&v.copy), tree(&scopy));
+    ok(
+        &pairfs(&["umount", smnt.to_str().unwrap()]),
+        "umount secondary",
+    );
+    v.umount();
+    assert!(a.len() > 3, "{a:?}");
+    assert_eq!(a, b, "live trees differ");
+    assert!(!ca.is_empty(), "no frozen copies to compare");
+    assert_eq!(ca, cb, "frozen copies differ");
+}
+
+#[test]
+fn both_sides_hold_the_same_files_and_frozen_copies() {
+    let mut v = Vol::new("1G");
+    let key = key_file(v.dir.path(), "key", "0123456789abcdef0123456789abcdef\n");
+    let mut s = Secondary::start(v.dir.path(), &key);
+    // -o options, as in fstab.
+    let out = Command::new(BIN)
+        .args(["mount", v.img.to_str().unwrap(), v.mnt.to_str().unwrap()])
+        .args(["--copy-mount", v.copy.to_str().unwrap(), "--daemon", "-o"])
+        .arg(format!(
+            "replica={},key_file={},replica_mode=sync,on_disconnect=block",
+            s.addr,
+            key.display()
+        ))
+        .output()
+        .unwrap();
+    ok(&out, "mount with -o replica");
+    let line = replica_line(&v.mnt);
+    assert!(
+        line.contains("mode=sync") && line.contains("on_disconnect=block"),
+        "{line}"
+    );
+    // Files, a directory pair split with copy-on-write after it, a file pair.
+    std::fs::create_dir_all(v.path("d/sub")).unwrap();
+    for i in 0..20u64 {
+        write_fsync(
+            &v.path(&format!("d/f{i}")),
+            &block(i, 1, 10_000 + i as usize * 7_000),
+        );
+    }
+    write_fsync(&v.path("d/sub/big"), &block(99, 1, 3 << 20));
+    write_fsync(&v.path("solo"), &block(7, 1, 1 << 20));
+    std::os::unix::fs::symlink("f1", v.path("d/link")).unwrap();
+    ok(
+        &pairfs(&["split", v.path("d").to_str().unwrap(), "--wait"]),
+        "split d",
+    );
+    ok(
+        &pairfs(&["split", v.path("solo").to_str().unwrap(), "--wait"]),
+        "split solo",
+    );
+    for i in 0..10u64 {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(v.path(&format!("d/f{i}")))
+            .unwrap();
+        f.write_all(&block(i, 2, 5000)).unwrap();
+        f.sync_all().unwrap();
+    }
+    std::fs::remove_file(v.path("d/f15")).unwrap();
+    write_fsync(&v.path("d/new"), &block(50, 1, 70_000));
+    {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(v.path("solo"))
+            .unwrap();
+        f.write_all(&block(7, 2, 100_000)).unwrap();
+    }
+    write_fsync(&v.path("unsynced-then-umount"), &block(8, 1, 200_000));
+    let st = pairfs(&["status", v.mnt.to_str().unwrap()]);
+    ok(&st, "status");
+    let st = String::from_utf8_lossy(&st.stdout).into_owned();
+    assert!(st.contains("replica 127.0.0.1"), "{st}");
+    let line = replica_line(&v.mnt);
+    assert!(
+        !line.starts_with("disconnected") && !line.starts_with("out_of_sync"),
+        "{line}"
+    );
+    v.umount();
+    s.stop("-TERM");
+    // A replica refuses a read-write mount until promoted.
+    let smnt = v.dir.path().join("smnt");
+    std::fs::create_dir_all(&smnt).unwrap();
+    let out = pairfs(&[
+        "mount",
+        s.img.to_str().unwrap(),
+        smnt.to_str().unwrap(),
+        "--daemon",
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("replica promote"), "{err}");
+    ok(
+        &pairfs(&["replica", "promote", s.img.to_str().unwrap()]),
+        "promote",
+    );
+    v.fsck();
+    ok(
+        &pairfs(&["fsck", s.img.to_str().unwrap()]),
+        "fsck secondary",
+    );
+    compare_sides(&mut v, &s);
+    assert!(s.log().contains("full sync"), "{}", s.log());
+}
+
+/// Sends `bytes` to the listener and reads whatever comes back (until EOF or 3 s).
+fn poke(addr: &str, bytes: &[u8]) -> Vec<u8> {
+    let mut c = TcpStream::connect(addr).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    let _ = c.write_all(bytes);
+    let _ = c.shutdown(std::net::Shutdown::Write);
+    let mut out = Vec::new();
+    let _ = c.read_to_end(&mut out);
+    out
+}
+
+#[test]
+fn refusals_are_clear_and_garbage_does_not_hurt_the_secondary() {
+    let mut v = Vol::new("256M");
+    let key = key_file(v.dir.path(), "key", "the-right-key-0123456789");
+    let wrong = key_file(v.dir.path(), "wrong", "the-wrong-key-0123456789");
+    let mut s = Secondary::start(v.dir.path(), &key);
+
+    // Garbage: random bytes, a huge length, a truncated frame, a bad checksum.
+    let mut x = 0x1234_5678_9abc_def0u64;
+    let mut rnd = vec![0u8; 5000];
+    for b in rnd.iter_mut() {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        *b = x as u8;
+    }
+    let hello = proto::frame(&Msg::Hello {
+        version: proto::VERSION,
+        nonce: [1; 32],
+        uuid: [2; 16],
+        size: 1 << 28,
+        track_size: 65536,
+    });
+    let mut badcrc = hello.clone();
+    badcrc[5] ^= 1;
+    for g in [
+        &rnd[..],
+        &[0xff, 0xff, 0xff, 0xff, 0, 0, 0, 0][..],
+        &hello[..hello.len() - 3],
+        &badcrc[..],
+        b"GET / HTTP/1.0\r\n\r\n",
+    ] {
+        poke(&s.addr, g);
+        assert!(s.alive(), "the secondary died on garbage");
+    }
+    // Another protocol version: refused with the reason.
+    let v99 = proto::frame(&Msg::Hello {
+        version: 99,
+        nonce: [1; 32],
+        uuid: [2; 16],
+        size: 1 << 28,
+        track_size: 65536,
+    });
+    let r = poke(&s.addr, &v99);
+    let m = proto::recv(&mut &r[..]).unwrap();
+    assert!(
+        matches!(&m, Msg::Refuse { reason } if reason.contains("protocol version 99")),
+        "{m:?}"
+    );
+    // Wrong key: the mount fails and says so; the key is in no message.
+    let addr = s.addr.clone();
+    let mut args = vec![
+        "mount",
+        v.img.to_str().unwrap(),
+        v.mnt.to_str().unwrap(),
+        "--replica",
+        &addr,
+        "--key-file",
+        wrong.to_str().unwrap(),
+        "--daemon",
+    ];
+    let out = pairfs(&args);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("authentication failed"), "{err}");
+    assert!(
+        !err.contains("wrong-key") && !s.log().contains("right-key"),
+        "{err}"
+    );
+    assert!(s.alive());
+    // A key file others can read is refused before connecting.
+    std::fs::set_permissions(&wrong, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let out = pairfs(&args);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("chmod 600"));
+    // The right key works after all that.
+    args[6] = key.to_str().unwrap();
+    ok(&pairfs(&args), "mount with the right key");
+    write_fsync(&v.path("f"), b"replicated");
+    v.umount();
+    // Another volume is refused by the secondary that now holds this one.
+    let other = Vol::new("256M");
+    let out = mount_replica(&other, &s, &[]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("holds a replica of volume"), "{err}");
+    assert!(s.alive());
+}
+
+#[test]
+fn killing_the_secondary_with_continue_keeps_the_primary_serving() {
+    let mut v = Vol::new("512M");
+    let key = key_file(v.dir.path(), "key", "0123456789abcdef-continue");
+    let mut s = Secondary::start(v.dir.path(), &key);
+    ok(
+        &mount_replica(&v, &s, &["--on-disconnect", "continue"]),
+        "mount --on-disconnect continue",
+    );
+    std::fs::create_dir(v.path("d")).unwrap();
+    write_fsync(&v.path("d/before"), &block(1, 1, 300_000));
+    ok(
+        &pairfs(&["split", v.path("d").to_str().unwrap(), "--wait"]),
+        "split d",
+    );
+    s.stop("-9");
+    // The primary goes on: writes and fsyncs return while the secondary is dead.
+    let t = Instant::now();
+    for i in 0..20u64 {
+        write_fsync(&v.path(&format!("d/during{i}")), &block(i, 3, 50_000));
+    }
+    write_fsync(&v.path("d/before"), &block(1, 2, 100_000));
+    assert!(t.elapsed() < Duration::from_secs(20), "{:?}", t.elapsed());
+    let line = replica_line(&v.mnt);
+    assert!(line.starts_with("disconnected"), "{line}");
+    assert!(
+        common::field(&line, "queued_bytes").is_some_and(|q| q > 500_000),
+        "{line}"
+    );
+    // Restarted, the secondary is brought back by replaying what it missed.
+    s.restart();
+    let t = Instant::now();
+    loop {
+        let line = replica_line(&v.mnt);
+        if line.starts_with("in_sync") {
+            assert!(
+                common::field(line.trim(), "reconnects").unwrap() >= 1,
+                "{line}"
+            );
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "not back in sync: {line}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    write_fsync(&v.path("d/after"), &block(2, 1, 20_000));
+    v.umount();
+    s.stop("-TERM");
+    ok(
+        &pairfs(&["replica", "promote", s.img.to_str().unwrap()]),
+        "promote",
+    );
+    v.fsck();
+    ok(
+        &pairfs(&["fsck", s.img.to_str().unwrap()]),
+        "fsck secondary",
+    );
+    compare_sides(&mut v, &s);
+}
