@@ -135,17 +135,21 @@ fn mount_replica(v: &Vol, s: &Secondary, extra: &[&str]) -> std::process::Output
 }
 
 fn replica_line(mnt: &Path) -> String {
-    let out = Command::new("getfattr")
-        .args(["-n", "user.pairfs.replica", "--only-values"])
-        .arg(mnt)
-        .output()
-        .unwrap();
+    // One getxattr with a large buffer: the line changes size from call to call, so a
+    // size probe first (as getfattr does) can fail with ERANGE.
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(mnt.as_os_str().as_bytes()).unwrap();
+    let n = std::ffi::CString::new("user.pairfs.replica").unwrap();
+    let mut buf = vec![0u8; 65536];
+    // SAFETY: valid C strings, buffer of the given length.
+    let r = unsafe { libc::getxattr(c.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
     assert!(
-        out.status.success(),
-        "getfattr replica: {}",
-        String::from_utf8_lossy(&out.stderr)
+        r >= 0,
+        "getxattr replica: {}",
+        std::io::Error::last_os_error()
     );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    buf.truncate(r as usize);
+    String::from_utf8(buf).unwrap()
 }
 
 fn write_fsync(p: &Path, data: &[u8]) {
@@ -482,4 +486,58 @@ fn killing_the_secondary_with_continue_keeps_the_primary_serving() {
         "fsck secondary",
     );
     compare_sides(&mut v, &s);
+}
+
+#[test]
+fn with_block_an_fsync_waits_for_the_secondary_to_come_back() {
+    let mut v = Vol::new("256M");
+    let key = key_file(v.dir.path(), "key", "0123456789abcdef-block");
+    let mut s = Secondary::start(v.dir.path(), &key);
+    ok(
+        &mount_replica(&v, &s, &["--on-disconnect", "block"]),
+        "mount --on-disconnect block",
+    );
+    write_fsync(&v.path("a"), &block(1, 1, 100_000));
+    s.stop("-9");
+    let p = v.path("b");
+    let t = std::thread::spawn(move || {
+        write_fsync(&p, &block(2, 1, 100_000));
+        Instant::now()
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        !t.is_finished(),
+        "fsync returned while the secondary was down"
+    );
+    let restarted = Instant::now();
+    s.restart();
+    let done = t.join().unwrap();
+    assert!(done > restarted);
+    v.umount();
+    s.stop("-TERM");
+    ok(
+        &pairfs(&["replica", "promote", s.img.to_str().unwrap()]),
+        "promote",
+    );
+    ok(
+        &pairfs(&["fsck", s.img.to_str().unwrap()]),
+        "fsck secondary",
+    );
+    let smnt = v.dir.path().join("smnt");
+    std::fs::create_dir_all(&smnt).unwrap();
+    ok(
+        &pairfs(&[
+            "mount",
+            s.img.to_str().unwrap(),
+            smnt.to_str().unwrap(),
+            "--daemon",
+        ]),
+        "mount secondary",
+    );
+    let b = std::fs::read(smnt.join("b"));
+    ok(
+        &pairfs(&["umount", smnt.to_str().unwrap()]),
+        "umount secondary",
+    );
+    assert_eq!(b.unwrap(), block(2, 1, 100_000));
 }

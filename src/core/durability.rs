@@ -43,6 +43,12 @@ pub trait DurabilitySink: Send + Sync {
     fn sync_data(&self) -> Result<()>;
     /// Commits a metadata batch (called after every `sync_data` succeeded).
     fn commit_meta(&self, batch: &Batch) -> Result<()>;
+    /// The data sync that precedes a metadata commit (full or pair-only). Default:
+    /// [`DurabilitySink::sync_data`]; a sink whose `commit_meta` makes the data durable
+    /// first anyway may only start it here.
+    fn sync_before_commit(&self) -> Result<()> {
+        self.sync_data()
+    }
     /// A status line for `pairfs status` (`user.pairfs.replica`), empty if none.
     fn status(&self) -> String {
         String::new()
@@ -248,7 +254,7 @@ impl Durability {
         let _ = self.sync_copy(pairs);
         let sinks = self.sinks();
         for s in &sinks {
-            if let Err(e) = s.sync_data() {
+            if let Err(e) = s.sync_before_commit() {
                 log::error!("{}: data sync failed: {e}", s.name());
                 core.restore(&batch, held);
                 return Err(e);
@@ -289,7 +295,7 @@ impl Durability {
     ) -> Result<()> {
         let sinks = self.sinks();
         for s in &sinks {
-            s.sync_data()?;
+            s.sync_before_commit()?;
         }
         let mut meta = self.lock_meta();
         let deltas = take();

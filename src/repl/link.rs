@@ -72,6 +72,9 @@ pub struct Config {
 /// dropped (`continue`, disconnected).
 const BUFFER: u64 = 256 << 20;
 
+/// A `Sync` record is added after this many bytes of writes without one.
+const ACK_EVERY: u64 = 32 << 20;
+
 struct State {
     stream: u64,
     next_seq: u64,
@@ -88,6 +91,8 @@ struct State {
     dropped_bytes: u64,
     /// Bytes of records acked since mount.
     acked_bytes: u64,
+    /// Bytes pushed since the last record the secondary acks.
+    since_ack_point: u64,
     closing: bool,
     last_error: Option<String>,
     reconnects: u64,
@@ -147,9 +152,23 @@ impl Link {
         }
         let seq = g.next_seq;
         g.next_seq += 1;
-        let f = Arc::new(proto::frame(&make(seq)));
-        g.buf_bytes += f.len() as u64;
+        let m = make(seq);
+        let acked = matches!(m, Msg::Sync { .. } | Msg::Commit { .. });
+        let f = Arc::new(proto::frame(&m));
+        let n = f.len() as u64;
+        g.buf_bytes += n;
         g.buf.push_back((seq, f));
+        g.since_ack_point = if acked { 0 } else { g.since_ack_point + n };
+        if g.since_ack_point > ACK_EVERY {
+            // Writes without a durability point (async mode, or long runs between
+            // fsyncs) still get acked, so the buffer drains.
+            let s = g.next_seq;
+            g.next_seq += 1;
+            let f = Arc::new(proto::frame(&Msg::Sync { seq: s }));
+            g.buf_bytes += f.len() as u64;
+            g.buf.push_back((s, f));
+            g.since_ack_point = 0;
+        }
         self.cv.notify_all();
         seq
     }
@@ -239,7 +258,7 @@ impl Link {
         )?;
         let refused =
             |r: String| Error::invalid(format!("replica {}: refused: {r}", self.cfg.addr));
-        let (ns, mac) = match proto::recv(&mut s)? {
+        let (ns, mac) = match proto::recv_max(&mut s, proto::MAX_HANDSHAKE)? {
             Msg::Challenge {
                 version,
                 nonce,
@@ -274,7 +293,7 @@ impl Link {
                 mac: self.cfg.key.mac_p(&np, &ns, &self.uuid),
             },
         )?;
-        match proto::recv(&mut s)? {
+        match proto::recv_max(&mut s, proto::MAX_HANDSHAKE)? {
             Msg::Welcome { stream, seq } => Ok((s, stream, seq)),
             Msg::Refuse { reason } => Err(refused(reason)),
             m => Err(refused(format!("unexpected answer {m:?}"))),
@@ -307,22 +326,30 @@ impl Link {
         let step = 1u64 << 20;
         let mut buf = vec![0u8; step as usize];
         for (img, v) in [(Image::Volume, vol), (Image::Copy, copy)] {
+            // Holes (and all-zero MiBs) are not sent: the secondary starts from zeros.
             let mut off = 0;
-            while off < self.size {
-                let n = step.min(self.size - off) as usize;
-                v.read_at(off, &mut buf[..n])?;
-                if buf[..n].iter().any(|b| *b != 0) {
-                    proto::send(
-                        &mut w,
-                        &Msg::Chunk {
-                            image: img,
-                            off,
-                            data: buf[..n].to_vec(),
-                        },
-                    )?;
-                    sent += n as u64;
+            while let Some((start, end)) = v.data_after(off) {
+                let end = end.min(self.size);
+                off = start;
+                while off < end {
+                    let n = step.min(end - off) as usize;
+                    v.read_at(off, &mut buf[..n])?;
+                    if buf[..n].iter().any(|b| *b != 0) {
+                        proto::send(
+                            &mut w,
+                            &Msg::Chunk {
+                                image: img,
+                                off,
+                                data: buf[..n].to_vec(),
+                            },
+                        )?;
+                        sent += n as u64;
+                    }
+                    off += n as u64;
                 }
-                off += n as u64;
+                if off >= self.size {
+                    break;
+                }
             }
         }
         let mut tmp = meta_path.as_os_str().to_owned();
@@ -585,8 +612,9 @@ impl CommitTap for LinkTap {
     }
 
     fn committed(&mut self, conn: &Connection) {
+        // Even an empty transaction is a record: every durability point reaches the
+        // secondary as a `Commit` it fsyncs and acks.
         match capture::drain(conn) {
-            Ok(rows) if rows.is_empty() => {}
             Ok(rows) => {
                 self.0.push(&|seq| Msg::Commit {
                     seq,
@@ -688,6 +716,13 @@ impl DurabilitySink for Sink {
         self.0.wait_acked(seq)
     }
 
+    fn sync_before_commit(&self) -> Result<()> {
+        // The commit's own record fsyncs the secondary's images before its rows; this
+        // only lets that start while the primary commits its metadata.
+        self.0.push(&|seq| Msg::Flush { seq });
+        Ok(())
+    }
+
     fn commit_meta(&self, _batch: &crate::meta::Batch) -> Result<()> {
         // The tap already queued the transaction's rows (under the metadata lock).
         let seq = self.0.lock().next_seq.saturating_sub(1);
@@ -756,6 +791,7 @@ impl Attach for Replica {
                 out_of_sync: false,
                 dropped_bytes: 0,
                 acked_bytes: 0,
+                since_ack_point: 0,
                 closing: false,
                 last_error: None,
                 reconnects: 0,

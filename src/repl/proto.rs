@@ -150,6 +150,12 @@ pub enum Msg {
         /// Record number.
         seq: u64,
     },
+    /// Make everything before durable; no ack (a `Commit` follows: it starts the
+    /// secondary's data sync early, while the primary commits its own metadata).
+    Flush {
+        /// Record number.
+        seq: u64,
+    },
     /// A committed metadata transaction (row changes, [`super::capture`]); durable
     /// with everything before it, then ack.
     Commit {
@@ -185,6 +191,7 @@ const T_COMMIT: u8 = 23;
 const T_ACK: u8 = 24;
 const T_PING: u8 = 25;
 const T_BYE: u8 = 26;
+const T_FLUSH: u8 = 27;
 
 /// Encodes a message's payload.
 pub fn encode(m: &Msg) -> Vec<u8> {
@@ -275,6 +282,10 @@ pub fn encode(m: &Msg) -> Vec<u8> {
         }
         Msg::Sync { seq } => {
             b.push(T_SYNC);
+            b.extend_from_slice(&seq.to_le_bytes());
+        }
+        Msg::Flush { seq } => {
+            b.push(T_FLUSH);
             b.extend_from_slice(&seq.to_le_bytes());
         }
         Msg::Commit { seq, rows } => {
@@ -395,6 +406,7 @@ pub fn decode(p: &[u8]) -> std::result::Result<Msg, String> {
             len: c.u64()?,
         },
         T_SYNC => Msg::Sync { seq: c.u64()? },
+        T_FLUSH => Msg::Flush { seq: c.u64()? },
         T_COMMIT => Msg::Commit {
             seq: c.u64()?,
             rows: c.bytes(MAX_FRAME)?.to_vec(),
@@ -617,6 +629,7 @@ mod tests {
                 len: 65536,
             },
             Msg::Sync { seq: 4 },
+            Msg::Flush { seq: 4 },
             Msg::Commit {
                 seq: 5,
                 rows: vec![1, 2],
@@ -698,7 +711,7 @@ mod tests {
         /// changed payload with a fixed-up checksum decodes to an error or a message.
         #[test]
         fn mutated_frames_never_panic(
-            i in 0usize..16,
+            i in 0usize..17,
             pos in any::<prop::sample::Index>(),
             x in any::<u8>(),
             extra in proptest::collection::vec(any::<u8>(), 0..8),

@@ -95,6 +95,8 @@ fn hex(u: &[u8; 16]) -> String {
 struct Open {
     vol: FileVolume,
     copy: FileVolume,
+    /// Written since its last fsync (volume, copy image).
+    dirty: [bool; 2],
     db: Connection,
     applier: Applier,
 }
@@ -112,6 +114,7 @@ fn open_replica(p: &Paths) -> Result<Open> {
     Ok(Open {
         vol: FileVolume::open(&p.volume, true, "volume")?,
         copy: FileVolume::open(&p.copy, true, "copy image")?,
+        dirty: [true, true],
         db,
         applier,
     })
@@ -351,6 +354,12 @@ impl Conn<'_> {
         sync_dir(&self.p.meta);
         let c = open_db(&self.p.meta)?;
         let tx = c.unchecked_transaction()?;
+        // Where the primary's images were moved to (`pairfs migrate`) names the
+        // primary's files: the secondary's images are beside its metadata.
+        tx.execute(
+            "DELETE FROM super WHERE key IN ('volume_image', 'copy_image')",
+            [],
+        )?;
         for (k, v) in [
             (REPLICA_KEY, uuid.to_string()),
             (STREAM_KEY, stream.to_string()),
@@ -380,6 +389,7 @@ fn kind(m: &Msg) -> &'static str {
         Msg::Write { .. } => "Write",
         Msg::Discard { .. } => "Discard",
         Msg::Sync { .. } => "Sync",
+        Msg::Flush { .. } => "Flush",
         Msg::Commit { .. } => "Commit",
         Msg::Ack { .. } => "Ack",
         Msg::Ping => "Ping",
@@ -392,6 +402,7 @@ fn seq_of(m: &Msg) -> Option<u64> {
         Msg::Write { seq, .. }
         | Msg::Discard { seq, .. }
         | Msg::Sync { seq }
+        | Msg::Flush { seq }
         | Msg::Commit { seq, .. } => Some(*seq),
         _ => None,
     }
@@ -411,17 +422,19 @@ fn apply(o: &mut Open, m: &Msg, size: u64) -> Result<()> {
             image, off, data, ..
         } => {
             check(*off, data.len() as u64)?;
+            o.dirty[*image as usize] = true;
             image_of(o, *image).write_at(*off, data)
         }
         Msg::Discard {
             image, off, len, ..
         } => {
             check(*off, *len)?;
+            o.dirty[*image as usize] = true;
             image_of(o, *image).discard(*off, *len)
         }
+        Msg::Flush { .. } => sync_images(o),
         Msg::Sync { seq } => {
-            o.vol.sync()?;
-            o.copy.sync()?;
+            sync_images(o)?;
             o.db.execute(
                 "INSERT OR REPLACE INTO super(key, value) VALUES (?1, ?2)",
                 [SEQ_KEY, &seq.to_string()],
@@ -429,8 +442,7 @@ fn apply(o: &mut Open, m: &Msg, size: u64) -> Result<()> {
             Ok(())
         }
         Msg::Commit { seq, rows } => {
-            o.vol.sync()?;
-            o.copy.sync()?;
+            sync_images(o)?;
             let tx = o.db.unchecked_transaction()?;
             o.applier.apply(&tx, rows)?;
             tx.execute(
@@ -442,6 +454,19 @@ fn apply(o: &mut Open, m: &Msg, size: u64) -> Result<()> {
         }
         _ => Err(Error::Corrupt("not a stream record".into())),
     }
+}
+
+/// fsync of the images written since their last fsync.
+fn sync_images(o: &mut Open) -> Result<()> {
+    if o.dirty[0] {
+        o.vol.sync()?;
+        o.dirty[0] = false;
+    }
+    if o.dirty[1] {
+        o.copy.sync()?;
+        o.dirty[1] = false;
+    }
+    Ok(())
 }
 
 fn image_of(o: &Open, i: Image) -> &FileVolume {
