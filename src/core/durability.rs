@@ -2,7 +2,7 @@
 //! through ([`Durability`]). It owns
 //!
 //! - the **order of syncs**: volume image, then copy image, then the SQLite transaction,
-//!   then any further [`DurabilitySink`]s (a replica later);
+//!   then any further [`DurabilitySink`]s (a replica, `repl::link`);
 //! - **poisoning** after a failed sync (through [`Checked`], whose sync returns Ok only if
 //!   an fsync that began after the caller's writes succeeded);
 //! - **failing the affected pairs**: a failed sync of the copy image may have dropped any
@@ -16,10 +16,11 @@
 //! The pipeline knows neither the namespace nor the pair engine: the core passes its dirty
 //! rows as a [`BatchSource`] and the engine's pairs as [`PairHooks`].
 //!
-//! Replication later: the writes themselves reach a secondary through a [`Volume`]
-//! wrapper around the images (the store layer: every `write_at`/`discard` forwarded), and
-//! its durability points through one more [`DurabilitySink`] registered with
-//! [`Durability::add_sink`]; no call site in the core or the engine changes.
+//! Replication (`repl::link`): the writes themselves reach a secondary through a
+//! [`Volume`] wrapper around the images (every `write_at`/`discard` forwarded), the
+//! metadata transactions through the store's `CommitTap`, and its durability points
+//! through one more [`DurabilitySink`] registered with [`Durability::add_sink`] (attached
+//! at open by an [`Attach`] hook); no call site in the core or the engine changes.
 //!
 //! ```text
 //!  Fs::commit ──┐                 ┌─> vol.sync ─> copy.sync ─> meta.commit ─> sinks
