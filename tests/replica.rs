@@ -165,7 +165,7 @@ impl Proxy {
     }
 }
 
-fn mount_replica(v: &Vol, s: &Secondary, extra: &[&str]) -> std::process::Output {
+fn mount_replica(v: &mut Vol, s: &Secondary, extra: &[&str]) -> std::process::Output {
     let mut args = vec![
         "mount",
         v.img.to_str().unwrap(),
@@ -179,12 +179,16 @@ fn mount_replica(v: &Vol, s: &Secondary, extra: &[&str]) -> std::process::Output
         "--daemon",
     ];
     args.extend_from_slice(extra);
-    Command::new(BIN)
+    let out = Command::new(BIN)
         .args(&args)
         .env("PAIRFS_LOG_FILE", v.dir.path().join("primary.log"))
         .env("RUST_LOG", "info")
         .output()
-        .unwrap()
+        .unwrap();
+    if out.status.success() {
+        v.adopt_mount();
+    }
+    out
 }
 
 fn replica_line(mnt: &Path) -> String {
@@ -302,6 +306,7 @@ fn both_sides_hold_the_same_files_and_frozen_copies() {
         .output()
         .unwrap();
     ok(&out, "mount with -o replica");
+    v.adopt_mount();
     let line = replica_line(&v.mnt);
     assert!(
         line.contains("mode=sync") && line.contains("on_disconnect=block"),
@@ -468,11 +473,12 @@ fn refusals_are_clear_and_garbage_does_not_hurt_the_secondary() {
     // The right key works after all that.
     args[6] = key.to_str().unwrap();
     ok(&pairfs(&args), "mount with the right key");
+    v.adopt_mount();
     write_fsync(&v.path("f"), b"replicated");
     v.umount();
     // Another volume is refused by the secondary that now holds this one.
-    let other = Vol::new("256M");
-    let out = mount_replica(&other, &s, &[]);
+    let mut other = Vol::new("256M");
+    let out = mount_replica(&mut other, &s, &[]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("holds a replica of volume"), "{err}");
@@ -485,7 +491,7 @@ fn killing_the_secondary_with_continue_keeps_the_primary_serving() {
     let key = key_file(v.dir.path(), "key", "0123456789abcdef-continue");
     let mut s = Secondary::start(v.dir.path(), &key);
     ok(
-        &mount_replica(&v, &s, &["--on-disconnect", "continue"]),
+        &mount_replica(&mut v, &s, &["--on-disconnect", "continue"]),
         "mount --on-disconnect continue",
     );
     std::fs::create_dir(v.path("d")).unwrap();
@@ -547,7 +553,7 @@ fn with_block_an_fsync_waits_for_the_secondary_to_come_back() {
     let key = key_file(v.dir.path(), "key", "0123456789abcdef-block");
     let mut s = Secondary::start(v.dir.path(), &key);
     ok(
-        &mount_replica(&v, &s, &["--on-disconnect", "block"]),
+        &mount_replica(&mut v, &s, &["--on-disconnect", "block"]),
         "mount --on-disconnect block",
     );
     write_fsync(&v.path("a"), &block(1, 1, 100_000));
@@ -621,6 +627,7 @@ fn after_kill_9_of_the_primary_the_secondary_holds_every_acknowledged_fsync() {
         .output()
         .unwrap();
     ok(&out, "mount --replica through the proxy");
+    v.adopt_mount();
     std::fs::create_dir(v.path("d")).unwrap();
     write_fsync(&v.path("d/base"), &block(0, 1, 200_000));
     ok(
@@ -714,4 +721,103 @@ fn after_kill_9_of_the_primary_the_secondary_holds_every_acknowledged_fsync() {
         &pairfs(&["fsck", s.img.to_str().unwrap()]),
         "fsck secondary after its mount",
     );
+}
+
+fn wait_in_sync(mnt: &Path, what: &str) -> String {
+    let t = Instant::now();
+    loop {
+        let line = replica_line(mnt);
+        if line.starts_with("in_sync") {
+            return line;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "{what}: not back in sync: {line}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn an_outage_beyond_the_buffer_is_resynced_by_tracks_then_a_wiped_secondary_in_full() {
+    let mut v = Vol::new("512M");
+    let key = key_file(v.dir.path(), "key", "0123456789abcdef-resync");
+    let mut s = Secondary::start(v.dir.path(), &key);
+    let out = Command::new(BIN)
+        .args(["mount", v.img.to_str().unwrap(), v.mnt.to_str().unwrap()])
+        .args(["--copy-mount", v.copy.to_str().unwrap(), "--daemon"])
+        .args(["--replica", &s.addr, "--key-file", key.to_str().unwrap()])
+        .args(["--on-disconnect", "continue"])
+        .env("PAIRFS_REPL_BUFFER", "1M")
+        .env("PAIRFS_LOG_FILE", v.dir.path().join("primary.log"))
+        .env("RUST_LOG", "info")
+        .output()
+        .unwrap();
+    ok(&out, "mount with a 1 MiB replica buffer");
+    v.adopt_mount();
+    std::fs::create_dir(v.path("d")).unwrap();
+    for i in 0..8u64 {
+        write_fsync(&v.path(&format!("d/f{i}")), &block(i, 1, 300_000));
+    }
+    ok(
+        &pairfs(&["split", v.path("d").to_str().unwrap(), "--wait"]),
+        "split d",
+    );
+    s.stop("-9");
+    // 6 MiB while the secondary is down: past the buffer, the stream is dropped and the
+    // changed tracks are marked.
+    for i in 0..8u64 {
+        write_fsync(&v.path(&format!("d/f{i}")), &block(i, 2, 400_000));
+    }
+    write_fsync(&v.path("d/g"), &block(77, 1, 3 << 20));
+    std::fs::remove_file(v.path("d/f7")).unwrap();
+    let line = replica_line(&v.mnt);
+    assert!(line.starts_with("out_of_sync"), "{line}");
+    let oos = common::field(&line, "out_of_sync_tracks").unwrap();
+    assert!(oos > 10 && oos < 2 * 8192, "{line}");
+    s.restart();
+    wait_in_sync(&v.mnt, "track resync");
+    let log = std::fs::read_to_string(v.dir.path().join("primary.log")).unwrap();
+    assert!(log.contains("resync of stream"), "{log}");
+    assert!(
+        !log.contains("begins: all tracks"),
+        "a full resync where tracks would do: {log}"
+    );
+    ok(
+        &pairfs(&["update", v.path("d").to_str().unwrap(), "--wait"]),
+        "update d",
+    );
+    write_fsync(&v.path("d/f0"), &block(0, 3, 100_000));
+    // A secondary that lost everything is resynced in full, online.
+    s.stop("-9");
+    for ext in ["", ".copy", ".meta", ".meta-wal", ".meta-shm"] {
+        let _ = std::fs::remove_file(format!("{}{ext}", s.img.display()));
+    }
+    s.restart();
+    let t = Instant::now();
+    let plog = v.dir.path().join("primary.log");
+    while !std::fs::read_to_string(&plog)
+        .unwrap()
+        .contains("begins: all tracks")
+    {
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "no full resync began"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    wait_in_sync(&v.mnt, "full resync");
+    write_fsync(&v.path("d/after"), &block(5, 5, 10_000));
+    v.umount();
+    s.stop("-TERM");
+    ok(
+        &pairfs(&["replica", "promote", s.img.to_str().unwrap()]),
+        "promote",
+    );
+    v.fsck();
+    ok(
+        &pairfs(&["fsck", s.img.to_str().unwrap()]),
+        "fsck secondary",
+    );
+    compare_sides(&mut v, &s);
 }

@@ -56,6 +56,8 @@ pub trait DurabilitySink: Send + Sync {
     }
     /// The volume is unmounting: every durability point has been sent; finish.
     fn close(&self) {}
+    /// Told of the metadata store when added (a replica's resync copies the database).
+    fn attach_meta(&self, _meta: &Arc<Mutex<Meta>>) {}
 }
 
 /// Attaches a replica at mount (implemented by `repl::link::Replica`; the core only
@@ -142,6 +144,7 @@ impl Durability {
 
     /// Adds a sink after the local images and database.
     pub fn add_sink(&self, sink: Arc<dyn DurabilitySink>) {
+        sink.attach_meta(&self.meta);
         self.sinks
             .write()
             .unwrap_or_else(|p| p.into_inner())

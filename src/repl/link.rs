@@ -75,19 +75,57 @@ const BUFFER: u64 = 256 << 20;
 /// A `Sync` record is added after this many bytes of writes without one.
 const ACK_EVERY: u64 = 32 << 20;
 
+/// A buffered record: number, encoded frame, the image range it writes (to mark it
+/// out of sync if the record is dropped).
+struct Rec {
+    seq: u64,
+    frame: Arc<Vec<u8>>,
+    range: Option<(Image, u64, u64)>,
+}
+
+/// Tracks out of sync (changed on the primary and not sent), per image.
+#[derive(Default)]
+struct Oos {
+    /// Every track (the secondary's stream is unknown or its resync was cut).
+    all: bool,
+    bits: [Vec<u64>; 2],
+    count: u64,
+}
+
+impl Oos {
+    fn mark(&mut self, image: Image, first: u64, last: u64, tracks: u64) {
+        let b = &mut self.bits[image as usize];
+        if b.is_empty() {
+            b.resize(tracks.div_ceil(64) as usize, 0);
+        }
+        for t in first..=last.min(tracks.saturating_sub(1)) {
+            let (w, m) = ((t / 64) as usize, 1u64 << (t % 64));
+            if b[w] & m == 0 {
+                b[w] |= m;
+                self.count += 1;
+            }
+        }
+    }
+}
+
 struct State {
     stream: u64,
     next_seq: u64,
-    /// Records not yet acked: (seq, frame).
-    buf: VecDeque<(u64, Arc<Vec<u8>>)>,
+    /// Records not yet acked.
+    buf: VecDeque<Rec>,
     buf_bytes: u64,
     /// Highest record written on the current connection.
     sent: u64,
     acked: u64,
     connected: bool,
     /// The stream was dropped (continue mode over the buffer, or the secondary diverged):
-    /// nothing more is sent until remount.
+    /// writes only mark `oos` until a reconnection resyncs them.
     out_of_sync: bool,
+    oos: Oos,
+    /// A resync is running: tracks left to send.
+    resync_left: Option<u64>,
+    /// Bumped whenever the stream is dropped (a running resync stops).
+    drops: u64,
     dropped_bytes: u64,
     /// Bytes of records acked since mount.
     acked_bytes: u64,
@@ -107,6 +145,13 @@ pub struct Link {
     st: Mutex<State>,
     cv: Condvar,
     stop: AtomicBool,
+    /// Records buffered before writers wait or the stream is dropped.
+    buffer: u64,
+    /// The images (for a resync: read a track under its stripe lock).
+    taps: Mutex<Vec<Arc<TapShared>>>,
+    /// The metadata store (for a resync's copy of the database).
+    meta: std::sync::OnceLock<Arc<Mutex<Meta>>>,
+    meta_path: std::path::PathBuf,
 }
 
 impl Link {
@@ -121,56 +166,117 @@ impl Link {
             .0
     }
 
-    /// Appends one record made by `make(seq)`; returns its number.
-    fn push(&self, make: &dyn Fn(u64) -> Msg) -> u64 {
-        let mut g = self.lock();
+    fn tracks(&self) -> u64 {
+        self.size.div_ceil(self.track_size)
+    }
+
+    fn mark(&self, g: &mut State, image: Image, off: u64, len: u64) {
+        let first = off / self.track_size;
+        let last = (off + len.max(1) - 1) / self.track_size;
+        g.oos.mark(image, first, last, self.tracks());
+    }
+
+    /// Drops the stream: every buffered record's range becomes out of sync.
+    fn drop_stream(&self, g: &mut State, why: &str) {
+        log::error!(
+            "replica {}: {why}: dropping the stream ({} MiB buffered); the changed tracks are \
+             resynced when the secondary is reachable",
+            self.cfg.addr,
+            g.buf_bytes >> 20
+        );
+        g.out_of_sync = true;
+        g.drops += 1;
+        g.resync_left = None;
+        g.dropped_bytes += g.buf_bytes;
+        let recs: Vec<Rec> = g.buf.drain(..).collect();
+        for r in recs {
+            if let Some((i, o, l)) = r.range {
+                self.mark(g, i, o, l);
+            }
+        }
+        g.buf_bytes = 0;
+        g.last_error = Some(why.to_string());
+        self.cv.notify_all();
+    }
+
+    /// Appends one record made by `make(seq)`; returns its number. `range` is the image
+    /// range it writes, if any.
+    fn push(&self, make: &dyn Fn(u64) -> Msg, range: Option<(Image, u64, u64)>) -> u64 {
+        self.push_in(self.lock(), make, range).1
+    }
+
+    /// [`Link::push`] with the state already locked (given back).
+    fn push_in<'a>(
+        &self,
+        mut g: MutexGuard<'a, State>,
+        make: &dyn Fn(u64) -> Msg,
+        range: Option<(Image, u64, u64)>,
+    ) -> (MutexGuard<'a, State>, u64) {
         loop {
             if g.out_of_sync || g.closing {
                 let seq = g.next_seq;
                 g.next_seq += 1;
+                if let Some((i, o, l)) = range {
+                    self.mark(&mut g, i, o, l);
+                }
                 g.dropped_bytes += proto::encode(&make(seq)).len() as u64;
-                return seq;
+                return (g, seq);
             }
-            if g.buf_bytes < BUFFER {
+            if g.buf_bytes < self.buffer {
                 break;
             }
             if !g.connected && self.cfg.on_disconnect == OnDisconnect::Continue {
-                log::error!(
-                    "replica {}: link down and {} MiB buffered: dropping the stream; the \
-                     secondary is out of sync until the next mount (full sync)",
-                    self.cfg.addr,
-                    g.buf_bytes >> 20
-                );
-                g.out_of_sync = true;
-                g.dropped_bytes += g.buf_bytes;
-                g.buf.clear();
-                g.buf_bytes = 0;
-                self.cv.notify_all();
+                self.drop_stream(&mut g, "link down and the buffer full");
                 continue;
+            }
+            if g.since_ack_point > 0 {
+                // The buffer drains only by acks: end it with a record that gets one.
+                let s = g.next_seq;
+                g.next_seq += 1;
+                let f = Arc::new(proto::frame(&Msg::Sync { seq: s }));
+                g.buf_bytes += f.len() as u64;
+                g.buf.push_back(Rec {
+                    seq: s,
+                    frame: f,
+                    range: None,
+                });
+                g.since_ack_point = 0;
+                self.cv.notify_all();
             }
             g = self.wait(g);
         }
         let seq = g.next_seq;
         g.next_seq += 1;
         let m = make(seq);
-        let acked = matches!(m, Msg::Sync { .. } | Msg::Commit { .. });
+        let acked = matches!(
+            m,
+            Msg::Sync { .. } | Msg::Commit { .. } | Msg::ResyncEnd { .. }
+        );
         let f = Arc::new(proto::frame(&m));
         let n = f.len() as u64;
         g.buf_bytes += n;
-        g.buf.push_back((seq, f));
+        g.buf.push_back(Rec {
+            seq,
+            frame: f,
+            range,
+        });
         g.since_ack_point = if acked { 0 } else { g.since_ack_point + n };
-        if g.since_ack_point > ACK_EVERY {
+        if g.since_ack_point > ACK_EVERY.min(self.buffer / 4) {
             // Writes without a durability point (async mode, or long runs between
             // fsyncs) still get acked, so the buffer drains.
             let s = g.next_seq;
             g.next_seq += 1;
             let f = Arc::new(proto::frame(&Msg::Sync { seq: s }));
             g.buf_bytes += f.len() as u64;
-            g.buf.push_back((s, f));
+            g.buf.push_back(Rec {
+                seq: s,
+                frame: f,
+                range: None,
+            });
             g.since_ack_point = 0;
         }
         self.cv.notify_all();
-        seq
+        (g, seq)
     }
 
     /// Waits (in `sync` mode) until record `seq` is acked, within the disconnect policy.
@@ -201,6 +307,8 @@ impl Link {
         let g = self.lock();
         let state = if g.out_of_sync {
             "out_of_sync"
+        } else if g.resync_left.is_some() {
+            "resyncing"
         } else if g.connected {
             if g.buf.is_empty() {
                 "in_sync"
@@ -211,7 +319,7 @@ impl Link {
             "disconnected"
         };
         let mut s = format!(
-            "{state} peer={} mode={} on_disconnect={} queued_bytes={} queued_records={} out_of_sync_bytes={} acked_seq={} next_seq={} acked_bytes={} reconnects={}",
+            "{state} peer={} mode={} on_disconnect={} queued_bytes={} queued_records={} out_of_sync_bytes={} out_of_sync_tracks={} resync_tracks_left={} acked_seq={} next_seq={} acked_bytes={} reconnects={}",
             self.cfg.addr,
             if self.cfg.mode == Mode::Sync {
                 "sync"
@@ -226,6 +334,12 @@ impl Link {
             g.buf_bytes,
             g.buf.len(),
             g.dropped_bytes,
+            if g.oos.all {
+                2 * self.tracks()
+            } else {
+                g.oos.count
+            },
+            g.resync_left.unwrap_or(0),
             g.acked,
             g.next_seq,
             g.acked_bytes,
@@ -239,7 +353,7 @@ impl Link {
     }
 
     /// Connects and authenticates; returns the stream and the secondary's position.
-    fn connect(&self) -> Result<(TcpStream, u64, u64)> {
+    fn connect(&self) -> Result<(TcpStream, u64, u64, bool)> {
         let mut s = TcpStream::connect(&self.cfg.addr)
             .map_err(|e| Error::io("replica link (connect)", e))?;
         let _ = s.set_nodelay(true);
@@ -294,7 +408,11 @@ impl Link {
             },
         )?;
         match proto::recv_max(&mut s, proto::MAX_HANDSHAKE)? {
-            Msg::Welcome { stream, seq } => Ok((s, stream, seq)),
+            Msg::Welcome {
+                stream,
+                seq,
+                inconsistent,
+            } => Ok((s, stream, seq, inconsistent)),
             Msg::Refuse { reason } => Err(refused(reason)),
             m => Err(refused(format!("unexpected answer {m:?}"))),
         }
@@ -418,9 +536,9 @@ impl Link {
                     break g.last_error.clone();
                 }
                 // Records in `buf` are numbered without gaps from the oldest unacked one.
-                let next = g.buf.front().and_then(|(first, _)| {
-                    let i = (g.sent + 1).checked_sub(*first)? as usize;
-                    g.buf.get(i).map(|(q, f)| (*q, f.clone()))
+                let next = g.buf.front().and_then(|first| {
+                    let i = (g.sent + 1).checked_sub(first.seq)? as usize;
+                    g.buf.get(i).map(|r| (r.seq, r.frame.clone()))
                 });
                 if let Some((q, _)) = &next {
                     g.sent = *q;
@@ -438,7 +556,7 @@ impl Link {
                 break link_err(e);
             }
             let mut g = self.lock();
-            let all_sent = g.buf.back().is_none_or(|(q, _)| *q <= g.sent);
+            let all_sent = g.buf.back().is_none_or(|r| r.seq <= g.sent);
             if g.closing && all_sent {
                 // Every record is sent: wait for the last ack, then say goodbye.
                 let until = Instant::now() + Duration::from_secs(30);
@@ -482,10 +600,10 @@ impl Link {
                     if seq > g.acked {
                         g.acked = seq;
                     }
-                    while g.buf.front().is_some_and(|(q, _)| *q <= seq) {
-                        if let Some((_, f)) = g.buf.pop_front() {
-                            g.buf_bytes -= f.len() as u64;
-                            g.acked_bytes += f.len() as u64;
+                    while g.buf.front().is_some_and(|r| r.seq <= seq) {
+                        if let Some(r) = g.buf.pop_front() {
+                            g.buf_bytes -= r.frame.len() as u64;
+                            g.acked_bytes += r.frame.len() as u64;
                         }
                     }
                     self.cv.notify_all();
@@ -518,67 +636,192 @@ impl Link {
         }
     }
 
-    /// The link thread: serves the connection made at mount, then reconnects and
-    /// replays until the link closes.
+    /// The link thread: serves the connection made at mount, then reconnects: replays
+    /// the unacked records, or resyncs the out-of-sync tracks.
     fn run(self: Arc<Self>, first: TcpStream) {
         self.run_connection(first);
         let mut delay = Duration::from_millis(200);
         while !self.stop.load(Ordering::Acquire) {
             {
                 let g = self.lock();
-                if g.out_of_sync {
-                    return;
-                }
-                if g.closing && g.buf.is_empty() {
+                if g.closing && (g.buf.is_empty() || g.out_of_sync) {
                     return;
                 }
             }
             std::thread::sleep(delay);
             delay = (delay * 2).min(Duration::from_secs(2));
-            match self.connect() {
-                Ok((s, stream, seq)) => {
-                    let mut g = self.lock();
-                    if stream != g.stream || seq < g.acked || seq >= g.next_seq {
-                        let e = format!(
-                            "the secondary holds stream {stream:x} at record {seq}; this mount's stream is {:x}, acked to {}: it needs a full sync (remount)",
-                            g.stream, g.acked
-                        );
-                        log::error!("replica {}: {e}", self.cfg.addr);
-                        g.out_of_sync = true;
-                        g.dropped_bytes += g.buf_bytes;
-                        g.buf.clear();
-                        g.buf_bytes = 0;
-                        g.last_error = Some(e);
-                        self.cv.notify_all();
-                        return;
-                    }
-                    // Everything up to `seq` is durable there: replay from seq + 1.
-                    while g.buf.front().is_some_and(|(q, _)| *q <= seq) {
-                        if let Some((_, f)) = g.buf.pop_front() {
-                            g.buf_bytes -= f.len() as u64;
-                        }
-                    }
-                    g.acked = seq;
-                    g.sent = seq;
-                    g.connected = true;
-                    g.reconnects += 1;
-                    g.last_error = None;
-                    log::info!(
-                        "replica {}: reconnected; replaying {} records from {}",
-                        self.cfg.addr,
-                        g.buf.len(),
-                        seq + 1
-                    );
-                    self.cv.notify_all();
-                    drop(g);
-                    delay = Duration::from_millis(200);
-                    self.run_connection(s);
-                }
+            let (s, stream, seq, inconsistent) = match self.connect() {
+                Ok(x) => x,
                 Err(e) => {
                     self.lock().last_error = Some(e.to_string());
+                    continue;
+                }
+            };
+            delay = Duration::from_millis(200);
+            let mut g = self.lock();
+            g.reconnects += 1;
+            g.last_error = None;
+            let replayable =
+                stream == g.stream && !inconsistent && seq >= g.acked && seq < g.next_seq;
+            if replayable && !g.out_of_sync {
+                // Everything up to `seq` is durable there: replay from seq + 1.
+                while g.buf.front().is_some_and(|r| r.seq <= seq) {
+                    if let Some(r) = g.buf.pop_front() {
+                        g.buf_bytes -= r.frame.len() as u64;
+                    }
+                }
+                g.acked = seq;
+                g.sent = seq;
+                g.connected = true;
+                log::info!(
+                    "replica {}: reconnected; replaying {} records from {}",
+                    self.cfg.addr,
+                    g.buf.len(),
+                    seq + 1
+                );
+                self.cv.notify_all();
+                drop(g);
+                self.run_connection(s);
+                continue;
+            }
+            if !replayable {
+                // The secondary holds another stream, lost records we count as acked, or
+                // was cut in a resync: every track.
+                if !g.out_of_sync {
+                    self.drop_stream(&mut g, "the secondary cannot continue this stream");
+                }
+                g.oos.all = true;
+            }
+            // Resync: nothing is pending (the stream was dropped); the secondary takes the
+            // stream again at `ResyncBegin`.
+            g.acked = g.next_seq - 1;
+            g.sent = g.acked;
+            g.connected = true;
+            let epoch = g.drops;
+            self.cv.notify_all();
+            drop(g);
+            let me = self.clone();
+            let _ = std::thread::Builder::new()
+                .name("pairfs-repl-resync".into())
+                .spawn(move || {
+                    if let Err(e) = me.resync(epoch) {
+                        log::error!("replica {}: resync: {e}", me.cfg.addr);
+                        let mut g = me.lock();
+                        if g.drops == epoch && !g.out_of_sync {
+                            me.drop_stream(&mut g, "the resync failed");
+                            g.oos.all = true;
+                        }
+                    }
+                });
+            self.run_connection(s);
+        }
+    }
+
+    /// An online resync (the link thread started it after a reconnection): under the
+    /// metadata lock, the stream restarts with `ResyncBegin` and a copy of the database
+    /// as of that point; from then on writes are records again; then every out-of-sync
+    /// track is read under its stripe lock (so no write to it interleaves) and sent;
+    /// `ResyncEnd` makes the secondary consistent again. Stops if the stream is dropped
+    /// meanwhile (`drops` changed).
+    fn resync(&self, epoch: u64) -> Result<()> {
+        let meta = self
+            .meta
+            .get()
+            .ok_or_else(|| Error::invalid("replica: no metadata store for a resync"))?
+            .clone();
+        let t0 = Instant::now();
+        let (oos, stream) = {
+            let m = meta.lock().unwrap_or_else(|p| p.into_inner());
+            let mut g = self.lock();
+            if g.drops != epoch {
+                return Ok(());
+            }
+            let oos = std::mem::take(&mut g.oos);
+            g.out_of_sync = false;
+            // Records dropped meanwhile took numbers: the stream goes on after them
+            // (the sender expects the buffer to start at `sent + 1`).
+            g.acked = g.next_seq - 1;
+            g.sent = g.acked;
+            if oos.all {
+                g.stream = loop {
+                    let n = proto::nonce()?;
+                    let v = u64::from_le_bytes([n[0], n[1], n[2], n[3], n[4], n[5], n[6], n[7]]);
+                    if v != 0 {
+                        break v;
+                    }
+                };
+            }
+            let stream = g.stream;
+            g.resync_left = Some(if oos.all {
+                2 * self.tracks()
+            } else {
+                oos.count
+            });
+            let (g, _) = self.push_in(g, &|seq| Msg::ResyncBegin { seq, stream }, None);
+            drop(g);
+            let mut tmp = self.meta_path.as_os_str().to_owned();
+            tmp.push(".repl-resync.tmp");
+            let tmp = std::path::PathBuf::from(tmp);
+            m.snapshot_to(&tmp)?;
+            let db = std::fs::read(&tmp).map_err(|e| Error::io("metadata", e));
+            let _ = std::fs::remove_file(&tmp);
+            for c in db?.chunks(MAX_DATA) {
+                self.push(
+                    &|seq| Msg::ResyncMeta {
+                        seq,
+                        data: c.to_vec(),
+                    },
+                    None,
+                );
+            }
+            self.push(&|seq| Msg::ResyncMetaEnd { seq }, None);
+            (oos, stream)
+        };
+        log::info!(
+            "replica {}: resync of stream {stream:x} begins: {} tracks",
+            self.cfg.addr,
+            if oos.all {
+                "all".to_string()
+            } else {
+                oos.count.to_string()
+            }
+        );
+        let taps: Vec<Arc<TapShared>> = self.taps.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let mut sent = 0u64;
+        for tap in &taps {
+            let bits = &oos.bits[tap.image as usize];
+            for t in 0..self.tracks() {
+                let marked = oos.all
+                    || bits
+                        .get((t / 64) as usize)
+                        .is_some_and(|w| w & (1 << (t % 64)) != 0);
+                if !marked {
+                    continue;
+                }
+                if self.lock().drops != epoch {
+                    return Ok(());
+                }
+                sent += tap.resend_track(self, t)?;
+                let mut g = self.lock();
+                if let Some(l) = g.resync_left.as_mut() {
+                    *l = l.saturating_sub(1);
                 }
             }
         }
+        let mut g = self.lock();
+        if g.drops != epoch {
+            return Ok(());
+        }
+        g.resync_left = None;
+        drop(g);
+        self.push(&|seq| Msg::ResyncEnd { seq }, None);
+        log::info!(
+            "replica {}: resync sent: {} MiB of track data in {:.1} s",
+            self.cfg.addr,
+            sent >> 20,
+            t0.elapsed().as_secs_f64()
+        );
+        Ok(())
     }
 
     /// Drains the stream (waits for the last ack, up to 30 s) and ends the link.
@@ -600,6 +843,8 @@ impl Link {
         }
         drop(g);
         self.stop.store(true, Ordering::Release);
+        // The images refer to the link: break the cycle.
+        self.taps.lock().unwrap_or_else(|p| p.into_inner()).clear();
     }
 }
 
@@ -616,23 +861,29 @@ impl CommitTap for LinkTap {
         // secondary as a `Commit` it fsyncs and acks.
         match capture::drain(conn) {
             Ok(rows) => {
-                self.0.push(&|seq| Msg::Commit {
-                    seq,
-                    rows: rows.clone(),
-                });
+                self.0.push(
+                    &|seq| Msg::Commit {
+                        seq,
+                        rows: rows.clone(),
+                    },
+                    None,
+                );
             }
             Err(e) => {
-                log::error!("replica: reading the row log failed: {e}; out of sync");
                 let mut g = self.0.lock();
-                g.out_of_sync = true;
-                g.last_error = Some(e.to_string());
+                self.0
+                    .drop_stream(&mut g, &format!("reading the row log failed: {e}"));
+                g.oos.all = true;
             }
         }
     }
 }
 
 /// An image whose writes and discards also enter the stream.
-pub struct Tapped {
+pub struct Tapped(Arc<TapShared>);
+
+/// The shared part of a [`Tapped`] image (the link reaches it for a resync).
+pub struct TapShared {
     inner: Box<dyn Volume>,
     image: Image,
     link: Arc<Link>,
@@ -640,7 +891,7 @@ pub struct Tapped {
     stripes: Vec<Mutex<()>>,
 }
 
-impl Tapped {
+impl TapShared {
     fn stripes(&self, off: u64, len: u64) -> Vec<MutexGuard<'_, ()>> {
         let n = self.stripes.len() as u64;
         let first = off / self.track_size;
@@ -656,50 +907,102 @@ impl Tapped {
             .map(|i| self.stripes[i].lock().unwrap_or_else(|p| p.into_inner()))
             .collect()
     }
+
+    /// Resync: sends track `t` as it is now (a `Discard` for a hole or zeros), under
+    /// its stripe lock so no write to it lands between the read and the record.
+    /// Returns the data bytes sent.
+    fn resend_track(&self, link: &Link, t: u64) -> Result<u64> {
+        let off = t * self.track_size;
+        if off >= link.size {
+            return Ok(0);
+        }
+        let len = self.track_size.min(link.size - off);
+        let _g = self.stripes(off, len);
+        let range = Some((self.image, off, len));
+        let hole = self
+            .inner
+            .data_after(off)
+            .is_none_or(|(start, _)| start >= off + len);
+        let mut b = Vec::new();
+        if !hole {
+            b = vec![0u8; len as usize];
+            self.inner.read_at(off, &mut b)?;
+        }
+        if hole || b.iter().all(|x| *x == 0) {
+            link.push(
+                &|seq| Msg::Discard {
+                    seq,
+                    image: self.image,
+                    off,
+                    len,
+                },
+                range,
+            );
+            return Ok(0);
+        }
+        link.push(
+            &|seq| Msg::Write {
+                seq,
+                image: self.image,
+                off,
+                data: b.clone(),
+            },
+            range,
+        );
+        Ok(len)
+    }
 }
 
 impl Volume for Tapped {
     fn read_at(&self, off: u64, buf: &mut [u8]) -> Result<()> {
-        self.inner.read_at(off, buf)
+        self.0.inner.read_at(off, buf)
     }
 
     fn write_at(&self, off: u64, buf: &[u8]) -> Result<()> {
-        let _g = self.stripes(off, buf.len() as u64);
-        self.inner.write_at(off, buf)?;
+        let t = &self.0;
+        let _g = t.stripes(off, buf.len() as u64);
+        t.inner.write_at(off, buf)?;
         for (i, c) in buf.chunks(MAX_DATA).enumerate() {
             let o = off + (i * MAX_DATA) as u64;
-            self.link.push(&|seq| Msg::Write {
-                seq,
-                image: self.image,
-                off: o,
-                data: c.to_vec(),
-            });
+            t.link.push(
+                &|seq| Msg::Write {
+                    seq,
+                    image: t.image,
+                    off: o,
+                    data: c.to_vec(),
+                },
+                Some((t.image, o, c.len() as u64)),
+            );
         }
         Ok(())
     }
 
     fn discard(&self, off: u64, len: u64) -> Result<()> {
-        let _g = self.stripes(off, len);
-        self.inner.discard(off, len)?;
-        self.link.push(&|seq| Msg::Discard {
-            seq,
-            image: self.image,
-            off,
-            len,
-        });
+        let t = &self.0;
+        let _g = t.stripes(off, len);
+        t.inner.discard(off, len)?;
+        t.link.push(
+            &|seq| Msg::Discard {
+                seq,
+                image: t.image,
+                off,
+                len,
+            },
+            Some((t.image, off, len)),
+        );
         Ok(())
     }
 
     fn sync(&self) -> Result<()> {
-        self.inner.sync()
+        self.0.inner.sync()
     }
 
     fn len(&self) -> u64 {
-        self.inner.len()
+        self.0.inner.len()
     }
 
     fn allocated(&self) -> Option<u64> {
-        self.inner.allocated()
+        self.0.inner.allocated()
     }
 }
 
@@ -712,14 +1015,14 @@ impl DurabilitySink for Sink {
     }
 
     fn sync_data(&self) -> Result<()> {
-        let seq = self.0.push(&|seq| Msg::Sync { seq });
+        let seq = self.0.push(&|seq| Msg::Sync { seq }, None);
         self.0.wait_acked(seq)
     }
 
     fn sync_before_commit(&self) -> Result<()> {
         // The commit's own record fsyncs the secondary's images before its rows; this
         // only lets that start while the primary commits its metadata.
-        self.0.push(&|seq| Msg::Flush { seq });
+        self.0.push(&|seq| Msg::Flush { seq }, None);
         Ok(())
     }
 
@@ -735,6 +1038,10 @@ impl DurabilitySink for Sink {
 
     fn close(&self) {
         self.0.close();
+    }
+
+    fn attach_meta(&self, meta: &Arc<Mutex<Meta>>) {
+        let _ = self.0.meta.set(meta.clone());
     }
 }
 
@@ -795,13 +1102,24 @@ impl Attach for Replica {
                 closing: false,
                 last_error: None,
                 reconnects: 0,
+                oos: Oos::default(),
+                resync_left: None,
+                drops: 0,
             }),
             cv: Condvar::new(),
             stop: AtomicBool::new(false),
+            buffer: std::env::var("PAIRFS_REPL_BUFFER")
+                .ok()
+                .and_then(|v| crate::cli::size::parse_size(&v).ok())
+                .unwrap_or(BUFFER)
+                .max(1 << 20),
+            taps: Mutex::new(Vec::new()),
+            meta: std::sync::OnceLock::new(),
+            meta_path: meta_path.to_path_buf(),
         });
         // The secondary may be starting: try for 10 s.
         let until = Instant::now() + Duration::from_secs(10);
-        let (mut s, _stream, _seq) = loop {
+        let (mut s, _stream, _seq, _inconsistent) = loop {
             match link.connect() {
                 Ok(x) => break x,
                 Err(e @ Error::Io { .. }) if Instant::now() < until => {
@@ -830,13 +1148,18 @@ impl Attach for Replica {
             .spawn(move || l.run(s))
             .map_err(|e| Error::io("thread", e))?;
         let wrap = |inner: Box<dyn Volume>, image| -> Box<dyn Volume> {
-            Box::new(Tapped {
+            let t = Arc::new(TapShared {
                 inner,
                 image,
                 link: link.clone(),
                 track_size: g.track_size,
                 stripes: (0..64).map(|_| Mutex::new(())).collect(),
-            })
+            });
+            link.taps
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(t.clone());
+            Box::new(Tapped(t))
         };
         Ok((
             wrap(vol, Image::Volume),

@@ -93,6 +93,8 @@ pub enum Msg {
         stream: u64,
         /// Last record durable on it.
         seq: u64,
+        /// A resync was running (its images are not consistent).
+        inconsistent: bool,
     },
     /// Either side refuses, with a reason for the operator.
     Refuse {
@@ -169,6 +171,30 @@ pub enum Msg {
         /// Record number.
         seq: u64,
     },
+    /// Start of an online resync: the secondary is inconsistent until `ResyncEnd`.
+    ResyncBegin {
+        /// Record number.
+        seq: u64,
+        /// The stream (its id may change: a full resync starts a new one).
+        stream: u64,
+    },
+    /// Resync: bytes of the metadata database as of this point of the stream.
+    ResyncMeta {
+        /// Record number.
+        seq: u64,
+        /// Bytes (in order).
+        data: Vec<u8>,
+    },
+    /// Resync: the database is complete; install it (later `Commit`s apply to it).
+    ResyncMetaEnd {
+        /// Record number.
+        seq: u64,
+    },
+    /// Resync done: every out-of-sync track was sent; durable, consistent, ack.
+    ResyncEnd {
+        /// Record number.
+        seq: u64,
+    },
     /// Keep-alive (the secondary drops a link silent for 30 s).
     Ping,
     /// Clean end of the stream.
@@ -192,6 +218,10 @@ const T_ACK: u8 = 24;
 const T_PING: u8 = 25;
 const T_BYE: u8 = 26;
 const T_FLUSH: u8 = 27;
+const T_RESYNC_BEGIN: u8 = 30;
+const T_RESYNC_META: u8 = 31;
+const T_RESYNC_META_END: u8 = 32;
+const T_RESYNC_END: u8 = 33;
 
 /// Encodes a message's payload.
 pub fn encode(m: &Msg) -> Vec<u8> {
@@ -229,9 +259,32 @@ pub fn encode(m: &Msg) -> Vec<u8> {
             b.push(T_AUTH);
             b.extend_from_slice(mac);
         }
-        Msg::Welcome { stream, seq } => {
+        Msg::Welcome {
+            stream,
+            seq,
+            inconsistent,
+        } => {
             b.push(T_WELCOME);
             b.extend_from_slice(&stream.to_le_bytes());
+            b.extend_from_slice(&seq.to_le_bytes());
+            b.push(u8::from(*inconsistent));
+        }
+        Msg::ResyncBegin { seq, stream } => {
+            b.push(T_RESYNC_BEGIN);
+            b.extend_from_slice(&seq.to_le_bytes());
+            b.extend_from_slice(&stream.to_le_bytes());
+        }
+        Msg::ResyncMeta { seq, data } => {
+            b.push(T_RESYNC_META);
+            b.extend_from_slice(&seq.to_le_bytes());
+            bytes(&mut b, data);
+        }
+        Msg::ResyncMetaEnd { seq } => {
+            b.push(T_RESYNC_META_END);
+            b.extend_from_slice(&seq.to_le_bytes());
+        }
+        Msg::ResyncEnd { seq } => {
+            b.push(T_RESYNC_END);
             b.extend_from_slice(&seq.to_le_bytes());
         }
         Msg::Refuse { reason } => {
@@ -379,7 +432,22 @@ pub fn decode(p: &[u8]) -> std::result::Result<Msg, String> {
         T_WELCOME => Msg::Welcome {
             stream: c.u64()?,
             seq: c.u64()?,
+            inconsistent: match c.u8()? {
+                0 => false,
+                1 => true,
+                x => return Err(format!("bad flag {x}")),
+            },
         },
+        T_RESYNC_BEGIN => Msg::ResyncBegin {
+            seq: c.u64()?,
+            stream: c.u64()?,
+        },
+        T_RESYNC_META => Msg::ResyncMeta {
+            seq: c.u64()?,
+            data: c.bytes(MAX_DATA)?.to_vec(),
+        },
+        T_RESYNC_META_END => Msg::ResyncMetaEnd { seq: c.u64()? },
+        T_RESYNC_END => Msg::ResyncEnd { seq: c.u64()? },
         T_REFUSE => Msg::Refuse {
             reason: String::from_utf8_lossy(c.bytes(4096)?).into_owned(),
         },
@@ -604,7 +672,18 @@ mod tests {
                 mac: [3; 32],
             },
             Msg::Auth { mac: [4; 32] },
-            Msg::Welcome { stream: 5, seq: 6 },
+            Msg::Welcome {
+                stream: 5,
+                seq: 6,
+                inconsistent: true,
+            },
+            Msg::ResyncBegin { seq: 7, stream: 8 },
+            Msg::ResyncMeta {
+                seq: 8,
+                data: vec![5; 9],
+            },
+            Msg::ResyncMetaEnd { seq: 9 },
+            Msg::ResyncEnd { seq: 10 },
             Msg::Refuse {
                 reason: "wrong key".into(),
             },
@@ -711,7 +790,7 @@ mod tests {
         /// changed payload with a fixed-up checksum decodes to an error or a message.
         #[test]
         fn mutated_frames_never_panic(
-            i in 0usize..17,
+            i in 0usize..21,
             pos in any::<prop::sample::Index>(),
             x in any::<u8>(),
             extra in proptest::collection::vec(any::<u8>(), 0..8),

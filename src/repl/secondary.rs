@@ -31,6 +31,8 @@ use crate::store::volume::{FileVolume, Volume};
 
 const STREAM_KEY: &str = "repl_stream";
 const SEQ_KEY: &str = "repl_seq";
+/// Set while an online resync runs: the images are not consistent until `ResyncEnd`.
+const INCONSISTENT_KEY: &str = "repl_inconsistent";
 
 /// What the secondary's volume is.
 #[derive(Debug)]
@@ -44,6 +46,7 @@ enum Local {
         track_size: u64,
         stream: u64,
         seq: u64,
+        inconsistent: bool,
     },
     /// A volume with data that is no replica: never overwritten.
     Foreign(String),
@@ -77,6 +80,7 @@ fn local_state(p: &Paths) -> Result<Local> {
             track_size: ts,
             stream: num(&c, STREAM_KEY).unwrap_or(0),
             seq: num(&c, SEQ_KEY).unwrap_or(0),
+            inconsistent: super_row(&c, INCONSISTENT_KEY)?.is_some(),
         });
     }
     let inodes: i64 = c.query_row("SELECT COUNT(*) FROM inodes", [], |r| r.get(0))?;
@@ -97,8 +101,8 @@ struct Open {
     copy: FileVolume,
     /// Written since its last fsync (volume, copy image).
     dirty: [bool; 2],
-    db: Connection,
-    applier: Applier,
+    /// The database (absent during an online resync of a secondary that had none).
+    db: Option<(Connection, Applier)>,
 }
 
 fn open_db(path: &Path) -> Result<Connection> {
@@ -115,9 +119,24 @@ fn open_replica(p: &Paths) -> Result<Open> {
         vol: FileVolume::open(&p.volume, true, "volume")?,
         copy: FileVolume::open(&p.copy, true, "copy image")?,
         dirty: [true, true],
-        db,
-        applier,
+        db: Some((db, applier)),
     })
+}
+
+/// Sets (or deletes) `super` rows in one transaction.
+fn set_rows(c: &Connection, rows: &[(&str, Option<String>)]) -> Result<()> {
+    let tx = c.unchecked_transaction()?;
+    for (k, v) in rows {
+        match v {
+            Some(v) => tx.execute(
+                "INSERT OR REPLACE INTO super(key, value) VALUES (?1, ?2)",
+                [k, &v.as_str()],
+            )?,
+            None => tx.execute("DELETE FROM super WHERE key = ?1", [k])?,
+        };
+    }
+    tx.commit()?;
+    Ok(())
 }
 
 /// A new empty image of `size` bytes at `path` (truncated in place: the volume image
@@ -222,13 +241,14 @@ impl Conn<'_> {
             m => return Err(self.refuse(format!("expected Auth, got {}", kind(&m)))),
         }
         let want = hex(&uuid);
-        let (stream, seq) = match local_state(self.p)? {
+        let (stream, seq, inconsistent) = match local_state(self.p)? {
             Local::Replica {
                 uuid: of,
                 size: s,
                 track_size: t,
                 stream,
                 seq,
+                inconsistent,
             } => {
                 if of != want {
                     return Err(self.refuse(format!(
@@ -240,14 +260,14 @@ impl Conn<'_> {
                         "geometry differs: here {s} bytes in tracks of {t}, the primary {size} in tracks of {ts}"
                     )));
                 }
-                (stream, seq)
+                (stream, seq, inconsistent)
             }
             Local::Fresh(Some((_, s, t))) if (s, t) != (size, ts) => {
                 return Err(self.refuse(format!(
                     "geometry differs: the empty volume here is {s} bytes in tracks of {t}, the primary {size} in tracks of {ts}"
                 )));
             }
-            Local::Fresh(_) => (0, 0),
+            Local::Fresh(_) => (0, 0, false),
             Local::Foreign(u) => {
                 return Err(self.refuse(format!(
                     "{} is volume {u} with data and no replica of {want}; refusing to overwrite it",
@@ -259,7 +279,11 @@ impl Conn<'_> {
             "replica: {} authenticated for volume {want}; here stream {stream:x} at record {seq}",
             self.peer
         );
-        self.send(&Msg::Welcome { stream, seq })?;
+        self.send(&Msg::Welcome {
+            stream,
+            seq,
+            inconsistent,
+        })?;
         self.r
             .get_ref()
             .set_read_timeout(Some(Duration::from_secs(30)))
@@ -270,9 +294,101 @@ impl Conn<'_> {
             None
         };
         let mut next = seq + 1;
+        let mut resync_db: Option<(PathBuf, std::fs::File)> = None;
+        // The stream a resync is for (the copied database does not name it).
+        let mut resync_stream = 0u64;
         loop {
             let m = proto::recv(&mut self.r)?;
             match m {
+                Msg::ResyncBegin { seq: q, stream } => {
+                    // The stream restarts here (records were dropped on the primary, or it
+                    // is another stream): any position.
+                    if q == 0 || stream == 0 {
+                        return Err(self.refuse("resync at record 0 or of stream 0".into()));
+                    }
+                    next = q + 1;
+                    resync_stream = stream;
+                    match open.as_mut() {
+                        Some(o) => {
+                            if let Some((c, _)) = &o.db {
+                                set_rows(
+                                    c,
+                                    &[
+                                        (INCONSISTENT_KEY, Some("1".into())),
+                                        (STREAM_KEY, Some(stream.to_string())),
+                                    ],
+                                )?;
+                            }
+                        }
+                        None => {
+                            // Nothing here yet: empty images; the database comes below.
+                            remove_db(&self.p.meta);
+                            sync_dir(&self.p.meta);
+                            open = Some(Open {
+                                vol: blank_image(&self.p.volume, size, "volume")?,
+                                copy: blank_image(&self.p.copy, size, "copy image")?,
+                                dirty: [true, true],
+                                db: None,
+                            });
+                        }
+                    }
+                    let mut tmp = self.p.meta.as_os_str().to_owned();
+                    tmp.push(".repl-resync.tmp");
+                    let tmp = PathBuf::from(tmp);
+                    let f = std::fs::File::create(&tmp).map_err(|e| Error::io("metadata", e))?;
+                    resync_db = Some((tmp, f));
+                    log::info!(
+                        "replica: {} resyncs stream {stream:x} from record {q}",
+                        self.peer
+                    );
+                }
+                Msg::ResyncMeta { seq: q, ref data } => {
+                    let Some((_, f)) = resync_db.as_mut() else {
+                        return Err(self.refuse("ResyncMeta outside a resync".into()));
+                    };
+                    if q != next {
+                        return Err(
+                            self.refuse(format!("record {q} out of order (expected {next})"))
+                        );
+                    }
+                    next += 1;
+                    f.write_all(data).map_err(|e| Error::io("metadata", e))?;
+                }
+                Msg::ResyncMetaEnd { seq: q } => {
+                    let (Some((tmp, f)), Some(o)) = (resync_db.take(), open.as_mut()) else {
+                        return Err(self.refuse("ResyncMetaEnd outside a resync".into()));
+                    };
+                    if q != next {
+                        return Err(
+                            self.refuse(format!("record {q} out of order (expected {next})"))
+                        );
+                    }
+                    next += 1;
+                    f.sync_all().map_err(|e| Error::io("metadata", e))?;
+                    drop(f);
+                    // Close the old database before its files are replaced.
+                    o.db = None;
+                    remove_db(&self.p.meta);
+                    std::fs::rename(&tmp, &self.p.meta).map_err(|e| Error::io("metadata", e))?;
+                    sync_dir(&self.p.meta);
+                    let c = open_db(&self.p.meta)?;
+                    c.execute(
+                        "DELETE FROM super WHERE key IN ('volume_image', 'copy_image')",
+                        [],
+                    )?;
+                    let stream = resync_stream;
+                    set_rows(
+                        &c,
+                        &[
+                            (REPLICA_KEY, Some(want.clone())),
+                            (STREAM_KEY, Some(stream.to_string())),
+                            (SEQ_KEY, Some(q.to_string())),
+                            (INCONSISTENT_KEY, Some("1".into())),
+                        ],
+                    )?;
+                    let a = Applier::new(&c)?;
+                    o.db = Some((c, a));
+                }
                 Msg::SyncBegin { stream } => {
                     drop(open.take());
                     let s = self.full_sync(stream, size, &want)?;
@@ -307,8 +423,14 @@ impl Conn<'_> {
                         let reason = format!("applying record {q} failed: {e}");
                         return Err(self.refuse(reason));
                     }
-                    if matches!(m, Msg::Sync { .. } | Msg::Commit { .. }) {
+                    if matches!(
+                        m,
+                        Msg::Sync { .. } | Msg::Commit { .. } | Msg::ResyncEnd { .. }
+                    ) {
                         self.send(&Msg::Ack { seq: q })?;
+                    }
+                    if matches!(m, Msg::ResyncEnd { .. }) {
+                        log::info!("replica: resync from {} done at record {q}", self.peer);
                     }
                 }
             }
@@ -390,6 +512,10 @@ fn kind(m: &Msg) -> &'static str {
         Msg::Discard { .. } => "Discard",
         Msg::Sync { .. } => "Sync",
         Msg::Flush { .. } => "Flush",
+        Msg::ResyncBegin { .. } => "ResyncBegin",
+        Msg::ResyncMeta { .. } => "ResyncMeta",
+        Msg::ResyncMetaEnd { .. } => "ResyncMetaEnd",
+        Msg::ResyncEnd { .. } => "ResyncEnd",
         Msg::Commit { .. } => "Commit",
         Msg::Ack { .. } => "Ack",
         Msg::Ping => "Ping",
@@ -403,6 +529,7 @@ fn seq_of(m: &Msg) -> Option<u64> {
         | Msg::Discard { seq, .. }
         | Msg::Sync { seq }
         | Msg::Flush { seq }
+        | Msg::ResyncEnd { seq }
         | Msg::Commit { seq, .. } => Some(*seq),
         _ => None,
     }
@@ -435,16 +562,33 @@ fn apply(o: &mut Open, m: &Msg, size: u64) -> Result<()> {
         Msg::Flush { .. } => sync_images(o),
         Msg::Sync { seq } => {
             sync_images(o)?;
-            o.db.execute(
-                "INSERT OR REPLACE INTO super(key, value) VALUES (?1, ?2)",
-                [SEQ_KEY, &seq.to_string()],
-            )?;
+            // During a resync of a secondary that had no database yet there is none to
+            // record it in: a crash then leaves no volume, and the next link resyncs all.
+            if let Some((c, _)) = &o.db {
+                c.execute(
+                    "INSERT OR REPLACE INTO super(key, value) VALUES (?1, ?2)",
+                    [SEQ_KEY, &seq.to_string()],
+                )?;
+            }
             Ok(())
+        }
+        Msg::ResyncEnd { seq } => {
+            sync_images(o)?;
+            let Some((c, _)) = &o.db else {
+                return Err(Error::Corrupt("ResyncEnd before the database".into()));
+            };
+            set_rows(
+                c,
+                &[(INCONSISTENT_KEY, None), (SEQ_KEY, Some(seq.to_string()))],
+            )
         }
         Msg::Commit { seq, rows } => {
             sync_images(o)?;
-            let tx = o.db.unchecked_transaction()?;
-            o.applier.apply(&tx, rows)?;
+            let Some((c, applier)) = &o.db else {
+                return Err(Error::Corrupt("Commit before the database".into()));
+            };
+            let tx = c.unchecked_transaction()?;
+            applier.apply(&tx, rows)?;
             tx.execute(
                 "INSERT OR REPLACE INTO super(key, value) VALUES (?1, ?2)",
                 [SEQ_KEY, &seq.to_string()],
@@ -557,9 +701,16 @@ pub fn promote(volume: &Path) -> Result<String> {
             p.volume.display()
         )));
     };
+    if super_row(&c, INCONSISTENT_KEY)?.is_some() {
+        return Err(Error::invalid(format!(
+            "{} was cut during a resync: its images are not consistent with its metadata; \
+             let the primary finish the resync (serve it again) before promoting",
+            p.volume.display()
+        )));
+    }
     let seq = num(&c, SEQ_KEY).unwrap_or(0);
     let tx = c.unchecked_transaction()?;
-    for k in [REPLICA_KEY, STREAM_KEY, SEQ_KEY] {
+    for k in [REPLICA_KEY, STREAM_KEY, SEQ_KEY, INCONSISTENT_KEY] {
         tx.execute("DELETE FROM super WHERE key = ?1", [k])?;
     }
     tx.commit()?;
