@@ -142,6 +142,9 @@ pub struct Link {
     uuid: [u8; 16],
     size: u64,
     track_size: u64,
+    /// The out-of-sync bitmap's unit: 4 KiB, or larger so a bitmap stays within 16 MiB
+    /// per image; a divisor of the track size.
+    unit: u64,
     st: Mutex<State>,
     cv: Condvar,
     stop: AtomicBool,
@@ -166,14 +169,15 @@ impl Link {
             .0
     }
 
-    fn tracks(&self) -> u64 {
-        self.size.div_ceil(self.track_size)
+    /// Out-of-sync units of an image.
+    fn units(&self) -> u64 {
+        self.size.div_ceil(self.unit)
     }
 
     fn mark(&self, g: &mut State, image: Image, off: u64, len: u64) {
-        let first = off / self.track_size;
-        let last = (off + len.max(1) - 1) / self.track_size;
-        g.oos.mark(image, first, last, self.tracks());
+        let first = off / self.unit;
+        let last = (off + len.max(1) - 1) / self.unit;
+        g.oos.mark(image, first, last, self.units());
     }
 
     /// Drops the stream: every buffered record's range becomes out of sync.
@@ -319,7 +323,7 @@ impl Link {
             "disconnected"
         };
         let mut s = format!(
-            "{state} peer={} mode={} on_disconnect={} queued_bytes={} queued_records={} out_of_sync_bytes={} out_of_sync_tracks={} resync_tracks_left={} acked_seq={} next_seq={} acked_bytes={} reconnects={}",
+            "{state} peer={} mode={} on_disconnect={} queued_bytes={} queued_records={} out_of_sync_bytes={} out_of_sync_blocks={} resync_blocks_left={} block_size={} acked_seq={} next_seq={} acked_bytes={} reconnects={}",
             self.cfg.addr,
             if self.cfg.mode == Mode::Sync {
                 "sync"
@@ -335,11 +339,12 @@ impl Link {
             g.buf.len(),
             g.dropped_bytes,
             if g.oos.all {
-                2 * self.tracks()
+                2 * self.units()
             } else {
                 g.oos.count
             },
             g.resync_left.unwrap_or(0),
+            self.unit,
             g.acked,
             g.next_seq,
             g.acked_bytes,
@@ -730,6 +735,7 @@ impl Link {
             .ok_or_else(|| Error::invalid("replica: no metadata store for a resync"))?
             .clone();
         let t0 = Instant::now();
+        let db_bytes: u64;
         let (oos, stream) = {
             let m = meta.lock().unwrap_or_else(|p| p.into_inner());
             let mut g = self.lock();
@@ -752,11 +758,7 @@ impl Link {
                 };
             }
             let stream = g.stream;
-            g.resync_left = Some(if oos.all {
-                2 * self.tracks()
-            } else {
-                oos.count
-            });
+            g.resync_left = Some(if oos.all { 2 * self.units() } else { oos.count });
             let (g, _) = self.push_in(g, &|seq| Msg::ResyncBegin { seq, stream }, None);
             drop(g);
             let mut tmp = self.meta_path.as_os_str().to_owned();
@@ -765,7 +767,9 @@ impl Link {
             m.snapshot_to(&tmp)?;
             let db = std::fs::read(&tmp).map_err(|e| Error::io("metadata", e));
             let _ = std::fs::remove_file(&tmp);
-            for c in db?.chunks(MAX_DATA) {
+            let db = db?;
+            db_bytes = db.len() as u64;
+            for c in db.chunks(MAX_DATA) {
                 self.push(
                     &|seq| Msg::ResyncMeta {
                         seq,
@@ -778,34 +782,47 @@ impl Link {
             (oos, stream)
         };
         log::info!(
-            "replica {}: resync of stream {stream:x} begins: {} tracks",
+            "replica {}: resync of stream {stream:x} begins: {} blocks of {} bytes",
             self.cfg.addr,
             if oos.all {
                 "all".to_string()
             } else {
                 oos.count.to_string()
-            }
+            },
+            self.unit
         );
         let taps: Vec<Arc<TapShared>> = self.taps.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let mut sent = 0u64;
+        // Runs of marked units within one track are sent as one record.
+        let per_track = self.track_size / self.unit;
         for tap in &taps {
             let bits = &oos.bits[tap.image as usize];
-            for t in 0..self.tracks() {
-                let marked = oos.all
+            let marked = |u: u64| {
+                oos.all
                     || bits
-                        .get((t / 64) as usize)
-                        .is_some_and(|w| w & (1 << (t % 64)) != 0);
-                if !marked {
+                        .get((u / 64) as usize)
+                        .is_some_and(|w| w & (1 << (u % 64)) != 0)
+            };
+            let mut u = 0;
+            while u < self.units() {
+                if !marked(u) {
+                    u += 1;
                     continue;
+                }
+                let track_end = (u / per_track + 1) * per_track;
+                let mut end = u + 1;
+                while end < track_end.min(self.units()) && marked(end) {
+                    end += 1;
                 }
                 if self.lock().drops != epoch {
                     return Ok(());
                 }
-                sent += tap.resend_track(self, t)?;
+                sent += tap.resend(self, u * self.unit, (end - u) * self.unit)?;
                 let mut g = self.lock();
                 if let Some(l) = g.resync_left.as_mut() {
-                    *l = l.saturating_sub(1);
+                    *l = l.saturating_sub(end - u);
                 }
+                u = end;
             }
         }
         let mut g = self.lock();
@@ -816,9 +833,10 @@ impl Link {
         drop(g);
         self.push(&|seq| Msg::ResyncEnd { seq }, None);
         log::info!(
-            "replica {}: resync sent: {} MiB of track data in {:.1} s",
+            "replica {}: resync sent: {:.1} MiB of block data and {:.1} MiB of metadata in {:.1} s",
             self.cfg.addr,
-            sent >> 20,
+            sent as f64 / 1048576.0,
+            db_bytes as f64 / 1048576.0,
             t0.elapsed().as_secs_f64()
         );
         Ok(())
@@ -908,15 +926,14 @@ impl TapShared {
             .collect()
     }
 
-    /// Resync: sends track `t` as it is now (a `Discard` for a hole or zeros), under
-    /// its stripe lock so no write to it lands between the read and the record.
-    /// Returns the data bytes sent.
-    fn resend_track(&self, link: &Link, t: u64) -> Result<u64> {
-        let off = t * self.track_size;
+    /// Resync: sends `[off, off + len)` (within one track) as it is now (a `Discard`
+    /// for a hole or zeros), under its stripe lock so no write to it lands between the
+    /// read and the record. Returns the data bytes sent.
+    fn resend(&self, link: &Link, off: u64, len: u64) -> Result<u64> {
         if off >= link.size {
             return Ok(0);
         }
-        let len = self.track_size.min(link.size - off);
+        let len = len.min(link.size - off);
         let _g = self.stripes(off, len);
         let range = Some((self.image, off, len));
         let hole = self
@@ -1087,6 +1104,9 @@ impl Attach for Replica {
             uuid,
             size: g.size,
             track_size: g.track_size,
+            unit: (g.size.div_ceil(1 << 27))
+                .next_power_of_two()
+                .clamp(4096, g.track_size.max(4096)),
             st: Mutex::new(State {
                 stream: 0,
                 next_seq: 1,
