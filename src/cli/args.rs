@@ -88,7 +88,8 @@ pub enum Cmd {
         replica_mode: Option<String>,
         /// When the link is down: block (durability points wait for it) or continue
         /// (they return; records are buffered, up to 256 MiB, and replayed on
-        /// reconnection; beyond that the secondary is out of sync until the next mount).
+        /// reconnection; beyond that the changed blocks are marked and resynced when the
+        /// secondary is back).
         #[arg(long, value_name = "POLICY", value_parser = ["block", "continue"])]
         on_disconnect: Option<String>,
     },

@@ -15,7 +15,9 @@
 //! it returns at once; the stream drains behind. While disconnected, `block` makes
 //! durability points (and writers, once 256 MiB are buffered) wait for the link;
 //! `continue` lets them return and keeps buffering; past the buffer the link drops the
-//! stream and is *out of sync* until the next mount (which starts with a full sync).
+//! stream and is *out of sync*: written blocks are marked ([`Oos`]) and resynced online
+//! once the secondary is back ([`Link::resync`]; every block if the secondary cannot
+//! continue the stream).
 //!
 //! The first connection of a mount sends a **full sync** (both images, skipping
 //! all-zero MiBs, and a `VACUUM INTO` copy of the database) before the volume is
