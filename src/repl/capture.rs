@@ -11,7 +11,7 @@
 //! store calls its [`crate::meta::CommitTap`] (still under the metadata lock), which
 //! drains the log with [`drain`] into one encoded record.
 //!
-//! The secondary applies a record with [`apply_rows`] inside its own transaction:
+//! The secondary applies a record with [`Applier::apply`] inside its own transaction:
 //! upserts as `INSERT OR REPLACE` of every column, deletes by primary key. Table and
 //! column names come from the secondary's own schema; a record naming another table or
 //! another number of columns is refused. Applying the primary's transactions in commit
