@@ -5,7 +5,7 @@
 //! in the order the primary made it: image writes and discards ([`Tapped`], under a
 //! per-track stripe lock so two writes to the same bytes enter the stream in the order
 //! they reached the image), syncs ([`Sink::sync_data`], one per durability point) and
-//! committed metadata transactions ([`LinkTap`], under the metadata lock, so in commit
+//! committed metadata transactions (`LinkTap`, under the metadata lock, so in commit
 //! order). Records are kept, encoded, until the secondary acknowledges them; an ack of
 //! record N means every record up to N is durable on the secondary (it fsyncs its
 //! images and commits `repl_seq = N` before acking), so after a lost connection the
@@ -15,8 +15,8 @@
 //! it returns at once; the stream drains behind. While disconnected, `block` makes
 //! durability points (and writers, once 256 MiB are buffered) wait for the link;
 //! `continue` lets them return and keeps buffering; past the buffer the link drops the
-//! stream and is *out of sync*: written blocks are marked ([`Oos`]) and resynced online
-//! once the secondary is back ([`Link::resync`]; every block if the secondary cannot
+//! stream and is *out of sync*: written blocks are marked (`Oos`) and resynced online
+//! once the secondary is back (`Link::resync`; every block if the secondary cannot
 //! continue the stream).
 //!
 //! The first connection of a mount sends a **full sync** (both images, skipping
