@@ -822,3 +822,44 @@ fn an_outage_beyond_the_buffer_is_resynced_by_tracks_then_a_wiped_secondary_in_f
     );
     compare_sides(&mut v, &s);
 }
+
+#[test]
+fn a_clean_remount_resumes_the_stream_without_a_full_sync() {
+    let mut v = Vol::new("256M");
+    let key = key_file(v.dir.path(), "key", "0123456789abcdef-resume");
+    let mut s = Secondary::start(v.dir.path(), &key);
+    let full_syncs = |s: &Secondary| s.log().matches("full sync from").count() / 2;
+    ok(&mount_replica(&mut v, &s, &[]), "mount 1");
+    write_fsync(&v.path("a"), &block(1, 1, 300_000));
+    std::fs::create_dir(v.path("d")).unwrap();
+    write_fsync(&v.path("d/x"), &block(2, 1, 100_000));
+    ok(
+        &pairfs(&["split", v.path("d").to_str().unwrap(), "--wait"]),
+        "split d",
+    );
+    v.umount();
+    assert_eq!(full_syncs(&s), 1);
+    // Same secondary, clean stop: the stream goes on.
+    ok(&mount_replica(&mut v, &s, &[]), "mount 2");
+    write_fsync(&v.path("d/x"), &block(2, 2, 50_000));
+    write_fsync(&v.path("b"), &block(3, 1, 70_000));
+    v.umount();
+    assert_eq!(full_syncs(&s), 1, "{}", s.log());
+    // A mount without the replica changes the volume behind it: the next link syncs in full.
+    v.mount();
+    write_fsync(&v.path("c"), &block(4, 1, 90_000));
+    v.umount();
+    ok(&mount_replica(&mut v, &s, &[]), "mount 3");
+    v.umount();
+    assert_eq!(full_syncs(&s), 2, "{}", s.log());
+    s.stop("-TERM");
+    ok(
+        &pairfs(&["replica", "promote", s.img.to_str().unwrap()]),
+        "promote",
+    );
+    ok(
+        &pairfs(&["fsck", s.img.to_str().unwrap()]),
+        "fsck secondary",
+    );
+    compare_sides(&mut v, &s);
+}

@@ -345,6 +345,10 @@ pub fn open(p: &Paths, mut opts: Options) -> Result<(Fs, VolumeLock)> {
             p.volume.display()
         )));
     }
+    if !opts.readonly && opts.replica.is_none() && meta.super_value(RESUME_KEYS[0])?.is_some() {
+        // Changed without the replica: it can no longer resume where it was.
+        meta.set_super_values(&[(RESUME_KEYS[0], None), (RESUME_KEYS[1], None)])?;
+    }
     let g = meta.geometry().clone();
     let vol = open_image(&p.volume, !opts.readonly, "volume")?;
     if vol.len() < g.size {
@@ -398,6 +402,10 @@ pub fn open(p: &Paths, mut opts: Options) -> Result<(Fs, VolumeLock)> {
     }
     Ok((fs, lk))
 }
+
+/// `super` rows of a primary whose replica link ended cleanly in sync (`repl::link`):
+/// any other read-write open deletes them, so the next `--replica` mount does a full sync.
+pub const RESUME_KEYS: [&str; 2] = ["repl_peer_stream", "repl_peer_seq"];
 
 /// The `super` row that marks a replica (`pairfs replica serve`): the primary's UUID.
 /// A volume with it refuses a read-write mount until `pairfs replica promote`.

@@ -461,6 +461,12 @@ impl Meta {
     /// stored inode count of version 3 (one scan, once).
     fn migrate(conn: &Connection, from: u32) -> Result<()> {
         let tx = conn.unchecked_transaction()?;
+        // A replica of the old schema cannot take this one's rows: no resuming its
+        // stream (the next replica link does a full sync; `repl::link`).
+        tx.execute(
+            "DELETE FROM super WHERE key IN ('repl_peer_stream', 'repl_peer_seq')",
+            [],
+        )?;
         if from < 2 {
             let have: Vec<String> = {
                 let mut q = tx.prepare("SELECT name FROM pragma_table_info('frozen')")?;

@@ -70,6 +70,13 @@ pub struct Config {
     pub on_disconnect: OnDisconnect,
 }
 
+/// `super` rows of a primary that stopped cleanly with its secondary in sync: the
+/// secondary's stream and last record. The next mount with `--replica` resumes that
+/// stream instead of a full sync if the secondary reports exactly this point.
+pub const RESUME_STREAM: &str = crate::core::volfile::RESUME_KEYS[0];
+/// See [`RESUME_STREAM`].
+pub const RESUME_SEQ: &str = crate::core::volfile::RESUME_KEYS[1];
+
 /// Records buffered before writers wait (`block`, or while connected) or the stream is
 /// dropped (`continue`, disconnected).
 const BUFFER: u64 = 256 << 20;
@@ -128,6 +135,9 @@ struct State {
     resync_left: Option<u64>,
     /// Bumped whenever the stream is dropped (a running resync stops).
     drops: u64,
+    /// The link ended with every record acked and `Bye` sent: the secondary holds exactly
+    /// the primary's volume (recorded for the next mount, [`RESUME_STREAM`]).
+    clean_end: bool,
     dropped_bytes: u64,
     /// Bytes of records acked since mount.
     acked_bytes: u64,
@@ -570,9 +580,13 @@ impl Link {
                 while !g.buf.is_empty() && g.connected && Instant::now() < until {
                     g = self.wait(g);
                 }
+                let all_acked = g.buf.is_empty() && !g.out_of_sync && g.resync_left.is_none();
                 drop(g);
-                let _ = proto::send(&mut w, &Msg::Bye);
-                let _ = w.flush();
+                let bye = proto::send(&mut w, &Msg::Bye)
+                    .and_then(|_| w.flush().map_err(|e| Error::io("replica link", e)));
+                if all_acked && bye.is_ok() {
+                    self.lock().clean_end = true;
+                }
                 break None;
             }
             if all_sent && g.connected {
@@ -1057,6 +1071,29 @@ impl DurabilitySink for Sink {
 
     fn close(&self) {
         self.0.close();
+        let (clean, stream, seq) = {
+            let g = self.0.lock();
+            (g.clean_end, g.stream, g.acked)
+        };
+        // After the clean flag: the next mount skips the full sync if the secondary is
+        // still at this point of this stream (rows only the primary has; a mount without
+        // --replica or fsck --repair deletes them).
+        if clean && let Some(m) = self.0.meta.get() {
+            let r = m
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .set_super_values(&[
+                    (RESUME_STREAM, Some(&stream.to_string())),
+                    (RESUME_SEQ, Some(&seq.to_string())),
+                ]);
+            match r {
+                Ok(()) => log::info!(
+                    "replica {}: in sync at record {seq} of stream {stream:x}",
+                    self.0.cfg.addr
+                ),
+                Err(e) => log::warn!("replica {}: recording the sync point: {e}", self.0.cfg.addr),
+            }
+        }
     }
 
     fn attach_meta(&self, meta: &Arc<Mutex<Meta>>) {
@@ -1127,6 +1164,7 @@ impl Attach for Replica {
                 oos: Oos::default(),
                 resync_left: None,
                 drops: 0,
+                clean_end: false,
             }),
             cv: Condvar::new(),
             stop: AtomicBool::new(false),
@@ -1141,7 +1179,7 @@ impl Attach for Replica {
         });
         // The secondary may be starting: try for 10 s.
         let until = Instant::now() + Duration::from_secs(10);
-        let (mut s, _stream, _seq, _inconsistent) = loop {
+        let (mut s, their_stream, their_seq, inconsistent) = loop {
             match link.connect() {
                 Ok(x) => break x,
                 Err(e @ Error::Io { .. }) if Instant::now() < until => {
@@ -1151,8 +1189,28 @@ impl Attach for Replica {
                 Err(e) => return Err(e),
             }
         };
-        let stream = link.full_sync(&mut s, meta, meta_path, &*vol, &*copy)?;
-        {
+        let resume = |k: &str| -> Result<Option<u64>> {
+            Ok(meta.super_value(k)?.and_then(|v| v.parse().ok()))
+        };
+        let clean = meta.super_value("clean")?.as_deref() == Some("1");
+        let (rs, rq) = (resume(RESUME_STREAM)?, resume(RESUME_SEQ)?);
+        // Used once: from here the primary changes.
+        if rs.is_some() || rq.is_some() {
+            meta.set_super_values(&[(RESUME_STREAM, None), (RESUME_SEQ, None)])?;
+        }
+        if clean && !inconsistent && rs == Some(their_stream) && rq == Some(their_seq) {
+            log::info!(
+                "replica {}: the secondary is at record {their_seq} of stream {their_stream:x}, where this volume stopped cleanly: no full sync",
+                link.cfg.addr
+            );
+            let mut g = link.lock();
+            g.stream = their_stream;
+            g.next_seq = their_seq + 1;
+            g.acked = their_seq;
+            g.sent = their_seq;
+            g.connected = true;
+        } else {
+            let stream = link.full_sync(&mut s, meta, meta_path, &*vol, &*copy)?;
             let mut g = link.lock();
             g.stream = stream;
             g.connected = true;
