@@ -179,6 +179,9 @@ fn sync_dir(p: &Path) {
 struct Conn<'a> {
     p: &'a Paths,
     key: &'a Key,
+    /// Held by the one authenticated session (handshakes run concurrently, so a silent
+    /// or hostile peer does not hold up the primary).
+    active: &'a std::sync::Mutex<()>,
     r: BufReader<TcpStream>,
     w: BufWriter<TcpStream>,
     peer: String,
@@ -240,6 +243,7 @@ impl Conn<'_> {
             }
             m => return Err(self.refuse(format!("expected Auth, got {}", kind(&m)))),
         }
+        let _active = self.active.lock().unwrap_or_else(|p| p.into_inner());
         let want = hex(&uuid);
         let (stream, seq, inconsistent) = match local_state(self.p)? {
             Local::Replica {
@@ -647,35 +651,45 @@ pub fn serve(volume: &Path, listen: &str, key: &Key) -> Result<()> {
         state
     );
     eprintln!("pairfs replica: listening on {listen}");
-    for s in l.incoming() {
-        let s = match s {
-            Ok(s) => s,
-            Err(e) => {
-                log::warn!("replica: accept: {e}");
-                continue;
+    let active = std::sync::Mutex::new(());
+    std::thread::scope(|sc| {
+        for s in l.incoming() {
+            let s = match s {
+                Ok(s) => s,
+                Err(e) => {
+                    log::warn!("replica: accept: {e}");
+                    continue;
+                }
+            };
+            let peer = s.peer_addr().map_or_else(|_| "?".into(), |a| a.to_string());
+            let _ = s.set_nodelay(true);
+            let (r, w) = match s.try_clone() {
+                Ok(w) => (s, w),
+                Err(e) => {
+                    log::warn!("replica: {e}");
+                    continue;
+                }
+            };
+            let mut c = Conn {
+                p: &p,
+                key,
+                active: &active,
+                r: BufReader::with_capacity(1 << 20, r),
+                w: BufWriter::new(w),
+                peer: peer.clone(),
+            };
+            let spawned = std::thread::Builder::new()
+                .name("pairfs-replica".into())
+                .spawn_scoped(sc, move || {
+                    if let Err(e) = c.run() {
+                        log::warn!("replica: connection from {peer} ended: {e}");
+                    }
+                });
+            if let Err(e) = spawned {
+                log::warn!("replica: thread: {e}");
             }
-        };
-        let peer = s.peer_addr().map_or_else(|_| "?".into(), |a| a.to_string());
-        let _ = s.set_nodelay(true);
-        let (r, w) = match s.try_clone() {
-            Ok(w) => (s, w),
-            Err(e) => {
-                log::warn!("replica: {e}");
-                continue;
-            }
-        };
-        let mut c = Conn {
-            p: &p,
-            key,
-            r: BufReader::with_capacity(1 << 20, r),
-            w: BufWriter::new(w),
-            peer: peer.clone(),
-        };
-        match c.run() {
-            Ok(()) => {}
-            Err(e) => log::warn!("replica: connection from {peer} ended: {e}"),
         }
-    }
+    });
     Ok(())
 }
 
