@@ -14,6 +14,8 @@
 //!           the namespace only through the Namespace trait (never imports core::fs)
 //!   core/   durability (the one sync and commit path), alloc, extent, inode, trackset
 //!   meta/   the metadata store (SQLite, batched commits)
+//!   repl/   replication to a second node: wire protocol, primary link (an Attach hook,
+//!           image wrappers, a DurabilitySink, a metadata CommitTap), the secondary
 //!   store/  the Volume trait and its implementations (file, memory, faults, poisoning)
 //! ```
 
@@ -24,6 +26,7 @@ pub mod core;
 pub mod error;
 pub mod fuse;
 pub mod meta;
+pub mod repl;
 pub mod snap;
 pub mod store;
 

@@ -66,13 +66,38 @@ pub enum Cmd {
         daemon: bool,
         /// Mount options (comma separated): ro, allow_other, default_permissions,
         /// copy_mount=DIR, threads=N, commit_ms=N, writeback_cache (kernel write-back
-        /// caching; a split first flushes the kernel's dirty pages of its scope); others
-        /// are passed to FUSE.
+        /// caching; a split first flushes the kernel's dirty pages of its scope),
+        /// replica=HOST:PORT, key_file=FILE, replica_mode=sync|async,
+        /// on_disconnect=block|continue; others are passed to FUSE.
         #[arg(short = 'o', value_name = "OPTIONS")]
         options: Vec<String>,
         /// Milliseconds between background metadata commits.
         #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=60000))]
         commit_ms: u64,
+        /// Replicate to the secondary at HOST:PORT (`pairfs replica serve`): the mount
+        /// first sends a full copy (images and metadata), then every write, sync and
+        /// commit in order. The link is authenticated but NOT encrypted: tunnel it.
+        #[arg(long, value_name = "HOST:PORT", requires = "key_file")]
+        replica: Option<String>,
+        /// File holding the shared replication key (at least 16 bytes, mode 600).
+        #[arg(long, value_name = "FILE")]
+        key_file: Option<PathBuf>,
+        /// sync: an fsync (any durability point) returns once the secondary has it
+        /// durably; async: at once, the link drains behind.
+        #[arg(long, value_name = "MODE", value_parser = ["sync", "async"])]
+        replica_mode: Option<String>,
+        /// When the link is down: block (durability points wait for it) or continue
+        /// (they return; records are buffered, up to 256 MiB, and replayed on
+        /// reconnection; beyond that the changed blocks are marked and resynced when the
+        /// secondary is back).
+        #[arg(long, value_name = "POLICY", value_parser = ["block", "continue"])]
+        on_disconnect: Option<String>,
+    },
+    /// Replication: serve a secondary, promote it.
+    Replica {
+        /// What to do.
+        #[command(subcommand)]
+        cmd: ReplicaCmd,
     },
     /// Serve only the frozen copies, read-only, while the main mount is down.
     MountCopy {
@@ -264,6 +289,33 @@ pub struct WaitArgs {
     /// Block until the background copy is complete, showing progress on a terminal.
     #[arg(long)]
     pub wait: bool,
+}
+
+/// Replication subcommands.
+#[derive(Debug, Subcommand)]
+pub enum ReplicaCmd {
+    /// Keep VOLUME (a path: VOLUME, VOLUME.copy, VOLUME.meta) as the secondary of a
+    /// primary mounted with --replica: accept one primary at a time, authenticate it
+    /// with the shared key, apply its records in order and acknowledge each sync and
+    /// commit after its own fsync. VOLUME may not exist yet or be a new empty volume
+    /// of the same geometry: the primary's first connection copies everything. Runs in
+    /// the foreground until killed.
+    Serve {
+        /// The secondary's volume image.
+        volume: PathBuf,
+        /// Address to listen on, e.g. 0.0.0.0:7789.
+        #[arg(long, value_name = "ADDR:PORT")]
+        listen: String,
+        /// File holding the shared replication key (at least 16 bytes, mode 600).
+        #[arg(long, value_name = "FILE")]
+        key_file: PathBuf,
+    },
+    /// Make a secondary an ordinary volume that mounts read-write (failover). Stop
+    /// `pairfs replica serve` first.
+    Promote {
+        /// The secondary's volume image.
+        volume: PathBuf,
+    },
 }
 
 /// Generators.

@@ -240,6 +240,12 @@ pub fn fsck(p: &Paths, repair: bool) -> Result<Report> {
     if repair && !r.problems.is_empty() {
         let c = meta.conn();
         let tx = c.unchecked_transaction()?;
+        // A repaired volume is no longer what its replica (or its primary) holds: the
+        // next replica link does a full sync.
+        tx.execute(
+            "DELETE FROM super WHERE key IN ('repl_peer_stream', 'repl_peer_seq', 'repl_stream')",
+            [],
+        )?;
         for (p, n) in &dangling {
             tx.execute(
                 "DELETE FROM dirents WHERE parent = ?1 AND name = ?2",

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use fuser::{Config, MountOption, SessionACL};
 
-use crate::cli::args::{Cli, Cmd, Gen, VolumeArgs};
+use crate::cli::args::{Cli, Cmd, Gen, ReplicaCmd, VolumeArgs};
 pub use crate::cli::status::{getxattr_state, pairfs_mounts};
 use crate::core::fs::Options;
 use crate::core::inode::AtimePolicy;
@@ -67,6 +67,10 @@ pub fn run(cli: Cli) -> Result<u8> {
             daemon,
             options,
             commit_ms,
+            replica,
+            key_file,
+            replica_mode,
+            on_disconnect,
         } => {
             if options
                 .iter()
@@ -89,10 +93,31 @@ pub fn run(cli: Cli) -> Result<u8> {
                 atime: AtimePolicy::default(),
                 nodiratime: false,
                 writeback_cache: false,
+                replica: ReplicaSpec::default(),
             };
             m.parse_options(&options)?;
+            // The command line's flags win over -o.
+            m.replica.addr = replica.or(m.replica.addr);
+            m.replica.key_file = key_file.or(m.replica.key_file);
+            m.replica.mode = replica_mode.or(m.replica.mode);
+            m.replica.on_disconnect = on_disconnect.or(m.replica.on_disconnect);
             mount(m, daemon)
         }
+        Cmd::Replica { cmd } => match cmd {
+            ReplicaCmd::Serve {
+                volume,
+                listen,
+                key_file,
+            } => {
+                let key = crate::repl::proto::Key::from_file(&key_file)?;
+                crate::repl::secondary::serve(&volume, &listen, &key)?;
+                Ok(0)
+            }
+            ReplicaCmd::Promote { volume } => {
+                println!("{}", crate::repl::secondary::promote(&volume)?);
+                Ok(0)
+            }
+        },
         Cmd::MountCopy {
             vol,
             mountpoint,
@@ -111,6 +136,7 @@ pub fn run(cli: Cli) -> Result<u8> {
                 atime: AtimePolicy::Never,
                 nodiratime: false,
                 writeback_cache: false,
+                replica: ReplicaSpec::default(),
             };
             mount(m, daemon)
         }
@@ -132,6 +158,7 @@ pub fn run(cli: Cli) -> Result<u8> {
                 atime: AtimePolicy::Never,
                 nodiratime: false,
                 writeback_cache: false,
+                replica: ReplicaSpec::default(),
             };
             mount(m, daemon)
         }
@@ -258,6 +285,63 @@ pub struct MountSpec {
     /// Kernel write-back caching (`-o writeback_cache`): writes return once in the
     /// page cache; a split or update flushes the kernel's dirty pages of its scope first.
     pub writeback_cache: bool,
+    /// `--replica` and its options.
+    pub replica: ReplicaSpec,
+}
+
+/// The replica options of a mount (`--replica`, `-o replica=`...).
+#[derive(Debug, Default, Clone)]
+pub struct ReplicaSpec {
+    /// HOST:PORT of the secondary.
+    pub addr: Option<String>,
+    /// The key file.
+    pub key_file: Option<PathBuf>,
+    /// `sync` (default) or `async`.
+    pub mode: Option<String>,
+    /// `block` (default) or `continue`.
+    pub on_disconnect: Option<String>,
+}
+
+impl ReplicaSpec {
+    /// The attach hook for [`Options::replica`], or None without `--replica`.
+    fn hook(&self) -> Result<Option<crate::core::durability::ReplicaHook>> {
+        use crate::repl::link::{Config, Mode, OnDisconnect, Replica};
+        let Some(addr) = &self.addr else {
+            if self.key_file.is_some() || self.mode.is_some() || self.on_disconnect.is_some() {
+                return Err(Error::invalid(
+                    "key_file, replica_mode and on_disconnect need --replica HOST:PORT",
+                ));
+            }
+            return Ok(None);
+        };
+        let kf = self
+            .key_file
+            .as_ref()
+            .ok_or_else(|| Error::invalid("--replica needs --key-file FILE"))?;
+        let mode = match self.mode.as_deref() {
+            None | Some("sync") => Mode::Sync,
+            Some("async") => Mode::Async,
+            Some(m) => return Err(Error::invalid(format!("replica_mode={m}: sync or async"))),
+        };
+        let on_disconnect = match self.on_disconnect.as_deref() {
+            None | Some("block") => OnDisconnect::Block,
+            Some("continue") => OnDisconnect::Continue,
+            Some(m) => {
+                return Err(Error::invalid(format!(
+                    "on_disconnect={m}: block or continue"
+                )));
+            }
+        };
+        let cfg = Config {
+            addr: addr.clone(),
+            key: crate::repl::proto::Key::from_file(kf)?,
+            mode,
+            on_disconnect,
+        };
+        Ok(Some(crate::core::durability::ReplicaHook(Arc::new(
+            Replica::new(cfg),
+        ))))
+    }
 }
 
 impl MountSpec {
@@ -303,6 +387,10 @@ impl MountSpec {
                     self.fuse_opts.push(k.to_string());
                 }
                 ("writeback_cache", None) => self.writeback_cache = true,
+                ("replica", Some(a)) => self.replica.addr = Some(a.to_string()),
+                ("key_file", Some(f)) => self.replica.key_file = Some(PathBuf::from(f)),
+                ("replica_mode", Some(m)) => self.replica.mode = Some(m.to_string()),
+                ("on_disconnect", Some(m)) => self.replica.on_disconnect = Some(m.to_string()),
                 ("no_writeback_cache", None) => self.writeback_cache = false,
                 ("nodiratime", None) => self.nodiratime = true,
                 ("diratime", None) => self.nodiratime = false,
@@ -799,7 +887,18 @@ fn serve(spec: MountSpec, mut ready: Option<std::fs::File>) -> Result<u8> {
         }
         Err(e)
     };
+    let replica = match spec.replica.hook() {
+        Ok(r) => r,
+        Err(e) => return fail(&mut ready, e),
+    };
+    if replica.is_some() && (spec.readonly || spec.copy_only || spec.snapshot) {
+        return fail(
+            &mut ready,
+            Error::invalid("--replica needs a read-write main mount"),
+        );
+    }
     let opts = Options {
+        replica,
         commit_interval: Duration::from_millis(spec.commit_ms),
         readonly: spec.readonly || spec.copy_only,
         meta_path: None,

@@ -349,6 +349,41 @@ fn clone_rows(path: Option<&Path>) -> Vec<(PathBuf, StateLine)> {
     out
 }
 
+/// The replica link of each mount in `path` (or all) that has one, as a row
+/// (`user.pairfs.replica`: state, peer, mode, queued and out-of-sync bytes).
+fn replica_rows(path: Option<&Path>) -> Vec<(PathBuf, StateLine)> {
+    let want = path.map(|p| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf()));
+    let mut out = Vec::new();
+    for (m, s) in pairfs_mounts() {
+        if s.ends_with(":copy")
+            || s.ends_with(":snapshot")
+            || want.as_ref().is_some_and(|w| w != &m)
+        {
+            continue;
+        }
+        let Ok(v) = get_root_xattr(&m, "user.pairfs.replica") else {
+            continue;
+        };
+        for line in String::from_utf8_lossy(&v).lines() {
+            let mut l = StateLine::parse(line);
+            if l.state == "none" {
+                continue;
+            }
+            let desc = format!(
+                "replica {} ({}, {}; queued {}, out of sync {})",
+                l.get("peer").unwrap_or("?"),
+                l.get("mode").unwrap_or("?"),
+                l.get("on_disconnect").unwrap_or("?"),
+                human_bytes(l.get("queued_bytes")),
+                human_bytes(l.get("out_of_sync_bytes")),
+            );
+            l.fields.push(("path".into(), desc));
+            out.push((m.clone(), l));
+        }
+    }
+    out
+}
+
 fn print_clones(rows: &[(PathBuf, StateLine)]) {
     println!(
         "{:<6} {:>6} {:>12} {:>10} {:>14}  PATH",
@@ -401,6 +436,7 @@ pub fn status(path: Option<&Path>, json: bool, watch: bool) -> Result<u8> {
         let mut rows = collect(path)?;
         let mig = migration_rows(path);
         rows.extend(mig);
+        rows.extend(replica_rows(path));
         let clones = clone_rows(path);
         if json {
             let v: Vec<serde_json::Value> = rows

@@ -2,7 +2,7 @@
 //! through ([`Durability`]). It owns
 //!
 //! - the **order of syncs**: volume image, then copy image, then the SQLite transaction,
-//!   then any further [`DurabilitySink`]s (a replica later);
+//!   then any further [`DurabilitySink`]s (a replica, `repl::link`);
 //! - **poisoning** after a failed sync (through [`Checked`], whose sync returns Ok only if
 //!   an fsync that began after the caller's writes succeeded);
 //! - **failing the affected pairs**: a failed sync of the copy image may have dropped any
@@ -16,10 +16,11 @@
 //! The pipeline knows neither the namespace nor the pair engine: the core passes its dirty
 //! rows as a [`BatchSource`] and the engine's pairs as [`PairHooks`].
 //!
-//! Replication later: the writes themselves reach a secondary through a [`Volume`]
-//! wrapper around the images (the store layer: every `write_at`/`discard` forwarded), and
-//! its durability points through one more [`DurabilitySink`] registered with
-//! [`Durability::add_sink`]; no call site in the core or the engine changes.
+//! Replication (`repl::link`): the writes themselves reach a secondary through a
+//! [`Volume`] wrapper around the images (every `write_at`/`discard` forwarded), the
+//! metadata transactions through the store's `CommitTap`, and its durability points
+//! through one more [`DurabilitySink`] registered with [`Durability::add_sink`] (attached
+//! at open by an [`Attach`] hook); no call site in the core or the engine changes.
 //!
 //! ```text
 //!  Fs::commit ──┐                 ┌─> vol.sync ─> copy.sync ─> meta.commit ─> sinks
@@ -43,6 +44,48 @@ pub trait DurabilitySink: Send + Sync {
     fn sync_data(&self) -> Result<()>;
     /// Commits a metadata batch (called after every `sync_data` succeeded).
     fn commit_meta(&self, batch: &Batch) -> Result<()>;
+    /// The data sync that precedes a metadata commit (full or pair-only). Default:
+    /// [`DurabilitySink::sync_data`]; a sink whose `commit_meta` makes the data durable
+    /// first anyway may only start it here.
+    fn sync_before_commit(&self) -> Result<()> {
+        self.sync_data()
+    }
+    /// A status line for `pairfs status` (`user.pairfs.replica`), empty if none.
+    fn status(&self) -> String {
+        String::new()
+    }
+    /// The volume is unmounting: every durability point has been sent; finish.
+    fn close(&self) {}
+    /// Told of the metadata store when added (a replica's resync copies the database).
+    fn attach_meta(&self, _meta: &Arc<Mutex<Meta>>) {}
+}
+
+/// Attaches a replica at mount (implemented by `repl::link::Replica`; the core only
+/// calls it): called by [`crate::core::volfile::open`] with the mount lock held, the
+/// database open and migrated, the images opened and checked, *before* anything is
+/// written. It may copy everything to the secondary, then installs its
+/// [`crate::meta::CommitTap`] on `meta` and returns the images wrapped (every write and
+/// discard also goes to the secondary) and the sink the pipeline adds.
+pub trait Attach: Send + Sync {
+    /// See the trait doc.
+    #[allow(clippy::type_complexity)]
+    fn attach(
+        &self,
+        meta: &mut Meta,
+        meta_path: &std::path::Path,
+        vol: Box<dyn Volume>,
+        copy: Box<dyn Volume>,
+    ) -> Result<(Box<dyn Volume>, Box<dyn Volume>, Arc<dyn DurabilitySink>)>;
+}
+
+/// [`Attach`] in [`crate::core::fs::Options`] (cloneable, printable).
+#[derive(Clone)]
+pub struct ReplicaHook(pub Arc<dyn Attach>);
+
+impl std::fmt::Debug for ReplicaHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ReplicaHook")
+    }
 }
 
 /// The core's side of a commit: its dirty rows and the tracks held until they commit.
@@ -101,6 +144,7 @@ impl Durability {
 
     /// Adds a sink after the local images and database.
     pub fn add_sink(&self, sink: Arc<dyn DurabilitySink>) {
+        sink.attach_meta(&self.meta);
         self.sinks
             .write()
             .unwrap_or_else(|p| p.into_inner())
@@ -109,6 +153,24 @@ impl Durability {
 
     fn sinks(&self) -> Vec<Arc<dyn DurabilitySink>> {
         self.sinks.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// True if a sink (a replica) is attached.
+    pub fn has_sinks(&self) -> bool {
+        !self.sinks().is_empty()
+    }
+
+    /// The sinks' status lines (`none` without a sink).
+    pub fn sinks_status(&self) -> String {
+        let s: String = self.sinks().iter().map(|s| s.status()).collect();
+        if s.is_empty() { "none\n".into() } else { s }
+    }
+
+    /// Ends every sink after the last commit (unmount).
+    pub fn close_sinks(&self) {
+        for s in self.sinks() {
+            s.close();
+        }
     }
 
     /// Refuses when a metadata commit failed since mount.
@@ -196,7 +258,7 @@ impl Durability {
         let _ = self.sync_copy(pairs);
         let sinks = self.sinks();
         for s in &sinks {
-            if let Err(e) = s.sync_data() {
+            if let Err(e) = s.sync_before_commit() {
                 log::error!("{}: data sync failed: {e}", s.name());
                 core.restore(&batch, held);
                 return Err(e);
@@ -237,7 +299,7 @@ impl Durability {
     ) -> Result<()> {
         let sinks = self.sinks();
         for s in &sinks {
-            s.sync_data()?;
+            s.sync_before_commit()?;
         }
         let mut meta = self.lock_meta();
         let deltas = take();

@@ -248,6 +248,8 @@ pub struct Options {
     pub volume_image: Option<std::path::PathBuf>,
     /// Where the copy image is (as mounted).
     pub copy_image: Option<std::path::PathBuf>,
+    /// A replica to attach at mount (`--replica`).
+    pub replica: Option<crate::core::durability::ReplicaHook>,
 }
 
 impl Default for Options {
@@ -260,6 +262,7 @@ impl Default for Options {
             cache_inodes: 65_536,
             volume_image: None,
             copy_image: None,
+            replica: None,
         }
     }
 }
@@ -2224,6 +2227,11 @@ impl Fs {
     pub fn migrate(&self, which: Which, target: &str) -> Result<()> {
         Fs::check_readonly(&self.opts)?;
         self.durability.check()?;
+        if self.durability.has_sinks() {
+            return Err(Error::invalid(
+                "migrate: this volume is replicated (--replica); moving a replicated image is not supported yet",
+            ));
+        }
         self.migrator.start(&self.durability, which, target)
     }
 
@@ -2258,6 +2266,8 @@ impl Fs {
             // Never after a failed commit: the next mount must repair.
             self.durability.mark_clean()
         });
+        // The replica gets the last commit and the clean flag, then the link ends.
+        self.durability.close_sinks();
         self.migrator.release_locks();
         r
     }

@@ -334,7 +334,21 @@ pub fn open(p: &Paths, mut opts: Options) -> Result<(Fs, VolumeLock)> {
         )));
     }
     let lk = lock_volume(p, !opts.readonly)?;
-    let meta = Meta::open(&p.meta, opts.readonly)?;
+    let mut meta = Meta::open(&p.meta, opts.readonly)?;
+    if !opts.readonly
+        && let Some(of) = meta.super_value(REPLICA_KEY)?
+    {
+        return Err(Error::invalid(format!(
+            "{} is a replica of volume {of} (pairfs replica serve): it mounts read-write only \
+             after `pairfs replica promote {}`",
+            p.volume.display(),
+            p.volume.display()
+        )));
+    }
+    if !opts.readonly && opts.replica.is_none() && meta.super_value(RESUME_KEYS[0])?.is_some() {
+        // Changed without the replica: it can no longer resume where it was.
+        meta.set_super_values(&[(RESUME_KEYS[0], None), (RESUME_KEYS[1], None)])?;
+    }
     let g = meta.geometry().clone();
     let vol = open_image(&p.volume, !opts.readonly, "volume")?;
     if vol.len() < g.size {
@@ -365,6 +379,13 @@ pub fn open(p: &Paths, mut opts: Options) -> Result<(Fs, VolumeLock)> {
     }
     copy.read_at(0, &mut h)?;
     check_header(&h, MAGIC_COPY, &g, "copy image")?;
+    let (vol, copy, sink) = match opts.replica.clone() {
+        Some(r) if !opts.readonly => {
+            let (v, c, s) = r.0.attach(&mut meta, &p.meta, vol, copy)?;
+            (v, c, Some(s))
+        }
+        _ => (vol, copy, None),
+    };
     let loaded = meta.load()?;
     if !opts.readonly {
         meta.set_clean(false)?;
@@ -376,8 +397,19 @@ pub fn open(p: &Paths, mut opts: Options) -> Result<(Fs, VolumeLock)> {
     // for an NBD copy image).
     opts.copy_path = Some(lock_path(p, &p.copy, ".copy.lock"));
     let fs = Fs::new(meta, loaded, vol, copy, opts)?;
+    if let Some(s) = sink {
+        fs.durability.add_sink(s);
+    }
     Ok((fs, lk))
 }
+
+/// `super` rows of a primary whose replica link ended cleanly in sync (`repl::link`):
+/// any other read-write open deletes them, so the next `--replica` mount does a full sync.
+pub const RESUME_KEYS: [&str; 2] = ["repl_peer_stream", "repl_peer_seq"];
+
+/// The `super` row that marks a replica (`pairfs replica serve`): the primary's UUID.
+/// A volume with it refuses a read-write mount until `pairfs replica promote`.
+pub const REPLICA_KEY: &str = "replica_of";
 
 /// Where `mount-snapshot` copies the metadata database for daemon `pid`: beside the
 /// database (same file system, same space), removed once opened.

@@ -356,6 +356,9 @@ impl MainFs {
         if name == "migration" {
             return Ok(self.fs.migrator.status_line().into_bytes());
         }
+        if name == "replica" {
+            return Ok(self.fs.durability.sinks_status().into_bytes());
+        }
         if name == "pairs" {
             let mut out = String::new();
             for s in self.fs.engine.all_status(&*self.fs) {

@@ -324,6 +324,19 @@ pub struct Meta {
     path: Option<std::path::PathBuf>,
     /// Opened with SQLite's `immutable=1` ([`Meta::open_immutable`]).
     immutable: bool,
+    /// Told of every committed write transaction (a replica link), if set.
+    tap: Option<std::sync::Mutex<Box<dyn CommitTap>>>,
+}
+
+/// Told of every write transaction the store commits ([`Meta::commit`],
+/// [`Meta::set_clean`], [`Meta::set_super_values`]), in commit order, right after it
+/// committed and while the caller still holds the store: a replica link takes the
+/// transaction's row changes here (`repl::capture`).
+pub trait CommitTap: Send {
+    /// Installs whatever the tap needs on the writer connection (once).
+    fn install(&mut self, conn: &Connection) -> Result<()>;
+    /// A transaction committed on `conn`.
+    fn committed(&mut self, conn: &Connection);
 }
 
 /// The `file:` URI of `path` with SQLite's `immutable=1`: no locks, no change checks.
@@ -392,6 +405,7 @@ impl Meta {
             version: SCHEMA_VERSION,
             path: Some(path.to_path_buf()),
             immutable: false,
+            tap: None,
         })
     }
 
@@ -435,6 +449,7 @@ impl Meta {
             version: SCHEMA_VERSION,
             path: None,
             immutable: false,
+            tap: None,
         })
     }
 
@@ -525,6 +540,7 @@ impl Meta {
             version,
             path: Some(path.to_path_buf()),
             immutable,
+            tap: None,
         })
     }
 
@@ -533,6 +549,12 @@ impl Meta {
     /// stored inode count of version 3 (one scan, once).
     fn migrate(conn: &Connection, from: u32) -> Result<()> {
         let tx = conn.unchecked_transaction()?;
+        // A replica of the old schema cannot take this one's rows: no resuming its
+        // stream (the next replica link does a full sync; `repl::link`).
+        tx.execute(
+            "DELETE FROM super WHERE key IN ('repl_peer_stream', 'repl_peer_seq')",
+            [],
+        )?;
         if from < 2 {
             let have: Vec<String> = {
                 let mut q = tx.prepare("SELECT name FROM pragma_table_info('frozen')")?;
@@ -656,7 +678,24 @@ impl Meta {
             "UPDATE super SET value = ?1 WHERE key = 'clean'",
             [if clean { "1" } else { "0" }],
         )?;
+        self.tapped();
         Ok(())
+    }
+
+    /// Installs a [`CommitTap`] (a replica link): from now on it sees every committed
+    /// write transaction of this store.
+    pub fn set_tap(&mut self, mut tap: Box<dyn CommitTap>) -> Result<()> {
+        tap.install(&self.conn)?;
+        self.tap = Some(std::sync::Mutex::new(tap));
+        Ok(())
+    }
+
+    fn tapped(&self) {
+        if let Some(t) = &self.tap {
+            t.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .committed(&self.conn);
+        }
     }
 
     /// A free-form `super` row (image locations, a migration's progress record), if set.
@@ -686,6 +725,7 @@ impl Meta {
             }
         }
         tx.commit()?;
+        self.tapped();
         Ok(())
     }
 
@@ -985,6 +1025,12 @@ impl Meta {
 
     /// Writes one batch in one transaction (durable when this returns).
     pub fn commit(&mut self, b: &Batch) -> Result<()> {
+        self.commit_batch(b)?;
+        self.tapped();
+        Ok(())
+    }
+
+    fn commit_batch(&mut self, b: &Batch) -> Result<()> {
         let tx = self.conn.transaction()?;
         {
             let mut del_ext = tx.prepare_cached("DELETE FROM extents WHERE ino = ?1")?;

@@ -43,6 +43,11 @@ pub trait Volume: Send + Sync {
     fn allocated(&self) -> Option<u64> {
         None
     }
+    /// The next range `[start, end)` at or after `off` that may hold data; None if all
+    /// the rest reads as zeros (a replica's full sync skips holes). Default: all of it.
+    fn data_after(&self, off: u64) -> Option<(u64, u64)> {
+        (off < self.len()).then(|| (off, self.len()))
+    }
 }
 
 /// A volume in an image file (sparse regular file or block device).
@@ -85,6 +90,30 @@ impl FileVolume {
 }
 
 impl Volume for FileVolume {
+    fn data_after(&self, off: u64) -> Option<(u64, u64)> {
+        if off >= self.len {
+            return None;
+        }
+        let fd = self.file.as_raw_fd();
+        // SAFETY: lseek on a valid fd with plain integer arguments.
+        let start = unsafe { libc::lseek(fd, off as libc::off_t, libc::SEEK_DATA) };
+        if start < 0 {
+            return if std::io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO) {
+                None
+            } else {
+                Some((off, self.len))
+            };
+        }
+        // SAFETY: as above.
+        let end = unsafe { libc::lseek(fd, start, libc::SEEK_HOLE) };
+        let end = if end < 0 {
+            self.len
+        } else {
+            (end as u64).min(self.len)
+        };
+        ((start as u64) < self.len).then_some((start as u64, end))
+    }
+
     fn read_at(&self, off: u64, buf: &mut [u8]) -> Result<()> {
         check_range(self.what, off, buf.len() as u64, self.len)?;
         self.file

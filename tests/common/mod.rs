@@ -79,6 +79,12 @@ impl Vol {
         self.mounted = true;
     }
 
+    /// The volume was mounted by the test itself (with options `mount` has no helper
+    /// for): unmount it when the guard drops.
+    pub fn adopt_mount(&mut self) {
+        self.mounted = true;
+    }
+
     pub fn umount(&mut self) {
         let out = pairfs(&["umount", self.mnt.to_str().unwrap()]);
         assert!(
