@@ -584,9 +584,6 @@ impl Filesystem for MainFs {
         {
             log::warn!("the kernel does not offer FUSE_POSIX_ACL: ACLs are kept, not enforced");
         }
-        // Inode numbers are persistent and never reused (`next_ino` is committed), so a
-        // file handle (inode, generation 0) stays valid across cache drops and remounts:
-        // open_by_handle_at(2) and NFS export work. Needs lookup of "." and "..".
         // Shared mappings of files opened with O_DIRECT (`direct_open_flags`).
         if config
             .add_capabilities(InitFlags::FUSE_DIRECT_IO_ALLOW_MMAP)
@@ -594,6 +591,9 @@ impl Filesystem for MainFs {
         {
             log::debug!("the kernel does not offer FUSE_DIRECT_IO_ALLOW_MMAP");
         }
+        // Inode numbers are persistent and never reused (`next_ino` is committed), so a
+        // file handle (inode, generation 0) stays valid across cache drops and remounts:
+        // open_by_handle_at(2) and NFS export work. Needs lookup of "." and "..".
         if config
             .add_capabilities(InitFlags::FUSE_EXPORT_SUPPORT)
             .is_err()
