@@ -289,18 +289,23 @@ pub fn wait_migration(mnt: &Path) -> Result<String> {
 }
 
 /// The migration of each mount in `rows` that has one, as a row (path: `image -> target`).
-fn migration_rows(path: Option<&Path>) -> Vec<(PathBuf, StateLine)> {
+/// The main mounts (no copy or snapshot mounts): the one at `path`, or all.
+fn main_mounts(path: Option<&Path>) -> Vec<PathBuf> {
     let want = path.map(|p| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf()));
-    let mounts = pairfs_mounts()
+    pairfs_mounts()
         .into_iter()
         .filter(|(m, s)| {
             !s.ends_with(":copy")
                 && !s.ends_with(":snapshot")
                 && want.as_ref().is_none_or(|w| w == m)
         })
-        .map(|(m, _)| m);
+        .map(|(m, _)| m)
+        .collect()
+}
+
+fn migration_rows(path: Option<&Path>) -> Vec<(PathBuf, StateLine)> {
     let mut out = Vec::new();
-    for m in mounts {
+    for m in main_mounts(path) {
         let Ok(line) = migration_state(&m) else {
             continue;
         };
@@ -322,15 +327,8 @@ fn migration_rows(path: Option<&Path>) -> Vec<(PathBuf, StateLine)> {
 /// The linked clones of each mount (`user.pairfs.clones` of its root, `pairfs clone`):
 /// `clone ...` lines, and a `clones total=N` line when some were left out.
 fn clone_rows(path: Option<&Path>) -> Vec<(PathBuf, StateLine)> {
-    let want = path.map(|p| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf()));
     let mut out = Vec::new();
-    for (m, s) in pairfs_mounts() {
-        if s.ends_with(":copy")
-            || s.ends_with(":snapshot")
-            || want.as_ref().is_some_and(|w| w != &m)
-        {
-            continue;
-        }
+    for m in main_mounts(path) {
         let Ok(v) = get_root_xattr(&m, "user.pairfs.clones") else {
             continue;
         };
@@ -352,15 +350,8 @@ fn clone_rows(path: Option<&Path>) -> Vec<(PathBuf, StateLine)> {
 /// The replica link of each mount in `path` (or all) that has one, as a row
 /// (`user.pairfs.replica`: state, peer, mode, queued and out-of-sync bytes).
 fn replica_rows(path: Option<&Path>) -> Vec<(PathBuf, StateLine)> {
-    let want = path.map(|p| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf()));
     let mut out = Vec::new();
-    for (m, s) in pairfs_mounts() {
-        if s.ends_with(":copy")
-            || s.ends_with(":snapshot")
-            || want.as_ref().is_some_and(|w| w != &m)
-        {
-            continue;
-        }
+    for m in main_mounts(path) {
         let Ok(v) = get_root_xattr(&m, "user.pairfs.replica") else {
             continue;
         };

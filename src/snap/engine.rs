@@ -484,19 +484,9 @@ impl Engine {
             for p in pairs {
                 ns.pin_frozen(p.id, &p.pinned_tracks())?;
                 max = max.max(p.id + 1);
-                let slot = Arc::new(Slot {
-                    id: p.id,
-                    gate: Mutex::new(()),
-                    p: Mutex::new(p),
-                    dirty: AtomicBool::new(!clean),
-                    unconfirmed: Mutex::new(Vec::new()),
-                    cow_queue: Mutex::new(Vec::new()),
-                    released: AtomicBool::new(false),
-                    staged: AtomicU64::new(0),
-                    cow: AtomicU64::new(0),
-                    new_sums: Mutex::new(Vec::new()),
-                    sum_errors: AtomicU64::new(0),
-                });
+                let slot = Arc::new(Slot::new(p));
+                // A stored pair's row is as on disk after a clean unmount.
+                slot.dirty.store(!clean, Ordering::Relaxed);
                 slots.push(slot.clone());
                 self.pairs
                     .write()
