@@ -772,19 +772,28 @@ fn group_workload(seed: u64, ops: usize) -> (usize, usize) {
     (points, offs)
 }
 
-#[test]
-fn power_loss_keeps_a_group_and_a_file_split_off_it() {
-    let base: u64 = std::env::var("PAIRFS_CRASH_SEED")
+/// The seeds of a power-loss test's workloads: `workloads` of them (default
+/// `PAIRFS_CRASH_WORKLOADS`) spread from `base` (default `PAIRFS_CRASH_SEED`, hex).
+fn workload_seeds(base: u64, workloads: u64) -> Vec<u64> {
+    let base = std::env::var("PAIRFS_CRASH_SEED")
         .ok()
         .and_then(|s| u64::from_str_radix(s.trim_start_matches("0x"), 16).ok())
-        .unwrap_or(0x6e0_0001);
+        .unwrap_or(base);
     let workloads: u64 = std::env::var("PAIRFS_CRASH_WORKLOADS")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(20);
+        .unwrap_or(workloads);
+    (0..workloads)
+        .map(|w| base.wrapping_add(w.wrapping_mul(0x9E3779B97F4A7C15)) | 1)
+        .collect()
+}
+
+#[test]
+fn power_loss_keeps_a_group_and_a_file_split_off_it() {
+    let seeds = workload_seeds(0x6e0_0001, 20);
+    let workloads = seeds.len();
     let (mut points, mut offs) = (0, 0);
-    for w in 0..workloads {
-        let seed = base.wrapping_add(w.wrapping_mul(0x9E3779B97F4A7C15)) | 1;
+    for (w, seed) in seeds.into_iter().enumerate() {
         println!("group crash workload {w}: seed {seed:#x}");
         let (p, o) = group_workload(seed, 40);
         points += p;
@@ -794,7 +803,7 @@ fn power_loss_keeps_a_group_and_a_file_split_off_it() {
         "group power-loss test: {workloads} workloads, {points} crash points, {offs} files \
          split off, 0 losses"
     );
-    assert!(offs as u64 >= workloads, "too few splits off: {offs}");
+    assert!(offs >= workloads, "too few splits off: {offs}");
 }
 
 /// Writable clones under power loss: a file is split and cloned; the clone is written
@@ -919,17 +928,10 @@ fn clone_workload(seed: u64, ops: usize) -> usize {
 
 #[test]
 fn power_loss_keeps_writable_clones() {
-    let base: u64 = std::env::var("PAIRFS_CRASH_SEED")
-        .ok()
-        .and_then(|s| u64::from_str_radix(s.trim_start_matches("0x"), 16).ok())
-        .unwrap_or(0xc10_0001);
-    let workloads: u64 = std::env::var("PAIRFS_CRASH_WORKLOADS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(20);
+    let seeds = workload_seeds(0xc10_0001, 20);
+    let workloads = seeds.len();
     let mut points = 0;
-    for w in 0..workloads {
-        let seed = base.wrapping_add(w.wrapping_mul(0x9E3779B97F4A7C15)) | 1;
+    for (w, seed) in seeds.into_iter().enumerate() {
         println!("clone crash workload {w}: seed {seed:#x}");
         points += clone_workload(seed, 40);
     }
@@ -938,17 +940,10 @@ fn power_loss_keeps_writable_clones() {
 
 #[test]
 fn power_loss_keeps_lazy_directory_instants() {
-    let base: u64 = std::env::var("PAIRFS_CRASH_SEED")
-        .ok()
-        .and_then(|s| u64::from_str_radix(s.trim_start_matches("0x"), 16).ok())
-        .unwrap_or(0x1a2_0001);
-    let workloads: u64 = std::env::var("PAIRFS_CRASH_WORKLOADS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(20);
+    let seeds = workload_seeds(0x1a2_0001, 20);
+    let workloads = seeds.len();
     let (mut points, mut with_tree) = (0, 0);
-    for w in 0..workloads {
-        let seed = base.wrapping_add(w.wrapping_mul(0x9E3779B97F4A7C15)) | 1;
+    for (w, seed) in seeds.into_iter().enumerate() {
         println!("lazy crash workload {w}: seed {seed:#x}");
         let (p, t) = lazy_workload(seed, 40);
         points += p;
@@ -966,18 +961,11 @@ fn power_loss_keeps_lazy_directory_instants() {
 
 #[test]
 fn power_loss_at_every_step_keeps_frozen_copies_and_fsynced_data() {
-    let base: u64 = std::env::var("PAIRFS_CRASH_SEED")
-        .ok()
-        .and_then(|s| u64::from_str_radix(s.trim_start_matches("0x"), 16).ok())
-        .unwrap_or(0x5eed_0001);
-    let workloads: u64 = std::env::var("PAIRFS_CRASH_WORKLOADS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(30);
+    let seeds = workload_seeds(0x5eed_0001, 30);
+    let workloads = seeds.len();
     let mut points = 0;
     let mut staged = 0;
-    for w in 0..workloads {
-        let seed = base.wrapping_add(w.wrapping_mul(0x9E3779B97F4A7C15)) | 1;
+    for (w, seed) in seeds.into_iter().enumerate() {
         println!("crash workload {w}: seed {seed:#x}");
         let (p, s) = workload(seed, 40);
         points += p;
