@@ -7,7 +7,6 @@
 mod common;
 
 use std::fs::OpenOptions;
-use std::io::Read;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -19,15 +18,6 @@ use common::*;
 
 const MIB: u64 = 1 << 20;
 const TS: u64 = 64 * 1024;
-
-fn read_all(p: &Path) -> Vec<u8> {
-    let mut v = Vec::new();
-    std::fs::File::open(p)
-        .unwrap_or_else(|e| panic!("open {}: {e}", p.display()))
-        .read_to_end(&mut v)
-        .unwrap();
-    v
-}
 
 fn write_at(p: &Path, off: u64, data: &[u8]) {
     let f = OpenOptions::new().write(true).open(p).unwrap();

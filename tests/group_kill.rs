@@ -4,52 +4,11 @@
 
 mod common;
 
-use std::io::Read;
 use std::os::unix::fs::FileExt;
-use std::path::Path;
 
 use common::*;
 
 const KIB: usize = 1024;
-
-fn read_all(p: &Path) -> Vec<u8> {
-    let mut v = Vec::new();
-    std::fs::File::open(p)
-        .unwrap_or_else(|e| panic!("open {}: {e}", p.display()))
-        .read_to_end(&mut v)
-        .unwrap();
-    v
-}
-
-/// Writes `len` bytes of version `ver` at block `b` (64 KiB blocks) of `p`.
-fn put(p: &Path, b: u64, ver: u64, len: usize) {
-    let f = std::fs::OpenOptions::new().write(true).open(p).unwrap();
-    f.write_all_at(&block(b, ver, len), b * 64 * KIB as u64)
-        .unwrap();
-    f.sync_all().unwrap();
-}
-
-fn make(p: &Path, blocks: u64, ver: u64) {
-    std::fs::write(p, b"").unwrap();
-    for b in 0..blocks {
-        put(p, b, ver, 64 * KIB);
-    }
-}
-
-fn same(what: &str, got: &[u8], want: &[u8]) {
-    assert_eq!(got.len(), want.len(), "{what}: size");
-    if let Some(k) = (0..got.len()).find(|&k| got[k] != want[k]) {
-        panic!("{what}: first difference at byte {k}");
-    }
-}
-
-fn pair_id(p: &Path) -> u64 {
-    field(&state(p), "pair").expect("pair id")
-}
-
-fn ctl(p: &Path, op: &str) {
-    setx(p, &format!("user.pairfs.{op}")).unwrap_or_else(|e| panic!("{op} {}: {e}", p.display()));
-}
 
 /// Kill -9 rounds: the group's instant is taken once; a writer rewrites the sibling g
 /// (copy-on-write for the group) while the test writes f (each write fsync'd), splits f

@@ -8,44 +8,12 @@
 
 mod common;
 
-use std::io::Read;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use common::*;
 
 const KIB: usize = 1024;
-
-fn read_all(p: &Path) -> Vec<u8> {
-    let mut v = Vec::new();
-    std::fs::File::open(p)
-        .unwrap_or_else(|e| panic!("open {}: {e}", p.display()))
-        .read_to_end(&mut v)
-        .unwrap();
-    v
-}
-
-/// Writes `len` bytes of version `ver` at block `b` (64 KiB blocks) of `p`.
-fn put(p: &Path, b: u64, ver: u64, len: usize) {
-    let f = std::fs::OpenOptions::new().write(true).open(p).unwrap();
-    f.write_all_at(&block(b, ver, len), b * 64 * KIB as u64)
-        .unwrap();
-    f.sync_all().unwrap();
-}
-
-fn make(p: &Path, blocks: u64, ver: u64) {
-    std::fs::write(p, b"").unwrap();
-    for b in 0..blocks {
-        put(p, b, ver, 64 * KIB);
-    }
-}
-
-fn same(what: &str, got: &[u8], want: &[u8]) {
-    assert_eq!(got.len(), want.len(), "{what}: size");
-    if let Some(k) = (0..got.len()).find(|&k| got[k] != want[k]) {
-        panic!("{what}: first difference at byte {k}");
-    }
-}
 
 /// True once `p` is gone from the copy mount. The copy mount drops the kernel's cached
 /// names after a change of the frozen set from its own thread (their TTL is 1 s), so a
@@ -61,19 +29,11 @@ fn gone(p: &Path) -> bool {
     true
 }
 
-fn pair_id(p: &Path) -> u64 {
-    field(&state(p), "pair").expect("pair id")
-}
-
 fn scope(p: &Path) -> String {
     state(p)
         .split(' ')
         .find_map(|kv| kv.strip_prefix("scope=").map(str::to_string))
         .unwrap()
-}
-
-fn ctl(p: &Path, op: &str) {
-    setx(p, &format!("user.pairfs.{op}")).unwrap_or_else(|e| panic!("{op} {}: {e}", p.display()));
 }
 
 #[test]

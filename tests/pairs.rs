@@ -4,7 +4,7 @@
 mod common;
 
 use std::fs::OpenOptions;
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::io::{Seek, SeekFrom, Write};
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -12,12 +12,6 @@ use std::sync::{Arc, Mutex};
 use common::*;
 
 const MIB: u64 = 1 << 20;
-
-fn read_all(p: &std::path::Path) -> Vec<u8> {
-    let mut v = Vec::new();
-    std::fs::File::open(p).unwrap().read_to_end(&mut v).unwrap();
-    v
-}
 
 /// Done-when 1: a 1 GiB file being rewritten is split; the copy equals the content as
 /// of the split (each concurrent write wholly in or out), the original keeps the new.

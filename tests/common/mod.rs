@@ -218,3 +218,48 @@ pub fn block(id: u64, version: u64, len: usize) -> Vec<u8> {
     v.truncate(len);
     v
 }
+
+/// The whole content of file `p`.
+pub fn read_all(p: &Path) -> Vec<u8> {
+    let mut v = Vec::new();
+    std::io::Read::read_to_end(
+        &mut std::fs::File::open(p).unwrap_or_else(|e| panic!("open {}: {e}", p.display())),
+        &mut v,
+    )
+    .unwrap();
+    v
+}
+
+/// Writes `len` bytes of [`block`] `b` at version `ver` at block `b` (64 KiB blocks) of
+/// `p`, fsync'd.
+pub fn put(p: &Path, b: u64, ver: u64, len: usize) {
+    let f = std::fs::OpenOptions::new().write(true).open(p).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, &block(b, ver, len), b * 64 * 1024).unwrap();
+    f.sync_all().unwrap();
+}
+
+/// Makes `p` anew as `blocks` 64 KiB blocks at version `ver`.
+pub fn make(p: &Path, blocks: u64, ver: u64) {
+    std::fs::write(p, b"").unwrap();
+    for b in 0..blocks {
+        put(p, b, ver, 64 * 1024);
+    }
+}
+
+/// Asserts `got == want`, naming the first differing byte rather than dumping both.
+pub fn same(what: &str, got: &[u8], want: &[u8]) {
+    assert_eq!(got.len(), want.len(), "{what}: size");
+    if let Some(k) = (0..got.len()).find(|&k| got[k] != want[k]) {
+        panic!("{what}: first difference at byte {k}");
+    }
+}
+
+/// The `pair=` id in `p`'s state line.
+pub fn pair_id(p: &Path) -> u64 {
+    field(&state(p), "pair").expect("pair id")
+}
+
+/// `setfattr -n user.pairfs.OP p`, panicking on failure.
+pub fn ctl(p: &Path, op: &str) {
+    setx(p, &format!("user.pairfs.{op}")).unwrap_or_else(|e| panic!("{op} {}: {e}", p.display()));
+}
