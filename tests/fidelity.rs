@@ -272,17 +272,7 @@ fn snapshot_mount_serves_the_view_and_holds_off_root_rewrites() {
     wait_state(&v.mnt, "split");
     let snap = v.dir.path().join("snap");
     std::fs::create_dir(&snap).unwrap();
-    let out = pairfs(&[
-        "mount-snapshot",
-        v.img.to_str().unwrap(),
-        snap.to_str().unwrap(),
-        "--daemon",
-    ]);
-    assert!(
-        out.status.success(),
-        "mount-snapshot: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    v.mount_snapshot(&snap);
     let r = std::panic::catch_unwind(|| {
         assert_eq!(listing(&snap, "t", true), before, "snapshot mount");
         // The snapshot mount copied the metadata when it mounted; first changes made
@@ -322,13 +312,7 @@ fn snapshot_mount_serves_the_view_and_holds_off_root_rewrites() {
     setx(&v.mnt, "user.pairfs.update").unwrap();
     let now = listing(&v.mnt, "t", true);
     wait_state(&v.mnt, "split");
-    let out = pairfs(&[
-        "mount-snapshot",
-        v.img.to_str().unwrap(),
-        snap.to_str().unwrap(),
-        "--daemon",
-    ]);
-    assert!(out.status.success());
+    v.mount_snapshot(&snap);
     let got = listing(&snap, "t", true);
     let out = pairfs(&["umount", snap.to_str().unwrap()]);
     assert!(out.status.success());

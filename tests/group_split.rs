@@ -423,17 +423,7 @@ fn a_file_split_off_the_volume_pair() {
     wait_state(&v.mnt, "split");
     let snap = v.dir.path().join("snap");
     std::fs::create_dir(&snap).unwrap();
-    let out = pairfs(&[
-        "mount-snapshot",
-        v.img.to_str().unwrap(),
-        snap.to_str().unwrap(),
-        "--daemon",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    v.mount_snapshot(&snap);
     let r = std::panic::catch_unwind(|| {
         same("snapshot of f", &read_all(&snap.join("f")), &f_root);
     });
@@ -445,17 +435,7 @@ fn a_file_split_off_the_volume_pair() {
     wait_state(&v.mnt, "split");
     // The snapshot of that instant has g, not f (nor f's own pair's copy).
     let g_root2 = read_all(&g);
-    let out = pairfs(&[
-        "mount-snapshot",
-        v.img.to_str().unwrap(),
-        snap.to_str().unwrap(),
-        "--daemon",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    v.mount_snapshot(&snap);
     let r = std::panic::catch_unwind(|| {
         assert!(!snap.join("f").exists(), "f was not in the root's instant");
         assert!(!snap.join(".pairfs").exists());

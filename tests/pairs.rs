@@ -382,17 +382,7 @@ fn whole_volume_split_mounts_as_a_snapshot() {
     wait_state(&v.mnt, "split");
     let snap = v.dir.path().join("snap");
     std::fs::create_dir(&snap).unwrap();
-    let out = pairfs(&[
-        "mount-snapshot",
-        v.img.to_str().unwrap(),
-        snap.to_str().unwrap(),
-        "--daemon",
-    ]);
-    assert!(
-        out.status.success(),
-        "mount-snapshot: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    v.mount_snapshot(&snap);
     let r = std::panic::catch_unwind(|| {
         assert_eq!(std::fs::read(snap.join("etc/app/conf")).unwrap(), b"v1");
         assert!(std::fs::read(snap.join("data")).unwrap() == block(9, 1, 5_000_000));

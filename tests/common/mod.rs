@@ -126,6 +126,21 @@ impl Vol {
         self.mounted = false;
     }
 
+    /// `pairfs mount-snapshot` of this volume on `dir` (daemonized), asserting it mounted.
+    pub fn mount_snapshot(&self, dir: &Path) {
+        let out = pairfs(&[
+            "mount-snapshot",
+            self.img.to_str().unwrap(),
+            dir.to_str().unwrap(),
+            "--daemon",
+        ]);
+        assert!(
+            out.status.success(),
+            "mount-snapshot: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     pub fn path(&self, rel: &str) -> PathBuf {
         self.mnt.join(rel)
     }
