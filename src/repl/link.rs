@@ -148,6 +148,23 @@ struct State {
     reconnects: u64,
 }
 
+impl State {
+    /// Appends a `Sync` record (one the secondary acks), so the buffer ahead of it can
+    /// drain.
+    fn push_sync(&mut self) {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        let frame = Arc::new(proto::frame(&Msg::Sync { seq }));
+        self.buf_bytes += frame.len() as u64;
+        self.buf.push_back(Rec {
+            seq,
+            frame,
+            range: None,
+        });
+        self.since_ack_point = 0;
+    }
+}
+
 /// The link (shared by the image wrappers, the tap, the sink and its threads).
 pub struct Link {
     cfg: Config,
@@ -247,16 +264,7 @@ impl Link {
             }
             if g.since_ack_point > 0 {
                 // The buffer drains only by acks: end it with a record that gets one.
-                let s = g.next_seq;
-                g.next_seq += 1;
-                let f = Arc::new(proto::frame(&Msg::Sync { seq: s }));
-                g.buf_bytes += f.len() as u64;
-                g.buf.push_back(Rec {
-                    seq: s,
-                    frame: f,
-                    range: None,
-                });
-                g.since_ack_point = 0;
+                g.push_sync();
                 self.cv.notify_all();
             }
             g = self.wait(g);
@@ -280,16 +288,7 @@ impl Link {
         if g.since_ack_point > ACK_EVERY.min(self.buffer / 4) {
             // Writes without a durability point (async mode, or long runs between
             // fsyncs) still get acked, so the buffer drains.
-            let s = g.next_seq;
-            g.next_seq += 1;
-            let f = Arc::new(proto::frame(&Msg::Sync { seq: s }));
-            g.buf_bytes += f.len() as u64;
-            g.buf.push_back(Rec {
-                seq: s,
-                frame: f,
-                range: None,
-            });
-            g.since_ack_point = 0;
+            g.push_sync();
         }
         self.cv.notify_all();
         (g, seq)
