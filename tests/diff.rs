@@ -208,12 +208,12 @@ fn diff_follows_the_instant_not_the_copy() {
     let state = || fs.engine.status_of(&fs, f).unwrap().unwrap().state;
     // No frozen copy yet: refused.
     fs.control(f, Op::Pair).unwrap();
-    assert_eq!(fs.diff(f).unwrap_err().errno(), libc::EINVAL);
+    assert_eq!(fs.diff(f, None).unwrap_err().errno(), libc::EINVAL);
     fs.control(f, Op::Split).unwrap();
     assert_eq!(state(), "splitting");
-    assert!(fs.diff(f).unwrap().ranges.is_empty());
+    assert!(fs.diff(f, None).unwrap().ranges.is_empty());
     fs.write(f, 3 * ts + 10, b"x").unwrap();
-    let d = fs.diff(f).unwrap();
+    let d = fs.diff(f, None).unwrap();
     assert_eq!(
         (d.state.as_str(), d.ranges.clone()),
         ("splitting", vec![(3 * ts, ts)])
@@ -221,19 +221,19 @@ fn diff_follows_the_instant_not_the_copy() {
     // The copier finishing the split's copy changes nothing.
     copy_all();
     assert_eq!(state(), "split");
-    assert_eq!(fs.diff(f).unwrap().ranges, vec![(3 * ts, ts)]);
+    assert_eq!(fs.diff(f, None).unwrap().ranges, vec![(3 * ts, ts)]);
     // Update: a new instant; while its copy runs (updating) the diff is against it.
     fs.control(f, Op::Update).unwrap();
     assert_eq!(state(), "updating");
-    assert!(fs.diff(f).unwrap().ranges.is_empty());
+    assert!(fs.diff(f, None).unwrap().ranges.is_empty());
     fs.write(f, 9 * ts, b"y").unwrap();
     fs.write(f, 20 * ts, b"z").unwrap(); // grows the file: the new bytes too
     let want = vec![(9 * ts, ts), (16 * ts, 4 * ts + 1)];
-    assert_eq!(fs.diff(f).unwrap().ranges, want);
+    assert_eq!(fs.diff(f, None).unwrap().ranges, want);
     copy_all();
     assert_eq!(state(), "split");
     assert_eq!(
-        fs.diff(f).unwrap().ranges,
+        fs.diff(f, None).unwrap().ranges,
         want,
         "update-diff became split-diff"
     );
@@ -246,11 +246,11 @@ fn diff_follows_the_instant_not_the_copy() {
     )
     .unwrap();
     assert_eq!(
-        fs.diff(f).unwrap().ranges,
+        fs.diff(f, None).unwrap().ranges,
         vec![(9 * ts, ts), (12 * ts, ts), (16 * ts, 4 * ts + 1)]
     );
     // Resync drops the frozen copy: refused again.
     fs.control(f, Op::Resync).unwrap();
-    assert_eq!(fs.diff(f).unwrap_err().errno(), libc::EINVAL);
+    assert_eq!(fs.diff(f, None).unwrap_err().errno(), libc::EINVAL);
     fs.shutdown().unwrap();
 }

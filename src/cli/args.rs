@@ -224,19 +224,21 @@ pub enum Cmd {
         #[arg(long, value_name = "PATH", conflicts_with_all = ["json", "watch"])]
         textfile: Option<PathBuf>,
     },
-    /// List the byte ranges of a file changed since its pair's split (from the pair's
-    /// bitmaps and extent maps, reading no data); for a directory, of each regular file
-    /// beneath it.
+    /// List the byte ranges of a file changed since its pair's split, or since the split
+    /// of one of the pair's named generations (from the pair's bitmaps, the generation's
+    /// saved tracks and extent maps, reading no data); for a directory, of each regular
+    /// file beneath it.
     ///
     /// Text: a `# size=N old_size=M pair=ID state=S track_size=T` line, then one
     /// `OFFSET LENGTH` line per merged range (a directory: `OFFSET LENGTH PATH`, PATH
     /// relative to it). Ranges are whole tracks (except at the end of the file) and stop
     /// at the current size: a file that shrank reports its new size. Exit code 2 (ENOENT)
-    /// for a generation other than `default`.
+    /// when the pair has no generation NAME.
     Diff {
         /// A regular file or directory on a pairfs mount.
         path: PathBuf,
-        /// The generation to compare with; only `default` exists for now.
+        /// The generation to compare with (`default`: the pair's own frozen copy, as
+        /// without the option; others are made by `setfattr -n user.pairfs.split -v NAME`).
         #[arg(long, value_name = "NAME")]
         generation: Option<String>,
         /// Print JSON.

@@ -10,9 +10,8 @@ use std::path::{Path, PathBuf};
 use crate::error::{Error, Result};
 use crate::snap::diff::{FileDiff, decode_page};
 
-/// The generation `--generation` accepts until several generations exist (issue 13
-/// part 1): the default one, which is what every pair has today.
-pub const DEFAULT_GENERATION: &str = "default";
+/// The pair's own frozen copy (also: no `--generation`).
+pub const DEFAULT_GENERATION: &str = crate::snap::gens::DEFAULT_NAME;
 
 fn getxattr(path: &Path, name: &str) -> Result<Vec<u8>> {
     let c =
@@ -29,8 +28,10 @@ fn getxattr(path: &Path, name: &str) -> Result<Vec<u8>> {
     Ok(buf)
 }
 
-/// The diff of one regular file, all pages.
-pub fn file_diff(path: &Path) -> Result<FileDiff> {
+/// The diff of one regular file, all pages, against generation `generation` (None:
+/// the pair's own frozen copy).
+pub fn file_diff(path: &Path, generation: Option<&str>) -> Result<FileDiff> {
+    let at = generation.map_or_else(String::new, |g| format!("@{g}"));
     // A write between two pages can change the answer; start again (a few times).
     for _ in 0..5 {
         let mut from = 0;
@@ -38,9 +39,9 @@ pub fn file_diff(path: &Path) -> Result<FileDiff> {
         let mut head: Option<FileDiff> = None;
         let consistent = loop {
             let name = if from == 0 {
-                "user.pairfs.diff".to_string()
+                format!("user.pairfs.diff{at}")
             } else {
-                format!("user.pairfs.diff.{from}")
+                format!("user.pairfs.diff.{from}{at}")
             };
             let (mut h, next) = decode_page(&getxattr(path, &name)?)?;
             if head
@@ -100,16 +101,22 @@ fn json(path: &str, d: &FileDiff) -> serde_json::Value {
 
 /// `pairfs diff`. Exit codes: 0, 1 (a file failed), 2 (ENOENT: no such generation).
 pub fn diff(path: &Path, generation: Option<&str>, as_json: bool) -> Result<u8> {
-    if let Some(g) = generation.filter(|g| *g != DEFAULT_GENERATION) {
-        eprintln!(
-            "pairfs diff: generation {g:?}: no such generation (only {DEFAULT_GENERATION:?} \
-             exists: named generations are not implemented yet)"
-        );
-        return Ok(libc::ENOENT as u8);
+    let generation = generation.filter(|g| *g != DEFAULT_GENERATION);
+    if let Some(g) = generation {
+        crate::snap::gens::check_name(g)?;
     }
     let meta = std::fs::metadata(path).map_err(|e| Error::io("diff", e))?;
     if !meta.is_dir() {
-        let d = file_diff(path)?;
+        let d = match file_diff(path, generation) {
+            Ok(d) => d,
+            Err(Error::Io { source, .. }) if source.raw_os_error() == Some(libc::ENOENT) => {
+                let e =
+                    Error::NotFound(format!("generation {:?}", generation.unwrap_or("default")));
+                eprintln!("pairfs diff: {}: {e} (no such generation?)", path.display());
+                return Ok(libc::ENOENT as u8);
+            }
+            Err(e) => return Err(e),
+        };
         if as_json {
             let v = json(&path.display().to_string(), &d);
             println!("{}", serde_json::to_string_pretty(&v).expect("json"));
@@ -130,7 +137,7 @@ pub fn diff(path: &Path, generation: Option<&str>, as_json: bool) -> Result<u8> 
     let mut out = Vec::new();
     for f in files {
         let rel = f.strip_prefix(path).unwrap_or(&f).display().to_string();
-        match file_diff(&f) {
+        match file_diff(&f, generation) {
             Ok(d) if as_json => out.push(json(&rel, &d)),
             Ok(d) => {
                 println!(

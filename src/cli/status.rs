@@ -347,6 +347,39 @@ fn clone_rows(path: Option<&Path>) -> Vec<(PathBuf, StateLine)> {
     out
 }
 
+/// The named generations of each mount in `path` (or all), as rows
+/// (`user.pairfs.generations`: name, pair, instant, space).
+fn generation_rows(path: Option<&Path>) -> Vec<(PathBuf, StateLine)> {
+    let mut out = Vec::new();
+    for m in main_mounts(path) {
+        let Ok(v) = get_root_xattr(&m, "user.pairfs.generations") else {
+            continue;
+        };
+        for line in String::from_utf8_lossy(&v).lines() {
+            out.push((m.clone(), StateLine::parse(line)));
+        }
+    }
+    out
+}
+
+fn print_generations(rows: &[(PathBuf, StateLine)]) {
+    println!(
+        "{:<16} {:>6} {:<31} {:>12} {:>12}  PATH",
+        "GENERATION", "PAIR", "SPLIT_TIME", "SAVED", "OWN"
+    );
+    for (_, l) in rows {
+        println!(
+            "{:<16} {:>6} {:<31} {:>12} {:>12}  {}",
+            l.get("name").unwrap_or("-"),
+            l.get("pair").unwrap_or("-"),
+            l.get("split_time").unwrap_or("-"),
+            human_bytes(l.get("saved_bytes")),
+            human_bytes(l.get("own_bytes")),
+            l.get("path").unwrap_or("-"),
+        );
+    }
+}
+
 /// The replica link of each mount in `path` (or all) that has one, as a row
 /// (`user.pairfs.replica`: state, peer, mode, queued and out-of-sync bytes).
 fn replica_rows(path: Option<&Path>) -> Vec<(PathBuf, StateLine)> {
@@ -429,10 +462,12 @@ pub fn status(path: Option<&Path>, json: bool, watch: bool) -> Result<u8> {
         rows.extend(mig);
         rows.extend(replica_rows(path));
         let clones = clone_rows(path);
+        let gens = generation_rows(path);
         if json {
             let v: Vec<serde_json::Value> = rows
                 .iter()
                 .chain(clones.iter())
+                .chain(gens.iter())
                 .map(|(p, l)| {
                     let mut j = l.json();
                     if j.get("path").is_none() {
@@ -453,6 +488,9 @@ pub fn status(path: Option<&Path>, json: bool, watch: bool) -> Result<u8> {
             }
             if !clones.is_empty() {
                 print_clones(&clones);
+            }
+            if !gens.is_empty() {
+                print_generations(&gens);
             }
         }
         if !watch {

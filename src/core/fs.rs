@@ -428,6 +428,7 @@ impl Fs {
         fs.engine.load_sums(fs.geo.tracks(), &loaded.sums);
         fs.engine
             .load(&fs, loaded.pairs, loaded.clean, loaded.next_pair)?;
+        fs.engine.load_gens(&fs, loaded.gens)?;
         if !fs.opts.readonly && fs.opts.volume_image.is_some() {
             fs.migrator.resume(&fs.durability, &fs.meta)?;
         }
@@ -448,6 +449,14 @@ impl Fs {
         self.engine.control(self, &b, ino, op)
     }
 
+    /// Runs `op` (split, update or release) on generation `name` of the pair whose
+    /// scope's top is `ino` (`setfattr -n user.pairfs.split -v NAME PATH`).
+    pub fn control_gen(&self, ino: u64, name: &str, op: Op) -> Result<()> {
+        Fs::check_readonly(&self.opts)?;
+        let b = self.barrier.write().unwrap_or_else(|p| p.into_inner());
+        self.engine.gen_control(self, &b, ino, name, op)
+    }
+
     /// Runs `op` on pair `id` directly, e.g. to release a pair whose file was deleted
     /// (`setfattr -n user.pairfs.release -v ID MOUNTPOINT`).
     pub fn control_id(&self, id: PairId, op: Op) -> Result<()> {
@@ -459,7 +468,7 @@ impl Fs {
     /// The byte ranges of regular file `ino` changed since its pair's instant
     /// (`pairfs diff`, [`crate::snap::diff`]). Takes the write barrier, so every write
     /// is wholly before (and reported) or after; reads no data.
-    pub fn diff(&self, ino: u64) -> Result<crate::snap::diff::FileDiff> {
+    pub fn diff(&self, ino: u64, generation: Option<&str>) -> Result<crate::snap::diff::FileDiff> {
         let _b = self.barrier.write().unwrap_or_else(|p| p.into_inner());
         let (now, size, pid) = {
             let st = self.state_with(ino)?;
@@ -473,7 +482,10 @@ impl Fs {
             (i.extents.clone(), i.row.size, i.pair)
         };
         let pid = pid.ok_or_else(|| Error::invalid("diff: not paired (split it first)"))?;
-        self.engine.diff(pid, ino, &now, size)
+        match generation {
+            Some(g) => self.engine.gen_diff(pid, g, ino, &now, size),
+            None => self.engine.diff(pid, ino, &now, size),
+        }
     }
 
     fn check_readonly(opts: &Options) -> Result<()> {
@@ -1399,6 +1411,7 @@ impl Fs {
         if let Some(pid) = pid {
             self.engine.cow(self, pid, &[v])?;
         }
+        self.engine.gen_save(self, &[v])?;
         {
             // A truncate by path holds no open handle: the file may have lost its last
             // name (and its tracks) while we waited for the copy. Zero only a track it
@@ -2446,7 +2459,14 @@ impl Fs {
     /// lazy instant that has not frozen it yet, freezes it now.
     pub(crate) fn freeze_before(&self, st: &mut NamespaceState, ino: u64) -> Result<()> {
         match st.inodes.get(&ino).and_then(|i| i.pair) {
-            Some(p) => self.freeze_in(st, p, ino),
+            Some(p) => {
+                self.freeze_in(st, p, ino)?;
+                // The pair's named generations are instants of the same scope.
+                for g in self.engine.gens_of(p) {
+                    self.freeze_in(st, g, ino)?;
+                }
+                Ok(())
+            }
             None => Ok(()),
         }
     }
@@ -2460,7 +2480,7 @@ impl Fs {
         if !self.engine.needs_freeze(p, ino) {
             return Ok(());
         }
-        let member = st.get(ino)?.pair == Some(p);
+        let member = st.get(ino)?.pair == Some(self.engine.member_id(p));
         let names = if member {
             self.instant_names(st, p, ino)?
         } else {
@@ -2580,7 +2600,7 @@ impl Namespace for Fs {
                 continue;
             }
             let i = st.get(ino)?;
-            if i.pair != Some(id) {
+            if i.pair != Some(self.engine.member_id(id)) {
                 continue;
             }
             if let Some(f) = object_of(i, ino, String::new(), Vec::new()) {
@@ -2801,6 +2821,27 @@ impl Namespace for Fs {
         let mut st = self.state();
         st.alloc.pin_set(&pins.pin);
         st.alloc.unpin_set(&pins.unpin);
+    }
+
+    fn alloc_slots(&self, n: u64) -> Result<Vec<u64>> {
+        let mut st = self.state();
+        let runs = st.alloc.allocate(None, n)?;
+        Ok(runs.into_iter().flat_map(|(v, l)| v..v + l).collect())
+    }
+
+    fn free_slots(&self, slots: &[u64]) {
+        let mut st = self.state();
+        for &s in slots {
+            st.alloc.free(s, 1);
+        }
+    }
+
+    fn mark_slots(&self, slots: &[u64]) -> Result<()> {
+        let mut st = self.state();
+        for &s in slots {
+            st.alloc.mark_used(s, 1)?;
+        }
+        Ok(())
     }
 
     fn unused_count(&self, tracks: &TrackSet) -> u64 {

@@ -542,6 +542,9 @@ fn open_snapshot_fs(p: &Paths, meta: Meta, mut loaded: crate::meta::Loaded) -> R
     // copies or recovers (the root pair is `split`, every read goes to the copy image),
     // so the walk an unclean mount makes of every pair's scope is skipped.
     loaded.clean = true;
+    // Named generations read unsaved tracks from the volume, which the live daemon goes
+    // on changing (saving first, in rows this copy does not have): not offered here.
+    loaded.gens.clear();
     // The root pair's instant only: another pair in the snapshot (a file split on its own
     // inside the volume, `snap::group`) is not offered here (its copy is not complete on
     // the copy image, and the volume is not read), and its file keeps that pair as its

@@ -242,22 +242,38 @@ impl MainFs {
         let op = Op::parse(name).ok_or_else(|| {
             Error::invalid(format!("unknown control attribute {CONTROL_PREFIX}{name}"))
         })?;
-        // On the mount root, a value names a pair by id (a pair whose file is gone).
-        let by_id = std::str::from_utf8(value)
-            .ok()
-            .map(|v| v.trim().trim_end_matches('\0'))
-            .filter(|v| !v.is_empty() && ino == crate::core::fs::ROOT);
+        let value = std::str::from_utf8(value)
+            .map_err(|_| Error::invalid(format!("{CONTROL_PREFIX}{name}: the value is not UTF-8")))?
+            .trim_end_matches('\0')
+            .trim();
+        // A value that starts with a letter names a generation of the pair (`default`:
+        // the pair's own frozen copy, as without a value); on the mount root, a number
+        // names a pair by id (a pair whose file is gone).
+        let generation = value
+            .starts_with(|c: char| c.is_ascii_alphabetic())
+            .then_some(value)
+            .filter(|v| *v != crate::snap::gens::DEFAULT_NAME);
+        let by_id = Some(value)
+            .filter(|v| {
+                !v.is_empty() && generation.is_none() && *v != crate::snap::gens::DEFAULT_NAME
+            })
+            .filter(|_| ino == crate::core::fs::ROOT);
+        if generation.is_none() && by_id.is_none() && !value.is_empty() && value != "default" {
+            // Neither a generation nor (on the mount root) a pair id: say why.
+            crate::snap::gens::check_name(value)?;
+        }
         if self.writeback && matches!(op, Op::Split | Op::Update) {
             self.flush_kernel_cache(ino, by_id.is_some())?;
         }
-        let r = match by_id {
-            Some(v) => {
+        let r = match (generation, by_id) {
+            (Some(g), _) => self.fs.control_gen(ino, g, op),
+            (None, Some(v)) => {
                 let id = v
                     .parse()
                     .map_err(|_| Error::invalid(format!("pair id {v:?} is not a number")))?;
                 self.fs.control_id(id, op)
             }
-            None => self.fs.control(ino, op),
+            (None, None) => self.fs.control(ino, op),
         };
         if let Err(e) = &r {
             log::warn!("{CONTROL_PREFIX}{name} on inode {ino}: {e}");
@@ -368,6 +384,14 @@ impl MainFs {
             }
             return Ok(out.into_bytes());
         }
+        if name == "generations" {
+            let mut out = String::new();
+            for g in self.fs.engine.gen_status() {
+                out.push_str(&g.line());
+                out.push('\n');
+            }
+            return Ok(out.into_bytes());
+        }
         if name == "clones" && ino == crate::core::fs::ROOT {
             // At most 300 lines: a getxattr value is at most 64 KiB.
             return Ok(self.fs.clone_lines(300)?.into_bytes());
@@ -376,7 +400,12 @@ impl MainFs {
             return Ok(self.volume_line().into_bytes());
         }
         if let Some(from) = name.strip_prefix("diff") {
-            // `diff` or `diff.FROM`: one page of changed ranges (snap::diff).
+            // `diff` or `diff.FROM`: one page of changed ranges (snap::diff); `@NAME`
+            // after either: against generation NAME.
+            let (from, generation) = match from.split_once('@') {
+                Some((f, g)) => (f, Some(g)),
+                None => (from, None),
+            };
             let from = match from.strip_prefix('.') {
                 Some(n) => n
                     .parse()
@@ -388,7 +417,7 @@ impl MainFs {
                     )));
                 }
             };
-            let d = self.fs.diff(ino)?;
+            let d = self.fs.diff(ino, generation)?;
             return Ok(crate::snap::diff::encode_page(&d, from));
         }
         if name == "scrub" && ino == crate::core::fs::ROOT {

@@ -24,8 +24,25 @@ use crate::snap::pair::{Frozen, FrozenAttr, FrozenKind, Pair, PairId, PairState,
 /// versions 1 to 3 lack the `sums` table (copy-image track checksums, [`SUMS_SCHEMA`]);
 /// versions 1 to 4 lack `pairs.lazy_ino` (lazy instants: 0 = the frozen map is whole);
 /// versions 1 to 5 lack the clone columns of `inodes` (`clone_pair`, `clone_src`,
-/// `clone_lim`: a writable clone's backing reference) and their index.
-pub const SCHEMA_VERSION: u32 = 6;
+/// `clone_lim`: a writable clone's backing reference) and their index; versions 1 to 6
+/// lack the named generations ([`GENS_SCHEMA`]).
+pub const SCHEMA_VERSION: u32 = 7;
+
+/// The schema version that added named generations.
+pub const GENS_VERSION: u32 = 7;
+
+/// Named generations (schema version 7, `snap::gens`): one row per generation (its
+/// frozen records are `frozen` rows under its id, which comes from the pair ids), and
+/// the saved tracks: the instant's data of volume track `vtrack`, overwritten since,
+/// kept in copy-image track `slot` (a volume track allocated for it: no file maps it).
+/// A slot shared by several generations has one row per generation.
+pub const GENS_SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS generations(id INTEGER PRIMARY KEY, pair INTEGER NOT NULL,
+  name TEXT NOT NULL, split_ns INTEGER NOT NULL, lazy_ino INTEGER NOT NULL,
+  scope_kind TEXT NOT NULL, scope_ino INTEGER NOT NULL, path TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS gen_saved(gen INTEGER NOT NULL, vtrack INTEGER NOT NULL,
+  slot INTEGER NOT NULL, PRIMARY KEY(gen, vtrack)) WITHOUT ROWID;
+";
 
 /// The schema version that added the `sums` table.
 pub const SUMS_VERSION: u32 = 4;
@@ -219,6 +236,41 @@ pub struct PairDelta {
     /// Frozen objects to add (a lazy pair's objects frozen since the last commit):
     /// (sequence number, object), after `frozen` if both are given.
     pub append: Vec<(usize, Frozen)>,
+    /// A named generation's row (`id` is the generation's): written instead of a pair
+    /// row ([`GENS_SCHEMA`]).
+    pub generation: Option<GenRow>,
+    /// A named generation's newly saved tracks: (volume track, copy-image slot).
+    pub saved: Vec<(u64, u64)>,
+}
+
+/// The row of a named generation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GenRow {
+    /// The pair it belongs to.
+    pub pair: PairId,
+    /// Its name.
+    pub name: String,
+    /// The instant (ns).
+    pub split_ns: i64,
+    /// Inode limit of a lazy instant (0: the frozen map is whole).
+    pub lazy_ino: u64,
+    /// The pair's scope at the instant.
+    pub scope: Scope,
+    /// The scope's path at the instant (display).
+    pub path: String,
+}
+
+/// A stored named generation: its row, frozen records and saved tracks.
+#[derive(Debug, Clone)]
+pub struct StoredGen {
+    /// Generation id.
+    pub id: PairId,
+    /// Row.
+    pub row: GenRow,
+    /// Frozen records (in order).
+    pub frozen: Vec<Frozen>,
+    /// Saved tracks: (volume track, slot).
+    pub saved: Vec<(u64, u64)>,
 }
 
 /// The scalar fields of a pair.
@@ -312,6 +364,8 @@ pub struct Loaded {
     pub sums: Vec<(u64, u32)>,
     /// Linked clones and the pair each depends on (an indexed query).
     pub clones: Vec<(u64, PairId)>,
+    /// Named generations ([`Meta::load_gens`]).
+    pub gens: Vec<StoredGen>,
 }
 
 /// The open metadata database.
@@ -416,6 +470,7 @@ impl Meta {
         conn.execute_batch(INDEXES)?;
         conn.execute_batch(CLONE_INDEX)?;
         conn.execute_batch(SUMS_SCHEMA)?;
+        conn.execute_batch(GENS_SCHEMA)?;
         for (k, v) in [
             ("format", "pairfs".to_string()),
             ("schema_version", SCHEMA_VERSION.to_string()),
@@ -592,6 +647,9 @@ impl Meta {
         }
         if from < CLONE_VERSION {
             Self::migrate_clones(&tx)?;
+        }
+        if from < GENS_VERSION {
+            tx.execute_batch(GENS_SCHEMA)?;
         }
         tx.execute(
             "UPDATE super SET value = ?1 WHERE key = 'schema_version'",
@@ -774,6 +832,7 @@ impl Meta {
         out.pairs = self.load_pairs()?;
         out.sums = self.load_sums()?;
         out.clones = self.load_clones()?;
+        out.gens = self.load_gens()?;
         Ok(out)
     }
 
@@ -862,6 +921,7 @@ impl Meta {
         }
         out.pairs = self.load_pairs()?;
         out.sums = self.load_sums()?;
+        out.gens = self.load_gens()?;
         Ok(out)
     }
 
@@ -934,82 +994,7 @@ impl Meta {
             for set in [&mut p.forming, &mut p.split_diff, &mut p.update_diff] {
                 set.take_dirty();
             }
-            let mut fs = c.prepare(if self.version >= 2 {
-                "SELECT ino, path, kind, perm, uid, gid, size, atime, mtime, ctime, target, extents, rdev, links, xattrs FROM frozen WHERE pair = ?1 ORDER BY seq"
-            } else {
-                "SELECT ino, path, kind, perm, uid, gid, size, atime, mtime, ctime, target, extents, 0, x'', x'' FROM frozen WHERE pair = ?1 ORDER BY seq"
-            })?;
-            let rows = fs.query_map([id], |r| {
-                Ok((
-                    r.get::<_, u64>(0)?,
-                    r.get::<_, String>(1)?,
-                    r.get::<_, u8>(2)?,
-                    [r.get::<_, u32>(3)?, r.get(4)?, r.get(5)?],
-                    r.get::<_, u64>(6)?,
-                    [r.get::<_, i64>(7)?, r.get(8)?, r.get(9)?],
-                    r.get::<_, Vec<u8>>(10)?,
-                    r.get::<_, Vec<u8>>(11)?,
-                    (
-                        r.get::<_, u32>(12)?,
-                        r.get::<_, Vec<u8>>(13)?,
-                        r.get::<_, Vec<u8>>(14)?,
-                    ),
-                ))
-            })?;
-            for r in rows {
-                let (ino, path, kind, pug, size, t, target, ext, (rdev, links, xattrs)) = r?;
-                if kind == KIND_ABSENT {
-                    p.frozen.push(Frozen::absent(ino));
-                    continue;
-                }
-                let kind = FrozenKind::from_code(kind)
-                    .ok_or_else(|| corrupt(format!("pair {id}: frozen kind {kind}")))?;
-                let links = decode_blobs(&links)
-                    .map_err(|e| corrupt(format!("pair {id}: frozen links: {e}")))?
-                    .into_iter()
-                    .map(|b| String::from_utf8(b).map_err(|_| corrupt("frozen link not UTF-8")))
-                    .collect::<Result<Vec<String>>>()?;
-                let xattrs = decode_blobs(&xattrs)
-                    .map_err(|e| corrupt(format!("pair {id}: frozen xattrs: {e}")))?;
-                if xattrs.len() % 2 != 0 {
-                    return Err(corrupt(format!("pair {id}: frozen xattrs: odd count")));
-                }
-                let mut it = xattrs.into_iter();
-                let mut xa = Vec::new();
-                while let (Some(n), Some(v)) = (it.next(), it.next()) {
-                    xa.push((n, v));
-                }
-                p.frozen.push(Frozen {
-                    ino,
-                    path,
-                    attr: FrozenAttr {
-                        kind,
-                        perm: pug[0],
-                        uid: pug[1],
-                        gid: pug[2],
-                        size,
-                        atime: t[0],
-                        mtime: t[1],
-                        ctime: t[2],
-                        rdev,
-                    },
-                    links,
-                    xattrs: xa,
-                    extents: {
-                        let m = decode_extents(&ext)
-                            .map_err(|e| corrupt(format!("pair {id}: frozen extents: {e}")))?;
-                        let tracks = self.geometry.tracks();
-                        if let Some(e) = m.iter().find(|e| e.vol == 0 || e.vol + e.len > tracks) {
-                            return Err(corrupt(format!(
-                                "pair {id}: frozen extent {e:?} lies outside the volume"
-                            )));
-                        }
-                        m
-                    },
-                    target,
-                    absent: false,
-                });
-            }
+            p.frozen = self.load_frozen(id)?;
             p.lazy = (lazy_ino > 0).then_some(lazy_ino);
             p.frozen_at = p
                 .frozen
@@ -1021,6 +1006,157 @@ impl Meta {
             pairs.push(p);
         }
         Ok(pairs)
+    }
+
+    /// The frozen records of pair (or generation) `id`, in order, validated.
+    fn load_frozen(&self, id: PairId) -> Result<Vec<Frozen>> {
+        let c = &self.conn;
+        let mut out = Vec::new();
+        let mut fs = c.prepare(if self.version >= 2 {
+            "SELECT ino, path, kind, perm, uid, gid, size, atime, mtime, ctime, target, extents, rdev, links, xattrs FROM frozen WHERE pair = ?1 ORDER BY seq"
+        } else {
+            "SELECT ino, path, kind, perm, uid, gid, size, atime, mtime, ctime, target, extents, 0, x'', x'' FROM frozen WHERE pair = ?1 ORDER BY seq"
+        })?;
+        let rows = fs.query_map([id], |r| {
+            Ok((
+                r.get::<_, u64>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, u8>(2)?,
+                [r.get::<_, u32>(3)?, r.get(4)?, r.get(5)?],
+                r.get::<_, u64>(6)?,
+                [r.get::<_, i64>(7)?, r.get(8)?, r.get(9)?],
+                r.get::<_, Vec<u8>>(10)?,
+                r.get::<_, Vec<u8>>(11)?,
+                (
+                    r.get::<_, u32>(12)?,
+                    r.get::<_, Vec<u8>>(13)?,
+                    r.get::<_, Vec<u8>>(14)?,
+                ),
+            ))
+        })?;
+        for r in rows {
+            let (ino, path, kind, pug, size, t, target, ext, (rdev, links, xattrs)) = r?;
+            if kind == KIND_ABSENT {
+                out.push(Frozen::absent(ino));
+                continue;
+            }
+            let kind = FrozenKind::from_code(kind)
+                .ok_or_else(|| corrupt(format!("pair {id}: frozen kind {kind}")))?;
+            let links = decode_blobs(&links)
+                .map_err(|e| corrupt(format!("pair {id}: frozen links: {e}")))?
+                .into_iter()
+                .map(|b| String::from_utf8(b).map_err(|_| corrupt("frozen link not UTF-8")))
+                .collect::<Result<Vec<String>>>()?;
+            let xattrs = decode_blobs(&xattrs)
+                .map_err(|e| corrupt(format!("pair {id}: frozen xattrs: {e}")))?;
+            if xattrs.len() % 2 != 0 {
+                return Err(corrupt(format!("pair {id}: frozen xattrs: odd count")));
+            }
+            let mut it = xattrs.into_iter();
+            let mut xa = Vec::new();
+            while let (Some(n), Some(v)) = (it.next(), it.next()) {
+                xa.push((n, v));
+            }
+            out.push(Frozen {
+                ino,
+                path,
+                attr: FrozenAttr {
+                    kind,
+                    perm: pug[0],
+                    uid: pug[1],
+                    gid: pug[2],
+                    size,
+                    atime: t[0],
+                    mtime: t[1],
+                    ctime: t[2],
+                    rdev,
+                },
+                links,
+                xattrs: xa,
+                extents: {
+                    let m = decode_extents(&ext)
+                        .map_err(|e| corrupt(format!("pair {id}: frozen extents: {e}")))?;
+                    let tracks = self.geometry.tracks();
+                    if let Some(e) = m.iter().find(|e| e.vol == 0 || e.vol + e.len > tracks) {
+                        return Err(corrupt(format!(
+                            "pair {id}: frozen extent {e:?} lies outside the volume"
+                        )));
+                    }
+                    m
+                },
+                target,
+                absent: false,
+            });
+        }
+        Ok(out)
+    }
+
+    /// The named generations (none before schema 7): rows, records, saved tracks.
+    pub fn load_gens(&self) -> Result<Vec<StoredGen>> {
+        if self.version < GENS_VERSION {
+            return Ok(Vec::new());
+        }
+        let c = &self.conn;
+        let mut st = c.prepare(
+            "SELECT id, pair, name, split_ns, lazy_ino, scope_kind, scope_ino, path FROM generations ORDER BY id",
+        )?;
+        let rows = st.query_map([], |r| {
+            Ok((
+                r.get::<_, u64>(0)?,
+                r.get::<_, u64>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, i64>(3)?,
+                r.get::<_, u64>(4)?,
+                r.get::<_, String>(5)?,
+                r.get::<_, u64>(6)?,
+                r.get::<_, String>(7)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for r in rows {
+            let (id, pair, name, split_ns, lazy_ino, kind, ino, path) =
+                r.map_err(|e| corrupt(format!("bad generation row: {e}")))?;
+            let scope = match kind.as_str() {
+                "file" => Scope::File(ino),
+                "dir" => Scope::Dir(ino),
+                "root" => Scope::Root,
+                k => {
+                    return Err(corrupt(format!(
+                        "generation {id}: unknown scope kind {k:?}"
+                    )));
+                }
+            };
+            out.push(StoredGen {
+                id,
+                row: GenRow {
+                    pair,
+                    name,
+                    split_ns,
+                    lazy_ino,
+                    scope,
+                    path,
+                },
+                frozen: Vec::new(),
+                saved: Vec::new(),
+            });
+        }
+        let tracks = self.geometry.tracks();
+        for g in &mut out {
+            g.frozen = self.load_frozen(g.id)?;
+            let mut st = c.prepare_cached("SELECT vtrack, slot FROM gen_saved WHERE gen = ?1")?;
+            let rows = st.query_map([g.id], |r| Ok((r.get::<_, u64>(0)?, r.get::<_, u64>(1)?)))?;
+            for r in rows {
+                let (v, s) = r?;
+                if v == 0 || v >= tracks || s == 0 || s >= tracks {
+                    return Err(corrupt(format!(
+                        "generation {}: saved track {v} in slot {s} lies outside the volume",
+                        g.id
+                    )));
+                }
+                g.saved.push((v, s));
+            }
+        }
+        Ok(out)
     }
 
     /// Writes one batch in one transaction (durable when this returns).
@@ -1106,7 +1242,37 @@ impl Meta {
             tx.execute("DELETE FROM pairs WHERE id = ?1", [d.id])?;
             tx.execute("DELETE FROM bitmaps WHERE pair = ?1", [d.id])?;
             tx.execute("DELETE FROM frozen WHERE pair = ?1", [d.id])?;
+            if d.generation.is_some() {
+                tx.execute("DELETE FROM generations WHERE id = ?1", [d.id])?;
+                tx.execute("DELETE FROM gen_saved WHERE gen = ?1", [d.id])?;
+            }
             return Ok(());
+        }
+        if let Some(g) = &d.generation {
+            tx.execute(
+                "INSERT OR REPLACE INTO generations VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                params![
+                    d.id,
+                    g.pair,
+                    g.name,
+                    g.split_ns,
+                    g.lazy_ino,
+                    g.scope.kind(),
+                    g.scope.ino(),
+                    g.path
+                ],
+            )?;
+            tx.execute(
+                "UPDATE super SET value = max(CAST(value AS INTEGER), ?1) WHERE key = 'next_pair'",
+                [d.id + 1],
+            )?;
+        }
+        if !d.saved.is_empty() {
+            let mut put =
+                tx.prepare_cached("INSERT OR REPLACE INTO gen_saved VALUES (?1, ?2, ?3)")?;
+            for (v, slot) in &d.saved {
+                put.execute(params![d.id, v, slot])?;
+            }
         }
         if !d.sums.is_empty() {
             let mut put = tx.prepare_cached("INSERT OR REPLACE INTO sums VALUES (?1, ?2)")?;

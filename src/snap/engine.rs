@@ -45,6 +45,9 @@ use crate::snap::sums::{ScrubReport, SumTable};
 use crate::snap::view::{Builder, FrozenView, Numbering};
 use crate::store::volume::{Checked, Volume};
 
+mod gens;
+pub use gens::GenStatus;
+
 /// Largest copier batch in bytes (bounded memory; a host copy-on-write waits for at
 /// most one batch).
 pub const COPY_BATCH_BYTES: u64 = 1 << 20;
@@ -220,6 +223,8 @@ pub struct Engine {
     pub sum_errors: AtomicU64,
     /// The sum of a track of zeros (a discarded all-zero copy).
     zero_sum: u32,
+    /// Named generations ([`crate::snap::gens`]).
+    gens: gens::GenTable,
 }
 
 /// Most entries of the verified-track cache (16 bytes each).
@@ -398,6 +403,7 @@ impl Engine {
             verify_cache: !matches!(std::env::var("PAIRFS_SUMS_CACHE").as_deref(), Ok("0")),
             sum_errors: AtomicU64::default(),
             zero_sum: crate::snap::sums::crc(&vec![0u8; h.track_size as usize]),
+            gens: gens::GenTable::default(),
         }
     }
 
@@ -601,12 +607,21 @@ impl Engine {
     /// True if inode `ino` must be frozen in pair `id` before its first change (a lazy
     /// instant that has not frozen it yet, [`Pair::needs_freeze`]).
     pub fn needs_freeze(&self, id: PairId, ino: u64) -> bool {
+        if let Some(n) = self.gen_needs_freeze(id, ino) {
+            return n;
+        }
         self.slot(id).is_some_and(|s| s.lock().needs_freeze(ino))
     }
 
     /// Where a lazy pair's frozen map places inode `ino`: None if it is not frozen
     /// there, Some(None) if it is marked absent, else its instant path.
     pub fn frozen_path(&self, id: PairId, ino: u64) -> Option<Option<String>> {
+        if let Some(r) = self.gen_frozen_of(id, |p| {
+            p.frozen_of(ino)
+                .map(|f| (!f.absent).then(|| f.path.clone()))
+        }) {
+            return r;
+        }
         let s = self.slot(id)?;
         let p = s.lock();
         p.frozen_of(ino)
@@ -630,6 +645,12 @@ impl Engine {
         f0: u64,
         n: u64,
     ) -> Option<Option<(u64, Vec<Segment>)>> {
+        if let Some(r) = self.gen_frozen_of(id, |p| {
+            p.frozen_of(ino)
+                .map(|f| (!f.absent).then(|| (f.attr.size, f.extents.segments(f0, n))))
+        }) {
+            return r;
+        }
         let s = self.slot(id)?;
         let p = s.lock();
         p.frozen_of(ino)
@@ -640,6 +661,10 @@ impl Engine {
     /// the namespace lock, checked [`Engine::needs_freeze`] and is about to change the
     /// object). Returns the tracks to pin now. The next commit appends the record.
     pub fn lazy_freeze(&self, id: PairId, f: Frozen) -> TrackSet {
+        let f = match self.gen_slot(id) {
+            Some(_) => return self.gen_lazy_freeze(id, f).unwrap_or_default(),
+            None => f,
+        };
         let Some(s) = self.slot(id) else {
             return TrackSet::new();
         };
@@ -724,6 +749,7 @@ impl Engine {
                 });
             }
         }
+        out.extend(self.take_dirty_gens());
         out
     }
 
@@ -761,6 +787,9 @@ impl Engine {
     /// clear in memory only, so every chunk of those pairs is dirty again.
     fn restore_deltas(&self, deltas: &[PairDelta]) {
         for d in deltas.iter().filter(|d| !d.delete) {
+            if self.restore_gen(d) {
+                continue;
+            }
             if let Some(s) = self.slot(d.id) {
                 let mut p = s.lock();
                 p.mark_all_dirty();
@@ -853,7 +882,7 @@ impl Engine {
         slot.dirty.store(true, Ordering::Release);
         // The error state (no frozen map) is durable before its tracks can be reused.
         match self.persist(slot, true) {
-            Ok(()) => ns.apply_pins(&pins),
+            Ok(()) => self.apply_pins(ns, &pins),
             Err(e2) => log::error!(
                 "pair {}: cannot record the error state ({e2}); its tracks stay pinned",
                 slot.id
@@ -946,6 +975,7 @@ impl Engine {
         pieces: &[Piece<'_>],
     ) -> Result<()> {
         let ts = self.track_size;
+        self.gen_save(ns, &pieces.iter().map(|p| p.track).collect::<Vec<_>>())?;
         let slot = pid
             .and_then(|p| self.slot(p))
             .filter(|s| !s.released.load(Ordering::Acquire));
@@ -1452,7 +1482,7 @@ impl Engine {
                 })?;
                 self.frozen_changed();
                 self.durability.clear_copy_poison();
-                ns.apply_pins(&pins);
+                self.apply_pins(ns, &pins);
                 true
             }
             Op::Split | Op::Update => {
@@ -1467,7 +1497,7 @@ impl Engine {
                 };
                 self.frozen_changed();
                 self.durability.clear_copy_poison();
-                ns.apply_pins(&pins);
+                self.apply_pins(ns, &pins);
                 true
             }
             Op::Resync => {
@@ -1475,13 +1505,13 @@ impl Engine {
                 let pins = slot.lock().resync(&current, now)?;
                 self.frozen_changed();
                 self.durability.clear_copy_poison();
-                ns.apply_pins(&pins);
+                self.apply_pins(ns, &pins);
                 true
             }
             Op::Release | Op::Join => {
                 slot.released.store(true, Ordering::Release);
                 let pins = slot.lock().release();
-                ns.apply_pins(&pins);
+                self.apply_pins(ns, &pins);
                 // Give the copy image's space back: the frozen tracks and the mirror
                 // of the scope's current tracks.
                 let mirror = ns.scope_tracks(scope, slot.id)?;
@@ -1509,13 +1539,16 @@ impl Engine {
                         .unwrap_or_else(|p| p.into_inner())
                         .remove(&slot.id);
                 });
+                // Its named generations go with it.
+                let mut deltas = self.drop_gens_of(ns, slot.id)?;
                 self.frozen_changed();
                 ns.hand_over(slot.id, &members)?;
-                ns.commit_destaged(vec![PairDelta {
+                deltas.push(PairDelta {
                     id: slot.id,
                     delete: true,
                     ..PairDelta::default()
-                }])?;
+                });
+                ns.commit_destaged(deltas)?;
                 log::info!(
                     "pair {} ({}): {} -> {}",
                     slot.id,
@@ -1566,6 +1599,13 @@ impl Engine {
     /// reaches the database in one transaction (commits are held off meanwhile, so no
     /// commit carries a part of it). The caller holds the write barrier.
     fn split_off(&self, ns: &dyn Namespace, group: Arc<Slot>, ino: u64, op: Op) -> Result<()> {
+        if self.has_gens(group.id) {
+            return Err(Error::Busy(format!(
+                "pair {} has named generations: a file inside it cannot be split on its own \
+                 (release them first)",
+                group.id
+            )));
+        }
         // No copy of the group's in flight while its bits of the file are dropped.
         let _group_gate = group.gate();
         let now = now_ns();
@@ -1599,7 +1639,7 @@ impl Engine {
                     p.frozen_saved = 0;
                     pins
                 };
-                ns.apply_pins(&pins);
+                self.apply_pins(ns, &pins);
                 self.frozen_changed();
             }
             slot.dirty.store(true, Ordering::Release);
@@ -1767,6 +1807,7 @@ impl Engine {
                 Err(e) => log::warn!("pair {}: frozen view incomplete: {e}", s.id),
             }
         }
+        self.gen_view(ns, &mut b);
         let v = Arc::new(b.finish());
         *self.view.write().unwrap_or_else(|p| p.into_inner()) = v.clone();
         v
@@ -1798,6 +1839,21 @@ impl Engine {
                 )));
             }
         };
+        Ok(self.diff_with(id, &p, record, ino, now, size))
+    }
+
+    /// The changed ranges of file `ino` against the instant whose records `p` holds,
+    /// `record` the volume tracks written since (a pair's record bitmap, or the tracks a
+    /// named generation saved).
+    fn diff_with(
+        &self,
+        id: PairId,
+        p: &Pair,
+        record: &TrackSet,
+        ino: u64,
+        now: &crate::core::extent::ExtentMap,
+        size: u64,
+    ) -> crate::snap::diff::FileDiff {
         // The file at the instant: its frozen record; for a lazy pair an inode that
         // existed then and has no record has not changed since (any change freezes it
         // first), so it is compared with itself; an absent marker or a newer inode had
@@ -1814,14 +1870,14 @@ impl Engine {
                 .find(|f| f.ino == ino && f.attr.kind == FrozenKind::File && !f.absent)
                 .map(|f| (&f.extents, f.attr.size)),
         };
-        Ok(crate::snap::diff::FileDiff {
+        crate::snap::diff::FileDiff {
             pair: id,
             state: p.state.name().to_string(),
             size,
             old_size: then.map_or(0, |t| t.1),
             track_size: self.track_size,
             ranges: crate::snap::diff::changed_ranges(self.track_size, now, size, then, record),
-        })
+        }
     }
 
     /// Every object of a lazy pair's instant: its frozen records placed by their paths
@@ -1889,6 +1945,7 @@ impl Engine {
                 }
             }
         }
+        out.extend(self.gen_top_names());
         out.sort();
         out.dedup();
         out
@@ -1986,17 +2043,26 @@ impl Engine {
         off: u64,
         size: u32,
     ) -> Result<Vec<u8>> {
-        let slot = self
-            .slot(id)
-            .ok_or_else(|| Error::NotFound(format!("pair {id}")))?;
-        let ts = self.track_size;
-        let lazy = {
-            let p = slot.lock();
-            if !p.state.is_frozen() {
-                return Err(Error::NotFound("the frozen copy is gone".into()));
-            }
-            p.lazy.is_some()
+        // A pair's frozen copy, or a named generation's (`gen`).
+        let named = self.gen_slot(id);
+        let slot = match &named {
+            Some(_) => None,
+            None => Some(
+                self.slot(id)
+                    .ok_or_else(|| Error::NotFound(format!("pair {id}")))?,
+            ),
         };
+        let with_pair = |f: &mut dyn FnMut(&Pair)| match (&named, &slot) {
+            (Some(g), _) => f(&g.lock().p),
+            (None, Some(s)) => f(&s.lock()),
+            (None, None) => {}
+        };
+        let ts = self.track_size;
+        let mut lazy = None;
+        with_pair(&mut |p| {
+            lazy = p.state.is_frozen().then_some(p.lazy.is_some());
+        });
+        let lazy = lazy.ok_or_else(|| Error::NotFound("the frozen copy is gone".into()))?;
         let (segs, len, path) = if lazy {
             // A lazy pair: the instant's record if the file changed since, else its
             // live (unchanged) map, both under the namespace lock.
@@ -2014,27 +2080,37 @@ impl Engine {
             }
             let len = (size as u64).min(size_at - off);
             // For log lines: the record's path when the file changed since the instant.
-            let path = slot
-                .lock()
-                .frozen_of(ino)
-                .map_or_else(|| format!("(inode {ino})"), |f| f.path.clone());
+            let mut path = format!("(inode {ino})");
+            with_pair(&mut |p| {
+                if let Some(f) = p.frozen_of(ino) {
+                    path = f.path.clone();
+                }
+            });
             (segs, len, path)
         } else {
-            let p = slot.lock();
-            let f = p
-                .frozen
-                .get(idx)
-                .ok_or_else(|| Error::NotFound("frozen file".into()))?;
-            if ino.is_some_and(|i| i != f.ino) {
-                return Err(Error::Stale);
+            let mut found: Result<Option<(Vec<Segment>, u64, String)>> =
+                Err(Error::NotFound("frozen file".into()));
+            with_pair(&mut |p| {
+                found = match p.frozen.get(idx) {
+                    None => Err(Error::NotFound("frozen file".into())),
+                    Some(f) if ino.is_some_and(|i| i != f.ino) => Err(Error::Stale),
+                    Some(f) if off >= f.attr.size => Ok(None),
+                    Some(f) => {
+                        let len = (size as u64).min(f.attr.size - off);
+                        let f0 = off / ts;
+                        let f1 = (off + len - 1) / ts;
+                        Ok(Some((
+                            f.extents.segments(f0, f1 - f0 + 1),
+                            len,
+                            f.path.clone(),
+                        )))
+                    }
+                };
+            });
+            match found? {
+                Some(x) => x,
+                None => return Ok(Vec::new()),
             }
-            if off >= f.attr.size {
-                return Ok(Vec::new());
-            }
-            let len = (size as u64).min(f.attr.size - off);
-            let f0 = off / ts;
-            let f1 = (off + len - 1) / ts;
-            (f.extents.segments(f0, f1 - f0 + 1), len, f.path.clone())
         };
         let mut buf = vec![0u8; len as usize];
         for s in segs {
@@ -2050,6 +2126,12 @@ impl Engine {
                 let dst = &mut buf[(a - off) as usize..(b - off) as usize];
                 let voff = v * ts + (a - ft * ts);
                 let at = (id, path.as_str(), ft, v, a - ft * ts);
+                let Some(slot) = &slot else {
+                    if let Some(g) = &named {
+                        self.gen_read_track(g, (path.as_str(), ft, v, a - ft * ts), dst)?;
+                    }
+                    continue;
+                };
                 if slot.lock().read_from_volume(v) {
                     self.vol.read_at(voff, dst)?;
                     // A copy-on-write may have finished (and the host overwritten the

@@ -89,6 +89,13 @@ pub trait Namespace: Sync {
     fn pin_frozen(&self, id: PairId, tracks: &TrackSet) -> Result<()>;
     /// Applies a transition's pin changes to the allocator.
     fn apply_pins(&self, pins: &Pins);
+    /// Allocates `n` volume tracks as slots of named generations (used: no file gets
+    /// them; nothing is written to them on the volume). `NoSpace` if fewer are free.
+    fn alloc_slots(&self, n: u64) -> Result<Vec<u64>>;
+    /// Frees generation slots (held until the next commit, like any freed track).
+    fn free_slots(&self, slots: &[u64]);
+    /// Marks stored generation slots used at mount (`Corrupt` if a file maps one).
+    fn mark_slots(&self, slots: &[u64]) -> Result<()>;
     /// How many of `tracks` no live file uses (kept only by frozen copies).
     fn unused_count(&self, tracks: &TrackSet) -> u64;
     /// The path of a writable clone that reads from pair `id`'s frozen copy, if any
