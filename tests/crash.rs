@@ -108,6 +108,9 @@ struct Expect {
     /// A writable clone: its name, its content as of the last commit, and the writes
     /// (offset, bytes) since, any of which may have reached the disk.
     clone: Option<CloneExpect>,
+    /// Named generations of `d`'s pair whose split returned: name and `d`'s files at
+    /// that instant (as [`Expect::tree`]).
+    gens: Vec<(String, Tree)>,
 }
 
 /// The clone of [`Expect::clone`].
@@ -126,8 +129,27 @@ fn frozen_tree(fs: &Fs) -> Tree {
 
 /// [`frozen_tree`] of one pair's objects only (`Some(id)`), or of every pair's.
 fn frozen_tree_of(fs: &Fs, only: Option<u64>) -> Tree {
+    frozen_tree_at(fs, only, "")
+}
+
+/// The files of generation `name` under `@name/d/` (paths without `@name/`).
+fn gen_tree(fs: &Fs, name: &str) -> Tree {
+    frozen_tree_at(fs, None, &format!("@{name}/"))
+}
+
+/// [`frozen_tree_of`] of the objects placed under `prefix` (stripped).
+fn frozen_tree_at(fs: &Fs, only: Option<u64>, prefix: &str) -> Tree {
     let mut out = Tree::new();
-    for (pair, idx, f) in fs.engine.frozen_objects(fs) {
+    for (pair, idx, mut f) in fs.engine.frozen_objects(fs) {
+        let Some(rest) = f.path.strip_prefix(prefix) else {
+            continue;
+        };
+        f.path = rest.to_string();
+        f.links = f
+            .links
+            .iter()
+            .filter_map(|l| l.strip_prefix(prefix).map(str::to_string))
+            .collect();
         if f.attr.kind != pairfs::snap::pair::FrozenKind::File
             || !f.path.starts_with("d/")
             || only.is_some_and(|p| p != pair)
@@ -213,6 +235,15 @@ fn check_crash(
                 t.keys().collect::<Vec<_>>()
             );
         }
+        for (name, t) in &exp.gens {
+            let got = gen_tree(&fs, name);
+            assert!(
+                got == *t,
+                "{ctx}: generation {name} differs after the crash:\n{:?}\nwant\n{:?}",
+                got.keys().collect::<Vec<_>>(),
+                t.keys().collect::<Vec<_>>()
+            );
+        }
         for (id, t) in &exp.pairs {
             assert!(
                 frozen_tree_of(&fs, Some(*id)) == *t,
@@ -293,6 +324,12 @@ fn check_crash(
             assert!(
                 frozen_tree_of(&fs, Some(*id)) == *t,
                 "{ctx}: the frozen files of pair {id} differ after the copier finished"
+            );
+        }
+        for (name, t) in &exp.gens {
+            assert!(
+                gen_tree(&fs, name) == *t,
+                "{ctx}: generation {name} differs after the copier finished"
             );
         }
         fs.shutdown().unwrap();
@@ -460,6 +497,7 @@ fn workload(seed: u64, ops: usize) -> (usize, u64) {
             tree: None,
             pairs: Vec::new(),
             clone: None,
+            gens: Vec::new(),
         };
         check_crash(seed, points, &cdir, &paths, &vol, &copy, &exp, &mut rng);
         points += 1;
@@ -477,7 +515,9 @@ fn workload(seed: u64, ops: usize) -> (usize, u64) {
 /// crash at every step (between the split and a first change, in the middle of a first
 /// change: its record and the change not yet committed, or committed together) the frozen
 /// view of `d` is exactly the split-time tree, before and after the copier finishes.
-fn lazy_workload(seed: u64, ops: usize) -> (usize, usize) {
+/// With `gens`, named generations of `d`'s pair are split, refreshed and released too,
+/// and each one whose split returned must read its instant after every crash.
+fn lazy_workload(seed: u64, ops: usize, gens: bool) -> (usize, usize) {
     let dir = tempfile::tempdir_in(
         std::env::var("PAIRFS_TEST_DIR").unwrap_or_else(|_| "/dev/shm".into()),
     )
@@ -522,12 +562,25 @@ fn lazy_workload(seed: u64, ops: usize) -> (usize, usize) {
     let mut points = 0;
     let mut token = 1u8;
     let mut with_tree = 0;
+    let mut named: BTreeMap<String, Tree> = BTreeMap::new();
     for _ in 0..ops {
         let i = rng.below(FILES as u64) as usize;
         let (inside, n) = (files[i].0, files[i].1.clone());
         let parent = if inside { d } else { o };
         let ino = fs.lookup(parent, &n).unwrap().row.ino;
-        match rng.below(14) {
+        match rng.below(if gens { 17 } else { 14 }) {
+            14 | 15 if tree.is_some() => {
+                // Split or refresh generation g0..g2 (needs the pair: split first).
+                let g = format!("g{}", rng.below(3));
+                fs.control_gen(d, &g, Op::Split).unwrap();
+                named.insert(g, tree_of(&files));
+            }
+            16 => {
+                let g = format!("g{}", rng.below(3));
+                if fs.control_gen(d, &g, Op::Release).is_ok() {
+                    named.remove(&g);
+                }
+            }
             0..=2 => {
                 let off = rng.below(6 * TS);
                 let len = 1 + rng.below(2 * TS) as usize;
@@ -607,12 +660,41 @@ fn lazy_workload(seed: u64, ops: usize) -> (usize, usize) {
                 "seed {seed:#x}: the lazily split directory's view differs while live"
             );
         }
+        for (g, t) in &named {
+            let got = gen_tree(&fs, g);
+            if got != *t {
+                for (k, v) in t {
+                    match got.get(k) {
+                        None => println!("missing {k}"),
+                        Some(x) if x != v => println!(
+                            "{k}: got len {} mode {:o}, want len {} mode {:o}; first diff {:?}",
+                            x.0.len(),
+                            x.1,
+                            v.0.len(),
+                            v.1,
+                            x.0.iter().zip(&v.0).position(|(a, b)| a != b)
+                        ),
+                        _ => {}
+                    }
+                }
+                for k in got.keys() {
+                    if !t.contains_key(k) {
+                        println!("extra {k}");
+                    }
+                }
+            }
+            assert!(
+                got == *t,
+                "seed {seed:#x}: generation {g} differs while live"
+            );
+        }
         let exp = Expect {
             frozen: BTreeMap::new(),
             durable: Vec::new(),
             tree: tree.clone(),
             pairs: Vec::new(),
             clone: None,
+            gens: named.iter().map(|(g, t)| (g.clone(), t.clone())).collect(),
         };
         with_tree += usize::from(tree.is_some());
         check_crash(seed, points, &cdir, &paths, &vol, &copy, &exp, &mut rng);
@@ -765,6 +847,7 @@ fn group_workload(seed: u64, ops: usize) -> (usize, usize) {
             tree: None,
             pairs,
             clone: None,
+            gens: Vec::new(),
         };
         check_crash(seed, points, &cdir, &paths, &vol, &copy, &exp, &mut rng);
         points += 1;
@@ -919,6 +1002,7 @@ fn clone_workload(seed: u64, ops: usize) -> usize {
                 durable: durable.clone(),
                 since: since.clone(),
             }),
+            gens: Vec::new(),
         };
         check_crash(seed, points, &cdir, &paths, &vol, &copy, &exp, &mut rng);
         points += 1;
@@ -945,7 +1029,7 @@ fn power_loss_keeps_lazy_directory_instants() {
     let (mut points, mut with_tree) = (0, 0);
     for (w, seed) in seeds.into_iter().enumerate() {
         println!("lazy crash workload {w}: seed {seed:#x}");
-        let (p, t) = lazy_workload(seed, 40);
+        let (p, t) = lazy_workload(seed, 40, false);
         points += p;
         with_tree += t;
     }
@@ -980,4 +1064,21 @@ fn power_loss_at_every_step_keeps_frozen_copies_and_fsynced_data() {
         "no write was staged: the test lost its point"
     );
     assert!(points >= 1000 || workloads < 25);
+}
+
+#[test]
+fn power_loss_keeps_named_generations() {
+    let seeds = workload_seeds(0x9e4_0001, 20);
+    let workloads = seeds.len();
+    let (mut points, mut with_tree) = (0, 0);
+    for (w, seed) in seeds.into_iter().enumerate() {
+        println!("generations crash workload {w}: seed {seed:#x}");
+        let (p, t) = lazy_workload(seed, 50, true);
+        points += p;
+        with_tree += t;
+    }
+    println!(
+        "generations power-loss test: {workloads} workloads, {points} crash points \
+         ({with_tree} after a split), 0 losses"
+    );
 }

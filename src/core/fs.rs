@@ -1136,7 +1136,7 @@ impl Fs {
         if let Some(tp) = st.get(newparent)?.pair.filter(|&p| self.engine.inherits(p))
             && st.get(src)?.pair != Some(tp)
         {
-            self.freeze_in(&mut st, tp, src)?;
+            self.freeze_in_all(&mut st, tp, src)?;
         }
         if exchange {
             let dst = dst.ok_or_else(|| Error::NotFound("exchange target".into()))?;
@@ -2459,16 +2459,19 @@ impl Fs {
     /// lazy instant that has not frozen it yet, freezes it now.
     pub(crate) fn freeze_before(&self, st: &mut NamespaceState, ino: u64) -> Result<()> {
         match st.inodes.get(&ino).and_then(|i| i.pair) {
-            Some(p) => {
-                self.freeze_in(st, p, ino)?;
-                // The pair's named generations are instants of the same scope.
-                for g in self.engine.gens_of(p) {
-                    self.freeze_in(st, g, ino)?;
-                }
-                Ok(())
-            }
+            Some(p) => self.freeze_in_all(st, p, ino),
             None => Ok(()),
         }
+    }
+
+    /// [`Fs::freeze_in`] for pair `p` and each of its named generations (instants of the
+    /// same scope).
+    pub(crate) fn freeze_in_all(&self, st: &mut NamespaceState, p: PairId, ino: u64) -> Result<()> {
+        self.freeze_in(st, p, ino)?;
+        for g in self.engine.gens_of(p) {
+            self.freeze_in(st, g, ino)?;
+        }
+        Ok(())
     }
 
     /// Freezes inode `ino` (cached) in lazy pair `p` if that instant has not frozen it
@@ -2788,7 +2791,7 @@ impl Namespace for Fs {
                 .is_some_and(|i| i.pair.is_none() || i.pair == Some(id));
             if joins && let Some(pp) = parent_pair {
                 // Not a member of the enclosing pair's lazy instant: marked absent there.
-                self.freeze_in(&mut st, pp, ino)?;
+                self.freeze_in_all(&mut st, pp, ino)?;
             }
             let Some(i) = st.inodes.get_mut(&ino) else {
                 continue;

@@ -1972,6 +1972,11 @@ impl Engine {
                 out.push((s.id, i, f));
             }
         }
+        for (id, objects) in self.gen_objects(ns) {
+            for (i, f) in objects.into_iter().enumerate() {
+                out.push((id, i, f));
+            }
+        }
         out
     }
 
@@ -2029,7 +2034,7 @@ impl Engine {
             Some(s) if s.lock().lazy.is_some() => {
                 self.lazy_objects(ns, &s)?.get(idx).map(|f| f.ino)
             }
-            _ => None,
+            _ => self.gen_lazy_ino(ns, id, idx)?,
         };
         self.read_frozen_of(ns, (id, idx, ino), off, size)
     }

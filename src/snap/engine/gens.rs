@@ -528,8 +528,10 @@ impl Engine {
         self.gen_slot(id).map(|s| f(&s.lock().p))
     }
 
-    /// Adds every generation's objects under `@NAME/` to the view being built.
-    pub(super) fn gen_view(&self, ns: &dyn Namespace, b: &mut Builder<'_>) {
+    /// Every generation's objects, placed under `@NAME/` (by id, in each one's list
+    /// order: for a lazy generation, the order of its walk).
+    pub(super) fn gen_objects(&self, ns: &dyn Namespace) -> Vec<(PairId, Vec<Frozen>)> {
+        let mut out = Vec::new();
         for s in self.all_gens() {
             let (name, lazy, frozen) = {
                 let g = s.lock();
@@ -554,7 +556,30 @@ impl Engine {
                     ..f
                 })
                 .collect();
-            b.add_pair(s.id, &placed);
+            out.push((s.id, placed));
+        }
+        out
+    }
+
+    /// Adds every generation's objects under `@NAME/` to the view being built.
+    pub(super) fn gen_view(&self, ns: &dyn Namespace, b: &mut Builder<'_>) {
+        for (id, placed) in self.gen_objects(ns) {
+            b.add_pair(id, &placed);
+        }
+    }
+
+    /// Inode of object `idx` of lazy generation `id`'s walk (tests and checks).
+    pub(super) fn gen_lazy_ino(
+        &self,
+        ns: &dyn Namespace,
+        id: PairId,
+        idx: usize,
+    ) -> Result<Option<u64>> {
+        match self.gen_slot(id) {
+            Some(s) if s.lock().p.lazy.is_some() => {
+                Ok(self.gen_lazy_objects(ns, &s)?.get(idx).map(|f| f.ino))
+            }
+            _ => Ok(None),
         }
     }
 
