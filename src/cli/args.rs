@@ -141,13 +141,19 @@ pub enum Cmd {
     /// A regular file inside a paired directory (or volume) gets a pair of its own with
     /// its own instant; the directory's frozen copy keeps the file as of its instant (see
     /// `pairfs join`).
+    ///
+    /// With `--generation NAME`: split (or refresh) the pair's named generation NAME, a
+    /// further instant kept by copy-on-write alone, served under `@NAME/` of the copy
+    /// mount (the pair must exist; PATH is its file, directory or mount root).
     Split(WaitArgs),
-    /// Refresh the frozen copy to now, copying only changed tracks.
+    /// Refresh the frozen copy to now, copying only changed tracks (`--generation NAME`:
+    /// refresh generation NAME, as `split --generation NAME`).
     Update(WaitArgs),
     /// Leave the frozen state and converge back to formed.
     Resync(WaitArgs),
-    /// Delete the pair and its frozen copy.
-    Release(PathArgs),
+    /// Delete the pair, its frozen copy and its named generations (`--generation NAME`:
+    /// only generation NAME, freeing the space no other generation shares).
+    Release(GenArgs),
     /// Make DST a writable clone of SRC's frozen copy, at once, copying no data.
     ///
     /// SRC is a regular file or a directory; without a frozen copy it is split first
@@ -291,6 +297,20 @@ pub struct WaitArgs {
     /// Block until the background copy is complete, showing progress on a terminal.
     #[arg(long)]
     pub wait: bool,
+    /// A named generation of the pair instead of its own frozen copy (split and update
+    /// only; `default` is the pair's own).
+    #[arg(long, value_name = "NAME")]
+    pub generation: Option<String>,
+}
+
+/// A path and an optional generation.
+#[derive(Debug, Args)]
+pub struct GenArgs {
+    /// A regular file or directory on a pairfs mount.
+    pub path: PathBuf,
+    /// Only the pair's named generation NAME.
+    #[arg(long, value_name = "NAME")]
+    pub generation: Option<String>,
 }
 
 /// Replication subcommands.

@@ -99,7 +99,40 @@ pub fn fsck(p: &Paths, repair: bool) -> Result<Report> {
             }
         }
     }
-    let pinned_only = pinned.iter().filter(|t| !owner.contains_key(t)).count() as u64;
+    // Named generations: of an existing pair; records inside the volume (pinned);
+    // slots inside the volume and mapped by no file.
+    let mut slots = HashSet::new();
+    for g in &l.gens {
+        if !l.pairs.iter().any(|p| p.id == g.row.pair) {
+            r.problems.push(format!(
+                "generation {} ({}) belongs to pair {}, which does not exist",
+                g.id, g.row.name, g.row.pair
+            ));
+        }
+        for t in crate::snap::gens::tracks_of(&g.frozen).iter() {
+            if t == 0 || t >= tracks {
+                r.problems.push(format!(
+                    "generation {}: frozen track {t} outside the volume",
+                    g.id
+                ));
+            } else {
+                pinned.insert(t);
+            }
+        }
+        for &(v, s) in &g.saved {
+            if let Some(ino) = owner.get(&s) {
+                r.problems.push(format!(
+                    "generation {}: the slot of saved track {v} (track {s}) is mapped by inode {ino}",
+                    g.id
+                ));
+            }
+            slots.insert(s);
+        }
+    }
+    let pinned_only = pinned
+        .iter()
+        .filter(|t| !owner.contains_key(t) && !slots.contains(*t))
+        .count() as u64;
     // Writable clones: each reads from a frozen copy that must still be there.
     let mut clones = 0u64;
     for i in &l.inodes {
@@ -230,9 +263,12 @@ pub fn fsck(p: &Paths, repair: bool) -> Result<Report> {
     r.stats.insert("tracks", tracks);
     r.stats.insert("used_tracks", used);
     r.stats.insert("pinned_only_tracks", pinned_only);
+    let slots = slots.len() as u64;
+    r.stats.insert("generations", l.gens.len() as u64);
+    r.stats.insert("generation_slot_tracks", slots);
     r.stats.insert(
         "free_tracks",
-        tracks - 1 - used.min(tracks - 1) - pinned_only,
+        (tracks - 1).saturating_sub(used + pinned_only + slots),
     );
     r.stats.insert("inodes", l.inodes.len() as u64);
     r.stats.insert("pairs", l.pairs.len() as u64);

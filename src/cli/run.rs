@@ -167,12 +167,25 @@ pub fn run(cli: Cli) -> Result<u8> {
             Ok(0)
         }
         Cmd::Pair(a) => control(&a.path, "pair", false),
-        Cmd::Release(a) => control(&a.path, "release", false),
+        Cmd::Release(a) => match named(&a.generation) {
+            Some(g) => control_generation(&a.path, "release", g),
+            None => control(&a.path, "release", false),
+        },
         Cmd::Clone { src, dst, detach } => clone(&src, dst.as_deref(), detach),
         Cmd::Join(a) => control(&a.path, "join", false),
+        Cmd::Split(a) | Cmd::Update(a) if named(&a.generation).is_some() => {
+            control_generation(&a.path, "split", named(&a.generation).unwrap_or_default())
+        }
         Cmd::Split(a) => control(&a.path, "split", a.wait),
         Cmd::Update(a) => control(&a.path, "update", a.wait),
-        Cmd::Resync(a) => control(&a.path, "resync", a.wait),
+        Cmd::Resync(a) => {
+            if named(&a.generation).is_some() {
+                return Err(Error::invalid(
+                    "resync --generation: a named generation is split, updated or released",
+                ));
+            }
+            control(&a.path, "resync", a.wait)
+        }
         Cmd::Migrate {
             mountpoint,
             to,
@@ -1141,6 +1154,22 @@ pub fn setxattr_control(path: &Path, op: &str) -> Result<()> {
         )));
     }
     Ok(())
+}
+
+/// A `--generation` other than `default`.
+fn named(g: &Option<String>) -> Option<&str> {
+    g.as_deref()
+        .filter(|g| *g != crate::snap::gens::DEFAULT_NAME)
+}
+
+/// `pairfs split|update|release --generation NAME PATH`: `user.pairfs.OP` = NAME on
+/// PATH, then the generation's status line.
+fn control_generation(path: &Path, op: &str, name: &str) -> Result<u8> {
+    crate::snap::gens::check_name(name)?;
+    crate::cli::status::setxattr_value(path, op, name.as_bytes())
+        .map_err(|e| Error::invalid(format!("{op} --generation {name} {}: {e}", path.display())))?;
+    println!("{}: generation {name}: {op} done", path.display());
+    Ok(0)
 }
 
 /// `pairfs clone SRC DST` (setxattr `user.pairfs.clone` = `SRC_INO NAME` on DST's
