@@ -9,6 +9,7 @@
 //! | 1 | `barrier` (RwLock) | [`Fs`](crate::core::fs::Fs), the facade | host changes share it; split instants take it exclusively ([`Fs::control`](crate::core::fs::Fs::control), which hands the guard to [`Engine::control`](crate::snap::engine::Engine::control)) |
 //! | 2 | inode `data_lock` (RwLock) | [`Inode`](crate::core::inode::Inode) | reads and writes share it; truncate/punch/fallocate exclusive |
 //! | 2a | `destage_lock` | [`Engine`](crate::snap::engine::Engine) | one destage round of staged copy-on-write writes (takes gates, then commits pair bits) |
+//! | 2b | generations' `save_lock` | [`Engine`](crate::snap::engine::Engine) (`snap/engine/gens.rs`) | one save of old tracks for named generations before an overwrite (allocates slots through `namespace`, syncs the copy image, commits) |
 //! | 3 | pair `gate` | [`Slot`](crate::snap::engine::Slot) | every copy of the pair's tracks (copy-on-write, copier batch, control op) |
 //! | 4 | `commit_lock` | [`Durability`](crate::core::durability::Durability) | one full commit |
 //! | 5 | `copy_lock` | [`Durability`](crate::core::durability::Durability) | a copy-image sync and the failing of every pair after it failed; clearing the copy image's poison |
@@ -16,10 +17,11 @@
 //! | 7 | `meta` (SQLite connection) | [`Fs`](crate::core::fs::Fs), shared with the pipeline | one transaction |
 //! | 7a | the stage table | [`Engine`](crate::snap::engine::Engine) | staged tracks: look-up, patch, insert; a destage writes one track to the volume under it |
 //! | 8 | pair state `Slot::p` | [`Slot`](crate::snap::engine::Slot) | bitmap and state changes |
+//! | 8a | a generation's state (`GenSlot::g`) | the engine (`snap/engine/gens.rs`) | records, pins, saved map; several are taken together only in id order (`Engine::gen_save`'s plan) |
 //!
 //! Leaves (nothing is taken while holding them): `Fs::layout` (shape-change stamps for
 //! `fdatasync`), `Fs::clones` (which writable clones depend on which pair), the engine's pair map, a slot's
-//! `unconfirmed`, `cow_queue` and `new_sums` lists, the engine's checksum table (`sums`)
+//! `unconfirmed`, `cow_queue` and `new_sums` lists, the generations' map and slot reference counts, the engine's checksum table (`sums`)
 //! and verified-track map (`verified`), the copier's `work` counter,
 //! [`Checked`](crate::store::volume::Checked)'s `sync_lock` (held across one fsync), and
 //! the image-level locks of [`MigratingVolume`](crate::store::migrate::MigratingVolume)
