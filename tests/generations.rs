@@ -354,3 +354,71 @@ fn kill9_under_writes_keeps_every_generation() {
     v.umount();
     v.fsck();
 }
+
+/// A byte flipped in a generation's saved track on the copy image: reading it through
+/// `@NAME/` is EIO (never wrong bytes) and `pairfs scrub` exits 1, online and offline;
+/// the pair's own frozen copy and the other tracks still read.
+#[test]
+fn a_flipped_byte_in_a_saved_track_is_eio_and_scrub_finds_it() {
+    let mut v = Vol::new("1G");
+    v.mount();
+    let f = v.path("db");
+    make(&f, 16, 0);
+    ctl(&f, "split");
+    wait_state(&f, "split");
+    gen_split(&f, "s");
+    let want = read_all(&f);
+    put(&f, 3, 9, 64 * 1024);
+    same("@s before", &read_all(&v.copy_path("@s/db")), &want);
+    let clean = pairfs(&["scrub", v.mnt.to_str().unwrap()]);
+    assert!(
+        clean.status.success(),
+        "{}",
+        String::from_utf8_lossy(&clean.stdout)
+    );
+    v.umount();
+    let slot: u64 = {
+        let c = rusqlite::Connection::open(v.dir.path().join("vol.img.meta")).unwrap();
+        c.query_row("SELECT slot FROM gen_saved", [], |r| r.get(0))
+            .unwrap()
+    };
+    let copy = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(v.dir.path().join("vol.img.copy"))
+        .unwrap();
+    let at = slot * 65536 + 100;
+    let mut b = [0u8];
+    copy.read_exact_at(&mut b, at).unwrap();
+    copy.write_all_at(&[b[0] ^ 0x40], at).unwrap();
+    copy.sync_all().unwrap();
+    let off = pairfs(&["scrub", v.img.to_str().unwrap()]);
+    assert_eq!(
+        off.status.code(),
+        Some(1),
+        "offline scrub: {}",
+        String::from_utf8_lossy(&off.stdout)
+    );
+    v.mount();
+    let g = std::fs::File::open(v.copy_path("@s/db")).unwrap();
+    let mut buf = vec![0u8; 4096];
+    let e = g.read_exact_at(&mut buf, 3 * 64 * 1024).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}");
+    g.read_exact_at(&mut buf, 0).unwrap();
+    same("untouched track", &buf, &want[..4096]);
+    drop(g);
+    same("own frozen copy", &read_all(&v.copy_path("db")), &want);
+    let on = pairfs(&["scrub", v.mnt.to_str().unwrap()]);
+    assert_eq!(
+        on.status.code(),
+        Some(1),
+        "online scrub: {}",
+        String::from_utf8_lossy(&on.stdout)
+    );
+    assert!(
+        String::from_utf8_lossy(&on.stdout).contains("@s/db"),
+        "{}",
+        String::from_utf8_lossy(&on.stdout)
+    );
+    v.umount();
+}

@@ -975,24 +975,26 @@ impl Engine {
         pieces: &[Piece<'_>],
     ) -> Result<()> {
         let ts = self.track_size;
-        self.gen_save(ns, &pieces.iter().map(|p| p.track).collect::<Vec<_>>())?;
+        let tracks: Vec<u64> = pieces.iter().map(|p| p.track).collect();
+        // Tracks a named generation must save first: staged too, the save runs in the
+        // destage round (rule 14 holds there: saved and committed before the patch).
+        let gen_need = self.gen_needs(&tracks);
         let slot = pid
             .and_then(|p| self.slot(p))
             .filter(|s| !s.released.load(Ordering::Acquire));
         let need: Vec<u64> = match &slot {
-            Some(s) => {
-                let tracks: Vec<u64> = pieces.iter().map(|p| p.track).collect();
-                s.lock().cow_needed(&tracks)
-            }
+            Some(s) => s.lock().cow_needed(&tracks),
             None => Vec::new(),
         };
-        if need.is_empty() && self.staged_now.load(Ordering::Acquire) == 0 {
+        if need.is_empty() && gen_need.is_empty() && self.staged_now.load(Ordering::Acquire) == 0 {
             for p in pieces {
                 self.vol.write_at(p.track * ts + p.off, p.data)?;
             }
             return Ok(());
         }
-        if !need.is_empty() && self.stage_table().bytes() > STAGE_LIMIT_BYTES {
+        if !(need.is_empty() && gen_need.is_empty())
+            && self.stage_table().bytes() > STAGE_LIMIT_BYTES
+        {
             // Bounded memory: make room before staging more.
             self.destage(ns)?;
         }
@@ -1012,6 +1014,15 @@ impl Engine {
                     // until the destager has copied it (bits only go from set to clear
                     // while we hold the barrier).
                     st.insert(p.track, pid, p.off, p.data);
+                    staged += 1;
+                    continue;
+                }
+                if gen_need.contains(&p.track) && !self.gen_needs(&[p.track]).is_empty() {
+                    // A generation still needs the old track: nothing overwrites it on the
+                    // volume until a destage round has saved it (saves only happen there,
+                    // under the destage lock, or in a zeroing that holds this file's data
+                    // lock exclusively).
+                    st.insert(p.track, pid.unwrap_or(0), p.off, p.data);
                     staged += 1;
                     continue;
                 }
@@ -1139,6 +1150,11 @@ impl Engine {
                         }
                     }
                 }
+            }
+            // Named generations: their old tracks saved (and committed) first.
+            if let Err(e) = self.gen_save(ns, &tracks) {
+                first_err.get_or_insert(e);
+                continue;
             }
             // The old tracks are durable on the copy (or no longer needed).
             for t in tracks {
@@ -2242,11 +2258,15 @@ impl Engine {
                 files.extend(crate::snap::sums::files_of(&s.lock()));
             }
         }
+        files.extend(self.gen_scrub_files());
         let ts = self.track_size;
         crate::snap::sums::scrub(
             files,
             ts,
-            &|id, v| self.slot(id).is_some_and(|s| !s.lock().read_from_volume(v)),
+            &|id, v| {
+                self.gen_slot(id).is_some()
+                    || self.slot(id).is_some_and(|s| !s.lock().read_from_volume(v))
+            },
             &|t| self.sum_of(t),
             &|off, b| self.copy.read_at(off, b),
         )

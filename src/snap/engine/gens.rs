@@ -346,6 +346,21 @@ impl Engine {
         })
     }
 
+    /// Of `tracks`, those some generation pins and has not saved (a host write to them
+    /// is staged until a destage round saves them).
+    pub(super) fn gen_needs(&self, tracks: &[u64]) -> Vec<u64> {
+        if !self.gens.any.load(Ordering::Acquire) {
+            return Vec::new();
+        }
+        let all = self.all_gens();
+        let locked: Vec<_> = all.iter().map(|s| s.lock()).collect();
+        let views: Vec<&Gen> = locked.iter().map(|g| &**g).collect();
+        gens::plan(&views, tracks)
+            .into_iter()
+            .map(|(t, _)| t)
+            .collect()
+    }
+
     /// Before a host write or zeroing reaches volume `tracks`: saves each track some
     /// generation pins and has not saved (rule 14). Returns once the saves are durable.
     /// The caller holds the barrier shared and the file's data lock, no other lock.
@@ -628,6 +643,37 @@ impl Engine {
             self.read_copy(at(slot), dst)?;
         }
         Ok(())
+    }
+
+    /// The saved tracks of every generation as files to scrub: each record file's
+    /// saved tracks, at their slots (`pairfs scrub` checks them with the pairs' copies).
+    pub(super) fn gen_scrub_files(&self) -> Vec<crate::snap::sums::ScrubFile> {
+        let mut out = Vec::new();
+        for s in self.all_gens() {
+            let g = s.lock();
+            for f in g.p.frozen.iter().filter(|f| !f.absent) {
+                let extents: Vec<crate::core::extent::Extent> = f
+                    .extents
+                    .iter()
+                    .flat_map(|e| (0..e.len).map(move |k| (e.file + k, e.vol + k)))
+                    .filter_map(|(ft, v)| {
+                        g.location(v).map(|slot| crate::core::extent::Extent {
+                            file: ft,
+                            vol: slot,
+                            len: 1,
+                        })
+                    })
+                    .collect();
+                if !extents.is_empty() {
+                    out.push(crate::snap::sums::ScrubFile {
+                        pair: s.id,
+                        path: under(&g.name, &f.path),
+                        extents,
+                    });
+                }
+            }
+        }
+        out
     }
 
     /// Status lines of every generation.

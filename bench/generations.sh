@@ -1,0 +1,125 @@
+#!/usr/bin/env bash
+# Named generations (issue 13 part 1): what a generation costs to take, to write under and to
+# keep, and how its cost grows.
+#
+#   bench/generations.sh [--quick]
+#
+# One sparse volume (32 GiB, 64 KiB tracks).
+#  A. Split latency against scope size: a directory of N files (N = 1,000, 10,000, 100,000;
+#     --quick: 1,000 and 10,000) is paired (its forming copy awaited), then generations g1..g8
+#     are split one after another (wall time of `pairfs split --generation`, median of the 8),
+#     and the copy mount's first listing of all eight (`find COPY/@g*`, which builds the view:
+#     a walk of each generation's unchanged tree) is timed.
+#  B. Write cost: a 1 GiB file is paired (forming copy awaited, so the pair itself costs
+#     nothing); fio 4 KiB random writes, O_DIRECT, QD1, 8 s each: with no generation; right
+#     after one generation (every first overwrite of a track saves it); the same again (most
+#     tracks saved already); right after 8 more generations split back to back (one save
+#     serves all those that still hold the track). IOPS, p50, p99.
+#  C. Space: after B, the tracks saved per generation (shared slots counted for each) against
+#     the slots actually stored (`used_bytes` growth of the volume), i.e. what sharing saves.
+# Environment: PAIRFS_BIN (default target/release/pairfs), BENCH_DIR (default /var/tmp).
+set -euo pipefail
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+PF=${PAIRFS_BIN:-$here/../target/release/pairfs}
+QUICK=0
+[[ ${1:-} == --quick ]] && QUICK=1
+WORK=$(mktemp -d "${BENCH_DIR:-/var/tmp}/pairfs-gen-bench.XXXXXX")
+MNT=$WORK/mnt
+COPY=$WORK/copy
+log() { printf '[generations %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+cleanup() {
+    mountpoint -q "$MNT" 2>/dev/null && { timeout 300 "$PF" umount "$MNT" >/dev/null 2>&1 || fusermount3 -u -z "$MNT" || true; }
+    mountpoint -q "$COPY" 2>/dev/null && fusermount3 -u -z "$COPY" || true
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+mkdir -p "$MNT" "$COPY"
+"$PF" mkfs "$WORK/vol.img" --size 32G >/dev/null
+"$PF" mount "$WORK/vol.img" "$MNT" --copy-mount "$COPY" --daemon 2>/dev/null
+
+us() { # command... -> wall microseconds
+    local t0 t1
+    t0=$(date +%s%N)
+    "$@" >/dev/null
+    t1=$(date +%s%N)
+    echo $(((t1 - t0) / 1000))
+}
+median() { sort -n | awk '{a[NR]=$1} END {printf "%.2f", a[int((NR+1)/2)]/1000}'; }
+waitstate() { # path word
+    until getfattr --only-values -n user.pairfs.state "$1" 2>/dev/null | grep -q "^$2 "; do sleep 0.2; done
+}
+vol_used() { getfattr --absolute-names --only-values -n user.pairfs.volume "$MNT" | tr ' ' '\n' | sed -n 's/^used_bytes=//p'; }
+
+echo "## A. split latency of a generation against the scope size"
+printf '%-10s %14s %14s %16s\n' files split_ms_med first_find_s objects_listed
+sizes="1000 10000 100000"
+[[ $QUICK == 1 ]] && sizes="1000 10000"
+for n in $sizes; do
+    d=$MNT/t$n
+    log "making $n files"
+    python3 - "$d" "$n" <<'EOF'
+import os, sys
+top, n = sys.argv[1], int(sys.argv[2])
+os.mkdir(top)
+per = 1000
+for k in range(n):
+    sub = f"{top}/{k // per}"
+    if k % per == 0:
+        os.mkdir(sub)
+    with open(f"{sub}/f{k}", "wb") as f:
+        f.write(b"g" * 512)
+EOF
+    "$PF" pair "$d" >/dev/null
+    waitstate "$d" formed
+    for g in 1 2 3 4 5 6 7 8; do us "$PF" split --generation "g$g" "$d"; done | median >"$WORK/split.ms"
+    t0=$(date +%s%N)
+    listed=$(find "$COPY"/@g* | wc -l)
+    t1=$(date +%s%N)
+    printf '%-10s %14s %14.2f %16s\n' "$n" "$(cat "$WORK/split.ms")" "$(echo "($t1 - $t0) / 1000000000" | bc -l)" "$listed"
+    "$PF" release "$d" >/dev/null
+done
+
+echo
+echo "## B. 4 KiB random writes (O_DIRECT, QD1, 8 s) into a 1 GiB file under generations"
+F=$MNT/big
+log "writing 1 GiB"
+dd if=/dev/urandom of="$F" bs=1M count=1024 conv=fsync status=none
+"$PF" pair "$F" >/dev/null
+waitstate "$F" formed
+runfio() { # label
+    fio --name=w --filename="$F" --rw=randwrite --bs=4k --direct=1 --ioengine=psync \
+        --iodepth=1 --runtime=8 --time_based --size=1G --output-format=json \
+        --output="$WORK/fio.json" >/dev/null 2>&1
+    python3 - "$WORK/fio.json" "$1" <<'EOF'
+import json, sys
+t = open(sys.argv[1]).read()
+j = json.loads(t[t.index("{"):])["jobs"][0]["write"]
+p = j["clat_ns"]["percentile"]
+print(f"{sys.argv[2]:<44} {j['iops']:>9.0f} {p['50.000000']/1e3:>9.1f} {p['99.000000']/1e3:>10.1f}")
+EOF
+}
+printf '%-44s %9s %9s %10s\n' case iops p50_us p99_us
+runfio "no generation"
+used0=$(vol_used)
+"$PF" split --generation b1 "$F" >/dev/null
+runfio "1 generation, just split (first overwrites)"
+runfio "1 generation, again (tracks saved already)"
+for g in 2 3 4 5 6 7 8 9; do "$PF" split --generation "b$g" "$F" >/dev/null; done
+runfio "9 generations, 8 just split"
+used1=$(vol_used)
+
+echo
+echo "## C. space after B"
+getfattr --absolute-names --only-values -n user.pairfs.generations "$MNT" | python3 -c '
+import sys
+saved = own = 0
+n = 0
+for l in sys.stdin:
+    f = dict(kv.split("=", 1) for kv in l.split()[1:] if "=" in kv)
+    if f.get("path", "").strip("\"") != "/big":
+        continue
+    n += 1
+    saved += int(f["saved_bytes"]); own += int(f["own_bytes"])
+print(f"generations {n}: saved bytes summed over them {saved/2**20:.1f} MiB, of which only one generation holds {own/2**20:.1f} MiB")
+' 
+echo "slots stored (volume used_bytes growth): $(( (used1 - used0) >> 20 )) MiB"
