@@ -7,11 +7,12 @@
 //!   after a destage round (staged writes are acknowledged: they belong before the
 //!   instant), and commit the generation's row and records (or their deletion) with a
 //!   flush of both images before returning.
-//! - **Save before overwrite** ([`Engine::gen_save`]): before a host write (or a zeroing)
-//!   reaches a volume track that a generation pins and has not saved, under the save
-//!   lock: allocate a slot, copy the old track to the slot's copy-image track, sync the
-//!   copy image, commit the saved rows (with the slot's checksum and the records frozen
-//!   since the last commit) — and only then let the write go on.
+//! - **Save before overwrite** ([`Engine::gen_save`]): a host write to a volume track that
+//!   a generation pins and has not saved is staged (`Engine::host_write`); the destage
+//!   round, under the save lock: allocates slots, copies the old tracks to the slots'
+//!   copy-image tracks, syncs the copy image, commits the saved rows (with the slots'
+//!   checksums and the records frozen since the last commit) — and only then writes the
+//!   patches. A partial-track zeroing saves the same way, synchronously.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
