@@ -287,6 +287,38 @@ fn generation_errors() {
     assert!(setv(&d, "user.pairfs.release", "nosuch").is_err());
     gen_split(&d, "ok");
     assert_eq!(gen_lines(&v).len(), 1);
+    // The CLI and the metrics see it.
+    let st = pairfs(&["status", v.mnt.to_str().unwrap()]);
+    let text = String::from_utf8_lossy(&st.stdout);
+    assert!(
+        text.contains("GENERATION") && text.contains("ok "),
+        "{text}"
+    );
+    let prom = pairfs(&["status", "--prometheus"]);
+    let text = String::from_utf8_lossy(&prom.stdout);
+    let mp = v.mnt.to_str().unwrap();
+    assert!(
+        text.lines().any(
+            |l| l.starts_with("pairfs_generation_split_timestamp_seconds{")
+                && l.contains("generation=\"ok\"")
+                && l.contains(mp)
+        ),
+        "{text}"
+    );
+    let out = pairfs(&["release", "--generation", "ok", d.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(gen_lines(&v).is_empty());
+    let out = pairfs(&["split", "--generation", "again", d.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(gen_lines(&v).len(), 1);
     v.umount();
 }
 

@@ -68,6 +68,8 @@ if command -v systemd-analyze >/dev/null; then
         /lib/systemd/system/pairfs-split@mnt-vol-db.service \
         /lib/systemd/system/pairfs-split-hourly@mnt-vol-db.timer \
         /lib/systemd/system/pairfs-split-daily@mnt-vol-db.timer \
+        /lib/systemd/system/pairfs-split-hourly@mnt-vol-db.service \
+        /lib/systemd/system/pairfs-split-daily@mnt-vol-db.service \
         /lib/systemd/system/pairfs-textfile.service /lib/systemd/system/pairfs-textfile.timer)
 fi
 

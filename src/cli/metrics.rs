@@ -157,6 +157,8 @@ struct MountFigures {
     volume_source: String,
     volume: Option<StateLine>,
     pairs: Vec<StateLine>,
+    /// Named generations (`user.pairfs.generations` of the mount root).
+    gens: Vec<StateLine>,
 }
 
 /// Reads what the exposition needs: every pairfs main mount, or the one `path` is on
@@ -205,11 +207,19 @@ fn gather(path: Option<&Path>) -> Result<(Vec<MountFigures>, bool)> {
             },
         };
         ok &= volume.is_some();
+        // The generations of the pairs shown.
+        let ids: Vec<&str> = pairs.iter().filter_map(|p| p.get("pair")).collect();
+        let gens = crate::cli::status::get_generations(m)
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|g| g.get("pair").is_some_and(|id| ids.contains(&id)))
+            .collect();
         out.push(MountFigures {
             mountpoint: m.clone(),
             volume_source: src.strip_prefix("pairfs:").unwrap_or(src).to_string(),
             volume,
             pairs,
+            gens,
         });
     }
     Ok((out, ok))
@@ -426,6 +436,37 @@ fn render(mounts: &[MountFigures]) -> String {
                     t,
                 );
             }
+        }
+        for g in &m.gens {
+            let labels = [
+                ("mountpoint", mp.clone()),
+                ("pair", g.get("pair").unwrap_or("").to_string()),
+                ("generation", g.get("name").unwrap_or("").to_string()),
+                ("path", g.get("path").unwrap_or("").to_string()),
+            ];
+            if let Some(t) = g.get("split_time").and_then(parse_rfc3339_utc) {
+                e.add(
+                    "pairfs_generation_split_timestamp_seconds",
+                    "gauge",
+                    "Unix time of a named generation's split or last refresh (age: time() - this).",
+                    &labels,
+                    t,
+                );
+            }
+            e.add(
+                "pairfs_generation_saved_bytes",
+                "gauge",
+                "Bytes of old tracks saved for a named generation (slots shared with other generations counted for each).",
+                &labels,
+                num(g, "saved_bytes").unwrap_or(0.0),
+            );
+            e.add(
+                "pairfs_generation_own_bytes",
+                "gauge",
+                "Bytes only this named generation holds: what releasing it frees.",
+                &labels,
+                num(g, "own_bytes").unwrap_or(0.0),
+            );
         }
     }
     e.render()

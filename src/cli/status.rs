@@ -114,6 +114,16 @@ pub(crate) fn get_pairs(mnt: &Path) -> Result<Vec<StateLine>> {
     )
 }
 
+/// The named generations of a mount (`user.pairfs.generations` of its root).
+pub(crate) fn get_generations(mnt: &Path) -> Result<Vec<StateLine>> {
+    Ok(
+        String::from_utf8_lossy(&get_root_xattr(mnt, "user.pairfs.generations")?)
+            .lines()
+            .map(StateLine::parse)
+            .collect(),
+    )
+}
+
 /// The volume line of a mount (`user.pairfs.volume` of its root): sizes, clean flag,
 /// copy counters since mount.
 pub(crate) fn get_volume(mnt: &Path) -> Result<StateLine> {
@@ -352,11 +362,8 @@ fn clone_rows(path: Option<&Path>) -> Vec<(PathBuf, StateLine)> {
 fn generation_rows(path: Option<&Path>) -> Vec<(PathBuf, StateLine)> {
     let mut out = Vec::new();
     for m in main_mounts(path) {
-        let Ok(v) = get_root_xattr(&m, "user.pairfs.generations") else {
-            continue;
-        };
-        for line in String::from_utf8_lossy(&v).lines() {
-            out.push((m.clone(), StateLine::parse(line)));
+        for l in get_generations(&m).unwrap_or_default() {
+            out.push((m.clone(), l));
         }
     }
     out
