@@ -544,8 +544,16 @@ mod tests {
                 "split pair=1 scope=file progress=43.8% to_copy=3 cow_tracks=2 split_time=1970-01-01T00:00:10.000000000Z path={:?}",
                 "/a\"b"
             ))],
+            gens: vec![StateLine::parse(
+                "generation name=hourly id=2 pair=1 scope=file split_time=1970-01-01T00:00:20.000000000Z saved_tracks=1 saved_bytes=65536 own_bytes=0 records=1 path=\"/a\"",
+            )],
         };
         let t = render(&[m]);
+        assert!(
+            t.contains("pairfs_generation_split_timestamp_seconds{mountpoint=\"/mnt/v\",pair=\"1\",generation=\"hourly\",path=\"/a\"} 20\n"),
+            "{t}"
+        );
+        assert!(t.contains("pairfs_generation_saved_bytes{"), "{t}");
         assert!(t.contains("# TYPE pairfs_volume_size_bytes gauge\n"), "{t}");
         assert!(t.contains(
             "pairfs_pair_state{mountpoint=\"/mnt/v\",pair=\"1\",scope=\"file\",path=\"/a\\\"b\",state=\"split\"} 1\n"
