@@ -14,15 +14,20 @@
 #     nothing); fio 4 KiB random writes, O_DIRECT, QD1, 8 s each: with no generation; right
 #     after one generation (every first overwrite of a track saves it); the same again (most
 #     tracks saved already); right after 8 more generations split back to back (one save
-#     serves all those that still hold the track). IOPS, p50, p99.
+#     serves all those that still hold the track). IOPS, p50, p99. Then the same with an
+#     fdatasync after every write (the durable cost: each first overwrite's save — a copy,
+#     a copy-image sync and a commit — happens inside the fdatasync).
 #  C. Space: after B, the tracks saved per generation (shared slots counted for each) against
 #     the slots actually stored (`used_bytes` growth of the volume), i.e. what sharing saves.
-# Environment: PAIRFS_BIN (default target/release/pairfs), BENCH_DIR (default /var/tmp).
+# Environment: PAIRFS_BIN (default target/release/pairfs), BENCH_DIR (default /var/tmp),
+# PARTS (default "A B C"; e.g. PARTS="B C").
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 PF=${PAIRFS_BIN:-$here/../target/release/pairfs}
 QUICK=0
 [[ ${1:-} == --quick ]] && QUICK=1
+PARTS=${PARTS:-A B C}
+part() { [[ " $PARTS " == *" $1 "* ]]; }
 WORK=$(mktemp -d "${BENCH_DIR:-/var/tmp}/pairfs-gen-bench.XXXXXX")
 MNT=$WORK/mnt
 COPY=$WORK/copy
@@ -50,10 +55,11 @@ waitstate() { # path word
 }
 vol_used() { getfattr --absolute-names --only-values -n user.pairfs.volume "$MNT" | tr ' ' '\n' | sed -n 's/^used_bytes=//p'; }
 
-echo "## A. split latency of a generation against the scope size"
-printf '%-10s %14s %14s %16s\n' files split_ms_med first_find_s objects_listed
 sizes="1000 10000 100000"
 [[ $QUICK == 1 ]] && sizes="1000 10000"
+part A || sizes=""
+[[ -n $sizes ]] && echo "## A. split latency of a generation against the scope size" &&
+    printf '%-10s %14s %14s %16s\n' files split_ms_med first_find_s objects_listed
 for n in $sizes; do
     d=$MNT/t$n
     log "making $n files"
@@ -79,6 +85,7 @@ EOF
     "$PF" release "$d" >/dev/null
 done
 
+part B || exit 0
 echo
 echo "## B. 4 KiB random writes (O_DIRECT, QD1, 8 s) into a 1 GiB file under generations"
 F=$MNT/big
@@ -86,11 +93,13 @@ log "writing 1 GiB"
 dd if=/dev/urandom of="$F" bs=1M count=1024 conv=fsync status=none
 "$PF" pair "$F" >/dev/null
 waitstate "$F" formed
-runfio() { # label
+runfio() { # label [fio options...]
+    local label=$1
+    shift
     fio --name=w --filename="$F" --rw=randwrite --bs=4k --direct=1 --ioengine=psync \
-        --iodepth=1 --runtime=8 --time_based --size=1G --output-format=json \
+        --iodepth=1 --runtime=8 --time_based --size=1G --output-format=json "$@" \
         --output="$WORK/fio.json" >/dev/null 2>&1
-    python3 - "$WORK/fio.json" "$1" <<'EOF'
+    python3 - "$WORK/fio.json" "$label" <<'EOF'
 import json, sys
 t = open(sys.argv[1]).read()
 j = json.loads(t[t.index("{"):])["jobs"][0]["write"]
@@ -107,10 +116,17 @@ runfio "1 generation, again (tracks saved already)"
 for g in 2 3 4 5 6 7 8 9; do "$PF" split --generation "b$g" "$F" >/dev/null; done
 runfio "9 generations, 8 just split"
 used1=$(vol_used)
+getfattr --absolute-names --only-values -n user.pairfs.generations "$MNT" >"$WORK/gens.txt"
+for g in 2 3 4 5 6 7 8 9; do "$PF" release --generation "b$g" "$F" >/dev/null; done
+"$PF" release --generation b1 "$F" >/dev/null
+runfio "fdatasync each: no generation" --fdatasync=1
+"$PF" split --generation d1 "$F" >/dev/null
+runfio "fdatasync each: 1 generation, just split" --fdatasync=1
+runfio "fdatasync each: 1 generation, again" --fdatasync=1
 
 echo
-echo "## C. space after B"
-getfattr --absolute-names --only-values -n user.pairfs.generations "$MNT" | python3 -c '
+echo "## C. space after B (before the fdatasync runs)"
+python3 -c '
 import sys
 saved = own = 0
 n = 0
@@ -121,5 +137,5 @@ for l in sys.stdin:
     n += 1
     saved += int(f["saved_bytes"]); own += int(f["own_bytes"])
 print(f"generations {n}: saved bytes summed over them {saved/2**20:.1f} MiB, of which only one generation holds {own/2**20:.1f} MiB")
-' 
+' <"$WORK/gens.txt"
 echo "slots stored (volume used_bytes growth): $(( (used1 - used0) >> 20 )) MiB"
