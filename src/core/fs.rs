@@ -483,7 +483,12 @@ impl Fs {
         };
         let pid = pid.ok_or_else(|| Error::invalid("diff: not paired (split it first)"))?;
         match generation {
-            Some(g) => self.engine.gen_diff(pid, g, ino, &now, size),
+            Some(g) => {
+                // A generation learns of an overwrite when the destage round saves the
+                // old track: staged writes are saved first.
+                self.engine.destage(self)?;
+                self.engine.gen_diff(pid, g, ino, &now, size)
+            }
             None => self.engine.diff(pid, ino, &now, size),
         }
     }

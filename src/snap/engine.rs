@@ -661,10 +661,9 @@ impl Engine {
     /// the namespace lock, checked [`Engine::needs_freeze`] and is about to change the
     /// object). Returns the tracks to pin now. The next commit appends the record.
     pub fn lazy_freeze(&self, id: PairId, f: Frozen) -> TrackSet {
-        let f = match self.gen_slot(id) {
-            Some(_) => return self.gen_lazy_freeze(id, f).unwrap_or_default(),
-            None => f,
-        };
+        if self.gen_slot(id).is_some() {
+            return self.gen_lazy_freeze(id, f).unwrap_or_default();
+        }
         let Some(s) = self.slot(id) else {
             return TrackSet::new();
         };
