@@ -166,6 +166,16 @@ impl Proxy {
 }
 
 fn mount_replica(v: &mut Vol, s: &Secondary, extra: &[&str]) -> std::process::Output {
+    mount_replica_env(v, s, extra, &[])
+}
+
+/// [`mount_replica`] with more environment variables for the daemon.
+fn mount_replica_env(
+    v: &mut Vol,
+    s: &Secondary,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> std::process::Output {
     let mut args = vec![
         "mount",
         v.img.to_str().unwrap(),
@@ -183,6 +193,7 @@ fn mount_replica(v: &mut Vol, s: &Secondary, extra: &[&str]) -> std::process::Ou
         .args(&args)
         .env("PAIRFS_LOG_FILE", v.dir.path().join("primary.log"))
         .env("RUST_LOG", "info")
+        .envs(env.iter().copied())
         .output()
         .unwrap();
     if out.status.success() {
@@ -861,6 +872,176 @@ fn a_clean_remount_resumes_the_stream_without_a_full_sync() {
         &pairfs(&["replica", "promote", s.img.to_str().unwrap()]),
         "promote",
     );
+    ok(
+        &pairfs(&["fsck", s.img.to_str().unwrap()]),
+        "fsck secondary",
+    );
+    compare_sides(&mut v, &s);
+}
+
+/// The block bytes the last resync of the primary's log sent.
+fn last_resync_bytes(v: &Vol) -> u64 {
+    let log = std::fs::read_to_string(v.dir.path().join("primary.log")).unwrap();
+    let line = log
+        .lines()
+        .rev()
+        .find(|l| l.contains("resync sent:"))
+        .unwrap_or_else(|| panic!("no resync in {log}"));
+    let (_, rest) = line.split_once("block data (").unwrap();
+    rest.split_once(' ').unwrap().0.parse().unwrap()
+}
+
+/// A primary in `continue` mode loses its secondary, changes `changed` bytes (4 KiB
+/// overwrites spread over a 48 MiB file, and a new 1 MiB file), and is then stopped:
+/// cleanly (`kill` false) or by kill -9 after its bitmap checkpoints ran. Its next
+/// mount resyncs by the persistent bitmap: about the changed bytes go over, not the
+/// volume; both sides end byte-identical, fsck clean.
+fn stopped_out_of_sync_resyncs_by_bitmap(kill: bool) {
+    let mut v = Vol::new("512M");
+    let key = key_file(v.dir.path(), "key", "0123456789abcdef-bitmap");
+    let mut s = Secondary::start(v.dir.path(), &key);
+    let full_syncs = |s: &Secondary| s.log().matches("full sync from").count() / 2;
+    ok(
+        &mount_replica_env(
+            &mut v,
+            &s,
+            &["--on-disconnect", "continue"],
+            &[("PAIRFS_REPL_BUFFER", "1M")],
+        ),
+        "mount 1",
+    );
+    std::fs::create_dir(v.path("d")).unwrap();
+    write_fsync(&v.path("d/big"), &block(1, 1, 48 << 20));
+    write_fsync(&v.path("d/small"), &block(2, 1, 200_000));
+    ok(
+        &pairfs(&["split", v.path("d").to_str().unwrap(), "--wait"]),
+        "split d",
+    );
+    wait_in_sync(&v.mnt, "before the outage");
+    s.stop("-9");
+    // 600 overwrites of 4 KiB at scattered offsets (some twice), and a new file.
+    let mut changed = std::collections::BTreeSet::new();
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(v.path("d/big"))
+            .unwrap();
+        let mut x = 12345u64;
+        for i in 0..600u64 {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let blk = (x >> 33) % ((48 << 20) / 4096);
+            f.write_all_at(&block(blk, 2 + i, 4096), blk * 4096)
+                .unwrap();
+            changed.insert(blk);
+        }
+        f.sync_all().unwrap();
+    }
+    write_fsync(&v.path("d/new"), &block(3, 1, 1 << 20));
+    let changed = changed.len() as u64 * 4096 + (1 << 20);
+    let line = replica_line(&v.mnt);
+    assert!(line.starts_with("out_of_sync"), "{line}");
+    if kill {
+        // Two checkpoints: the fine bits are on disk, the written regions left the
+        // activity log.
+        std::thread::sleep(Duration::from_millis(3000));
+        v.kill9();
+    } else {
+        v.umount();
+    }
+    assert!(
+        std::fs::metadata(format!("{}.meta.repl-bitmap", v.img.display())).is_ok(),
+        "no bitmap file"
+    );
+    s.restart();
+    let out = mount_replica(&mut v, &s, &["--on-disconnect", "continue"]);
+    ok(&out, "mount 2");
+    wait_in_sync(&v.mnt, "resync by bitmap");
+    // Said at mount, before the daemon's log file is open.
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(said.contains("resync by bitmap"), "{said}");
+    assert_eq!(full_syncs(&s), 1, "{}", s.log());
+    let sent = last_resync_bytes(&v);
+    assert!(
+        sent >= changed && sent <= changed + changed / 10 + (256 << 10),
+        "resync sent {sent} bytes for {changed} changed"
+    );
+    write_fsync(&v.path("d/after"), &block(4, 1, 30_000));
+    v.umount();
+    s.stop("-TERM");
+    ok(
+        &pairfs(&["replica", "promote", s.img.to_str().unwrap()]),
+        "promote",
+    );
+    v.fsck();
+    ok(
+        &pairfs(&["fsck", s.img.to_str().unwrap()]),
+        "fsck secondary",
+    );
+    compare_sides(&mut v, &s);
+}
+
+#[test]
+fn a_primary_stopped_out_of_sync_resyncs_by_its_bitmap() {
+    stopped_out_of_sync_resyncs_by_bitmap(false);
+}
+
+#[test]
+fn a_primary_killed_out_of_sync_resyncs_by_its_bitmap() {
+    stopped_out_of_sync_resyncs_by_bitmap(true);
+}
+
+#[test]
+fn a_primary_killed_while_connected_resyncs_its_activity_log_not_everything() {
+    let mut v = Vol::new("512M");
+    let key = key_file(v.dir.path(), "key", "0123456789abcdef-al");
+    let mut s = Secondary::start(v.dir.path(), &key);
+    let full_syncs = |s: &Secondary| s.log().matches("full sync from").count() / 2;
+    ok(&mount_replica(&mut v, &s, &[]), "mount 1");
+    std::fs::create_dir(v.path("d")).unwrap();
+    write_fsync(&v.path("d/big"), &block(1, 1, 64 << 20));
+    ok(
+        &pairfs(&["split", v.path("d").to_str().unwrap(), "--wait"]),
+        "split d",
+    );
+    // A writer in sync mode, killed with the primary mid-stream.
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let (d2, root) = (done.clone(), v.mnt.clone());
+    let w = std::thread::spawn(move || {
+        for i in 1..100_000u64 {
+            let p = root.join(format!("d/f{}", i % 50));
+            let Ok(mut f) = std::fs::File::create(&p) else {
+                return;
+            };
+            if f.write_all(&block(i, 1, 30_000)).is_err() || f.sync_all().is_err() {
+                return;
+            }
+            d2.store(i, std::sync::atomic::Ordering::SeqCst);
+        }
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+    v.kill9();
+    let _ = w.join();
+    assert!(done.load(std::sync::atomic::Ordering::SeqCst) > 5);
+    let out = mount_replica(&mut v, &s, &[]);
+    ok(&out, "mount 2");
+    wait_in_sync(&v.mnt, "resync by activity log");
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(said.contains("resync by bitmap"), "{said}");
+    assert_eq!(full_syncs(&s), 1, "{}", s.log());
+    // The 4 MiB regions written in the last second or two before the crash, not the
+    // 64 MiB file and its 64 MiB frozen copy (a full sync sends both).
+    let sent = last_resync_bytes(&v);
+    assert!(sent < 48 << 20, "resync sent {sent} bytes");
+    v.umount();
+    s.stop("-TERM");
+    ok(
+        &pairfs(&["replica", "promote", s.img.to_str().unwrap()]),
+        "promote",
+    );
+    v.fsck();
     ok(
         &pairfs(&["fsck", s.img.to_str().unwrap()]),
         "fsck secondary",
