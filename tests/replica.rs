@@ -43,11 +43,16 @@ struct Secondary {
 
 impl Secondary {
     fn start(dir: &Path, key: &Path) -> Secondary {
+        Secondary::start_in(dir, dir, key)
+    }
+
+    /// A secondary whose images live in `img_dir` and whose log in `log_dir`.
+    fn start_in(img_dir: &Path, log_dir: &Path, key: &Path) -> Secondary {
         let mut s = Secondary {
-            img: dir.join("secondary.img"),
+            img: img_dir.join("secondary.img"),
             addr: format!("127.0.0.1:{}", free_port()),
             key: key.to_path_buf(),
-            log: dir.join("secondary.log"),
+            log: log_dir.join("secondary.log"),
             child: None,
         };
         s.restart();
@@ -1035,6 +1040,170 @@ fn a_primary_killed_while_connected_resyncs_its_activity_log_not_everything() {
     // 64 MiB file and its 64 MiB frozen copy (a full sync sends both).
     let sent = last_resync_bytes(&v);
     assert!(sent < 48 << 20, "resync sent {sent} bytes");
+    v.umount();
+    s.stop("-TERM");
+    ok(
+        &pairfs(&["replica", "promote", s.img.to_str().unwrap()]),
+        "promote",
+    );
+    v.fsck();
+    ok(
+        &pairfs(&["fsck", s.img.to_str().unwrap()]),
+        "fsck secondary",
+    );
+    compare_sides(&mut v, &s);
+}
+
+/// A small tmpfs (the secondary's disk), unmounted when dropped.
+struct SmallDisk {
+    dir: PathBuf,
+}
+
+impl SmallDisk {
+    fn new(name: &str, size: &str) -> SmallDisk {
+        let dir = PathBuf::from(format!("/tmp/repl2-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(&dir)
+            .output()
+            .unwrap();
+        ok(&out, "mount a small tmpfs");
+        SmallDisk { dir }
+    }
+
+    fn grow(&self, size: &str) {
+        let out = Command::new("mount")
+            .args(["-o", &format!("remount,size={size}")])
+            .arg(&self.dir)
+            .output()
+            .unwrap();
+        ok(&out, "grow the tmpfs");
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.dir).output();
+        let _ = std::fs::remove_dir(&self.dir);
+    }
+}
+
+#[test]
+fn a_full_secondary_disk_with_continue_leaves_the_primary_serving_then_catches_up() {
+    let disk = SmallDisk::new("full-continue", "24M");
+    let mut v = Vol::new("256M");
+    let key = key_file(v.dir.path(), "key", "0123456789abcdef-full");
+    let mut s = Secondary::start_in(&disk.dir, v.dir.path(), &key);
+    ok(
+        &mount_replica_env(
+            &mut v,
+            &s,
+            &["--on-disconnect", "continue"],
+            &[("PAIRFS_REPL_BUFFER", "4M")],
+        ),
+        "mount",
+    );
+    std::fs::create_dir(v.path("d")).unwrap();
+    write_fsync(&v.path("d/a"), &block(1, 1, 2 << 20));
+    ok(
+        &pairfs(&["split", v.path("d").to_str().unwrap(), "--wait"]),
+        "split d",
+    );
+    // 40 MiB on a 24 MiB disk: the secondary fails its writes; every write and fsync
+    // here still returns.
+    let t = Instant::now();
+    for i in 0..10u64 {
+        write_fsync(&v.path(&format!("d/f{i}")), &block(10 + i, 1, 4 << 20));
+    }
+    write_fsync(&v.path("d/a"), &block(1, 2, 1 << 20));
+    assert!(t.elapsed() < Duration::from_secs(60), "{:?}", t.elapsed());
+    let line = replica_line(&v.mnt);
+    assert!(!line.starts_with("in_sync"), "{line}");
+    let slog = s.log();
+    assert!(
+        slog.contains("No space left") || slog.contains("full"),
+        "the secondary did not hit the full disk: {slog}"
+    );
+    assert!(s.alive(), "the secondary died on a full disk");
+    for i in 0..10u64 {
+        assert_eq!(
+            std::fs::read(v.path(&format!("d/f{i}"))).unwrap(),
+            block(10 + i, 1, 4 << 20)
+        );
+    }
+    // Space again: the link catches up (replay or resync) by itself.
+    disk.grow("400M");
+    wait_in_sync(&v.mnt, "after the disk grew");
+    write_fsync(&v.path("d/after"), &block(5, 1, 50_000));
+    v.umount();
+    s.stop("-TERM");
+    ok(
+        &pairfs(&["replica", "promote", s.img.to_str().unwrap()]),
+        "promote",
+    );
+    v.fsck();
+    ok(
+        &pairfs(&["fsck", s.img.to_str().unwrap()]),
+        "fsck secondary",
+    );
+    compare_sides(&mut v, &s);
+}
+
+#[test]
+fn a_full_secondary_disk_with_block_stalls_fsync_until_space_is_freed() {
+    let disk = SmallDisk::new("full-block", "24M");
+    let mut v = Vol::new("256M");
+    let key = key_file(v.dir.path(), "key", "0123456789abcdef-fullblock");
+    let mut s = Secondary::start_in(&disk.dir, v.dir.path(), &key);
+    ok(&mount_replica(&mut v, &s, &[]), "mount (sync, block)");
+    std::fs::create_dir(v.path("d")).unwrap();
+    write_fsync(&v.path("d/a"), &block(1, 1, 100_000));
+    ok(
+        &pairfs(&["split", v.path("d").to_str().unwrap(), "--wait"]),
+        "split d",
+    );
+    // fsync'd 2 MiB files; `done` is the last whose fsync returned.
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let (d2, root) = (done.clone(), v.mnt.clone());
+    let w = std::thread::spawn(move || {
+        for i in 1..=20u64 {
+            write_fsync(&root.join(format!("d/f{i}")), &block(i, 1, 2 << 20));
+            d2.store(i, std::sync::atomic::Ordering::SeqCst);
+        }
+    });
+    // The disk fills at about 10 files: the writer stalls there.
+    let t = Instant::now();
+    let mut last = (0, Instant::now());
+    loop {
+        let n = done.load(std::sync::atomic::Ordering::SeqCst);
+        assert!(n < 20, "40 MiB were acknowledged on a 24 MiB secondary");
+        if n != last.0 {
+            last = (n, Instant::now());
+        } else if last.1.elapsed() > Duration::from_secs(3) && n > 0 {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(60), "no stall");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let stalled = done.load(std::sync::atomic::Ordering::SeqCst);
+    let line = replica_line(&v.mnt);
+    eprintln!("stalled after {stalled} files: {line}");
+    assert!(!line.starts_with("in_sync"), "{line}");
+    assert!(s.alive(), "the secondary died on a full disk");
+    // Space again: the writer resumes and finishes.
+    disk.grow("400M");
+    let t = Instant::now();
+    while done.load(std::sync::atomic::Ordering::SeqCst) < 20 {
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "the writer did not resume: {}",
+            replica_line(&v.mnt)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    w.join().unwrap();
+    assert!(stalled >= 3, "stalled after {stalled} files");
     v.umount();
     s.stop("-TERM");
     ok(
