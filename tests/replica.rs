@@ -3,7 +3,9 @@
 //! stop (fsck on both), refusals (wrong key, other volume, other protocol version, a
 //! replica mounted read-write), garbage on the listener, and kill -9 of the secondary
 //! with `--on-disconnect continue` (the primary keeps serving; the restarted secondary
-//! is brought back by replay).
+//! is brought back by replay); the primary's persistent out-of-sync bitmap (stopped or
+//! killed out of sync, killed while connected: a resync by bitmap, not a full sync); a
+//! full secondary disk (tmpfs); a link cut, refused and corrupted at random moments.
 
 mod common;
 
@@ -1204,6 +1206,302 @@ fn a_full_secondary_disk_with_block_stalls_fsync_until_space_is_freed() {
     }
     w.join().unwrap();
     assert!(stalled >= 3, "stalled after {stalled} files");
+    v.umount();
+    s.stop("-TERM");
+    ok(
+        &pairfs(&["replica", "promote", s.img.to_str().unwrap()]),
+        "promote",
+    );
+    v.fsck();
+    ok(
+        &pairfs(&["fsck", s.img.to_str().unwrap()]),
+        "fsck secondary",
+    );
+    compare_sides(&mut v, &s);
+}
+
+/// A TCP proxy that misbehaves on demand: cuts every open connection at once (bytes in
+/// flight are lost), refuses the link for a while (accepts and closes at once), and
+/// flips one bit of what the primary sends (the frame checksum must catch it).
+struct Chaos {
+    addr: String,
+    conns: std::sync::Arc<std::sync::Mutex<Vec<TcpStream>>>,
+    down_until: std::sync::Arc<std::sync::Mutex<Instant>>,
+    corrupt: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    cuts: std::sync::atomic::AtomicU64,
+}
+
+impl Chaos {
+    fn start(target: &str) -> Chaos {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        use std::sync::{Arc, Mutex};
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        let conns: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
+        let down_until = Arc::new(Mutex::new(Instant::now()));
+        let corrupt = Arc::new(AtomicU64::new(0));
+        let (c2, d2, k2, target) = (
+            conns.clone(),
+            down_until.clone(),
+            corrupt.clone(),
+            target.to_string(),
+        );
+        std::thread::spawn(move || {
+            for c in l.incoming() {
+                let Ok(c) = c else { return };
+                if Instant::now() < *d2.lock().unwrap() {
+                    let _ = c.shutdown(std::net::Shutdown::Both);
+                    continue;
+                }
+                let Ok(u) = TcpStream::connect(&target) else {
+                    continue;
+                };
+                {
+                    let mut g = c2.lock().unwrap();
+                    g.push(c.try_clone().unwrap());
+                    g.push(u.try_clone().unwrap());
+                }
+                let pairs = [
+                    (c.try_clone().unwrap(), u.try_clone().unwrap(), true),
+                    (u, c, false),
+                ];
+                for (mut from, mut to, upstream) in pairs {
+                    let k = k2.clone();
+                    std::thread::spawn(move || {
+                        let mut b = vec![0u8; 1 << 16];
+                        loop {
+                            let n = match from.read(&mut b) {
+                                Ok(0) | Err(_) => break,
+                                Ok(n) => n,
+                            };
+                            if upstream
+                                && n >= 64
+                                && k.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |x| {
+                                    x.checked_sub(1)
+                                })
+                                .is_ok()
+                            {
+                                b[n - 1 - n / 3] ^= 0x10;
+                            }
+                            if to.write_all(&b[..n]).is_err() {
+                                break;
+                            }
+                        }
+                        let _ = to.shutdown(std::net::Shutdown::Both);
+                        let _ = from.shutdown(std::net::Shutdown::Both);
+                    });
+                }
+            }
+        });
+        Chaos {
+            addr,
+            conns,
+            down_until,
+            corrupt,
+            cuts: AtomicU64::new(0),
+        }
+    }
+
+    /// Cuts every open connection.
+    fn cut(&self) {
+        for c in self.conns.lock().unwrap().drain(..) {
+            let _ = c.shutdown(std::net::Shutdown::Both);
+        }
+        self.cuts.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Cuts, and refuses the link for `d`.
+    fn down(&self, d: Duration) {
+        *self.down_until.lock().unwrap() = Instant::now() + d;
+        self.cut();
+    }
+
+    /// Flips one bit in the next chunk the primary sends.
+    fn corrupt_one(&self) {
+        self.corrupt
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+#[test]
+fn a_link_cut_at_random_moments_loses_nothing_acknowledged_and_converges() {
+    let mut v = Vol::new("512M");
+    let key = key_file(v.dir.path(), "key", "0123456789abcdef-chaos");
+    let mut s = Secondary::start(v.dir.path(), &key);
+    let chaos = Chaos::start(&s.addr);
+    let out = Command::new(BIN)
+        .args(["mount", v.img.to_str().unwrap(), v.mnt.to_str().unwrap()])
+        .args(["--copy-mount", v.copy.to_str().unwrap(), "--daemon"])
+        .args([
+            "--replica",
+            &chaos.addr,
+            "--key-file",
+            key.to_str().unwrap(),
+        ])
+        .env("PAIRFS_LOG_FILE", v.dir.path().join("primary.log"))
+        .env("RUST_LOG", "info")
+        .output()
+        .unwrap();
+    ok(
+        &out,
+        "mount --replica through the chaos proxy (sync, block)",
+    );
+    v.adopt_mount();
+    std::fs::create_dir(v.path("d")).unwrap();
+    write_fsync(&v.path("d/base"), &block(0, 1, 300_000));
+    ok(
+        &pairfs(&["split", v.path("d").to_str().unwrap(), "--wait"]),
+        "split d",
+    );
+    // A writer: fsync'd files, and now and then an overwrite of the split's base
+    // (copy-on-write); `done` is the last file whose fsync returned.
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let (d2, root) = (done.clone(), v.mnt.clone());
+    let w = std::thread::spawn(move || {
+        for i in 1..1_000_000u64 {
+            let p = root.join(format!("d/f{}", i % 300));
+            let Ok(mut f) = std::fs::File::create(&p) else {
+                return;
+            };
+            if f.write_all(&block(i, 1, 20_000 + (i as usize % 5) * 11_000))
+                .is_err()
+                || f.sync_all().is_err()
+            {
+                return;
+            }
+            if i % 7 == 0 {
+                let Ok(mut b) = std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(root.join("d/base"))
+                else {
+                    return;
+                };
+                if b.write_all(&block(0, i, 50_000)).is_err() || b.sync_all().is_err() {
+                    return;
+                }
+            }
+            d2.store(i, std::sync::atomic::Ordering::SeqCst);
+        }
+    });
+    // 8 s of trouble: cuts, the link down for up to 1.5 s, flipped bits.
+    let mut x = 0x2545F4914F6CDD1Du64;
+    let mut rnd = move |n: u64| {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x % n
+    };
+    let t = Instant::now();
+    let mut progress = vec![];
+    while t.elapsed() < Duration::from_secs(8) {
+        std::thread::sleep(Duration::from_millis(150 + rnd(450)));
+        // A flipped bit first: the checksum must catch it.
+        match if progress.is_empty() { 9 } else { rnd(10) } {
+            0..=5 => chaos.cut(),
+            6 | 7 => chaos.down(Duration::from_millis(300 + rnd(1200))),
+            _ => chaos.corrupt_one(),
+        }
+        progress.push(done.load(std::sync::atomic::Ordering::SeqCst));
+    }
+    // Calm: the writer goes on (fsyncs wait for the link, `block`).
+    let before = done.load(std::sync::atomic::Ordering::SeqCst);
+    let t = Instant::now();
+    while done.load(std::sync::atomic::Ordering::SeqCst) < before + 20 {
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "no progress after the trouble: {}",
+            replica_line(&v.mnt)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let line = replica_line(&v.mnt);
+    assert!(
+        common::field(line.trim(), "reconnects").unwrap() >= 5,
+        "{line}"
+    );
+    // Then a partition and the primary's death: every fsync that returned before the
+    // cut is on the secondary.
+    chaos.down(Duration::from_secs(3600));
+    let acked = done.load(std::sync::atomic::Ordering::SeqCst);
+    v.kill9();
+    let _ = w.join();
+    eprintln!(
+        "{} cuts, {acked} fsync'd files, progress {progress:?}",
+        chaos.cuts.load(std::sync::atomic::Ordering::SeqCst)
+    );
+    s.stop("-TERM");
+    // Check a copy of the secondary (promoted); the secondary itself stays a replica.
+    let cp = v.dir.path().join("check.img");
+    for ext in ["", ".copy", ".meta", ".meta-wal", ".meta-shm"] {
+        let from = format!("{}{ext}", s.img.display());
+        if Path::new(&from).exists() {
+            let out = Command::new("cp")
+                .args(["--sparse=always", &from, &format!("{}{ext}", cp.display())])
+                .output()
+                .unwrap();
+            ok(&out, "copy the secondary");
+        }
+    }
+    ok(
+        &pairfs(&["replica", "promote", cp.to_str().unwrap()]),
+        "promote the copy",
+    );
+    ok(
+        &pairfs(&["fsck", cp.to_str().unwrap()]),
+        "fsck the secondary's copy",
+    );
+    let cmnt = v.dir.path().join("cmnt");
+    std::fs::create_dir_all(&cmnt).unwrap();
+    ok(
+        &pairfs(&[
+            "mount",
+            cp.to_str().unwrap(),
+            cmnt.to_str().unwrap(),
+            "--daemon",
+        ]),
+        "mount the secondary's copy",
+    );
+    let mut bad = Vec::new();
+    // The last 300 acked files (each name is rewritten every 300).
+    for i in acked.saturating_sub(299).max(1)..=acked {
+        let want = block(i, 1, 20_000 + (i as usize % 5) * 11_000);
+        if std::fs::read(cmnt.join(format!("d/f{}", i % 300)))
+            .ok()
+            .as_deref()
+            != Some(&want[..])
+        {
+            bad.push(i);
+        }
+    }
+    ok(&pairfs(&["umount", cmnt.to_str().unwrap()]), "umount copy");
+    assert!(bad.is_empty(), "acknowledged files lost: {bad:?}");
+    // The sides converge: the primary remounts (resync by its bitmap) and both end
+    // byte-identical.
+    s.restart();
+    *chaos.down_until.lock().unwrap() = Instant::now();
+    let out = Command::new(BIN)
+        .args(["mount", v.img.to_str().unwrap(), v.mnt.to_str().unwrap()])
+        .args(["--copy-mount", v.copy.to_str().unwrap(), "--daemon"])
+        .args([
+            "--replica",
+            &chaos.addr,
+            "--key-file",
+            key.to_str().unwrap(),
+        ])
+        .env("PAIRFS_LOG_FILE", v.dir.path().join("primary.log"))
+        .env("RUST_LOG", "info")
+        .output()
+        .unwrap();
+    ok(&out, "remount the primary");
+    v.adopt_mount();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(said.contains("resync by bitmap"), "{said}");
+    wait_in_sync(&v.mnt, "after the crash");
+    let slog = s.log();
+    let mismatches = slog.matches("checksum mismatch").count();
+    eprintln!("secondary: {mismatches} checksum mismatches");
+    assert!(mismatches > 0, "the flipped bit went unnoticed: {slog}");
+    write_fsync(&v.path("d/after"), &block(9, 9, 10_000));
     v.umount();
     s.stop("-TERM");
     ok(
