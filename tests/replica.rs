@@ -1515,3 +1515,78 @@ fn a_link_cut_at_random_moments_loses_nothing_acknowledged_and_converges() {
     );
     compare_sides(&mut v, &s);
 }
+
+#[test]
+fn a_promoted_secondary_serves_the_root_instant_with_mount_snapshot() {
+    let mut v = Vol::new("256M");
+    let key = key_file(v.dir.path(), "key", "0123456789abcdef-snapshot");
+    let mut s = Secondary::start(v.dir.path(), &key);
+    ok(&mount_replica(&mut v, &s, &[]), "mount");
+    std::fs::create_dir_all(v.path("t/sub")).unwrap();
+    for i in 0..12u64 {
+        write_fsync(
+            &v.path(&format!("t/f{i}")),
+            &block(i, 1, 5_000 + i as usize * 40_000),
+        );
+    }
+    write_fsync(&v.path("t/sub/big"), &block(50, 1, 2 << 20));
+    std::os::unix::fs::symlink("f1", v.path("t/link")).unwrap();
+    let instant = tree(&v.mnt);
+    ok(
+        &pairfs(&["split", v.mnt.to_str().unwrap(), "--wait"]),
+        "split the root",
+    );
+    // Changed after the instant: overwritten (copy-on-write), removed, renamed, new.
+    write_fsync(&v.path("t/f0"), &block(0, 2, 300_000));
+    std::fs::remove_file(v.path("t/f3")).unwrap();
+    std::fs::rename(v.path("t/f4"), v.path("t/f4-renamed")).unwrap();
+    write_fsync(&v.path("t/sub/big"), &block(50, 2, 1 << 20));
+    write_fsync(&v.path("t/new"), &block(60, 1, 70_000));
+    let live = tree(&v.mnt);
+    assert_ne!(live, instant);
+    v.umount();
+    s.stop("-TERM");
+    ok(
+        &pairfs(&["replica", "promote", s.img.to_str().unwrap()]),
+        "promote",
+    );
+    let snap = v.dir.path().join("ssnap");
+    std::fs::create_dir_all(&snap).unwrap();
+    ok(
+        &pairfs(&[
+            "mount-snapshot",
+            s.img.to_str().unwrap(),
+            snap.to_str().unwrap(),
+            "--daemon",
+        ]),
+        "mount-snapshot on the promoted secondary",
+    );
+    let got = tree(&snap);
+    ok(
+        &pairfs(&["umount", snap.to_str().unwrap()]),
+        "umount snapshot",
+    );
+    assert_eq!(got, instant, "the secondary's snapshot is not the instant");
+    // And its live tree is the primary's.
+    let smnt = v.dir.path().join("smnt");
+    std::fs::create_dir_all(&smnt).unwrap();
+    ok(
+        &pairfs(&[
+            "mount",
+            s.img.to_str().unwrap(),
+            smnt.to_str().unwrap(),
+            "--daemon",
+        ]),
+        "mount the promoted secondary",
+    );
+    let slive = tree(&smnt);
+    ok(
+        &pairfs(&["umount", smnt.to_str().unwrap()]),
+        "umount secondary",
+    );
+    assert_eq!(slive, live);
+    ok(
+        &pairfs(&["fsck", s.img.to_str().unwrap()]),
+        "fsck secondary",
+    );
+}
