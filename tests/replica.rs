@@ -1229,6 +1229,8 @@ struct Chaos {
     down_until: std::sync::Arc<std::sync::Mutex<Instant>>,
     corrupt: std::sync::Arc<std::sync::atomic::AtomicU64>,
     cuts: std::sync::atomic::AtomicU64,
+    /// Bytes per second the primary may send (0: no limit).
+    rate: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Chaos {
@@ -1240,10 +1242,12 @@ impl Chaos {
         let conns: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
         let down_until = Arc::new(Mutex::new(Instant::now()));
         let corrupt = Arc::new(AtomicU64::new(0));
-        let (c2, d2, k2, target) = (
+        let rate = Arc::new(AtomicU64::new(0));
+        let (c2, d2, k2, r2, target) = (
             conns.clone(),
             down_until.clone(),
             corrupt.clone(),
+            rate.clone(),
             target.to_string(),
         );
         std::thread::spawn(move || {
@@ -1267,6 +1271,7 @@ impl Chaos {
                 ];
                 for (mut from, mut to, upstream) in pairs {
                     let k = k2.clone();
+                    let rate = r2.clone();
                     std::thread::spawn(move || {
                         let mut b = vec![0u8; 1 << 16];
                         loop {
@@ -1286,6 +1291,10 @@ impl Chaos {
                             if to.write_all(&b[..n]).is_err() {
                                 break;
                             }
+                            let r = rate.load(Ordering::SeqCst);
+                            if upstream && r > 0 {
+                                std::thread::sleep(Duration::from_secs_f64(n as f64 / r as f64));
+                            }
                         }
                         let _ = to.shutdown(std::net::Shutdown::Both);
                         let _ = from.shutdown(std::net::Shutdown::Both);
@@ -1299,6 +1308,7 @@ impl Chaos {
             down_until,
             corrupt,
             cuts: AtomicU64::new(0),
+            rate,
         }
     }
 
@@ -1589,4 +1599,123 @@ fn a_promoted_secondary_serves_the_root_instant_with_mount_snapshot() {
         &pairfs(&["fsck", s.img.to_str().unwrap()]),
         "fsck secondary",
     );
+}
+
+#[test]
+fn a_primary_killed_during_a_resync_resyncs_by_its_bitmap_again() {
+    let mut v = Vol::new("512M");
+    let key = key_file(v.dir.path(), "key", "0123456789abcdef-cut-resync");
+    let mut s = Secondary::start(v.dir.path(), &key);
+    let chaos = Chaos::start(&s.addr);
+    let full_syncs = |s: &Secondary| s.log().matches("full sync from").count() / 2;
+    let mount = |v: &mut Vol, addr: &str| {
+        let out = Command::new(BIN)
+            .args(["mount", v.img.to_str().unwrap(), v.mnt.to_str().unwrap()])
+            .args(["--copy-mount", v.copy.to_str().unwrap(), "--daemon"])
+            .args(["--replica", addr, "--key-file", key.to_str().unwrap()])
+            .args(["--on-disconnect", "continue"])
+            .env("PAIRFS_REPL_BUFFER", "1M")
+            .env("PAIRFS_LOG_FILE", v.dir.path().join("primary.log"))
+            .env("RUST_LOG", "info")
+            .output()
+            .unwrap();
+        ok(&out, "mount --replica, continue");
+        v.adopt_mount();
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    mount(&mut v, &chaos.addr);
+    std::fs::create_dir(v.path("d")).unwrap();
+    write_fsync(&v.path("d/base"), &block(1, 1, 64 << 20));
+    for i in 0..4u64 {
+        write_fsync(&v.path(&format!("d/s{i}")), &block(10 + i, 1, 30_000));
+    }
+    ok(
+        &pairfs(&["split", v.path("d").to_str().unwrap(), "--wait"]),
+        "split d",
+    );
+    wait_in_sync(&v.mnt, "before the outage");
+    // An outage with 24 MiB changed, then a slow link (4 MiB/s): the resync takes ~6 s.
+    chaos.down(Duration::from_secs(3600));
+    write_fsync(&v.path("d/new"), &block(2, 1, 24 << 20));
+    let t = Instant::now();
+    while !replica_line(&v.mnt).starts_with("out_of_sync") {
+        assert!(t.elapsed() < Duration::from_secs(30), "not out of sync");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    chaos
+        .rate
+        .store(4 << 20, std::sync::atomic::Ordering::SeqCst);
+    *chaos.down_until.lock().unwrap() = Instant::now();
+    let plog = v.dir.path().join("primary.log");
+    let t = Instant::now();
+    while !std::fs::read_to_string(&plog)
+        .unwrap()
+        .contains("resync of stream")
+    {
+        assert!(t.elapsed() < Duration::from_secs(30), "no resync began");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(1500));
+    // Cut in the middle of it: once back, the secondary (inconsistent, same stream) is
+    // resynced by the marks again, not in full.
+    let line = replica_line(&v.mnt);
+    assert!(line.starts_with("resyncing"), "{line}");
+    chaos.down(Duration::from_millis(500));
+    let t = Instant::now();
+    while std::fs::read_to_string(&plog)
+        .unwrap()
+        .matches("resync of stream")
+        .count()
+        < 2
+    {
+        assert!(t.elapsed() < Duration::from_secs(30), "no second resync");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let log = std::fs::read_to_string(&plog).unwrap();
+    assert!(!log.contains("begins: all blocks"), "{log}");
+    std::thread::sleep(Duration::from_millis(1500));
+    // Cut again, and the primary dies in the middle of that resync.
+    let line = replica_line(&v.mnt);
+    assert!(line.starts_with("resyncing"), "{line}");
+    chaos.down(Duration::from_secs(3600));
+    v.kill9();
+    {
+        let c = rusqlite::Connection::open_with_flags(
+            format!("{}.meta", s.img.display()),
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+        )
+        .unwrap();
+        let inc: Option<String> = c
+            .query_row(
+                "SELECT value FROM super WHERE key = 'repl_inconsistent'",
+                [],
+                |r| r.get(0),
+            )
+            .ok();
+        assert!(inc.is_some(), "the secondary is not in a cut resync");
+    }
+    // Straight to the secondary: the bitmap still holds the resync's marks.
+    let said = mount(&mut v, &s.addr.clone());
+    assert!(said.contains("resync by bitmap"), "{said}");
+    wait_in_sync(&v.mnt, "second resync");
+    assert_eq!(full_syncs(&s), 1, "{}", s.log());
+    let sent = last_resync_bytes(&v);
+    // The new file's blocks (and regions active at the crash), not the 64 MiB base and
+    // its frozen copy.
+    assert!(
+        (24 << 20..40 << 20).contains(&sent),
+        "resync sent {sent} bytes"
+    );
+    v.umount();
+    s.stop("-TERM");
+    ok(
+        &pairfs(&["replica", "promote", s.img.to_str().unwrap()]),
+        "promote",
+    );
+    v.fsck();
+    ok(
+        &pairfs(&["fsck", s.img.to_str().unwrap()]),
+        "fsck secondary",
+    );
+    compare_sides(&mut v, &s);
 }

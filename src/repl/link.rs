@@ -728,8 +728,10 @@ impl Link {
             let mut g = self.lock();
             g.reconnects += 1;
             g.last_error = None;
-            let replayable =
-                stream == g.stream && !inconsistent && seq >= g.acked && seq < g.next_seq;
+            // This stream, at or past the last ack: the secondary lacks only what is
+            // buffered or marked.
+            let same = stream == g.stream && seq >= g.acked && seq < g.next_seq;
+            let replayable = same && !inconsistent;
             if replayable && !g.out_of_sync {
                 // Everything up to `seq` is durable there: replay from seq + 1.
                 while g.buf.front().is_some_and(|r| r.seq <= seq) {
@@ -751,12 +753,20 @@ impl Link {
                 self.run_connection(s);
                 continue;
             }
-            if !replayable {
-                // The secondary holds another stream, lost records we count as acked, or
-                // was cut in a resync: every track.
-                if !g.out_of_sync {
-                    self.drop_stream(&mut g, "the secondary cannot continue this stream");
-                }
+            if !replayable && !g.out_of_sync {
+                self.drop_stream(
+                    &mut g,
+                    if same {
+                        "the secondary was cut in a resync"
+                    } else {
+                        "the secondary cannot continue this stream"
+                    },
+                );
+            }
+            if !same {
+                // The secondary holds another stream or lost records we count as acked:
+                // every track. (One cut in a resync of this stream lacks only the marks,
+                // which the drop put back, and the buffered records, which it marked.)
                 g.oos.all = true;
             }
             // Resync: nothing is pending (the stream was dropped); the secondary takes the
@@ -1346,9 +1356,10 @@ impl Attach for Replica {
             meta.set_super_values(&[(RESUME_STREAM, None), (RESUME_SEQ, None)])?;
         }
         // The persistent bitmap is relative to the secondary's stream, from a point at
-        // least as far as the last ack it recorded.
-        let by_bitmap =
-            stored.filter(|b| !inconsistent && b.stream == their_stream && their_seq >= b.floor);
+        // least as far as the last ack it recorded. A secondary cut in a resync of that
+        // stream lacks only marked blocks too (the marks of a resync stay in the file
+        // until its end is acked) and gets the whole database again.
+        let by_bitmap = stored.filter(|b| b.stream == their_stream && their_seq >= b.floor);
         let mut resync_epoch = None;
         if clean && !inconsistent && rs == Some(their_stream) && rq == Some(their_seq) {
             log::info!(
