@@ -399,6 +399,10 @@ impl Link {
             g.acked_bytes,
             g.reconnects,
         );
+        let (syncs, write_syncs) = self.bitmap.syncs();
+        s.push_str(&format!(
+            " bitmap_syncs={syncs} bitmap_write_syncs={write_syncs}"
+        ));
         if let Some(e) = &g.last_error {
             s.push_str(&format!(" error={e:?}"));
         }
