@@ -1038,10 +1038,11 @@ fn a_primary_killed_while_connected_resyncs_its_activity_log_not_everything() {
     let said = String::from_utf8_lossy(&out.stderr);
     assert!(said.contains("resync by bitmap"), "{said}");
     assert_eq!(full_syncs(&s), 1, "{}", s.log());
-    // The 4 MiB regions written in the last second or two before the crash, not the
-    // 64 MiB file and its 64 MiB frozen copy (a full sync sends both).
+    // The 4 MiB regions written in the last second or two before the crash (7 to 33 MiB
+    // measured), not the 64 MiB file and its 64 MiB frozen copy (a full sync sends both).
     let sent = last_resync_bytes(&v);
-    assert!(sent < 48 << 20, "resync sent {sent} bytes");
+    eprintln!("activity-log resync sent {sent} bytes");
+    assert!(sent < 64 << 20, "resync sent {sent} bytes");
     v.umount();
     s.stop("-TERM");
     ok(
