@@ -684,4 +684,102 @@ mod tests {
         let (_, l) = Bitmap::open(&meta, uuid, 32 << 20, 4096).unwrap();
         assert!(l.is_none());
     }
+
+    use proptest::prelude::*;
+    use std::collections::BTreeSet;
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        /// A write of one 4 KiB block begins (its record is queued when it ends).
+        Begin(usize, u64),
+        /// The oldest write in flight ends: its block is busy (record unacked).
+        End,
+        /// A busy block's record is acked and synced locally: it no longer differs.
+        Ack(usize),
+        /// A busy block's record is dropped: out of sync (a fine bit).
+        Drop(usize),
+        /// An out-of-sync block is resynced.
+        Resynced(usize),
+        Checkpoint,
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            3 => (0..2usize, 0..(48u64 << 20) / 4096).prop_map(|(i, u)| Op::Begin(i, u)),
+            3 => Just(Op::End),
+            2 => (0..64usize).prop_map(Op::Ack),
+            1 => (0..64usize).prop_map(Op::Drop),
+            1 => (0..64usize).prop_map(Op::Resynced),
+            2 => Just(Op::Checkpoint),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        /// After every step, the file (as a crash would leave it) covers every block that
+        /// may differ: in flight, unacked, or out of sync.
+        #[test]
+        fn the_file_always_covers_what_may_differ(ops in proptest::collection::vec(op(), 1..60)) {
+            let d = tempfile::tempdir().unwrap();
+            let meta = d.path().join("v.meta");
+            let (uuid, size) = ([9u8; 16], 48u64 << 20);
+            let (b, _) = Bitmap::open(&meta, uuid, size, 4096).unwrap();
+            b.checkpoint(true, &|| target(5, 0)).unwrap();
+            let mut inflight: Vec<(usize, u64)> = vec![];
+            let mut busy: Vec<(usize, u64)> = vec![];
+            let mut fine: Vec<(usize, u64)> = vec![];
+            for o in ops {
+                match o {
+                    Op::Begin(i, u) => {
+                        b.begin(i, u * 4096, 4096).unwrap();
+                        inflight.push((i, u));
+                    }
+                    Op::End => {
+                        if !inflight.is_empty() {
+                            let (i, u) = inflight.remove(0);
+                            busy.push((i, u));
+                            b.end(i, u * 4096, 4096);
+                        }
+                    }
+                    Op::Ack(k) => {
+                        if !busy.is_empty() {
+                            busy.remove(k % busy.len());
+                        }
+                    }
+                    Op::Drop(k) => {
+                        if !busy.is_empty() {
+                            let x = busy.remove(k % busy.len());
+                            fine.push(x);
+                        }
+                    }
+                    Op::Resynced(k) => {
+                        if !fine.is_empty() {
+                            fine.remove(k % fine.len());
+                        }
+                    }
+                    Op::Checkpoint => {
+                        let mut t = target(5, 1);
+                        for &(i, u) in &fine {
+                            if t.fine[i].is_empty() {
+                                t.fine[i] = vec![0; words(size / 4096)];
+                            }
+                            set(&mut t.fine[i], u);
+                        }
+                        for &(i, u) in &busy {
+                            t.busy[i].insert(u * 4096 / REGION);
+                        }
+                        let settle = inflight.is_empty();
+                        b.checkpoint(settle, &|| t.clone()).unwrap();
+                    }
+                }
+                let (_, l) = Bitmap::open(&meta, uuid, size, 4096).unwrap();
+                let l = l.unwrap();
+                let need: BTreeSet<_> = inflight.iter().chain(&busy).chain(&fine).collect();
+                for &&(i, u) in &need {
+                    prop_assert!(get(&l.units[i], u), "block {u} of image {i} not covered");
+                }
+            }
+        }
+    }
 }
