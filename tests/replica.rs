@@ -1175,7 +1175,8 @@ fn a_full_secondary_disk_with_block_stalls_fsync_until_space_is_freed() {
             d2.store(i, std::sync::atomic::Ordering::SeqCst);
         }
     });
-    // The disk fills at about 10 files: the writer stalls there.
+    // The disk fills at about 10 files: the secondary refuses for lack of space and the
+    // writer stalls there.
     let t = Instant::now();
     let mut last = (0, Instant::now());
     loop {
@@ -1183,10 +1184,16 @@ fn a_full_secondary_disk_with_block_stalls_fsync_until_space_is_freed() {
         assert!(n < 20, "40 MiB were acknowledged on a 24 MiB secondary");
         if n != last.0 {
             last = (n, Instant::now());
-        } else if last.1.elapsed() > Duration::from_secs(3) && n > 0 {
+        } else if last.1.elapsed() > Duration::from_secs(2)
+            && replica_line(&v.mnt).contains("No space left")
+        {
             break;
         }
-        assert!(t.elapsed() < Duration::from_secs(60), "no stall");
+        assert!(
+            t.elapsed() < Duration::from_secs(90),
+            "no stall on a full disk: {}",
+            replica_line(&v.mnt)
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     let stalled = done.load(std::sync::atomic::Ordering::SeqCst);
@@ -1206,7 +1213,7 @@ fn a_full_secondary_disk_with_block_stalls_fsync_until_space_is_freed() {
         std::thread::sleep(Duration::from_millis(100));
     }
     w.join().unwrap();
-    assert!(stalled >= 3, "stalled after {stalled} files");
+    assert!(stalled >= 1, "stalled after {stalled} files");
     v.umount();
     s.stop("-TERM");
     ok(
