@@ -3,7 +3,9 @@
 //! stop (fsck on both), refusals (wrong key, other volume, other protocol version, a
 //! replica mounted read-write), garbage on the listener, and kill -9 of the secondary
 //! with `--on-disconnect continue` (the primary keeps serving; the restarted secondary
-//! is brought back by replay).
+//! is brought back by replay); the primary's persistent out-of-sync bitmap (stopped or
+//! killed out of sync, killed while connected: a resync by bitmap, not a full sync); a
+//! full secondary disk (tmpfs); a link cut, refused and corrupted at random moments.
 
 mod common;
 
@@ -43,11 +45,16 @@ struct Secondary {
 
 impl Secondary {
     fn start(dir: &Path, key: &Path) -> Secondary {
+        Secondary::start_in(dir, dir, key)
+    }
+
+    /// A secondary whose images live in `img_dir` and whose log in `log_dir`.
+    fn start_in(img_dir: &Path, log_dir: &Path, key: &Path) -> Secondary {
         let mut s = Secondary {
-            img: dir.join("secondary.img"),
+            img: img_dir.join("secondary.img"),
             addr: format!("127.0.0.1:{}", free_port()),
             key: key.to_path_buf(),
-            log: dir.join("secondary.log"),
+            log: log_dir.join("secondary.log"),
             child: None,
         };
         s.restart();
@@ -166,6 +173,16 @@ impl Proxy {
 }
 
 fn mount_replica(v: &mut Vol, s: &Secondary, extra: &[&str]) -> std::process::Output {
+    mount_replica_env(v, s, extra, &[])
+}
+
+/// [`mount_replica`] with more environment variables for the daemon.
+fn mount_replica_env(
+    v: &mut Vol,
+    s: &Secondary,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> std::process::Output {
     let mut args = vec![
         "mount",
         v.img.to_str().unwrap(),
@@ -183,6 +200,7 @@ fn mount_replica(v: &mut Vol, s: &Secondary, extra: &[&str]) -> std::process::Ou
         .args(&args)
         .env("PAIRFS_LOG_FILE", v.dir.path().join("primary.log"))
         .env("RUST_LOG", "info")
+        .envs(env.iter().copied())
         .output()
         .unwrap();
     if out.status.success() {
@@ -861,6 +879,848 @@ fn a_clean_remount_resumes_the_stream_without_a_full_sync() {
         &pairfs(&["replica", "promote", s.img.to_str().unwrap()]),
         "promote",
     );
+    ok(
+        &pairfs(&["fsck", s.img.to_str().unwrap()]),
+        "fsck secondary",
+    );
+    compare_sides(&mut v, &s);
+}
+
+/// The block bytes the last resync of the primary's log sent.
+fn last_resync_bytes(v: &Vol) -> u64 {
+    let log = std::fs::read_to_string(v.dir.path().join("primary.log")).unwrap();
+    let line = log
+        .lines()
+        .rev()
+        .find(|l| l.contains("resync sent:"))
+        .unwrap_or_else(|| panic!("no resync in {log}"));
+    let (_, rest) = line.split_once("block data (").unwrap();
+    rest.split_once(' ').unwrap().0.parse().unwrap()
+}
+
+/// A primary in `continue` mode loses its secondary, changes `changed` bytes (4 KiB
+/// overwrites spread over a 48 MiB file, and a new 1 MiB file), and is then stopped:
+/// cleanly (`kill` false) or by kill -9 after its bitmap checkpoints ran. Its next
+/// mount resyncs by the persistent bitmap: about the changed bytes go over, not the
+/// volume; both sides end byte-identical, fsck clean.
+fn stopped_out_of_sync_resyncs_by_bitmap(kill: bool) {
+    let mut v = Vol::new("512M");
+    let key = key_file(v.dir.path(), "key", "0123456789abcdef-bitmap");
+    let mut s = Secondary::start(v.dir.path(), &key);
+    let full_syncs = |s: &Secondary| s.log().matches("full sync from").count() / 2;
+    ok(
+        &mount_replica_env(
+            &mut v,
+            &s,
+            &["--on-disconnect", "continue"],
+            &[("PAIRFS_REPL_BUFFER", "1M")],
+        ),
+        "mount 1",
+    );
+    std::fs::create_dir(v.path("d")).unwrap();
+    write_fsync(&v.path("d/big"), &block(1, 1, 48 << 20));
+    write_fsync(&v.path("d/small"), &block(2, 1, 200_000));
+    ok(
+        &pairfs(&["split", v.path("d").to_str().unwrap(), "--wait"]),
+        "split d",
+    );
+    wait_in_sync(&v.mnt, "before the outage");
+    s.stop("-9");
+    // 600 overwrites of 4 KiB at scattered offsets (some twice), and a new file.
+    let mut changed = std::collections::BTreeSet::new();
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(v.path("d/big"))
+            .unwrap();
+        let mut x = 12345u64;
+        for i in 0..600u64 {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let blk = (x >> 33) % ((48 << 20) / 4096);
+            f.write_all_at(&block(blk, 2 + i, 4096), blk * 4096)
+                .unwrap();
+            changed.insert(blk);
+        }
+        f.sync_all().unwrap();
+    }
+    write_fsync(&v.path("d/new"), &block(3, 1, 1 << 20));
+    let changed = changed.len() as u64 * 4096 + (1 << 20);
+    let line = replica_line(&v.mnt);
+    assert!(line.starts_with("out_of_sync"), "{line}");
+    if kill {
+        // Two checkpoints: the fine bits are on disk, the written regions left the
+        // activity log.
+        std::thread::sleep(Duration::from_millis(3000));
+        v.kill9();
+    } else {
+        v.umount();
+    }
+    assert!(
+        std::fs::metadata(format!("{}.meta.repl-bitmap", v.img.display())).is_ok(),
+        "no bitmap file"
+    );
+    s.restart();
+    let out = mount_replica(&mut v, &s, &["--on-disconnect", "continue"]);
+    ok(&out, "mount 2");
+    wait_in_sync(&v.mnt, "resync by bitmap");
+    // Said at mount, before the daemon's log file is open.
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(said.contains("resync by bitmap"), "{said}");
+    assert_eq!(full_syncs(&s), 1, "{}", s.log());
+    let sent = last_resync_bytes(&v);
+    assert!(
+        sent >= changed && sent <= changed + changed / 10 + (256 << 10),
+        "resync sent {sent} bytes for {changed} changed"
+    );
+    write_fsync(&v.path("d/after"), &block(4, 1, 30_000));
+    v.umount();
+    s.stop("-TERM");
+    ok(
+        &pairfs(&["replica", "promote", s.img.to_str().unwrap()]),
+        "promote",
+    );
+    v.fsck();
+    ok(
+        &pairfs(&["fsck", s.img.to_str().unwrap()]),
+        "fsck secondary",
+    );
+    compare_sides(&mut v, &s);
+}
+
+#[test]
+fn a_primary_stopped_out_of_sync_resyncs_by_its_bitmap() {
+    stopped_out_of_sync_resyncs_by_bitmap(false);
+}
+
+#[test]
+fn a_primary_killed_out_of_sync_resyncs_by_its_bitmap() {
+    stopped_out_of_sync_resyncs_by_bitmap(true);
+}
+
+#[test]
+fn a_primary_killed_while_connected_resyncs_its_activity_log_not_everything() {
+    let mut v = Vol::new("512M");
+    let key = key_file(v.dir.path(), "key", "0123456789abcdef-al");
+    let mut s = Secondary::start(v.dir.path(), &key);
+    let full_syncs = |s: &Secondary| s.log().matches("full sync from").count() / 2;
+    ok(&mount_replica(&mut v, &s, &[]), "mount 1");
+    std::fs::create_dir(v.path("d")).unwrap();
+    write_fsync(&v.path("d/big"), &block(1, 1, 64 << 20));
+    ok(
+        &pairfs(&["split", v.path("d").to_str().unwrap(), "--wait"]),
+        "split d",
+    );
+    // A writer in sync mode, killed with the primary mid-stream.
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let (d2, root) = (done.clone(), v.mnt.clone());
+    let w = std::thread::spawn(move || {
+        for i in 1..100_000u64 {
+            let p = root.join(format!("d/f{}", i % 50));
+            let Ok(mut f) = std::fs::File::create(&p) else {
+                return;
+            };
+            if f.write_all(&block(i, 1, 30_000)).is_err() || f.sync_all().is_err() {
+                return;
+            }
+            d2.store(i, std::sync::atomic::Ordering::SeqCst);
+        }
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+    v.kill9();
+    let _ = w.join();
+    assert!(done.load(std::sync::atomic::Ordering::SeqCst) > 5);
+    let out = mount_replica(&mut v, &s, &[]);
+    ok(&out, "mount 2");
+    wait_in_sync(&v.mnt, "resync by activity log");
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(said.contains("resync by bitmap"), "{said}");
+    assert_eq!(full_syncs(&s), 1, "{}", s.log());
+    // The 4 MiB regions written in the last second or two before the crash (7 to 33 MiB
+    // measured), not the 64 MiB file and its 64 MiB frozen copy (a full sync sends both).
+    let sent = last_resync_bytes(&v);
+    eprintln!("activity-log resync sent {sent} bytes");
+    assert!(sent < 64 << 20, "resync sent {sent} bytes");
+    v.umount();
+    s.stop("-TERM");
+    ok(
+        &pairfs(&["replica", "promote", s.img.to_str().unwrap()]),
+        "promote",
+    );
+    v.fsck();
+    ok(
+        &pairfs(&["fsck", s.img.to_str().unwrap()]),
+        "fsck secondary",
+    );
+    compare_sides(&mut v, &s);
+}
+
+/// A small tmpfs (the secondary's disk), unmounted when dropped.
+struct SmallDisk {
+    dir: PathBuf,
+}
+
+impl SmallDisk {
+    fn new(name: &str, size: &str) -> SmallDisk {
+        let dir = PathBuf::from(format!("/tmp/repl2-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(&dir)
+            .output()
+            .unwrap();
+        ok(&out, "mount a small tmpfs");
+        SmallDisk { dir }
+    }
+
+    fn grow(&self, size: &str) {
+        let out = Command::new("mount")
+            .args(["-o", &format!("remount,size={size}")])
+            .arg(&self.dir)
+            .output()
+            .unwrap();
+        ok(&out, "grow the tmpfs");
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.dir).output();
+        let _ = std::fs::remove_dir(&self.dir);
+    }
+}
+
+#[test]
+fn a_full_secondary_disk_with_continue_leaves_the_primary_serving_then_catches_up() {
+    let disk = SmallDisk::new("full-continue", "24M");
+    let mut v = Vol::new("256M");
+    let key = key_file(v.dir.path(), "key", "0123456789abcdef-full");
+    let mut s = Secondary::start_in(&disk.dir, v.dir.path(), &key);
+    ok(
+        &mount_replica_env(
+            &mut v,
+            &s,
+            &["--on-disconnect", "continue"],
+            &[("PAIRFS_REPL_BUFFER", "4M")],
+        ),
+        "mount",
+    );
+    std::fs::create_dir(v.path("d")).unwrap();
+    write_fsync(&v.path("d/a"), &block(1, 1, 2 << 20));
+    ok(
+        &pairfs(&["split", v.path("d").to_str().unwrap(), "--wait"]),
+        "split d",
+    );
+    // 40 MiB on a 24 MiB disk: the secondary fails its writes; every write and fsync
+    // here still returns.
+    let t = Instant::now();
+    for i in 0..10u64 {
+        write_fsync(&v.path(&format!("d/f{i}")), &block(10 + i, 1, 4 << 20));
+    }
+    write_fsync(&v.path("d/a"), &block(1, 2, 1 << 20));
+    assert!(t.elapsed() < Duration::from_secs(60), "{:?}", t.elapsed());
+    let line = replica_line(&v.mnt);
+    assert!(!line.starts_with("in_sync"), "{line}");
+    let slog = s.log();
+    assert!(
+        slog.contains("No space left") || slog.contains("full"),
+        "the secondary did not hit the full disk: {slog}"
+    );
+    assert!(s.alive(), "the secondary died on a full disk");
+    for i in 0..10u64 {
+        assert_eq!(
+            std::fs::read(v.path(&format!("d/f{i}"))).unwrap(),
+            block(10 + i, 1, 4 << 20)
+        );
+    }
+    // Space again: the link catches up (replay or resync) by itself.
+    disk.grow("400M");
+    wait_in_sync(&v.mnt, "after the disk grew");
+    write_fsync(&v.path("d/after"), &block(5, 1, 50_000));
+    v.umount();
+    s.stop("-TERM");
+    ok(
+        &pairfs(&["replica", "promote", s.img.to_str().unwrap()]),
+        "promote",
+    );
+    v.fsck();
+    ok(
+        &pairfs(&["fsck", s.img.to_str().unwrap()]),
+        "fsck secondary",
+    );
+    compare_sides(&mut v, &s);
+}
+
+#[test]
+fn a_full_secondary_disk_with_block_stalls_fsync_until_space_is_freed() {
+    let disk = SmallDisk::new("full-block", "24M");
+    let mut v = Vol::new("256M");
+    let key = key_file(v.dir.path(), "key", "0123456789abcdef-fullblock");
+    let mut s = Secondary::start_in(&disk.dir, v.dir.path(), &key);
+    ok(&mount_replica(&mut v, &s, &[]), "mount (sync, block)");
+    std::fs::create_dir(v.path("d")).unwrap();
+    write_fsync(&v.path("d/a"), &block(1, 1, 100_000));
+    ok(
+        &pairfs(&["split", v.path("d").to_str().unwrap(), "--wait"]),
+        "split d",
+    );
+    // fsync'd 2 MiB files; `done` is the last whose fsync returned.
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let (d2, root) = (done.clone(), v.mnt.clone());
+    let w = std::thread::spawn(move || {
+        for i in 1..=20u64 {
+            write_fsync(&root.join(format!("d/f{i}")), &block(i, 1, 2 << 20));
+            d2.store(i, std::sync::atomic::Ordering::SeqCst);
+        }
+    });
+    // The disk fills at about 10 files: the secondary refuses for lack of space and the
+    // writer stalls there.
+    let t = Instant::now();
+    let mut last = (0, Instant::now());
+    loop {
+        let n = done.load(std::sync::atomic::Ordering::SeqCst);
+        assert!(n < 20, "40 MiB were acknowledged on a 24 MiB secondary");
+        if n != last.0 {
+            last = (n, Instant::now());
+        } else if last.1.elapsed() > Duration::from_secs(2)
+            && replica_line(&v.mnt).contains("No space left")
+        {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(90),
+            "no stall on a full disk: {}",
+            replica_line(&v.mnt)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let stalled = done.load(std::sync::atomic::Ordering::SeqCst);
+    let line = replica_line(&v.mnt);
+    eprintln!("stalled after {stalled} files: {line}");
+    assert!(!line.starts_with("in_sync"), "{line}");
+    assert!(s.alive(), "the secondary died on a full disk");
+    // Space again: the writer resumes and finishes.
+    disk.grow("400M");
+    let t = Instant::now();
+    while done.load(std::sync::atomic::Ordering::SeqCst) < 20 {
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "the writer did not resume: {}",
+            replica_line(&v.mnt)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    w.join().unwrap();
+    assert!(stalled >= 1, "stalled after {stalled} files");
+    v.umount();
+    s.stop("-TERM");
+    ok(
+        &pairfs(&["replica", "promote", s.img.to_str().unwrap()]),
+        "promote",
+    );
+    v.fsck();
+    ok(
+        &pairfs(&["fsck", s.img.to_str().unwrap()]),
+        "fsck secondary",
+    );
+    compare_sides(&mut v, &s);
+}
+
+/// A TCP proxy that misbehaves on demand: cuts every open connection at once (bytes in
+/// flight are lost), refuses the link for a while (accepts and closes at once), and
+/// flips one bit of what the primary sends (the frame checksum must catch it).
+struct Chaos {
+    addr: String,
+    conns: std::sync::Arc<std::sync::Mutex<Vec<TcpStream>>>,
+    down_until: std::sync::Arc<std::sync::Mutex<Instant>>,
+    corrupt: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    cuts: std::sync::atomic::AtomicU64,
+    /// Bytes per second the primary may send (0: no limit).
+    rate: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Chaos {
+    fn start(target: &str) -> Chaos {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        use std::sync::{Arc, Mutex};
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        let conns: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
+        let down_until = Arc::new(Mutex::new(Instant::now()));
+        let corrupt = Arc::new(AtomicU64::new(0));
+        let rate = Arc::new(AtomicU64::new(0));
+        let (c2, d2, k2, r2, target) = (
+            conns.clone(),
+            down_until.clone(),
+            corrupt.clone(),
+            rate.clone(),
+            target.to_string(),
+        );
+        std::thread::spawn(move || {
+            for c in l.incoming() {
+                let Ok(c) = c else { return };
+                if Instant::now() < *d2.lock().unwrap() {
+                    let _ = c.shutdown(std::net::Shutdown::Both);
+                    continue;
+                }
+                let Ok(u) = TcpStream::connect(&target) else {
+                    continue;
+                };
+                {
+                    let mut g = c2.lock().unwrap();
+                    g.push(c.try_clone().unwrap());
+                    g.push(u.try_clone().unwrap());
+                }
+                let pairs = [
+                    (c.try_clone().unwrap(), u.try_clone().unwrap(), true),
+                    (u, c, false),
+                ];
+                for (mut from, mut to, upstream) in pairs {
+                    let k = k2.clone();
+                    let rate = r2.clone();
+                    std::thread::spawn(move || {
+                        let mut b = vec![0u8; 1 << 16];
+                        loop {
+                            let n = match from.read(&mut b) {
+                                Ok(0) | Err(_) => break,
+                                Ok(n) => n,
+                            };
+                            if upstream
+                                && n >= 64
+                                && k.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |x| {
+                                    x.checked_sub(1)
+                                })
+                                .is_ok()
+                            {
+                                b[n - 1 - n / 3] ^= 0x10;
+                            }
+                            if to.write_all(&b[..n]).is_err() {
+                                break;
+                            }
+                            let r = rate.load(Ordering::SeqCst);
+                            if upstream && r > 0 {
+                                std::thread::sleep(Duration::from_secs_f64(n as f64 / r as f64));
+                            }
+                        }
+                        let _ = to.shutdown(std::net::Shutdown::Both);
+                        let _ = from.shutdown(std::net::Shutdown::Both);
+                    });
+                }
+            }
+        });
+        Chaos {
+            addr,
+            conns,
+            down_until,
+            corrupt,
+            cuts: AtomicU64::new(0),
+            rate,
+        }
+    }
+
+    /// Cuts every open connection.
+    fn cut(&self) {
+        for c in self.conns.lock().unwrap().drain(..) {
+            let _ = c.shutdown(std::net::Shutdown::Both);
+        }
+        self.cuts.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Cuts, and refuses the link for `d`.
+    fn down(&self, d: Duration) {
+        *self.down_until.lock().unwrap() = Instant::now() + d;
+        self.cut();
+    }
+
+    /// Flips one bit in the next chunk the primary sends.
+    fn corrupt_one(&self) {
+        self.corrupt
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+#[test]
+fn a_link_cut_at_random_moments_loses_nothing_acknowledged_and_converges() {
+    let mut v = Vol::new("512M");
+    let key = key_file(v.dir.path(), "key", "0123456789abcdef-chaos");
+    let mut s = Secondary::start(v.dir.path(), &key);
+    let chaos = Chaos::start(&s.addr);
+    let out = Command::new(BIN)
+        .args(["mount", v.img.to_str().unwrap(), v.mnt.to_str().unwrap()])
+        .args(["--copy-mount", v.copy.to_str().unwrap(), "--daemon"])
+        .args([
+            "--replica",
+            &chaos.addr,
+            "--key-file",
+            key.to_str().unwrap(),
+        ])
+        .env("PAIRFS_LOG_FILE", v.dir.path().join("primary.log"))
+        .env("RUST_LOG", "info")
+        .output()
+        .unwrap();
+    ok(
+        &out,
+        "mount --replica through the chaos proxy (sync, block)",
+    );
+    v.adopt_mount();
+    std::fs::create_dir(v.path("d")).unwrap();
+    write_fsync(&v.path("d/base"), &block(0, 1, 300_000));
+    ok(
+        &pairfs(&["split", v.path("d").to_str().unwrap(), "--wait"]),
+        "split d",
+    );
+    // A writer: fsync'd files, and now and then an overwrite of the split's base
+    // (copy-on-write); `done` is the last file whose fsync returned.
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let (d2, root) = (done.clone(), v.mnt.clone());
+    let w = std::thread::spawn(move || {
+        for i in 1..1_000_000u64 {
+            let p = root.join(format!("d/f{}", i % 300));
+            let Ok(mut f) = std::fs::File::create(&p) else {
+                return;
+            };
+            if f.write_all(&block(i, 1, 20_000 + (i as usize % 5) * 11_000))
+                .is_err()
+                || f.sync_all().is_err()
+            {
+                return;
+            }
+            if i % 7 == 0 {
+                let Ok(mut b) = std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(root.join("d/base"))
+                else {
+                    return;
+                };
+                if b.write_all(&block(0, i, 50_000)).is_err() || b.sync_all().is_err() {
+                    return;
+                }
+            }
+            d2.store(i, std::sync::atomic::Ordering::SeqCst);
+        }
+    });
+    // 8 s of trouble: cuts, the link down for up to 1.5 s, flipped bits.
+    let mut x = 0x2545F4914F6CDD1Du64;
+    let mut rnd = move |n: u64| {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x % n
+    };
+    let t = Instant::now();
+    let mut progress = vec![];
+    while t.elapsed() < Duration::from_secs(8) {
+        std::thread::sleep(Duration::from_millis(150 + rnd(450)));
+        // A flipped bit first: the checksum must catch it.
+        match if progress.is_empty() { 9 } else { rnd(10) } {
+            0..=5 => chaos.cut(),
+            6 | 7 => chaos.down(Duration::from_millis(300 + rnd(1200))),
+            _ => chaos.corrupt_one(),
+        }
+        progress.push(done.load(std::sync::atomic::Ordering::SeqCst));
+    }
+    // Calm: the writer goes on (fsyncs wait for the link, `block`).
+    let before = done.load(std::sync::atomic::Ordering::SeqCst);
+    let t = Instant::now();
+    while done.load(std::sync::atomic::Ordering::SeqCst) < before + 20 {
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "no progress after the trouble: {}",
+            replica_line(&v.mnt)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let line = replica_line(&v.mnt);
+    assert!(
+        common::field(line.trim(), "reconnects").unwrap() >= 5,
+        "{line}"
+    );
+    // Then a partition and the primary's death: every fsync that returned before the
+    // cut is on the secondary.
+    chaos.down(Duration::from_secs(3600));
+    let acked = done.load(std::sync::atomic::Ordering::SeqCst);
+    v.kill9();
+    let _ = w.join();
+    eprintln!(
+        "{} cuts, {acked} fsync'd files, progress {progress:?}",
+        chaos.cuts.load(std::sync::atomic::Ordering::SeqCst)
+    );
+    s.stop("-TERM");
+    // Check a copy of the secondary (promoted); the secondary itself stays a replica.
+    let cp = v.dir.path().join("check.img");
+    for ext in ["", ".copy", ".meta", ".meta-wal", ".meta-shm"] {
+        let from = format!("{}{ext}", s.img.display());
+        if Path::new(&from).exists() {
+            let out = Command::new("cp")
+                .args(["--sparse=always", &from, &format!("{}{ext}", cp.display())])
+                .output()
+                .unwrap();
+            ok(&out, "copy the secondary");
+        }
+    }
+    ok(
+        &pairfs(&["replica", "promote", cp.to_str().unwrap()]),
+        "promote the copy",
+    );
+    ok(
+        &pairfs(&["fsck", cp.to_str().unwrap()]),
+        "fsck the secondary's copy",
+    );
+    let cmnt = v.dir.path().join("cmnt");
+    std::fs::create_dir_all(&cmnt).unwrap();
+    ok(
+        &pairfs(&[
+            "mount",
+            cp.to_str().unwrap(),
+            cmnt.to_str().unwrap(),
+            "--daemon",
+        ]),
+        "mount the secondary's copy",
+    );
+    let mut bad = Vec::new();
+    // The last 300 acked files (each name is rewritten every 300).
+    for i in acked.saturating_sub(299).max(1)..=acked {
+        let want = block(i, 1, 20_000 + (i as usize % 5) * 11_000);
+        if std::fs::read(cmnt.join(format!("d/f{}", i % 300)))
+            .ok()
+            .as_deref()
+            != Some(&want[..])
+        {
+            bad.push(i);
+        }
+    }
+    ok(&pairfs(&["umount", cmnt.to_str().unwrap()]), "umount copy");
+    assert!(bad.is_empty(), "acknowledged files lost: {bad:?}");
+    // The sides converge: the primary remounts (resync by its bitmap) and both end
+    // byte-identical.
+    s.restart();
+    *chaos.down_until.lock().unwrap() = Instant::now();
+    let out = Command::new(BIN)
+        .args(["mount", v.img.to_str().unwrap(), v.mnt.to_str().unwrap()])
+        .args(["--copy-mount", v.copy.to_str().unwrap(), "--daemon"])
+        .args([
+            "--replica",
+            &chaos.addr,
+            "--key-file",
+            key.to_str().unwrap(),
+        ])
+        .env("PAIRFS_LOG_FILE", v.dir.path().join("primary.log"))
+        .env("RUST_LOG", "info")
+        .output()
+        .unwrap();
+    ok(&out, "remount the primary");
+    v.adopt_mount();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(said.contains("resync by bitmap"), "{said}");
+    wait_in_sync(&v.mnt, "after the crash");
+    let slog = s.log();
+    let mismatches = slog.matches("checksum mismatch").count();
+    eprintln!("secondary: {mismatches} checksum mismatches");
+    assert!(mismatches > 0, "the flipped bit went unnoticed: {slog}");
+    write_fsync(&v.path("d/after"), &block(9, 9, 10_000));
+    v.umount();
+    s.stop("-TERM");
+    ok(
+        &pairfs(&["replica", "promote", s.img.to_str().unwrap()]),
+        "promote",
+    );
+    v.fsck();
+    ok(
+        &pairfs(&["fsck", s.img.to_str().unwrap()]),
+        "fsck secondary",
+    );
+    compare_sides(&mut v, &s);
+}
+
+#[test]
+fn a_promoted_secondary_serves_the_root_instant_with_mount_snapshot() {
+    let mut v = Vol::new("256M");
+    let key = key_file(v.dir.path(), "key", "0123456789abcdef-snapshot");
+    let mut s = Secondary::start(v.dir.path(), &key);
+    ok(&mount_replica(&mut v, &s, &[]), "mount");
+    std::fs::create_dir_all(v.path("t/sub")).unwrap();
+    for i in 0..12u64 {
+        write_fsync(
+            &v.path(&format!("t/f{i}")),
+            &block(i, 1, 5_000 + i as usize * 40_000),
+        );
+    }
+    write_fsync(&v.path("t/sub/big"), &block(50, 1, 2 << 20));
+    std::os::unix::fs::symlink("f1", v.path("t/link")).unwrap();
+    let instant = tree(&v.mnt);
+    ok(
+        &pairfs(&["split", v.mnt.to_str().unwrap(), "--wait"]),
+        "split the root",
+    );
+    // Changed after the instant: overwritten (copy-on-write), removed, renamed, new.
+    write_fsync(&v.path("t/f0"), &block(0, 2, 300_000));
+    std::fs::remove_file(v.path("t/f3")).unwrap();
+    std::fs::rename(v.path("t/f4"), v.path("t/f4-renamed")).unwrap();
+    write_fsync(&v.path("t/sub/big"), &block(50, 2, 1 << 20));
+    write_fsync(&v.path("t/new"), &block(60, 1, 70_000));
+    let live = tree(&v.mnt);
+    assert_ne!(live, instant);
+    v.umount();
+    s.stop("-TERM");
+    ok(
+        &pairfs(&["replica", "promote", s.img.to_str().unwrap()]),
+        "promote",
+    );
+    let snap = v.dir.path().join("ssnap");
+    std::fs::create_dir_all(&snap).unwrap();
+    ok(
+        &pairfs(&[
+            "mount-snapshot",
+            s.img.to_str().unwrap(),
+            snap.to_str().unwrap(),
+            "--daemon",
+        ]),
+        "mount-snapshot on the promoted secondary",
+    );
+    let got = tree(&snap);
+    ok(
+        &pairfs(&["umount", snap.to_str().unwrap()]),
+        "umount snapshot",
+    );
+    assert_eq!(got, instant, "the secondary's snapshot is not the instant");
+    // And its live tree is the primary's.
+    let smnt = v.dir.path().join("smnt");
+    std::fs::create_dir_all(&smnt).unwrap();
+    ok(
+        &pairfs(&[
+            "mount",
+            s.img.to_str().unwrap(),
+            smnt.to_str().unwrap(),
+            "--daemon",
+        ]),
+        "mount the promoted secondary",
+    );
+    let slive = tree(&smnt);
+    ok(
+        &pairfs(&["umount", smnt.to_str().unwrap()]),
+        "umount secondary",
+    );
+    assert_eq!(slive, live);
+    ok(
+        &pairfs(&["fsck", s.img.to_str().unwrap()]),
+        "fsck secondary",
+    );
+}
+
+#[test]
+fn a_primary_killed_during_a_resync_resyncs_by_its_bitmap_again() {
+    let mut v = Vol::new("512M");
+    let key = key_file(v.dir.path(), "key", "0123456789abcdef-cut-resync");
+    let mut s = Secondary::start(v.dir.path(), &key);
+    let chaos = Chaos::start(&s.addr);
+    let full_syncs = |s: &Secondary| s.log().matches("full sync from").count() / 2;
+    let mount = |v: &mut Vol, addr: &str| {
+        let out = Command::new(BIN)
+            .args(["mount", v.img.to_str().unwrap(), v.mnt.to_str().unwrap()])
+            .args(["--copy-mount", v.copy.to_str().unwrap(), "--daemon"])
+            .args(["--replica", addr, "--key-file", key.to_str().unwrap()])
+            .args(["--on-disconnect", "continue"])
+            .env("PAIRFS_REPL_BUFFER", "1M")
+            .env("PAIRFS_LOG_FILE", v.dir.path().join("primary.log"))
+            .env("RUST_LOG", "info")
+            .output()
+            .unwrap();
+        ok(&out, "mount --replica, continue");
+        v.adopt_mount();
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    mount(&mut v, &chaos.addr);
+    std::fs::create_dir(v.path("d")).unwrap();
+    write_fsync(&v.path("d/base"), &block(1, 1, 64 << 20));
+    for i in 0..4u64 {
+        write_fsync(&v.path(&format!("d/s{i}")), &block(10 + i, 1, 30_000));
+    }
+    ok(
+        &pairfs(&["split", v.path("d").to_str().unwrap(), "--wait"]),
+        "split d",
+    );
+    wait_in_sync(&v.mnt, "before the outage");
+    // An outage with 24 MiB changed, then a slow link (4 MiB/s): the resync takes ~6 s.
+    chaos.down(Duration::from_secs(3600));
+    write_fsync(&v.path("d/new"), &block(2, 1, 24 << 20));
+    let t = Instant::now();
+    while !replica_line(&v.mnt).starts_with("out_of_sync") {
+        assert!(t.elapsed() < Duration::from_secs(30), "not out of sync");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    chaos
+        .rate
+        .store(4 << 20, std::sync::atomic::Ordering::SeqCst);
+    *chaos.down_until.lock().unwrap() = Instant::now();
+    let plog = v.dir.path().join("primary.log");
+    let t = Instant::now();
+    while !std::fs::read_to_string(&plog)
+        .unwrap()
+        .contains("resync of stream")
+    {
+        assert!(t.elapsed() < Duration::from_secs(30), "no resync began");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(1500));
+    // Cut in the middle of it: once back, the secondary (inconsistent, same stream) is
+    // resynced by the marks again, not in full.
+    let line = replica_line(&v.mnt);
+    assert!(line.starts_with("resyncing"), "{line}");
+    chaos.down(Duration::from_millis(500));
+    let t = Instant::now();
+    while std::fs::read_to_string(&plog)
+        .unwrap()
+        .matches("resync of stream")
+        .count()
+        < 2
+    {
+        assert!(t.elapsed() < Duration::from_secs(30), "no second resync");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let log = std::fs::read_to_string(&plog).unwrap();
+    assert!(!log.contains("begins: all blocks"), "{log}");
+    std::thread::sleep(Duration::from_millis(1500));
+    // Cut again, and the primary dies in the middle of that resync.
+    let line = replica_line(&v.mnt);
+    assert!(line.starts_with("resyncing"), "{line}");
+    chaos.down(Duration::from_secs(3600));
+    v.kill9();
+    {
+        let c = rusqlite::Connection::open_with_flags(
+            format!("{}.meta", s.img.display()),
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+        )
+        .unwrap();
+        let inc: Option<String> = c
+            .query_row(
+                "SELECT value FROM super WHERE key = 'repl_inconsistent'",
+                [],
+                |r| r.get(0),
+            )
+            .ok();
+        assert!(inc.is_some(), "the secondary is not in a cut resync");
+    }
+    // Straight to the secondary: the bitmap still holds the resync's marks.
+    let said = mount(&mut v, &s.addr.clone());
+    assert!(said.contains("resync by bitmap"), "{said}");
+    wait_in_sync(&v.mnt, "second resync");
+    assert_eq!(full_syncs(&s), 1, "{}", s.log());
+    let sent = last_resync_bytes(&v);
+    // The new file's blocks (and regions active at the crash), not the 64 MiB base and
+    // its frozen copy.
+    assert!(
+        (24 << 20..40 << 20).contains(&sent),
+        "resync sent {sent} bytes"
+    );
+    v.umount();
+    s.stop("-TERM");
+    ok(
+        &pairfs(&["replica", "promote", s.img.to_str().unwrap()]),
+        "promote",
+    );
+    v.fsck();
     ok(
         &pairfs(&["fsck", s.img.to_str().unwrap()]),
         "fsck secondary",

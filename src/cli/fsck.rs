@@ -274,6 +274,7 @@ pub fn fsck(p: &Paths, repair: bool) -> Result<Report> {
     r.stats.insert("pairs", l.pairs.len() as u64);
     r.stats.insert("clones", clones);
     if repair && !r.problems.is_empty() {
+        crate::core::volfile::forget_repl_bitmap(&p.meta)?;
         let c = meta.conn();
         let tx = c.unchecked_transaction()?;
         // A repaired volume is no longer what its replica (or its primary) holds: the

@@ -345,9 +345,13 @@ pub fn open(p: &Paths, mut opts: Options) -> Result<(Fs, VolumeLock)> {
             p.volume.display()
         )));
     }
-    if !opts.readonly && opts.replica.is_none() && meta.super_value(RESUME_KEYS[0])?.is_some() {
-        // Changed without the replica: it can no longer resume where it was.
-        meta.set_super_values(&[(RESUME_KEYS[0], None), (RESUME_KEYS[1], None)])?;
+    if !opts.readonly && opts.replica.is_none() {
+        if meta.super_value(RESUME_KEYS[0])?.is_some() {
+            // Changed without the replica: it can no longer resume where it was.
+            meta.set_super_values(&[(RESUME_KEYS[0], None), (RESUME_KEYS[1], None)])?;
+        }
+        // Nor resync by its out-of-sync bitmap: gone before anything changes.
+        forget_repl_bitmap(&p.meta)?;
     }
     let g = meta.geometry().clone();
     let vol = open_image(&p.volume, !opts.readonly, "volume")?;
@@ -406,6 +410,43 @@ pub fn open(p: &Paths, mut opts: Options) -> Result<(Fs, VolumeLock)> {
 /// `super` rows of a primary whose replica link ended cleanly in sync (`repl::link`):
 /// any other read-write open deletes them, so the next `--replica` mount does a full sync.
 pub const RESUME_KEYS: [&str; 2] = ["repl_peer_stream", "repl_peer_seq"];
+
+/// The primary's persistent out-of-sync bitmap (`repl::bitmap`) beside the metadata
+/// database `meta`.
+pub fn repl_bitmap_path(meta: &Path) -> PathBuf {
+    let mut s = meta.as_os_str().to_owned();
+    s.push(".repl-bitmap");
+    s.into()
+}
+
+/// Deletes the replica bitmap of the volume whose metadata is `meta` (durably): the
+/// volume is about to change without its replica link, so the next `--replica` mount
+/// must not trust it.
+pub fn forget_repl_bitmap(meta: &Path) -> Result<()> {
+    let b = repl_bitmap_path(meta);
+    match std::fs::remove_file(&b) {
+        Ok(()) => {
+            sync_parent(&b);
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(Error::io("replica bitmap", e)),
+    }
+}
+
+/// fsync of the directory holding `p` (best effort: a create, rename or remove there
+/// becomes durable).
+pub fn sync_parent(p: &Path) {
+    if let Some(d) = p.parent()
+        && let Ok(f) = std::fs::File::open(if d.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            d
+        })
+    {
+        let _ = f.sync_all();
+    }
+}
 
 /// The `super` row that marks a replica (`pairfs replica serve`): the primary's UUID.
 /// A volume with it refuses a read-write mount until `pairfs replica promote`.

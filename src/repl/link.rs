@@ -35,6 +35,7 @@ use rusqlite::Connection;
 use crate::core::durability::{Attach, DurabilitySink};
 use crate::error::{Error, Result};
 use crate::meta::{CommitTap, Meta};
+use crate::repl::bitmap::{self, Bitmap};
 use crate::repl::capture;
 use crate::repl::proto::{self, Image, Key, MAX_DATA, Msg, VERSION};
 use crate::store::volume::Volume;
@@ -93,7 +94,7 @@ struct Rec {
 }
 
 /// Tracks out of sync (changed on the primary and not sent), per image.
-#[derive(Default)]
+#[derive(Default, Clone)]
 struct Oos {
     /// Every track (the secondary's stream is unknown or its resync was cut).
     all: bool,
@@ -115,6 +116,26 @@ impl Oos {
             }
         }
     }
+
+    /// Adds `o`'s marks (per unit bits of the same geometry).
+    fn merge(&mut self, o: &Oos) {
+        self.all |= o.all;
+        for i in 0..2 {
+            let (a, b) = (&mut self.bits[i], &o.bits[i]);
+            if a.len() < b.len() {
+                a.resize(b.len(), 0);
+            }
+            for (x, y) in a.iter_mut().zip(b) {
+                *x |= *y;
+            }
+        }
+        self.count = self
+            .bits
+            .iter()
+            .flatten()
+            .map(|w| u64::from(w.count_ones()))
+            .sum();
+    }
 }
 
 struct State {
@@ -133,6 +154,16 @@ struct State {
     oos: Oos,
     /// A resync is running: tracks left to send.
     resync_left: Option<u64>,
+    /// The marks a resync took, until its `ResyncEnd` is acked (the persistent bitmap
+    /// keeps them; a dropped stream puts them back).
+    resync_marks: Option<Oos>,
+    /// The `ResyncEnd` record of that resync, once pushed.
+    resync_end: u64,
+    /// Image ranges of acked records not yet durable on the primary's own image (a
+    /// power loss could undo them there): their regions stay in the activity log.
+    acked_unsynced: Vec<(u64, Image, u64, u64)>,
+    /// Per image: every record below this number that writes it is durable locally.
+    local_durable: [u64; 2],
     /// Bumped whenever the stream is dropped (a running resync stops).
     drops: u64,
     /// The link ended with every record acked and `Bye` sent: the secondary holds exactly
@@ -184,6 +215,8 @@ pub struct Link {
     /// The metadata store (for a resync's copy of the database).
     meta: std::sync::OnceLock<Arc<Mutex<Meta>>>,
     meta_path: std::path::PathBuf,
+    /// The persistent out-of-sync bitmap and activity log (`repl::bitmap`).
+    bitmap: Bitmap,
 }
 
 impl Link {
@@ -220,6 +253,11 @@ impl Link {
         g.out_of_sync = true;
         g.drops += 1;
         g.resync_left = None;
+        // A resync cut short: its marks are out of sync again.
+        if let Some(m) = g.resync_marks.take() {
+            g.oos.merge(&m);
+        }
+        g.resync_end = 0;
         g.dropped_bytes += g.buf_bytes;
         let recs: Vec<Rec> = g.buf.drain(..).collect();
         for r in recs {
@@ -361,6 +399,10 @@ impl Link {
             g.acked_bytes,
             g.reconnects,
         );
+        let (syncs, write_syncs) = self.bitmap.syncs();
+        s.push_str(&format!(
+            " bitmap_syncs={syncs} bitmap_write_syncs={write_syncs}"
+        ));
         if let Some(e) = &g.last_error {
             s.push_str(&format!(" error={e:?}"));
         }
@@ -624,7 +666,16 @@ impl Link {
                         if let Some(r) = g.buf.pop_front() {
                             g.buf_bytes -= r.frame.len() as u64;
                             g.acked_bytes += r.frame.len() as u64;
+                            if let Some((i, o, l)) = r.range
+                                && r.seq >= g.local_durable[i as usize]
+                            {
+                                g.acked_unsynced.push((r.seq, i, o, l));
+                            }
                         }
+                    }
+                    if g.resync_end != 0 && seq >= g.resync_end {
+                        g.resync_marks = None;
+                        g.resync_end = 0;
                     }
                     self.cv.notify_all();
                 }
@@ -681,8 +732,10 @@ impl Link {
             let mut g = self.lock();
             g.reconnects += 1;
             g.last_error = None;
-            let replayable =
-                stream == g.stream && !inconsistent && seq >= g.acked && seq < g.next_seq;
+            // This stream, at or past the last ack: the secondary lacks only what is
+            // buffered or marked.
+            let same = stream == g.stream && seq >= g.acked && seq < g.next_seq;
+            let replayable = same && !inconsistent;
             if replayable && !g.out_of_sync {
                 // Everything up to `seq` is durable there: replay from seq + 1.
                 while g.buf.front().is_some_and(|r| r.seq <= seq) {
@@ -704,12 +757,20 @@ impl Link {
                 self.run_connection(s);
                 continue;
             }
-            if !replayable {
-                // The secondary holds another stream, lost records we count as acked, or
-                // was cut in a resync: every track.
-                if !g.out_of_sync {
-                    self.drop_stream(&mut g, "the secondary cannot continue this stream");
-                }
+            if !replayable && !g.out_of_sync {
+                self.drop_stream(
+                    &mut g,
+                    if same {
+                        "the secondary was cut in a resync"
+                    } else {
+                        "the secondary cannot continue this stream"
+                    },
+                );
+            }
+            if !same {
+                // The secondary holds another stream or lost records we count as acked:
+                // every track. (One cut in a resync of this stream lacks only the marks,
+                // which the drop put back, and the buffered records, which it marked.)
                 g.oos.all = true;
             }
             // Resync: nothing is pending (the stream was dropped); the secondary takes the
@@ -720,21 +781,26 @@ impl Link {
             let epoch = g.drops;
             self.cv.notify_all();
             drop(g);
-            let me = self.clone();
-            let _ = std::thread::Builder::new()
-                .name("pairfs-repl-resync".into())
-                .spawn(move || {
-                    if let Err(e) = me.resync(epoch) {
-                        log::error!("replica {}: resync: {e}", me.cfg.addr);
-                        let mut g = me.lock();
-                        if g.drops == epoch && !g.out_of_sync {
-                            me.drop_stream(&mut g, "the resync failed");
-                            g.oos.all = true;
-                        }
-                    }
-                });
+            self.spawn_resync(epoch);
             self.run_connection(s);
         }
+    }
+
+    /// Starts [`Link::resync`] in its own thread.
+    fn spawn_resync(self: &Arc<Self>, epoch: u64) {
+        let me = self.clone();
+        let _ = std::thread::Builder::new()
+            .name("pairfs-repl-resync".into())
+            .spawn(move || {
+                if let Err(e) = me.resync(epoch) {
+                    log::error!("replica {}: resync: {e}", me.cfg.addr);
+                    let mut g = me.lock();
+                    if g.drops == epoch && !g.out_of_sync {
+                        me.drop_stream(&mut g, "the resync failed");
+                        g.oos.all = true;
+                    }
+                }
+            });
     }
 
     /// An online resync (the link thread started it after a reconnection): under the
@@ -744,6 +810,14 @@ impl Link {
     /// `ResyncEnd` makes the secondary consistent again. Stops if the stream is dropped
     /// meanwhile (`drops` changed).
     fn resync(&self, epoch: u64) -> Result<()> {
+        // At mount the store is attached once the volume is open.
+        let until = Instant::now() + Duration::from_secs(120);
+        while self.meta.get().is_none()
+            && Instant::now() < until
+            && !self.stop.load(Ordering::Acquire)
+        {
+            std::thread::sleep(Duration::from_millis(20));
+        }
         let meta = self
             .meta
             .get()
@@ -758,6 +832,8 @@ impl Link {
                 return Ok(());
             }
             let oos = std::mem::take(&mut g.oos);
+            g.resync_marks = Some(oos.clone());
+            g.resync_end = 0;
             g.out_of_sync = false;
             // Records dropped meanwhile took numbers: the stream goes on after them
             // (the sender expects the buffer to start at `sent + 1`).
@@ -845,16 +921,68 @@ impl Link {
             return Ok(());
         }
         g.resync_left = None;
+        let (mut g, end) = self.push_in(g, &|seq| Msg::ResyncEnd { seq }, None);
+        if g.drops == epoch && g.resync_marks.is_some() {
+            g.resync_end = end;
+        }
         drop(g);
-        self.push(&|seq| Msg::ResyncEnd { seq }, None);
         log::info!(
-            "replica {}: resync sent: {:.1} MiB of block data and {:.1} MiB of metadata in {:.1} s",
+            "replica {}: resync sent: {:.1} MiB of block data ({sent} bytes) and {:.1} MiB of metadata in {:.1} s",
             self.cfg.addr,
             sent as f64 / 1048576.0,
             db_bytes as f64 / 1048576.0,
             t0.elapsed().as_secs_f64()
         );
         Ok(())
+    }
+
+    /// What the persistent bitmap must say now (under the link's lock): the fine bits
+    /// (the marks, and those of a resync until its end is acked), the regions of every
+    /// record not acked or acked but not yet durable on the primary's image, the stream
+    /// (0 while every block is out of sync) and the last acked record.
+    fn bitmap_target(&self) -> bitmap::Target {
+        let g = self.lock();
+        let (_, region) = self.bitmap.geometry();
+        let mut t = bitmap::Target::default();
+        let all = g.oos.all || g.resync_marks.as_ref().is_some_and(|m| m.all);
+        if all {
+            return t;
+        }
+        t.stream = g.stream;
+        t.floor = g.acked;
+        for i in 0..2 {
+            t.fine[i] = g.oos.bits[i].clone();
+            if let Some(m) = &g.resync_marks {
+                let b = &m.bits[i];
+                if t.fine[i].len() < b.len() {
+                    t.fine[i].resize(b.len(), 0);
+                }
+                for (x, y) in t.fine[i].iter_mut().zip(b) {
+                    *x |= *y;
+                }
+            }
+        }
+        let ranges = g
+            .buf
+            .iter()
+            .filter_map(|r| r.range)
+            .chain(g.acked_unsynced.iter().map(|&(_, i, o, l)| (i, o, l)));
+        for (i, o, l) in ranges {
+            let last = (o + l.max(1) - 1) / region;
+            for r in o / region..=last {
+                t.busy[i as usize].insert(r);
+            }
+        }
+        t
+    }
+
+    /// Writes the persistent bitmap (`settle`: no write is running, so regions written
+    /// lately need not stay marked). An error leaves the bitmap removed (the next
+    /// mount syncs in full) or, if even that failed, writes refused.
+    fn checkpoint(&self, settle: bool) {
+        if let Err(e) = self.bitmap.checkpoint(settle, &|| self.bitmap_target()) {
+            log::error!("replica {}: {e}", self.cfg.addr);
+        }
     }
 
     /// Drains the stream (waits for the last ack, up to 30 s) and ends the link.
@@ -993,7 +1121,15 @@ impl Volume for Tapped {
     fn write_at(&self, off: u64, buf: &[u8]) -> Result<()> {
         let t = &self.0;
         let _g = t.stripes(off, buf.len() as u64);
-        t.inner.write_at(off, buf)?;
+        let img = t.image as usize;
+        let len = buf.len() as u64;
+        // The region is marked durably before the write can reach the image.
+        t.link.bitmap.begin(img, off, len)?;
+        let r = t.inner.write_at(off, buf);
+        if r.is_err() {
+            t.link.bitmap.end(img, off, len);
+        }
+        r?;
         for (i, c) in buf.chunks(MAX_DATA).enumerate() {
             let o = off + (i * MAX_DATA) as u64;
             t.link.push(
@@ -1006,27 +1142,44 @@ impl Volume for Tapped {
                 Some((t.image, o, c.len() as u64)),
             );
         }
+        t.link.bitmap.end(img, off, len);
         Ok(())
     }
 
     fn discard(&self, off: u64, len: u64) -> Result<()> {
         let t = &self.0;
         let _g = t.stripes(off, len);
-        t.inner.discard(off, len)?;
-        t.link.push(
-            &|seq| Msg::Discard {
-                seq,
-                image: t.image,
-                off,
-                len,
-            },
-            Some((t.image, off, len)),
-        );
-        Ok(())
+        let img = t.image as usize;
+        t.link.bitmap.begin(img, off, len)?;
+        let r = t.inner.discard(off, len);
+        if r.is_ok() {
+            t.link.push(
+                &|seq| Msg::Discard {
+                    seq,
+                    image: t.image,
+                    off,
+                    len,
+                },
+                Some((t.image, off, len)),
+            );
+        }
+        t.link.bitmap.end(img, off, len);
+        r
     }
 
     fn sync(&self) -> Result<()> {
-        self.0.inner.sync()
+        let t = &self.0;
+        // Every record numbered below `mark` reached this image before the sync began.
+        let mark = t.link.lock().next_seq;
+        t.inner.sync()?;
+        let mut g = t.link.lock();
+        let i = t.image as usize;
+        if mark > g.local_durable[i] {
+            g.local_durable[i] = mark;
+            g.acked_unsynced
+                .retain(|&(q, im, _, _)| im as usize != i || q >= mark);
+        }
+        Ok(())
     }
 
     fn len(&self) -> u64 {
@@ -1070,6 +1223,8 @@ impl DurabilitySink for Sink {
 
     fn close(&self) {
         self.0.close();
+        // Every write is done: the bitmap says exactly what is out of sync.
+        self.0.checkpoint(true);
         let (clean, stream, seq) = {
             let g = self.0.lock();
             (g.clean_end, g.stream, g.acked)
@@ -1137,14 +1292,17 @@ impl Attach for Replica {
         let uuid = *uuid::Uuid::parse_str(&g.uuid)
             .map_err(|_| Error::Corrupt(format!("volume uuid {:?}", g.uuid)))?
             .as_bytes();
+        let unit = (g.size.div_ceil(1 << 27))
+            .next_power_of_two()
+            .clamp(4096, g.track_size.max(4096));
+        let (bitmap, stored) = Bitmap::open(meta_path, uuid, g.size, unit)?;
         let link = Arc::new(Link {
             cfg,
             uuid,
             size: g.size,
             track_size: g.track_size,
-            unit: (g.size.div_ceil(1 << 27))
-                .next_power_of_two()
-                .clamp(4096, g.track_size.max(4096)),
+            unit,
+            bitmap,
             st: Mutex::new(State {
                 stream: 0,
                 next_seq: 1,
@@ -1162,6 +1320,10 @@ impl Attach for Replica {
                 reconnects: 0,
                 oos: Oos::default(),
                 resync_left: None,
+                resync_marks: None,
+                resync_end: 0,
+                acked_unsynced: Vec::new(),
+                local_durable: [0; 2],
                 drops: 0,
                 clean_end: false,
             }),
@@ -1197,6 +1359,12 @@ impl Attach for Replica {
         if rs.is_some() || rq.is_some() {
             meta.set_super_values(&[(RESUME_STREAM, None), (RESUME_SEQ, None)])?;
         }
+        // The persistent bitmap is relative to the secondary's stream, from a point at
+        // least as far as the last ack it recorded. A secondary cut in a resync of that
+        // stream lacks only marked blocks too (the marks of a resync stay in the file
+        // until its end is acked) and gets the whole database again.
+        let by_bitmap = stored.filter(|b| b.stream == their_stream && their_seq >= b.floor);
+        let mut resync_epoch = None;
         if clean && !inconsistent && rs == Some(their_stream) && rq == Some(their_seq) {
             log::info!(
                 "replica {}: the secondary is at record {their_seq} of stream {their_stream:x}, where this volume stopped cleanly: no full sync",
@@ -1208,12 +1376,37 @@ impl Attach for Replica {
             g.acked = their_seq;
             g.sent = their_seq;
             g.connected = true;
+        } else if let Some(b) = by_bitmap {
+            // Out of sync by the bitmap: the link resyncs those blocks (and the whole
+            // database) online, as after an outage.
+            let mut marks = Oos::default();
+            marks.merge(&Oos {
+                all: false,
+                bits: b.units,
+                count: 0,
+            });
+            log::info!(
+                "replica {}: the secondary is at record {their_seq} of stream {their_stream:x}; the out-of-sync bitmap has {} blocks of {unit} bytes: resync by bitmap",
+                link.cfg.addr,
+                marks.count
+            );
+            let mut g = link.lock();
+            g.stream = their_stream;
+            g.next_seq = their_seq + 1;
+            g.acked = their_seq;
+            g.sent = their_seq;
+            g.connected = true;
+            g.out_of_sync = true;
+            g.oos = marks;
+            resync_epoch = Some(g.drops);
         } else {
             let stream = link.full_sync(&mut s, meta, meta_path, &*vol, &*copy)?;
             let mut g = link.lock();
             g.stream = stream;
             g.connected = true;
         }
+        // Before anything is written: the file says what is out of sync now.
+        link.checkpoint(true);
         meta.set_tap(Box::new(LinkTap(link.clone())))?;
         log::info!(
             "replica {}: connected, mode {:?}, on disconnect {:?}",
@@ -1225,6 +1418,25 @@ impl Attach for Replica {
         std::thread::Builder::new()
             .name("pairfs-repl".into())
             .spawn(move || l.run(s))
+            .map_err(|e| Error::io("thread", e))?;
+        if let Some(epoch) = resync_epoch {
+            link.spawn_resync(epoch);
+        }
+        // The bitmap's checkpoints: once a second while the link lives.
+        let l = link.clone();
+        std::thread::Builder::new()
+            .name("pairfs-repl-bitmap".into())
+            .spawn(move || {
+                while !l.stop.load(Ordering::Acquire) {
+                    for _ in 0..20 {
+                        std::thread::sleep(Duration::from_millis(50));
+                        if l.stop.load(Ordering::Acquire) {
+                            return;
+                        }
+                    }
+                    l.checkpoint(false);
+                }
+            })
             .map_err(|e| Error::io("thread", e))?;
         let wrap = |inner: Box<dyn Volume>, image| -> Box<dyn Volume> {
             let t = Arc::new(TapShared {

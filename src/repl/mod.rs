@@ -8,12 +8,14 @@
 //!   stream, taps every metadata commit, and a
 //!   [`crate::core::durability::DurabilitySink`] whose sync points wait for the
 //!   secondary's ack (`sync` mode); reconnection with replay of unacked records.
+//! - [`bitmap`]: the primary's persistent out-of-sync bitmap and activity log.
 //! - [`secondary`]: `pairfs replica serve` and `pairfs replica promote`.
 //!
 //! The stream carries what the primary makes durable in the order it does: so the
 //! secondary, applying it in order and fsyncing before every ack, holds at each ack
 //! a pairfs volume the primary could have crashed into (docs/replication.md).
 
+pub mod bitmap;
 pub mod capture;
 pub mod link;
 pub mod proto;
