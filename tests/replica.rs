@@ -276,8 +276,8 @@ fn ok(out: &std::process::Output, what: &str) {
 }
 
 /// Mounts the (promoted) secondary with its copy mount and compares both trees with
-/// the primary's, then unmounts both.
-fn compare_sides(v: &mut Vol, s: &Secondary) {
+/// the primary's, then unmounts both. Returns the copy mount's tree.
+fn compare_sides(v: &mut Vol, s: &Secondary) -> Vec<String> {
     let smnt = v.dir.path().join("smnt");
     let scopy = v.dir.path().join("scopy");
     std::fs::create_dir_all(&smnt).unwrap();
@@ -304,7 +304,8 @@ fn compare_sides(v: &mut Vol, s: &Secondary) {
     assert!(a.len() > 3, "{a:?}");
     assert_eq!(a, b, "live trees differ");
     assert!(!ca.is_empty(), "no frozen copies to compare");
-    assert_eq!(ca, cb, "frozen copies differ");
+    assert_eq!(ca, cb, "frozen copies (and named generations) differ");
+    ca
 }
 
 #[test]
@@ -349,6 +350,12 @@ fn both_sides_hold_the_same_files_and_frozen_copies() {
         &pairfs(&["split", v.path("solo").to_str().unwrap(), "--wait"]),
         "split solo",
     );
+    // A named generation of d: its saves (copy-image writes and rows) replicate too.
+    ok(
+        &pairfs(&["split", "--generation", "g1", v.path("d").to_str().unwrap()]),
+        "split --generation g1 d",
+    );
+    let g1 = std::fs::read(v.path("d/f3")).unwrap();
     for i in 0..10u64 {
         let mut f = std::fs::OpenOptions::new()
             .write(true)
@@ -357,8 +364,18 @@ fn both_sides_hold_the_same_files_and_frozen_copies() {
         f.write_all(&block(i, 2, 5000)).unwrap();
         f.sync_all().unwrap();
     }
+    ok(
+        &pairfs(&["split", "--generation", "g2", v.path("d").to_str().unwrap()]),
+        "split --generation g2 d",
+    );
     std::fs::remove_file(v.path("d/f15")).unwrap();
     write_fsync(&v.path("d/new"), &block(50, 1, 70_000));
+    write_fsync(&v.path("d/f3"), &block(3, 3, 9000));
+    assert_eq!(
+        std::fs::read(v.copy.join("@g1/d/f3")).unwrap(),
+        g1,
+        "g1 on the primary"
+    );
     {
         let mut f = std::fs::OpenOptions::new()
             .write(true)
@@ -399,7 +416,13 @@ fn both_sides_hold_the_same_files_and_frozen_copies() {
         &pairfs(&["fsck", s.img.to_str().unwrap()]),
         "fsck secondary",
     );
-    compare_sides(&mut v, &s);
+    let copies = compare_sides(&mut v, &s);
+    for g in ["@g1/d/f3 ", "@g2/d/f3 "] {
+        assert!(
+            copies.iter().any(|l| l.starts_with(g)),
+            "{g} missing: {copies:?}"
+        );
+    }
     assert!(s.log().contains("full sync"), "{}", s.log());
 }
 
@@ -566,7 +589,7 @@ fn killing_the_secondary_with_continue_keeps_the_primary_serving() {
         &pairfs(&["fsck", s.img.to_str().unwrap()]),
         "fsck secondary",
     );
-    compare_sides(&mut v, &s);
+    let _ = compare_sides(&mut v, &s);
 }
 
 #[test]
@@ -842,7 +865,7 @@ fn an_outage_beyond_the_buffer_is_resynced_by_tracks_then_a_wiped_secondary_in_f
         &pairfs(&["fsck", s.img.to_str().unwrap()]),
         "fsck secondary",
     );
-    compare_sides(&mut v, &s);
+    let _ = compare_sides(&mut v, &s);
 }
 
 #[test]
@@ -883,7 +906,7 @@ fn a_clean_remount_resumes_the_stream_without_a_full_sync() {
         &pairfs(&["fsck", s.img.to_str().unwrap()]),
         "fsck secondary",
     );
-    compare_sides(&mut v, &s);
+    let _ = compare_sides(&mut v, &s);
 }
 
 /// The block bytes the last resync of the primary's log sent.
@@ -987,7 +1010,7 @@ fn stopped_out_of_sync_resyncs_by_bitmap(kill: bool) {
         &pairfs(&["fsck", s.img.to_str().unwrap()]),
         "fsck secondary",
     );
-    compare_sides(&mut v, &s);
+    let _ = compare_sides(&mut v, &s);
 }
 
 #[test]
@@ -1054,7 +1077,7 @@ fn a_primary_killed_while_connected_resyncs_its_activity_log_not_everything() {
         &pairfs(&["fsck", s.img.to_str().unwrap()]),
         "fsck secondary",
     );
-    compare_sides(&mut v, &s);
+    let _ = compare_sides(&mut v, &s);
 }
 
 /// A small tmpfs (the secondary's disk), unmounted when dropped.
@@ -1150,7 +1173,7 @@ fn a_full_secondary_disk_with_continue_leaves_the_primary_serving_then_catches_u
         &pairfs(&["fsck", s.img.to_str().unwrap()]),
         "fsck secondary",
     );
-    compare_sides(&mut v, &s);
+    let _ = compare_sides(&mut v, &s);
 }
 
 #[test]
@@ -1225,7 +1248,7 @@ fn a_full_secondary_disk_with_block_stalls_fsync_until_space_is_freed() {
         &pairfs(&["fsck", s.img.to_str().unwrap()]),
         "fsck secondary",
     );
-    compare_sides(&mut v, &s);
+    let _ = compare_sides(&mut v, &s);
 }
 
 /// A TCP proxy that misbehaves on demand: cuts every open connection at once (bytes in
@@ -1531,7 +1554,7 @@ fn a_link_cut_at_random_moments_loses_nothing_acknowledged_and_converges() {
         &pairfs(&["fsck", s.img.to_str().unwrap()]),
         "fsck secondary",
     );
-    compare_sides(&mut v, &s);
+    let _ = compare_sides(&mut v, &s);
 }
 
 #[test]
@@ -1725,5 +1748,5 @@ fn a_primary_killed_during_a_resync_resyncs_by_its_bitmap_again() {
         &pairfs(&["fsck", s.img.to_str().unwrap()]),
         "fsck secondary",
     );
-    compare_sides(&mut v, &s);
+    let _ = compare_sides(&mut v, &s);
 }
