@@ -8,6 +8,7 @@
 #  A. Split latency against scope size: a directory of N files (N = 1,000, 10,000, 100,000;
 #     --quick: 1,000 and 10,000) is paired (its forming copy awaited), then generations g1..g8
 #     are split one after another (wall time of `pairfs split --generation`, median of the 8),
+#     (--quick also shrinks B to a 256 MiB file and 3 s runs: the form CI runs)
 #     and the copy mount's first listing of all eight (`find COPY/@g*`, which builds the view:
 #     a walk of each generation's unchanged tree) is timed.
 #  B. Write cost: a 1 GiB file is paired (forming copy awaited, so the pair itself costs
@@ -27,6 +28,9 @@ PF=${PAIRFS_BIN:-$here/../target/release/pairfs}
 QUICK=0
 [[ ${1:-} == --quick ]] && QUICK=1
 PARTS=${PARTS:-A B C}
+FILE_MB=1024
+RUNTIME=8
+[[ $QUICK == 1 ]] && FILE_MB=256 && RUNTIME=3
 part() { [[ " $PARTS " == *" $1 "* ]]; }
 WORK=$(mktemp -d "${BENCH_DIR:-/var/tmp}/pairfs-gen-bench.XXXXXX")
 MNT=$WORK/mnt
@@ -87,17 +91,17 @@ done
 
 part B || exit 0
 echo
-echo "## B. 4 KiB random writes (O_DIRECT, QD1, 8 s) into a 1 GiB file under generations"
+echo "## B. 4 KiB random writes (O_DIRECT, QD1, $RUNTIME s) into a $FILE_MB MiB file under generations"
 F=$MNT/big
-log "writing 1 GiB"
-dd if=/dev/urandom of="$F" bs=1M count=1024 conv=fsync status=none
+log "writing $FILE_MB MiB"
+dd if=/dev/urandom of="$F" bs=1M count=$FILE_MB conv=fsync status=none
 "$PF" pair "$F" >/dev/null
 waitstate "$F" formed
 runfio() { # label [fio options...]
     local label=$1
     shift
     fio --name=w --filename="$F" --rw=randwrite --bs=4k --direct=1 --ioengine=psync \
-        --iodepth=1 --runtime=8 --time_based --size=1G --output-format=json "$@" \
+        --iodepth=1 --runtime=$RUNTIME --time_based --size=${FILE_MB}M --output-format=json "$@" \
         --output="$WORK/fio.json" >/dev/null 2>&1
     python3 - "$WORK/fio.json" "$label" <<'EOF'
 import json, sys

@@ -14,7 +14,7 @@
 #   4b. tests/xfstests.sh: fstests generic/quick through mount -t fuse.pairfs, against the
 #      expected failures in tests/xfstests-expected.txt (about 15 minutes)
 #   5. examples/demo.sh: the README demo, end to end, with the installed /usr/sbin/pairfs
-#   6. bench/run.sh --quick, if present: checks the benchmarks still run (no timing asserts)
+#   6. bench/run.sh --quick and bench/generations.sh --quick: the benchmarks still run (no timing asserts)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 step() { printf '\n==> %s\n' "$*"; }
@@ -90,5 +90,6 @@ cargo run --release --example library
 if [ -x bench/run.sh ] || [ -f bench/run.sh ]; then
     step "benchmarks, quick mode (no timing asserts)"
     bash bench/run.sh --quick
+    bash bench/generations.sh --quick
 fi
 step "all tests passed"
