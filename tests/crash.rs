@@ -1010,6 +1010,88 @@ fn clone_workload(seed: u64, ops: usize) -> usize {
     points
 }
 
+/// Regression (seed 0x1649d8f76805383b of `power_loss_keeps_writable_clones`, reduced): a
+/// punch (or ZERO_RANGE) of a clone that runs past EOF ends at the size. When the size is
+/// inside a track that is still a backed hole (a truncate to a size that is not a track
+/// multiple lowers the limit there), that tail track must be filled before its part of
+/// the range is zeroed; it used to be left unfilled (the fill asked for the track of the
+/// unclipped end) and read the frozen bytes where zeros had been punched. Each case runs
+/// on a fresh clone of the same frozen file, is checked live, then committed and checked
+/// after a simulated power loss.
+#[test]
+fn clone_punch_past_eof_zeroes_a_backed_tail_track() {
+    let dir = tempfile::tempdir_in(
+        std::env::var("PAIRFS_TEST_DIR").unwrap_or_else(|_| "/dev/shm".into()),
+    )
+    .unwrap();
+    let cdir = dir.path().join("crash");
+    std::fs::create_dir(&cdir).unwrap();
+    let (paths, _g, vol, copy) = new_volume(dir.path());
+    let fs = open_fs(&paths, Box::new(vol.clone()), Box::new(copy.clone()));
+    let mut rng = Rng(0x1649d8f76805383b);
+    let src = fs
+        .create_node(Ctx::default(), ROOT, b"s", libc::S_IFREG | 0o644, 0, None)
+        .unwrap()
+        .row
+        .ino;
+    let base: Vec<u8> = (0..12 * TS).map(|i| (i / 512 % 251) as u8 + 1).collect();
+    fs.write(src, 0, &base).unwrap();
+    fs.control(src, Op::Split).unwrap();
+    let punch = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+    // (truncate to, fallocate offset, length, mode): the seed's pair of operations, an
+    // aligned start, a start in the tail track itself, and ZERO_RANGE (which extends).
+    let cases: [(u64, u64, u64, i32); 4] = [
+        (9557, 7499, 9779, punch),
+        (2 * TS + 100, TS, 3 * TS, punch),
+        (2 * TS + 100, 2 * TS + 10, TS, punch),
+        (2 * TS + 100, TS + 7, 3 * TS, libc::FALLOC_FL_ZERO_RANGE),
+    ];
+    for (k, &(size, off, len, mode)) in cases.iter().enumerate() {
+        let name = format!("c{k}").into_bytes();
+        let c = fs.make_clone(src, ROOT, &name).unwrap().ino;
+        fs.truncate(c, size).unwrap();
+        fs.fallocate(c, off, len, mode).unwrap();
+        let mut want = base[..size as usize].to_vec();
+        if mode & libc::FALLOC_FL_KEEP_SIZE == 0 {
+            want.resize(want.len().max((off + len) as usize), 0);
+        }
+        let end = ((off + len) as usize).min(want.len());
+        want[off as usize..end].fill(0);
+        let got = read_file(&fs, c);
+        assert_eq!(got.len(), want.len(), "case {k}: size");
+        if let Some(i) = got.iter().zip(&want).position(|(a, b)| a != b) {
+            panic!(
+                "case {k}: clone byte {i} (track {}) is {}, want {}",
+                i as u64 / TS,
+                got[i],
+                want[i]
+            );
+        }
+        fs.commit(Vec::new()).unwrap();
+        let exp = Expect {
+            frozen: BTreeMap::from([(src, base.clone())]),
+            durable: Vec::new(),
+            tree: None,
+            pairs: Vec::new(),
+            clone: Some(CloneExpect {
+                name,
+                durable: want,
+                since: Vec::new(),
+            }),
+        };
+        check_crash(
+            0x1649d8f76805383b,
+            k,
+            &cdir,
+            &paths,
+            &vol,
+            &copy,
+            &exp,
+            &mut rng,
+        );
+    }
+}
+
 #[test]
 fn power_loss_keeps_writable_clones() {
     let seeds = workload_seeds(0xc10_0001, 20);

@@ -1731,23 +1731,35 @@ impl Fs {
         let _d = dl.write().unwrap_or_else(|p| p.into_inner());
         let ts = self.track_size;
         let mut zeros = Vec::new();
-        // A clone: partial tracks at either end take their frozen bytes first (then are
-        // zeroed in part below); whole tracks below its limit are mapped to zeroed tracks
-        // after the unmap, or they would read the frozen copy again.
+        // A clone: partial tracks at either end of the range *as clipped to the size
+        // below* take their frozen bytes first (then are zeroed in part below); whole
+        // tracks below its limit are mapped to zeroed tracks after the unmap, or they
+        // would read the frozen copy again. The clip must come first: a punch past EOF
+        // ends at the size, whose track may be a backed hole the unclipped end never
+        // names (it would keep reading the frozen bytes). The data lock, held
+        // exclusively, keeps the size until the zeroing below.
         let clone_limit = if self.dependents().is_empty() {
             None
         } else {
             let st = self.state_with(ino)?;
-            st.get(ino)?.row.clone.map(|c| c.limit)
+            let i = st.get(ino)?;
+            i.row.clone.map(|c| (c.limit, i.row.size))
         };
-        if clone_limit.is_some() {
-            if !off.is_multiple_of(ts) {
-                self.fill_clone(ino, off / ts, 1, None)?;
+        let clone_limit = match clone_limit {
+            Some((limit, size)) => {
+                let end = end.min(size.max(off));
+                if end > off {
+                    if !off.is_multiple_of(ts) {
+                        self.fill_clone(ino, off / ts, 1, None)?;
+                    }
+                    if !end.is_multiple_of(ts) {
+                        self.fill_clone(ino, end / ts, 1, None)?;
+                    }
+                }
+                Some(limit)
             }
-            if !end.is_multiple_of(ts) {
-                self.fill_clone(ino, end / ts, 1, None)?;
-            }
-        }
+            None => None,
+        };
         let pid = {
             let mut st = self.state();
             let i = st.get(ino)?;
