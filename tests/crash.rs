@@ -1078,6 +1078,7 @@ fn clone_punch_past_eof_zeroes_a_backed_tail_track() {
                 durable: want,
                 since: Vec::new(),
             }),
+            gens: Vec::new(),
         };
         check_crash(
             0x1649d8f76805383b,
