@@ -73,12 +73,9 @@ pub struct Gen {
     pub p: Pair,
     /// Volume tracks the records name (pinned in the allocator while this lives).
     pub pins: TrackSet,
-    /// Saved tracks: volume track → slot.
+    /// Saved tracks: volume track → slot. A save enters it only once its rows are
+    /// committed (until then a reader reads the volume, which holds the same bytes).
     pub saved: HashMap<u64, u64>,
-    /// Saves not committed yet: (volume track, slot). Until their commit they are not
-    /// in `saved` (a reader still reads the volume, which holds the same bytes; a writer
-    /// waits on the engine's save lock).
-    pub unsaved: Vec<(u64, u64)>,
 }
 
 impl Gen {
@@ -91,7 +88,6 @@ impl Gen {
             p,
             pins,
             saved: HashMap::new(),
-            unsaved: Vec::new(),
         }
     }
 
@@ -114,8 +110,7 @@ impl Gen {
         self.saved.get(&t).copied()
     }
 
-    /// Bytes of slots this generation references (its share of space, shared slots
-    /// counted in full).
+    /// Slots this generation references (shared slots counted in full).
     pub fn saved_tracks(&self) -> u64 {
         self.saved.len() as u64
     }
