@@ -1036,6 +1036,26 @@ fn a_primary_killed_while_connected_resyncs_its_activity_log_not_everything() {
         &pairfs(&["split", v.path("d").to_str().unwrap(), "--wait"]),
         "split d",
     );
+    // The big file's and its copy's regions leave the activity log once their records
+    // are acked and synced (a checkpoint a second); on a loaded machine that can take a
+    // while, and what this test measures is the log of the writer below only.
+    let t = std::time::Instant::now();
+    loop {
+        let line = replica_line(&v.mnt);
+        let regions = line
+            .split_whitespace()
+            .find_map(|kv| kv.strip_prefix("bitmap_regions="))
+            .and_then(|n| n.parse::<u64>().ok())
+            .unwrap_or_else(|| panic!("no bitmap_regions in {line}"));
+        if regions <= 2 {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "the log stays at {line}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
     // A writer in sync mode, killed with the primary mid-stream.
     let done = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
     let (d2, root) = (done.clone(), v.mnt.clone());
@@ -1061,11 +1081,13 @@ fn a_primary_killed_while_connected_resyncs_its_activity_log_not_everything() {
     let said = String::from_utf8_lossy(&out.stderr);
     assert!(said.contains("resync by bitmap"), "{said}");
     assert_eq!(full_syncs(&s), 1, "{}", s.log());
-    // The 4 MiB regions written in the last second or two before the crash (7 to 33 MiB
-    // measured), not the 64 MiB file and its 64 MiB frozen copy (a full sync sends both).
+    // The 4 MiB regions the writer marked in its last second or two (each new region
+    // with the ones after it, for sequential writers): 7 to 33 MiB on a quiet machine, up
+    // to 91 MiB on a loaded one (checkpoints retire regions later). Less than a full sync
+    // in any case, which sends the 64 MiB file and its 64 MiB frozen copy at least.
     let sent = last_resync_bytes(&v);
     eprintln!("activity-log resync sent {sent} bytes");
-    assert!(sent < 64 << 20, "resync sent {sent} bytes");
+    assert!(sent < 128 << 20, "resync sent {sent} bytes");
     v.umount();
     s.stop("-TERM");
     ok(

@@ -592,6 +592,17 @@ impl Bitmap {
         )
     }
 
+    /// Regions marked in the activity log on disk now (both images): what a resync after
+    /// a crash would cover besides the fine bits.
+    pub fn logged_regions(&self) -> u64 {
+        let io = self.io.lock().unwrap_or_else(|p| p.into_inner());
+        io.al
+            .iter()
+            .flat_map(|w| w.iter())
+            .map(|w| u64::from(w.count_ones()))
+            .sum()
+    }
+
     /// The unit and region sizes (bytes).
     pub fn geometry(&self) -> (u64, u64) {
         (self.unit, self.region)

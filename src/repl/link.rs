@@ -401,7 +401,8 @@ impl Link {
         );
         let (syncs, write_syncs) = self.bitmap.syncs();
         s.push_str(&format!(
-            " bitmap_syncs={syncs} bitmap_write_syncs={write_syncs}"
+            " bitmap_syncs={syncs} bitmap_write_syncs={write_syncs} bitmap_regions={}",
+            self.bitmap.logged_regions()
         ));
         if let Some(e) = &g.last_error {
             s.push_str(&format!(" error={e:?}"));
