@@ -1475,7 +1475,7 @@ impl Fs {
     /// Reads up to `size` bytes at `off`.
     pub fn read(&self, ino: u64, off: u64, size: u32) -> Result<Vec<u8>> {
         let mut buf = Vec::new();
-        self.read_into(ino, off, size, &mut buf, AtimePolicy::Never, false)?;
+        self.read_into(ino, off, size, &mut buf, AtimePolicy::Never)?;
         Ok(buf)
     }
 
@@ -1497,7 +1497,6 @@ impl Fs {
         size: u32,
         buf: &mut Vec<u8>,
         atime: AtimePolicy,
-        direct: bool,
     ) -> Result<bool> {
         buf.clear();
         self.engine.host_io();
@@ -1560,12 +1559,8 @@ impl Fs {
                 continue;
             }
             let voff = v * ts + (a - seg_start);
-            let dst = &mut buf[(a - off) as usize..(b - off) as usize];
-            if direct {
-                self.vol.read_direct_at(voff, dst)?;
-            } else {
-                self.vol.read_at(voff, dst)?;
-            }
+            self.vol
+                .read_at(voff, &mut buf[(a - off) as usize..(b - off) as usize])?;
             if staged.is_empty() {
                 continue;
             }

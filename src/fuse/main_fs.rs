@@ -545,13 +545,6 @@ fn direct_open_flags(flags: i32) -> FopenFlags {
     }
 }
 
-/// Experiment: reads of O_DIRECT opens read the image with O_DIRECT
-/// (`PAIRFS_DIRECT_READS=1`).
-fn direct_reads() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var_os("PAIRFS_DIRECT_READS").is_some_and(|v| v == "1"))
-}
-
 /// The main mount's data-path settings at FUSE init: 1 MiB writes and readahead,
 /// parallel directory operations, asynchronous reads and O_DIRECT (FUSE_ASYNC_DIO: an
 /// application's queued O_DIRECT I/O, libaio or io_uring, reaches the worker threads as
@@ -837,7 +830,7 @@ impl Filesystem for MainFs {
         _fh: FileHandle,
         offset: u64,
         size: u32,
-        flags: OpenFlags,
+        _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
@@ -846,11 +839,7 @@ impl Filesystem for MainFs {
             static BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
         }
         BUF.with_borrow_mut(|buf| {
-            let direct = flags.0 & libc::O_DIRECT != 0 && direct_reads();
-            match self
-                .fs
-                .read_into(ino.0, offset, size, buf, self.atime, direct)
-            {
+            match self.fs.read_into(ino.0, offset, size, buf, self.atime) {
                 Ok(due) => {
                     // Before the reply: a stat right after the read must see the new atime.
                     if due {

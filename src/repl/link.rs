@@ -989,9 +989,6 @@ impl Volume for Tapped {
     fn read_at(&self, off: u64, buf: &mut [u8]) -> Result<()> {
         self.0.inner.read_at(off, buf)
     }
-    fn read_direct_at(&self, off: u64, buf: &mut [u8]) -> Result<()> {
-        self.0.inner.read_direct_at(off, buf)
-    }
 
     fn write_at(&self, off: u64, buf: &[u8]) -> Result<()> {
         let t = &self.0;

@@ -319,9 +319,6 @@ impl Volume for MigratingVolume {
     fn read_at(&self, off: u64, buf: &mut [u8]) -> Result<()> {
         self.images().cur.read_at(off, buf)
     }
-    fn read_direct_at(&self, off: u64, buf: &mut [u8]) -> Result<()> {
-        self.images().cur.read_direct_at(off, buf)
-    }
     fn write_at(&self, off: u64, buf: &[u8]) -> Result<()> {
         self.mirrored(off, buf.len() as u64, &|v| v.write_at(off, buf))
     }

@@ -27,13 +27,6 @@ use crate::error::{Error, Result};
 pub trait Volume: Send + Sync {
     /// Reads exactly `buf.len()` bytes at `off`; bytes never written read as zero.
     fn read_at(&self, off: u64, buf: &mut [u8]) -> Result<()>;
-    /// As [`Volume::read_at`], skipping the host page cache where the store can (an
-    /// image file read through a second descriptor opened with `O_DIRECT`, for ranges
-    /// aligned to 4 KiB). The kernel writes back dirty cached pages of the range before
-    /// a direct read, so it sees every completed write. Default: `read_at`.
-    fn read_direct_at(&self, off: u64, buf: &mut [u8]) -> Result<()> {
-        self.read_at(off, buf)
-    }
     /// Writes all of `buf` at `off`.
     fn write_at(&self, off: u64, buf: &[u8]) -> Result<()>;
     /// Makes `[off, off+len)` read as zero and releases its space where possible.
@@ -63,18 +56,6 @@ pub struct FileVolume {
     file: File,
     len: u64,
     what: &'static str,
-    /// The image opened again with `O_DIRECT` (read-only) on first use; None if that
-    /// open failed (a file system without direct I/O).
-    direct: std::sync::OnceLock<Option<File>>,
-}
-
-/// Alignment of `O_DIRECT` offsets, lengths and buffers (a multiple of any logical
-/// block size here).
-const DIRECT_ALIGN: usize = 4096;
-
-thread_local! {
-    /// Bounce buffer of direct reads, one per thread (sliced at an aligned offset).
-    static DIRECT_BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 impl FileVolume {
@@ -86,12 +67,7 @@ impl FileVolume {
             .open(path)
             .map_err(|e| Error::io(what, e))?;
         let len = file.metadata().map_err(|e| Error::io(what, e))?.len();
-        Ok(FileVolume {
-            file,
-            len,
-            what,
-            direct: std::sync::OnceLock::new(),
-        })
+        Ok(FileVolume { file, len, what })
     }
 
     /// Creates a sparse image of `len` bytes; fails if it exists.
@@ -104,32 +80,7 @@ impl FileVolume {
             .open(path)
             .map_err(|e| Error::io(what, e))?;
         file.set_len(len).map_err(|e| Error::io(what, e))?;
-        Ok(FileVolume {
-            file,
-            len,
-            what,
-            direct: std::sync::OnceLock::new(),
-        })
-    }
-
-    fn direct_file(&self) -> Option<&File> {
-        self.direct
-            .get_or_init(|| {
-                use std::os::unix::fs::OpenOptionsExt;
-                let p = format!("/proc/self/fd/{}", self.file.as_raw_fd());
-                match std::fs::OpenOptions::new()
-                    .read(true)
-                    .custom_flags(libc::O_DIRECT)
-                    .open(&p)
-                {
-                    Ok(f) => Some(f),
-                    Err(e) => {
-                        log::info!("{}: no O_DIRECT reads ({e})", self.what);
-                        None
-                    }
-                }
-            })
-            .as_ref()
+        Ok(FileVolume { file, len, what })
     }
 
     /// The open file (for locking).
@@ -168,32 +119,6 @@ impl Volume for FileVolume {
         self.file
             .read_exact_at(buf, off)
             .map_err(|e| Error::io(self.what, e))
-    }
-
-    fn read_direct_at(&self, off: u64, buf: &mut [u8]) -> Result<()> {
-        let aligned = off.is_multiple_of(DIRECT_ALIGN as u64)
-            && buf.len().is_multiple_of(DIRECT_ALIGN)
-            && !buf.is_empty();
-        let Some(d) = self.direct_file().filter(|_| aligned) else {
-            return self.read_at(off, buf);
-        };
-        check_range(self.what, off, buf.len() as u64, self.len)?;
-        DIRECT_BUF.with_borrow_mut(|b| {
-            if b.len() < buf.len() + DIRECT_ALIGN {
-                b.resize(buf.len() + DIRECT_ALIGN, 0);
-            }
-            let at = b.as_ptr().align_offset(DIRECT_ALIGN);
-            let bounce = &mut b[at..at + buf.len()];
-            match d.read_exact_at(bounce, off) {
-                Ok(()) => {
-                    buf.copy_from_slice(bounce);
-                    Ok(())
-                }
-                // Not aligned enough for this file system after all: the cached path.
-                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => self.read_at(off, buf),
-                Err(e) => Err(Error::io(self.what, e)),
-            }
-        })
     }
 
     fn write_at(&self, off: u64, buf: &[u8]) -> Result<()> {
@@ -326,9 +251,6 @@ impl Volume for MemVolume {
 impl<V: Volume + ?Sized> Volume for std::sync::Arc<V> {
     fn read_at(&self, off: u64, buf: &mut [u8]) -> Result<()> {
         (**self).read_at(off, buf)
-    }
-    fn read_direct_at(&self, off: u64, buf: &mut [u8]) -> Result<()> {
-        (**self).read_direct_at(off, buf)
     }
     fn write_at(&self, off: u64, buf: &[u8]) -> Result<()> {
         (**self).write_at(off, buf)
@@ -590,9 +512,6 @@ impl Checked {
 impl Volume for Checked {
     fn read_at(&self, off: u64, buf: &mut [u8]) -> Result<()> {
         self.inner.read_at(off, buf)
-    }
-    fn read_direct_at(&self, off: u64, buf: &mut [u8]) -> Result<()> {
-        self.inner.read_direct_at(off, buf)
     }
     fn write_at(&self, off: u64, buf: &[u8]) -> Result<()> {
         self.guard()?;
