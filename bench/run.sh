@@ -87,7 +87,8 @@ if [ -n "${PAIRFS_BIN:-}" ]; then
 else
     if [ "$build" = 1 ]; then
         log "cargo build --release"
-        (cd "$root" && cargo build --release --quiet && cargo build --release --quiet --example memfs) \
+        (cd "$root" && cargo build --release --quiet \
+            && cargo build --release --quiet --example memfs --example passthrough_floor) \
             || die "build failed"
     fi
     src_bin=${CARGO_TARGET_DIR:-$root/target}/release/pairfs
@@ -96,6 +97,9 @@ fi
 # The FUSE floor (examples/memfs.rs: an in-memory FUSE file system mounted as pairfs mounts,
 # doing no work): the meta and seq sections also run on it, to show what FUSE allows here.
 memfs_src=${MEMFS_BIN:-${CARGO_TARGET_DIR:-$root/target}/release/examples/memfs}
+# The data-path floor (examples/passthrough_floor.rs: one file served by pread/pwrite of a
+# backing file on the same disk, mounted as pairfs mounts): the rand section also runs on it.
+ptfloor_src=${PTFLOOR_BIN:-${CARGO_TARGET_DIR:-$root/target}/release/examples/passthrough_floor}
 
 # The real interpreter, once: a pyenv shim costs ~200 ms per call and we call it often.
 PY=$(python3 -c 'import sys; print(sys.executable)')
@@ -118,6 +122,13 @@ else
     log "no memfs binary at $memfs_src (cargo build --release --example memfs): FUSE floor rows skipped"
 fi
 MEMMNT=$WORK/memfsmnt
+PTFLOOR=""
+if [ -x "$ptfloor_src" ]; then
+    cp "$ptfloor_src" "$WORK/ptfloor"
+else
+    log "no passthrough_floor binary at $ptfloor_src (cargo build --release --example passthrough_floor): rand floor rows skipped"
+fi
+PTMNT=$WORK/ptfloormnt
 VOL=$WORK/vol.img MNT=$WORK/mnt CMNT=$WORK/copy
 NAT=$WORK/native
 RSSVOL=$WORK/rss.img RSSMNT=$WORK/rssmnt
@@ -144,6 +155,7 @@ cleanup() {
     set +e
     for m in "$CMNT" "$MNT" "$RSSMNT"; do unmount_one "$m"; done
     if is_mounted "$MEMMNT"; then fusermount3 -u "$MEMMNT" 2>/dev/null || umount -l "$MEMMNT"; fi
+    if is_mounted "$PTMNT"; then fusermount3 -u "$PTMNT" 2>/dev/null || umount -l "$PTMNT"; fi
     # Any daemon of ours still alive (e.g. after a lazy unmount): stop it by pid.
     for p in $(pgrep -f "^$PF mount " 2>/dev/null); do
         log "WARNING: daemon $p still running after unmount; sending SIGTERM"
@@ -177,6 +189,17 @@ mount_memfs() {
     local i
     for i in $(seq 50); do is_mounted "$MEMMNT" && break; sleep 0.1; done
     if is_mounted "$MEMMNT"; then MEMFS=$MEMMNT; else log "WARNING: memfs did not mount"; fi
+}
+
+# mount_ptfloor BACKING: the passthrough floor serving BACKING at $PTMNT/data (sets PTFLOOR),
+# with pairfs' default number of worker threads.
+mount_ptfloor() {
+    [ -x "$WORK/ptfloor" ] || return 0
+    mkdir -p "$PTMNT"
+    "$WORK/ptfloor" "$1" "$PTMNT" 4 2>>"$WORK/ptfloor.log" &
+    local i
+    for i in $(seq 50); do is_mounted "$PTMNT" && break; sleep 0.1; done
+    if is_mounted "$PTMNT"; then PTFLOOR=$PTMNT/data; else log "WARNING: passthrough_floor did not mount"; fi
 }
 
 # ---------------------------------------------------------------- small tools
@@ -290,17 +313,24 @@ sec_seq() {
 }
 
 sec_rand() {
-    log "4 KiB random I/O, O_DIRECT, QD1 (psync) and QD16 (libaio), ${RAND_MB} MiB file, ${RAND_RT} each, $RAND_REPS rep(s): mount vs native dir"
+    log "4 KiB random I/O, O_DIRECT, QD1 (psync) and QD16 (libaio), ${RAND_MB} MiB file, ${RAND_RT} each, $RAND_REPS rep(s): mount vs native dir vs passthrough FUSE floor"
     local -A v=()
     local t f r rep k
+    local ts=(pairfs native)
     for t in pairfs native; do
         if [ "$t" = pairfs ]; then f=$MNT/rand.dat; else f=$NAT/rand.dat; fi
         mkfile "$f" "$RAND_MB"
     done
-    # Alternate pairfs and native so that a burst of load elsewhere hits both.
+    # The floor's backing file lives on the disk beside the native one (not in a FUSE mount).
+    if [ -x "$WORK/ptfloor" ]; then
+        mkfile "$WORK/ptfloor-back.dat" "$RAND_MB"
+        mount_ptfloor "$WORK/ptfloor-back.dat"
+        [ -z "$PTFLOOR" ] || ts+=(floor)
+    fi
+    # Alternate pairfs, native and the floor so that a burst of load elsewhere hits each.
     for rep in $(seq "$RAND_REPS"); do
-        for t in pairfs native; do
-            if [ "$t" = pairfs ]; then f=$MNT/rand.dat; else f=$NAT/rand.dat; fi
+        for t in "${ts[@]}"; do
+            case $t in pairfs) f=$MNT/rand.dat ;; native) f=$NAT/rand.dat ;; floor) f=$PTFLOOR ;; esac
             dropcaches
             r=$(fio_run "rr-$t-$rep" --filename="$f" --rw=randread --bs=4k --direct=1 --size="${RAND_MB}m" --runtime="$RAND_RT" --time_based)
             for k in iops p50_us p99_us; do v[$t.rr.$k]+="$(jget "$r" $k) "; done
@@ -315,6 +345,11 @@ sec_rand() {
         done
     done
     rm -f "$MNT/rand.dat" "$NAT/rand.dat"
+    if [ -n "$PTFLOOR" ]; then
+        fusermount3 -u "$PTMNT" 2>/dev/null || umount -l "$PTMNT"
+        PTFLOOR=""
+        rm -f "$WORK/ptfloor-back.dat"
+    fi
     local name
     local qd
     for k in rr rw rr16 rw16; do
@@ -325,6 +360,13 @@ sec_rand() {
         rec rand "4K $name IOPS" "$(median ${v[pairfs.$k.iops]})" "native dir" "$(median ${v[native.$k.iops]})" IOPS higher "O_DIRECT QD$qd, median of $RAND_REPS"
         rec rand "4K $name p50" "$(median ${v[pairfs.$k.p50_us]})" "native dir" "$(median ${v[native.$k.p50_us]})" us lower
         rec rand "4K $name p99" "$(median ${v[pairfs.$k.p99_us]})" "native dir" "$(median ${v[native.$k.p99_us]})" us lower
+        }
+        [ -n "${v[floor.$k.iops]:-}" ] || continue
+        # shellcheck disable=SC2086
+        {
+        rec rand "4K $name IOPS" "$(median ${v[pairfs.$k.iops]})" "FUSE floor (passthrough)" "$(median ${v[floor.$k.iops]})" IOPS higher "O_DIRECT QD$qd"
+        rec rand "FUSE floor: passthrough 4K $name IOPS" "$(median ${v[floor.$k.iops]})" "native dir" "$(median ${v[native.$k.iops]})" IOPS higher "no pairfs: pread/pwrite of a file of the same disk"
+        rec rand "FUSE floor: passthrough 4K $name p50" "$(median ${v[floor.$k.p50_us]})" "native dir" "$(median ${v[native.$k.p50_us]})" us lower
         }
     done
 }

@@ -3,9 +3,10 @@
 //! tests hold it to what an application expects of O_DIRECT on a local file system:
 //! concurrent writes of one file all land; a buffered reader of the same file sees them
 //! (the kernel drops its cached pages of the range); a shared mapping of an O_DIRECT
-//! file works; a write by a user without CAP_FSETID clears set-user-id; and a split in
+//! file works; a write by a user without CAP_FSETID clears set-user-id; a split in
 //! the middle of a stream of direct writes freezes exactly the writes that returned
-//! before it.
+//! before it; and reads racing punches and truncates (which take the data lock
+//! exclusively) never fail and see each byte as written or zero.
 
 mod common;
 
@@ -208,4 +209,82 @@ fn a_split_during_direct_writes_freezes_exactly_the_writes_that_returned() {
     drop(f);
     v.umount();
     v.fsck();
+}
+
+/// Reads take the file's data lock without waiting under the namespace lock
+/// (`Fs::read_into`: `try_read`, else drop the namespace lock, wait, and take it again).
+/// Direct and buffered readers race punches, truncates and rewrites, which take the data
+/// lock exclusively: no read fails, and every byte read is the block's pattern or zero.
+#[test]
+fn reads_racing_truncate_and_punch_see_the_pattern_or_zeros() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let mut v = Vol::new("1G");
+    v.mount();
+    let p = v.path("f");
+    let blocks = 1024u64; // 4 MiB
+    let pat = |b: u64| (b % 251) as u8 + 1;
+    let whole: Vec<u8> = (0..blocks)
+        .flat_map(|b| std::iter::repeat_n(pat(b), BS))
+        .collect();
+    std::fs::write(&p, &whole).unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let readers: Vec<_> = (0..4u64)
+        .map(|t| {
+            let (p, stop) = (p.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let f = if t % 2 == 0 {
+                    OpenOptions::new()
+                        .read(true)
+                        .custom_flags(libc::O_DIRECT)
+                        .open(&p)
+                        .unwrap()
+                } else {
+                    std::fs::File::open(&p).unwrap()
+                };
+                let (mut buf, off) = aligned(0, BS);
+                let mut b = t * 97;
+                let mut n_reads = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    b = (b * 1103515245 + 12345) % blocks;
+                    let n = f
+                        .read_at(&mut buf[off..off + BS], b * BS as u64)
+                        .expect("read");
+                    let got = &buf[off..off + n];
+                    assert!(
+                        got.iter().all(|&x| x == pat(b) || x == 0),
+                        "block {b}: a byte neither its pattern nor zero"
+                    );
+                    n_reads += 1;
+                }
+                n_reads
+            })
+        })
+        .collect();
+    let f = OpenOptions::new().write(true).open(&p).unwrap();
+    for round in 0..200u64 {
+        let b = (round * 37) % (blocks - 16);
+        let (o, l) = (b * BS as u64, 16 * BS as u64);
+        // SAFETY: fallocate on an open file with plain integer arguments.
+        let r = unsafe {
+            libc::fallocate(
+                std::os::fd::AsRawFd::as_raw_fd(&f),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                o as libc::off_t,
+                l as libc::off_t,
+            )
+        };
+        assert_eq!(r, 0, "punch: {}", std::io::Error::last_os_error());
+        f.write_all_at(&whole[o as usize..(o + l) as usize], o)
+            .unwrap();
+        if round % 10 == 0 {
+            f.set_len(blocks * BS as u64 / 2).unwrap();
+            f.set_len(blocks * BS as u64).unwrap();
+            let h = blocks as usize * BS / 2;
+            f.write_all_at(&whole[h..], h as u64).unwrap();
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    let reads: u64 = readers.into_iter().map(|r| r.join().unwrap()).sum();
+    assert!(reads > 0);
+    same("after the races", &read_all(&p), &whole);
 }

@@ -1492,24 +1492,61 @@ impl Fs {
 
     /// Reads up to `size` bytes at `off`.
     pub fn read(&self, ino: u64, off: u64, size: u32) -> Result<Vec<u8>> {
+        let mut buf = Vec::new();
+        self.read_into(ino, off, size, &mut buf, AtimePolicy::Never)?;
+        Ok(buf)
+    }
+
+    /// Reads up to `size` bytes at `off` into `buf` (its old contents are dropped, its
+    /// capacity reused: the FUSE adapter passes one buffer per worker thread). Returns
+    /// whether `atime` says the read is due to update the access time, judged on the
+    /// inode as the read found it (the caller then runs [`Fs::note_read`], which checks
+    /// again; a read that is not due costs no second hold of the namespace lock).
+    ///
+    /// One hold of the namespace lock finds the inode, takes its data lock shared with
+    /// `try_read` (never blocking under the namespace lock, so the lock order of
+    /// [`crate::core::locks`] holds: if a truncate, punch or fallocate holds it, the
+    /// namespace lock is dropped, the data lock awaited, and the namespace lock taken
+    /// again) and reads the extent map.
+    pub fn read_into(
+        &self,
+        ino: u64,
+        off: u64,
+        size: u32,
+        buf: &mut Vec<u8>,
+        atime: AtimePolicy,
+    ) -> Result<bool> {
+        buf.clear();
         self.engine.host_io();
-        let dl = self.data_lock(ino)?;
-        let _d = dl.read().unwrap_or_else(|p| p.into_inner());
         let ts = self.track_size;
-        let (segs, len, clone) = {
-            let st = self.state();
+        let mut st = self.state_with(ino)?;
+        let dl = st.get(ino)?.data_lock.clone();
+        let _d: std::sync::RwLockReadGuard<'_, ()>;
+        match dl.try_read() {
+            Ok(g) => _d = g,
+            Err(std::sync::TryLockError::Poisoned(p)) => _d = p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => {
+                drop(st);
+                _d = dl.read().unwrap_or_else(|p| p.into_inner());
+                // The data lock's holder keeps the inode cached (`Arc` count).
+                st = self.state_with(ino)?;
+            }
+        }
+        let (segs, len, clone, due) = {
             let i = st.get(ino)?;
             if i.is_dir() {
                 return Err(Error::IsDir);
             }
+            let due = atime != AtimePolicy::Never && atime.due(&i.row, now_ns());
             if off >= i.row.size {
-                return Ok(Vec::new());
+                return Ok(due);
             }
             let len = (size as u64).min(i.row.size - off);
             let f0 = off / ts;
             let f1 = (off + len - 1) / ts;
-            (i.extents.segments(f0, f1 - f0 + 1), len, i.row.clone)
+            (i.extents.segments(f0, f1 - f0 + 1), len, i.row.clone, due)
         };
+        drop(st);
         // Staged writes first (see `snap::stage`): a track destaged after this is on
         // the volume by the time we read it.
         let staged = self.engine.staged_of(
@@ -1517,7 +1554,7 @@ impl Fs {
                 .filter_map(|s| s.vol.map(|v| v..v + s.len))
                 .flatten(),
         );
-        let mut buf = vec![0u8; len as usize];
+        buf.resize(len as usize, 0);
         // A clone's unwritten tracks below its limit read its frozen source (the same
         // checked path as the copy mount); past the limit they read zero.
         if let Some(c) = clone {
@@ -1556,7 +1593,7 @@ impl Fs {
                 }
             }
         }
-        Ok(buf)
+        Ok(due)
     }
 
     /// Sets the access time to now after a read if `policy` says it is due and

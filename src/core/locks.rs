@@ -30,7 +30,9 @@
 //! (7) and an image's `images`, never under them.
 //!
 //! Data I/O runs holding only 1 and 2, so reads and writes of different files (and of
-//! the same file) run in parallel; syncs hold at most 3–5; `namespace` (6) is held across I/O
+//! the same file) run in parallel. A host read takes 2 with `try_read` while it holds 6
+//! (one hold finds the inode, its data lock and its extents: `Fs::read_into`); a try
+//! never waits, and if it fails the read drops 6, waits for 2, then takes 6 again; syncs hold at most 3–5; `namespace` (6) is held across I/O
 //! only by the two zeroing cases above. A frozen-copy read takes no gate: it reads the volume while the pending bit is
 //! set and re-checks the bit afterwards (see `snap::engine::Engine::read_frozen_of`).
 //!
