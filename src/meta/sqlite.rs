@@ -994,15 +994,7 @@ impl Meta {
             for set in [&mut p.forming, &mut p.split_diff, &mut p.update_diff] {
                 set.take_dirty();
             }
-            p.frozen = self.load_frozen(id)?;
-            p.lazy = (lazy_ino > 0).then_some(lazy_ino);
-            p.frozen_at = p
-                .frozen
-                .iter()
-                .enumerate()
-                .map(|(k, f)| (f.ino, k))
-                .collect();
-            p.frozen_saved = p.frozen.len();
+            p.set_frozen(self.load_frozen(id)?, (lazy_ino > 0).then_some(lazy_ino));
             pairs.push(p);
         }
         Ok(pairs)

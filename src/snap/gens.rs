@@ -61,6 +61,22 @@ pub fn tracks_of(frozen: &[Frozen]) -> TrackSet {
     s
 }
 
+/// The records of a generation's instant: a [`Pair`] value in state `split` (never
+/// copied, never a member's pair) holding `frozen`, lazy below `lazy` if given.
+pub fn instant(
+    id: PairId,
+    (scope, path): (crate::snap::pair::Scope, String),
+    split_ns: i64,
+    frozen: Vec<Frozen>,
+    lazy: Option<u64>,
+) -> Pair {
+    let mut p = Pair::new(id, scope, path, TrackSet::new(), split_ns);
+    p.state = crate::snap::pair::PairState::Split;
+    p.split_ns = split_ns;
+    p.set_frozen(frozen, lazy);
+    p
+}
+
 /// One named generation.
 #[derive(Debug, Clone)]
 pub struct Gen {

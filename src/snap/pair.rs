@@ -436,7 +436,9 @@ impl Pair {
         self.finish_if_done();
     }
 
-    fn set_frozen(&mut self, frozen: Vec<Frozen>, lazy: Option<u64>) {
+    /// Installs a frozen map (all of it counted as stored) and the lazy limit, with the
+    /// index by inode.
+    pub fn set_frozen(&mut self, frozen: Vec<Frozen>, lazy: Option<u64>) {
         self.frozen_at = index_of(&frozen);
         self.frozen_saved = frozen.len();
         self.frozen = frozen;

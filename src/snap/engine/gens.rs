@@ -25,7 +25,7 @@ use crate::error::{Error, Result};
 use crate::meta::{GenRow, PairDelta, StoredGen, take_appends};
 use crate::snap::gens::{self, Gen, MAX_PER_PAIR, Refs};
 use crate::snap::namespace::Namespace;
-use crate::snap::pair::{Frozen, Pair, PairId, PairState, Pins, Scope};
+use crate::snap::pair::{Frozen, Pair, PairId, Pins, Scope};
 use crate::snap::view::Builder;
 use crate::store::volume::Volume;
 
@@ -258,13 +258,8 @@ impl Engine {
         }
         let now = now_ns();
         let id = self.next_id.fetch_add(1, Ordering::Relaxed).max(1);
-        let mut p = Pair::new(id, scope, path.clone(), TrackSet::new(), now);
-        p.state = PairState::Split;
-        p.split_ns = now;
-        match scope {
-            Scope::File(_) => {
-                p.frozen = ns.freeze(scope, pid)?;
-            }
+        let (frozen, lazy) = match scope {
+            Scope::File(_) => (ns.freeze(scope, pid)?, None),
             Scope::Dir(_) | Scope::Root => {
                 let mut top = None;
                 ns.instant(scope, &mut |t, limit| {
@@ -273,17 +268,10 @@ impl Engine {
                 })?;
                 let (t, limit) =
                     top.ok_or_else(|| Error::invalid("the scope's top is not a directory"))?;
-                p.frozen = vec![t];
-                p.lazy = Some(limit);
+                (vec![t], Some(limit))
             }
-        }
-        p.frozen_at = p
-            .frozen
-            .iter()
-            .enumerate()
-            .map(|(k, f)| (f.ino, k))
-            .collect();
-        p.frozen_saved = p.frozen.len();
+        };
+        let p = gens::instant(id, (scope, path.clone()), now, frozen, lazy);
         let g = Gen::new(pid, name.to_string(), p);
         let mut deltas = Vec::new();
         if let Some(old) = &old {
@@ -721,18 +709,13 @@ impl Engine {
                     sg.id, sg.row.name, sg.row.pair
                 )));
             }
-            let mut p = Pair::new(sg.id, sg.row.scope, sg.row.path.clone(), TrackSet::new(), 0);
-            p.state = PairState::Split;
-            p.split_ns = sg.row.split_ns;
-            p.lazy = (sg.row.lazy_ino > 0).then_some(sg.row.lazy_ino);
-            p.frozen_at = sg
-                .frozen
-                .iter()
-                .enumerate()
-                .map(|(k, f)| (f.ino, k))
-                .collect();
-            p.frozen_saved = sg.frozen.len();
-            p.frozen = sg.frozen;
+            let p = gens::instant(
+                sg.id,
+                (sg.row.scope, sg.row.path.clone()),
+                sg.row.split_ns,
+                sg.frozen,
+                (sg.row.lazy_ino > 0).then_some(sg.row.lazy_ino),
+            );
             let mut g = Gen::new(sg.row.pair, sg.row.name, p);
             for (v, s) in sg.saved {
                 g.saved.insert(v, s);
