@@ -5,7 +5,8 @@
 //! with `--on-disconnect continue` (the primary keeps serving; the restarted secondary
 //! is brought back by replay); the primary's persistent out-of-sync bitmap (stopped or
 //! killed out of sync, killed while connected: a resync by bitmap, not a full sync); a
-//! full secondary disk (tmpfs); a link cut, refused and corrupted at random moments.
+//! full secondary disk (tmpfs); a link cut, refused and corrupted at random moments;
+//! failover and the old primary rejoining as the secondary by bitmap.
 
 mod common;
 
@@ -41,6 +42,8 @@ struct Secondary {
     key: PathBuf,
     log: PathBuf,
     child: Option<Child>,
+    /// More arguments of `replica serve` (`--rejoin`).
+    extra: Vec<&'static str>,
 }
 
 impl Secondary {
@@ -56,6 +59,7 @@ impl Secondary {
             key: key.to_path_buf(),
             log: log_dir.join("secondary.log"),
             child: None,
+            extra: Vec::new(),
         };
         s.restart();
         s
@@ -75,6 +79,7 @@ impl Secondary {
                 "--key-file",
                 self.key.to_str().unwrap(),
             ])
+            .args(&self.extra)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -1749,4 +1754,196 @@ fn a_primary_killed_during_a_resync_resyncs_by_its_bitmap_again() {
         "fsck secondary",
     );
     let _ = compare_sides(&mut v, &s);
+}
+
+/// Failover and back: the primary P is killed -9 while connected under fsync'd writes;
+/// its secondary S is promoted and mounted read-write with `--replica` to P served with
+/// `--rejoin`. S sends P only the blocks P's bitmap marks (those it may have written
+/// that S never got) and those S changed since promotion, plus the database: far less
+/// than a full sync. After a clean stop both sides are byte-identical, fsck clean; a
+/// plain old primary (no `--rejoin`) is still refused.
+#[test]
+fn an_old_primary_rejoins_the_promoted_secondary_by_bitmap() {
+    let mut v = Vol::new("512M");
+    let key = key_file(v.dir.path(), "key", "0123456789abcdef-rejoin");
+    let mut s = Secondary::start(v.dir.path(), &key);
+    ok(&mount_replica(&mut v, &s, &[]), "mount P");
+    std::fs::create_dir(v.path("d")).unwrap();
+    write_fsync(&v.path("d/big"), &block(1, 1, 64 << 20));
+    write_fsync(&v.path("d/small"), &block(2, 1, 300_000));
+    ok(
+        &pairfs(&["split", v.path("d").to_str().unwrap(), "--wait"]),
+        "split d",
+    );
+    wait_in_sync(&v.mnt, "before the crash");
+    // Checkpoints of P's bitmap clear the regions of the big file from its activity log.
+    std::thread::sleep(Duration::from_millis(3000));
+    // A writer of fsync'd files and copy-on-write overwrites, killed with P.
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let (d2, root) = (done.clone(), v.mnt.clone());
+    let w = std::thread::spawn(move || {
+        use std::os::unix::fs::FileExt;
+        for i in 1..100_000u64 {
+            let p = root.join(format!("d/f{}", i % 40));
+            let Ok(mut f) = std::fs::File::create(&p) else {
+                return;
+            };
+            if f.write_all(&block(i, 1, 30_000)).is_err() || f.sync_all().is_err() {
+                return;
+            }
+            let Ok(b) = std::fs::OpenOptions::new()
+                .write(true)
+                .open(root.join("d/big"))
+            else {
+                return;
+            };
+            // Within the first 8 MiB: the activity log marks the regions written.
+            let at = (i * 7919 % 2048) * 4096;
+            if b.write_all_at(&block(i, 2, 4096), at).is_err() || b.sync_all().is_err() {
+                return;
+            }
+            d2.store(i, std::sync::atomic::Ordering::SeqCst);
+        }
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+    v.kill9();
+    let _ = w.join();
+    assert!(done.load(std::sync::atomic::Ordering::SeqCst) > 5);
+    s.stop("-TERM");
+    ok(
+        &pairfs(&["replica", "promote", s.img.to_str().unwrap()]),
+        "promote S",
+    );
+    assert!(
+        std::fs::metadata(format!("{}.meta.repl-bitmap", s.img.display())).is_ok(),
+        "promote made no bitmap"
+    );
+    // P's volume, served as a secondary: refused without --rejoin, taken with it.
+    let mut p = Secondary {
+        img: v.img.clone(),
+        addr: format!("127.0.0.1:{}", free_port()),
+        key: key.clone(),
+        log: v.dir.path().join("old-primary.log"),
+        child: None,
+        extra: Vec::new(),
+    };
+    let plain = pairfs(&[
+        "replica",
+        "serve",
+        v.img.to_str().unwrap(),
+        "--listen",
+        &p.addr,
+        "--key-file",
+        key.to_str().unwrap(),
+    ]);
+    assert!(!plain.status.success());
+    assert!(
+        String::from_utf8_lossy(&plain.stderr).contains("--rejoin"),
+        "{}",
+        String::from_utf8_lossy(&plain.stderr)
+    );
+    p.extra = vec!["--rejoin"];
+    p.restart();
+    // S is the primary now.
+    let smnt = v.dir.path().join("smnt");
+    let scopy = v.dir.path().join("scopy");
+    std::fs::create_dir_all(&smnt).unwrap();
+    std::fs::create_dir_all(&scopy).unwrap();
+    let slog = v.dir.path().join("new-primary.log");
+    let out = Command::new(BIN)
+        .args(["mount", s.img.to_str().unwrap(), smnt.to_str().unwrap()])
+        .args(["--copy-mount", scopy.to_str().unwrap(), "--daemon"])
+        .args(["--replica", &p.addr, "--key-file", key.to_str().unwrap()])
+        .env("PAIRFS_LOG_FILE", &slog)
+        .env("RUST_LOG", "info")
+        .output()
+        .unwrap();
+    ok(&out, "mount S with --replica to the old primary");
+    let said = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(
+        said.contains("rejoins as the secondary") && said.contains("resync by bitmap"),
+        "{said}"
+    );
+    // New writes on S: a new file, overwrites of the big file, a split of another dir.
+    write_fsync(&smnt.join("d/on-s"), &block(5, 1, 2 << 20));
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(smnt.join("d/big"))
+            .unwrap();
+        for i in 0..100u64 {
+            f.write_all_at(&block(i, 9, 4096), (i * 37 % 16_000) * 4096)
+                .unwrap();
+        }
+        f.sync_all().unwrap();
+    }
+    std::fs::create_dir(smnt.join("e")).unwrap();
+    write_fsync(&smnt.join("e/x"), &block(6, 1, 100_000));
+    ok(
+        &pairfs(&["split", smnt.join("e").to_str().unwrap(), "--wait"]),
+        "split e on S",
+    );
+    write_fsync(&smnt.join("e/x"), &block(6, 2, 50_000));
+    wait_in_sync(&smnt, "the old primary rejoined");
+    let plog = p.log();
+    assert!(!plog.contains("full sync"), "{plog}");
+    assert!(plog.contains("took the database"), "{plog}");
+    // What P marked: its log says the bytes of its runs.
+    let marked: u64 = plog
+        .lines()
+        .find(|l| l.contains("marked runs ("))
+        .and_then(|l| {
+            l.split_once("marked runs (")?
+                .1
+                .split_once(' ')?
+                .0
+                .parse()
+                .ok()
+        })
+        .unwrap_or_else(|| panic!("no marks in {plog}"));
+    let log = std::fs::read_to_string(&slog).unwrap();
+    let line = log
+        .lines()
+        .rev()
+        .find(|l| l.contains("resync sent:"))
+        .unwrap_or_else(|| panic!("no resync in {log}"));
+    let sent: u64 = line
+        .split_once("block data (")
+        .unwrap()
+        .1
+        .split_once(' ')
+        .unwrap()
+        .0
+        .parse()
+        .unwrap();
+    eprintln!("rejoin: P marked {marked} bytes; the resync sent {sent} bytes of blocks ({line})");
+    // The resync sends the marked blocks (nothing was written on S before the link;
+    // its writes since are records): at most P's marks, and well below a full sync
+    // (64 MiB of file and 64 MiB of frozen copy, 128 MiB and more).
+    assert!(sent <= marked, "sent {sent} > marked {marked}");
+    // What a full sync sends: the data (not the holes) of both images.
+    let full: u64 = [
+        s.img.clone(),
+        PathBuf::from(format!("{}.copy", s.img.display())),
+    ]
+    .iter()
+    .map(|f| std::fs::metadata(f).unwrap().blocks() * 512)
+    .sum();
+    eprintln!("rejoin: a full sync would send about {full} bytes");
+    assert!(
+        sent * 3 < full,
+        "resync sent {sent} bytes, a full sync {full}"
+    );
+    ok(&pairfs(&["umount", smnt.to_str().unwrap()]), "umount S");
+    p.stop("-TERM");
+    ok(
+        &pairfs(&["replica", "promote", v.img.to_str().unwrap()]),
+        "promote the old primary",
+    );
+    v.fsck();
+    ok(&pairfs(&["fsck", s.img.to_str().unwrap()]), "fsck S");
+    // Both sides: live trees and frozen copies byte-identical.
+    let ca = compare_sides(&mut v, &s);
+    assert!(ca.iter().any(|l| l.starts_with("e/x ")), "{ca:?}");
 }
