@@ -15,6 +15,11 @@
 //! A full sync (`SyncBegin`..`SyncEnd`) first deletes the database (a crash in the
 //! middle leaves a volume that is not mountable and asks for a full sync again), writes
 //! both images from zero, then installs the received database with the marker rows.
+//!
+//! Failback: `promote` starts the volume's persistent bitmap (`repl::bitmap`) at the
+//! last record it held; `serve --rejoin` lets an old primary be taken over, sending its
+//! own bitmap's marks after its `Welcome` (`RejoinMark`s, `RejoinEnd`) so the new
+//! primary resyncs only those and its own (docs/replication.md, "Failover and failback").
 
 use std::io::{BufReader, BufWriter, Write};
 use std::net::{TcpListener, TcpStream};
