@@ -68,6 +68,13 @@ enum Local {
         unit: u64,
         units: [Vec<u64>; 2],
     },
+    /// An old primary served with `--rejoin` whose bitmap is of no use: a full sync
+    /// from a primary of the same volume (UUID) and geometry.
+    RejoinFull {
+        uuid: [u8; 16],
+        size: u64,
+        track_size: u64,
+    },
 }
 
 fn super_row(c: &Connection, k: &str) -> Result<Option<String>> {
@@ -138,7 +145,11 @@ fn rejoin_state(p: &Paths, uuid: &str, size: u64, ts: u64) -> Result<Local> {
                 p.volume.display(),
                 crate::repl::bitmap::path(&p.meta).display()
             );
-            Local::Fresh(Some((uuid.to_string(), size, ts)))
+            Local::RejoinFull {
+                uuid: *u.as_bytes(),
+                size,
+                track_size: ts,
+            }
         }
     })
 }
@@ -360,6 +371,20 @@ impl Conn<'_> {
                 log::debug!("replica: marked runs {:?}", &runs[..runs.len().min(64)]);
                 marks = Some(runs);
                 (stream, floor, false)
+            }
+            Local::RejoinFull {
+                uuid: u,
+                size: s,
+                track_size: t,
+            } => {
+                if u != uuid || (s, t) != (size, ts) {
+                    return Err(self.refuse(format!(
+                        "{} is volume {} of {s} bytes in tracks of {t}: it cannot rejoin as the secondary of {want} ({size} bytes in tracks of {ts})",
+                        self.p.volume.display(),
+                        hex(&u)
+                    )));
+                }
+                (0, 0, false)
             }
             Local::Replica {
                 uuid: of,
