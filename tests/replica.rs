@@ -2024,3 +2024,89 @@ fn a_rejoin_that_does_not_line_up_is_a_full_sync() {
     ok(&pairfs(&["fsck", s.img.to_str().unwrap()]), "fsck S");
     let _ = compare_sides(&mut v, &s);
 }
+
+/// A rejoin cut before the old primary took the new primary's database (the old
+/// primary's `replica serve` killed -9 while the resync's first records are still in a
+/// 1 s delay proxy): the restarted old primary rejoins again by its bitmap (no full
+/// sync) and both sides end identical.
+#[test]
+fn a_rejoin_cut_before_the_database_rejoins_again_by_bitmap() {
+    let mut v = Vol::new("256M");
+    let key = key_file(v.dir.path(), "key", "0123456789abcdef-rejoin-cut");
+    let mut s = Secondary::start(v.dir.path(), &key);
+    ok(&mount_replica(&mut v, &s, &[]), "mount P");
+    std::fs::create_dir(v.path("d")).unwrap();
+    write_fsync(&v.path("d/big"), &block(1, 1, 16 << 20));
+    ok(
+        &pairfs(&["split", v.path("d").to_str().unwrap(), "--wait"]),
+        "split d",
+    );
+    wait_in_sync(&v.mnt, "before the crash");
+    std::thread::sleep(Duration::from_millis(2500));
+    for i in 0..20u64 {
+        write_fsync(&v.path(&format!("d/f{i}")), &block(i, 3, 50_000));
+    }
+    v.kill9();
+    s.stop("-TERM");
+    ok(
+        &pairfs(&["replica", "promote", s.img.to_str().unwrap()]),
+        "promote S",
+    );
+    let mut p = Secondary {
+        img: v.img.clone(),
+        addr: format!("127.0.0.1:{}", free_port()),
+        key: key.clone(),
+        log: v.dir.path().join("old-primary.log"),
+        child: None,
+        extra: vec!["--rejoin"],
+    };
+    p.restart();
+    let proxy = Proxy::start(&p.addr, Duration::from_millis(1000));
+    let smnt = v.dir.path().join("smnt");
+    std::fs::create_dir_all(&smnt).unwrap();
+    let out = Command::new(BIN)
+        .args(["mount", s.img.to_str().unwrap(), smnt.to_str().unwrap()])
+        .args(["--daemon", "--replica", &proxy.addr])
+        .args(["--key-file", key.to_str().unwrap()])
+        .env("PAIRFS_LOG_FILE", v.dir.path().join("new-primary.log"))
+        .env("RUST_LOG", "info")
+        .output()
+        .unwrap();
+    // The resync's first records are a second away from the old primary: kill it now.
+    p.stop("-9");
+    ok(&out, "mount S with --replica to the old primary");
+    let said = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(said.contains("resync by bitmap"), "{said}");
+    let plog = p.log();
+    assert!(!plog.contains("took the database"), "{plog}");
+    std::thread::sleep(Duration::from_millis(500));
+    p.restart();
+    wait_in_sync(&smnt, "the old primary rejoined after a cut");
+    write_fsync(&smnt.join("d/after"), &block(8, 1, 100_000));
+    ok(&pairfs(&["umount", smnt.to_str().unwrap()]), "umount S");
+    p.stop("-TERM");
+    let plog = p.log();
+    assert_eq!(
+        plog.matches("it rejoins as the secondary").count(),
+        2,
+        "{plog}"
+    );
+    assert!(plog.contains("took the database"), "{plog}");
+    assert!(!plog.contains("full sync"), "{plog}");
+    // The second resync is of the marks again, not of every block.
+    let slog = std::fs::read_to_string(v.dir.path().join("new-primary.log")).unwrap();
+    let begins: Vec<&str> = slog
+        .lines()
+        .filter(|l| l.contains("resync of stream"))
+        .collect();
+    eprintln!("rejoin cut: {begins:?}");
+    assert!(!begins.is_empty(), "{slog}");
+    assert!(begins.iter().all(|l| !l.contains("begins: all")), "{slog}");
+    ok(
+        &pairfs(&["replica", "promote", v.img.to_str().unwrap()]),
+        "promote the old primary",
+    );
+    v.fsck();
+    ok(&pairfs(&["fsck", s.img.to_str().unwrap()]), "fsck S");
+    let _ = compare_sides(&mut v, &s);
+}
