@@ -5,7 +5,8 @@
 //! with `--on-disconnect continue` (the primary keeps serving; the restarted secondary
 //! is brought back by replay); the primary's persistent out-of-sync bitmap (stopped or
 //! killed out of sync, killed while connected: a resync by bitmap, not a full sync); a
-//! full secondary disk (tmpfs); a link cut, refused and corrupted at random moments.
+//! full secondary disk (tmpfs); a link cut, refused and corrupted at random moments;
+//! failover and the old primary rejoining as the secondary by bitmap.
 
 mod common;
 
@@ -18,6 +19,16 @@ use std::time::{Duration, Instant};
 
 use common::{BIN, Vol, block, pairfs};
 use pairfs::repl::proto::{self, Msg};
+
+/// Held by the activity-log test and the rejoin tests: the activity log's size depends
+/// on how often its checkpoints run, so the rejoin tests' 64 MiB writes and full syncs
+/// must not load the machine while that test measures it (they did: 83 and 222 MB
+/// resent instead of 7 to 44).
+static HEAVY: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn heavy() -> std::sync::MutexGuard<'static, ()> {
+    HEAVY.lock().unwrap_or_else(|p| p.into_inner())
+}
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -41,6 +52,8 @@ struct Secondary {
     key: PathBuf,
     log: PathBuf,
     child: Option<Child>,
+    /// More arguments of `replica serve` (`--rejoin`).
+    extra: Vec<&'static str>,
 }
 
 impl Secondary {
@@ -56,6 +69,7 @@ impl Secondary {
             key: key.to_path_buf(),
             log: log_dir.join("secondary.log"),
             child: None,
+            extra: Vec::new(),
         };
         s.restart();
         s
@@ -75,6 +89,7 @@ impl Secondary {
                 "--key-file",
                 self.key.to_str().unwrap(),
             ])
+            .args(&self.extra)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -1025,6 +1040,7 @@ fn a_primary_killed_out_of_sync_resyncs_by_its_bitmap() {
 
 #[test]
 fn a_primary_killed_while_connected_resyncs_its_activity_log_not_everything() {
+    let _heavy = heavy();
     let mut v = Vol::new("512M");
     let key = key_file(v.dir.path(), "key", "0123456789abcdef-al");
     let mut s = Secondary::start(v.dir.path(), &key);
@@ -1770,5 +1786,389 @@ fn a_primary_killed_during_a_resync_resyncs_by_its_bitmap_again() {
         &pairfs(&["fsck", s.img.to_str().unwrap()]),
         "fsck secondary",
     );
+    let _ = compare_sides(&mut v, &s);
+}
+
+/// Failover and back: the primary P is killed -9 while connected under fsync'd writes;
+/// its secondary S is promoted and mounted read-write with `--replica` to P served with
+/// `--rejoin`. S sends P only the blocks P's bitmap marks (those it may have written
+/// that S never got) and those S changed since promotion, plus the database: far less
+/// than a full sync. After a clean stop both sides are byte-identical, fsck clean; a
+/// plain old primary (no `--rejoin`) is still refused.
+#[test]
+fn an_old_primary_rejoins_the_promoted_secondary_by_bitmap() {
+    let _heavy = heavy();
+    let mut v = Vol::new("512M");
+    let key = key_file(v.dir.path(), "key", "0123456789abcdef-rejoin");
+    let mut s = Secondary::start(v.dir.path(), &key);
+    ok(&mount_replica(&mut v, &s, &[]), "mount P");
+    std::fs::create_dir(v.path("d")).unwrap();
+    write_fsync(&v.path("d/big"), &block(1, 1, 64 << 20));
+    write_fsync(&v.path("d/small"), &block(2, 1, 300_000));
+    ok(
+        &pairfs(&["split", v.path("d").to_str().unwrap(), "--wait"]),
+        "split d",
+    );
+    wait_in_sync(&v.mnt, "before the crash");
+    // Checkpoints of P's bitmap clear the regions of the big file from its activity log.
+    std::thread::sleep(Duration::from_millis(3000));
+    // A writer of fsync'd files and copy-on-write overwrites, killed with P.
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let (d2, root) = (done.clone(), v.mnt.clone());
+    let w = std::thread::spawn(move || {
+        use std::os::unix::fs::FileExt;
+        for i in 1..100_000u64 {
+            let p = root.join(format!("d/f{}", i % 40));
+            let Ok(mut f) = std::fs::File::create(&p) else {
+                return;
+            };
+            if f.write_all(&block(i, 1, 30_000)).is_err() || f.sync_all().is_err() {
+                return;
+            }
+            let Ok(b) = std::fs::OpenOptions::new()
+                .write(true)
+                .open(root.join("d/big"))
+            else {
+                return;
+            };
+            // Within the first 8 MiB: the activity log marks the regions written.
+            let at = (i * 7919 % 2048) * 4096;
+            if b.write_all_at(&block(i, 2, 4096), at).is_err() || b.sync_all().is_err() {
+                return;
+            }
+            d2.store(i, std::sync::atomic::Ordering::SeqCst);
+        }
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+    v.kill9();
+    let _ = w.join();
+    assert!(done.load(std::sync::atomic::Ordering::SeqCst) > 5);
+    s.stop("-TERM");
+    ok(
+        &pairfs(&["replica", "promote", s.img.to_str().unwrap()]),
+        "promote S",
+    );
+    assert!(
+        std::fs::metadata(format!("{}.meta.repl-bitmap", s.img.display())).is_ok(),
+        "promote made no bitmap"
+    );
+    // P's volume, served as a secondary: refused without --rejoin, taken with it.
+    let mut p = Secondary {
+        img: v.img.clone(),
+        addr: format!("127.0.0.1:{}", free_port()),
+        key: key.clone(),
+        log: v.dir.path().join("old-primary.log"),
+        child: None,
+        extra: Vec::new(),
+    };
+    let plain = pairfs(&[
+        "replica",
+        "serve",
+        v.img.to_str().unwrap(),
+        "--listen",
+        &p.addr,
+        "--key-file",
+        key.to_str().unwrap(),
+    ]);
+    assert!(!plain.status.success());
+    assert!(
+        String::from_utf8_lossy(&plain.stderr).contains("--rejoin"),
+        "{}",
+        String::from_utf8_lossy(&plain.stderr)
+    );
+    p.extra = vec!["--rejoin"];
+    p.restart();
+    // S is the primary now.
+    let smnt = v.dir.path().join("smnt");
+    let scopy = v.dir.path().join("scopy");
+    std::fs::create_dir_all(&smnt).unwrap();
+    std::fs::create_dir_all(&scopy).unwrap();
+    let slog = v.dir.path().join("new-primary.log");
+    let out = Command::new(BIN)
+        .args(["mount", s.img.to_str().unwrap(), smnt.to_str().unwrap()])
+        .args(["--copy-mount", scopy.to_str().unwrap(), "--daemon"])
+        .args(["--replica", &p.addr, "--key-file", key.to_str().unwrap()])
+        .env("PAIRFS_LOG_FILE", &slog)
+        .env("RUST_LOG", "info")
+        .output()
+        .unwrap();
+    ok(&out, "mount S with --replica to the old primary");
+    let said = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(
+        said.contains("rejoins as the secondary") && said.contains("resync by bitmap"),
+        "{said}"
+    );
+    // New writes on S: a new file, overwrites of the big file, a split of another dir.
+    write_fsync(&smnt.join("d/on-s"), &block(5, 1, 2 << 20));
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(smnt.join("d/big"))
+            .unwrap();
+        for i in 0..100u64 {
+            f.write_all_at(&block(i, 9, 4096), (i * 37 % 16_000) * 4096)
+                .unwrap();
+        }
+        f.sync_all().unwrap();
+    }
+    std::fs::create_dir(smnt.join("e")).unwrap();
+    write_fsync(&smnt.join("e/x"), &block(6, 1, 100_000));
+    ok(
+        &pairfs(&["split", smnt.join("e").to_str().unwrap(), "--wait"]),
+        "split e on S",
+    );
+    write_fsync(&smnt.join("e/x"), &block(6, 2, 50_000));
+    wait_in_sync(&smnt, "the old primary rejoined");
+    let plog = p.log();
+    assert!(!plog.contains("full sync"), "{plog}");
+    assert!(plog.contains("took the database"), "{plog}");
+    // What P marked: its log says the bytes of its runs.
+    let marked: u64 = plog
+        .lines()
+        .find(|l| l.contains("marked runs ("))
+        .and_then(|l| {
+            l.split_once("marked runs (")?
+                .1
+                .split_once(' ')?
+                .0
+                .parse()
+                .ok()
+        })
+        .unwrap_or_else(|| panic!("no marks in {plog}"));
+    let log = std::fs::read_to_string(&slog).unwrap();
+    let line = log
+        .lines()
+        .rev()
+        .find(|l| l.contains("resync sent:"))
+        .unwrap_or_else(|| panic!("no resync in {log}"));
+    let sent: u64 = line
+        .split_once("block data (")
+        .unwrap()
+        .1
+        .split_once(' ')
+        .unwrap()
+        .0
+        .parse()
+        .unwrap();
+    eprintln!("rejoin: P marked {marked} bytes; the resync sent {sent} bytes of blocks ({line})");
+    // The resync sends P's marks and the blocks S wrote since its promotion that were
+    // not records of the stream: those written between its mount (repair of the
+    // crashed volume included) and the start of the resync, at most the 2.7 MiB the
+    // test writes on S plus the repair; and well below a full sync.
+    let on_s = (2 << 20) + 100 * 4096 + 150_000 + (1 << 20);
+    assert!(
+        sent <= marked + on_s,
+        "sent {sent} > marked {marked} + written on S {on_s}"
+    );
+    // What a full sync sends: the data (not the holes) of both images.
+    let full: u64 = [
+        s.img.clone(),
+        PathBuf::from(format!("{}.copy", s.img.display())),
+    ]
+    .iter()
+    .map(|f| std::fs::metadata(f).unwrap().blocks() * 512)
+    .sum();
+    eprintln!("rejoin: a full sync would send about {full} bytes");
+    assert!(
+        sent * 2 < full,
+        "resync sent {sent} bytes, a full sync {full}"
+    );
+    ok(&pairfs(&["umount", smnt.to_str().unwrap()]), "umount S");
+    p.stop("-TERM");
+    ok(
+        &pairfs(&["replica", "promote", v.img.to_str().unwrap()]),
+        "promote the old primary",
+    );
+    v.fsck();
+    ok(&pairfs(&["fsck", s.img.to_str().unwrap()]), "fsck S");
+    // Both sides: live trees and frozen copies byte-identical.
+    let ca = compare_sides(&mut v, &s);
+    assert!(ca.iter().any(|l| l.starts_with("e/x ")), "{ca:?}");
+}
+
+/// The rejoin falls back to a full sync, saying so, when the bitmaps do not line up:
+/// here the promoted secondary was mounted without `--replica` first (its bitmap is
+/// gone). Both sides still end identical.
+#[test]
+fn a_rejoin_that_does_not_line_up_is_a_full_sync() {
+    let _heavy = heavy();
+    let mut v = Vol::new("256M");
+    let key = key_file(v.dir.path(), "key", "0123456789abcdef-rejoin-full");
+    let mut s = Secondary::start(v.dir.path(), &key);
+    ok(&mount_replica(&mut v, &s, &[]), "mount P");
+    std::fs::create_dir(v.path("d")).unwrap();
+    write_fsync(&v.path("d/a"), &block(1, 1, 2 << 20));
+    ok(
+        &pairfs(&["split", v.path("d").to_str().unwrap(), "--wait"]),
+        "split d",
+    );
+    write_fsync(&v.path("d/a"), &block(1, 2, 1 << 20));
+    wait_in_sync(&v.mnt, "before the crash");
+    v.kill9();
+    s.stop("-TERM");
+    ok(
+        &pairfs(&["replica", "promote", s.img.to_str().unwrap()]),
+        "promote S",
+    );
+    // A mount without --replica: S changes behind any bitmap (and deletes it).
+    let smnt = v.dir.path().join("smnt");
+    std::fs::create_dir_all(&smnt).unwrap();
+    ok(
+        &pairfs(&[
+            "mount",
+            s.img.to_str().unwrap(),
+            smnt.to_str().unwrap(),
+            "--daemon",
+        ]),
+        "mount S alone",
+    );
+    write_fsync(&smnt.join("d/alone"), &block(7, 1, 300_000));
+    ok(&pairfs(&["umount", smnt.to_str().unwrap()]), "umount S");
+    let mut p = Secondary {
+        img: v.img.clone(),
+        addr: format!("127.0.0.1:{}", free_port()),
+        key: key.clone(),
+        log: v.dir.path().join("old-primary.log"),
+        child: None,
+        extra: vec!["--rejoin"],
+    };
+    p.restart();
+    let out = Command::new(BIN)
+        .args(["mount", s.img.to_str().unwrap(), smnt.to_str().unwrap()])
+        .args(["--daemon", "--replica", &p.addr])
+        .args(["--key-file", key.to_str().unwrap()])
+        .env("PAIRFS_LOG_FILE", v.dir.path().join("new-primary.log"))
+        .env("RUST_LOG", "info")
+        .output()
+        .unwrap();
+    ok(&out, "mount S with --replica to the old primary");
+    let said = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(said.contains("do not line up, full sync"), "{said}");
+    assert!(!said.contains("resync by bitmap"), "{said}");
+    write_fsync(&smnt.join("d/after"), &block(8, 1, 100_000));
+    wait_in_sync(&smnt, "full sync of the old primary");
+    ok(&pairfs(&["umount", smnt.to_str().unwrap()]), "umount S");
+    p.stop("-TERM");
+    assert!(p.log().contains("full sync from"), "{}", p.log());
+    ok(
+        &pairfs(&["replica", "promote", v.img.to_str().unwrap()]),
+        "promote the old primary",
+    );
+    v.fsck();
+    ok(&pairfs(&["fsck", s.img.to_str().unwrap()]), "fsck S");
+    let _ = compare_sides(&mut v, &s);
+}
+
+/// A rejoin cut before the old primary took the new primary's database (the old
+/// primary's `replica serve` killed -9 while the resync's first records are still in a
+/// 1 s delay proxy). The new primary goes on alone (`continue`, past a 1 MiB buffer:
+/// its writes become marks) and stops; its next mount rejoins the restarted old
+/// primary by both bitmaps (its own marks, the old primary's again), no full sync, and
+/// both sides end identical.
+#[test]
+fn a_rejoin_cut_before_the_database_rejoins_again_by_bitmap() {
+    let _heavy = heavy();
+    let mut v = Vol::new("256M");
+    let key = key_file(v.dir.path(), "key", "0123456789abcdef-rejoin-cut");
+    let mut s = Secondary::start(v.dir.path(), &key);
+    ok(&mount_replica(&mut v, &s, &[]), "mount P");
+    std::fs::create_dir(v.path("d")).unwrap();
+    write_fsync(&v.path("d/big"), &block(1, 1, 16 << 20));
+    ok(
+        &pairfs(&["split", v.path("d").to_str().unwrap(), "--wait"]),
+        "split d",
+    );
+    wait_in_sync(&v.mnt, "before the crash");
+    std::thread::sleep(Duration::from_millis(2500));
+    for i in 0..20u64 {
+        write_fsync(&v.path(&format!("d/f{i}")), &block(i, 3, 50_000));
+    }
+    v.kill9();
+    s.stop("-TERM");
+    ok(
+        &pairfs(&["replica", "promote", s.img.to_str().unwrap()]),
+        "promote S",
+    );
+    let mut p = Secondary {
+        img: v.img.clone(),
+        addr: format!("127.0.0.1:{}", free_port()),
+        key: key.clone(),
+        log: v.dir.path().join("old-primary.log"),
+        child: None,
+        extra: vec!["--rejoin"],
+    };
+    p.restart();
+    let proxy = Proxy::start(&p.addr, Duration::from_millis(1000));
+    let smnt = v.dir.path().join("smnt");
+    std::fs::create_dir_all(&smnt).unwrap();
+    let out = Command::new(BIN)
+        .args(["mount", s.img.to_str().unwrap(), smnt.to_str().unwrap()])
+        .args(["--daemon", "--replica", &proxy.addr])
+        .args(["--key-file", key.to_str().unwrap()])
+        .args(["--on-disconnect", "continue"])
+        .env("PAIRFS_LOG_FILE", v.dir.path().join("new-primary.log"))
+        .env("PAIRFS_REPL_BUFFER", "1M")
+        .env("RUST_LOG", "info")
+        .output()
+        .unwrap();
+    // The resync's first records are a second away from the old primary: kill it now.
+    p.stop("-9");
+    ok(&out, "mount S with --replica to the old primary");
+    let said = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(said.contains("resync by bitmap"), "{said}");
+    let plog = p.log();
+    assert!(!plog.contains("took the database"), "{plog}");
+    // S goes on alone past its buffer (its writes become marks of its bitmap), and
+    // stops cleanly: its next mount rejoins the old primary with both sides' marks.
+    write_fsync(&smnt.join("d/alone"), &block(9, 1, 3 << 20));
+    ok(
+        &pairfs(&["umount", smnt.to_str().unwrap()]),
+        "umount S alone",
+    );
+    p.restart();
+    let out = Command::new(BIN)
+        .args(["mount", s.img.to_str().unwrap(), smnt.to_str().unwrap()])
+        .args(["--daemon", "--replica", &proxy.addr])
+        .args(["--key-file", key.to_str().unwrap()])
+        .env("PAIRFS_LOG_FILE", v.dir.path().join("new-primary.log"))
+        .env("RUST_LOG", "info")
+        .output()
+        .unwrap();
+    ok(&out, "mount S again with --replica to the old primary");
+    let said = String::from_utf8_lossy(&out.stderr).to_string();
+    let here: u64 = said
+        .split_once("blocks of 4096 bytes (")
+        .and_then(|(_, r)| r.split_once(' ')?.0.parse().ok())
+        .unwrap_or_else(|| panic!("{said}"));
+    // S's own marks: at least the 3 MiB written alone.
+    assert!(here >= (3 << 20) / 4096, "{said}");
+    wait_in_sync(&smnt, "the old primary rejoined after a cut");
+    write_fsync(&smnt.join("d/after"), &block(8, 1, 100_000));
+    ok(&pairfs(&["umount", smnt.to_str().unwrap()]), "umount S");
+    p.stop("-TERM");
+    let plog = p.log();
+    assert_eq!(
+        plog.matches("it rejoins as the secondary").count(),
+        2,
+        "{plog}"
+    );
+    assert!(plog.contains("took the database"), "{plog}");
+    assert!(!plog.contains("full sync"), "{plog}");
+    // The second resync is of the marks again, not of every block.
+    let slog = std::fs::read_to_string(v.dir.path().join("new-primary.log")).unwrap();
+    let begins: Vec<&str> = slog
+        .lines()
+        .filter(|l| l.contains("resync of stream"))
+        .collect();
+    eprintln!("rejoin cut: {begins:?}");
+    assert!(!begins.is_empty(), "{slog}");
+    assert!(begins.iter().all(|l| !l.contains("begins: all")), "{slog}");
+    ok(
+        &pairfs(&["replica", "promote", v.img.to_str().unwrap()]),
+        "promote the old primary",
+    );
+    v.fsck();
+    ok(&pairfs(&["fsck", s.img.to_str().unwrap()]), "fsck S");
     let _ = compare_sides(&mut v, &s);
 }

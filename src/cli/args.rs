@@ -331,9 +331,15 @@ pub enum ReplicaCmd {
         /// File holding the shared replication key (at least 16 bytes, mode 600).
         #[arg(long, value_name = "FILE")]
         key_file: PathBuf,
+        /// VOLUME is the old primary of a promoted secondary: let that new primary take
+        /// it over as its secondary, sending only the blocks that differ (the two sides'
+        /// out-of-sync bitmaps), or everything if the bitmaps do not line up.
+        #[arg(long)]
+        rejoin: bool,
     },
     /// Make a secondary an ordinary volume that mounts read-write (failover). Stop
-    /// `pairfs replica serve` first.
+    /// `pairfs replica serve` first. Mount it with --replica to the old primary
+    /// (`replica serve OLD --rejoin`) to bring that back in sync by bitmap.
     Promote {
         /// The secondary's volume image.
         volume: PathBuf,

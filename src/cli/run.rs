@@ -108,9 +108,10 @@ pub fn run(cli: Cli) -> Result<u8> {
                 volume,
                 listen,
                 key_file,
+                rejoin,
             } => {
                 let key = crate::repl::proto::Key::from_file(&key_file)?;
-                crate::repl::secondary::serve(&volume, &listen, &key)?;
+                crate::repl::secondary::serve(&volume, &listen, &key, rejoin)?;
                 Ok(0)
             }
             ReplicaCmd::Promote { volume } => {

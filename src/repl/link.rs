@@ -93,6 +93,16 @@ struct Rec {
     range: Option<(Image, u64, u64)>,
 }
 
+/// A connected, authenticated secondary and what its `Welcome` said.
+struct Peer {
+    s: TcpStream,
+    stream: u64,
+    seq: u64,
+    inconsistent: bool,
+    /// An old primary rejoining (`replica serve --rejoin`): its out-of-sync marks.
+    rejoin: Option<Oos>,
+}
+
 /// Tracks out of sync (changed on the primary and not sent), per image.
 #[derive(Default, Clone)]
 struct Oos {
@@ -411,8 +421,9 @@ impl Link {
         s
     }
 
-    /// Connects and authenticates; returns the stream and the secondary's position.
-    fn connect(&self) -> Result<(TcpStream, u64, u64, bool)> {
+    /// Connects and authenticates; returns the stream and the secondary's position (and,
+    /// from a rejoining old primary, its out-of-sync marks).
+    fn connect(&self) -> Result<Peer> {
         let mut s = TcpStream::connect(&self.cfg.addr)
             .map_err(|e| Error::io("replica link (connect)", e))?;
         let _ = s.set_nodelay(true);
@@ -471,9 +482,55 @@ impl Link {
                 stream,
                 seq,
                 inconsistent,
-            } => Ok((s, stream, seq, inconsistent)),
+                rejoin,
+            } => {
+                let rejoin = if rejoin {
+                    Some(self.read_rejoin_marks(&mut s)?)
+                } else {
+                    None
+                };
+                Ok(Peer {
+                    s,
+                    stream,
+                    seq,
+                    inconsistent,
+                    rejoin,
+                })
+            }
             Msg::Refuse { reason } => Err(refused(reason)),
             m => Err(refused(format!("unexpected answer {m:?}"))),
+        }
+    }
+
+    /// A rejoining old primary's marks (`RejoinMark`s up to `RejoinEnd`), as units.
+    fn read_rejoin_marks(&self, s: &mut TcpStream) -> Result<Oos> {
+        let mut marks = Oos::default();
+        let mut n = 0u64;
+        loop {
+            match proto::recv(s)? {
+                Msg::RejoinMark { image, off, len } => {
+                    if len == 0 || off.checked_add(len).is_none_or(|e| e > self.size) {
+                        return Err(Error::invalid(format!(
+                            "replica {}: rejoin mark {off}+{len} beyond the volume",
+                            self.cfg.addr
+                        )));
+                    }
+                    marks.mark(
+                        image,
+                        off / self.unit,
+                        (off + len - 1) / self.unit,
+                        self.units(),
+                    );
+                    n += 1;
+                }
+                Msg::RejoinEnd { count } if count == n => return Ok(marks),
+                m => {
+                    return Err(Error::invalid(format!(
+                        "replica {}: unexpected message among the rejoin marks: {m:?}",
+                        self.cfg.addr
+                    )));
+                }
+            }
         }
     }
 
@@ -722,7 +779,13 @@ impl Link {
             }
             std::thread::sleep(delay);
             delay = (delay * 2).min(Duration::from_secs(2));
-            let (s, stream, seq, inconsistent) = match self.connect() {
+            let Peer {
+                s,
+                stream,
+                seq,
+                inconsistent,
+                rejoin,
+            } = match self.connect() {
                 Ok(x) => x,
                 Err(e) => {
                     self.lock().last_error = Some(e.to_string());
@@ -735,8 +798,11 @@ impl Link {
             g.last_error = None;
             // This stream, at or past the last ack: the secondary lacks only what is
             // buffered or marked.
-            let same = stream == g.stream && seq >= g.acked && seq < g.next_seq;
-            let replayable = same && !inconsistent;
+            // An old primary cut in its rejoin before it took the database: it lacks its
+            // own marks (sent again) and what the drop puts back.
+            let rejoined = rejoin.is_some() && stream == g.stream;
+            let same = rejoined || (stream == g.stream && seq >= g.acked && seq < g.next_seq);
+            let replayable = same && !inconsistent && rejoin.is_none();
             if replayable && !g.out_of_sync {
                 // Everything up to `seq` is durable there: replay from seq + 1.
                 while g.buf.front().is_some_and(|r| r.seq <= seq) {
@@ -767,6 +833,9 @@ impl Link {
                         "the secondary cannot continue this stream"
                     },
                 );
+            }
+            if let Some(m) = rejoin.as_ref().filter(|_| rejoined) {
+                g.oos.merge(m);
             }
             if !same {
                 // The secondary holds another stream or lost records we count as acked:
@@ -1256,6 +1325,14 @@ impl DurabilitySink for Sink {
     }
 }
 
+/// The out-of-sync unit of a volume: 4 KiB, or larger so a bitmap stays within 16 MiB
+/// (never more than a track).
+pub fn unit_for(size: u64, track_size: u64) -> u64 {
+    (size.div_ceil(1 << 27))
+        .next_power_of_two()
+        .clamp(4096, track_size.max(4096))
+}
+
 /// Attaches a replica at mount ([`Attach`]): connect, full sync, then the stream.
 pub struct Replica {
     cfg: Mutex<Option<Config>>,
@@ -1293,9 +1370,7 @@ impl Attach for Replica {
         let uuid = *uuid::Uuid::parse_str(&g.uuid)
             .map_err(|_| Error::Corrupt(format!("volume uuid {:?}", g.uuid)))?
             .as_bytes();
-        let unit = (g.size.div_ceil(1 << 27))
-            .next_power_of_two()
-            .clamp(4096, g.track_size.max(4096));
+        let unit = unit_for(g.size, g.track_size);
         let (bitmap, stored) = Bitmap::open(meta_path, uuid, g.size, unit)?;
         let link = Arc::new(Link {
             cfg,
@@ -1341,7 +1416,13 @@ impl Attach for Replica {
         });
         // The secondary may be starting: try for 10 s.
         let until = Instant::now() + Duration::from_secs(10);
-        let (mut s, their_stream, their_seq, inconsistent) = loop {
+        let Peer {
+            mut s,
+            stream: their_stream,
+            seq: their_seq,
+            inconsistent,
+            rejoin,
+        } = loop {
             match link.connect() {
                 Ok(x) => break x,
                 Err(e @ Error::Io { .. }) if Instant::now() < until => {
@@ -1364,9 +1445,62 @@ impl Attach for Replica {
         // least as far as the last ack it recorded. A secondary cut in a resync of that
         // stream lacks only marked blocks too (the marks of a resync stay in the file
         // until its end is acked) and gets the whole database again.
-        let by_bitmap = stored.filter(|b| b.stream == their_stream && their_seq >= b.floor);
+        let by_bitmap = stored
+            .clone()
+            .filter(|b| rejoin.is_none() && b.stream == their_stream && their_seq >= b.floor);
+        // An old primary of the stream this volume held as its secondary (`replica
+        // promote` started the bitmap there, at the last record it held): the blocks
+        // changed here since (this bitmap) and those it may have written that never
+        // arrived here (its marks, relative to a last ack at or before that record).
+        let rejoin_marks = match (&rejoin, &stored) {
+            (Some(m), Some(b)) if b.stream == their_stream && their_seq <= b.floor => {
+                Some(m.clone())
+            }
+            (Some(_), b) => {
+                log::warn!(
+                    "replica {}: the old primary rejoining holds stream {their_stream:x} up to an ack of record {their_seq}, this volume's out-of-sync bitmap {}: they do not line up, full sync",
+                    link.cfg.addr,
+                    match b {
+                        Some(b) => format!("is of stream {:x} from record {}", b.stream, b.floor),
+                        None => "is missing (mounted without --replica since promote?)".into(),
+                    }
+                );
+                None
+            }
+            _ => None,
+        };
         let mut resync_epoch = None;
-        if clean && !inconsistent && rs == Some(their_stream) && rq == Some(their_seq) {
+        if let (Some(pm), Some(b)) = (rejoin_marks, stored.as_ref()) {
+            let mut marks = Oos::default();
+            marks.merge(&Oos {
+                all: false,
+                bits: b.units.clone(),
+                count: 0,
+            });
+            let here = marks.count;
+            marks.merge(&pm);
+            log::info!(
+                "replica {}: the old primary rejoins as the secondary of stream {their_stream:x} (acked up to record {their_seq}, promoted here at record {}): resync by bitmap, {} blocks of {unit} bytes ({here} changed here, {} marked there)",
+                link.cfg.addr,
+                b.floor,
+                marks.count,
+                pm.count
+            );
+            let mut g = link.lock();
+            g.stream = their_stream;
+            g.next_seq = b.floor + 1;
+            g.acked = b.floor;
+            g.sent = b.floor;
+            g.connected = true;
+            g.out_of_sync = true;
+            g.oos = marks;
+            resync_epoch = Some(g.drops);
+        } else if rejoin.is_none()
+            && clean
+            && !inconsistent
+            && rs == Some(their_stream)
+            && rq == Some(their_seq)
+        {
             log::info!(
                 "replica {}: the secondary is at record {their_seq} of stream {their_stream:x}, where this volume stopped cleanly: no full sync",
                 link.cfg.addr

@@ -15,7 +15,8 @@
 //!              (or Refuse: another protocol version)
 //! primary   -> Auth { mac_p = HMAC(key, "pairfs-repl-p" | nonce_s | nonce_p | uuid) }
 //!              (or Refuse, after checking mac_s in constant time: the secondary has another key)
-//! secondary -> Welcome { stream, seq }   (or Refuse: wrong key, other volume, other geometry)
+//! secondary -> Welcome { stream, seq, inconsistent, rejoin }   (or Refuse: wrong key, other volume, other geometry)
+//!              (rejoin: an old primary's marks follow, RejoinMark.. RejoinEnd)
 //! ```
 //!
 //! HMAC-SHA256 (`hmac` + `sha2` crates; `verify_slice` compares in constant time). The
@@ -30,7 +31,7 @@ use std::path::Path;
 use crate::error::{Error, Result};
 
 /// Protocol version spoken by this build; peers of another version are refused.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 /// Largest payload accepted (a data record carries at most [`MAX_DATA`] bytes).
 pub const MAX_FRAME: usize = 8 << 20;
 /// Largest data carried by one `Write`, `Chunk` or `MetaChunk` message.
@@ -95,6 +96,25 @@ pub enum Msg {
         seq: u64,
         /// A resync was running (its images are not consistent).
         inconsistent: bool,
+        /// An old primary of `stream` rejoining as the secondary (`replica serve
+        /// --rejoin`): `seq` is the last record its secondary acked, and its out-of-sync
+        /// marks follow (`RejoinMark`s, then `RejoinEnd`).
+        rejoin: bool,
+    },
+    /// A rejoining old primary: a byte range of one image that may differ from what its
+    /// secondary held (its persistent bitmap's fine bits and activity-log regions).
+    RejoinMark {
+        /// Which image.
+        image: Image,
+        /// Byte offset.
+        off: u64,
+        /// Length.
+        len: u64,
+    },
+    /// End of a rejoining old primary's marks.
+    RejoinEnd {
+        /// How many `RejoinMark`s were sent.
+        count: u64,
     },
     /// Either side refuses, with a reason for the operator.
     Refuse {
@@ -222,6 +242,8 @@ const T_RESYNC_BEGIN: u8 = 30;
 const T_RESYNC_META: u8 = 31;
 const T_RESYNC_META_END: u8 = 32;
 const T_RESYNC_END: u8 = 33;
+const T_REJOIN_MARK: u8 = 40;
+const T_REJOIN_END: u8 = 41;
 
 /// Encodes a message's payload.
 pub fn encode(m: &Msg) -> Vec<u8> {
@@ -263,11 +285,22 @@ pub fn encode(m: &Msg) -> Vec<u8> {
             stream,
             seq,
             inconsistent,
+            rejoin,
         } => {
             b.push(T_WELCOME);
             b.extend_from_slice(&stream.to_le_bytes());
             b.extend_from_slice(&seq.to_le_bytes());
-            b.push(u8::from(*inconsistent));
+            b.push(u8::from(*inconsistent) | (u8::from(*rejoin) << 1));
+        }
+        Msg::RejoinMark { image, off, len } => {
+            b.push(T_REJOIN_MARK);
+            b.push(*image as u8);
+            b.extend_from_slice(&off.to_le_bytes());
+            b.extend_from_slice(&len.to_le_bytes());
+        }
+        Msg::RejoinEnd { count } => {
+            b.push(T_REJOIN_END);
+            b.extend_from_slice(&count.to_le_bytes());
         }
         Msg::ResyncBegin { seq, stream } => {
             b.push(T_RESYNC_BEGIN);
@@ -429,15 +462,25 @@ pub fn decode(p: &[u8]) -> std::result::Result<Msg, String> {
             mac: c.array()?,
         },
         T_AUTH => Msg::Auth { mac: c.array()? },
-        T_WELCOME => Msg::Welcome {
-            stream: c.u64()?,
-            seq: c.u64()?,
-            inconsistent: match c.u8()? {
-                0 => false,
-                1 => true,
-                x => return Err(format!("bad flag {x}")),
-            },
+        T_WELCOME => {
+            let (stream, seq) = (c.u64()?, c.u64()?);
+            let f = c.u8()?;
+            if f > 3 {
+                return Err(format!("bad flags {f}"));
+            }
+            Msg::Welcome {
+                stream,
+                seq,
+                inconsistent: f & 1 != 0,
+                rejoin: f & 2 != 0,
+            }
+        }
+        T_REJOIN_MARK => Msg::RejoinMark {
+            image: Image::from_u8(c.u8()?)?,
+            off: c.u64()?,
+            len: c.u64()?,
         },
+        T_REJOIN_END => Msg::RejoinEnd { count: c.u64()? },
         T_RESYNC_BEGIN => Msg::ResyncBegin {
             seq: c.u64()?,
             stream: c.u64()?,
@@ -676,7 +719,20 @@ mod tests {
                 stream: 5,
                 seq: 6,
                 inconsistent: true,
+                rejoin: false,
             },
+            Msg::Welcome {
+                stream: 5,
+                seq: 6,
+                inconsistent: false,
+                rejoin: true,
+            },
+            Msg::RejoinMark {
+                image: Image::Copy,
+                off: 1 << 22,
+                len: 4 << 20,
+            },
+            Msg::RejoinEnd { count: 3 },
             Msg::ResyncBegin { seq: 7, stream: 8 },
             Msg::ResyncMeta {
                 seq: 8,

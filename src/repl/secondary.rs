@@ -15,6 +15,11 @@
 //! A full sync (`SyncBegin`..`SyncEnd`) first deletes the database (a crash in the
 //! middle leaves a volume that is not mountable and asks for a full sync again), writes
 //! both images from zero, then installs the received database with the marker rows.
+//!
+//! Failback: `promote` starts the volume's persistent bitmap (`repl::bitmap`) at the
+//! last record it held; `serve --rejoin` lets an old primary be taken over, sending its
+//! own bitmap's marks after its `Welcome` (`RejoinMark`s, `RejoinEnd`) so the new
+//! primary resyncs only those and its own (docs/replication.md, "Failover and failback").
 
 use std::io::{BufReader, BufWriter, Write};
 use std::net::{TcpListener, TcpStream};
@@ -48,8 +53,28 @@ enum Local {
         seq: u64,
         inconsistent: bool,
     },
-    /// A volume with data that is no replica: never overwritten.
+    /// A volume with data that is no replica: never overwritten (unless served with
+    /// `--rejoin`, see [`Local::Rejoin`]).
     Foreign(String),
+    /// An old primary served with `--rejoin`: its persistent out-of-sync bitmap says it
+    /// was the primary of `stream`, its secondary having acked up to `floor`; `units`
+    /// (per image, of `unit` bytes) may differ from what that secondary held.
+    Rejoin {
+        uuid: [u8; 16],
+        size: u64,
+        track_size: u64,
+        stream: u64,
+        floor: u64,
+        unit: u64,
+        units: [Vec<u64>; 2],
+    },
+    /// An old primary served with `--rejoin` whose bitmap is of no use: a full sync
+    /// from a primary of the same volume (UUID) and geometry.
+    RejoinFull {
+        uuid: [u8; 16],
+        size: u64,
+        track_size: u64,
+    },
 }
 
 fn super_row(c: &Connection, k: &str) -> Result<Option<String>> {
@@ -65,7 +90,7 @@ fn num(c: &Connection, k: &str) -> Result<u64> {
         .ok_or_else(|| Error::Corrupt(format!("super row {k} missing or not a number")))
 }
 
-fn local_state(p: &Paths) -> Result<Local> {
+fn local_state(p: &Paths, rejoin: bool) -> Result<Local> {
     if !p.meta.exists() {
         return Ok(Local::Fresh(None));
     }
@@ -88,7 +113,73 @@ fn local_state(p: &Paths) -> Result<Local> {
     if inodes <= 1 && pairs == 0 {
         return Ok(Local::Fresh(Some((uuid, size, ts))));
     }
+    if rejoin {
+        drop(c);
+        return rejoin_state(p, &uuid, size, ts);
+    }
     Ok(Local::Foreign(uuid))
+}
+
+/// An old primary served with `--rejoin`: what its persistent bitmap says, or (no
+/// usable bitmap) an empty volume to be fully synced.
+fn rejoin_state(p: &Paths, uuid: &str, size: u64, ts: u64) -> Result<Local> {
+    let Ok(u) = uuid::Uuid::parse_str(uuid) else {
+        return Err(Error::Corrupt(format!("volume uuid {uuid:?}")));
+    };
+    let unit = crate::repl::link::unit_for(size, ts);
+    let (b, loaded) = crate::repl::bitmap::Bitmap::open(&p.meta, *u.as_bytes(), size, unit)?;
+    drop(b);
+    Ok(match loaded {
+        Some(l) => Local::Rejoin {
+            uuid: *u.as_bytes(),
+            size,
+            track_size: ts,
+            stream: l.stream,
+            floor: l.floor,
+            unit,
+            units: l.units,
+        },
+        None => {
+            log::warn!(
+                "replica: {} has no usable out-of-sync bitmap ({}): it rejoins by a full sync",
+                p.volume.display(),
+                crate::repl::bitmap::path(&p.meta).display()
+            );
+            Local::RejoinFull {
+                uuid: *u.as_bytes(),
+                size,
+                track_size: ts,
+            }
+        }
+    })
+}
+
+/// The runs of marked units, as byte ranges `(image, off, len)` within `size`.
+fn mark_runs(units: &[Vec<u64>; 2], unit: u64, size: u64) -> Vec<(Image, u64, u64)> {
+    let mut out = Vec::new();
+    for (i, image) in [Image::Volume, Image::Copy].into_iter().enumerate() {
+        let bits = &units[i];
+        let n = size.div_ceil(unit);
+        let marked = |u: u64| {
+            bits.get((u / 64) as usize)
+                .is_some_and(|w| w & (1 << (u % 64)) != 0)
+        };
+        let mut u = 0;
+        while u < n {
+            if !marked(u) {
+                u += 1;
+                continue;
+            }
+            let mut e = u + 1;
+            while e < n && marked(e) {
+                e += 1;
+            }
+            let off = u * unit;
+            out.push((image, off, (e * unit).min(size) - off));
+            u = e;
+        }
+    }
+    out
 }
 
 fn hex(u: &[u8; 16]) -> String {
@@ -182,6 +273,8 @@ struct Conn<'a> {
     /// Held by the one authenticated session (handshakes run concurrently, so a silent
     /// or hostile peer does not hold up the primary).
     active: &'a std::sync::Mutex<()>,
+    /// `--rejoin`: an old primary's volume may be taken over (by its bitmap, or fully).
+    rejoin: bool,
     r: BufReader<TcpStream>,
     w: BufWriter<TcpStream>,
     peer: String,
@@ -245,7 +338,54 @@ impl Conn<'_> {
         }
         let _active = self.active.lock().unwrap_or_else(|p| p.into_inner());
         let want = hex(&uuid);
-        let (stream, seq, inconsistent) = match local_state(self.p)? {
+        let mut marks = None;
+        let (stream, seq, inconsistent) = match local_state(self.p, self.rejoin)? {
+            Local::Rejoin {
+                uuid: u,
+                size: s,
+                track_size: t,
+                stream,
+                floor,
+                unit,
+                units,
+            } => {
+                if u != uuid {
+                    return Err(self.refuse(format!(
+                        "{} is volume {}, not {want}: it cannot rejoin as the secondary of {want}",
+                        self.p.volume.display(),
+                        hex(&u)
+                    )));
+                }
+                if (s, t) != (size, ts) {
+                    return Err(self.refuse(format!(
+                        "geometry differs: here {s} bytes in tracks of {t}, the primary {size} in tracks of {ts}"
+                    )));
+                }
+                let runs = mark_runs(&units, unit, s);
+                log::info!(
+                    "replica: {} was the primary of stream {stream:x} (acked up to record {floor}); it rejoins as the secondary with {} marked runs ({} bytes)",
+                    self.p.volume.display(),
+                    runs.len(),
+                    runs.iter().map(|r| r.2).sum::<u64>()
+                );
+                log::debug!("replica: marked runs {:?}", &runs[..runs.len().min(64)]);
+                marks = Some(runs);
+                (stream, floor, false)
+            }
+            Local::RejoinFull {
+                uuid: u,
+                size: s,
+                track_size: t,
+            } => {
+                if u != uuid || (s, t) != (size, ts) {
+                    return Err(self.refuse(format!(
+                        "{} is volume {} of {s} bytes in tracks of {t}: it cannot rejoin as the secondary of {want} ({size} bytes in tracks of {ts})",
+                        self.p.volume.display(),
+                        hex(&u)
+                    )));
+                }
+                (0, 0, false)
+            }
             Local::Replica {
                 uuid: of,
                 size: s,
@@ -287,7 +427,17 @@ impl Conn<'_> {
             stream,
             seq,
             inconsistent,
+            rejoin: marks.is_some(),
         })?;
+        // Still an old primary until it takes the new primary's database.
+        let mut rejoining = marks.is_some();
+        if let Some(runs) = marks {
+            let count = runs.len() as u64;
+            for (image, off, len) in runs {
+                proto::send(&mut self.w, &Msg::RejoinMark { image, off, len })?;
+            }
+            self.send(&Msg::RejoinEnd { count })?;
+        }
         self.r
             .get_ref()
             .set_read_timeout(Some(Duration::from_secs(30)))
@@ -313,6 +463,8 @@ impl Conn<'_> {
                     next = q + 1;
                     resync_stream = stream;
                     match open.as_mut() {
+                        // An old primary's database is replaced at `ResyncMetaEnd`.
+                        Some(_) if rejoining => {}
                         Some(o) => {
                             if let Some((c, _)) = &o.db {
                                 set_rows(
@@ -392,9 +544,20 @@ impl Conn<'_> {
                     )?;
                     let a = Applier::new(&c)?;
                     o.db = Some((c, a));
+                    if rejoining {
+                        // A secondary now: the marks live on in the new primary's bitmap.
+                        volfile::forget_repl_bitmap(&self.p.meta)?;
+                        rejoining = false;
+                        log::info!(
+                            "replica: {} took the database of {}: a secondary of stream {stream:x} now",
+                            self.p.volume.display(),
+                            self.peer
+                        );
+                    }
                 }
                 Msg::SyncBegin { stream } => {
                     drop(open.take());
+                    rejoining = false;
                     let s = self.full_sync(stream, size, &want)?;
                     open = Some(open_replica(self.p)?);
                     next = s + 1;
@@ -447,6 +610,8 @@ impl Conn<'_> {
         }
         log::info!("replica: full sync from {} begins", self.peer);
         remove_db(&self.p.meta);
+        // An old primary's bitmap (served with --rejoin) means nothing from here.
+        volfile::forget_repl_bitmap(&self.p.meta)?;
         sync_dir(&self.p.meta);
         let vol = blank_image(&self.p.volume, size, "volume")?;
         let copy = blank_image(&self.p.copy, size, "copy image")?;
@@ -522,6 +687,8 @@ fn kind(m: &Msg) -> &'static str {
         Msg::ResyncEnd { .. } => "ResyncEnd",
         Msg::Commit { .. } => "Commit",
         Msg::Ack { .. } => "Ack",
+        Msg::RejoinMark { .. } => "RejoinMark",
+        Msg::RejoinEnd { .. } => "RejoinEnd",
         Msg::Ping => "Ping",
         Msg::Bye => "Bye",
     }
@@ -627,7 +794,11 @@ fn image_of(o: &Open, i: Image) -> &FileVolume {
 /// `pairfs replica serve VOLUME --listen ADDR --key-file FILE`: serves primaries one
 /// at a time until killed. Every error of a connection (garbage, wrong key, a failed
 /// apply) ends that connection only.
-pub fn serve(volume: &Path, listen: &str, key: &Key) -> Result<()> {
+///
+/// `rejoin`: VOLUME may be an old primary (after `replica promote` of its secondary):
+/// it is taken over by the new primary, by its out-of-sync bitmap if that lines up with
+/// the new primary's, else by a full sync.
+pub fn serve(volume: &Path, listen: &str, key: &Key, rejoin: bool) -> Result<()> {
     let p = Paths::new(volume, None, None);
     let _lock = volfile::lock_volume(&p, true).map_err(|_| {
         Error::Locked(format!(
@@ -635,20 +806,26 @@ pub fn serve(volume: &Path, listen: &str, key: &Key) -> Result<()> {
             p.volume.display()
         ))
     })?;
-    let state = local_state(&p)?;
+    let state = local_state(&p, rejoin)?;
     if let Local::Foreign(u) = &state {
         return Err(Error::invalid(format!(
-            "{} is volume {u} with data and not a replica: refusing to serve it as a secondary",
+            "{} is volume {u} with data and not a replica: refusing to serve it as a secondary \
+             (an old primary whose secondary was promoted: serve it with --rejoin)",
             p.volume.display()
         )));
     }
     let l = TcpListener::bind(listen).map_err(|e| Error::io("replica listen", e))?;
     log::info!(
-        "replica: serving {} on {} ({:?})",
+        "replica: serving {} on {} ({})",
         p.volume.display(),
         l.local_addr()
             .map_or_else(|_| listen.to_string(), |a| a.to_string()),
-        state
+        match &state {
+            Local::Rejoin { stream, floor, .. } => format!(
+                "an old primary of stream {stream:x}, acked up to record {floor}, rejoining"
+            ),
+            s => format!("{s:?}"),
+        }
     );
     eprintln!("pairfs replica: listening on {listen}");
     let active = std::sync::Mutex::new(());
@@ -674,6 +851,7 @@ pub fn serve(volume: &Path, listen: &str, key: &Key) -> Result<()> {
                 p: &p,
                 key,
                 active: &active,
+                rejoin,
                 r: BufReader::with_capacity(1 << 20, r),
                 w: BufWriter::new(w),
                 peer: peer.clone(),
@@ -723,13 +901,36 @@ pub fn promote(volume: &Path) -> Result<String> {
         )));
     }
     let seq = num(&c, SEQ_KEY).unwrap_or(0);
+    let stream = num(&c, STREAM_KEY).unwrap_or(0);
+    // From here every write is to be marked (the volume mounted with --replica to the
+    // old primary, served with --rejoin, resyncs by bitmap): the bitmap starts at the
+    // last record this volume holds of the stream, empty, before it is a primary.
+    let rejoin = if stream != 0 {
+        let uuid = super_row(&c, "uuid")?.unwrap_or_default();
+        let u = uuid::Uuid::parse_str(&uuid)
+            .map_err(|_| Error::Corrupt(format!("volume uuid {uuid:?}")))?;
+        let (size, ts) = (num(&c, "volume_size")?, num(&c, "track_size")?);
+        let unit = crate::repl::link::unit_for(size, ts);
+        let (b, _) = crate::repl::bitmap::Bitmap::open(&p.meta, *u.as_bytes(), size, unit)?;
+        b.checkpoint(true, &|| crate::repl::bitmap::Target {
+            stream,
+            floor: seq,
+            ..Default::default()
+        })?;
+        drop(b);
+        "; the old primary rejoins by bitmap if this volume is mounted only with --replica \
+         to it (`pairfs replica serve OLD --rejoin`) from now on"
+            .to_string()
+    } else {
+        String::new()
+    };
     let tx = c.unchecked_transaction()?;
     for k in [REPLICA_KEY, STREAM_KEY, SEQ_KEY, INCONSISTENT_KEY] {
         tx.execute("DELETE FROM super WHERE key = ?1", [k])?;
     }
     tx.commit()?;
     Ok(format!(
-        "promoted {}: replica of {of} at record {seq}; it now mounts read-write",
+        "promoted {}: replica of {of} at record {seq}; it now mounts read-write{rejoin}",
         p.volume.display()
     ))
 }
