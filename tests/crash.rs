@@ -1105,17 +1105,24 @@ fn power_loss_keeps_writable_clones() {
     println!("clone power-loss test: {workloads} workloads, {points} crash points, 0 losses");
 }
 
-#[test]
-fn power_loss_keeps_lazy_directory_instants() {
-    let seeds = workload_seeds(0x1a2_0001, 20);
+/// Runs [`lazy_workload`] over the seeds from `base`: (workloads, crash points, points
+/// after a split).
+fn lazy_runs(what: &str, base: u64, ops: usize, gens: bool) -> (usize, usize, usize) {
+    let seeds = workload_seeds(base, 20);
     let workloads = seeds.len();
     let (mut points, mut with_tree) = (0, 0);
     for (w, seed) in seeds.into_iter().enumerate() {
-        println!("lazy crash workload {w}: seed {seed:#x}");
-        let (p, t) = lazy_workload(seed, 40, false);
+        println!("{what} crash workload {w}: seed {seed:#x}");
+        let (p, t) = lazy_workload(seed, ops, gens);
         points += p;
         with_tree += t;
     }
+    (workloads, points, with_tree)
+}
+
+#[test]
+fn power_loss_keeps_lazy_directory_instants() {
+    let (workloads, points, with_tree) = lazy_runs("lazy", 0x1a2_0001, 40, false);
     println!(
         "lazy power-loss test: {workloads} workloads, {points} crash points ({with_tree} with a \
          lazy instant to check), 0 losses"
@@ -1151,15 +1158,7 @@ fn power_loss_at_every_step_keeps_frozen_copies_and_fsynced_data() {
 
 #[test]
 fn power_loss_keeps_named_generations() {
-    let seeds = workload_seeds(0x9e4_0001, 20);
-    let workloads = seeds.len();
-    let (mut points, mut with_tree) = (0, 0);
-    for (w, seed) in seeds.into_iter().enumerate() {
-        println!("generations crash workload {w}: seed {seed:#x}");
-        let (p, t) = lazy_workload(seed, 50, true);
-        points += p;
-        with_tree += t;
-    }
+    let (workloads, points, with_tree) = lazy_runs("generations", 0x9e4_0001, 50, true);
     println!(
         "generations power-loss test: {workloads} workloads, {points} crash points \
          ({with_tree} after a split), 0 losses"

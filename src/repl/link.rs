@@ -190,6 +190,16 @@ struct State {
 }
 
 impl State {
+    /// The stream goes on at record `seq` of `stream`, where the secondary is: nothing
+    /// before it is owed, the next record is `seq + 1`.
+    fn resume_at(&mut self, stream: u64, seq: u64) {
+        self.stream = stream;
+        self.next_seq = seq + 1;
+        self.acked = seq;
+        self.sent = seq;
+        self.connected = true;
+    }
+
     /// Appends a `Sync` record (one the secondary acks), so the buffer ahead of it can
     /// drain.
     fn push_sync(&mut self) {
@@ -1506,11 +1516,7 @@ impl Attach for Replica {
                 link.cfg.addr
             );
             let mut g = link.lock();
-            g.stream = their_stream;
-            g.next_seq = their_seq + 1;
-            g.acked = their_seq;
-            g.sent = their_seq;
-            g.connected = true;
+            g.resume_at(their_stream, their_seq);
         } else if let Some(b) = by_bitmap {
             // Out of sync by the bitmap: the link resyncs those blocks (and the whole
             // database) online, as after an outage.
@@ -1526,11 +1532,7 @@ impl Attach for Replica {
                 marks.count
             );
             let mut g = link.lock();
-            g.stream = their_stream;
-            g.next_seq = their_seq + 1;
-            g.acked = their_seq;
-            g.sent = their_seq;
-            g.connected = true;
+            g.resume_at(their_stream, their_seq);
             g.out_of_sync = true;
             g.oos = marks;
             resync_epoch = Some(g.drops);
