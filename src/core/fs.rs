@@ -827,6 +827,23 @@ impl Fs {
         Ok(a)
     }
 
+    /// Looks an inode up by number, as the kernel does to decode a file handle
+    /// (`open_by_handle_at(2)`, NFS export: a lookup of "." in the inode itself). A
+    /// removed inode is stale even while an open file keeps it: the kernel asks only
+    /// once it dropped the inode from its own cache, so no open file can be reached
+    /// through it. Counts as a lookup, as the kernel counts it.
+    pub fn lookup_handle(&self, ino: u64) -> Result<Attr> {
+        let mut st = self.state_with(ino)?;
+        let i = st.get(ino)?;
+        if i.row.nlink == 0 {
+            return Err(Error::Stale);
+        }
+        let a = self.attr_of(i);
+        st.looked_up(ino);
+        self.shrink(&mut st);
+        Ok(a)
+    }
+
     /// Looks a name up in a directory.
     pub fn lookup(&self, parent: u64, name: &[u8]) -> Result<Attr> {
         if name.len() > NAME_MAX {

@@ -636,14 +636,14 @@ impl Filesystem for MainFs {
         // "." and ".." arrive only from the export code (a handle decoded after the
         // inode left the kernel's cache, or a parent asked for).
         let r = match name.as_bytes() {
-            b"." => self.fs.getattr(parent.0),
+            b"." => self.fs.lookup_handle(parent.0),
             b".." => {
                 let p = self
                     .fs
                     .state()
                     .get(parent.0)
                     .map(|i| i.parent().unwrap_or(ROOT));
-                p.and_then(|p| self.fs.getattr(p))
+                p.and_then(|p| self.fs.lookup_handle(p))
             }
             n => self.fs.lookup(parent.0, n),
         };
