@@ -2302,6 +2302,11 @@ fn the_secondary_serves_its_frozen_copies_while_it_replicates() {
         "{updated:?}"
     );
     assert_eq!(tree(&scopy), updated, "secondary copy after the update");
+    // A restarted secondary serves its copies at once (it is consistent).
+    s.stop("-TERM");
+    s.restart();
+    assert_eq!(tree(&scopy), updated, "secondary copy after a restart");
+    wait_in_sync(&v.mnt, "after the secondary's restart");
     for g in ["g0", "g1"] {
         ok(
             &pairfs(&["release", "--generation", g, v.path("d").to_str().unwrap()]),

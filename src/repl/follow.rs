@@ -127,6 +127,7 @@ impl Follower {
             readonly: true,
             ..Options::default()
         };
+        let t = std::time::Instant::now();
         let fs = Arc::new(volfile::open_unlocked(&self.paths, opts)?);
         let identity = fs.engine.frozen_identity();
         let old = cur.take();
@@ -154,6 +155,15 @@ impl Follower {
             names.extend(top.iter().cloned());
             let _ = tx.send(names);
         }
+        log::debug!(
+            "replica: copy mount opened committed state {epoch} in {} us ({})",
+            t.elapsed().as_micros(),
+            if same {
+                "same frozen set, view kept"
+            } else {
+                "frozen set changed"
+            }
+        );
         *cur = Some(Opened {
             epoch,
             fs: fs.clone(),
