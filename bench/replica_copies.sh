@@ -103,7 +103,8 @@ printf 'primary 4k randwrite+fdatasync, sync replica, IOPS (p50/p99 us): alone %
   "$i0" "$a0" "$b0" "$i1" "$a1" "$b1" "$(echo "$i1 / $i0" | bc -l)" "$i2" "$a2" "$b2" "$(echo "$i2 / $i0" | bc -l)"
 printf 'tar of the secondary copy mount: alone %.1f MiB/s; under the primary writes %.1f MiB/s (%.2fx)\n' \
   "$alone" "$r2" "$(echo "$r2 / $alone" | bc -l)"
-grep -o 'opened committed state [0-9]* in [0-9]* us ([a-z ,]*' "$T/s.log" |
-  awk '{us[NR]=$6; if ($0 ~ /view kept/) kept++} END {
-    n=asort(us); if (n == 0) { print "reopens: none"; exit }
-    printf "secondary reopens: %d (view kept in %d), median %.1f ms, max %.1f ms\n", n, kept, us[int((n+1)/2)]/1000, us[n]/1000 }'
+log=$(grep -o 'opened committed state [0-9]* in [0-9]* us ([a-z ,]*' "$T/s.log" || true)
+kept=$(grep -c 'view kept' <<<"$log" || true)
+if [ -z "$log" ]; then echo "secondary reopens: none"; exit 0; fi
+awk '{print $6}' <<<"$log" | sort -n | awk -v kept="$kept" '{us[NR]=$1} END {
+  printf "secondary reopens: %d (view kept in %d), median %.1f ms, max %.1f ms\n", NR, kept, us[int((NR+1)/2)]/1000, us[NR]/1000 }'
