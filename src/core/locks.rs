@@ -19,6 +19,13 @@
 //! | 8 | pair state `Slot::p` | [`Slot`](crate::snap::engine::Slot) | bitmap and state changes |
 //! | 8a | a generation's state (`GenSlot::g`) | the engine (`snap/engine/gens.rs`) | records, pins, saved map; several are taken together only in id order (`Engine::gen_save`'s plan) |
 //!
+//! A secondary serving its frozen copies (`replica serve --copy-mount`,
+//! [`Follower`](crate::repl::follow::Follower)) has two more, outermost: the follower's
+//! `gate` (RwLock: each copy-mount request shares it for its duration; applying a
+//! `Commit` record, or closing for a sync, takes it exclusively), then its `cur` (the
+//! read-only [`Fs`](crate::core::fs::Fs) of the last committed state; held while a
+//! newer one is opened). That `Fs`'s own locks are taken only under them.
+//!
 //! Leaves (nothing is taken while holding them): `Fs::layout` (shape-change stamps for
 //! `fdatasync`), `Fs::clones` (which writable clones depend on which pair), the engine's pair map, a slot's
 //! `unconfirmed`, `cow_queue` and `new_sums` lists, the generations' map and slot reference counts, the engine's checksum table (`sums`)
