@@ -34,7 +34,8 @@ cleanup() {
 trap cleanup EXIT
 head -c 32 /dev/urandom | base64 > "$T/key"; chmod 600 "$T/key"
 PORT=$((20000 + RANDOM % 20000))
-"$BIN" mkfs "$T/p.img" --size $((BIG_MIB * 3 / 1024 + 4))G >/dev/null
+# Every small file takes a track (64 KiB) of the volume.
+"$BIN" mkfs "$T/p.img" --size $((FILES / 16384 + BIG_MIB * 3 / 1024 + 2))G >/dev/null
 RUST_LOG=info,pairfs::repl::follow=debug "$BIN" replica serve "$T/s.img" \
   --listen 127.0.0.1:$PORT --key-file "$T/key" --copy-mount "$T/sc" 2>"$T/s.log" &
 SP=$!
