@@ -125,6 +125,7 @@ impl Follower {
         }
         let opts = Options {
             readonly: true,
+            no_allocator: true,
             ..Options::default()
         };
         let t = std::time::Instant::now();

@@ -925,6 +925,130 @@ impl Link {
         g.last_error = Some(e.to_string());
     }
 
+    /// At mount, connected: where the stream goes on with this secondary — a rejoin by
+    /// both bitmaps, a clean resume, a resync by this volume's bitmap, or a full sync
+    /// (done here). Returns the connection and, if a resync is to run, its epoch.
+    fn agree(
+        self: &Arc<Self>,
+        peer: Peer,
+        meta: &mut Meta,
+        meta_path: &std::path::Path,
+        vol: &dyn Volume,
+        copy: &dyn Volume,
+        stored: Option<bitmap::Loaded>,
+    ) -> Result<(TcpStream, Option<u64>)> {
+        let link = self;
+        let unit = self.unit;
+        let Peer {
+            mut s,
+            stream: their_stream,
+            seq: their_seq,
+            inconsistent,
+            rejoin,
+        } = peer;
+        let resume = |k: &str| -> Result<Option<u64>> {
+            Ok(meta.super_value(k)?.and_then(|v| v.parse().ok()))
+        };
+        let clean = meta.super_value("clean")?.as_deref() == Some("1");
+        let (rs, rq) = (resume(RESUME_STREAM)?, resume(RESUME_SEQ)?);
+        // Used once: from here the primary changes.
+        if rs.is_some() || rq.is_some() {
+            meta.set_super_values(&[(RESUME_STREAM, None), (RESUME_SEQ, None)])?;
+        }
+        // The persistent bitmap is relative to the secondary's stream, from a point at
+        // least as far as the last ack it recorded. A secondary cut in a resync of that
+        // stream lacks only marked blocks too (the marks of a resync stay in the file
+        // until its end is acked) and gets the whole database again.
+        let by_bitmap = stored
+            .clone()
+            .filter(|b| rejoin.is_none() && b.stream == their_stream && their_seq >= b.floor);
+        // An old primary of the stream this volume held as its secondary (`replica
+        // promote` started the bitmap there, at the last record it held): the blocks
+        // changed here since (this bitmap) and those it may have written that never
+        // arrived here (its marks, relative to a last ack at or before that record).
+        let rejoin_marks = match (&rejoin, &stored) {
+            (Some(m), Some(b)) if b.stream == their_stream && their_seq <= b.floor => {
+                Some(m.clone())
+            }
+            (Some(_), b) => {
+                log::warn!(
+                    "replica {}: the old primary rejoining holds stream {their_stream:x} up to an ack of record {their_seq}, this volume's out-of-sync bitmap {}: they do not line up, full sync",
+                    link.cfg.addr,
+                    match b {
+                        Some(b) => format!("is of stream {:x} from record {}", b.stream, b.floor),
+                        None => "is missing (mounted without --replica since promote?)".into(),
+                    }
+                );
+                None
+            }
+            _ => None,
+        };
+        let mut resync_epoch = None;
+        if let (Some(pm), Some(b)) = (rejoin_marks, stored.as_ref()) {
+            let mut marks = Oos::default();
+            marks.merge(&Oos {
+                all: false,
+                bits: b.units.clone(),
+                count: 0,
+            });
+            let here = marks.count;
+            marks.merge(&pm);
+            log::info!(
+                "replica {}: the old primary rejoins as the secondary of stream {their_stream:x} (acked up to record {their_seq}, promoted here at record {}): resync by bitmap, {} blocks of {unit} bytes ({here} changed here, {} marked there)",
+                link.cfg.addr,
+                b.floor,
+                marks.count,
+                pm.count
+            );
+            let mut g = link.lock();
+            g.stream = their_stream;
+            g.next_seq = b.floor + 1;
+            g.acked = b.floor;
+            g.sent = b.floor;
+            g.connected = true;
+            g.out_of_sync = true;
+            g.oos = marks;
+            resync_epoch = Some(g.drops);
+        } else if rejoin.is_none()
+            && clean
+            && !inconsistent
+            && rs == Some(their_stream)
+            && rq == Some(their_seq)
+        {
+            log::info!(
+                "replica {}: the secondary is at record {their_seq} of stream {their_stream:x}, where this volume stopped cleanly: no full sync",
+                link.cfg.addr
+            );
+            let mut g = link.lock();
+            g.resume_at(their_stream, their_seq);
+        } else if let Some(b) = by_bitmap {
+            // Out of sync by the bitmap: the link resyncs those blocks (and the whole
+            // database) online, as after an outage.
+            let mut marks = Oos::default();
+            marks.merge(&Oos {
+                all: false,
+                bits: b.units,
+                count: 0,
+            });
+            log::info!(
+                "replica {}: the secondary is at record {their_seq} of stream {their_stream:x}; the out-of-sync bitmap has {} blocks of {unit} bytes: resync by bitmap",
+                link.cfg.addr,
+                marks.count
+            );
+            let mut g = link.lock();
+            g.resume_at(their_stream, their_seq);
+            g.out_of_sync = true;
+            g.oos = marks;
+            resync_epoch = Some(g.drops);
+        } else {
+            let stream = link.full_sync(&mut s, meta, meta_path, vol, copy)?;
+            let mut g = link.lock();
+            g.stream = stream;
+            g.connected = true;
+        }
+        Ok((s, resync_epoch))
+    }
+
     /// Starts [`Link::resync`] in its own thread.
     fn spawn_resync(self: &Arc<Self>, epoch: u64) {
         let me = self.clone();
@@ -1506,116 +1630,9 @@ impl Attach for Replica {
                 link.start_unreachable(&e, stored.as_ref());
                 (None, None)
             }
-            Ok(Peer {
-                mut s,
-                stream: their_stream,
-                seq: their_seq,
-                inconsistent,
-                rejoin,
-            }) => {
-                let resume = |k: &str| -> Result<Option<u64>> {
-                    Ok(meta.super_value(k)?.and_then(|v| v.parse().ok()))
-                };
-                let clean = meta.super_value("clean")?.as_deref() == Some("1");
-                let (rs, rq) = (resume(RESUME_STREAM)?, resume(RESUME_SEQ)?);
-                // Used once: from here the primary changes.
-                if rs.is_some() || rq.is_some() {
-                    meta.set_super_values(&[(RESUME_STREAM, None), (RESUME_SEQ, None)])?;
-                }
-                // The persistent bitmap is relative to the secondary's stream, from a point at
-                // least as far as the last ack it recorded. A secondary cut in a resync of that
-                // stream lacks only marked blocks too (the marks of a resync stay in the file
-                // until its end is acked) and gets the whole database again.
-                let by_bitmap = stored.clone().filter(|b| {
-                    rejoin.is_none() && b.stream == their_stream && their_seq >= b.floor
-                });
-                // An old primary of the stream this volume held as its secondary (`replica
-                // promote` started the bitmap there, at the last record it held): the blocks
-                // changed here since (this bitmap) and those it may have written that never
-                // arrived here (its marks, relative to a last ack at or before that record).
-                let rejoin_marks = match (&rejoin, &stored) {
-                    (Some(m), Some(b)) if b.stream == their_stream && their_seq <= b.floor => {
-                        Some(m.clone())
-                    }
-                    (Some(_), b) => {
-                        log::warn!(
-                            "replica {}: the old primary rejoining holds stream {their_stream:x} up to an ack of record {their_seq}, this volume's out-of-sync bitmap {}: they do not line up, full sync",
-                            link.cfg.addr,
-                            match b {
-                                Some(b) =>
-                                    format!("is of stream {:x} from record {}", b.stream, b.floor),
-                                None =>
-                                    "is missing (mounted without --replica since promote?)".into(),
-                            }
-                        );
-                        None
-                    }
-                    _ => None,
-                };
-                let mut resync_epoch = None;
-                if let (Some(pm), Some(b)) = (rejoin_marks, stored.as_ref()) {
-                    let mut marks = Oos::default();
-                    marks.merge(&Oos {
-                        all: false,
-                        bits: b.units.clone(),
-                        count: 0,
-                    });
-                    let here = marks.count;
-                    marks.merge(&pm);
-                    log::info!(
-                        "replica {}: the old primary rejoins as the secondary of stream {their_stream:x} (acked up to record {their_seq}, promoted here at record {}): resync by bitmap, {} blocks of {unit} bytes ({here} changed here, {} marked there)",
-                        link.cfg.addr,
-                        b.floor,
-                        marks.count,
-                        pm.count
-                    );
-                    let mut g = link.lock();
-                    g.stream = their_stream;
-                    g.next_seq = b.floor + 1;
-                    g.acked = b.floor;
-                    g.sent = b.floor;
-                    g.connected = true;
-                    g.out_of_sync = true;
-                    g.oos = marks;
-                    resync_epoch = Some(g.drops);
-                } else if rejoin.is_none()
-                    && clean
-                    && !inconsistent
-                    && rs == Some(their_stream)
-                    && rq == Some(their_seq)
-                {
-                    log::info!(
-                        "replica {}: the secondary is at record {their_seq} of stream {their_stream:x}, where this volume stopped cleanly: no full sync",
-                        link.cfg.addr
-                    );
-                    let mut g = link.lock();
-                    g.resume_at(their_stream, their_seq);
-                } else if let Some(b) = by_bitmap {
-                    // Out of sync by the bitmap: the link resyncs those blocks (and the whole
-                    // database) online, as after an outage.
-                    let mut marks = Oos::default();
-                    marks.merge(&Oos {
-                        all: false,
-                        bits: b.units,
-                        count: 0,
-                    });
-                    log::info!(
-                        "replica {}: the secondary is at record {their_seq} of stream {their_stream:x}; the out-of-sync bitmap has {} blocks of {unit} bytes: resync by bitmap",
-                        link.cfg.addr,
-                        marks.count
-                    );
-                    let mut g = link.lock();
-                    g.resume_at(their_stream, their_seq);
-                    g.out_of_sync = true;
-                    g.oos = marks;
-                    resync_epoch = Some(g.drops);
-                } else {
-                    let stream = link.full_sync(&mut s, meta, meta_path, &*vol, &*copy)?;
-                    let mut g = link.lock();
-                    g.stream = stream;
-                    g.connected = true;
-                }
-                (Some(s), resync_epoch)
+            Ok(peer) => {
+                let (s, epoch) = link.agree(peer, meta, meta_path, &*vol, &*copy, stored)?;
+                (Some(s), epoch)
             }
         };
         // Before anything is written: the file says what is out of sync now.
