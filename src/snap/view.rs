@@ -211,6 +211,10 @@ pub struct Builder<'a> {
     view: FrozenView,
     numbering: &'a mut Numbering,
     track_size: u64,
+    /// The last directory [`Builder::dir`] found (path, inode): objects come grouped by
+    /// directory, and a path once found stays that directory (nothing is removed or
+    /// replaced while building).
+    last_dir: Option<(String, u64)>,
 }
 
 impl<'a> Builder<'a> {
@@ -233,12 +237,33 @@ impl<'a> Builder<'a> {
             view,
             numbering,
             track_size,
+            last_dir: None,
         }
     }
 
     /// The directory at `path`, synthesized (with times `t`) where missing; None when a
     /// non-directory already holds one of its names.
     fn dir(&mut self, path: &str, t: i64) -> Option<u64> {
+        if let Some((p, ino)) = &self.last_dir
+            && p == path
+        {
+            return Some(*ino);
+        }
+        let found = self.find_dir(path, t);
+        if let Some(ino) = found {
+            match &mut self.last_dir {
+                Some((p, i)) => {
+                    p.clear();
+                    p.push_str(path);
+                    *i = ino;
+                }
+                None => self.last_dir = Some((path.to_string(), ino)),
+            }
+        }
+        found
+    }
+
+    fn find_dir(&mut self, path: &str, t: i64) -> Option<u64> {
         let mut cur = VIEW_ROOT;
         let mut sub = String::with_capacity(path.len());
         for part in path.split('/').filter(|p| !p.is_empty()) {
