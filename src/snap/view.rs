@@ -4,7 +4,8 @@
 //!
 //! A view is immutable and shared behind an [`Arc`]: readers clone the `Arc`, never the
 //! maps. The engine builds a new one once per change of the frozen set (split, update,
-//! resync, release, error, mount), not per request ([`crate::snap::engine::Engine::view`]).
+//! resync, release, error, mount), not per request ([`crate::snap::engine::Engine::view`]),
+//! walking again only the lazy pairs and generations whose instant changed ([`PartCache`]).
 //! Inode numbers stay stable per path across rebuilds ([`Numbering`]). A hard-linked
 //! object has one inode number and one node, reached under each of its names; its link
 //! count is the number of names. Directories above a frozen object that are not
