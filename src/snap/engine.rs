@@ -1784,12 +1784,21 @@ impl Engine {
     /// (a split, update, resync, release or error changes the identity), and only
     /// where their data lies may differ, which reads resolve when they run.
     pub fn frozen_identity(&self) -> Vec<(PairId, i64)> {
-        let mut v: Vec<(PairId, i64)> = self
+        self.instants()
+            .into_iter()
+            .map(|(id, t, _)| (id, t))
+            .collect()
+    }
+
+    /// [`Engine::frozen_identity`] with each part's instant number
+    /// ([`crate::snap::pair::Pair::instant`]).
+    fn instants(&self) -> Vec<(PairId, i64, u64)> {
+        let mut v: Vec<(PairId, i64, u64)> = self
             .slots()
             .iter()
             .filter_map(|s| {
                 let p = s.lock();
-                p.state.is_frozen().then_some((p.id, p.split_ns))
+                p.state.is_frozen().then_some((p.id, p.split_ns, p.instant))
             })
             .collect();
         v.extend(self.gen_identity());
@@ -1799,20 +1808,33 @@ impl Engine {
 
     /// Takes over what `old`, an engine of an earlier committed state of the same
     /// volume, built of the view: its inode numbering always (a path keeps its
-    /// copy-mount inode number, so the kernel's cached numbers stay right), and its
-    /// current view too when `same_set` (equal [`Engine::frozen_identity`]), so nothing
-    /// is walked again. Used by a copy mount that follows a volume another process
-    /// writes (`pairfs replica serve --copy-mount`).
+    /// copy-mount inode number, so the kernel's cached numbers stay right); the object
+    /// lists of every lazy pair and generation whose instant (id and split time) is the
+    /// same here, so a rebuild walks only the others; and its current view too when
+    /// `same_set` (equal [`Engine::frozen_identity`]), so nothing is built again. Used by
+    /// a copy mount that follows a volume another process writes (`pairfs replica serve
+    /// --copy-mount`).
     pub fn adopt_view(&self, old: &Engine, same_set: bool) {
+        let (was, now) = (old.instants(), self.instants());
         let numbering = old
             .view_numbering
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
+        let parts = old
+            .view_parts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .carry(|id, instant| {
+                let w = was.iter().find(|x| x.0 == id)?;
+                let n = now.iter().find(|x| x.0 == id)?;
+                (w.2 == instant && w.1 == n.1).then_some(n.2)
+            });
         *self
             .view_numbering
             .lock()
             .unwrap_or_else(|p| p.into_inner()) = numbering;
+        *self.view_parts.lock().unwrap_or_else(|p| p.into_inner()) = parts;
         if !same_set {
             return;
         }

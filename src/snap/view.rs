@@ -574,6 +574,20 @@ impl PartCache {
         self.parts.is_empty()
     }
 
+    /// The lists whose part `map` carries to another engine, under the instant
+    /// number `map` gives (`Some` only where the part's instant is the same there).
+    pub fn carry(&self, map: impl Fn(PairId, u64) -> Option<u64>) -> PartCache {
+        PartCache {
+            parts: self
+                .parts
+                .iter()
+                .filter_map(|(&id, (i, o))| map(id, *i).map(|n| (id, (n, o.clone()))))
+                .collect(),
+            used: std::collections::HashSet::new(),
+            walks: 0,
+        }
+    }
+
     /// Drops every list (the next rebuild walks everything again).
     pub fn clear(&mut self) {
         self.parts.clear();

@@ -615,11 +615,15 @@ impl Engine {
     }
 
     /// The `@NAME` names at the copy mount's root.
-    /// Every named generation's id and instant (see [`Engine::frozen_identity`]).
-    pub(super) fn gen_identity(&self) -> Vec<(PairId, i64)> {
+    /// Every named generation's id and instant (see [`Engine::frozen_identity`]), with
+    /// its instant number ([`crate::snap::pair::Pair::instant`]).
+    pub(super) fn gen_identity(&self) -> Vec<(PairId, i64, u64)> {
         self.all_gens()
             .iter()
-            .map(|s| (s.id, s.lock().p.split_ns))
+            .map(|s| {
+                let g = s.lock();
+                (s.id, g.p.split_ns, g.p.instant)
+            })
             .collect()
     }
 
