@@ -1073,21 +1073,7 @@ fn serve(spec: MountSpec, mut ready: Option<std::fs::File>) -> Result<u8> {
         }
     }
     // Signal thread: unmount everything on SIGINT/SIGTERM/SIGHUP.
-    let sig_points = points.clone();
-    std::thread::Builder::new()
-        .name("pairfs-signals".into())
-        .spawn(move || {
-            let mut sig = 0;
-            // SAFETY: sigwait on a set blocked in every thread.
-            unsafe { libc::sigwait(&sigs, &mut sig) };
-            log::info!("signal {sig}: unmounting");
-            for p in &sig_points {
-                if let Err(e) = unmount(p, true) {
-                    log::warn!("unmount {}: {e}", p.display());
-                }
-            }
-        })
-        .map_err(|e| Error::io("thread", e))?;
+    unmount_on_signal(sigs, points.clone(), || {})?;
     // Serve until the first session ends (unmounted), then take the others down.
     let mut first = true;
     for s in sessions {
@@ -1163,19 +1149,32 @@ fn mount_replica_copies(
         volume.display(),
         dir.display()
     );
-    let point = dir.to_path_buf();
+    unmount_on_signal(sigs, vec![dir.to_path_buf()], move || {
+        drop(session);
+        std::process::exit(0);
+    })
+}
+
+/// Spawns the thread that waits for a signal of `sigs` (blocked in every thread),
+/// unmounts `points` (lazily if busy), then runs `then`.
+fn unmount_on_signal(
+    sigs: libc::sigset_t,
+    points: Vec<PathBuf>,
+    then: impl FnOnce() + Send + 'static,
+) -> Result<()> {
     std::thread::Builder::new()
         .name("pairfs-signals".into())
         .spawn(move || {
             let mut sig = 0;
             // SAFETY: sigwait on a set blocked in every thread.
             unsafe { libc::sigwait(&sigs, &mut sig) };
-            log::info!("signal {sig}: unmounting {}", point.display());
-            if let Err(e) = unmount(&point, true) {
-                log::warn!("unmount {}: {e}", point.display());
+            log::info!("signal {sig}: unmounting");
+            for p in &points {
+                if let Err(e) = unmount(p, true) {
+                    log::warn!("unmount {}: {e}", p.display());
+                }
             }
-            drop(session);
-            std::process::exit(0);
+            then();
         })
         .map_err(|e| Error::io("thread", e))?;
     Ok(())

@@ -1821,15 +1821,13 @@ impl Engine {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
-        let parts = old
-            .view_parts
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .carry(|id, instant| {
+        let parts = old.with_view_parts(|p| {
+            p.carry(|id, instant| {
                 let w = was.iter().find(|x| x.0 == id)?;
                 let n = now.iter().find(|x| x.0 == id)?;
                 (w.2 == instant && w.1 == n.1).then_some(n.2)
-            });
+            })
+        });
         *self
             .view_numbering
             .lock()
@@ -1911,30 +1909,24 @@ impl Engine {
     /// Whole walks of a lazy pair's or a generation's instant that [`Engine::view`] made
     /// since mount (tests and measurements: a rebuild walks only what changed).
     pub fn view_walks(&self) -> u64 {
-        let _n = self
-            .view_numbering
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        self.view_parts
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .walks()
+        self.with_view_parts(|p| p.walks())
     }
 
     /// Drops the view's kept object lists and marks the view behind, so the next
     /// [`Engine::view`] is built from scratch (tests compare the two builds).
     pub fn forget_view_parts(&self) {
-        {
-            let _n = self
-                .view_numbering
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
-            self.view_parts
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .clear();
-        }
+        self.with_view_parts(PartCache::clear);
         self.frozen_changed();
+    }
+
+    /// Runs `f` on the view's kept object lists, in lock order (`view_numbering`, then
+    /// `view_parts`).
+    fn with_view_parts<T>(&self, f: impl FnOnce(&mut PartCache) -> T) -> T {
+        let _n = self
+            .view_numbering
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        f(&mut self.view_parts.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
     /// The byte ranges of file `ino` (extents `now`, size `size` now) changed since the
