@@ -1124,7 +1124,8 @@ fn mount_replica_copies(
     )));
     let mut c = Config::default();
     c.mount_options = vec![
-        MountOption::FSName(format!("pairfs:{vol}:replica-copy")),
+        // The suffix of a copy mount: status, scrub and umount treat it as one.
+        MountOption::FSName(format!("pairfs:{vol}:copy")),
         MountOption::Subtype("pairfs".to_string()),
         MountOption::DefaultPermissions,
         MountOption::RO,
