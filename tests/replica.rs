@@ -1344,7 +1344,15 @@ impl Chaos {
                     std::thread::spawn(move || {
                         let mut b = vec![0u8; 1 << 16];
                         loop {
-                            let n = match from.read(&mut b) {
+                            // Under a rate, chunks of at most a tenth of a second's worth:
+                            // a slow link does not let one large chunk through at once.
+                            let r = rate.load(Ordering::SeqCst);
+                            let cap = if upstream && r > 0 {
+                                (r as usize / 10).clamp(64, b.len())
+                            } else {
+                                b.len()
+                            };
+                            let n = match from.read(&mut b[..cap]) {
                                 Ok(0) | Err(_) => break,
                                 Ok(n) => n,
                             };
@@ -2171,4 +2179,244 @@ fn a_rejoin_cut_before_the_database_rejoins_again_by_bitmap() {
     v.fsck();
     ok(&pairfs(&["fsck", s.img.to_str().unwrap()]), "fsck S");
     let _ = compare_sides(&mut v, &s);
+}
+
+/// Kills (-9) the daemon mounted on `img` (found by its command line) and lazily
+/// unmounts its dead mounts.
+fn kill9_mount(img: &Path, mounts: &[&Path]) {
+    let pat = format!(" mount {} ", img.display());
+    let out = Command::new("pgrep").arg("-f").arg(&pat).output().unwrap();
+    let pids: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .map(str::to_string)
+        .collect();
+    assert!(!pids.is_empty(), "no daemon of {}", img.display());
+    for p in &pids {
+        let _ = Command::new("kill").args(["-9", p]).output();
+    }
+    let t = Instant::now();
+    while pids
+        .iter()
+        .any(|p| Path::new(&format!("/proc/{p}")).exists())
+        && t.elapsed() < Duration::from_secs(20)
+    {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for m in mounts {
+        let _ = Command::new("fusermount3")
+            .arg("-u")
+            .arg("-z")
+            .arg(m)
+            .output();
+    }
+}
+
+/// Unmounts what a test mounted by hand, when dropped (a failing test included).
+struct Unmount(Vec<PathBuf>);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        for m in &self.0 {
+            let _ = Command::new(BIN)
+                .args(["umount", m.to_str().unwrap()])
+                .stderr(Stdio::null())
+                .output();
+            let _ = Command::new("umount")
+                .arg("-l")
+                .arg(m)
+                .stderr(Stdio::null())
+                .output();
+        }
+    }
+}
+
+/// The new primary crashes (kill -9 of its daemon) during a rejoin, twice: first before
+/// the old primary took its database (the old primary is still a primary volume with
+/// its bitmap: the next mount rejoins by both bitmaps again), then after it (the old
+/// primary is a replica of the stream cut in a resync: the next mount resyncs by the
+/// marks the new primary's bitmap file kept). A rate-limited proxy slows the resync so
+/// that each kill lands in it; the new primary writes between the kills (in `async`
+/// mode, so its writes do not wait for the slow link). No full sync; both sides end
+/// byte-identical, frozen copies included, fsck clean.
+#[test]
+fn a_new_primary_killed_during_a_rejoin_rejoins_by_bitmap() {
+    let _heavy = heavy();
+    let mut v = Vol::new("256M");
+    let key = key_file(v.dir.path(), "key", "0123456789abcdef-rejoin-kill");
+    let mut s = Secondary::start(v.dir.path(), &key);
+    ok(&mount_replica(&mut v, &s, &[]), "mount P");
+    std::fs::create_dir(v.path("d")).unwrap();
+    write_fsync(&v.path("d/big"), &block(1, 1, 16 << 20));
+    ok(
+        &pairfs(&["split", v.path("d").to_str().unwrap(), "--wait"]),
+        "split d",
+    );
+    wait_in_sync(&v.mnt, "before the crash");
+    // Checkpoints clear the big file's regions from P's activity log; the files
+    // written next are what P marks when it dies.
+    std::thread::sleep(Duration::from_millis(2500));
+    for i in 0..20u64 {
+        write_fsync(&v.path(&format!("d/f{i}")), &block(i, 3, 50_000));
+    }
+    v.kill9();
+    s.stop("-TERM");
+    ok(
+        &pairfs(&["replica", "promote", s.img.to_str().unwrap()]),
+        "promote S",
+    );
+    let mut p = Secondary {
+        img: v.img.clone(),
+        addr: format!("127.0.0.1:{}", free_port()),
+        key: key.clone(),
+        log: v.dir.path().join("old-primary.log"),
+        child: None,
+        extra: vec!["--rejoin"],
+    };
+    p.restart();
+    let chaos = Chaos::start(&p.addr);
+    let smnt = v.dir.path().join("smnt");
+    let scopy = v.dir.path().join("scopy");
+    std::fs::create_dir_all(&smnt).unwrap();
+    std::fs::create_dir_all(&scopy).unwrap();
+    let _unmount = Unmount(vec![smnt.clone(), scopy.clone()]);
+    let slog = v.dir.path().join("new-primary.log");
+    let mount_s = |mode: &str| {
+        let out = Command::new(BIN)
+            .args(["mount", s.img.to_str().unwrap(), smnt.to_str().unwrap()])
+            .args(["--copy-mount", scopy.to_str().unwrap(), "--daemon"])
+            .args([
+                "--replica",
+                &chaos.addr,
+                "--key-file",
+                key.to_str().unwrap(),
+            ])
+            .args(["--replica-mode", mode])
+            .env("PAIRFS_LOG_FILE", &slog)
+            .env("RUST_LOG", "info")
+            .output()
+            .unwrap();
+        ok(&out, "mount S with --replica to the old primary");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let rate = |r: u64| chaos.rate.store(r, std::sync::atomic::Ordering::SeqCst);
+    let took = |p: &Secondary| p.log().matches("took the database").count();
+    // The blocks a mount said it resyncs by bitmap.
+    let blocks = |said: &str| -> u64 {
+        said.split_once("resync by bitmap, ")
+            .or_else(|| said.split_once("out-of-sync bitmap has "))
+            .and_then(|(_, r)| r.split_once(' ')?.0.parse().ok())
+            .unwrap_or_else(|| panic!("no block count in {said}"))
+    };
+
+    // 1. A crawl (2 KB/s): the database is still on its way when S dies.
+    rate(2_000);
+    let said = mount_s("async");
+    eprintln!("rejoin mount: {said}");
+    assert!(
+        said.contains("rejoins as the secondary") && said.contains("resync by bitmap"),
+        "{said}"
+    );
+    let count1 = blocks(&said);
+    write_fsync(&smnt.join("d/s1"), &block(21, 1, 3 << 20));
+    kill9_mount(&s.img, &[&smnt, &scopy]);
+    chaos.cut();
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(took(&p), 0, "{}", p.log());
+    assert!(p.alive(), "the old primary's replica serve died");
+
+    // 2. The old primary is still a primary with its bitmap: a rejoin by both bitmaps
+    // again. 300 KB/s: it takes the database within a second, the blocks take longer;
+    // S dies in the middle of them.
+    rate(300_000);
+    let said = mount_s("async");
+    eprintln!("rejoin mount: {said}");
+    assert!(
+        said.contains("rejoins as the secondary") && said.contains("resync by bitmap"),
+        "second mount: {said}"
+    );
+    // The marks put back from the cut resync and S's 3 MiB written since (in regions of
+    // its activity log, as S died with them unacked).
+    let count2 = blocks(&said);
+    assert!(count2 > count1, "{count2} <= {count1}: {said}");
+    let t = Instant::now();
+    while took(&p) == 0 {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "the old primary did not take the database: {}",
+            p.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    write_fsync(&smnt.join("d/s2"), &block(22, 1, 3 << 20));
+    write_fsync(&smnt.join("d/f3"), &block(3, 4, 70_000));
+    std::thread::sleep(Duration::from_millis(300));
+    // The resync's blocks are pushed (queued behind the slow link) at once; its end is
+    // not acked yet (checked below in the old primary's log).
+    let line = replica_line(&smnt);
+    assert!(!line.starts_with("in_sync"), "{line}");
+    kill9_mount(&s.img, &[&smnt, &scopy]);
+    chaos.cut();
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        !p.log().contains("resync from"),
+        "the resync ended before S was killed: {}",
+        p.log()
+    );
+    {
+        let c = rusqlite::Connection::open_with_flags(
+            format!("{}.meta", v.img.display()),
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+        )
+        .unwrap();
+        let inc: Option<String> = c
+            .query_row(
+                "SELECT value FROM super WHERE key = 'repl_inconsistent'",
+                [],
+                |r| r.get(0),
+            )
+            .ok();
+        assert!(inc.is_some(), "the old primary is not in a cut resync");
+    }
+
+    // 3. The old primary is a replica of the stream, cut in a resync: S's bitmap file
+    // kept the marks of that resync (and its own writes since): a resync by bitmap.
+    rate(0);
+    let said = mount_s("sync");
+    eprintln!("mount after the second kill: {said}");
+    assert!(
+        said.contains("resync by bitmap") && !said.contains("rejoins as the secondary"),
+        "third mount: {said}"
+    );
+    // At least the marks of the cut resync (S's 3 MiB written since may lie in regions
+    // marked already: a sequential writer marks the 7 regions after its own).
+    let count3 = blocks(&said);
+    assert!(count3 >= count2, "{count3} < {count2}: {said}");
+    wait_in_sync(&smnt, "after the new primary's crashes");
+    write_fsync(&smnt.join("d/after"), &block(8, 1, 100_000));
+    ok(&pairfs(&["umount", smnt.to_str().unwrap()]), "umount S");
+    p.stop("-TERM");
+    let plog = p.log();
+    assert_eq!(
+        plog.matches("it rejoins as the secondary").count(),
+        2,
+        "{plog}"
+    );
+    assert_eq!(took(&p), 1, "{plog}");
+    assert!(!plog.contains("full sync"), "{plog}");
+    let log = std::fs::read_to_string(&slog).unwrap();
+    let begins: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("resync of stream"))
+        .collect();
+    eprintln!("new primary killed in a rejoin: {begins:?}");
+    assert!(!begins.is_empty(), "{log}");
+    assert!(begins.iter().all(|l| !l.contains("begins: all")), "{log}");
+    ok(
+        &pairfs(&["replica", "promote", v.img.to_str().unwrap()]),
+        "promote the old primary",
+    );
+    v.fsck();
+    ok(&pairfs(&["fsck", s.img.to_str().unwrap()]), "fsck S");
+    let ca = compare_sides(&mut v, &s);
+    assert!(ca.iter().any(|l| l.starts_with("d/big ")), "{ca:?}");
 }
