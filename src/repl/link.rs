@@ -286,7 +286,12 @@ impl Link {
             }
         }
         g.buf_bytes = 0;
-        g.last_error = Some(why.to_string());
+        // Keep the cause (the secondary's refusal, the link's error) beside it.
+        g.last_error = Some(match g.last_error.take() {
+            Some(e) if !e.starts_with(why) => format!("{why} (after: {e})"),
+            Some(e) => e,
+            None => why.to_string(),
+        });
         self.cv.notify_all();
     }
 
