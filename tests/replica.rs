@@ -2690,6 +2690,11 @@ impl FailingDisk {
     }
 }
 
+/// An EIO in a log or status: the OS's message, or SQLite's (`SQLITE_IOERR`).
+fn eio(text: &str) -> bool {
+    text.contains("Input/output error") || text.contains("disk I/O error")
+}
+
 impl Drop for FailingDisk {
     fn drop(&mut self) {
         self.fail(false);
@@ -2757,7 +2762,7 @@ fn a_failing_secondary_disk_eio_with_continue_leaves_the_primary_serving_then_ca
         ok(&out, "pairfs status --json");
         let status = String::from_utf8_lossy(&out.stdout).into_owned();
         if status.contains("\"out_of_sync\"")
-            && (status.contains("Input/output error") || status.contains("Read-only file system"))
+            && (eio(&status) || status.contains("Read-only file system"))
         {
             break status;
         }
@@ -2773,15 +2778,11 @@ fn a_failing_secondary_disk_eio_with_continue_leaves_the_primary_serving_then_ca
     eprintln!("disk failing: {error}");
     let plog = std::fs::read_to_string(v.dir.path().join("primary.log")).unwrap();
     assert!(
-        plog.contains("the secondary stopped: applying record")
-            && plog.contains("Input/output error"),
+        plog.contains("the secondary stopped: applying record") && eio(&plog),
         "{plog}"
     );
     let slog = s.log();
-    assert!(
-        slog.contains("Input/output error"),
-        "the secondary did not hit EIO: {slog}"
-    );
+    assert!(eio(&slog), "the secondary did not hit EIO: {slog}");
     assert!(s.alive(), "the secondary died on a failing disk");
     for i in 0..10u64 {
         assert_eq!(
@@ -2860,7 +2861,7 @@ fn a_failing_secondary_disk_eio_with_block_stalls_fsync_until_it_is_repaired() {
             last = (n, Instant::now());
         } else if last.1.elapsed() > Duration::from_secs(2) {
             let line = replica_line(&v.mnt);
-            if line.contains("Input/output error") || line.contains("Read-only file system") {
+            if eio(&line) || line.contains("Read-only file system") {
                 break;
             }
         }
@@ -2875,11 +2876,7 @@ fn a_failing_secondary_disk_eio_with_block_stalls_fsync_until_it_is_repaired() {
     let line = replica_line(&v.mnt);
     eprintln!("stalled after {stalled} files: {line}");
     assert!(!line.starts_with("in_sync"), "{line}");
-    assert!(
-        s.log().contains("Input/output error"),
-        "the secondary did not hit EIO: {}",
-        s.log()
-    );
+    assert!(eio(&s.log()), "the secondary did not hit EIO: {}", s.log());
     assert!(s.alive(), "the secondary died on a failing disk");
     // Repaired (see the `continue` test): the writer resumes and finishes.
     disk.fail(false);
