@@ -5,8 +5,10 @@
 //! with `--on-disconnect continue` (the primary keeps serving; the restarted secondary
 //! is brought back by replay); the primary's persistent out-of-sync bitmap (stopped or
 //! killed out of sync, killed while connected: a resync by bitmap, not a full sync); a
-//! full secondary disk (tmpfs); a link cut, refused and corrupted at random moments;
-//! failover and the old primary rejoining as the secondary by bitmap.
+//! full secondary disk (tmpfs) and a failing one (EIO: ext4 on a loop device over a FUSE
+//! file served here that fails on demand); a link cut, refused and corrupted at random
+//! moments; failover and the old primary rejoining as the secondary by bitmap (the new
+//! primary killed -9 during the rejoin included).
 
 mod common;
 
