@@ -2183,6 +2183,172 @@ fn a_rejoin_cut_before_the_database_rejoins_again_by_bitmap() {
     let _ = compare_sides(&mut v, &s);
 }
 
+/// Paths under `root` with their content hashes, or the error of the first failing
+/// access (the secondary's copy mount refuses with EAGAIN while it is not consistent).
+fn try_tree(root: &Path) -> std::io::Result<Vec<String>> {
+    std::fs::read_dir(root)?;
+    Ok(tree(root))
+}
+
+#[test]
+fn the_secondary_serves_its_frozen_copies_while_it_replicates() {
+    let mut v = Vol::new("1G");
+    let key = key_file(v.dir.path(), "key", "0123456789abcdef0123456789abcdef\n");
+    let scopy = v.dir.path().join("scopy");
+    std::fs::create_dir_all(&scopy).unwrap();
+    let mut s = Secondary::start(v.dir.path(), &key);
+    s.stop("-TERM");
+    s.extra = vec![
+        "--copy-mount",
+        Box::leak(scopy.to_str().unwrap().to_string().into_boxed_str()),
+    ];
+    s.restart();
+    // Nothing to serve before the first full sync: EAGAIN, not an empty tree.
+    let e = try_tree(&scopy).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EAGAIN), "{e}");
+    ok(&mount_replica(&mut v, &s, &[]), "mount --replica");
+    std::fs::create_dir_all(v.path("d/sub")).unwrap();
+    for i in 0..200u64 {
+        std::fs::write(
+            v.path(&format!("d/sub/f{i}")),
+            block(i, 1, 1000 + i as usize * 97),
+        )
+        .unwrap();
+    }
+    write_fsync(&v.path("d/big"), &block(1000, 1, 16 << 20));
+    ok(
+        &pairfs(&["split", v.path("d").to_str().unwrap(), "--wait"]),
+        "split d",
+    );
+    // A named generation too: kept by copy-on-write alone, so until the primary
+    // overwrites a track the secondary reads it from its volume image, which the
+    // stream keeps writing meanwhile.
+    ok(
+        &pairfs(&["split", "--generation", "g0", v.path("d").to_str().unwrap()]),
+        "generation g0",
+    );
+    wait_in_sync(&v.mnt, "after the split");
+    let frozen = tree(&v.copy);
+    assert!(frozen.len() > 400, "{}", frozen.len());
+    assert!(
+        frozen.iter().any(|l| l.starts_with("@g0/d/big ")),
+        "{frozen:?}"
+    );
+    // The secondary serves the same instants, and keeps serving them exactly while the
+    // primary overwrites (copy-on-write), removes and creates under the split directory.
+    assert_eq!(
+        try_tree(&scopy).unwrap(),
+        frozen,
+        "secondary copy after the split"
+    );
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (mnt, stop) = (v.mnt.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut round = 2u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let f = std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(mnt.join("d/big"))
+                    .unwrap();
+                for k in 0..16u64 {
+                    use std::os::unix::fs::FileExt;
+                    f.write_all_at(&block(k, round, 65536), ((k * 7 + round) % 256) * 65536)
+                        .unwrap();
+                }
+                f.sync_all().unwrap();
+                let i = round % 200;
+                write_fsync(&mnt.join(format!("d/sub/f{i}")), &block(i, round, 3000));
+                write_fsync(&mnt.join(format!("d/new{round}")), &block(round, 1, 5000));
+                let _ = std::fs::remove_file(mnt.join(format!("d/sub/f{}", (i + 100) % 200)));
+                round += 1;
+            }
+            round
+        })
+    };
+    let mut reads = 0;
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(6) {
+        assert_eq!(
+            tree(&scopy),
+            frozen,
+            "secondary copy while the primary writes"
+        );
+        reads += 1;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let rounds = writer.join().unwrap();
+    eprintln!("{reads} reads of the secondary's copy while the primary wrote {rounds} rounds");
+    assert!(rounds > 4 && reads > 1, "rounds {rounds}, reads {reads}");
+    wait_in_sync(&v.mnt, "after the writer");
+    // A tar of the secondary's copy, a real backup client, reads the same bytes.
+    let tarball = v.dir.path().join("copy.tar");
+    let out = Command::new("tar")
+        .args([
+            "-cf",
+            tarball.to_str().unwrap(),
+            "-C",
+            scopy.to_str().unwrap(),
+            "d",
+        ])
+        .output()
+        .unwrap();
+    ok(&out, "tar of the secondary's copy mount");
+    // An update, a named generation, then a release show up at the secondary.
+    ok(
+        &pairfs(&["update", v.path("d").to_str().unwrap(), "--wait"]),
+        "update d",
+    );
+    ok(
+        &pairfs(&["split", "--generation", "g1", v.path("d").to_str().unwrap()]),
+        "generation g1",
+    );
+    write_fsync(&v.path("d/after-g1"), &block(7, 7, 7000));
+    wait_in_sync(&v.mnt, "after the update");
+    let updated = tree(&v.copy);
+    assert_ne!(updated, frozen);
+    assert!(
+        updated.iter().any(|l| l.starts_with("@g1/d/big ")),
+        "{updated:?}"
+    );
+    assert_eq!(tree(&scopy), updated, "secondary copy after the update");
+    // A restarted secondary serves its copies at once (it is consistent).
+    s.stop("-TERM");
+    s.restart();
+    assert_eq!(tree(&scopy), updated, "secondary copy after a restart");
+    wait_in_sync(&v.mnt, "after the secondary's restart");
+    for g in ["g0", "g1"] {
+        ok(
+            &pairfs(&["release", "--generation", g, v.path("d").to_str().unwrap()]),
+            "release a generation",
+        );
+    }
+    ok(
+        &pairfs(&["release", v.path("d").to_str().unwrap()]),
+        "release d",
+    );
+    wait_in_sync(&v.mnt, "after the release");
+    assert_eq!(tree(&v.copy), Vec::<String>::new());
+    assert_eq!(
+        tree(&scopy),
+        Vec::<String>::new(),
+        "secondary copy after the release"
+    );
+    v.umount();
+    // SIGTERM unmounts the copy mount.
+    s.stop("-TERM");
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
+    assert!(
+        !mounts.contains(scopy.to_str().unwrap()),
+        "copy mount left behind: {mounts}"
+    );
+    ok(
+        &pairfs(&["fsck", s.img.to_str().unwrap()]),
+        "fsck secondary",
+    );
+    v.fsck();
+}
+
 /// Kills (-9) the daemon mounted on `img` (found by its command line) and lazily
 /// unmounts its dead mounts.
 fn kill9_mount(img: &Path, mounts: &[&Path]) {

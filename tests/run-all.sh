@@ -91,5 +91,6 @@ if [ -x bench/run.sh ] || [ -f bench/run.sh ]; then
     step "benchmarks, quick mode (no timing asserts)"
     bash bench/run.sh --quick
     bash bench/generations.sh --quick
+    bash bench/replica_copies.sh --quick
 fi
 step "all tests passed"

@@ -336,6 +336,11 @@ pub enum ReplicaCmd {
         /// out-of-sync bitmaps), or everything if the bitmaps do not line up.
         #[arg(long)]
         rejoin: bool,
+        /// Serve the frozen copies this secondary holds, read-only, on DIR while it
+        /// replicates (backups at the second site): the state of its last applied
+        /// commit; EAGAIN while a full sync or resync runs.
+        #[arg(long, value_name = "DIR")]
+        copy_mount: Option<PathBuf>,
     },
     /// Make a secondary an ordinary volume that mounts read-write (failover). Stop
     /// `pairfs replica serve` first. Mount it with --replica to the old primary

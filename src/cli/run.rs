@@ -109,9 +109,25 @@ pub fn run(cli: Cli) -> Result<u8> {
                 listen,
                 key_file,
                 rejoin,
+                copy_mount,
             } => {
                 let key = crate::repl::proto::Key::from_file(&key_file)?;
-                crate::repl::secondary::serve(&volume, &listen, &key, rejoin)?;
+                match copy_mount {
+                    Some(dir) => {
+                        check_mountpoint(&dir)?;
+                        // Before any thread starts: every thread inherits the mask.
+                        let sigs = block_signals();
+                        let mount = |f| mount_replica_copies(&volume, &dir, sigs, f);
+                        crate::repl::secondary::serve(
+                            &volume,
+                            &listen,
+                            &key,
+                            rejoin,
+                            Some(&mount),
+                        )?;
+                    }
+                    None => crate::repl::secondary::serve(&volume, &listen, &key, rejoin, None)?,
+                }
                 Ok(0)
             }
             ReplicaCmd::Promote { volume } => {
@@ -1106,6 +1122,63 @@ fn serve(spec: MountSpec, mut ready: Option<std::fs::File>) -> Result<u8> {
             .load(std::sync::atomic::Ordering::Relaxed)
     );
     Ok(0)
+}
+
+/// Mounts the copy mount of a secondary (`replica serve --copy-mount DIR`) on `dir`,
+/// served from `f`; SIGINT, SIGTERM and SIGHUP (blocked in `sigs`) unmount it and end
+/// the process.
+fn mount_replica_copies(
+    volume: &Path,
+    dir: &Path,
+    sigs: libc::sigset_t,
+    f: Arc<crate::repl::follow::Follower>,
+) -> Result<()> {
+    let vol = source_name(&volfile::lock_file(&volfile::Paths::new(
+        volume, None, None,
+    )));
+    let mut c = Config::default();
+    c.mount_options = vec![
+        MountOption::FSName(format!("pairfs:{vol}:replica-copy")),
+        MountOption::Subtype("pairfs".to_string()),
+        MountOption::DefaultPermissions,
+        MountOption::RO,
+    ];
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        c.acl = SessionACL::All;
+    }
+    c.n_threads = Some(2);
+    c.clone_fd = true;
+    let (tx, rx) = std::sync::mpsc::channel();
+    f.set_invalidator(tx);
+    let session = fuser::Session::new(crate::fuse::copy_fs::CopyFs::new(f), dir, &c)
+        .and_then(|s| {
+            crate::fuse::copy_fs::invalidate_names(rx, s.notifier())?;
+            s.spawn()
+        })
+        .map_err(|e| Error::io("copy mount", e))?;
+    raise_readahead(dir);
+    log::info!(
+        "replica: frozen copies of {} on {}",
+        volume.display(),
+        dir.display()
+    );
+    let point = dir.to_path_buf();
+    std::thread::Builder::new()
+        .name("pairfs-signals".into())
+        .spawn(move || {
+            let mut sig = 0;
+            // SAFETY: sigwait on a set blocked in every thread.
+            unsafe { libc::sigwait(&sigs, &mut sig) };
+            log::info!("signal {sig}: unmounting {}", point.display());
+            if let Err(e) = unmount(&point, true) {
+                log::warn!("unmount {}: {e}", point.display());
+            }
+            drop(session);
+            std::process::exit(0);
+        })
+        .map_err(|e| Error::io("thread", e))?;
+    Ok(())
 }
 
 /// FUSE mounts start with the kernel's default read-ahead (128 KiB) whatever the

@@ -374,7 +374,11 @@ impl Fs {
             if ino == ROOT {
                 return Err(Error::Corrupt("the root directory has link count 0".into()));
             }
-            log::info!("removing orphan inode {ino}");
+            if opts.readonly {
+                log::debug!("orphan inode {ino}: left out of this read-only open");
+            } else {
+                log::info!("removing orphan inode {ino}");
+            }
             for e in st.reader.extents(ino)? {
                 st.alloc.free(e.vol, e.len);
             }
@@ -427,7 +431,18 @@ impl Fs {
         };
         fs.engine.load_sums(fs.geo.tracks(), &loaded.sums);
         fs.engine
-            .load(&fs, loaded.pairs, loaded.clean, loaded.next_pair)?;
+            // A read-only open recovers nothing after an unclean stop: the record
+            // bitmaps it would widen serve only a later update, and widening them walks
+            // every pair's scope (a secondary's copy mount opens once per commit).
+            .load(
+                &fs,
+                loaded.pairs,
+                loaded.clean || fs.opts.readonly,
+                loaded.next_pair,
+            )?;
+        fs.engine
+            .clean_at_load
+            .store(loaded.clean, std::sync::atomic::Ordering::Relaxed);
         fs.engine.load_gens(&fs, loaded.gens)?;
         if !fs.opts.readonly && fs.opts.volume_image.is_some() {
             fs.migrator.resume(&fs.durability, &fs.meta)?;

@@ -326,7 +326,7 @@ pub fn lock_volume(p: &Paths, exclusive: bool) -> Result<VolumeLock> {
 }
 
 /// Opens a volume for mounting (or for fsck): checks lock, headers and geometry.
-pub fn open(p: &Paths, mut opts: Options) -> Result<(Fs, VolumeLock)> {
+pub fn open(p: &Paths, opts: Options) -> Result<(Fs, VolumeLock)> {
     if !is_uri(&p.volume) && !p.volume.exists() {
         return Err(Error::NotFound(format!(
             "volume image {}",
@@ -334,6 +334,19 @@ pub fn open(p: &Paths, mut opts: Options) -> Result<(Fs, VolumeLock)> {
         )));
     }
     let lk = lock_volume(p, !opts.readonly)?;
+    Ok((open_unlocked(p, opts)?, lk))
+}
+
+/// [`open`] without the mount lock: for a caller that holds it already (the secondary's
+/// copy mount, `repl::follow`, opens its volume read-only at each committed state while
+/// `replica serve` holds the lock and writes it).
+pub fn open_unlocked(p: &Paths, mut opts: Options) -> Result<Fs> {
+    if !is_uri(&p.volume) && !p.volume.exists() {
+        return Err(Error::NotFound(format!(
+            "volume image {}",
+            p.volume.display()
+        )));
+    }
     let mut meta = Meta::open(&p.meta, opts.readonly)?;
     if !opts.readonly
         && let Some(of) = meta.super_value(REPLICA_KEY)?
@@ -404,7 +417,7 @@ pub fn open(p: &Paths, mut opts: Options) -> Result<(Fs, VolumeLock)> {
     if let Some(s) = sink {
         fs.durability.add_sink(s);
     }
-    Ok((fs, lk))
+    Ok(fs)
 }
 
 /// `super` rows of a primary whose replica link ended cleanly in sync (`repl::link`):

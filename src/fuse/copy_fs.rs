@@ -1,6 +1,9 @@
 //! FUSE adapter of the copy mount: a read-only tree of every frozen copy, each object
 //! at its split-time path with its split-time attributes and xattrs. The tree is the
 //! core's frozen view ([`crate::snap::view`]); this adapter only converts and replies.
+//! It serves a mounted volume's [`Fs`] (`Arc<Fs>`), or any other [`Source`] of one: the
+//! secondary of a replica link serves its copies from the state it last committed
+//! (`crate::repl::follow`).
 
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
@@ -24,9 +27,25 @@ use crate::snap::view::{Content, FrozenView, VIEW_ROOT, ViewAttr, ViewNode};
 /// directory, open files) can still see of the previous instant.
 const TTL: Duration = Duration::from_secs(1);
 
+/// Where the copy mount's file system comes from.
+pub trait Source: Send + Sync + 'static {
+    /// Runs `f` once with the file system to answer one request from, which stays
+    /// consistent (its frozen copies' data in place) until `f` returns; an errno when
+    /// no frozen copy can be served now.
+    fn with_fs(&self, f: &mut dyn FnMut(&Fs)) -> Result<(), Errno>;
+}
+
+/// A mounted volume serves its own frozen copies.
+impl Source for Arc<Fs> {
+    fn with_fs(&self, f: &mut dyn FnMut(&Fs)) -> Result<(), Errno> {
+        f(self);
+        Ok(())
+    }
+}
+
 /// The copy mount.
 pub struct CopyFs {
-    fs: Arc<Fs>,
+    src: Box<dyn Source>,
 }
 
 fn file_type(k: FrozenKind) -> FileType {
@@ -75,33 +94,64 @@ pub fn invalidate_on_change(fs: Arc<Fs>, notifier: fuser::Notifier) -> std::io::
             while rx.recv().is_ok() {
                 while rx.try_recv().is_ok() {}
                 let new = fs.engine.top_names(&*fs);
-                let mut names: Vec<&[u8]> =
-                    old.iter().chain(new.iter()).map(Vec::as_slice).collect();
-                names.sort();
-                names.dedup();
-                for n in names {
-                    if let Err(e) = notifier.inval_entry(INodeNo(VIEW_ROOT), OsStr::from_bytes(n))
-                        && e.raw_os_error() != Some(libc::ENOENT)
-                    {
-                        log::debug!("copy mount: invalidate {}: {e}", String::from_utf8_lossy(n));
-                    }
-                }
-                let _ = notifier.inval_inode(INodeNo(VIEW_ROOT), -1, 0);
-                drop(old);
+                invalidate(&notifier, old.iter().chain(new.iter()));
                 old = new;
             }
         })?;
     Ok(())
 }
 
+/// Spawns a thread that drops the kernel's cached `names` in the copy mount's root (and
+/// the root's attributes) for every list received: a [`Source`] whose frozen set
+/// changed sends the top-level names of its old and new view.
+pub fn invalidate_names(
+    rx: std::sync::mpsc::Receiver<Vec<Vec<u8>>>,
+    notifier: fuser::Notifier,
+) -> std::io::Result<()> {
+    std::thread::Builder::new()
+        .name("pairfs-copy-inval".into())
+        .spawn(move || {
+            while let Ok(names) = rx.recv() {
+                invalidate(&notifier, names.iter());
+            }
+        })?;
+    Ok(())
+}
+
+fn invalidate<'a>(notifier: &fuser::Notifier, names: impl Iterator<Item = &'a Vec<u8>>) {
+    let mut names: Vec<&[u8]> = names.map(Vec::as_slice).collect();
+    names.sort();
+    names.dedup();
+    for n in names {
+        if let Err(e) = notifier.inval_entry(INodeNo(VIEW_ROOT), OsStr::from_bytes(n))
+            && e.raw_os_error() != Some(libc::ENOENT)
+        {
+            log::debug!("copy mount: invalidate {}: {e}", String::from_utf8_lossy(n));
+        }
+    }
+    let _ = notifier.inval_inode(INodeNo(VIEW_ROOT), -1, 0);
+}
+
 impl CopyFs {
-    /// Serves the frozen copies of `fs`.
-    pub fn new(fs: Arc<Fs>) -> Self {
-        CopyFs { fs }
+    /// Serves the frozen copies of `src` (an `Arc<Fs>`, or another [`Source`]).
+    pub fn new(src: impl Source) -> Self {
+        CopyFs { src: Box::new(src) }
     }
 
-    fn view(&self) -> Arc<FrozenView> {
-        self.fs.engine.view(&*self.fs, self.fs.track_size)
+    /// Runs `f` on the source's file system, held for its duration.
+    fn run<T>(&self, f: impl FnOnce(&Fs) -> Result<T, Errno>) -> Result<T, Errno> {
+        let mut f = Some(f);
+        let mut out = None;
+        self.src.with_fs(&mut |fs| {
+            if let Some(f) = f.take() {
+                out = Some(f(fs));
+            }
+        })?;
+        out.unwrap_or(Err(Errno::EIO))
+    }
+
+    fn view(&self) -> Result<Arc<FrozenView>, Errno> {
+        self.run(|fs| Ok(fs.engine.view(fs, fs.track_size)))
     }
 
     /// Runs `f` on node `ino` of the current view (ENOENT if absent).
@@ -110,7 +160,7 @@ impl CopyFs {
         ino: INodeNo,
         f: impl FnOnce(&ViewNode) -> Result<T, Errno>,
     ) -> Result<T, Errno> {
-        let v = self.view();
+        let v = self.view()?;
         v.get(ino.0).map_or(Err(Errno::ENOENT), f)
     }
 }
@@ -126,7 +176,10 @@ impl Filesystem for CopyFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        let v = self.view();
+        let v = match self.view() {
+            Ok(v) => v,
+            Err(e) => return reply.error(e),
+        };
         match v.lookup(parent.0, name.as_bytes()) {
             Some(n) => reply.entry(&TTL, &attr(&n.attr), Generation(0)),
             None => reply.error(Errno::ENOENT),
@@ -141,7 +194,10 @@ impl Filesystem for CopyFs {
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
-        let v = self.view();
+        let v = match self.view() {
+            Ok(v) => v,
+            Err(e) => return reply.error(e),
+        };
         match v.get(ino.0).map(|n| &n.content) {
             Some(Content::Symlink(t)) => reply.data(t),
             Some(_) => reply.error(Errno::EINVAL),
@@ -177,24 +233,23 @@ impl Filesystem for CopyFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        let file = self.with(ino, |n| match n.content {
-            Content::File { pair, idx, ino } => Ok((pair, idx, ino)),
-            _ => Err(Errno::EISDIR),
+        // The view and the data under one hold of the source.
+        let r = self.run(|fs| {
+            let v = fs.engine.view(fs, fs.track_size);
+            let (id, idx, fino) = match v.get(ino.0).map(|n| &n.content) {
+                Some(Content::File { pair, idx, ino }) => (*pair, *idx, *ino),
+                Some(_) => return Err(Errno::EISDIR),
+                None => return Err(Errno::ENOENT),
+            };
+            fs.engine
+                .read_frozen_of(fs, (id, idx, Some(fino)), offset, size)
+                .map_err(|e| {
+                    log::warn!("copy mount read: {e}");
+                    Errno::from_i32(e.errno())
+                })
         });
-        match file {
-            Ok((id, idx, fino)) => {
-                match self
-                    .fs
-                    .engine
-                    .read_frozen_of(&*self.fs, (id, idx, Some(fino)), offset, size)
-                {
-                    Ok(d) => reply.data(&d),
-                    Err(e) => {
-                        log::warn!("copy mount read: {e}");
-                        reply.error(Errno::from_i32(e.errno()))
-                    }
-                }
-            }
+        match r {
+            Ok(d) => reply.data(&d),
             Err(e) => reply.error(e),
         }
     }
@@ -228,7 +283,10 @@ impl Filesystem for CopyFs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        let v = self.view();
+        let v = match self.view() {
+            Ok(v) => v,
+            Err(e) => return reply.error(e),
+        };
         let Some(n) = v.get(ino.0) else {
             reply.error(Errno::ENOENT);
             return;
@@ -266,13 +324,20 @@ impl Filesystem for CopyFs {
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        let s = self.fs.statfs();
-        let blocks = s.tracks * s.track_size / 4096;
-        reply.statfs(blocks, 0, 0, 0, 0, 4096, 255, 4096);
+        match self.run(|fs| Ok(fs.statfs())) {
+            Ok(s) => {
+                let blocks = s.tracks * s.track_size / 4096;
+                reply.statfs(blocks, 0, 0, 0, 0, 4096, 255, 4096);
+            }
+            Err(e) => reply.error(e),
+        }
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
-        let v = self.view();
+        let v = match self.view() {
+            Ok(v) => v,
+            Err(e) => return reply.error(e),
+        };
         let r = match v.get(ino.0) {
             Some(n) => n
                 .xattr(name.as_bytes())
@@ -284,7 +349,10 @@ impl Filesystem for CopyFs {
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
-        let v = self.view();
+        let v = match self.view() {
+            Ok(v) => v,
+            Err(e) => return reply.error(e),
+        };
         let r = match v.get(ino.0) {
             Some(n) => Ok(n.xattr_names()),
             None => Err(crate::Error::NotFound("copy-mount inode".into())),

@@ -10,6 +10,8 @@
 //!   secondary's ack (`sync` mode); reconnection with replay of unacked records.
 //! - [`bitmap`]: the primary's persistent out-of-sync bitmap and activity log.
 //! - [`secondary`]: `pairfs replica serve` and `pairfs replica promote`.
+//! - [`follow`]: the secondary's copy mount (`replica serve --copy-mount`), served from
+//!   its last committed state while it applies the stream.
 //!
 //! The stream carries what the primary makes durable in the order it does: so the
 //! secondary, applying it in order and fsyncing before every ack, holds at each ack
@@ -17,6 +19,7 @@
 
 pub mod bitmap;
 pub mod capture;
+pub mod follow;
 pub mod link;
 pub mod proto;
 pub mod secondary;

@@ -24,6 +24,7 @@
 use std::io::{BufReader, BufWriter, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use rusqlite::{Connection, OptionalExtension};
@@ -31,6 +32,7 @@ use rusqlite::{Connection, OptionalExtension};
 use crate::core::volfile::{self, Paths, REPLICA_KEY};
 use crate::error::{Error, Result};
 use crate::repl::capture::Applier;
+use crate::repl::follow::Follower;
 use crate::repl::proto::{self, Image, Key, Msg, VERSION};
 use crate::store::volume::{FileVolume, Volume};
 
@@ -278,6 +280,9 @@ struct Conn<'a> {
     r: BufReader<TcpStream>,
     w: BufWriter<TcpStream>,
     peer: String,
+    /// The copy mount (`--copy-mount`): commits wait for its running requests, and it
+    /// serves nothing while the volume is not consistent.
+    copies: Option<&'a Arc<Follower>>,
     /// The primary proved the key: errors of this side may be told to it.
     authed: bool,
     /// A `Refuse` was sent (the primary knows why the connection ends).
@@ -467,6 +472,9 @@ impl Conn<'_> {
                     }
                     next = q + 1;
                     resync_stream = stream;
+                    if let Some(f) = self.copies {
+                        f.close_gate("an online resync runs (the images are not consistent)");
+                    }
                     match open.as_mut() {
                         // An old primary's database is replaced at `ResyncMetaEnd`.
                         Some(_) if rejoining => {}
@@ -561,10 +569,16 @@ impl Conn<'_> {
                     }
                 }
                 Msg::SyncBegin { stream } => {
+                    if let Some(f) = self.copies {
+                        f.close_gate("a full sync runs");
+                    }
                     drop(open.take());
                     rejoining = false;
                     let s = self.full_sync(stream, size, &want)?;
                     open = Some(open_replica(self.p)?);
+                    if let Some(f) = self.copies {
+                        f.open_gate();
+                    }
                     next = s + 1;
                     self.send(&Msg::Ack { seq: s })?;
                     log::info!("replica: full sync from {} done", self.peer);
@@ -591,7 +605,13 @@ impl Conn<'_> {
                         );
                     }
                     next += 1;
-                    if let Err(e) = apply(o, &m, size) {
+                    // A commit changes what the frozen copies are made of: not while
+                    // the copy mount serves a request from the state before it.
+                    let applied = match (self.copies, &m) {
+                        (Some(f), Msg::Commit { .. }) => f.change(|| apply(o, &m, size)),
+                        _ => apply(o, &m, size),
+                    };
+                    if let Err(e) = applied {
                         let reason = format!("applying record {q} failed: {e}");
                         return Err(self.refuse(reason));
                     }
@@ -603,6 +623,9 @@ impl Conn<'_> {
                     }
                     if matches!(m, Msg::ResyncEnd { .. }) {
                         log::info!("replica: resync from {} done at record {q}", self.peer);
+                        if let Some(f) = self.copies {
+                            f.open_gate();
+                        }
                     }
                 }
             }
@@ -803,7 +826,16 @@ fn image_of(o: &Open, i: Image) -> &FileVolume {
 /// `rejoin`: VOLUME may be an old primary (after `replica promote` of its secondary):
 /// it is taken over by the new primary, by its out-of-sync bitmap if that lines up with
 /// the new primary's, else by a full sync.
-pub fn serve(volume: &Path, listen: &str, key: &Key, rejoin: bool) -> Result<()> {
+///
+/// `copies` (`--copy-mount`): called once the volume is locked and checked, with the
+/// source the copy mount serves from; it mounts it.
+pub fn serve(
+    volume: &Path,
+    listen: &str,
+    key: &Key,
+    rejoin: bool,
+    copies: Option<&dyn Fn(Arc<Follower>) -> Result<()>>,
+) -> Result<()> {
     let p = Paths::new(volume, None, None);
     let _lock = volfile::lock_volume(&p, true).map_err(|_| {
         Error::Locked(format!(
@@ -820,6 +852,23 @@ pub fn serve(volume: &Path, listen: &str, key: &Key, rejoin: bool) -> Result<()>
         )));
     }
     let l = TcpListener::bind(listen).map_err(|e| Error::io("replica listen", e))?;
+    let follower = match copies {
+        Some(mount) => {
+            let closed = match &state {
+                Local::Replica {
+                    inconsistent: false,
+                    ..
+                } => None,
+                Local::Replica { .. } => Some("an online resync is not finished"),
+                Local::Fresh(_) => Some("no full sync yet"),
+                _ => Some("an old primary rejoining: served once it is a replica in sync"),
+            };
+            let f = Follower::new(p.clone(), closed);
+            mount(f.clone())?;
+            Some(f)
+        }
+        None => None,
+    };
     log::info!(
         "replica: serving {} on {} ({})",
         p.volume.display(),
@@ -860,6 +909,7 @@ pub fn serve(volume: &Path, listen: &str, key: &Key, rejoin: bool) -> Result<()>
                 r: BufReader::with_capacity(1 << 20, r),
                 w: BufWriter::new(w),
                 peer: peer.clone(),
+                copies: follower.as_ref(),
                 authed: false,
                 refused: false,
             };

@@ -1774,6 +1774,52 @@ impl Engine {
         v.generation() == self.view_gen.load(Ordering::Acquire)
     }
 
+    /// What identifies the frozen set: every frozen pair's id and instant, every named
+    /// generation's id and instant. Two engines loaded from committed states of one
+    /// volume with equal identities serve the same view: the instants are the same
+    /// (a split, update, resync, release or error changes the identity), and only
+    /// where their data lies may differ, which reads resolve when they run.
+    pub fn frozen_identity(&self) -> Vec<(PairId, i64)> {
+        let mut v: Vec<(PairId, i64)> = self
+            .slots()
+            .iter()
+            .filter_map(|s| {
+                let p = s.lock();
+                p.state.is_frozen().then_some((p.id, p.split_ns))
+            })
+            .collect();
+        v.extend(self.gen_identity());
+        v.sort_unstable();
+        v
+    }
+
+    /// Takes over what `old`, an engine of an earlier committed state of the same
+    /// volume, built of the view: its inode numbering always (a path keeps its
+    /// copy-mount inode number, so the kernel's cached numbers stay right), and its
+    /// current view too when `same_set` (equal [`Engine::frozen_identity`]), so nothing
+    /// is walked again. Used by a copy mount that follows a volume another process
+    /// writes (`pairfs replica serve --copy-mount`).
+    pub fn adopt_view(&self, old: &Engine, same_set: bool) {
+        let numbering = old
+            .view_numbering
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        *self
+            .view_numbering
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = numbering;
+        if !same_set {
+            return;
+        }
+        let v = old.view.read().unwrap_or_else(|p| p.into_inner()).clone();
+        if old.view_is_current(&v) && !v.is_empty() {
+            let mut mine = self.view.write().unwrap_or_else(|p| p.into_inner());
+            self.view_gen.store(v.generation(), Ordering::Release);
+            *mine = v;
+        }
+    }
+
     /// The frozen view of every pair in a frozen state (what the copy mount serves).
     /// Built once per change of the frozen set; callers share it.
     pub fn view(&self, ns: &dyn Namespace, ts: u64) -> Arc<FrozenView> {

@@ -170,7 +170,7 @@ impl FrozenView {
 }
 
 /// Copy-mount inode numbers by path, kept across rebuilds so a path keeps its number.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct Numbering {
     by_path: HashMap<String, u64>,
     next: u64,

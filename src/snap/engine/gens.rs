@@ -606,6 +606,14 @@ impl Engine {
     }
 
     /// The `@NAME` names at the copy mount's root.
+    /// Every named generation's id and instant (see [`Engine::frozen_identity`]).
+    pub(super) fn gen_identity(&self) -> Vec<(PairId, i64)> {
+        self.all_gens()
+            .iter()
+            .map(|s| (s.id, s.lock().p.split_ns))
+            .collect()
+    }
+
     pub(super) fn gen_top_names(&self) -> Vec<Vec<u8>> {
         self.all_gens()
             .iter()
