@@ -2983,6 +2983,23 @@ fn a_failing_secondary_disk_eio_with_continue_leaves_the_primary_serving_then_ca
     let _ = compare_sides(&mut v, &s);
 }
 
+/// Kills -9 the daemon mounted on the image if the test fails: a `block` primary whose
+/// secondary is gone would keep its stalled writer (and so the test process) forever.
+struct KillOnPanic(PathBuf);
+
+impl Drop for KillOnPanic {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let pat = format!(" mount {} ", self.0.display());
+            if let Ok(out) = Command::new("pgrep").arg("-f").arg(&pat).output() {
+                for p in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+                    let _ = Command::new("kill").args(["-9", p]).output();
+                }
+            }
+        }
+    }
+}
+
 #[test]
 fn a_failing_secondary_disk_eio_with_block_stalls_fsync_until_it_is_repaired() {
     let disk = FailingDisk::new("block");
@@ -2990,6 +3007,7 @@ fn a_failing_secondary_disk_eio_with_block_stalls_fsync_until_it_is_repaired() {
     let key = key_file(v.dir.path(), "key", "0123456789abcdef-eio-block");
     let mut s = Secondary::start_in(&disk.mnt, v.dir.path(), &key);
     ok(&mount_replica(&mut v, &s, &[]), "mount (sync, block)");
+    let _kill = KillOnPanic(v.img.clone());
     std::fs::create_dir(v.path("d")).unwrap();
     write_fsync(&v.path("d/a"), &block(1, 1, 100_000));
     ok(
