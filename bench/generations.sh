@@ -10,7 +10,9 @@
 #     are split one after another (wall time of `pairfs split --generation`, median of the 8),
 #     (--quick also shrinks B to a 256 MiB file and 3 s runs: the form CI runs)
 #     and the copy mount's first listing of all eight (`find COPY/@g*`, which builds the view:
-#     a walk of each generation's unchanged tree) is timed.
+#     a walk of each generation's unchanged tree) is timed; then the same listing again (the
+#     view is current: the traversal alone), and once more after refreshing g8 (`split
+#     --generation g8` again: one generation's instant changed, the other seven did not).
 #  B. Write cost: a 1 GiB file is paired (forming copy awaited, so the pair itself costs
 #     nothing); fio 4 KiB random writes, O_DIRECT, QD1, 8 s each: with no generation; right
 #     after one generation (every first overwrite of a track saves it); the same again (most
@@ -63,7 +65,7 @@ sizes="1000 10000 100000"
 [[ $QUICK == 1 ]] && sizes="1000 10000"
 part A || sizes=""
 [[ -n $sizes ]] && echo "## A. split latency of a generation against the scope size" &&
-    printf '%-10s %14s %14s %16s\n' files split_ms_med first_find_s objects_listed
+    printf '%-10s %14s %14s %10s %16s %16s\n' files split_ms_med first_find_s again_s after_refresh_s objects_listed
 for n in $sizes; do
     d=$MNT/t$n
     log "making $n files"
@@ -85,7 +87,15 @@ EOF
     t0=$(date +%s%N)
     listed=$(find "$COPY"/@g* | wc -l)
     t1=$(date +%s%N)
-    printf '%-10s %14s %14.2f %16s\n' "$n" "$(cat "$WORK/split.ms")" "$(echo "($t1 - $t0) / 1000000000" | bc -l)" "$listed"
+    find "$COPY"/@g* >/dev/null
+    t2=$(date +%s%N)
+    "$PF" split --generation g8 "$d" >/dev/null
+    t3=$(date +%s%N)
+    find "$COPY"/@g* >/dev/null
+    t4=$(date +%s%N)
+    printf '%-10s %14s %14.2f %10.2f %16.2f %16s\n' "$n" "$(cat "$WORK/split.ms")" \
+        "$(echo "($t1 - $t0) / 1000000000" | bc -l)" "$(echo "($t2 - $t1) / 1000000000" | bc -l)" \
+        "$(echo "($t4 - $t3) / 1000000000" | bc -l)" "$listed"
     "$PF" release "$d" >/dev/null
 done
 

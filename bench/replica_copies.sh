@@ -25,7 +25,7 @@ FILES=${1:-$FILES}
 T=$(mktemp -d "${PRIMARY_DIR:-/var/tmp}/pairfs-bench-rcopy.XXXXXX")
 mkdir -p "$T/pm" "$T/pc" "$T/sc"
 cleanup() {
-  [ -n "${RP:-}" ] && kill "$RP" 2>/dev/null
+  [ -n "${RP:-}" ] && kill -- -"$RP" 2>/dev/null
   "$BIN" umount "$T/pm" 2>/dev/null || fusermount3 -u "$T/pm" 2>/dev/null || true
   [ -n "${SP:-}" ] && kill "$SP" 2>/dev/null && sleep 0.5
   umount -l "$T/sc" 2>/dev/null || true
@@ -34,7 +34,8 @@ cleanup() {
 trap cleanup EXIT
 head -c 32 /dev/urandom | base64 > "$T/key"; chmod 600 "$T/key"
 PORT=$((20000 + RANDOM % 20000))
-"$BIN" mkfs "$T/p.img" --size $((BIG_MIB * 3 / 1024 + 4))G >/dev/null
+# Every small file takes a track (64 KiB) of the volume.
+"$BIN" mkfs "$T/p.img" --size $((FILES / 16384 + BIG_MIB * 3 / 1024 + 2))G >/dev/null
 RUST_LOG=info,pairfs::repl::follow=debug "$BIN" replica serve "$T/s.img" \
   --listen 127.0.0.1:$PORT --key-file "$T/key" --copy-mount "$T/sc" 2>"$T/s.log" &
 SP=$!
@@ -74,17 +75,29 @@ fio_run() { # name -> "iops p50_us p99_us"
     --ioengine=psync --time_based --runtime="$SECS" --output-format=json 2>/dev/null |
     python3 -c 'import json,sys; j=json.load(sys.stdin)["jobs"][0]["write"]; c=j["clat_ns"]["percentile"]; print("%.0f %.0f %.0f" % (j["iops"], c["50.000000"]/1e3, c["99.000000"]/1e3))'
 }
-reader() { # copy mount; loops until killed; bytes read to $T/read.bytes
-  local total=0 b
-  while :; do
-    b=$(tar -cf - -C "$1" d | wc -c)
-    total=$((total + b)); echo "$total" > "$T/read.bytes"
-  done
+COUNTER='
+import os, sys
+n, out = 0, sys.argv[1]
+while True:
+    b = sys.stdin.buffer.read1(1 << 20)
+    if not b:
+        break
+    n += len(b)
+    with open(out + ".tmp", "w") as f:
+        f.write(str(n))
+    os.replace(out + ".tmp", out)
+'
+reader() { # copy mount: tars it to a byte counter in a loop (its own process group, RP);
+  # bytes read so far in $T/read.bytes (a tar of 100,000 files outlasts a phase)
+  setsid bash -c 'while :; do tar -cf - -C "$0" d; done | python3 -c "$2" "$1"' \
+    "$1" "$T/read.bytes" "$COUNTER" &
+  RP=$!
 }
+stop_reader() { kill -- -"$RP" 2>/dev/null || true; wait "$RP" 2>/dev/null || true; RP=; }
 read_rate() { # seconds -> MiB/s of the reader
   rm -f "$T/read.bytes"; local t0; t0=$(date +%s.%N)
-  reader "$T/sc" & RP=$!
-  sleep "$1"; kill "$RP"; wait "$RP" 2>/dev/null || true; RP=
+  reader "$T/sc"
+  sleep "$1"; stop_reader
   echo "$(cat "$T/read.bytes" 2>/dev/null || echo 0) / 1048576 / ($(date +%s.%N) - $t0)" | bc -l
 }
 alone=$(read_rate "$SECS")
@@ -92,9 +105,9 @@ read -r i0 a0 b0 <<<"$(fio_run alone)"
 under() { # copy mount -> "iops p50 p99 MiB/s"
   rm -f "$T/read.bytes"
   local t0 r; t0=$(date +%s.%N)
-  reader "$1" & RP=$!
+  reader "$1"
   r=$(fio_run "under")
-  kill "$RP"; wait "$RP" 2>/dev/null || true; RP=
+  stop_reader
   echo "$r $(echo "$(cat "$T/read.bytes" 2>/dev/null || echo 0) / 1048576 / ($(date +%s.%N) - $t0)" | bc -l)"
 }
 read -r i1 a1 b1 _ <<<"$(under "$T/pc")"

@@ -2349,6 +2349,136 @@ fn the_secondary_serves_its_frozen_copies_while_it_replicates() {
     v.fsck();
 }
 
+#[test]
+fn a_promoted_secondary_mounts_while_the_old_primary_is_down_and_it_rejoins_later_by_bitmap() {
+    let _heavy = heavy();
+    let mut v = Vol::new("512M");
+    let key = key_file(v.dir.path(), "key", "0123456789abcdef-failover");
+    let mut s = Secondary::start(v.dir.path(), &key);
+    ok(&mount_replica(&mut v, &s, &[]), "mount P");
+    std::fs::create_dir(v.path("d")).unwrap();
+    write_fsync(&v.path("d/big"), &block(1, 1, 32 << 20));
+    ok(
+        &pairfs(&["split", v.path("d").to_str().unwrap(), "--wait"]),
+        "split d",
+    );
+    for i in 0..20u64 {
+        write_fsync(&v.path(&format!("d/f{i}")), &block(i, 1, 40_000));
+    }
+    wait_in_sync(&v.mnt, "before the crash");
+    // Checkpoints of P's bitmap clear the regions written above from its activity log.
+    std::thread::sleep(Duration::from_millis(3000));
+    v.kill9();
+    s.stop("-TERM");
+    ok(
+        &pairfs(&["replica", "promote", s.img.to_str().unwrap()]),
+        "promote S",
+    );
+    // The old primary is down: S mounts with --replica to where it will be, and serves.
+    let p_addr = format!("127.0.0.1:{}", free_port());
+    let smnt = v.dir.path().join("smnt");
+    let scopy = v.dir.path().join("scopy");
+    std::fs::create_dir_all(&smnt).unwrap();
+    std::fs::create_dir_all(&scopy).unwrap();
+    let slog = v.dir.path().join("new-primary.log");
+    let out = Command::new(BIN)
+        .args(["mount", s.img.to_str().unwrap(), smnt.to_str().unwrap()])
+        .args(["--copy-mount", scopy.to_str().unwrap(), "--daemon"])
+        .args(["--replica", &p_addr, "--key-file", key.to_str().unwrap()])
+        .args(["--on-disconnect", "continue"])
+        .env("PAIRFS_LOG_FILE", &slog)
+        .env("RUST_LOG", "info")
+        .output()
+        .unwrap();
+    ok(
+        &out,
+        "mount S with --replica to the old primary, which is down",
+    );
+    let said = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(said.contains("serving without the secondary"), "{said}");
+    assert!(said.contains("out of sync by the bitmap"), "{said}");
+    let line = replica_line(&smnt);
+    assert!(!line.starts_with("in_sync"), "{line}");
+    // S works alone: a new file, overwrites of the big file, a split of another dir.
+    write_fsync(&smnt.join("d/on-s"), &block(5, 1, 2 << 20));
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(smnt.join("d/big"))
+            .unwrap();
+        for i in 0..100u64 {
+            f.write_all_at(&block(i, 9, 4096), (i * 37 % 8_000) * 4096)
+                .unwrap();
+        }
+        f.sync_all().unwrap();
+    }
+    std::fs::create_dir(smnt.join("e")).unwrap();
+    write_fsync(&smnt.join("e/x"), &block(6, 1, 100_000));
+    ok(
+        &pairfs(&["split", smnt.join("e").to_str().unwrap(), "--wait"]),
+        "split e on S",
+    );
+    // The old primary comes back and rejoins: by bitmap, not a full sync.
+    let mut p = Secondary {
+        img: v.img.clone(),
+        addr: p_addr,
+        key: key.clone(),
+        log: v.dir.path().join("old-primary.log"),
+        child: None,
+        extra: vec!["--rejoin"],
+    };
+    p.restart();
+    wait_in_sync(&smnt, "the old primary rejoined");
+    let plog = p.log();
+    assert!(!plog.contains("full sync"), "{plog}");
+    assert!(plog.contains("took the database"), "{plog}");
+    let log = std::fs::read_to_string(&slog).unwrap();
+    let line = log
+        .lines()
+        .rev()
+        .find(|l| l.contains("resync sent:"))
+        .unwrap_or_else(|| panic!("no resync in {log}"));
+    let sent: u64 = line
+        .split_once("block data (")
+        .unwrap()
+        .1
+        .split_once(' ')
+        .unwrap()
+        .0
+        .parse()
+        .unwrap();
+    let full: u64 = [
+        s.img.clone(),
+        PathBuf::from(format!("{}.copy", s.img.display())),
+    ]
+    .iter()
+    .map(|f| std::fs::metadata(f).unwrap().blocks() * 512)
+    .sum();
+    let rejoin_line = log.lines().find(|l| l.contains("rejoins as the secondary"));
+    eprintln!(
+        "failover then rejoin: the resync sent {sent} bytes of blocks, a full sync about {full} ({line}; {rejoin_line:?})"
+    );
+    assert!(
+        rejoin_line.is_some_and(|l| l.contains("resync by bitmap")),
+        "{log}"
+    );
+    assert!(
+        sent * 2 < full,
+        "resync sent {sent} bytes, a full sync {full}"
+    );
+    ok(&pairfs(&["umount", smnt.to_str().unwrap()]), "umount S");
+    p.stop("-TERM");
+    ok(
+        &pairfs(&["replica", "promote", v.img.to_str().unwrap()]),
+        "promote the old primary",
+    );
+    v.fsck();
+    ok(&pairfs(&["fsck", s.img.to_str().unwrap()]), "fsck S");
+    let ca = compare_sides(&mut v, &s);
+    assert!(ca.iter().any(|l| l.starts_with("e/x ")), "{ca:?}");
+}
+
 /// Kills (-9) the daemon mounted on `img` (found by its command line) and lazily
 /// unmounts its dead mounts.
 fn kill9_mount(img: &Path, mounts: &[&Path]) {

@@ -53,7 +53,8 @@ DEBIAN_FRONTEND=noninteractive apt-get install -y -q --reinstall "$(realpath "$d
 dpkg -L pairfs >"$tmp/dpkg-L"
 for f in /usr/sbin/pairfs /usr/sbin/mount.fuse.pairfs /usr/share/man/man8/pairfs.8.gz \
     /usr/share/man/man7/pairfs-pairs.7.gz /usr/share/bash-completion/completions/pairfs \
-    /lib/systemd/system/pairfs@.service /lib/systemd/system/pairfs-split@.service; do
+    /lib/systemd/system/pairfs@.service /lib/systemd/system/pairfs-split@.service \
+    /lib/systemd/system/pairfs-replica@.service /usr/share/man/man8/pairfs-replica-serve.8.gz; do
     grep -qx "$f" "$tmp/dpkg-L" || { echo "the package does not ship $f" >&2; exit 1; }
 done
 [ "$(readlink -f /sbin/mount.fuse.pairfs)" = /usr/sbin/pairfs ] ||
@@ -70,7 +71,8 @@ if command -v systemd-analyze >/dev/null; then
         /lib/systemd/system/pairfs-split-daily@mnt-vol-db.timer \
         /lib/systemd/system/pairfs-split-hourly@mnt-vol-db.service \
         /lib/systemd/system/pairfs-split-daily@mnt-vol-db.service \
-        /lib/systemd/system/pairfs-textfile.service /lib/systemd/system/pairfs-textfile.timer)
+        /lib/systemd/system/pairfs-textfile.service /lib/systemd/system/pairfs-textfile.timer \
+        /lib/systemd/system/pairfs-replica@vol.service)
 fi
 
 step "cargo test --release (unit + mount tests)"

@@ -8,7 +8,8 @@ use clap::CommandFactory;
 use crate::cli::args::Cli;
 use crate::error::{Error, Result};
 
-/// Writes `pairfs.8` and `pairfs-<sub>.8` for every subcommand into `dir`.
+/// Writes `pairfs.8` and `pairfs-<sub>.8` for every subcommand into `dir`, and
+/// `pairfs-<sub>-<subsub>.8` for nested ones (`pairfs-replica-serve.8`).
 pub fn write_all(dir: &Path) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| Error::io("man dir", e))?;
     let cmd = Cli::command();
@@ -19,6 +20,10 @@ pub fn write_all(dir: &Path) -> Result<()> {
         }
         let name = format!("pairfs-{}", sub.get_name());
         write_one(dir, &name, sub.clone().name(name.clone().leak() as &str))?;
+        for subsub in sub.get_subcommands() {
+            let name = format!("pairfs-{}-{}", sub.get_name(), subsub.get_name());
+            write_one(dir, &name, subsub.clone().name(name.clone().leak() as &str))?;
+        }
     }
     Ok(())
 }

@@ -250,6 +250,10 @@ pub struct Options {
     pub copy_image: Option<std::path::PathBuf>,
     /// A replica to attach at mount (`--replica`).
     pub replica: Option<crate::core::durability::ReplicaHook>,
+    /// A read-only open that never allocates (the secondary's copy mount, which opens
+    /// once per applied commit): the extent table is not scanned for the allocator, so
+    /// the allocator's free-space figures mean nothing. Needs `readonly`.
+    pub no_allocator: bool,
 }
 
 impl Default for Options {
@@ -263,6 +267,7 @@ impl Default for Options {
             volume_image: None,
             copy_image: None,
             replica: None,
+            no_allocator: false,
         }
     }
 }
@@ -379,8 +384,10 @@ impl Fs {
             } else {
                 log::info!("removing orphan inode {ino}");
             }
-            for e in st.reader.extents(ino)? {
-                st.alloc.free(e.vol, e.len);
+            if !opts.no_allocator {
+                for e in st.reader.extents(ino)? {
+                    st.alloc.free(e.vol, e.len);
+                }
             }
             st.inode_count = st.inode_count.saturating_sub(1);
             st.dirty.deleted.insert(ino);

@@ -6,6 +6,7 @@
 //! | # | lock | owner | held for |
 //! |---|---|---|---|
 //! | 0 | `view_numbering` | [`Engine`](crate::snap::engine::Engine) | one rebuild of the frozen view, taken with nothing held; a lazy pair's rebuild then takes `namespace` (one directory per hold) and pair states in turn |
+//! | 0a | `view_parts` ([`PartCache`](crate::snap::view::PartCache)) | [`Engine`](crate::snap::engine::Engine) | the same rebuild, taken right after `view_numbering` and only by it (and by the test accessors `view_walks`/`forget_view_parts`, which take 0 first); the walks of lazy pairs and generations whose instant changed run under it |
 //! | 1 | `barrier` (RwLock) | [`Fs`](crate::core::fs::Fs), the facade | host changes share it; split instants take it exclusively ([`Fs::control`](crate::core::fs::Fs::control), which hands the guard to [`Engine::control`](crate::snap::engine::Engine::control)) |
 //! | 2 | inode `data_lock` (RwLock) | [`Inode`](crate::core::inode::Inode) | reads and writes share it; truncate/punch/fallocate exclusive |
 //! | 2a | `destage_lock` | [`Engine`](crate::snap::engine::Engine) | one destage round of staged copy-on-write writes (takes gates, then commits pair bits) |
@@ -18,6 +19,13 @@
 //! | 7a | the stage table | [`Engine`](crate::snap::engine::Engine) | staged tracks: look-up, patch, insert; a destage writes one track to the volume under it |
 //! | 8 | pair state `Slot::p` | [`Slot`](crate::snap::engine::Slot) | bitmap and state changes |
 //! | 8a | a generation's state (`GenSlot::g`) | the engine (`snap/engine/gens.rs`) | records, pins, saved map; several are taken together only in id order (`Engine::gen_save`'s plan) |
+//!
+//! A secondary serving its frozen copies (`replica serve --copy-mount`,
+//! [`Follower`](crate::repl::follow::Follower)) has two more, outermost: the follower's
+//! `gate` (RwLock: each copy-mount request shares it for its duration; applying a
+//! `Commit` record, or closing for a sync, takes it exclusively), then its `cur` (the
+//! read-only [`Fs`](crate::core::fs::Fs) of the last committed state; held while a
+//! newer one is opened). That `Fs`'s own locks are taken only under them.
 //!
 //! Leaves (nothing is taken while holding them): `Fs::layout` (shape-change stamps for
 //! `fdatasync`), `Fs::clones` (which writable clones depend on which pair), the engine's pair map, a slot's

@@ -403,7 +403,7 @@ pub fn open_unlocked(p: &Paths, mut opts: Options) -> Result<Fs> {
         }
         _ => (vol, copy, None),
     };
-    let loaded = meta.load()?;
+    let loaded = meta.load_with(!(opts.readonly && opts.no_allocator))?;
     if !opts.readonly {
         meta.set_clean(false)?;
     }

@@ -790,6 +790,12 @@ impl Meta {
     /// What mount needs, without reading the inode table: counters, pairs, the used
     /// track runs (a scan of the extent table only) and the orphans (an indexed query).
     pub fn load(&self) -> Result<Loaded> {
+        self.load_with(true)
+    }
+
+    /// [`Meta::load`], without the used track runs unless `extents` (a read-only open
+    /// that never allocates, `Options::no_allocator`).
+    pub fn load_with(&self, extents: bool) -> Result<Loaded> {
         let c = &self.conn;
         let get = |k: &str| -> Result<u64> {
             let v: String =
@@ -818,11 +824,13 @@ impl Meta {
             inode_count,
             ..Loaded::default()
         };
-        let mut st = c.prepare("SELECT vtrack, len FROM extents")?;
-        let rows = st.query_map([], |r| Ok((r.get::<_, u64>(0)?, r.get::<_, u64>(1)?)))?;
-        for r in rows {
-            out.used
-                .push(r.map_err(|e| corrupt(format!("bad extent row: {e}")))?);
+        if extents {
+            let mut st = c.prepare("SELECT vtrack, len FROM extents")?;
+            let rows = st.query_map([], |r| Ok((r.get::<_, u64>(0)?, r.get::<_, u64>(1)?)))?;
+            for r in rows {
+                out.used
+                    .push(r.map_err(|e| corrupt(format!("bad extent row: {e}")))?);
+            }
         }
         let mut st = c.prepare("SELECT ino FROM inodes WHERE nlink = 0")?;
         let rows = st.query_map([], |r| r.get::<_, u64>(0))?;

@@ -333,4 +333,40 @@ mod tests {
         r.push(0);
         assert!(ap.apply(&s, &r).is_err());
     }
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2000))]
+        /// A `Commit` record's rows come off the network: random bytes, and valid
+        /// records with bytes flipped, cut or appended, are errors or applied rows,
+        /// never a panic.
+        #[test]
+        fn hostile_rows_never_panic(
+            junk in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..200),
+            flips in proptest::collection::vec((0usize..400, proptest::prelude::any::<u8>()), 0..4),
+            cut in 0usize..400,
+        ) {
+            let s = Connection::open_in_memory().unwrap();
+            s.execute_batch(SCHEMA).unwrap();
+            let ap = Applier::new(&s).unwrap();
+            let _ = decode_rows(&junk);
+            let _ = ap.apply(&s, &junk);
+            let p = Connection::open_in_memory().unwrap();
+            p.execute_batch(SCHEMA).unwrap();
+            install(&p).unwrap();
+            p.execute_batch(
+                "INSERT INTO a VALUES('key', 'value'); INSERT INTO b VALUES(7, x'0102', 'z');
+                 DELETE FROM a WHERE k = 'key';",
+            )
+            .unwrap();
+            let mut r = drain(&p).unwrap();
+            for (at, b) in flips {
+                if !r.is_empty() {
+                    let n = r.len();
+                    r[at % n] ^= b;
+                }
+            }
+            r.truncate(cut.min(r.len()));
+            let _ = decode_rows(&r);
+            let _ = ap.apply(&s, &r);
+        }
+    }
 }

@@ -16,11 +16,13 @@
 //! with a read-only [`Fs`] opened from the committed state of that moment; the secondary
 //! applies each `Commit` record (and anything that replaces the database) under the
 //! exclusive hold, so no request spans a commit. The first request after a commit opens
-//! the new state (the database is read, not copied) and takes over the previous view's
-//! inode numbering — and the view itself when the frozen set did not change
-//! ([`crate::snap::engine::Engine::frozen_identity`]), so a busy primary committing every
-//! second costs a reopen, not a walk of every frozen tree. When the frozen set changed,
-//! the kernel's cached top-level names are dropped.
+//! the new state (the database is read, not copied; the extent table is not scanned)
+//! and takes over the previous view's inode numbering, the object lists of every pair
+//! and generation whose instant did not change, and the view itself when the frozen set
+//! did not change ([`crate::snap::engine::Engine::adopt_view`]): a busy primary committing
+//! every second costs a reopen, not a walk of every frozen tree, and a split or refresh
+//! of one generation walks that one. When the frozen set changed, the kernel's cached
+//! top-level names are dropped.
 //!
 //! Nothing is served while the images are not consistent: before the first full sync,
 //! during a full sync or an online resync, and on an old primary served with `--rejoin`
@@ -125,6 +127,7 @@ impl Follower {
         }
         let opts = Options {
             readonly: true,
+            no_allocator: true,
             ..Options::default()
         };
         let t = std::time::Instant::now();

@@ -179,6 +179,10 @@ struct State {
     /// The link ended with every record acked and `Bye` sent: the secondary holds exactly
     /// the primary's volume (recorded for the next mount, [`RESUME_STREAM`]).
     clean_end: bool,
+    /// Mounted while the secondary was unreachable: where the secondary stands in
+    /// `stream` past `acked` (the bitmap's floor) is unknown, so a secondary of this
+    /// stream at any record from `acked` on lacks only the marked blocks.
+    tip_unknown: bool,
     dropped_bytes: u64,
     /// Bytes of records acked since mount.
     acked_bytes: u64,
@@ -788,8 +792,10 @@ impl Link {
 
     /// The link thread: serves the connection made at mount, then reconnects: replays
     /// the unacked records, or resyncs the out-of-sync tracks.
-    fn run(self: Arc<Self>, first: TcpStream) {
-        self.run_connection(first);
+    fn run(self: Arc<Self>, first: Option<TcpStream>) {
+        if let Some(s) = first {
+            self.run_connection(s);
+        }
         let mut delay = Duration::from_millis(200);
         while !self.stop.load(Ordering::Acquire) {
             {
@@ -822,7 +828,9 @@ impl Link {
             // An old primary cut in its rejoin before it took the database: it lacks its
             // own marks (sent again) and what the drop puts back.
             let rejoined = rejoin.is_some() && stream == g.stream;
-            let same = rejoined || (stream == g.stream && seq >= g.acked && seq < g.next_seq);
+            let same = rejoined
+                || (stream == g.stream && seq >= g.acked && (seq < g.next_seq || g.tip_unknown));
+            g.tip_unknown = false;
             let replayable = same && !inconsistent && rejoin.is_none();
             if replayable && !g.out_of_sync {
                 // Everything up to `seq` is durable there: replay from seq + 1.
@@ -856,7 +864,14 @@ impl Link {
                 );
             }
             if let Some(m) = rejoin.as_ref().filter(|_| rejoined) {
+                let here = g.oos.count;
                 g.oos.merge(m);
+                log::info!(
+                    "replica {}: the old primary rejoins as the secondary of stream {stream:x} (acked up to record {seq}): resync by bitmap, {} blocks ({here} changed here, {} marked there)",
+                    self.cfg.addr,
+                    g.oos.count,
+                    m.count
+                );
             }
             if !same {
                 // The secondary holds another stream or lost records we count as acked:
@@ -875,6 +890,174 @@ impl Link {
             self.spawn_resync(epoch);
             self.run_connection(s);
         }
+    }
+
+    /// The mount goes on without the secondary (`continue`, unreachable at mount): out
+    /// of sync from the start, relative to the persistent bitmap's stream and marks
+    /// when there is one (a promoted secondary whose old primary is down: it rejoins by
+    /// bitmap when it is back), else every block. The link thread connects when it can
+    /// and resyncs, as after an outage.
+    fn start_unreachable(&self, e: &Error, stored: Option<&bitmap::Loaded>) {
+        let mut g = self.lock();
+        match stored {
+            Some(b) => {
+                let mut marks = Oos::default();
+                marks.merge(&Oos {
+                    all: false,
+                    bits: b.units.clone(),
+                    count: 0,
+                });
+                log::warn!(
+                    "replica {}: {e}; on disconnect continue: serving without the secondary, \
+                     out of sync by the bitmap of stream {:x} from record {} ({} blocks so far)",
+                    self.cfg.addr,
+                    b.stream,
+                    b.floor,
+                    marks.count
+                );
+                g.stream = b.stream;
+                g.next_seq = b.floor + 1;
+                g.acked = b.floor;
+                g.sent = b.floor;
+                g.oos = marks;
+                g.tip_unknown = true;
+            }
+            None => {
+                log::warn!(
+                    "replica {}: {e}; on disconnect continue: serving without the secondary \
+                     (no usable out-of-sync bitmap: every block is resynced when it is back)",
+                    self.cfg.addr
+                );
+                g.oos.all = true;
+            }
+        }
+        g.connected = false;
+        g.out_of_sync = true;
+        g.last_error = Some(e.to_string());
+    }
+
+    /// At mount, connected: where the stream goes on with this secondary — a rejoin by
+    /// both bitmaps, a clean resume, a resync by this volume's bitmap, or a full sync
+    /// (done here). Returns the connection and, if a resync is to run, its epoch.
+    fn agree(
+        self: &Arc<Self>,
+        peer: Peer,
+        meta: &mut Meta,
+        meta_path: &std::path::Path,
+        vol: &dyn Volume,
+        copy: &dyn Volume,
+        stored: Option<bitmap::Loaded>,
+    ) -> Result<(TcpStream, Option<u64>)> {
+        let link = self;
+        let unit = self.unit;
+        let Peer {
+            mut s,
+            stream: their_stream,
+            seq: their_seq,
+            inconsistent,
+            rejoin,
+        } = peer;
+        let resume = |k: &str| -> Result<Option<u64>> {
+            Ok(meta.super_value(k)?.and_then(|v| v.parse().ok()))
+        };
+        let clean = meta.super_value("clean")?.as_deref() == Some("1");
+        let (rs, rq) = (resume(RESUME_STREAM)?, resume(RESUME_SEQ)?);
+        // Used once: from here the primary changes.
+        if rs.is_some() || rq.is_some() {
+            meta.set_super_values(&[(RESUME_STREAM, None), (RESUME_SEQ, None)])?;
+        }
+        // The persistent bitmap is relative to the secondary's stream, from a point at
+        // least as far as the last ack it recorded. A secondary cut in a resync of that
+        // stream lacks only marked blocks too (the marks of a resync stay in the file
+        // until its end is acked) and gets the whole database again.
+        let by_bitmap = stored
+            .clone()
+            .filter(|b| rejoin.is_none() && b.stream == their_stream && their_seq >= b.floor);
+        // An old primary of the stream this volume held as its secondary (`replica
+        // promote` started the bitmap there, at the last record it held): the blocks
+        // changed here since (this bitmap) and those it may have written that never
+        // arrived here (its marks, relative to a last ack at or before that record).
+        let rejoin_marks = match (&rejoin, &stored) {
+            (Some(m), Some(b)) if b.stream == their_stream && their_seq <= b.floor => {
+                Some(m.clone())
+            }
+            (Some(_), b) => {
+                log::warn!(
+                    "replica {}: the old primary rejoining holds stream {their_stream:x} up to an ack of record {their_seq}, this volume's out-of-sync bitmap {}: they do not line up, full sync",
+                    link.cfg.addr,
+                    match b {
+                        Some(b) => format!("is of stream {:x} from record {}", b.stream, b.floor),
+                        None => "is missing (mounted without --replica since promote?)".into(),
+                    }
+                );
+                None
+            }
+            _ => None,
+        };
+        let mut resync_epoch = None;
+        if let (Some(pm), Some(b)) = (rejoin_marks, stored.as_ref()) {
+            let mut marks = Oos::default();
+            marks.merge(&Oos {
+                all: false,
+                bits: b.units.clone(),
+                count: 0,
+            });
+            let here = marks.count;
+            marks.merge(&pm);
+            log::info!(
+                "replica {}: the old primary rejoins as the secondary of stream {their_stream:x} (acked up to record {their_seq}, promoted here at record {}): resync by bitmap, {} blocks of {unit} bytes ({here} changed here, {} marked there)",
+                link.cfg.addr,
+                b.floor,
+                marks.count,
+                pm.count
+            );
+            let mut g = link.lock();
+            g.stream = their_stream;
+            g.next_seq = b.floor + 1;
+            g.acked = b.floor;
+            g.sent = b.floor;
+            g.connected = true;
+            g.out_of_sync = true;
+            g.oos = marks;
+            resync_epoch = Some(g.drops);
+        } else if rejoin.is_none()
+            && clean
+            && !inconsistent
+            && rs == Some(their_stream)
+            && rq == Some(their_seq)
+        {
+            log::info!(
+                "replica {}: the secondary is at record {their_seq} of stream {their_stream:x}, where this volume stopped cleanly: no full sync",
+                link.cfg.addr
+            );
+            let mut g = link.lock();
+            g.resume_at(their_stream, their_seq);
+        } else if let Some(b) = by_bitmap {
+            // Out of sync by the bitmap: the link resyncs those blocks (and the whole
+            // database) online, as after an outage.
+            let mut marks = Oos::default();
+            marks.merge(&Oos {
+                all: false,
+                bits: b.units,
+                count: 0,
+            });
+            log::info!(
+                "replica {}: the secondary is at record {their_seq} of stream {their_stream:x}; the out-of-sync bitmap has {} blocks of {unit} bytes: resync by bitmap",
+                link.cfg.addr,
+                marks.count
+            );
+            let mut g = link.lock();
+            g.resume_at(their_stream, their_seq);
+            g.out_of_sync = true;
+            g.oos = marks;
+            resync_epoch = Some(g.drops);
+        } else {
+            let stream = link.full_sync(&mut s, meta, meta_path, vol, copy)?;
+            let mut g = link.lock();
+            g.stream = stream;
+            g.connected = true;
+        }
+        Ok((s, resync_epoch))
     }
 
     /// Starts [`Link::resync`] in its own thread.
@@ -1432,6 +1615,7 @@ impl Attach for Replica {
                 local_durable: [0; 2],
                 drops: 0,
                 clean_end: false,
+                tip_unknown: false,
             }),
             cv: Condvar::new(),
             stop: AtomicBool::new(false),
@@ -1446,122 +1630,31 @@ impl Attach for Replica {
         });
         // The secondary may be starting: try for 10 s.
         let until = Instant::now() + Duration::from_secs(10);
-        let Peer {
-            mut s,
-            stream: their_stream,
-            seq: their_seq,
-            inconsistent,
-            rejoin,
-        } = loop {
+        let peer = loop {
             match link.connect() {
-                Ok(x) => break x,
+                Ok(x) => break Ok(x),
                 Err(e @ Error::Io { .. }) if Instant::now() < until => {
                     log::info!("replica {}: {e}; retrying", link.cfg.addr);
                     std::thread::sleep(Duration::from_millis(200));
                 }
+                // With `continue` an unreachable secondary does not stop the mount (a
+                // failover: the old primary is down, and will rejoin later).
+                Err(e @ Error::Io { .. }) if link.cfg.on_disconnect == OnDisconnect::Continue => {
+                    break Err(e);
+                }
                 Err(e) => return Err(e),
             }
         };
-        let resume = |k: &str| -> Result<Option<u64>> {
-            Ok(meta.super_value(k)?.and_then(|v| v.parse().ok()))
-        };
-        let clean = meta.super_value("clean")?.as_deref() == Some("1");
-        let (rs, rq) = (resume(RESUME_STREAM)?, resume(RESUME_SEQ)?);
-        // Used once: from here the primary changes.
-        if rs.is_some() || rq.is_some() {
-            meta.set_super_values(&[(RESUME_STREAM, None), (RESUME_SEQ, None)])?;
-        }
-        // The persistent bitmap is relative to the secondary's stream, from a point at
-        // least as far as the last ack it recorded. A secondary cut in a resync of that
-        // stream lacks only marked blocks too (the marks of a resync stay in the file
-        // until its end is acked) and gets the whole database again.
-        let by_bitmap = stored
-            .clone()
-            .filter(|b| rejoin.is_none() && b.stream == their_stream && their_seq >= b.floor);
-        // An old primary of the stream this volume held as its secondary (`replica
-        // promote` started the bitmap there, at the last record it held): the blocks
-        // changed here since (this bitmap) and those it may have written that never
-        // arrived here (its marks, relative to a last ack at or before that record).
-        let rejoin_marks = match (&rejoin, &stored) {
-            (Some(m), Some(b)) if b.stream == their_stream && their_seq <= b.floor => {
-                Some(m.clone())
+        let (first, resync_epoch) = match peer {
+            Err(e) => {
+                link.start_unreachable(&e, stored.as_ref());
+                (None, None)
             }
-            (Some(_), b) => {
-                log::warn!(
-                    "replica {}: the old primary rejoining holds stream {their_stream:x} up to an ack of record {their_seq}, this volume's out-of-sync bitmap {}: they do not line up, full sync",
-                    link.cfg.addr,
-                    match b {
-                        Some(b) => format!("is of stream {:x} from record {}", b.stream, b.floor),
-                        None => "is missing (mounted without --replica since promote?)".into(),
-                    }
-                );
-                None
+            Ok(peer) => {
+                let (s, epoch) = link.agree(peer, meta, meta_path, &*vol, &*copy, stored)?;
+                (Some(s), epoch)
             }
-            _ => None,
         };
-        let mut resync_epoch = None;
-        if let (Some(pm), Some(b)) = (rejoin_marks, stored.as_ref()) {
-            let mut marks = Oos::default();
-            marks.merge(&Oos {
-                all: false,
-                bits: b.units.clone(),
-                count: 0,
-            });
-            let here = marks.count;
-            marks.merge(&pm);
-            log::info!(
-                "replica {}: the old primary rejoins as the secondary of stream {their_stream:x} (acked up to record {their_seq}, promoted here at record {}): resync by bitmap, {} blocks of {unit} bytes ({here} changed here, {} marked there)",
-                link.cfg.addr,
-                b.floor,
-                marks.count,
-                pm.count
-            );
-            let mut g = link.lock();
-            g.stream = their_stream;
-            g.next_seq = b.floor + 1;
-            g.acked = b.floor;
-            g.sent = b.floor;
-            g.connected = true;
-            g.out_of_sync = true;
-            g.oos = marks;
-            resync_epoch = Some(g.drops);
-        } else if rejoin.is_none()
-            && clean
-            && !inconsistent
-            && rs == Some(their_stream)
-            && rq == Some(their_seq)
-        {
-            log::info!(
-                "replica {}: the secondary is at record {their_seq} of stream {their_stream:x}, where this volume stopped cleanly: no full sync",
-                link.cfg.addr
-            );
-            let mut g = link.lock();
-            g.resume_at(their_stream, their_seq);
-        } else if let Some(b) = by_bitmap {
-            // Out of sync by the bitmap: the link resyncs those blocks (and the whole
-            // database) online, as after an outage.
-            let mut marks = Oos::default();
-            marks.merge(&Oos {
-                all: false,
-                bits: b.units,
-                count: 0,
-            });
-            log::info!(
-                "replica {}: the secondary is at record {their_seq} of stream {their_stream:x}; the out-of-sync bitmap has {} blocks of {unit} bytes: resync by bitmap",
-                link.cfg.addr,
-                marks.count
-            );
-            let mut g = link.lock();
-            g.resume_at(their_stream, their_seq);
-            g.out_of_sync = true;
-            g.oos = marks;
-            resync_epoch = Some(g.drops);
-        } else {
-            let stream = link.full_sync(&mut s, meta, meta_path, &*vol, &*copy)?;
-            let mut g = link.lock();
-            g.stream = stream;
-            g.connected = true;
-        }
         // Before anything is written: the file says what is out of sync now.
         link.checkpoint(true);
         meta.set_tap(Box::new(LinkTap(link.clone())))?;
@@ -1574,7 +1667,7 @@ impl Attach for Replica {
         let l = link.clone();
         std::thread::Builder::new()
             .name("pairfs-repl".into())
-            .spawn(move || l.run(s))
+            .spawn(move || l.run(first))
             .map_err(|e| Error::io("thread", e))?;
         if let Some(epoch) = resync_epoch {
             link.spawn_resync(epoch);

@@ -608,7 +608,11 @@ impl Conn<'_> {
                     // A commit changes what the frozen copies are made of: not while
                     // the copy mount serves a request from the state before it.
                     let applied = match (self.copies, &m) {
-                        (Some(f), Msg::Commit { .. }) => f.change(|| apply(o, &m, size)),
+                        // The images' fsync first, outside the gate: only the database
+                        // transaction waits for (and holds off) copy-mount requests.
+                        (Some(f), Msg::Commit { .. }) => {
+                            sync_images(o).and_then(|()| f.change(|| apply(o, &m, size)))
+                        }
                         _ => apply(o, &m, size),
                     };
                     if let Err(e) = applied {

@@ -42,7 +42,7 @@ use crate::snap::namespace::Namespace;
 use crate::snap::pair::{Frozen, FrozenKind, Pair, PairId, PairState, Scope};
 use crate::snap::stage::{StageTable, Staged};
 use crate::snap::sums::{ScrubReport, SumTable};
-use crate::snap::view::{Builder, FrozenView, Numbering};
+use crate::snap::view::{Builder, FrozenView, Numbering, PartCache};
 use crate::store::volume::{Checked, Volume};
 
 mod gens;
@@ -206,6 +206,9 @@ pub struct Engine {
     view: RwLock<Arc<FrozenView>>,
     /// Serializes rebuilds; keeps inode numbers stable across them.
     view_numbering: Mutex<Numbering>,
+    /// The walked parts of the view (lazy pairs, named generations) by instant, kept
+    /// between rebuilds; taken only by a rebuild, right after `view_numbering`.
+    view_parts: Mutex<PartCache>,
     /// Told (without blocking) after every change of the frozen set, e.g. so a copy
     /// mount can drop the kernel's cached names of the old view.
     view_watchers: Mutex<Vec<std::sync::mpsc::Sender<u64>>>,
@@ -396,6 +399,7 @@ impl Engine {
             view_gen: AtomicU64::default(),
             view: RwLock::default(),
             view_numbering: Mutex::default(),
+            view_parts: Mutex::default(),
             view_watchers: Mutex::default(),
             sums_on: crate::snap::sums::enabled_by_env(),
             sums: RwLock::default(),
@@ -1780,12 +1784,21 @@ impl Engine {
     /// (a split, update, resync, release or error changes the identity), and only
     /// where their data lies may differ, which reads resolve when they run.
     pub fn frozen_identity(&self) -> Vec<(PairId, i64)> {
-        let mut v: Vec<(PairId, i64)> = self
+        self.instants()
+            .into_iter()
+            .map(|(id, t, _)| (id, t))
+            .collect()
+    }
+
+    /// [`Engine::frozen_identity`] with each part's instant number
+    /// ([`crate::snap::pair::Pair::instant`]).
+    fn instants(&self) -> Vec<(PairId, i64, u64)> {
+        let mut v: Vec<(PairId, i64, u64)> = self
             .slots()
             .iter()
             .filter_map(|s| {
                 let p = s.lock();
-                p.state.is_frozen().then_some((p.id, p.split_ns))
+                p.state.is_frozen().then_some((p.id, p.split_ns, p.instant))
             })
             .collect();
         v.extend(self.gen_identity());
@@ -1795,20 +1808,33 @@ impl Engine {
 
     /// Takes over what `old`, an engine of an earlier committed state of the same
     /// volume, built of the view: its inode numbering always (a path keeps its
-    /// copy-mount inode number, so the kernel's cached numbers stay right), and its
-    /// current view too when `same_set` (equal [`Engine::frozen_identity`]), so nothing
-    /// is walked again. Used by a copy mount that follows a volume another process
-    /// writes (`pairfs replica serve --copy-mount`).
+    /// copy-mount inode number, so the kernel's cached numbers stay right); the object
+    /// lists of every lazy pair and generation whose instant (id and split time) is the
+    /// same here, so a rebuild walks only the others; and its current view too when
+    /// `same_set` (equal [`Engine::frozen_identity`]), so nothing is built again. Used by
+    /// a copy mount that follows a volume another process writes (`pairfs replica serve
+    /// --copy-mount`).
     pub fn adopt_view(&self, old: &Engine, same_set: bool) {
+        let (was, now) = (old.instants(), self.instants());
         let numbering = old
             .view_numbering
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
+        let parts = old
+            .view_parts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .carry(|id, instant| {
+                let w = was.iter().find(|x| x.0 == id)?;
+                let n = now.iter().find(|x| x.0 == id)?;
+                (w.2 == instant && w.1 == n.1).then_some(n.2)
+            });
         *self
             .view_numbering
             .lock()
             .unwrap_or_else(|p| p.into_inner()) = numbering;
+        *self.view_parts.lock().unwrap_or_else(|p| p.into_inner()) = parts;
         if !same_set {
             return;
         }
@@ -1821,7 +1847,9 @@ impl Engine {
     }
 
     /// The frozen view of every pair in a frozen state (what the copy mount serves).
-    /// Built once per change of the frozen set; callers share it.
+    /// Built once per change of the frozen set; callers share it. A rebuild walks only
+    /// the lazy pairs and generations whose instant changed since the last one; the
+    /// others' objects are kept ([`PartCache`]).
     pub fn view(&self, ns: &dyn Namespace, ts: u64) -> Arc<FrozenView> {
         let current = |g: u64| {
             let v = self.view.read().unwrap_or_else(|p| p.into_inner());
@@ -1840,6 +1868,7 @@ impl Engine {
         if let Some(v) = current(g) {
             return v;
         }
+        let mut parts = self.view_parts.lock().unwrap_or_else(|p| p.into_inner());
         let mut b = Builder::new(g, ts, &mut numbering);
         // Directory and root pairs first, then file pairs: a file split on its own
         // inside a group is (also) served aside (`Builder::add_file_pair`).
@@ -1862,16 +1891,50 @@ impl Engine {
                 b.add_pair(p.id, &p.frozen);
                 continue;
             }
+            // Read with the state: a walk that a new instant overtakes is kept under the
+            // old number, which never comes back.
+            let instant = p.instant;
             drop(p);
-            match self.lazy_objects(ns, &s) {
+            match parts.get_or_walk(s.id, instant, || self.lazy_objects(ns, &s)) {
                 Ok(objects) => b.add_pair(s.id, &objects),
                 Err(e) => log::warn!("pair {}: frozen view incomplete: {e}", s.id),
             }
         }
-        self.gen_view(ns, &mut b);
+        self.gen_view(ns, &mut b, &mut parts);
+        parts.end_rebuild();
+        drop(parts);
         let v = Arc::new(b.finish());
         *self.view.write().unwrap_or_else(|p| p.into_inner()) = v.clone();
         v
+    }
+
+    /// Whole walks of a lazy pair's or a generation's instant that [`Engine::view`] made
+    /// since mount (tests and measurements: a rebuild walks only what changed).
+    pub fn view_walks(&self) -> u64 {
+        let _n = self
+            .view_numbering
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        self.view_parts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .walks()
+    }
+
+    /// Drops the view's kept object lists and marks the view behind, so the next
+    /// [`Engine::view`] is built from scratch (tests compare the two builds).
+    pub fn forget_view_parts(&self) {
+        {
+            let _n = self
+                .view_numbering
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            self.view_parts
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clear();
+        }
+        self.frozen_changed();
     }
 
     /// The byte ranges of file `ino` (extents `now`, size `size` now) changed since the

@@ -300,6 +300,13 @@ pub struct Pair {
     pub frozen_saved: usize,
     /// Time of the split/update instant (ns).
     pub split_ns: i64,
+    /// Which frozen map this is, in memory: a number unique in the process, new at every
+    /// [`Pair::set_frozen`] (split, update, resync, error, load) and never persisted. While
+    /// it stays the same, the instant's objects and their paths and attributes do not
+    /// change (a lazy pair only records, as they were, the objects that change later), so
+    /// what was derived from them can be kept: the copy mount's object lists
+    /// (`Engine::view`, [`crate::snap::view::PartCache`]).
+    pub instant: u64,
     /// Last error, in state `error`.
     pub error: Option<String>,
     /// Progress.
@@ -318,6 +325,12 @@ pub struct Pins {
     pub pin: TrackSet,
     /// Tracks to unpin now.
     pub unpin: TrackSet,
+}
+
+/// A new [`Pair::instant`] number (process-wide, never repeated).
+fn next_instant() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
 
 fn index_of(frozen: &[Frozen]) -> HashMap<u64, usize> {
@@ -349,6 +362,7 @@ impl Pair {
             frozen_at: HashMap::new(),
             frozen_saved: 0,
             split_ns: 0,
+            instant: next_instant(),
             error: None,
             progress: Progress {
                 total,
@@ -437,12 +451,13 @@ impl Pair {
     }
 
     /// Installs a frozen map (all of it counted as stored) and the lazy limit, with the
-    /// index by inode.
+    /// index by inode, under a new [`Pair::instant`] number.
     pub fn set_frozen(&mut self, frozen: Vec<Frozen>, lazy: Option<u64>) {
         self.frozen_at = index_of(&frozen);
         self.frozen_saved = frozen.len();
         self.frozen = frozen;
         self.lazy = lazy;
+        self.instant = next_instant();
     }
 
     /// Lazy split: records the instant in O(1). `top` is the scope's top directory as

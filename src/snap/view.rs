@@ -4,7 +4,8 @@
 //!
 //! A view is immutable and shared behind an [`Arc`]: readers clone the `Arc`, never the
 //! maps. The engine builds a new one once per change of the frozen set (split, update,
-//! resync, release, error, mount), not per request ([`crate::snap::engine::Engine::view`]).
+//! resync, release, error, mount), not per request ([`crate::snap::engine::Engine::view`]),
+//! walking again only the lazy pairs and generations whose instant changed ([`PartCache`]).
 //! Inode numbers stay stable per path across rebuilds ([`Numbering`]). A hard-linked
 //! object has one inode number and one node, reached under each of its names; its link
 //! count is the number of names. Directories above a frozen object that are not
@@ -211,6 +212,10 @@ pub struct Builder<'a> {
     view: FrozenView,
     numbering: &'a mut Numbering,
     track_size: u64,
+    /// The last directory [`Builder::dir`] found (path, inode): objects come grouped by
+    /// directory, and a path once found stays that directory (nothing is removed or
+    /// replaced while building).
+    last_dir: Option<(String, u64)>,
 }
 
 impl<'a> Builder<'a> {
@@ -233,12 +238,33 @@ impl<'a> Builder<'a> {
             view,
             numbering,
             track_size,
+            last_dir: None,
         }
     }
 
     /// The directory at `path`, synthesized (with times `t`) where missing; None when a
     /// non-directory already holds one of its names.
     fn dir(&mut self, path: &str, t: i64) -> Option<u64> {
+        if let Some((p, ino)) = &self.last_dir
+            && p == path
+        {
+            return Some(*ino);
+        }
+        let found = self.find_dir(path, t);
+        if let Some(ino) = found {
+            match &mut self.last_dir {
+                Some((p, i)) => {
+                    p.clear();
+                    p.push_str(path);
+                    *i = ino;
+                }
+                None => self.last_dir = Some((path.to_string(), ino)),
+            }
+        }
+        found
+    }
+
+    fn find_dir(&mut self, path: &str, t: i64) -> Option<u64> {
         let mut cur = VIEW_ROOT;
         let mut sub = String::with_capacity(path.len());
         for part in path.split('/').filter(|p| !p.is_empty()) {
@@ -479,6 +505,93 @@ impl<'a> Builder<'a> {
             r.attr.ctime = newest;
         }
         self.view
+    }
+}
+
+/// The object lists of the parts of the view that cost a walk to make, kept between
+/// rebuilds: a lazy pair's or a named generation's objects ([`lazy_objects`]; a
+/// generation's placed under `@NAME/`), by (pair or generation id, [`Pair::instant`]).
+///
+/// An entry stays right while its instant stays: the instant's objects, names and
+/// attributes never change while it is split (a member's first change records it
+/// first, as it was, docs/design.md rule 8a; its record equals what the walk found),
+/// and none of the view's contents points at where data lives now: a lazy pair's file
+/// is read by main inode at read time, a whole map's by its index in a list that only a
+/// new instant replaces, a symlink holds its target, a directory its names. So a
+/// rebuild after one pair or generation changed walks only that one
+/// (`Engine::view`); the others' lists are reused as they are, and [`Numbering`] keeps
+/// their inode numbers.
+///
+/// [`Pair::instant`]: crate::snap::pair::Pair::instant
+#[derive(Debug, Default)]
+pub struct PartCache {
+    parts: HashMap<PairId, (u64, std::sync::Arc<Vec<Frozen>>)>,
+    used: std::collections::HashSet<PairId>,
+    walks: u64,
+}
+
+impl PartCache {
+    /// The objects of `id` at instant `instant`: the list kept for it, else `walk()`'s,
+    /// kept (an error is returned and nothing kept). Marks `id` as used by this rebuild.
+    pub fn get_or_walk(
+        &mut self,
+        id: PairId,
+        instant: u64,
+        walk: impl FnOnce() -> crate::error::Result<Vec<Frozen>>,
+    ) -> crate::error::Result<std::sync::Arc<Vec<Frozen>>> {
+        self.used.insert(id);
+        if let Some((i, objects)) = self.parts.get(&id)
+            && *i == instant
+        {
+            return Ok(objects.clone());
+        }
+        self.parts.remove(&id);
+        self.walks += 1;
+        let objects = std::sync::Arc::new(walk()?);
+        self.parts.insert(id, (instant, objects.clone()));
+        Ok(objects)
+    }
+
+    /// Ends a rebuild: drops the lists of ids it did not ask for (released, resynced,
+    /// failed, refreshed under a new id).
+    pub fn end_rebuild(&mut self) {
+        let used = std::mem::take(&mut self.used);
+        self.parts.retain(|id, _| used.contains(id));
+    }
+
+    /// Walks made since the cache was made (each a whole lazy walk of one part).
+    pub fn walks(&self) -> u64 {
+        self.walks
+    }
+
+    /// Number of lists kept.
+    pub fn len(&self) -> usize {
+        self.parts.len()
+    }
+
+    /// True when no list is kept.
+    pub fn is_empty(&self) -> bool {
+        self.parts.is_empty()
+    }
+
+    /// The lists whose part `map` carries to another engine, under the instant
+    /// number `map` gives (`Some` only where the part's instant is the same there).
+    pub fn carry(&self, map: impl Fn(PairId, u64) -> Option<u64>) -> PartCache {
+        PartCache {
+            parts: self
+                .parts
+                .iter()
+                .filter_map(|(&id, (i, o))| map(id, *i).map(|n| (id, (n, o.clone()))))
+                .collect(),
+            used: std::collections::HashSet::new(),
+            walks: 0,
+        }
+    }
+
+    /// Drops every list (the next rebuild walks everything again).
+    pub fn clear(&mut self) {
+        self.parts.clear();
+        self.used.clear();
     }
 }
 
@@ -831,6 +944,51 @@ mod tests {
             }
         ));
         assert_ne!(f7.attr.ino, f.attr.ino);
+    }
+
+    /// The kept lists: one walk per (id, instant); a new instant walks that id again,
+    /// the others are handed out as kept (the same list); a failed walk keeps nothing;
+    /// an id a rebuild did not ask for is dropped.
+    #[test]
+    fn part_cache_walks_only_a_changed_instant() {
+        let mut c = PartCache::default();
+        let walked = std::cell::RefCell::new(Vec::new());
+        let get = |c: &mut PartCache, id: PairId, instant: u64| {
+            c.get_or_walk(id, instant, || {
+                walked.borrow_mut().push((id, instant));
+                Ok(vec![obj(
+                    id,
+                    &format!("p{id}/i{instant}"),
+                    FrozenKind::File,
+                )])
+            })
+            .unwrap()
+        };
+        let a1 = get(&mut c, 1, 10);
+        let b1 = get(&mut c, 2, 20);
+        c.end_rebuild();
+        assert_eq!(c.walks(), 2);
+        // Pair 2's instant changed: only it is walked; pair 1's list is the same one.
+        let a2 = get(&mut c, 1, 10);
+        let b2 = get(&mut c, 2, 21);
+        c.end_rebuild();
+        assert!(std::sync::Arc::ptr_eq(&a1, &a2));
+        assert!(!std::sync::Arc::ptr_eq(&b1, &b2));
+        assert_eq!(b2[0].path, "p2/i21");
+        assert_eq!(*walked.borrow(), [(1, 10), (2, 20), (2, 21)]);
+        // A failed walk is not kept: the next rebuild walks again.
+        let e = c.get_or_walk(3, 30, || Err(crate::error::Error::Stale));
+        assert!(e.is_err());
+        assert_eq!(c.len(), 2);
+        // Pair 1 released (not asked for): dropped at the end of the rebuild.
+        get(&mut c, 2, 21);
+        get(&mut c, 3, 30);
+        c.end_rebuild();
+        assert_eq!(c.len(), 2);
+        get(&mut c, 1, 10);
+        assert_eq!(c.walks(), 6, "pair 1 walked again after it was dropped");
+        c.clear();
+        assert!(c.is_empty());
     }
 
     /// A tree as (ino -> names) and a lazy pair's frozen map (ino -> path or absent).

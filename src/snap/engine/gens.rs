@@ -26,7 +26,7 @@ use crate::meta::{GenRow, PairDelta, StoredGen, take_appends};
 use crate::snap::gens::{self, Gen, MAX_PER_PAIR, Refs};
 use crate::snap::namespace::Namespace;
 use crate::snap::pair::{Frozen, Pair, PairId, Pins, Scope};
-use crate::snap::view::Builder;
+use crate::snap::view::{Builder, PartCache};
 use crate::store::volume::Volume;
 
 /// One named generation with its lock.
@@ -537,38 +537,47 @@ impl Engine {
     pub(super) fn gen_objects(&self, ns: &dyn Namespace) -> Vec<(PairId, Vec<Frozen>)> {
         let mut out = Vec::new();
         for s in self.all_gens() {
-            let (name, lazy, frozen) = {
-                let g = s.lock();
-                (g.name.clone(), g.p.lazy.is_some(), g.p.frozen.clone())
-            };
-            let objects = if lazy {
-                match self.gen_lazy_objects(ns, &s) {
-                    Ok(o) => o,
-                    Err(e) => {
-                        log::warn!("generation {name}: view incomplete: {e}");
-                        continue;
-                    }
-                }
-            } else {
-                frozen
-            };
-            let placed: Vec<Frozen> = objects
-                .into_iter()
-                .map(|f| Frozen {
-                    path: under(&name, &f.path),
-                    links: f.links.iter().map(|l| under(&name, l)).collect(),
-                    ..f
-                })
-                .collect();
-            out.push((s.id, placed));
+            match self.gen_placed(ns, &s) {
+                Ok(placed) => out.push((s.id, placed)),
+                Err(e) => log::warn!("generation {}: view incomplete: {e}", s.lock().name),
+            }
         }
         out
     }
 
-    /// Adds every generation's objects under `@NAME/` to the view being built.
-    pub(super) fn gen_view(&self, ns: &dyn Namespace, b: &mut Builder<'_>) {
-        for (id, placed) in self.gen_objects(ns) {
-            b.add_pair(id, &placed);
+    /// Generation `s`'s objects placed under `@NAME/` (a lazy one's walked).
+    fn gen_placed(&self, ns: &dyn Namespace, s: &GenSlot) -> Result<Vec<Frozen>> {
+        let (name, frozen) = {
+            let g = s.lock();
+            (
+                g.name.clone(),
+                g.p.lazy.is_none().then(|| g.p.frozen.clone()),
+            )
+        };
+        let objects = match frozen {
+            Some(f) => f,
+            None => self.gen_lazy_objects(ns, s)?,
+        };
+        Ok(objects
+            .into_iter()
+            .map(|f| Frozen {
+                path: under(&name, &f.path),
+                links: f.links.iter().map(|l| under(&name, l)).collect(),
+                ..f
+            })
+            .collect())
+    }
+
+    /// Adds every generation's objects under `@NAME/` to the view being built: each
+    /// one's list as kept in `parts` for its instant, else made (a generation's instant
+    /// never changes: a refresh makes a new generation).
+    pub(super) fn gen_view(&self, ns: &dyn Namespace, b: &mut Builder<'_>, parts: &mut PartCache) {
+        for s in self.all_gens() {
+            let instant = s.lock().p.instant;
+            match parts.get_or_walk(s.id, instant, || self.gen_placed(ns, &s)) {
+                Ok(placed) => b.add_pair(s.id, &placed),
+                Err(e) => log::warn!("generation {}: view incomplete: {e}", s.lock().name),
+            }
         }
     }
 
@@ -606,11 +615,15 @@ impl Engine {
     }
 
     /// The `@NAME` names at the copy mount's root.
-    /// Every named generation's id and instant (see [`Engine::frozen_identity`]).
-    pub(super) fn gen_identity(&self) -> Vec<(PairId, i64)> {
+    /// Every named generation's id and instant (see [`Engine::frozen_identity`]), with
+    /// its instant number ([`crate::snap::pair::Pair::instant`]).
+    pub(super) fn gen_identity(&self) -> Vec<(PairId, i64, u64)> {
         self.all_gens()
             .iter()
-            .map(|s| (s.id, s.lock().p.split_ns))
+            .map(|s| {
+                let g = s.lock();
+                (s.id, g.p.split_ns, g.p.instant)
+            })
             .collect()
     }
 
