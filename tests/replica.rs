@@ -5,8 +5,10 @@
 //! with `--on-disconnect continue` (the primary keeps serving; the restarted secondary
 //! is brought back by replay); the primary's persistent out-of-sync bitmap (stopped or
 //! killed out of sync, killed while connected: a resync by bitmap, not a full sync); a
-//! full secondary disk (tmpfs); a link cut, refused and corrupted at random moments;
-//! failover and the old primary rejoining as the secondary by bitmap.
+//! full secondary disk (tmpfs) and a failing one (EIO: ext4 on a loop device over a FUSE
+//! file served here that fails on demand); a link cut, refused and corrupted at random
+//! moments; failover and the old primary rejoining as the secondary by bitmap (the new
+//! primary killed -9 during the rejoin included).
 
 mod common;
 
@@ -1344,7 +1346,15 @@ impl Chaos {
                     std::thread::spawn(move || {
                         let mut b = vec![0u8; 1 << 16];
                         loop {
-                            let n = match from.read(&mut b) {
+                            // Under a rate, chunks of at most a tenth of a second's worth:
+                            // a slow link does not let one large chunk through at once.
+                            let r = rate.load(Ordering::SeqCst);
+                            let cap = if upstream && r > 0 {
+                                (r as usize / 10).clamp(64, b.len())
+                            } else {
+                                b.len()
+                            };
+                            let n = match from.read(&mut b[..cap]) {
                                 Ok(0) | Err(_) => break,
                                 Ok(n) => n,
                             };
@@ -2467,4 +2477,755 @@ fn a_promoted_secondary_mounts_while_the_old_primary_is_down_and_it_rejoins_late
     ok(&pairfs(&["fsck", s.img.to_str().unwrap()]), "fsck S");
     let ca = compare_sides(&mut v, &s);
     assert!(ca.iter().any(|l| l.starts_with("e/x ")), "{ca:?}");
+}
+
+/// Kills (-9) the daemon mounted on `img` (found by its command line) and lazily
+/// unmounts its dead mounts.
+fn kill9_mount(img: &Path, mounts: &[&Path]) {
+    let pat = format!(" mount {} ", img.display());
+    let out = Command::new("pgrep").arg("-f").arg(&pat).output().unwrap();
+    let pids: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .map(str::to_string)
+        .collect();
+    assert!(!pids.is_empty(), "no daemon of {}", img.display());
+    for p in &pids {
+        let _ = Command::new("kill").args(["-9", p]).output();
+    }
+    let t = Instant::now();
+    while pids
+        .iter()
+        .any(|p| Path::new(&format!("/proc/{p}")).exists())
+        && t.elapsed() < Duration::from_secs(20)
+    {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for m in mounts {
+        let _ = Command::new("fusermount3")
+            .arg("-u")
+            .arg("-z")
+            .arg(m)
+            .output();
+    }
+}
+
+/// Unmounts what a test mounted by hand, when dropped (a failing test included).
+struct Unmount(Vec<PathBuf>);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        for m in &self.0 {
+            let _ = Command::new(BIN)
+                .args(["umount", m.to_str().unwrap()])
+                .stderr(Stdio::null())
+                .output();
+            let _ = Command::new("umount")
+                .arg("-l")
+                .arg(m)
+                .stderr(Stdio::null())
+                .output();
+        }
+    }
+}
+
+/// The new primary crashes (kill -9 of its daemon) during a rejoin, twice: first before
+/// the old primary took its database (the old primary is still a primary volume with
+/// its bitmap: the next mount rejoins by both bitmaps again), then after it (the old
+/// primary is a replica of the stream cut in a resync: the next mount resyncs by the
+/// marks the new primary's bitmap file kept). A rate-limited proxy slows the resync so
+/// that each kill lands in it; the new primary writes between the kills (in `async`
+/// mode, so its writes do not wait for the slow link). No full sync; both sides end
+/// byte-identical, frozen copies included, fsck clean.
+#[test]
+fn a_new_primary_killed_during_a_rejoin_rejoins_by_bitmap() {
+    let _heavy = heavy();
+    let mut v = Vol::new("256M");
+    let key = key_file(v.dir.path(), "key", "0123456789abcdef-rejoin-kill");
+    let mut s = Secondary::start(v.dir.path(), &key);
+    ok(&mount_replica(&mut v, &s, &[]), "mount P");
+    std::fs::create_dir(v.path("d")).unwrap();
+    write_fsync(&v.path("d/big"), &block(1, 1, 16 << 20));
+    ok(
+        &pairfs(&["split", v.path("d").to_str().unwrap(), "--wait"]),
+        "split d",
+    );
+    wait_in_sync(&v.mnt, "before the crash");
+    // Checkpoints clear the big file's regions from P's activity log; the files
+    // written next are what P marks when it dies.
+    std::thread::sleep(Duration::from_millis(2500));
+    for i in 0..20u64 {
+        write_fsync(&v.path(&format!("d/f{i}")), &block(i, 3, 50_000));
+    }
+    v.kill9();
+    s.stop("-TERM");
+    ok(
+        &pairfs(&["replica", "promote", s.img.to_str().unwrap()]),
+        "promote S",
+    );
+    let mut p = Secondary {
+        img: v.img.clone(),
+        addr: format!("127.0.0.1:{}", free_port()),
+        key: key.clone(),
+        log: v.dir.path().join("old-primary.log"),
+        child: None,
+        extra: vec!["--rejoin"],
+    };
+    p.restart();
+    let chaos = Chaos::start(&p.addr);
+    let smnt = v.dir.path().join("smnt");
+    let scopy = v.dir.path().join("scopy");
+    std::fs::create_dir_all(&smnt).unwrap();
+    std::fs::create_dir_all(&scopy).unwrap();
+    let _unmount = Unmount(vec![smnt.clone(), scopy.clone()]);
+    let slog = v.dir.path().join("new-primary.log");
+    let mount_s = |mode: &str| {
+        let out = Command::new(BIN)
+            .args(["mount", s.img.to_str().unwrap(), smnt.to_str().unwrap()])
+            .args(["--copy-mount", scopy.to_str().unwrap(), "--daemon"])
+            .args([
+                "--replica",
+                &chaos.addr,
+                "--key-file",
+                key.to_str().unwrap(),
+            ])
+            .args(["--replica-mode", mode])
+            .env("PAIRFS_LOG_FILE", &slog)
+            .env("RUST_LOG", "info")
+            .output()
+            .unwrap();
+        ok(&out, "mount S with --replica to the old primary");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let rate = |r: u64| chaos.rate.store(r, std::sync::atomic::Ordering::SeqCst);
+    let took = |p: &Secondary| p.log().matches("took the database").count();
+    // The blocks a mount said it resyncs by bitmap.
+    let blocks = |said: &str| -> u64 {
+        said.split_once("resync by bitmap, ")
+            .or_else(|| said.split_once("out-of-sync bitmap has "))
+            .and_then(|(_, r)| r.split_once(' ')?.0.parse().ok())
+            .unwrap_or_else(|| panic!("no block count in {said}"))
+    };
+
+    // 1. A crawl (2 KB/s): the database is still on its way when S dies.
+    rate(2_000);
+    let said = mount_s("async");
+    eprintln!("rejoin mount: {said}");
+    assert!(
+        said.contains("rejoins as the secondary") && said.contains("resync by bitmap"),
+        "{said}"
+    );
+    let count1 = blocks(&said);
+    write_fsync(&smnt.join("d/s1"), &block(21, 1, 3 << 20));
+    kill9_mount(&s.img, &[&smnt, &scopy]);
+    chaos.cut();
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(took(&p), 0, "{}", p.log());
+    assert!(p.alive(), "the old primary's replica serve died");
+
+    // 2. The old primary is still a primary with its bitmap: a rejoin by both bitmaps
+    // again. 300 KB/s: it takes the database within a second, the blocks take longer;
+    // S dies in the middle of them.
+    rate(300_000);
+    let said = mount_s("async");
+    eprintln!("rejoin mount: {said}");
+    assert!(
+        said.contains("rejoins as the secondary") && said.contains("resync by bitmap"),
+        "second mount: {said}"
+    );
+    // The marks put back from the cut resync and S's 3 MiB written since (in regions of
+    // its activity log, as S died with them unacked).
+    let count2 = blocks(&said);
+    assert!(count2 > count1, "{count2} <= {count1}: {said}");
+    let t = Instant::now();
+    while took(&p) == 0 {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "the old primary did not take the database: {}",
+            p.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    write_fsync(&smnt.join("d/s2"), &block(22, 1, 3 << 20));
+    write_fsync(&smnt.join("d/f3"), &block(3, 4, 70_000));
+    std::thread::sleep(Duration::from_millis(300));
+    // The resync's blocks are pushed (queued behind the slow link) at once; its end is
+    // not acked yet (checked below in the old primary's log).
+    let line = replica_line(&smnt);
+    assert!(!line.starts_with("in_sync"), "{line}");
+    kill9_mount(&s.img, &[&smnt, &scopy]);
+    chaos.cut();
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        !p.log().contains("resync from"),
+        "the resync ended before S was killed: {}",
+        p.log()
+    );
+    {
+        let c = rusqlite::Connection::open_with_flags(
+            format!("{}.meta", v.img.display()),
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+        )
+        .unwrap();
+        let inc: Option<String> = c
+            .query_row(
+                "SELECT value FROM super WHERE key = 'repl_inconsistent'",
+                [],
+                |r| r.get(0),
+            )
+            .ok();
+        assert!(inc.is_some(), "the old primary is not in a cut resync");
+    }
+
+    // 3. The old primary is a replica of the stream, cut in a resync: S's bitmap file
+    // kept the marks of that resync (and its own writes since): a resync by bitmap.
+    rate(0);
+    let said = mount_s("sync");
+    eprintln!("mount after the second kill: {said}");
+    assert!(
+        said.contains("resync by bitmap") && !said.contains("rejoins as the secondary"),
+        "third mount: {said}"
+    );
+    // At least the marks of the cut resync (S's 3 MiB written since may lie in regions
+    // marked already: a sequential writer marks the 7 regions after its own).
+    let count3 = blocks(&said);
+    assert!(count3 >= count2, "{count3} < {count2}: {said}");
+    wait_in_sync(&smnt, "after the new primary's crashes");
+    write_fsync(&smnt.join("d/after"), &block(8, 1, 100_000));
+    ok(&pairfs(&["umount", smnt.to_str().unwrap()]), "umount S");
+    p.stop("-TERM");
+    let plog = p.log();
+    assert_eq!(
+        plog.matches("it rejoins as the secondary").count(),
+        2,
+        "{plog}"
+    );
+    assert_eq!(took(&p), 1, "{plog}");
+    assert!(!plog.contains("full sync"), "{plog}");
+    let log = std::fs::read_to_string(&slog).unwrap();
+    let begins: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("resync of stream"))
+        .collect();
+    eprintln!("new primary killed in a rejoin: {begins:?}");
+    assert!(!begins.is_empty(), "{log}");
+    assert!(begins.iter().all(|l| !l.contains("begins: all")), "{log}");
+    ok(
+        &pairfs(&["replica", "promote", v.img.to_str().unwrap()]),
+        "promote the old primary",
+    );
+    v.fsck();
+    ok(&pairfs(&["fsck", s.img.to_str().unwrap()]), "fsck S");
+    let ca = compare_sides(&mut v, &s);
+    assert!(ca.iter().any(|l| l.starts_with("d/big ")), "{ca:?}");
+}
+
+/// A disk that fails on demand, for the secondary: ext4 on a loop device whose backing
+/// file is the one file (`disk`) of a small FUSE file system served by this test
+/// process over a sparse file. While failing, every read, write and fsync of that file
+/// answers `EIO`, so every I/O of the loop device ends in `EIO` as on a dead disk or
+/// a device-mapper `error` target. (This machine's kernel has no device mapper, nbd or
+/// fault injection; loop and FUSE are what every kernel here has.) Unmounted, detached
+/// and removed when dropped, a failing test included.
+struct FailingDisk {
+    dir: PathBuf,
+    /// Where ext4 is mounted: the secondary's images go here.
+    mnt: PathBuf,
+    fuse_mnt: PathBuf,
+    backing: PathBuf,
+    loop_dev: String,
+    fail: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    session: Option<fuser::BackgroundSession>,
+}
+
+/// The FUSE side of [`FailingDisk`]: inode 1 the root, inode 2 the file `disk`.
+struct DiskFs {
+    file: std::fs::File,
+    size: u64,
+    fail: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl DiskFs {
+    fn attr(&self, ino: u64) -> fuser::FileAttr {
+        let t = std::time::SystemTime::UNIX_EPOCH;
+        let dir = ino == 1;
+        fuser::FileAttr {
+            ino: fuser::INodeNo(ino),
+            size: if dir { 0 } else { self.size },
+            blocks: if dir { 0 } else { self.size / 512 },
+            atime: t,
+            mtime: t,
+            ctime: t,
+            crtime: t,
+            kind: if dir {
+                fuser::FileType::Directory
+            } else {
+                fuser::FileType::RegularFile
+            },
+            perm: if dir { 0o755 } else { 0o600 },
+            nlink: if dir { 2 } else { 1 },
+            uid: 0,
+            gid: 0,
+            rdev: 0,
+            blksize: 4096,
+            flags: 0,
+        }
+    }
+
+    fn failing(&self) -> bool {
+        self.fail.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl fuser::Filesystem for DiskFs {
+    fn lookup(
+        &self,
+        _req: &fuser::Request,
+        parent: fuser::INodeNo,
+        name: &std::ffi::OsStr,
+        reply: fuser::ReplyEntry,
+    ) {
+        if parent.0 == 1 && name == "disk" {
+            reply.entry(&Duration::from_secs(1), &self.attr(2), fuser::Generation(0));
+        } else {
+            reply.error(fuser::Errno::ENOENT);
+        }
+    }
+
+    fn getattr(
+        &self,
+        _req: &fuser::Request,
+        ino: fuser::INodeNo,
+        _fh: Option<fuser::FileHandle>,
+        reply: fuser::ReplyAttr,
+    ) {
+        match ino.0 {
+            1 | 2 => reply.attr(&Duration::from_secs(1), &self.attr(ino.0)),
+            _ => reply.error(fuser::Errno::ENOENT),
+        }
+    }
+
+    fn open(
+        &self,
+        _req: &fuser::Request,
+        _ino: fuser::INodeNo,
+        _flags: fuser::OpenFlags,
+        reply: fuser::ReplyOpen,
+    ) {
+        // No page cache in between: every I/O of the loop device comes here.
+        reply.opened(fuser::FileHandle(0), fuser::FopenFlags::FOPEN_DIRECT_IO);
+    }
+
+    fn read(
+        &self,
+        _req: &fuser::Request,
+        _ino: fuser::INodeNo,
+        _fh: fuser::FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: fuser::OpenFlags,
+        _lock_owner: Option<fuser::LockOwner>,
+        reply: fuser::ReplyData,
+    ) {
+        use std::os::unix::fs::FileExt;
+        if self.failing() {
+            return reply.error(fuser::Errno::EIO);
+        }
+        let n = (size as u64).min(self.size.saturating_sub(offset)) as usize;
+        let mut b = vec![0u8; n];
+        match self.file.read_exact_at(&mut b, offset) {
+            Ok(()) => reply.data(&b),
+            Err(_) => reply.error(fuser::Errno::EIO),
+        }
+    }
+
+    fn write(
+        &self,
+        _req: &fuser::Request,
+        _ino: fuser::INodeNo,
+        _fh: fuser::FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: fuser::WriteFlags,
+        _flags: fuser::OpenFlags,
+        _lock_owner: Option<fuser::LockOwner>,
+        reply: fuser::ReplyWrite,
+    ) {
+        use std::os::unix::fs::FileExt;
+        if self.failing() || offset + data.len() as u64 > self.size {
+            return reply.error(fuser::Errno::EIO);
+        }
+        match self.file.write_all_at(data, offset) {
+            Ok(()) => reply.written(data.len() as u32),
+            Err(_) => reply.error(fuser::Errno::EIO),
+        }
+    }
+
+    fn flush(
+        &self,
+        _req: &fuser::Request,
+        _ino: fuser::INodeNo,
+        _fh: fuser::FileHandle,
+        _lock_owner: fuser::LockOwner,
+        reply: fuser::ReplyEmpty,
+    ) {
+        reply.ok();
+    }
+
+    fn fsync(
+        &self,
+        _req: &fuser::Request,
+        _ino: fuser::INodeNo,
+        _fh: fuser::FileHandle,
+        _datasync: bool,
+        reply: fuser::ReplyEmpty,
+    ) {
+        if self.failing() {
+            return reply.error(fuser::Errno::EIO);
+        }
+        match self.file.sync_data() {
+            Ok(()) => reply.ok(),
+            Err(_) => reply.error(fuser::Errno::EIO),
+        }
+    }
+}
+
+fn run_ok(cmd: &mut Command, what: &str) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{what}: {e}"));
+    ok(&out, what);
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+impl FailingDisk {
+    /// A 512 MiB disk (sparse, on the test directory's file system), ext4, mounted.
+    fn new(name: &str) -> FailingDisk {
+        let dir = PathBuf::from(format!("/tmp/eio-{name}-{}", std::process::id()));
+        let (mnt, fuse_mnt) = (dir.join("ext4"), dir.join("fuse"));
+        std::fs::create_dir_all(&mnt).unwrap();
+        std::fs::create_dir_all(&fuse_mnt).unwrap();
+        let base = std::env::var("PAIRFS_TEST_DIR").unwrap_or_else(|_| "/var/tmp".into());
+        let backing = PathBuf::from(format!("{base}/eio-{name}-{}.disk", std::process::id()));
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&backing)
+            .unwrap();
+        let size = 512 << 20;
+        file.set_len(size).unwrap();
+        let fail = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mut config = fuser::Config::default();
+        config.mount_options = vec![fuser::MountOption::FSName("pairfs-test-disk".into())];
+        let session = fuser::spawn_mount(
+            DiskFs {
+                file,
+                size,
+                fail: fail.clone(),
+            },
+            &fuse_mnt,
+            &config,
+        )
+        .unwrap();
+        let mut d = FailingDisk {
+            dir,
+            mnt,
+            fuse_mnt,
+            backing,
+            loop_dev: String::new(),
+            fail,
+            session: Some(session),
+        };
+        d.loop_dev = run_ok(
+            Command::new("losetup")
+                .args(["--find", "--show"])
+                .arg(d.fuse_mnt.join("disk")),
+            "losetup",
+        );
+        run_ok(
+            Command::new("mkfs.ext4").args(["-q", "-F", "-E", "nodiscard", &d.loop_dev]),
+            "mkfs.ext4",
+        );
+        d.mount();
+        d
+    }
+
+    fn mount(&self) {
+        run_ok(
+            Command::new("mount")
+                .args(["-t", "ext4", &self.loop_dev])
+                .arg(&self.mnt),
+            "mount the ext4 of the failing disk",
+        );
+    }
+
+    /// Every I/O of the disk fails with EIO (`true`) or works again (`false`).
+    fn fail(&self, on: bool) {
+        self.fail.store(on, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// What an administrator does once the disk works again and ext4 gave up on its
+    /// journal: unmount, `e2fsck -fy`, mount. Returns e2fsck's report.
+    fn repair(&self) -> String {
+        run_ok(Command::new("umount").arg(&self.mnt), "umount the ext4");
+        let out = Command::new("e2fsck")
+            .args(["-fy", &self.loop_dev])
+            .output()
+            .unwrap();
+        // 0: clean, 1: errors corrected.
+        assert!(
+            matches!(out.status.code(), Some(0 | 1)),
+            "e2fsck: {:?}\n{}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        self.mount();
+        format!(
+            "e2fsck exit {:?}: {}",
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout)
+        )
+    }
+}
+
+/// An EIO in a log or status: the OS's message, or SQLite's (`SQLITE_IOERR`).
+fn eio(text: &str) -> bool {
+    text.contains("Input/output error") || text.contains("disk I/O error")
+}
+
+impl Drop for FailingDisk {
+    fn drop(&mut self) {
+        self.fail(false);
+        let _ = Command::new("umount").arg(&self.mnt).output();
+        let _ = Command::new("umount").arg("-l").arg(&self.mnt).output();
+        if !self.loop_dev.is_empty() {
+            let _ = Command::new("losetup")
+                .args(["-d", &self.loop_dev])
+                .output();
+        }
+        if let Some(s) = self.session.take()
+            && s.umount_and_join().is_err()
+        {
+            let _ = Command::new("umount")
+                .arg("-l")
+                .arg(&self.fuse_mnt)
+                .output();
+        }
+        let _ = std::fs::remove_file(&self.backing);
+        let _ = std::fs::remove_dir(&self.mnt);
+        let _ = std::fs::remove_dir(&self.fuse_mnt);
+        let _ = std::fs::remove_dir(&self.dir);
+    }
+}
+
+#[test]
+fn a_failing_secondary_disk_eio_with_continue_leaves_the_primary_serving_then_catches_up() {
+    let disk = FailingDisk::new("continue");
+    let mut v = Vol::new("256M");
+    let key = key_file(v.dir.path(), "key", "0123456789abcdef-eio");
+    let mut s = Secondary::start_in(&disk.mnt, v.dir.path(), &key);
+    ok(
+        &mount_replica_env(
+            &mut v,
+            &s,
+            &["--on-disconnect", "continue"],
+            &[("PAIRFS_REPL_BUFFER", "4M")],
+        ),
+        "mount (sync, continue)",
+    );
+    std::fs::create_dir(v.path("d")).unwrap();
+    write_fsync(&v.path("d/a"), &block(1, 1, 2 << 20));
+    ok(
+        &pairfs(&["split", v.path("d").to_str().unwrap(), "--wait"]),
+        "split d",
+    );
+    wait_in_sync(&v.mnt, "before the disk fails");
+    // The secondary's disk dies: 20 MiB of fsync'd files and a copy-on-write overwrite
+    // on the primary; every write and fsync returns.
+    disk.fail(true);
+    let t = Instant::now();
+    for i in 0..10u64 {
+        write_fsync(&v.path(&format!("d/f{i}")), &block(10 + i, 1, 2 << 20));
+    }
+    write_fsync(&v.path("d/a"), &block(1, 2, 1 << 20));
+    let took = t.elapsed();
+    eprintln!("20 MiB of fsync'd writes with the secondary's disk failing: {took:?}");
+    assert!(took < Duration::from_secs(30), "{took:?}");
+    // Past its 4 MiB buffer the primary is out of sync, and `pairfs status` says why:
+    // the secondary's refusal (EIO on its first failed record; once ext4 gave up on its
+    // journal, a read-only file system at each reconnection).
+    let t = Instant::now();
+    let status = loop {
+        let out = pairfs(&["status", "--json", v.mnt.to_str().unwrap()]);
+        ok(&out, "pairfs status --json");
+        let status = String::from_utf8_lossy(&out.stdout).into_owned();
+        if status.contains("\"out_of_sync\"")
+            && (eio(&status) || status.contains("Read-only file system"))
+        {
+            break status;
+        }
+        assert!(t.elapsed() < Duration::from_secs(30), "{status}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let error = status
+        .lines()
+        .find(|l| l.contains("\"error\""))
+        .unwrap_or_default()
+        .trim()
+        .to_string();
+    eprintln!("disk failing: {error}");
+    let plog = std::fs::read_to_string(v.dir.path().join("primary.log")).unwrap();
+    assert!(
+        plog.contains("the secondary stopped: applying record") && eio(&plog),
+        "{plog}"
+    );
+    let slog = s.log();
+    assert!(eio(&slog), "the secondary did not hit EIO: {slog}");
+    assert!(s.alive(), "the secondary died on a failing disk");
+    for i in 0..10u64 {
+        assert_eq!(
+            std::fs::read(v.path(&format!("d/f{i}"))).unwrap(),
+            block(10 + i, 1, 2 << 20)
+        );
+    }
+    assert_eq!(std::fs::read(v.path("d/a")).unwrap(), block(1, 2, 1 << 20));
+    // The disk works again. ext4 aborted its journal on the failed writes (the file
+    // system is read-only until it is unmounted and checked), so the repair stops the
+    // secondary's service, checks and remounts the file system and starts the service
+    // again; the primary's link catches up by itself.
+    disk.fail(false);
+    s.stop("-TERM");
+    eprintln!("repair: {}", disk.repair());
+    s.restart();
+    wait_in_sync(&v.mnt, "after the disk was repaired");
+    write_fsync(&v.path("d/after"), &block(5, 1, 50_000));
+    v.umount();
+    s.stop("-TERM");
+    ok(
+        &pairfs(&["replica", "promote", s.img.to_str().unwrap()]),
+        "promote",
+    );
+    v.fsck();
+    ok(
+        &pairfs(&["fsck", s.img.to_str().unwrap()]),
+        "fsck secondary",
+    );
+    let _ = compare_sides(&mut v, &s);
+}
+
+/// Kills -9 the daemon mounted on the image if the test fails: a `block` primary whose
+/// secondary is gone would keep its stalled writer (and so the test process) forever.
+struct KillOnPanic(PathBuf);
+
+impl Drop for KillOnPanic {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let pat = format!(" mount {} ", self.0.display());
+            if let Ok(out) = Command::new("pgrep").arg("-f").arg(&pat).output() {
+                for p in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+                    let _ = Command::new("kill").args(["-9", p]).output();
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn a_failing_secondary_disk_eio_with_block_stalls_fsync_until_it_is_repaired() {
+    let disk = FailingDisk::new("block");
+    let mut v = Vol::new("256M");
+    let key = key_file(v.dir.path(), "key", "0123456789abcdef-eio-block");
+    let mut s = Secondary::start_in(&disk.mnt, v.dir.path(), &key);
+    ok(&mount_replica(&mut v, &s, &[]), "mount (sync, block)");
+    let _kill = KillOnPanic(v.img.clone());
+    std::fs::create_dir(v.path("d")).unwrap();
+    write_fsync(&v.path("d/a"), &block(1, 1, 100_000));
+    ok(
+        &pairfs(&["split", v.path("d").to_str().unwrap(), "--wait"]),
+        "split d",
+    );
+    wait_in_sync(&v.mnt, "before the disk fails");
+    // fsync'd 1 MiB files; `done` is the last whose fsync returned.
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let (d2, root) = (done.clone(), v.mnt.clone());
+    let w = std::thread::spawn(move || {
+        for i in 1..=12u64 {
+            write_fsync(&root.join(format!("d/f{i}")), &block(i, 1, 1 << 20));
+            d2.store(i, std::sync::atomic::Ordering::SeqCst);
+        }
+    });
+    let t = Instant::now();
+    while done.load(std::sync::atomic::Ordering::SeqCst) < 3 {
+        assert!(t.elapsed() < Duration::from_secs(30), "the writer is slow");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // The disk dies under the writer: its fsync stalls (nothing is acknowledged that
+    // the secondary did not make durable) and the status says why.
+    disk.fail(true);
+    let t = Instant::now();
+    let mut last = (
+        done.load(std::sync::atomic::Ordering::SeqCst),
+        Instant::now(),
+    );
+    loop {
+        let n = done.load(std::sync::atomic::Ordering::SeqCst);
+        assert!(
+            n < 12,
+            "every fsync returned with the secondary's disk dead"
+        );
+        if n != last.0 {
+            last = (n, Instant::now());
+        } else if last.1.elapsed() > Duration::from_secs(2) {
+            let line = replica_line(&v.mnt);
+            if eio(&line) || line.contains("Read-only file system") {
+                break;
+            }
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "no stall on a failing disk: {}",
+            replica_line(&v.mnt)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let stalled = done.load(std::sync::atomic::Ordering::SeqCst);
+    let line = replica_line(&v.mnt);
+    eprintln!("stalled after {stalled} files: {line}");
+    assert!(!line.starts_with("in_sync"), "{line}");
+    assert!(eio(&s.log()), "the secondary did not hit EIO: {}", s.log());
+    assert!(s.alive(), "the secondary died on a failing disk");
+    // Repaired (see the `continue` test): the writer resumes and finishes.
+    disk.fail(false);
+    s.stop("-TERM");
+    eprintln!("repair: {}", disk.repair());
+    s.restart();
+    let t = Instant::now();
+    while done.load(std::sync::atomic::Ordering::SeqCst) < 12 {
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "the writer did not resume: {}",
+            replica_line(&v.mnt)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    w.join().unwrap();
+    wait_in_sync(&v.mnt, "after the disk was repaired");
+    for i in 1..=12u64 {
+        assert_eq!(
+            std::fs::read(v.path(&format!("d/f{i}"))).unwrap(),
+            block(i, 1, 1 << 20)
+        );
+    }
+    v.umount();
+    s.stop("-TERM");
+    ok(
+        &pairfs(&["replica", "promote", s.img.to_str().unwrap()]),
+        "promote",
+    );
+    v.fsck();
+    ok(
+        &pairfs(&["fsck", s.img.to_str().unwrap()]),
+        "fsck secondary",
+    );
+    let _ = compare_sides(&mut v, &s);
 }

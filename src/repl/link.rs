@@ -188,6 +188,8 @@ struct State {
     acked_bytes: u64,
     /// Bytes pushed since the last record the secondary acks.
     since_ack_point: u64,
+    /// The last record pushed that the secondary acks (`Sync`, `Commit`, `ResyncEnd`).
+    ack_point: u64,
     closing: bool,
     last_error: Option<String>,
     reconnects: u64,
@@ -217,6 +219,7 @@ impl State {
             range: None,
         });
         self.since_ack_point = 0;
+        self.ack_point = seq;
     }
 }
 
@@ -290,7 +293,12 @@ impl Link {
             }
         }
         g.buf_bytes = 0;
-        g.last_error = Some(why.to_string());
+        // Keep the cause (the secondary's refusal, the link's error) beside it.
+        g.last_error = Some(match g.last_error.take() {
+            Some(e) if !e.starts_with(why) => format!("{why} (after: {e})"),
+            Some(e) => e,
+            None => why.to_string(),
+        });
         self.cv.notify_all();
     }
 
@@ -347,6 +355,9 @@ impl Link {
             range,
         });
         g.since_ack_point = if acked { 0 } else { g.since_ack_point + n };
+        if acked {
+            g.ack_point = seq;
+        }
         if g.since_ack_point > ACK_EVERY.min(self.buffer / 4) {
             // Writes without a durability point (async mode, or long runs between
             // fsyncs) still get acked, so the buffer drains.
@@ -1475,8 +1486,16 @@ impl DurabilitySink for Sink {
     }
 
     fn commit_meta(&self, _batch: &crate::meta::Batch) -> Result<()> {
-        // The tap already queued the transaction's rows (under the metadata lock).
-        let seq = self.0.lock().next_seq.saturating_sub(1);
+        // The tap already queued the transaction's rows (under the metadata lock): wait
+        // for the ack of that `Commit`, or of a later record that gets one. Not of the
+        // last record pushed: a write of another file may have entered the stream since,
+        // and a `Write` is acked only by a later `Sync` or `Commit`, which the fsyncs
+        // waiting behind this commit would never push (the mount hung: acked up to the
+        // commit, two writes queued, every fsync waiting).
+        let seq = {
+            let g = self.0.lock();
+            g.ack_point.min(g.next_seq.saturating_sub(1))
+        };
         self.0.wait_acked(seq)
     }
 
@@ -1584,6 +1603,7 @@ impl Attach for Replica {
                 dropped_bytes: 0,
                 acked_bytes: 0,
                 since_ack_point: 0,
+                ack_point: 0,
                 closing: false,
                 last_error: None,
                 reconnects: 0,

@@ -283,6 +283,10 @@ struct Conn<'a> {
     /// The copy mount (`--copy-mount`): commits wait for its running requests, and it
     /// serves nothing while the volume is not consistent.
     copies: Option<&'a Arc<Follower>>,
+    /// The primary proved the key: errors of this side may be told to it.
+    authed: bool,
+    /// A `Refuse` was sent (the primary knows why the connection ends).
+    refused: bool,
 }
 
 impl Conn<'_> {
@@ -293,6 +297,7 @@ impl Conn<'_> {
 
     fn refuse(&mut self, reason: String) -> Error {
         log::warn!("replica: refusing {}: {reason}", self.peer);
+        self.refused = true;
         let _ = self.send(&Msg::Refuse {
             reason: reason.clone(),
         });
@@ -329,7 +334,7 @@ impl Conn<'_> {
             mac,
         })?;
         match proto::recv_max(&mut self.r, proto::MAX_HANDSHAKE)? {
-            Msg::Auth { mac } if self.key.verify_p(&np, &ns, &uuid, &mac) => {}
+            Msg::Auth { mac } if self.key.verify_p(&np, &ns, &uuid, &mac) => self.authed = true,
             Msg::Auth { .. } => {
                 return Err(self.refuse(
                     "authentication failed: the primary does not have this secondary's key (wrong --key-file)".into(),
@@ -909,11 +914,30 @@ pub fn serve(
                 w: BufWriter::new(w),
                 peer: peer.clone(),
                 copies: follower.as_ref(),
+                authed: false,
+                refused: false,
             };
             let spawned = std::thread::Builder::new()
                 .name("pairfs-replica".into())
                 .spawn_scoped(sc, move || {
                     if let Err(e) = c.run() {
+                        // A failure of this side's storage after the handshake (opening
+                        // the replica or recording a resync on a disk that fails with
+                        // EIO or went read-only): told to the primary, as a failed apply
+                        // is, so that its status says why. Not link or protocol errors.
+                        if c.authed
+                            && !c.refused
+                            && !matches!(
+                                e,
+                                Error::Invalid(_)
+                                    | Error::Io {
+                                        what: "replica link",
+                                        ..
+                                    }
+                            )
+                        {
+                            let _ = c.refuse(e.to_string());
+                        }
                         log::warn!("replica: connection from {peer} ended: {e}");
                     }
                 });
