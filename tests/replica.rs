@@ -928,7 +928,11 @@ fn a_clean_remount_resumes_the_stream_without_a_full_sync() {
 
 /// The block bytes the last resync of the primary's log sent.
 fn last_resync_bytes(v: &Vol) -> u64 {
-    let log = std::fs::read_to_string(v.dir.path().join("primary.log")).unwrap();
+    resync_sent(&std::fs::read_to_string(v.dir.path().join("primary.log")).unwrap())
+}
+
+/// Bytes of block data the last resync in a primary's `log` sent.
+fn resync_sent(log: &str) -> u64 {
     let line = log
         .lines()
         .rev()
@@ -936,6 +940,116 @@ fn last_resync_bytes(v: &Vol) -> u64 {
         .unwrap_or_else(|| panic!("no resync in {log}"));
     let (_, rest) = line.split_once("block data (").unwrap();
     rest.split_once(' ').unwrap().0.parse().unwrap()
+}
+
+/// What a full sync of volume `img` sends: the data (not the holes) of both images.
+fn full_sync_bytes(img: &Path) -> u64 {
+    [
+        img.to_path_buf(),
+        PathBuf::from(format!("{}.copy", img.display())),
+    ]
+    .iter()
+    .map(|f| std::fs::metadata(f).unwrap().blocks() * 512)
+    .sum()
+}
+
+/// The old primary's volume `v` served with `replica serve --rejoin` on `addr`.
+fn serve_rejoin(v: &Vol, key: &Path, addr: String) -> Secondary {
+    let mut p = Secondary {
+        img: v.img.clone(),
+        addr,
+        key: key.to_path_buf(),
+        log: v.dir.path().join("old-primary.log"),
+        child: None,
+        extra: vec!["--rejoin"],
+    };
+    p.restart();
+    p
+}
+
+/// A failover: the primary `v` (mounted with `--replica` to `s`) writes a `big`-byte
+/// file in a split directory `d`, and, once its bitmap checkpoints cleared those
+/// regions, 20 fsync'd files (what it marks when it dies); then it is killed -9 and
+/// `s` is stopped and promoted.
+fn fail_over(v: &mut Vol, s: &mut Secondary, big: usize) {
+    std::fs::create_dir(v.path("d")).unwrap();
+    write_fsync(&v.path("d/big"), &block(1, 1, big));
+    ok(
+        &pairfs(&["split", v.path("d").to_str().unwrap(), "--wait"]),
+        "split d",
+    );
+    wait_in_sync(&v.mnt, "before the crash");
+    std::thread::sleep(Duration::from_millis(2500));
+    for i in 0..20u64 {
+        write_fsync(&v.path(&format!("d/f{i}")), &block(i, 3, 50_000));
+    }
+    v.kill9();
+    s.stop("-TERM");
+    ok(
+        &pairfs(&["replica", "promote", s.img.to_str().unwrap()]),
+        "promote S",
+    );
+}
+
+/// Mounts the promoted `s` on `smnt` with `args` (its `--replica` link), logging to
+/// `new-primary.log`.
+fn mount_new_primary(
+    v: &Vol,
+    s: &Secondary,
+    smnt: &Path,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> std::process::Output {
+    std::fs::create_dir_all(smnt).unwrap();
+    Command::new(BIN)
+        .args([
+            "mount",
+            s.img.to_str().unwrap(),
+            smnt.to_str().unwrap(),
+            "--daemon",
+        ])
+        .args(args)
+        .args(["--key-file", s.key.to_str().unwrap()])
+        .env("PAIRFS_LOG_FILE", v.dir.path().join("new-primary.log"))
+        .env("RUST_LOG", "info")
+        .envs(env.iter().copied())
+        .output()
+        .unwrap()
+}
+
+/// Writes on a new primary: a 2 MiB file, 100 4 KiB overwrites of `d/big` in its first
+/// `span` blocks, a directory `e` split with a file in it.
+fn write_on_new_primary(smnt: &Path, span: u64) {
+    use std::os::unix::fs::FileExt;
+    write_fsync(&smnt.join("d/on-s"), &block(5, 1, 2 << 20));
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(smnt.join("d/big"))
+        .unwrap();
+    for i in 0..100u64 {
+        f.write_all_at(&block(i, 9, 4096), (i * 37 % span) * 4096)
+            .unwrap();
+    }
+    f.sync_all().unwrap();
+    std::fs::create_dir(smnt.join("e")).unwrap();
+    write_fsync(&smnt.join("e/x"), &block(6, 1, 100_000));
+    ok(
+        &pairfs(&["split", smnt.join("e").to_str().unwrap(), "--wait"]),
+        "split e on S",
+    );
+}
+
+/// The end of a rejoin: the old primary `p` stopped and promoted, fsck clean on both,
+/// files and frozen copies compared (returns the copy mount's tree).
+fn promote_and_compare(v: &mut Vol, s: &Secondary, p: &mut Secondary) -> Vec<String> {
+    p.stop("-TERM");
+    ok(
+        &pairfs(&["replica", "promote", v.img.to_str().unwrap()]),
+        "promote the old primary",
+    );
+    v.fsck();
+    ok(&pairfs(&["fsck", s.img.to_str().unwrap()]), "fsck S");
+    compare_sides(v, s)
 }
 
 /// A primary in `continue` mode loses its secondary, changes `changed` bytes (4 KiB
@@ -1863,20 +1977,13 @@ fn an_old_primary_rejoins_the_promoted_secondary_by_bitmap() {
         "promote made no bitmap"
     );
     // P's volume, served as a secondary: refused without --rejoin, taken with it.
-    let mut p = Secondary {
-        img: v.img.clone(),
-        addr: format!("127.0.0.1:{}", free_port()),
-        key: key.clone(),
-        log: v.dir.path().join("old-primary.log"),
-        child: None,
-        extra: Vec::new(),
-    };
+    let p_addr = format!("127.0.0.1:{}", free_port());
     let plain = pairfs(&[
         "replica",
         "serve",
         v.img.to_str().unwrap(),
         "--listen",
-        &p.addr,
+        &p_addr,
         "--key-file",
         key.to_str().unwrap(),
     ]);
@@ -1886,22 +1993,23 @@ fn an_old_primary_rejoins_the_promoted_secondary_by_bitmap() {
         "{}",
         String::from_utf8_lossy(&plain.stderr)
     );
-    p.extra = vec!["--rejoin"];
-    p.restart();
+    let mut p = serve_rejoin(&v, &key, p_addr);
     // S is the primary now.
     let smnt = v.dir.path().join("smnt");
     let scopy = v.dir.path().join("scopy");
-    std::fs::create_dir_all(&smnt).unwrap();
     std::fs::create_dir_all(&scopy).unwrap();
-    let slog = v.dir.path().join("new-primary.log");
-    let out = Command::new(BIN)
-        .args(["mount", s.img.to_str().unwrap(), smnt.to_str().unwrap()])
-        .args(["--copy-mount", scopy.to_str().unwrap(), "--daemon"])
-        .args(["--replica", &p.addr, "--key-file", key.to_str().unwrap()])
-        .env("PAIRFS_LOG_FILE", &slog)
-        .env("RUST_LOG", "info")
-        .output()
-        .unwrap();
+    let out = mount_new_primary(
+        &v,
+        &s,
+        &smnt,
+        &[
+            "--copy-mount",
+            scopy.to_str().unwrap(),
+            "--replica",
+            &p.addr,
+        ],
+        &[],
+    );
     ok(&out, "mount S with --replica to the old primary");
     let said = String::from_utf8_lossy(&out.stderr).to_string();
     assert!(
@@ -1909,25 +2017,7 @@ fn an_old_primary_rejoins_the_promoted_secondary_by_bitmap() {
         "{said}"
     );
     // New writes on S: a new file, overwrites of the big file, a split of another dir.
-    write_fsync(&smnt.join("d/on-s"), &block(5, 1, 2 << 20));
-    {
-        use std::os::unix::fs::FileExt;
-        let f = std::fs::OpenOptions::new()
-            .write(true)
-            .open(smnt.join("d/big"))
-            .unwrap();
-        for i in 0..100u64 {
-            f.write_all_at(&block(i, 9, 4096), (i * 37 % 16_000) * 4096)
-                .unwrap();
-        }
-        f.sync_all().unwrap();
-    }
-    std::fs::create_dir(smnt.join("e")).unwrap();
-    write_fsync(&smnt.join("e/x"), &block(6, 1, 100_000));
-    ok(
-        &pairfs(&["split", smnt.join("e").to_str().unwrap(), "--wait"]),
-        "split e on S",
-    );
+    write_on_new_primary(&smnt, 16_000);
     write_fsync(&smnt.join("e/x"), &block(6, 2, 50_000));
     wait_in_sync(&smnt, "the old primary rejoined");
     let plog = p.log();
@@ -1946,22 +2036,8 @@ fn an_old_primary_rejoins_the_promoted_secondary_by_bitmap() {
                 .ok()
         })
         .unwrap_or_else(|| panic!("no marks in {plog}"));
-    let log = std::fs::read_to_string(&slog).unwrap();
-    let line = log
-        .lines()
-        .rev()
-        .find(|l| l.contains("resync sent:"))
-        .unwrap_or_else(|| panic!("no resync in {log}"));
-    let sent: u64 = line
-        .split_once("block data (")
-        .unwrap()
-        .1
-        .split_once(' ')
-        .unwrap()
-        .0
-        .parse()
-        .unwrap();
-    eprintln!("rejoin: P marked {marked} bytes; the resync sent {sent} bytes of blocks ({line})");
+    let sent = resync_sent(&std::fs::read_to_string(v.dir.path().join("new-primary.log")).unwrap());
+    eprintln!("rejoin: P marked {marked} bytes; the resync sent {sent} bytes of blocks");
     // The resync sends P's marks and the blocks S wrote since its promotion that were
     // not records of the stream: those written between its mount (repair of the
     // crashed volume included) and the start of the resync, at most the 2.7 MiB the
@@ -1971,29 +2047,15 @@ fn an_old_primary_rejoins_the_promoted_secondary_by_bitmap() {
         sent <= marked + on_s,
         "sent {sent} > marked {marked} + written on S {on_s}"
     );
-    // What a full sync sends: the data (not the holes) of both images.
-    let full: u64 = [
-        s.img.clone(),
-        PathBuf::from(format!("{}.copy", s.img.display())),
-    ]
-    .iter()
-    .map(|f| std::fs::metadata(f).unwrap().blocks() * 512)
-    .sum();
+    let full = full_sync_bytes(&s.img);
     eprintln!("rejoin: a full sync would send about {full} bytes");
     assert!(
         sent * 2 < full,
         "resync sent {sent} bytes, a full sync {full}"
     );
     ok(&pairfs(&["umount", smnt.to_str().unwrap()]), "umount S");
-    p.stop("-TERM");
-    ok(
-        &pairfs(&["replica", "promote", v.img.to_str().unwrap()]),
-        "promote the old primary",
-    );
-    v.fsck();
-    ok(&pairfs(&["fsck", s.img.to_str().unwrap()]), "fsck S");
     // Both sides: live trees and frozen copies byte-identical.
-    let ca = compare_sides(&mut v, &s);
+    let ca = promote_and_compare(&mut v, &s, &mut p);
     assert!(ca.iter().any(|l| l.starts_with("e/x ")), "{ca:?}");
 }
 
@@ -2035,23 +2097,8 @@ fn a_rejoin_that_does_not_line_up_is_a_full_sync() {
     );
     write_fsync(&smnt.join("d/alone"), &block(7, 1, 300_000));
     ok(&pairfs(&["umount", smnt.to_str().unwrap()]), "umount S");
-    let mut p = Secondary {
-        img: v.img.clone(),
-        addr: format!("127.0.0.1:{}", free_port()),
-        key: key.clone(),
-        log: v.dir.path().join("old-primary.log"),
-        child: None,
-        extra: vec!["--rejoin"],
-    };
-    p.restart();
-    let out = Command::new(BIN)
-        .args(["mount", s.img.to_str().unwrap(), smnt.to_str().unwrap()])
-        .args(["--daemon", "--replica", &p.addr])
-        .args(["--key-file", key.to_str().unwrap()])
-        .env("PAIRFS_LOG_FILE", v.dir.path().join("new-primary.log"))
-        .env("RUST_LOG", "info")
-        .output()
-        .unwrap();
+    let mut p = serve_rejoin(&v, &key, format!("127.0.0.1:{}", free_port()));
+    let out = mount_new_primary(&v, &s, &smnt, &["--replica", &p.addr], &[]);
     ok(&out, "mount S with --replica to the old primary");
     let said = String::from_utf8_lossy(&out.stderr).to_string();
     assert!(said.contains("do not line up, full sync"), "{said}");
@@ -2061,13 +2108,7 @@ fn a_rejoin_that_does_not_line_up_is_a_full_sync() {
     ok(&pairfs(&["umount", smnt.to_str().unwrap()]), "umount S");
     p.stop("-TERM");
     assert!(p.log().contains("full sync from"), "{}", p.log());
-    ok(
-        &pairfs(&["replica", "promote", v.img.to_str().unwrap()]),
-        "promote the old primary",
-    );
-    v.fsck();
-    ok(&pairfs(&["fsck", s.img.to_str().unwrap()]), "fsck S");
-    let _ = compare_sides(&mut v, &s);
+    let _ = promote_and_compare(&mut v, &s, &mut p);
 }
 
 /// A rejoin cut before the old primary took the new primary's database (the old
@@ -2083,45 +2124,17 @@ fn a_rejoin_cut_before_the_database_rejoins_again_by_bitmap() {
     let key = key_file(v.dir.path(), "key", "0123456789abcdef-rejoin-cut");
     let mut s = Secondary::start(v.dir.path(), &key);
     ok(&mount_replica(&mut v, &s, &[]), "mount P");
-    std::fs::create_dir(v.path("d")).unwrap();
-    write_fsync(&v.path("d/big"), &block(1, 1, 16 << 20));
-    ok(
-        &pairfs(&["split", v.path("d").to_str().unwrap(), "--wait"]),
-        "split d",
-    );
-    wait_in_sync(&v.mnt, "before the crash");
-    std::thread::sleep(Duration::from_millis(2500));
-    for i in 0..20u64 {
-        write_fsync(&v.path(&format!("d/f{i}")), &block(i, 3, 50_000));
-    }
-    v.kill9();
-    s.stop("-TERM");
-    ok(
-        &pairfs(&["replica", "promote", s.img.to_str().unwrap()]),
-        "promote S",
-    );
-    let mut p = Secondary {
-        img: v.img.clone(),
-        addr: format!("127.0.0.1:{}", free_port()),
-        key: key.clone(),
-        log: v.dir.path().join("old-primary.log"),
-        child: None,
-        extra: vec!["--rejoin"],
-    };
-    p.restart();
+    fail_over(&mut v, &mut s, 16 << 20);
+    let mut p = serve_rejoin(&v, &key, format!("127.0.0.1:{}", free_port()));
     let proxy = Proxy::start(&p.addr, Duration::from_millis(1000));
     let smnt = v.dir.path().join("smnt");
-    std::fs::create_dir_all(&smnt).unwrap();
-    let out = Command::new(BIN)
-        .args(["mount", s.img.to_str().unwrap(), smnt.to_str().unwrap()])
-        .args(["--daemon", "--replica", &proxy.addr])
-        .args(["--key-file", key.to_str().unwrap()])
-        .args(["--on-disconnect", "continue"])
-        .env("PAIRFS_LOG_FILE", v.dir.path().join("new-primary.log"))
-        .env("PAIRFS_REPL_BUFFER", "1M")
-        .env("RUST_LOG", "info")
-        .output()
-        .unwrap();
+    let out = mount_new_primary(
+        &v,
+        &s,
+        &smnt,
+        &["--replica", &proxy.addr, "--on-disconnect", "continue"],
+        &[("PAIRFS_REPL_BUFFER", "1M")],
+    );
     // The resync's first records are a second away from the old primary: kill it now.
     p.stop("-9");
     ok(&out, "mount S with --replica to the old primary");
@@ -2137,14 +2150,7 @@ fn a_rejoin_cut_before_the_database_rejoins_again_by_bitmap() {
         "umount S alone",
     );
     p.restart();
-    let out = Command::new(BIN)
-        .args(["mount", s.img.to_str().unwrap(), smnt.to_str().unwrap()])
-        .args(["--daemon", "--replica", &proxy.addr])
-        .args(["--key-file", key.to_str().unwrap()])
-        .env("PAIRFS_LOG_FILE", v.dir.path().join("new-primary.log"))
-        .env("RUST_LOG", "info")
-        .output()
-        .unwrap();
+    let out = mount_new_primary(&v, &s, &smnt, &["--replica", &proxy.addr], &[]);
     ok(&out, "mount S again with --replica to the old primary");
     let said = String::from_utf8_lossy(&out.stderr).to_string();
     let here: u64 = said
@@ -2174,13 +2180,7 @@ fn a_rejoin_cut_before_the_database_rejoins_again_by_bitmap() {
     eprintln!("rejoin cut: {begins:?}");
     assert!(!begins.is_empty(), "{slog}");
     assert!(begins.iter().all(|l| !l.contains("begins: all")), "{slog}");
-    ok(
-        &pairfs(&["replica", "promote", v.img.to_str().unwrap()]),
-        "promote the old primary",
-    );
-    v.fsck();
-    ok(&pairfs(&["fsck", s.img.to_str().unwrap()]), "fsck S");
-    let _ = compare_sides(&mut v, &s);
+    let _ = promote_and_compare(&mut v, &s, &mut p);
 }
 
 /// Paths under `root` with their content hashes, or the error of the first failing
@@ -2356,40 +2356,26 @@ fn a_promoted_secondary_mounts_while_the_old_primary_is_down_and_it_rejoins_late
     let key = key_file(v.dir.path(), "key", "0123456789abcdef-failover");
     let mut s = Secondary::start(v.dir.path(), &key);
     ok(&mount_replica(&mut v, &s, &[]), "mount P");
-    std::fs::create_dir(v.path("d")).unwrap();
-    write_fsync(&v.path("d/big"), &block(1, 1, 32 << 20));
-    ok(
-        &pairfs(&["split", v.path("d").to_str().unwrap(), "--wait"]),
-        "split d",
-    );
-    for i in 0..20u64 {
-        write_fsync(&v.path(&format!("d/f{i}")), &block(i, 1, 40_000));
-    }
-    wait_in_sync(&v.mnt, "before the crash");
-    // Checkpoints of P's bitmap clear the regions written above from its activity log.
-    std::thread::sleep(Duration::from_millis(3000));
-    v.kill9();
-    s.stop("-TERM");
-    ok(
-        &pairfs(&["replica", "promote", s.img.to_str().unwrap()]),
-        "promote S",
-    );
+    fail_over(&mut v, &mut s, 32 << 20);
     // The old primary is down: S mounts with --replica to where it will be, and serves.
     let p_addr = format!("127.0.0.1:{}", free_port());
     let smnt = v.dir.path().join("smnt");
     let scopy = v.dir.path().join("scopy");
-    std::fs::create_dir_all(&smnt).unwrap();
     std::fs::create_dir_all(&scopy).unwrap();
-    let slog = v.dir.path().join("new-primary.log");
-    let out = Command::new(BIN)
-        .args(["mount", s.img.to_str().unwrap(), smnt.to_str().unwrap()])
-        .args(["--copy-mount", scopy.to_str().unwrap(), "--daemon"])
-        .args(["--replica", &p_addr, "--key-file", key.to_str().unwrap()])
-        .args(["--on-disconnect", "continue"])
-        .env("PAIRFS_LOG_FILE", &slog)
-        .env("RUST_LOG", "info")
-        .output()
-        .unwrap();
+    let out = mount_new_primary(
+        &v,
+        &s,
+        &smnt,
+        &[
+            "--copy-mount",
+            scopy.to_str().unwrap(),
+            "--replica",
+            &p_addr,
+            "--on-disconnect",
+            "continue",
+        ],
+        &[],
+    );
     ok(
         &out,
         "mount S with --replica to the old primary, which is down",
@@ -2400,64 +2386,19 @@ fn a_promoted_secondary_mounts_while_the_old_primary_is_down_and_it_rejoins_late
     let line = replica_line(&smnt);
     assert!(!line.starts_with("in_sync"), "{line}");
     // S works alone: a new file, overwrites of the big file, a split of another dir.
-    write_fsync(&smnt.join("d/on-s"), &block(5, 1, 2 << 20));
-    {
-        use std::os::unix::fs::FileExt;
-        let f = std::fs::OpenOptions::new()
-            .write(true)
-            .open(smnt.join("d/big"))
-            .unwrap();
-        for i in 0..100u64 {
-            f.write_all_at(&block(i, 9, 4096), (i * 37 % 8_000) * 4096)
-                .unwrap();
-        }
-        f.sync_all().unwrap();
-    }
-    std::fs::create_dir(smnt.join("e")).unwrap();
-    write_fsync(&smnt.join("e/x"), &block(6, 1, 100_000));
-    ok(
-        &pairfs(&["split", smnt.join("e").to_str().unwrap(), "--wait"]),
-        "split e on S",
-    );
+    write_on_new_primary(&smnt, 8_000);
     // The old primary comes back and rejoins: by bitmap, not a full sync.
-    let mut p = Secondary {
-        img: v.img.clone(),
-        addr: p_addr,
-        key: key.clone(),
-        log: v.dir.path().join("old-primary.log"),
-        child: None,
-        extra: vec!["--rejoin"],
-    };
-    p.restart();
+    let mut p = serve_rejoin(&v, &key, p_addr);
     wait_in_sync(&smnt, "the old primary rejoined");
     let plog = p.log();
     assert!(!plog.contains("full sync"), "{plog}");
     assert!(plog.contains("took the database"), "{plog}");
-    let log = std::fs::read_to_string(&slog).unwrap();
-    let line = log
-        .lines()
-        .rev()
-        .find(|l| l.contains("resync sent:"))
-        .unwrap_or_else(|| panic!("no resync in {log}"));
-    let sent: u64 = line
-        .split_once("block data (")
-        .unwrap()
-        .1
-        .split_once(' ')
-        .unwrap()
-        .0
-        .parse()
-        .unwrap();
-    let full: u64 = [
-        s.img.clone(),
-        PathBuf::from(format!("{}.copy", s.img.display())),
-    ]
-    .iter()
-    .map(|f| std::fs::metadata(f).unwrap().blocks() * 512)
-    .sum();
+    let log = std::fs::read_to_string(v.dir.path().join("new-primary.log")).unwrap();
+    let sent = resync_sent(&log);
+    let full = full_sync_bytes(&s.img);
     let rejoin_line = log.lines().find(|l| l.contains("rejoins as the secondary"));
     eprintln!(
-        "failover then rejoin: the resync sent {sent} bytes of blocks, a full sync about {full} ({line}; {rejoin_line:?})"
+        "failover then rejoin: the resync sent {sent} bytes of blocks, a full sync about {full} ({rejoin_line:?})"
     );
     assert!(
         rejoin_line.is_some_and(|l| l.contains("resync by bitmap")),
@@ -2468,14 +2409,7 @@ fn a_promoted_secondary_mounts_while_the_old_primary_is_down_and_it_rejoins_late
         "resync sent {sent} bytes, a full sync {full}"
     );
     ok(&pairfs(&["umount", smnt.to_str().unwrap()]), "umount S");
-    p.stop("-TERM");
-    ok(
-        &pairfs(&["replica", "promote", v.img.to_str().unwrap()]),
-        "promote the old primary",
-    );
-    v.fsck();
-    ok(&pairfs(&["fsck", s.img.to_str().unwrap()]), "fsck S");
-    let ca = compare_sides(&mut v, &s);
+    let ca = promote_and_compare(&mut v, &s, &mut p);
     assert!(ca.iter().any(|l| l.starts_with("e/x ")), "{ca:?}");
 }
 
@@ -2543,34 +2477,8 @@ fn a_new_primary_killed_during_a_rejoin_rejoins_by_bitmap() {
     let key = key_file(v.dir.path(), "key", "0123456789abcdef-rejoin-kill");
     let mut s = Secondary::start(v.dir.path(), &key);
     ok(&mount_replica(&mut v, &s, &[]), "mount P");
-    std::fs::create_dir(v.path("d")).unwrap();
-    write_fsync(&v.path("d/big"), &block(1, 1, 16 << 20));
-    ok(
-        &pairfs(&["split", v.path("d").to_str().unwrap(), "--wait"]),
-        "split d",
-    );
-    wait_in_sync(&v.mnt, "before the crash");
-    // Checkpoints clear the big file's regions from P's activity log; the files
-    // written next are what P marks when it dies.
-    std::thread::sleep(Duration::from_millis(2500));
-    for i in 0..20u64 {
-        write_fsync(&v.path(&format!("d/f{i}")), &block(i, 3, 50_000));
-    }
-    v.kill9();
-    s.stop("-TERM");
-    ok(
-        &pairfs(&["replica", "promote", s.img.to_str().unwrap()]),
-        "promote S",
-    );
-    let mut p = Secondary {
-        img: v.img.clone(),
-        addr: format!("127.0.0.1:{}", free_port()),
-        key: key.clone(),
-        log: v.dir.path().join("old-primary.log"),
-        child: None,
-        extra: vec!["--rejoin"],
-    };
-    p.restart();
+    fail_over(&mut v, &mut s, 16 << 20);
+    let mut p = serve_rejoin(&v, &key, format!("127.0.0.1:{}", free_port()));
     let chaos = Chaos::start(&p.addr);
     let smnt = v.dir.path().join("smnt");
     let scopy = v.dir.path().join("scopy");
@@ -2709,13 +2617,7 @@ fn a_new_primary_killed_during_a_rejoin_rejoins_by_bitmap() {
     eprintln!("new primary killed in a rejoin: {begins:?}");
     assert!(!begins.is_empty(), "{log}");
     assert!(begins.iter().all(|l| !l.contains("begins: all")), "{log}");
-    ok(
-        &pairfs(&["replica", "promote", v.img.to_str().unwrap()]),
-        "promote the old primary",
-    );
-    v.fsck();
-    ok(&pairfs(&["fsck", s.img.to_str().unwrap()]), "fsck S");
-    let ca = compare_sides(&mut v, &s);
+    let ca = promote_and_compare(&mut v, &s, &mut p);
     assert!(ca.iter().any(|l| l.starts_with("d/big ")), "{ca:?}");
 }
 
