@@ -595,18 +595,7 @@ fn killing_the_secondary_with_continue_keeps_the_primary_serving() {
         std::thread::sleep(Duration::from_millis(100));
     }
     write_fsync(&v.path("d/after"), &block(2, 1, 20_000));
-    v.umount();
-    s.stop("-TERM");
-    ok(
-        &pairfs(&["replica", "promote", s.img.to_str().unwrap()]),
-        "promote",
-    );
-    v.fsck();
-    ok(
-        &pairfs(&["fsck", s.img.to_str().unwrap()]),
-        "fsck secondary",
-    );
-    let _ = compare_sides(&mut v, &s);
+    stop_promote_and_compare(&mut v, &mut s);
 }
 
 #[test]
@@ -871,18 +860,7 @@ fn an_outage_beyond_the_buffer_is_resynced_by_tracks_then_a_wiped_secondary_in_f
     }
     wait_in_sync(&v.mnt, "full resync");
     write_fsync(&v.path("d/after"), &block(5, 5, 10_000));
-    v.umount();
-    s.stop("-TERM");
-    ok(
-        &pairfs(&["replica", "promote", s.img.to_str().unwrap()]),
-        "promote",
-    );
-    v.fsck();
-    ok(
-        &pairfs(&["fsck", s.img.to_str().unwrap()]),
-        "fsck secondary",
-    );
-    let _ = compare_sides(&mut v, &s);
+    stop_promote_and_compare(&mut v, &mut s);
 }
 
 #[test]
@@ -1039,6 +1017,23 @@ fn write_on_new_primary(smnt: &Path, span: u64) {
     );
 }
 
+/// The end of a replicated run: the primary unmounted, the secondary stopped and
+/// promoted, fsck clean on both, files and frozen copies compared.
+fn stop_promote_and_compare(v: &mut Vol, s: &mut Secondary) {
+    v.umount();
+    s.stop("-TERM");
+    ok(
+        &pairfs(&["replica", "promote", s.img.to_str().unwrap()]),
+        "promote",
+    );
+    v.fsck();
+    ok(
+        &pairfs(&["fsck", s.img.to_str().unwrap()]),
+        "fsck secondary",
+    );
+    let _ = compare_sides(v, s);
+}
+
 /// The end of a rejoin: the old primary `p` stopped and promoted, fsck clean on both,
 /// files and frozen copies compared (returns the copy mount's tree).
 fn promote_and_compare(v: &mut Vol, s: &Secondary, p: &mut Secondary) -> Vec<String> {
@@ -1130,18 +1125,7 @@ fn stopped_out_of_sync_resyncs_by_bitmap(kill: bool) {
         "resync sent {sent} bytes for {changed} changed"
     );
     write_fsync(&v.path("d/after"), &block(4, 1, 30_000));
-    v.umount();
-    s.stop("-TERM");
-    ok(
-        &pairfs(&["replica", "promote", s.img.to_str().unwrap()]),
-        "promote",
-    );
-    v.fsck();
-    ok(
-        &pairfs(&["fsck", s.img.to_str().unwrap()]),
-        "fsck secondary",
-    );
-    let _ = compare_sides(&mut v, &s);
+    stop_promote_and_compare(&mut v, &mut s);
 }
 
 #[test]
@@ -1220,18 +1204,7 @@ fn a_primary_killed_while_connected_resyncs_its_activity_log_not_everything() {
     let sent = last_resync_bytes(&v);
     eprintln!("activity-log resync sent {sent} bytes");
     assert!(sent < 128 << 20, "resync sent {sent} bytes");
-    v.umount();
-    s.stop("-TERM");
-    ok(
-        &pairfs(&["replica", "promote", s.img.to_str().unwrap()]),
-        "promote",
-    );
-    v.fsck();
-    ok(
-        &pairfs(&["fsck", s.img.to_str().unwrap()]),
-        "fsck secondary",
-    );
-    let _ = compare_sides(&mut v, &s);
+    stop_promote_and_compare(&mut v, &mut s);
 }
 
 /// A small tmpfs (the secondary's disk), unmounted when dropped.
@@ -1316,18 +1289,7 @@ fn a_full_secondary_disk_with_continue_leaves_the_primary_serving_then_catches_u
     disk.grow("400M");
     wait_in_sync(&v.mnt, "after the disk grew");
     write_fsync(&v.path("d/after"), &block(5, 1, 50_000));
-    v.umount();
-    s.stop("-TERM");
-    ok(
-        &pairfs(&["replica", "promote", s.img.to_str().unwrap()]),
-        "promote",
-    );
-    v.fsck();
-    ok(
-        &pairfs(&["fsck", s.img.to_str().unwrap()]),
-        "fsck secondary",
-    );
-    let _ = compare_sides(&mut v, &s);
+    stop_promote_and_compare(&mut v, &mut s);
 }
 
 #[test]
@@ -1391,18 +1353,7 @@ fn a_full_secondary_disk_with_block_stalls_fsync_until_space_is_freed() {
     }
     w.join().unwrap();
     assert!(stalled >= 1, "stalled after {stalled} files");
-    v.umount();
-    s.stop("-TERM");
-    ok(
-        &pairfs(&["replica", "promote", s.img.to_str().unwrap()]),
-        "promote",
-    );
-    v.fsck();
-    ok(
-        &pairfs(&["fsck", s.img.to_str().unwrap()]),
-        "fsck secondary",
-    );
-    let _ = compare_sides(&mut v, &s);
+    stop_promote_and_compare(&mut v, &mut s);
 }
 
 /// A TCP proxy that misbehaves on demand: cuts every open connection at once (bytes in
@@ -1705,18 +1656,7 @@ fn a_link_cut_at_random_moments_loses_nothing_acknowledged_and_converges() {
     eprintln!("secondary: {mismatches} checksum mismatches");
     assert!(mismatches > 0, "the flipped bit went unnoticed: {slog}");
     write_fsync(&v.path("d/after"), &block(9, 9, 10_000));
-    v.umount();
-    s.stop("-TERM");
-    ok(
-        &pairfs(&["replica", "promote", s.img.to_str().unwrap()]),
-        "promote",
-    );
-    v.fsck();
-    ok(
-        &pairfs(&["fsck", s.img.to_str().unwrap()]),
-        "fsck secondary",
-    );
-    let _ = compare_sides(&mut v, &s);
+    stop_promote_and_compare(&mut v, &mut s);
 }
 
 #[test]
@@ -1899,18 +1839,7 @@ fn a_primary_killed_during_a_resync_resyncs_by_its_bitmap_again() {
         (24 << 20..40 << 20).contains(&sent),
         "resync sent {sent} bytes"
     );
-    v.umount();
-    s.stop("-TERM");
-    ok(
-        &pairfs(&["replica", "promote", s.img.to_str().unwrap()]),
-        "promote",
-    );
-    v.fsck();
-    ok(
-        &pairfs(&["fsck", s.img.to_str().unwrap()]),
-        "fsck secondary",
-    );
-    let _ = compare_sides(&mut v, &s);
+    stop_promote_and_compare(&mut v, &mut s);
 }
 
 /// Failover and back: the primary P is killed -9 while connected under fsync'd writes;
@@ -3001,18 +2930,7 @@ fn a_failing_secondary_disk_eio_with_continue_leaves_the_primary_serving_then_ca
     s.restart();
     wait_in_sync(&v.mnt, "after the disk was repaired");
     write_fsync(&v.path("d/after"), &block(5, 1, 50_000));
-    v.umount();
-    s.stop("-TERM");
-    ok(
-        &pairfs(&["replica", "promote", s.img.to_str().unwrap()]),
-        "promote",
-    );
-    v.fsck();
-    ok(
-        &pairfs(&["fsck", s.img.to_str().unwrap()]),
-        "fsck secondary",
-    );
-    let _ = compare_sides(&mut v, &s);
+    stop_promote_and_compare(&mut v, &mut s);
 }
 
 /// Kills -9 the daemon mounted on the image if the test fails: a `block` primary whose
@@ -3118,16 +3036,5 @@ fn a_failing_secondary_disk_eio_with_block_stalls_fsync_until_it_is_repaired() {
             block(i, 1, 1 << 20)
         );
     }
-    v.umount();
-    s.stop("-TERM");
-    ok(
-        &pairfs(&["replica", "promote", s.img.to_str().unwrap()]),
-        "promote",
-    );
-    v.fsck();
-    ok(
-        &pairfs(&["fsck", s.img.to_str().unwrap()]),
-        "fsck secondary",
-    );
-    let _ = compare_sides(&mut v, &s);
+    stop_promote_and_compare(&mut v, &mut s);
 }
