@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{BIN, Vol, block, pairfs};
+use common::{BIN, Vol, block, kill9_mount, pairfs};
 use pairfs::repl::proto::{self, Msg};
 
 /// Held by the activity-log test and the rejoin tests: the activity log's size depends
@@ -2340,36 +2340,6 @@ fn a_promoted_secondary_mounts_while_the_old_primary_is_down_and_it_rejoins_late
     ok(&pairfs(&["umount", smnt.to_str().unwrap()]), "umount S");
     let ca = promote_and_compare(&mut v, &s, &mut p);
     assert!(ca.iter().any(|l| l.starts_with("e/x ")), "{ca:?}");
-}
-
-/// Kills (-9) the daemon mounted on `img` (found by its command line) and lazily
-/// unmounts its dead mounts.
-fn kill9_mount(img: &Path, mounts: &[&Path]) {
-    let pat = format!(" mount {} ", img.display());
-    let out = Command::new("pgrep").arg("-f").arg(&pat).output().unwrap();
-    let pids: Vec<String> = String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .map(str::to_string)
-        .collect();
-    assert!(!pids.is_empty(), "no daemon of {}", img.display());
-    for p in &pids {
-        let _ = Command::new("kill").args(["-9", p]).output();
-    }
-    let t = Instant::now();
-    while pids
-        .iter()
-        .any(|p| Path::new(&format!("/proc/{p}")).exists())
-        && t.elapsed() < Duration::from_secs(20)
-    {
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    for m in mounts {
-        let _ = Command::new("fusermount3")
-            .arg("-u")
-            .arg("-z")
-            .arg(m)
-            .output();
-    }
 }
 
 /// Unmounts what a test mounted by hand, when dropped (a failing test included).

@@ -98,31 +98,7 @@ impl Vol {
     /// Kills this volume's daemon with SIGKILL (no last commit, no clean flag), waits
     /// until it is gone and lazily unmounts its dead mounts.
     pub fn kill9(&mut self) {
-        let pat = format!(" mount {} ", self.img.display());
-        let out = Command::new("pgrep").arg("-f").arg(&pat).output().unwrap();
-        let pids: Vec<String> = String::from_utf8_lossy(&out.stdout)
-            .split_whitespace()
-            .map(str::to_string)
-            .collect();
-        assert!(!pids.is_empty(), "no daemon of {}", self.img.display());
-        for p in &pids {
-            let _ = Command::new("kill").args(["-9", p]).output();
-        }
-        let t = Instant::now();
-        while pids
-            .iter()
-            .any(|p| Path::new(&format!("/proc/{p}")).exists())
-            && t.elapsed() < Duration::from_secs(20)
-        {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        for m in [&self.mnt, &self.copy] {
-            let _ = Command::new("fusermount3")
-                .arg("-u")
-                .arg("-z")
-                .arg(m)
-                .output();
-        }
+        kill9_mount(&self.img, &[&self.mnt, &self.copy]);
         self.mounted = false;
     }
 
@@ -277,4 +253,34 @@ pub fn pair_id(p: &Path) -> u64 {
 /// `setfattr -n user.pairfs.OP p`, panicking on failure.
 pub fn ctl(p: &Path, op: &str) {
     setx(p, &format!("user.pairfs.{op}")).unwrap_or_else(|e| panic!("{op} {}: {e}", p.display()));
+}
+
+/// Kills (-9) the daemon mounted on `img` (found by its command line), waits until it
+/// is gone and lazily unmounts its dead `mounts`.
+pub fn kill9_mount(img: &Path, mounts: &[&Path]) {
+    let pat = format!(" mount {} ", img.display());
+    let out = Command::new("pgrep").arg("-f").arg(&pat).output().unwrap();
+    let pids: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .map(str::to_string)
+        .collect();
+    assert!(!pids.is_empty(), "no daemon of {}", img.display());
+    for p in &pids {
+        let _ = Command::new("kill").args(["-9", p]).output();
+    }
+    let t = Instant::now();
+    while pids
+        .iter()
+        .any(|p| Path::new(&format!("/proc/{p}")).exists())
+        && t.elapsed() < Duration::from_secs(20)
+    {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for m in mounts {
+        let _ = Command::new("fusermount3")
+            .arg("-u")
+            .arg("-z")
+            .arg(m)
+            .output();
+    }
 }
