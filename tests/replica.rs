@@ -1017,6 +1017,37 @@ fn write_on_new_primary(smnt: &Path, span: u64) {
     );
 }
 
+/// A directory `d` of the primary `v` with a file `d/a` of `len` bytes, split (`--wait`).
+fn split_dir_with_a_file(v: &Vol, len: usize) {
+    std::fs::create_dir(v.path("d")).unwrap();
+    write_fsync(&v.path("d/a"), &block(1, 1, len));
+    ok(
+        &pairfs(&["split", v.path("d").to_str().unwrap(), "--wait"]),
+        "split d",
+    );
+}
+
+/// A thread writing `d/f1` .. `d/fN` under `mnt`, `len` bytes each with an fsync; the
+/// counter is the last file whose fsync returned.
+fn fsync_writer(
+    mnt: &Path,
+    n: u64,
+    len: usize,
+) -> (
+    std::sync::Arc<std::sync::atomic::AtomicU64>,
+    std::thread::JoinHandle<()>,
+) {
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let (d2, root) = (done.clone(), mnt.to_path_buf());
+    let w = std::thread::spawn(move || {
+        for i in 1..=n {
+            write_fsync(&root.join(format!("d/f{i}")), &block(i, 1, len));
+            d2.store(i, std::sync::atomic::Ordering::SeqCst);
+        }
+    });
+    (done, w)
+}
+
 /// The end of a replicated run: the primary unmounted, the secondary stopped and
 /// promoted, fsck clean on both, files and frozen copies compared.
 fn stop_promote_and_compare(v: &mut Vol, s: &mut Secondary) {
@@ -1257,12 +1288,7 @@ fn a_full_secondary_disk_with_continue_leaves_the_primary_serving_then_catches_u
         ),
         "mount",
     );
-    std::fs::create_dir(v.path("d")).unwrap();
-    write_fsync(&v.path("d/a"), &block(1, 1, 2 << 20));
-    ok(
-        &pairfs(&["split", v.path("d").to_str().unwrap(), "--wait"]),
-        "split d",
-    );
+    split_dir_with_a_file(&v, 2 << 20);
     // 40 MiB on a 24 MiB disk: the secondary fails its writes; every write and fsync
     // here still returns.
     let t = Instant::now();
@@ -1299,21 +1325,9 @@ fn a_full_secondary_disk_with_block_stalls_fsync_until_space_is_freed() {
     let key = key_file(v.dir.path(), "key", "0123456789abcdef-fullblock");
     let mut s = Secondary::start_in(&disk.dir, v.dir.path(), &key);
     ok(&mount_replica(&mut v, &s, &[]), "mount (sync, block)");
-    std::fs::create_dir(v.path("d")).unwrap();
-    write_fsync(&v.path("d/a"), &block(1, 1, 100_000));
-    ok(
-        &pairfs(&["split", v.path("d").to_str().unwrap(), "--wait"]),
-        "split d",
-    );
+    split_dir_with_a_file(&v, 100_000);
     // fsync'd 2 MiB files; `done` is the last whose fsync returned.
-    let done = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let (d2, root) = (done.clone(), v.mnt.clone());
-    let w = std::thread::spawn(move || {
-        for i in 1..=20u64 {
-            write_fsync(&root.join(format!("d/f{i}")), &block(i, 1, 2 << 20));
-            d2.store(i, std::sync::atomic::Ordering::SeqCst);
-        }
-    });
+    let (done, w) = fsync_writer(&v.mnt, 20u64, 2 << 20);
     // The disk fills at about 10 files: the secondary refuses for lack of space and the
     // writer stalls there.
     let t = Instant::now();
@@ -1998,12 +2012,7 @@ fn a_rejoin_that_does_not_line_up_is_a_full_sync() {
     let key = key_file(v.dir.path(), "key", "0123456789abcdef-rejoin-full");
     let mut s = Secondary::start(v.dir.path(), &key);
     ok(&mount_replica(&mut v, &s, &[]), "mount P");
-    std::fs::create_dir(v.path("d")).unwrap();
-    write_fsync(&v.path("d/a"), &block(1, 1, 2 << 20));
-    ok(
-        &pairfs(&["split", v.path("d").to_str().unwrap(), "--wait"]),
-        "split d",
-    );
+    split_dir_with_a_file(&v, 2 << 20);
     write_fsync(&v.path("d/a"), &block(1, 2, 1 << 20));
     wait_in_sync(&v.mnt, "before the crash");
     v.kill9();
@@ -2834,12 +2843,7 @@ fn a_failing_secondary_disk_eio_with_continue_leaves_the_primary_serving_then_ca
         ),
         "mount (sync, continue)",
     );
-    std::fs::create_dir(v.path("d")).unwrap();
-    write_fsync(&v.path("d/a"), &block(1, 1, 2 << 20));
-    ok(
-        &pairfs(&["split", v.path("d").to_str().unwrap(), "--wait"]),
-        "split d",
-    );
+    split_dir_with_a_file(&v, 2 << 20);
     wait_in_sync(&v.mnt, "before the disk fails");
     // The secondary's disk dies: 20 MiB of fsync'd files and a copy-on-write overwrite
     // on the primary; every write and fsync returns.
@@ -2928,22 +2932,10 @@ fn a_failing_secondary_disk_eio_with_block_stalls_fsync_until_it_is_repaired() {
     let mut s = Secondary::start_in(&disk.mnt, v.dir.path(), &key);
     ok(&mount_replica(&mut v, &s, &[]), "mount (sync, block)");
     let _kill = KillOnPanic(v.img.clone());
-    std::fs::create_dir(v.path("d")).unwrap();
-    write_fsync(&v.path("d/a"), &block(1, 1, 100_000));
-    ok(
-        &pairfs(&["split", v.path("d").to_str().unwrap(), "--wait"]),
-        "split d",
-    );
+    split_dir_with_a_file(&v, 100_000);
     wait_in_sync(&v.mnt, "before the disk fails");
     // fsync'd 1 MiB files; `done` is the last whose fsync returned.
-    let done = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let (d2, root) = (done.clone(), v.mnt.clone());
-    let w = std::thread::spawn(move || {
-        for i in 1..=12u64 {
-            write_fsync(&root.join(format!("d/f{i}")), &block(i, 1, 1 << 20));
-            d2.store(i, std::sync::atomic::Ordering::SeqCst);
-        }
-    });
+    let (done, w) = fsync_writer(&v.mnt, 12u64, 1 << 20);
     let t = Instant::now();
     while done.load(std::sync::atomic::Ordering::SeqCst) < 3 {
         assert!(t.elapsed() < Duration::from_secs(30), "the writer is slow");
