@@ -1048,6 +1048,56 @@ fn fsync_writer(
     (done, w)
 }
 
+/// Waits (up to `limit_s` seconds) until the writer of [`fsync_writer`] (`n` files)
+/// stalls: no fsync returns for 2 s and the replica line of `mnt` says `why`. Returns
+/// how many files it wrote; asserts the link is not in sync.
+fn wait_stalled(
+    done: &std::sync::atomic::AtomicU64,
+    n: u64,
+    mnt: &Path,
+    limit_s: u64,
+    why: impl Fn(&str) -> bool,
+) -> u64 {
+    let t = Instant::now();
+    let mut last = (u64::MAX, Instant::now());
+    loop {
+        let d = done.load(std::sync::atomic::Ordering::SeqCst);
+        assert!(
+            d < n,
+            "every fsync returned with the secondary unable to store"
+        );
+        if d != last.0 {
+            last = (d, Instant::now());
+        } else if last.1.elapsed() > Duration::from_secs(2) && why(&replica_line(mnt)) {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(limit_s),
+            "no stall: {}",
+            replica_line(mnt)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let stalled = done.load(std::sync::atomic::Ordering::SeqCst);
+    let line = replica_line(mnt);
+    eprintln!("stalled after {stalled} files: {line}");
+    assert!(!line.starts_with("in_sync"), "{line}");
+    stalled
+}
+
+/// Waits (up to 60 s) until the writer of [`fsync_writer`] wrote its `n` files.
+fn wait_writer(done: &std::sync::atomic::AtomicU64, n: u64, mnt: &Path) {
+    let t = Instant::now();
+    while done.load(std::sync::atomic::Ordering::SeqCst) < n {
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "the writer did not resume: {}",
+            replica_line(mnt)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// The end of a replicated run: the primary unmounted, the secondary stopped and
 /// promoted, fsck clean on both, files and frozen copies compared.
 fn stop_promote_and_compare(v: &mut Vol, s: &mut Secondary) {
@@ -1330,41 +1380,11 @@ fn a_full_secondary_disk_with_block_stalls_fsync_until_space_is_freed() {
     let (done, w) = fsync_writer(&v.mnt, 20u64, 2 << 20);
     // The disk fills at about 10 files: the secondary refuses for lack of space and the
     // writer stalls there.
-    let t = Instant::now();
-    let mut last = (0, Instant::now());
-    loop {
-        let n = done.load(std::sync::atomic::Ordering::SeqCst);
-        assert!(n < 20, "40 MiB were acknowledged on a 24 MiB secondary");
-        if n != last.0 {
-            last = (n, Instant::now());
-        } else if last.1.elapsed() > Duration::from_secs(2)
-            && replica_line(&v.mnt).contains("No space left")
-        {
-            break;
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(90),
-            "no stall on a full disk: {}",
-            replica_line(&v.mnt)
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let stalled = done.load(std::sync::atomic::Ordering::SeqCst);
-    let line = replica_line(&v.mnt);
-    eprintln!("stalled after {stalled} files: {line}");
-    assert!(!line.starts_with("in_sync"), "{line}");
+    let stalled = wait_stalled(&done, 20, &v.mnt, 90, |l| l.contains("No space left"));
     assert!(s.alive(), "the secondary died on a full disk");
     // Space again: the writer resumes and finishes.
     disk.grow("400M");
-    let t = Instant::now();
-    while done.load(std::sync::atomic::Ordering::SeqCst) < 20 {
-        assert!(
-            t.elapsed() < Duration::from_secs(60),
-            "the writer did not resume: {}",
-            replica_line(&v.mnt)
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_writer(&done, 20, &v.mnt);
     w.join().unwrap();
     assert!(stalled >= 1, "stalled after {stalled} files");
     stop_promote_and_compare(&mut v, &mut s);
@@ -2944,36 +2964,9 @@ fn a_failing_secondary_disk_eio_with_block_stalls_fsync_until_it_is_repaired() {
     // The disk dies under the writer: its fsync stalls (nothing is acknowledged that
     // the secondary did not make durable) and the status says why.
     disk.fail(true);
-    let t = Instant::now();
-    let mut last = (
-        done.load(std::sync::atomic::Ordering::SeqCst),
-        Instant::now(),
-    );
-    loop {
-        let n = done.load(std::sync::atomic::Ordering::SeqCst);
-        assert!(
-            n < 12,
-            "every fsync returned with the secondary's disk dead"
-        );
-        if n != last.0 {
-            last = (n, Instant::now());
-        } else if last.1.elapsed() > Duration::from_secs(2) {
-            let line = replica_line(&v.mnt);
-            if eio(&line) || line.contains("Read-only file system") {
-                break;
-            }
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(30),
-            "no stall on a failing disk: {}",
-            replica_line(&v.mnt)
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let stalled = done.load(std::sync::atomic::Ordering::SeqCst);
-    let line = replica_line(&v.mnt);
-    eprintln!("stalled after {stalled} files: {line}");
-    assert!(!line.starts_with("in_sync"), "{line}");
+    wait_stalled(&done, 12, &v.mnt, 30, |l| {
+        eio(l) || l.contains("Read-only file system")
+    });
     assert!(eio(&s.log()), "the secondary did not hit EIO: {}", s.log());
     assert!(s.alive(), "the secondary died on a failing disk");
     // Repaired (see the `continue` test): the writer resumes and finishes.
@@ -2981,15 +2974,7 @@ fn a_failing_secondary_disk_eio_with_block_stalls_fsync_until_it_is_repaired() {
     s.stop("-TERM");
     eprintln!("repair: {}", disk.repair());
     s.restart();
-    let t = Instant::now();
-    while done.load(std::sync::atomic::Ordering::SeqCst) < 12 {
-        assert!(
-            t.elapsed() < Duration::from_secs(60),
-            "the writer did not resume: {}",
-            replica_line(&v.mnt)
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_writer(&done, 12, &v.mnt);
     w.join().unwrap();
     wait_in_sync(&v.mnt, "after the disk was repaired");
     for i in 1..=12u64 {
