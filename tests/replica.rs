@@ -1098,6 +1098,21 @@ fn wait_writer(done: &std::sync::atomic::AtomicU64, n: u64, mnt: &Path) {
     }
 }
 
+/// Whether the replica volume `img` is marked inconsistent (cut in an online resync).
+fn cut_in_a_resync(img: &Path) -> bool {
+    let c = rusqlite::Connection::open_with_flags(
+        format!("{}.meta", img.display()),
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )
+    .unwrap();
+    c.query_row(
+        "SELECT value FROM super WHERE key = 'repl_inconsistent'",
+        [],
+        |r| r.get::<_, String>(0),
+    )
+    .is_ok()
+}
+
 /// The end of a replicated run: the primary unmounted, the secondary stopped and
 /// promoted, fsck clean on both, files and frozen copies compared.
 fn stop_promote_and_compare(v: &mut Vol, s: &mut Secondary) {
@@ -1846,21 +1861,10 @@ fn a_primary_killed_during_a_resync_resyncs_by_its_bitmap_again() {
     assert!(line.starts_with("resyncing"), "{line}");
     chaos.down(Duration::from_secs(3600));
     v.kill9();
-    {
-        let c = rusqlite::Connection::open_with_flags(
-            format!("{}.meta", s.img.display()),
-            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
-        )
-        .unwrap();
-        let inc: Option<String> = c
-            .query_row(
-                "SELECT value FROM super WHERE key = 'repl_inconsistent'",
-                [],
-                |r| r.get(0),
-            )
-            .ok();
-        assert!(inc.is_some(), "the secondary is not in a cut resync");
-    }
+    assert!(
+        cut_in_a_resync(&s.img),
+        "the secondary is not in a cut resync"
+    );
     // Straight to the secondary: the bitmap still holds the resync's marks.
     let said = mount(&mut v, &s.addr.clone());
     assert!(said.contains("resync by bitmap"), "{said}");
@@ -2496,21 +2500,10 @@ fn a_new_primary_killed_during_a_rejoin_rejoins_by_bitmap() {
         "the resync ended before S was killed: {}",
         p.log()
     );
-    {
-        let c = rusqlite::Connection::open_with_flags(
-            format!("{}.meta", v.img.display()),
-            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
-        )
-        .unwrap();
-        let inc: Option<String> = c
-            .query_row(
-                "SELECT value FROM super WHERE key = 'repl_inconsistent'",
-                [],
-                |r| r.get(0),
-            )
-            .ok();
-        assert!(inc.is_some(), "the old primary is not in a cut resync");
-    }
+    assert!(
+        cut_in_a_resync(&v.img),
+        "the old primary is not in a cut resync"
+    );
 
     // 3. The old primary is a replica of the stream, cut in a resync: S's bitmap file
     // kept the marks of that resync (and its own writes since): a resync by bitmap.
