@@ -2168,6 +2168,12 @@ fn the_secondary_serves_its_frozen_copies_while_it_replicates() {
     // Nothing to serve before the first full sync: EAGAIN, not an empty tree.
     let e = try_tree(&scopy).unwrap_err();
     assert_eq!(e.raw_os_error(), Some(libc::EAGAIN), "{e}");
+    // The root's user.pairfs.replica says why, even then.
+    let line = replica_line(&scopy);
+    assert!(
+        line.starts_with("closed reason=\"no full sync yet\""),
+        "{line}"
+    );
     ok(&mount_replica(&mut v, &s, &[]), "mount --replica");
     std::fs::create_dir_all(v.path("d/sub")).unwrap();
     for i in 0..200u64 {
@@ -2203,6 +2209,14 @@ fn the_secondary_serves_its_frozen_copies_while_it_replicates() {
         frozen,
         "secondary copy after the split"
     );
+    let line = replica_line(&scopy);
+    assert!(
+        line.starts_with("serving state=")
+            && line.contains(" repl_seq=")
+            && line.contains(" replica_of="),
+        "{line}"
+    );
+    eprintln!("the secondary's copy mount: user.pairfs.replica = {line}");
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let writer = {
         let (mnt, stop) = (v.mnt.clone(), stop.clone());

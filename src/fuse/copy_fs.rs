@@ -33,7 +33,17 @@ pub trait Source: Send + Sync + 'static {
     /// consistent (its frozen copies' data in place) until `f` returns; an errno when
     /// no frozen copy can be served now.
     fn with_fs(&self, f: &mut dyn FnMut(&Fs)) -> Result<(), Errno>;
+
+    /// A line about the source itself, served as [`SOURCE_XATTR`] of the copy mount's
+    /// root even while no frozen copy can be served (a secondary's state); `None` for a
+    /// mounted volume.
+    fn describe(&self) -> Option<String> {
+        None
+    }
 }
+
+/// The copy mount root's extended attribute that carries [`Source::describe`].
+pub const SOURCE_XATTR: &str = "user.pairfs.replica";
 
 /// A mounted volume serves its own frozen copies.
 impl Source for Arc<Fs> {
@@ -189,6 +199,23 @@ impl Filesystem for CopyFs {
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
         match self.with(ino, |n| Ok(attr(&n.attr))) {
             Ok(a) => reply.attr(&TTL, &a),
+            // The root stays reachable while nothing can be served (a secondary in a
+            // sync), so that its `user.pairfs.replica` can say why; listing it fails.
+            Err(e) if ino.0 == VIEW_ROOT && self.src.describe().is_some() => {
+                log::debug!("copy mount root while not served: {e:?}");
+                reply.attr(
+                    &Duration::ZERO,
+                    &attr(&ViewAttr {
+                        ino: VIEW_ROOT,
+                        kind: FrozenKind::Dir,
+                        perm: 0o555,
+                        size: 4096,
+                        blocks: 8,
+                        nlink: 2,
+                        ..ViewAttr::default()
+                    }),
+                )
+            }
             Err(e) => reply.error(e),
         }
     }
@@ -334,6 +361,12 @@ impl Filesystem for CopyFs {
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        if ino.0 == VIEW_ROOT
+            && name.as_bytes() == SOURCE_XATTR.as_bytes()
+            && let Some(line) = self.src.describe()
+        {
+            return reply_xattr(reply, size, Ok(line.into_bytes()), "getxattr");
+        }
         let v = match self.view() {
             Ok(v) => v,
             Err(e) => return reply.error(e),

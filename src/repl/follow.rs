@@ -177,7 +177,54 @@ impl Follower {
     }
 }
 
+impl Follower {
+    /// The secondary's state for `user.pairfs.replica` of the copy mount's root: whether
+    /// the copies are served (or why not) and where the replica stands, from its
+    /// database's `super` rows (`key=value` words, as the primary's link line).
+    pub fn describe(&self) -> String {
+        let (closed, epoch) = {
+            let g = self.gate.read().unwrap_or_else(|p| p.into_inner());
+            (g.closed, g.epoch)
+        };
+        let mut line = match closed {
+            None => format!("serving state={epoch}"),
+            Some(why) => format!("closed reason={why:?}"),
+        };
+        let rows = rusqlite::Connection::open_with_flags(
+            &self.paths.meta,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+        )
+        .and_then(|c| {
+            let mut st = c.prepare(
+                "SELECT key, value FROM super WHERE key IN \
+                 ('replica_of', 'repl_stream', 'repl_seq', 'repl_inconsistent') ORDER BY key",
+            )?;
+            let rows: Vec<(String, String)> = st
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .collect::<rusqlite::Result<_>>()?;
+            Ok(rows)
+        });
+        match rows {
+            Ok(rows) => {
+                for (k, v) in rows {
+                    let v = match k.as_str() {
+                        "repl_stream" => v.parse::<u64>().map_or(v.clone(), |n| format!("{n:x}")),
+                        _ => v,
+                    };
+                    line.push_str(&format!(" {k}={v}"));
+                }
+            }
+            Err(e) => line.push_str(&format!(" database={:?}", e.to_string())),
+        }
+        line
+    }
+}
+
 impl Source for Arc<Follower> {
+    fn describe(&self) -> Option<String> {
+        Some(Follower::describe(self))
+    }
+
     fn with_fs(&self, f: &mut dyn FnMut(&Fs)) -> Result<(), Errno> {
         let g = self.gate.read().unwrap_or_else(|p| p.into_inner());
         if let Some(why) = g.closed {
