@@ -11,19 +11,30 @@ use pairfs::snap::engine::Op;
 use pairfs::snap::pair::FrozenKind;
 use pairfs::snap::view::{Content, VIEW_ROOT};
 
+/// A new volume of `size` bytes (4 KiB tracks) in `dir`, opened with `opts`.
+fn new_volume(
+    dir: &std::path::Path,
+    size: u64,
+    opts: Options,
+) -> (pairfs::core::fs::Fs, volfile::VolumeLock) {
+    let p = Paths::new(&dir.join("v"), None, None);
+    volfile::mkfs(&p, size, 4096, false).unwrap();
+    volfile::open(&p, opts).unwrap()
+}
+
+/// Creates `name` (mode with its kind) in `parent`; its inode number.
+fn make(fs: &pairfs::core::fs::Fs, parent: u64, name: &[u8], mode: u32) -> u64 {
+    fs.create_node(Ctx::default(), parent, name, mode, 0, None)
+        .unwrap()
+        .row
+        .ino
+}
+
 #[test]
 fn view_is_shared_until_the_frozen_set_changes() {
     let dir = tempfile::tempdir().unwrap();
-    let p = Paths::new(&dir.path().join("v"), None, None);
-    volfile::mkfs(&p, 8 << 20, 4096, false).unwrap();
-    let (fs, _lock) = volfile::open(&p, Options::default()).unwrap();
-    let c = Ctx::default();
-    let mk = |parent, name: &[u8], mode| {
-        fs.create_node(c, parent, name, mode, 0, None)
-            .unwrap()
-            .row
-            .ino
-    };
+    let (fs, _lock) = new_volume(dir.path(), 8 << 20, Options::default());
+    let mk = |parent, name: &[u8], mode| make(&fs, parent, name, mode);
     let d = mk(ROOT, b"d", libc::S_IFDIR | 0o755);
     let sub = mk(d, b"sub", libc::S_IFDIR | 0o700);
     let a = mk(d, b"a", libc::S_IFREG | 0o644);
@@ -107,13 +118,11 @@ fn view_is_shared_until_the_frozen_set_changes() {
 #[test]
 fn lazy_view_of_a_big_directory_with_a_tiny_cache() {
     let dir = tempfile::tempdir().unwrap();
-    let p = Paths::new(&dir.path().join("v"), None, None);
-    volfile::mkfs(&p, 8 << 20, 4096, false).unwrap();
     let opts = Options {
         cache_inodes: 32,
         ..Options::default()
     };
-    let (fs, _lock) = volfile::open(&p, opts).unwrap();
+    let (fs, _lock) = new_volume(dir.path(), 8 << 20, opts);
     let c = Ctx::default();
     let d = fs
         .create_node(c, ROOT, b"d", libc::S_IFDIR | 0o755, 0, None)
@@ -207,16 +216,9 @@ fn by_path(v: &pairfs::snap::view::FrozenView) -> std::collections::BTreeMap<Str
 #[test]
 fn a_rebuild_walks_only_the_changed_instant() {
     let dir = tempfile::tempdir().unwrap();
-    let p = Paths::new(&dir.path().join("v"), None, None);
-    volfile::mkfs(&p, 16 << 20, 4096, false).unwrap();
-    let (fs, _lock) = volfile::open(&p, Options::default()).unwrap();
+    let (fs, _lock) = new_volume(dir.path(), 16 << 20, Options::default());
     let c = Ctx::default();
-    let mk = |parent, name: &[u8], mode| {
-        fs.create_node(c, parent, name, mode, 0, None)
-            .unwrap()
-            .row
-            .ino
-    };
+    let mk = |parent, name: &[u8], mode| make(&fs, parent, name, mode);
     // Three directory pairs (lazy instants), each a subdirectory and files; d2 has a
     // hard link, d3 a symlink and a FIFO; a file pair at the root (whole map).
     let mut tops = Vec::new();

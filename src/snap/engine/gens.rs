@@ -614,7 +614,6 @@ impl Engine {
         )
     }
 
-    /// The `@NAME` names at the copy mount's root.
     /// Every named generation's id and instant (see [`Engine::frozen_identity`]), with
     /// its instant number ([`crate::snap::pair::Pair::instant`]).
     pub(super) fn gen_identity(&self) -> Vec<(PairId, i64, u64)> {
@@ -627,6 +626,7 @@ impl Engine {
             .collect()
     }
 
+    /// The `@NAME` names at the copy mount's root.
     pub(super) fn gen_top_names(&self) -> Vec<Vec<u8>> {
         self.all_gens()
             .iter()
