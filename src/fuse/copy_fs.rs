@@ -200,22 +200,20 @@ impl Filesystem for CopyFs {
         match self.with(ino, |n| Ok(attr(&n.attr))) {
             Ok(a) => reply.attr(&TTL, &a),
             // The root stays reachable while nothing can be served (a secondary in a
-            // sync), so that its `user.pairfs.replica` can say why; listing it fails.
-            Err(e) if ino.0 == VIEW_ROOT && self.src.describe().is_some() => {
-                log::debug!("copy mount root while not served: {e:?}");
-                reply.attr(
-                    &Duration::ZERO,
-                    &attr(&ViewAttr {
-                        ino: VIEW_ROOT,
-                        kind: FrozenKind::Dir,
-                        perm: 0o555,
-                        size: 4096,
-                        blocks: 8,
-                        nlink: 2,
-                        ..ViewAttr::default()
-                    }),
-                )
-            }
+            // sync refuses with EAGAIN), so that its `user.pairfs.replica` can say why;
+            // listing it fails.
+            Err(e) if ino.0 == VIEW_ROOT && e == Errno::from_i32(libc::EAGAIN) => reply.attr(
+                &Duration::ZERO,
+                &attr(&ViewAttr {
+                    ino: VIEW_ROOT,
+                    kind: FrozenKind::Dir,
+                    perm: 0o555,
+                    size: 4096,
+                    blocks: 8,
+                    nlink: 2,
+                    ..ViewAttr::default()
+                }),
+            ),
             Err(e) => reply.error(e),
         }
     }
