@@ -948,7 +948,6 @@ impl Link {
         copy: &dyn Volume,
         stored: Option<bitmap::Loaded>,
     ) -> Result<(TcpStream, Option<u64>)> {
-        let link = self;
         let unit = self.unit;
         let Peer {
             mut s,
@@ -984,7 +983,7 @@ impl Link {
             (Some(_), b) => {
                 log::warn!(
                     "replica {}: the old primary rejoining holds stream {their_stream:x} up to an ack of record {their_seq}, this volume's out-of-sync bitmap {}: they do not line up, full sync",
-                    link.cfg.addr,
+                    self.cfg.addr,
                     match b {
                         Some(b) => format!("is of stream {:x} from record {}", b.stream, b.floor),
                         None => "is missing (mounted without --replica since promote?)".into(),
@@ -1006,12 +1005,12 @@ impl Link {
             marks.merge(&pm);
             log::info!(
                 "replica {}: the old primary rejoins as the secondary of stream {their_stream:x} (acked up to record {their_seq}, promoted here at record {}): resync by bitmap, {} blocks of {unit} bytes ({here} changed here, {} marked there)",
-                link.cfg.addr,
+                self.cfg.addr,
                 b.floor,
                 marks.count,
                 pm.count
             );
-            let mut g = link.lock();
+            let mut g = self.lock();
             g.stream = their_stream;
             g.next_seq = b.floor + 1;
             g.acked = b.floor;
@@ -1028,9 +1027,9 @@ impl Link {
         {
             log::info!(
                 "replica {}: the secondary is at record {their_seq} of stream {their_stream:x}, where this volume stopped cleanly: no full sync",
-                link.cfg.addr
+                self.cfg.addr
             );
-            let mut g = link.lock();
+            let mut g = self.lock();
             g.resume_at(their_stream, their_seq);
         } else if let Some(b) = by_bitmap {
             // Out of sync by the bitmap: the link resyncs those blocks (and the whole
@@ -1043,17 +1042,17 @@ impl Link {
             });
             log::info!(
                 "replica {}: the secondary is at record {their_seq} of stream {their_stream:x}; the out-of-sync bitmap has {} blocks of {unit} bytes: resync by bitmap",
-                link.cfg.addr,
+                self.cfg.addr,
                 marks.count
             );
-            let mut g = link.lock();
+            let mut g = self.lock();
             g.resume_at(their_stream, their_seq);
             g.out_of_sync = true;
             g.oos = marks;
             resync_epoch = Some(g.drops);
         } else {
-            let stream = link.full_sync(&mut s, meta, meta_path, vol, copy)?;
-            let mut g = link.lock();
+            let stream = self.full_sync(&mut s, meta, meta_path, vol, copy)?;
+            let mut g = self.lock();
             g.stream = stream;
             g.connected = true;
         }
